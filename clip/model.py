@@ -1,0 +1,121 @@
+"""The two-tower CLIP model: `init`, `encode_image`, `encode_text`, `apply` over torch-keyed dicts.
+
+`params` nests OpenAI's state-dict keys: `visual.*` (ViT or ModifiedResNet), the text tower at the
+top level (`token_embedding`, `positional_embedding`, `transformer`, `ln_final`,
+`text_projection`) and `logit_scale`. The public functions are jitted with the config static;
+input checks run at trace time, so they cost nothing per call.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip import resnet
+from clip import text
+from clip import vit
+
+BATCH_STAT_KEYS = ('running_mean', 'running_var', 'num_batches_tracked')
+
+
+def _tower(cfg):
+  return resnet if cfg.vision.arch == 'resnet' else vit
+
+
+def init(key, cfg):
+  """Random parameters with OpenAI's initialisation; same keys and shapes as the torch model."""
+  params = text.init(jax.random.fold_in(key, 1), cfg.text, cfg.embed_dim)
+  params['visual'] = _tower(cfg).init(jax.random.fold_in(key, 0), cfg.vision, cfg.embed_dim)
+  params['logit_scale'] = jnp.asarray(np.log(1 / 0.07), jnp.float32)
+  return params
+
+
+def check_images(images, cfg):
+  """Raises unless `images` is a float NHWC batch at the config's resolution with 3 channels."""
+  r = cfg.image_resolution
+  shape = getattr(images, 'shape', None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(f'images must be NHWC of rank 4, (N, {r}, {r}, 3); got shape {shape}')
+  if tuple(shape[1:]) != (r, r, 3):
+    raise ValueError(f'images must be (N, {r}, {r}, 3) for this model, got {tuple(shape)}; '
+                     'resize and crop with the preprocessing first (nothing is resized here)')
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(f'images must be floating point (normalised), got dtype {images.dtype}')
+
+
+def check_tokens(tokens, cfg):
+  """Raises unless `tokens` is an integer (N, L) batch with L <= context_length."""
+  shape = getattr(tokens, 'shape', None)
+  if shape is None or len(shape) != 2:
+    raise ValueError(f'tokens must have shape (N, L), L <= {cfg.context_length}; got {shape}')
+  if shape[1] > cfg.context_length:
+    raise ValueError(f'tokens have length {shape[1]}, longer than the context length '
+                     f'{cfg.context_length} of this model')
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise TypeError(f'tokens must be integers (int32), got dtype {tokens.dtype}')
+
+
+def _encode_image(params, images, cfg, train):
+  check_images(images, cfg)
+  images = images.astype(cfg.dtype)
+  if cfg.vision.arch == 'resnet':
+    out = resnet.apply(params['visual'], images, cfg.vision, train)
+    if train:
+      return out[0].astype(jnp.float32), {'visual': out[1]}
+    return out.astype(jnp.float32)
+  if train:
+    raise ValueError('train=True only changes BatchNorm, which a ViT does not have')
+  return vit.apply(params['visual'], images, cfg.vision).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'train'))
+def encode_image(params, images, cfg, train=False):
+  """(N, R, R, 3) normalised images -> (N, embed_dim) fp32 features, not L2-normalised.
+
+  ResNets with `train=True` use batch statistics and return `(features, batch_stats)`; merge the
+  new running statistics with `update_batch_stats`.
+  """
+  return _encode_image(params, images, cfg, train)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg',))
+def encode_text(params, tokens, cfg):
+  """(N, L) int tokens -> (N, embed_dim) fp32 features pooled at the EOT (largest) token."""
+  check_tokens(tokens, cfg)
+  return text.apply(params, tokens, cfg.text, jnp.dtype(cfg.dtype)).astype(jnp.float32)
+
+
+def logits(params, image_features, text_features):
+  """Scaled cosine similarities (logits_per_image, logits_per_text), as OpenAI's forward."""
+  img = image_features / jnp.linalg.norm(image_features, axis=-1, keepdims=True)
+  txt = text_features / jnp.linalg.norm(text_features, axis=-1, keepdims=True)
+  logits_per_image = jnp.exp(params['logit_scale']) * img @ txt.T
+  return logits_per_image, logits_per_image.T
+
+
+@functools.partial(jax.jit, static_argnames=('cfg',))
+def apply(params, images, tokens, cfg):
+  """Images and tokens -> (logits_per_image (Ni, Nt), logits_per_text (Nt, Ni))."""
+  return logits(params, encode_image(params, images, cfg), encode_text(params, tokens, cfg))
+
+
+def split_batch_stats(params):
+  """(trainable, batch_stats): BatchNorm buffers are not trained by gradients."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  is_stat = lambda path: path[-1].key in BATCH_STAT_KEYS
+  treedef = jax.tree_util.tree_structure(params)
+  stats = [v if is_stat(p) else None for p, v in flat]
+  trainable = [None if is_stat(p) else v for p, v in flat]
+  return jax.tree_util.tree_unflatten(treedef, trainable), jax.tree_util.tree_unflatten(treedef, stats)
+
+
+def update_batch_stats(params, batch_stats):
+  """A copy of `params` with the BN buffers of `batch_stats` (as returned by train mode)."""
+  if not isinstance(batch_stats, dict):
+    return batch_stats
+  out = dict(params)
+  for k, v in batch_stats.items():
+    if k not in params:
+      raise KeyError(f'batch statistics for {k!r}, which params do not have')
+    out[k] = update_batch_stats(params[k], v)
+  return out

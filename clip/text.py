@@ -1,0 +1,31 @@
+"""OpenAI's text tower: token + position embedding, causal blocks, ln_final, EOT pooling."""
+import jax
+import jax.numpy as jnp
+
+from clip import layers
+from clip import transformer
+
+
+def init(key, cfg, embed_dim):
+  """`cfg` is a TextConfig; keys are the top-level torch keys of OpenAI's CLIP text side."""
+  k = lambda i: jax.random.fold_in(key, i)
+  return {
+      'token_embedding': {'weight': layers.normal(k(0), (cfg.vocab_size, cfg.width), 0.02)},
+      'positional_embedding': layers.normal(k(1), (cfg.context_length, cfg.width), 0.01),
+      'transformer': transformer.init(k(2), cfg.width, cfg.layers),
+      'ln_final': layers.init_layer_norm(cfg.width),
+      'text_projection': layers.normal(k(3), (cfg.width, embed_dim), cfg.width ** -0.5),
+  }
+
+
+def apply(params, tokens_NxL, cfg, dtype=jnp.float32):
+  """int tokens (N, L<=context) -> (N, embed_dim), pooled at the largest id (EOT) of each row."""
+  length = tokens_NxL.shape[1]
+  x_NxLxD = params['token_embedding']['weight'].astype(dtype)[tokens_NxL]
+  x_NxLxD = x_NxLxD + params['positional_embedding'][:length].astype(dtype)
+  causal_LxL = jnp.tril(jnp.ones((length, length), bool))
+  x_NxLxD = transformer.apply(params['transformer'], x_NxLxD, cfg.heads, causal_LxL)
+  x_NxLxD = layers.layer_norm(params['ln_final'], x_NxLxD)
+  eot_N = jnp.argmax(tokens_NxL, axis=-1)
+  x_NxD = jnp.take_along_axis(x_NxLxD, eot_N[:, None, None], axis=1)[:, 0]
+  return x_NxD @ params['text_projection'].astype(dtype)

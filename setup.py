@@ -1,0 +1,37 @@
+"""CLIP in plain JAX: OpenAI's pretrained models, training from scratch, sharded losses."""
+import setuptools
+
+TORCH = ['torch>=2.1']
+TEST = TORCH + [
+    'pytest>=8',
+    'pytest-xdist>=3.5',
+    'transformers>=4.40',
+    'ftfy>=6.1',
+    'regex>=2023.0',
+    'pillow>=10.0',
+]
+
+setuptools.setup(
+    name='jaxclip-research',
+    version='0.1.0',
+    description=__doc__,
+    packages=setuptools.find_packages(include=['clip', 'clip.*', 'losses', 'losses.*', 'data',
+                                               'data.*', 'experiments', 'experiments.*']),
+    package_data={'clip': ['*.txt.gz']},
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.7',
+        'numpy>=1.26',
+        'optax>=0.2.4',
+        'chex>=0.1.90',
+        'einops>=0.8',
+        'safetensors>=0.4',
+        'tqdm>=4.66',
+    ],
+    extras_require={
+        'torch': TORCH,
+        'data': ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9'],
+        'test': TEST,
+        'dev': TEST,
+    },
+)
