@@ -13,3 +13,7 @@ from clip.model import encode_text
 from clip.model import init
 from clip.model import split_batch_stats
 from clip.model import update_batch_stats
+from clip.weights import CheckpointError
+from clip.weights import load
+from clip.weights import load_model_vars
+from clip.weights import to_torch_state_dict

@@ -5,8 +5,9 @@ Every foreign format is first read into a flat `{torch key: numpy array}` dict i
 shape for shape against `jax.eval_shape(init)` of the inferred (or given) config. torch is only
 imported for the formats that need it, never at `import clip`.
 """
+import dataclasses
 import hashlib
-import io
+import json
 import os
 import pickle
 import re
@@ -136,7 +137,8 @@ def expected_shapes(cfg):
 
 
 def check_state_dict(flat, cfg):
-  """Raises CheckpointError listing missing, unexpected and misshapen keys."""
+  """Raises CheckpointError listing missing, unexpected and misshapen keys; else returns the
+  expected `{key: (shape, dtype)}`."""
   expected = expected_shapes(cfg)
   missing = sorted(set(expected) - set(flat))
   unexpected = sorted(set(flat) - set(expected))
@@ -147,3 +149,292 @@ def check_state_dict(flat, cfg):
              for name, keys in (('missing', missing), ('unexpected', unexpected),
                                 ('misshapen', misshapen)) if keys]
     raise CheckpointError('state dict does not match the config: ' + '; '.join(parts))
+  return expected
+
+
+# ---------------------------------------------------------------- Hugging Face CLIPModel keys
+
+_HF_BLOCK = {
+    'layer_norm1': 'ln_1', 'layer_norm2': 'ln_2', 'self_attn.out_proj': 'attn.out_proj',
+    'mlp.fc1': 'mlp.c_fc', 'mlp.fc2': 'mlp.c_proj',
+}
+_HF_KEYS = [  # (regex on the HF key, OpenAI key template, transpose)
+    (r'text_model\.embeddings\.token_embedding\.weight', 'token_embedding.weight', False),
+    (r'text_model\.embeddings\.position_embedding\.weight', 'positional_embedding', False),
+    (r'text_model\.final_layer_norm\.(weight|bias)', 'ln_final.{0}', False),
+    (r'text_projection\.weight', 'text_projection', True),
+    (r'vision_model\.embeddings\.class_embedding', 'visual.class_embedding', False),
+    (r'vision_model\.embeddings\.patch_embedding\.weight', 'visual.conv1.weight', False),
+    (r'vision_model\.embeddings\.position_embedding\.weight', 'visual.positional_embedding', False),
+    (r'vision_model\.pre_layrnorm\.(weight|bias)', 'visual.ln_pre.{0}', False),
+    (r'vision_model\.post_layernorm\.(weight|bias)', 'visual.ln_post.{0}', False),
+    (r'visual_projection\.weight', 'visual.proj', True),
+    (r'logit_scale', 'logit_scale', False),
+] + [
+    (rf'(text|vision)_model\.encoder\.layers\.(\d+)\.{re.escape(hf)}\.(weight|bias)',
+     '{0}transformer.resblocks.{1}.' + ours + '.{2}', False)
+    for hf, ours in _HF_BLOCK.items()
+]
+_HF_QKV = re.compile(r'(text|vision)_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)')
+_HF_IGNORED = re.compile(r'(text|vision)_model\.embeddings\.position_ids')  # a constant buffer
+
+
+def _tower_prefix(groups):
+  return tuple(('visual.' if g == 'vision' else '') if g in ('text', 'vision') else g
+               for g in groups)
+
+
+def hf_to_openai(hf):
+  """Hugging Face `CLIPModel` state dict -> OpenAI keys; q/k/v are packed into `in_proj_*`."""
+  flat, qkv, unknown = {}, {}, []
+  for key, value in hf.items():
+    if _HF_IGNORED.fullmatch(key):
+      continue
+    if m := _HF_QKV.fullmatch(key):
+      tower, layer, which, kind = m.groups()
+      qkv.setdefault((_tower_prefix([tower])[0], layer, kind), {})[which] = value
+      continue
+    for pattern, template, transpose in _HF_KEYS:
+      if m := re.fullmatch(pattern, key):
+        flat[template.format(*_tower_prefix(m.groups()))] = value.T if transpose else value
+        break
+    else:
+      unknown.append(key)
+  if unknown:
+    raise CheckpointError(f'Hugging Face keys with no CLIP counterpart: {unknown[:20]}')
+  for (prefix, layer, kind), parts in qkv.items():
+    if set(parts) != {'q', 'k', 'v'}:
+      raise CheckpointError(f'{prefix}layer {layer} has only {sorted(parts)} of q/k/v {kind}')
+    packed = np.concatenate([np.asarray(parts[c]) for c in 'qkv'], axis=0)
+    flat[f'{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}'] = packed
+  return flat
+
+
+def is_hf(flat):
+  return any(k.startswith(('text_model.', 'vision_model.')) for k in flat)
+
+
+# ---------------------------------------------------------------- file formats
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """Unpickles numpy arrays inside dicts and nothing else: no code from the file is run."""
+  _ALLOWED = {
+      ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+      ('numpy', 'ndarray'), ('numpy', 'dtype'), ('collections', 'OrderedDict'),
+      ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+  }
+
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
+      raise CheckpointError(f'refusing to unpickle {module}.{name}: a .npy checkpoint may only '
+                            'hold a dict of arrays')
+    return super().find_class(module, name)
+
+
+def _read_npy(path):
+  """scenic's `.npy`: `np.save` of a dict {torch key: array}, read without running pickled code."""
+  with open(path, 'rb') as f:
+    version = np.lib.format.read_magic(f)
+    _, _, dtype = np.lib.format._read_array_header(f, version)  # pylint: disable=protected-access
+    if dtype.hasobject:
+      obj = _ArrayUnpickler(f).load()
+      obj = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
+    else:
+      raise CheckpointError(f'{path} holds one plain array, not a dict of named weights')
+  if not isinstance(obj, dict):
+    raise CheckpointError(f'{path} should hold a dict of arrays, got {type(obj).__name__}')
+  return obj
+
+
+def _read_safetensors(path):
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  try:
+    return st_numpy.load_file(path)
+  except TypeError:  # bfloat16 has no numpy dtype in safetensors' numpy backend
+    from safetensors import torch as st_torch  # pylint: disable=g-import-not-at-top
+    return st_torch.load_file(path)
+
+
+def _is_torchscript(path):
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any(n.split('/', 1)[-1] == 'constants.pkl' or '/code/' in n for n in z.namelist())
+
+
+def _read_torch(path):
+  """`torch.load(weights_only=True)`; TorchScript archives (OpenAI's released `.pt` files) go
+  through `torch.jit.load`, whose restricted TorchScript unpickler runs no Python code."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if _is_torchscript(path):
+    return torch.jit.load(path, map_location='cpu').state_dict()
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+    raise CheckpointError(f'{path} is not a readable torch checkpoint: {e}') from None
+
+
+def _hf_heads(directory):
+  """Head counts and activation from a Hugging Face model folder's config.json, if there."""
+  path = os.path.join(directory, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    hf = json.load(f)
+  for tower in ('text_config', 'vision_config'):
+    act = hf.get(tower, {}).get('hidden_act', 'quick_gelu')
+    if act != 'quick_gelu':
+      raise CheckpointError(f'{tower}.hidden_act is {act!r}; OpenAI CLIP uses quick_gelu')
+  return hf['text_config']['num_attention_heads'], hf['vision_config']['num_attention_heads']
+
+
+def read_state_dict(path):
+  """Any supported file (or a Hugging Face model folder) -> flat `{OpenAI key: numpy array}`.
+
+  Returns `(flat, heads)`; `heads` is `(text, vision)` when the file says so (HF config.json).
+  """
+  heads = None
+  if os.path.isdir(path):
+    heads = _hf_heads(path)
+    names = ('model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin')
+    found = [os.path.join(path, n) for n in names if os.path.exists(os.path.join(path, n))]
+    if not found:
+      raise CheckpointError(f'{path} is a folder without any of {names}')
+    path = found[0]
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no checkpoint at {path}')
+  ext = os.path.splitext(path)[1].lower()
+  if ext == '.safetensors':
+    raw = _read_safetensors(path)
+  elif ext == '.npy':
+    raw = _read_npy(path)
+  elif ext == '.npz':
+    with np.load(path, allow_pickle=False) as z:
+      raw = dict(z)
+  else:
+    raw = _read_torch(path)
+  if isinstance(raw, dict) and isinstance(raw.get('state_dict'), dict):
+    raw = raw['state_dict']  # open_clip's training checkpoints
+  if not isinstance(raw, dict):
+    raise CheckpointError(f'{path} holds a {type(raw).__name__}, not a state dict')
+  flat = {}
+  for key, value in raw.items():
+    key = key[len('module.'):] if key.startswith('module.') else key
+    if key in _TORCHSCRIPT_EXTRAS:
+      continue  # metadata scalars of OpenAI's TorchScript archives, implied by the shapes
+    flat[key] = _to_numpy(value)
+  return (hf_to_openai(flat) if is_hf(flat) else flat), heads
+
+
+def _to_numpy(value):
+  if isinstance(value, np.ndarray):
+    return value
+  if type(value).__module__.startswith('torch'):
+    import torch  # pylint: disable=g-import-not-at-top
+    value = value.detach().cpu()
+    return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+  return np.asarray(value)
+
+
+# ---------------------------------------------------------------- loading
+
+def load(path, config=None, dtype=np.float32, image_resolution=None):
+  """A checkpoint file (or HF folder) -> `(params, cfg)`.
+
+  Formats: torch state dict (`.pt`/`.pth`/`.bin`, `weights_only=True`), OpenAI's TorchScript
+  archives, open_clip checkpoints (`state_dict` wrapper, `module.` prefix), `.safetensors`,
+  scenic's `.npy` dict, `.npz`, and Hugging Face `CLIPModel` weights. The config is inferred from
+  the shapes unless given. Floating weights are cast to `dtype` (fp16 files load as fp32 by
+  default). `image_resolution` interpolates the position embedding to another input size.
+  """
+  flat, heads = read_state_dict(os.fspath(path))
+  if config is None:
+    config = infer_config(flat)
+    if heads is not None:
+      config = _with_heads(config, *heads)
+  elif not isinstance(config, configs.CLIPConfig):
+    raise TypeError(f'config must be a CLIPConfig, got {type(config).__name__}')
+  expected = check_state_dict(flat, config)
+  params = nest({k: v.astype(dtype if np.issubdtype(expected[k][1], np.floating) else expected[k][1])
+                 for k, v in flat.items()})
+  if image_resolution is not None and image_resolution != config.image_resolution:
+    params, config = interpolate_pos_embed(params, config, image_resolution)
+  return params, config
+
+
+def _with_heads(cfg, text_heads, vision_heads):
+  return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, heads=text_heads),
+                             vision=dataclasses.replace(cfg.vision, heads=vision_heads))
+
+
+def interpolate_pos_embed(params, cfg, image_resolution):
+  """Bicubic resize of the image tower's position grid (class / pooled token kept) to a new
+  input resolution -> `(params, cfg)`. Only done on request: a changed model is a new model."""
+  vision = dataclasses.replace(cfg.vision, image_resolution=image_resolution)
+  new_cfg = dataclasses.replace(cfg, vision=vision)
+  table = 'attnpool' if cfg.vision.arch == 'resnet' else None
+  holder = params['visual'][table] if table else params['visual']
+  pos = np.asarray(holder['positional_embedding'])
+  old, new, d = cfg.vision.grid_size, vision.grid_size, pos.shape[-1]
+  grid = pos[1:].reshape(old, old, d)
+  resized = jax.image.resize(grid, (new, new, d), 'bicubic').reshape(new * new, d)
+  holder = dict(holder, positional_embedding=np.concatenate([pos[:1], np.asarray(resized)], 0))
+  visual = dict(params['visual'], **({table: holder} if table else holder))
+  return dict(params, visual=visual), new_cfg
+
+
+def cache_dir():
+  return os.path.expanduser(os.environ.get(CACHE_ENV, DEFAULT_CACHE))
+
+
+def _sha256(path):
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _download(url, target, timeout=30):
+  """Download to a temporary file beside `target`, then rename (never a half-written file)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix='.part')
+  try:
+    with urllib.request.urlopen(url, timeout=timeout) as src, os.fdopen(fd, 'wb') as dst:
+      total = int(src.headers.get('Content-Length', 0)) or None
+      with tqdm(total=total, unit='B', unit_scale=True, desc=os.path.basename(target)) as bar:
+        for chunk in iter(lambda: src.read(1 << 20), b''):
+          dst.write(chunk)
+          bar.update(len(chunk))
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load_model_vars(name, cache=None, download=True, **load_kwargs):
+  """An official OpenAI model by name -> `(params, cfg)`, from `cache` (default $CLIP_CACHE_DIR
+  or ~/.cache/clip, where OpenAI's package keeps them too), downloaded if absent and the network
+  allows; the file's SHA256 must be the one in OpenAI's URL."""
+  if name not in OFFICIAL_FILES:
+    raise KeyError(f'unknown model {name!r}; official models: {sorted(OFFICIAL_FILES)}')
+  sha, filename = OFFICIAL_FILES[name]
+  url = _OPENAI_URL.format(sha=sha, file=filename)
+  path = os.path.join(os.path.expanduser(cache) if cache else cache_dir(), filename)
+  if not os.path.exists(path):
+    error = 'downloads disabled'
+    if download:
+      try:
+        _download(url, path)
+      except OSError as e:
+        error = str(e)
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f'{name}: no file at {path} and it could not be downloaded ({error}). Download {url} '
+          f'and put it at {path} (or set ${CACHE_ENV} to the folder that holds {filename}).')
+  actual = _sha256(path)
+  if actual != sha:
+    raise CheckpointError(f'{path} has SHA256 {actual}, expected {sha} for {name}: the file is '
+                          'corrupt or another model; delete it and download again')
+  return load(path, config=configs.MODELS[name], **load_kwargs)
