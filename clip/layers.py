@@ -82,8 +82,8 @@ def avg_pool(x_NxHxWxC, k):
   """nn.AvgPool2d(k): window k, stride k, no padding, floor of the output size."""
   if k == 1:
     return x_NxHxWxC
-  summed = jax.lax.reduce_window(x_NxHxWxC, jnp.zeros((), x_NxHxWxC.dtype), jax.lax.add,
-                                 (1, k, k, 1), (1, k, k, 1), 'VALID')
+  # A Python 0 lets JAX recognise the differentiable reduce_window_sum.
+  summed = jax.lax.reduce_window(x_NxHxWxC, 0., jax.lax.add, (1, k, k, 1), (1, k, k, 1), 'VALID')
   return summed / (k * k)
 
 
