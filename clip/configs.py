@@ -113,14 +113,15 @@ class CLIPConfig:
 
 def openai_config(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                   context_length, vocab_size, transformer_width, transformer_heads,
-                  transformer_layers):
-  """A config from the arguments of OpenAI's `CLIP.__init__`, with its head-count rules."""
+                  transformer_layers, vision_heads=None):
+  """A config from the arguments of OpenAI's `CLIP.__init__`, with its vision head-count rule
+  (64-wide heads) unless `vision_heads` is given."""
   if isinstance(vision_layers, (tuple, list)):
-    vision = VisionConfig('resnet', vision_width, tuple(vision_layers), vision_width * 32 // 64,
-                          image_resolution)
+    vision = VisionConfig('resnet', vision_width, tuple(vision_layers),
+                          vision_heads or vision_width * 32 // 64, image_resolution)
   else:
-    vision = VisionConfig('vit', vision_width, vision_layers, vision_width // 64, image_resolution,
-                          vision_patch_size)
+    vision = VisionConfig('vit', vision_width, vision_layers, vision_heads or vision_width // 64,
+                          image_resolution, vision_patch_size)
   text = TextConfig(transformer_width, transformer_layers, transformer_heads, context_length,
                     vocab_size)
   return CLIPConfig(embed_dim, vision, text)

@@ -93,9 +93,10 @@ def _count(flat, pattern):
   return len({m.group(1) for k in flat for m in [re.match(pattern, k)] if m})
 
 
-def infer_config(flat):
+def infer_config(flat, heads=None):
   """The CLIPConfig a flat OpenAI-keyed state dict was built from (OpenAI's `build_model` rules:
-  64-wide heads in the ViT and text towers, `32 * width / 64` heads in the ResNet attention pool).
+  64-wide heads in the ViT and text towers, `32 * width / 64` heads in the ResNet attention pool),
+  unless `heads=(text_heads, vision_heads)` says otherwise.
   """
   shape = lambda k: tuple(flat[k].shape)
   try:
@@ -118,14 +119,15 @@ def infer_config(flat):
   except KeyError as e:
     raise CheckpointError(f'not a CLIP state dict: key {e} is missing; keys start with '
                           f'{sorted(flat)[:5]}') from None
-  if text_width % 64 or (vision_patch is not None and width % 64):
+  if heads is None and (text_width % 64 or (vision_patch is not None and width % 64)):
     raise CheckpointError(
         f'cannot infer head counts: text width {text_width} / vision width {width} are not '
         'multiples of 64 (OpenAI\'s head size); pass config= explicitly')
+  text_heads, vision_heads = heads or (text_width // 64, None)
   try:
     return configs.openai_config(embed_dim, resolution, vision_layers, width, vision_patch,
-                                 context_length, vocab_size, text_width, text_width // 64,
-                                 text_layers)
+                                 context_length, vocab_size, text_width, text_heads, text_layers,
+                                 vision_heads)
   except ValueError as e:
     raise CheckpointError(f'the shapes in this state dict give an invalid config: {e}') from None
 
@@ -235,7 +237,9 @@ def _read_npy(path):
   """scenic's `.npy`: `np.save` of a dict {torch key: array}, read without running pickled code."""
   with open(path, 'rb') as f:
     version = np.lib.format.read_magic(f)
-    _, _, dtype = np.lib.format._read_array_header(f, version)  # pylint: disable=protected-access
+    read_header = (np.lib.format.read_array_header_1_0 if version[0] == 1
+                   else np.lib.format.read_array_header_2_0)
+    _, _, dtype = read_header(f)
     if dtype.hasobject:
       obj = _ArrayUnpickler(f).load()
       obj = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
@@ -349,9 +353,7 @@ def load(path, config=None, dtype=np.float32, image_resolution=None):
   """
   flat, heads = read_state_dict(os.fspath(path))
   if config is None:
-    config = infer_config(flat)
-    if heads is not None:
-      config = _with_heads(config, *heads)
+    config = infer_config(flat, heads)
   elif not isinstance(config, configs.CLIPConfig):
     raise TypeError(f'config must be a CLIPConfig, got {type(config).__name__}')
   expected = check_state_dict(flat, config)
@@ -360,11 +362,6 @@ def load(path, config=None, dtype=np.float32, image_resolution=None):
   if image_resolution is not None and image_resolution != config.image_resolution:
     params, config = interpolate_pos_embed(params, config, image_resolution)
   return params, config
-
-
-def _with_heads(cfg, text_heads, vision_heads):
-  return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, heads=text_heads),
-                             vision=dataclasses.replace(cfg.vision, heads=vision_heads))
 
 
 def interpolate_pos_embed(params, cfg, image_resolution):

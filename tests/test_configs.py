@@ -1,0 +1,92 @@
+"""Configs: the nine OpenAI models have the reference's exact parameter tree; bad configs raise."""
+import dataclasses
+
+import chex
+import jax
+import numpy as np
+import pytest
+import torch
+
+import clip
+from clip import weights
+
+
+def reference_shapes(openai_model, cfg):
+  """The torch state dict's {key: shape} of OpenAI's model, built on the meta device (no memory)."""
+  v, t = cfg.vision, cfg.text
+  with torch.device('meta'):
+    m = openai_model.CLIP(cfg.embed_dim, v.image_resolution, v.layers, v.width, v.patch_size,
+                          t.context_length, t.vocab_size, t.width, t.heads, t.layers)
+  return {k: tuple(p.shape) for k, p in m.state_dict().items()}
+
+
+@pytest.mark.parametrize('name', sorted(clip.MODELS))
+def test_init_has_the_reference_state_dict(openai_model, name):
+  cfg = clip.MODELS[name]
+  abstract = jax.eval_shape(clip.init, jax.random.PRNGKey(0), cfg)
+  ours = {k: tuple(v.shape) for k, v in weights.flatten(abstract).items()}
+  assert ours == reference_shapes(openai_model, cfg)
+  # and the config is recovered from the shapes alone
+  assert weights.infer_config(weights.flatten(abstract)) == cfg
+
+
+def test_official_hyper_parameters():
+  rn50x64, l336 = clip.MODELS['RN50x64'], clip.MODELS['ViT-L/14@336px']
+  assert (rn50x64.embed_dim, rn50x64.image_resolution, rn50x64.vision.layers,
+          rn50x64.vision.width, rn50x64.vision.heads) == (1024, 448, (3, 15, 36, 10), 128, 64)
+  assert (l336.image_resolution, l336.vision.patch_size, l336.vision.layers, l336.vision.heads,
+          l336.text.width, l336.text.heads) == (336, 14, 24, 16, 768, 12)
+  assert {cfg.context_length for cfg in clip.MODELS.values()} == {77}
+
+
+def test_init_statistics_follow_openai():
+  cfg = clip.CLIPConfig(64, clip.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 64),
+                        clip.TextConfig(128, 4, 2, 16, 1000))
+  params = clip.init(jax.random.PRNGKey(0), cfg)
+  chex.assert_tree_all_finite(params)
+  np.testing.assert_allclose(params['logit_scale'], np.log(1 / 0.07), rtol=1e-6)
+  assert np.all(np.asarray(params['visual']['layer1']['0']['bn3']['weight']) == 0)
+  np.testing.assert_allclose(np.std(params['token_embedding']['weight']), 0.02, rtol=0.05)
+  proj_std = 128 ** -0.5 * (2 * 4) ** -0.5
+  np.testing.assert_allclose(
+      np.std(params['transformer']['resblocks']['0']['mlp']['c_proj']['weight']), proj_std, rtol=0.05)
+
+
+def test_init_is_deterministic_and_keyed():
+  cfg = clip.CLIPConfig(16, clip.VisionConfig('vit', 32, 1, 2, 16, 8), clip.TextConfig(32, 1, 2, 8, 50))
+  a, b = clip.init(jax.random.PRNGKey(0), cfg), clip.init(jax.random.PRNGKey(0), cfg)
+  chex.assert_trees_all_equal(a, b)
+  c = clip.init(jax.random.PRNGKey(1), cfg)
+  assert not np.allclose(a['visual']['proj'], c['visual']['proj'])
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda: clip.VisionConfig('vit', 64, 2, 3, 224, 32), 'not divisible by heads'),
+    (lambda: clip.VisionConfig('vit', 64, 2, 2, 224, 30), 'not a multiple of patch_size'),
+    (lambda: clip.VisionConfig('vit', 64, 2, 2, 224), 'patch_size'),
+    (lambda: clip.VisionConfig('resnet', 64, (3, 4, 6), 32, 224), '4 positive block counts'),
+    (lambda: clip.VisionConfig('resnet', 64, (3, 4, 6, 3), 32, 200), 'multiple of 32'),
+    (lambda: clip.VisionConfig('convnext', 64, 2, 2, 224, 32), 'arch'),
+    (lambda: clip.TextConfig(512, 12, 0), 'heads must be > 0'),
+    (lambda: clip.CLIPConfig(0, clip.MODELS['RN50'].vision, clip.MODELS['RN50'].text), 'embed_dim'),
+    (lambda: dataclasses.replace(clip.MODELS['RN50'], dtype='int8'), 'dtype'),
+])
+def test_bad_configs_raise(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_unknown_model_name():
+  with pytest.raises(KeyError, match='known models'):
+    clip.get_config('ViT-H/14')
+
+
+def test_normalize_image():
+  images = np.random.default_rng(0).random((2, 4, 4, 3), dtype=np.float32)
+  expected = (images - np.array(clip.IMAGE_MEAN)) / np.array(clip.IMAGE_STD)
+  np.testing.assert_allclose(clip.normalize_image(images), expected, atol=1e-6)
+  np.testing.assert_allclose(clip.normalize_image(jax.numpy.asarray(images)), expected, atol=1e-6)
+  with pytest.raises(TypeError, match='uint8'):
+    clip.normalize_image((images * 255).astype(np.uint8))
+  with pytest.raises(ValueError, match='3'):
+    clip.normalize_image(images[..., :2])
