@@ -11,6 +11,7 @@ from clip.model import apply
 from clip.model import encode_image
 from clip.model import encode_text
 from clip.model import init
+from clip.model import init_params
 from clip.model import split_batch_stats
 from clip.model import update_batch_stats
 from clip.weights import CheckpointError

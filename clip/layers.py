@@ -72,10 +72,19 @@ def mlp(p, x):
 
 
 def conv2d(w_OxIxHxW, x_NxHxWxC, stride=1, padding=0):
-  """nn.Conv2d on NHWC activations with a torch OIHW kernel."""
+  """nn.Conv2d on NHWC activations with a torch OIHW kernel.
+
+  XLA's CPU convolution wants an HWIO kernel and would transpose the weight on every call, so a
+  1x1 kernel (all of a bottleneck's projections) runs as a matmul on the OI weight as it is.
+  """
+  o, i, kh, kw = w_OxIxHxW.shape
+  w_OxIxHxW = w_OxIxHxW.astype(x_NxHxWxC.dtype)
+  if kh == kw == 1 and padding == 0:
+    x_NxHxWxC = x_NxHxWxC[:, ::stride, ::stride]
+    return jnp.einsum('nhwi,oi->nhwo', x_NxHxWxC, w_OxIxHxW.reshape(o, i))
   return jax.lax.conv_general_dilated(
-      x_NxHxWxC, w_OxIxHxW.astype(x_NxHxWxC.dtype), (stride, stride),
-      [(padding, padding), (padding, padding)], dimension_numbers=('NHWC', 'OIHW', 'NHWC'))
+      x_NxHxWxC, w_OxIxHxW, (stride, stride), [(padding, padding), (padding, padding)],
+      dimension_numbers=('NHWC', 'OIHW', 'NHWC'))
 
 
 def avg_pool(x_NxHxWxC, k):

@@ -22,16 +22,22 @@ def _tower(cfg):
   return resnet if cfg.vision.arch == 'resnet' else vit
 
 
-# Init runs once and is cheap to execute, but hundreds of random leaves take XLA's CPU backend
-# ~30 s to optimise; unoptimised code generation compiles it about 5x faster.
-@functools.partial(jax.jit, static_argnames=('cfg',),
-                   compiler_options={'xla_backend_optimization_level': 0})
-def init(key, cfg):
-  """Random parameters with OpenAI's initialisation; same keys and shapes as the torch model."""
+def init_params(key, cfg):
+  """Random parameters with OpenAI's initialisation; same keys and shapes as the torch model.
+
+  Not jitted, so that it composes: `jax.eval_shape(init_params, key, cfg)` for the tree, or
+  `jax.jit(init_params, static_argnames='cfg', out_shardings=...)` to create it sharded.
+  """
   params = text.init(jax.random.fold_in(key, 1), cfg.text, cfg.embed_dim)
   params['visual'] = _tower(cfg).init(jax.random.fold_in(key, 0), cfg.vision, cfg.embed_dim)
   params['logit_scale'] = jnp.asarray(np.log(1 / 0.07), jnp.float32)
   return params
+
+
+# Init runs once and is cheap to execute, but hundreds of random leaves take XLA's CPU backend
+# ~30 s to optimise; unoptimised code generation compiles it about 5x faster.
+init = jax.jit(init_params, static_argnames=('cfg',),
+               compiler_options={'xla_backend_optimization_level': 0})
 
 
 def check_images(images, cfg):

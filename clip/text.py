@@ -24,8 +24,14 @@ def apply(params, tokens_NxL, cfg, dtype=jnp.float32):
   x_NxLxD = params['token_embedding']['weight'].astype(dtype)[tokens_NxL]
   x_NxLxD = x_NxLxD + params['positional_embedding'][:length].astype(dtype)
   causal_LxL = jnp.tril(jnp.ones((length, length), bool))
-  x_NxLxD = transformer.apply(params['transformer'], x_NxLxD, cfg.heads, causal_LxL)
-  x_NxLxD = layers.layer_norm(params['ln_final'], x_NxLxD)
   eot_N = jnp.argmax(tokens_NxL, axis=-1)
-  x_NxD = jnp.take_along_axis(x_NxLxD, eot_N[:, None, None], axis=1)[:, 0]
+  # Only the EOT position is pooled and ln_final is per token, so the last block runs there alone.
+  x_NxLxD = transformer.apply(params['transformer'], x_NxLxD, cfg.heads, causal_LxL,
+                              depth=max(cfg.layers - 1, 0))
+  if cfg.layers:
+    last = params['transformer']['resblocks'][str(cfg.layers - 1)]
+    x_NxD = transformer.causal_block_at(last, x_NxLxD, eot_N, cfg.heads)
+  else:
+    x_NxD = jnp.take_along_axis(x_NxLxD, eot_N[:, None, None], axis=1)[:, 0]
+  x_NxD = layers.layer_norm(params['ln_final'], x_NxD)
   return x_NxD @ params['text_projection'].astype(dtype)

@@ -4,6 +4,7 @@ Params: `{'resblocks': {'0': block, '1': block, ...}}`, each block with torch ke
 `ln_1, attn.{in_proj_weight, in_proj_bias, out_proj}, ln_2, mlp.{c_fc, c_proj}`.
 """
 import jax
+import jax.numpy as jnp
 
 from clip import layers
 
@@ -33,8 +34,28 @@ def block(p, x_NxLxD, heads, mask_LxL=None):
   return x_NxLxD + layers.mlp(p['mlp'], layers.layer_norm(p['ln_2'], x_NxLxD))
 
 
-def apply(p, x_NxLxD, heads, mask_LxL=None):
-  for i in range(len(p['resblocks'])):
+def causal_block_at(p, x_NxLxD, pos_N, heads):
+  """`block` with a causal mask, evaluated only at one position per row: (N, D).
+
+  Equal to `block(p, x, heads, causal)[arange(N), pos_N]`, but the queries, the attention output
+  and the MLP run on N rows instead of N*L; the keys and values still see every position <= pos.
+  """
+  d = x_NxLxD.shape[-1]
+  w, b = p['attn']['in_proj_weight'], p['attn']['in_proj_bias']
+  h_NxLxD = layers.layer_norm(p['ln_1'], x_NxLxD)
+  h_NxD = jnp.take_along_axis(h_NxLxD, pos_N[:, None, None], axis=1)[:, 0]
+  q_Nx1xD = layers.linear({'weight': w[:d], 'bias': b[:d]}, h_NxD)[:, None]
+  k_NxLxD, v_NxLxD = jnp.split(layers.linear({'weight': w[d:], 'bias': b[d:]}, h_NxLxD), 2, -1)
+  mask_Nx1x1xL = (jnp.arange(x_NxLxD.shape[1]) <= pos_N[:, None])[:, None, None, :]
+  out_NxD = layers.attention(q_Nx1xD, k_NxLxD, v_NxLxD, heads, mask_Nx1x1xL)[:, 0]
+  x_NxD = jnp.take_along_axis(x_NxLxD, pos_N[:, None, None], axis=1)[:, 0]
+  x_NxD = x_NxD + layers.linear(p['attn']['out_proj'], out_NxD)
+  return x_NxD + layers.mlp(p['mlp'], layers.layer_norm(p['ln_2'], x_NxD))
+
+
+def apply(p, x_NxLxD, heads, mask_LxL=None, depth=None):
+  """The first `depth` blocks (all by default)."""
+  for i in range(len(p['resblocks']) if depth is None else depth):
     with jax.named_scope(f'resblock_{i}'):
       x_NxLxD = block(p['resblocks'][str(i)], x_NxLxD, heads, mask_LxL)
   return x_NxLxD

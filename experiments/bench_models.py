@@ -9,14 +9,9 @@ error of our features against torch's.
   python -m experiments.bench_models --quick
 """
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 
 import jax
@@ -24,69 +19,23 @@ import numpy as np
 
 import clip
 from clip import weights
+from experiments import openai_reference
 
-REFERENCE_PACKAGE = 'clip-anytorch==2.6.0'
-DEFAULT_REFERENCE_DIR = os.environ.get(
-    'CLIP_REFERENCE_DIR',
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', '.reference'))
-
-
-def load_openai_model(reference_dir):
-  """OpenAI's `clip/model.py` loaded by path (its import name `clip` collides with ours)."""
-  if not os.path.isdir(os.path.join(reference_dir, 'clip')):
-    parent = os.path.dirname(os.path.abspath(reference_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix='.reference-')
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', tmp,
-                    REFERENCE_PACKAGE], check=True)
-    try:
-      os.rename(tmp, reference_dir)
-    except OSError:  # installed meanwhile by someone else
-      shutil.rmtree(tmp, ignore_errors=True)
-  path = os.path.join(reference_dir, 'clip', 'model.py')
-  spec = importlib.util.spec_from_file_location('openai_clip_model', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def build_torch_model(openai_model, cfg, seed=0, noise=0.02):
-  """OpenAI's CLIP for one of our configs, fp32 eval mode, every float weight perturbed."""
-  import torch  # pylint: disable=g-import-not-at-top
-  v, t = cfg.vision, cfg.text
-  m = openai_model.CLIP(cfg.embed_dim, v.image_resolution, v.layers, v.width, v.patch_size,
-                        t.context_length, t.vocab_size, t.width, t.heads, t.layers)
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in m.state_dict().items():
-      if p.is_floating_point() and name != 'logit_scale':
-        if name.endswith('running_var'):
-          p.copy_(0.5 + torch.rand(p.shape, generator=g))
-        else:
-          p.add_(noise * torch.randn(p.shape, generator=g))
-  return m.float().eval()
-
-
-def random_tokens(rng, n, t):
-  """(n, context) int32: SOT, random words, EOT (the largest id) at a random position."""
-  tokens = np.zeros((n, t.context_length), np.int32)
-  for i in range(n):
-    length = rng.integers(2, t.context_length + 1)
-    tokens[i, 0] = t.vocab_size - 2
-    tokens[i, 1:length - 1] = rng.integers(1, t.vocab_size - 2, length - 2)
-    tokens[i, length - 1] = t.vocab_size - 1
-  return tokens
+def seconds(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
 
 
 def median_seconds(fn, repeats, warmup):
+  """Median time of `fn` over `repeats` runs after `warmup` runs.
+
+  Each framework is timed in a block of its own: torch's OpenMP workers spin for a while after
+  each call, so alternating calls would charge their spinning to whichever runs next.
+  """
   for _ in range(warmup):
     fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return float(np.median([seconds(fn) for _ in range(repeats)]))
 
 
 def max_rel_err(ours, ref):
@@ -95,11 +44,10 @@ def max_rel_err(ours, ref):
 
 def bench_tower(tower, jax_fn, torch_fn, batch, repeats, warmup):
   import torch  # pylint: disable=g-import-not-at-top
-  ours = np.asarray(jax_fn())  # compiles
   with torch.no_grad():
-    ref = torch_fn().numpy()
+    ours, ref = np.asarray(jax_fn()), torch_fn().numpy()  # jax compiles here
     t_torch = median_seconds(torch_fn, repeats, warmup)
-  t_jax = median_seconds(lambda: jax_fn().block_until_ready(), repeats, warmup)
+    t_jax = median_seconds(lambda: jax_fn().block_until_ready(), repeats, warmup)
   return {'tower': tower, 'batch': batch, 'jax_per_s': batch / t_jax,
           'torch_per_s': batch / t_torch, 'ratio': t_torch / t_jax,
           'max_rel_err': max_rel_err(ours, ref)}
@@ -108,7 +56,7 @@ def bench_tower(tower, jax_fn, torch_fn, batch, repeats, warmup):
 def bench_model(openai_model, name, batch_sizes, repeats, warmup):
   import torch  # pylint: disable=g-import-not-at-top
   cfg = clip.get_config(name)
-  m = build_torch_model(openai_model, cfg)
+  m = openai_reference.perturb(openai_reference.build(openai_model, cfg), scale=0.02)
   params = jax.device_put(weights.nest({k: v.numpy() for k, v in m.state_dict().items()}))
   rng = np.random.default_rng(0)
   r = cfg.image_resolution
@@ -117,7 +65,7 @@ def bench_model(openai_model, name, batch_sizes, repeats, warmup):
     images_NxHxWx3 = rng.standard_normal((batch, r, r, 3)).astype(np.float32)
     images_jax = jax.device_put(images_NxHxWx3)
     images_torch = torch.from_numpy(images_NxHxWx3).permute(0, 3, 1, 2).contiguous()
-    tokens_NxL = random_tokens(rng, batch, cfg.text)
+    tokens_NxL = openai_reference.random_tokens(rng, batch, cfg)
     tokens_jax = jax.device_put(tokens_NxL)
     tokens_torch = torch.from_numpy(tokens_NxL).long()
     rows.append(bench_tower('image', lambda: clip.encode_image(params, images_jax, cfg),
@@ -147,8 +95,6 @@ def parse_args(argv):
   parser.add_argument('--repeats', type=int, default=10, help='timed runs per measurement')
   parser.add_argument('--warmup', type=int, default=2, help='untimed runs after compilation')
   parser.add_argument('--quick', action='store_true', help='3 timed runs, 1 warm-up run')
-  parser.add_argument('--reference-dir', default=DEFAULT_REFERENCE_DIR,
-                      help=f'where {REFERENCE_PACKAGE} is (installed there if missing)')
   parser.add_argument('--out', default='results/bench_models')
   args = parser.parse_args(argv)
   if args.quick:
@@ -159,7 +105,7 @@ def parse_args(argv):
 def main(argv=None):
   import torch  # pylint: disable=g-import-not-at-top
   args = parse_args(argv)
-  openai_model = load_openai_model(args.reference_dir)
+  openai_model = openai_reference.load_module('model')
   batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
   rows = []
   for name in args.models.split(','):
@@ -170,7 +116,8 @@ def main(argv=None):
   result = {'rows': rows, 'repeats': args.repeats, 'warmup': args.warmup,
             'jax': jax.__version__, 'torch': torch.__version__,
             'torch_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
-            'jax_device': str(jax.devices()[0]), 'machine': platform.machine()}
+            'jax_device': str(jax.devices()[0]), 'machine': platform.machine(),
+            'xla_flags': os.environ.get('XLA_FLAGS', '')}
   with open(os.path.join(args.out, 'bench_models.json'), 'w') as f:
     json.dump(result, f, indent=2)
   print(f'wrote {os.path.join(args.out, "bench_models.json")}')

@@ -6,7 +6,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from tests import reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import openai_reference as reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope='session')

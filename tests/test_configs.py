@@ -30,6 +30,15 @@ def test_init_has_the_reference_state_dict(openai_model, name):
   assert weights.infer_config(weights.flatten(abstract)) == cfg
 
 
+def test_init_params_composes_inside_jit():
+  """`clip.init` carries compiler options and so cannot nest; `init_params` is its jittable body."""
+  cfg = clip.MODELS['RN50']
+  nested = jax.eval_shape(jax.jit(clip.init_params, static_argnames='cfg'),
+                          jax.random.PRNGKey(0), cfg=cfg)
+  chex.assert_trees_all_equal_shapes_and_dtypes(nested,
+                                                jax.eval_shape(clip.init, jax.random.PRNGKey(0), cfg))
+
+
 def test_official_hyper_parameters():
   rn50x64, l336 = clip.MODELS['RN50x64'], clip.MODELS['ViT-L/14@336px']
   assert (rn50x64.embed_dim, rn50x64.image_resolution, rn50x64.vision.layers,

@@ -7,7 +7,7 @@ import torch
 
 import clip
 from clip import weights
-from tests import reference
+from experiments import openai_reference as reference
 
 TINY_TEXT = clip.TextConfig(width=32, layers=2, heads=4, context_length=16, vocab_size=100)
 CONFIGS = {

@@ -6,7 +6,7 @@ import torch
 
 import clip
 from clip import weights
-from tests import reference
+from experiments import openai_reference as reference
 
 CFG = clip.CLIPConfig(24, clip.VisionConfig('resnet', 8, (1, 2, 1, 1), 4, 64),
                       clip.TextConfig(32, 1, 4, 8, 50))

@@ -13,7 +13,7 @@ import transformers
 
 import clip
 from clip import weights
-from tests import reference
+from experiments import openai_reference as reference
 
 CFG = clip.CLIPConfig(32, clip.VisionConfig('vit', 64, 2, 1, 32, 8),
                       clip.TextConfig(64, 2, 1, 16, 100))

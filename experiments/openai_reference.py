@@ -1,7 +1,7 @@
-"""OpenAI's reference CLIP (clip-anytorch==2.6.0), imported by file path.
+"""OpenAI's reference CLIP (clip-anytorch==2.6.0), imported by file path, for tests and benchmarks.
 
-Its import name `clip` collides with ours, so it is pip-installed with --no-deps into a test-only
-folder (`tests/.reference`, or $CLIP_REFERENCE_DIR) on first use and its files loaded by path.
+Its import name `clip` collides with ours, so it is pip-installed with --no-deps into a side folder
+(`tests/.reference`, or $CLIP_REFERENCE_DIR) on first use and its files loaded by path.
 """
 import importlib.util
 import os
@@ -13,8 +13,9 @@ import tempfile
 import numpy as np
 
 PACKAGE = 'clip-anytorch==2.6.0'
-ROOT = os.environ.get('CLIP_REFERENCE_DIR',
-                      os.path.join(os.path.dirname(os.path.abspath(__file__)), '.reference'))
+ROOT = os.environ.get(
+    'CLIP_REFERENCE_DIR',
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', '.reference'))
 
 
 def _install():
