@@ -92,11 +92,14 @@ class TextConfig:
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-  """The two-tower model. `dtype` is the compute dtype of the forward pass; params stay fp32."""
+  """The two-tower model. `dtype` is the compute dtype of the forward pass; params stay fp32.
+  `remat=True` recomputes each transformer block in the backward pass instead of storing its
+  activations (training memory for compute)."""
   embed_dim: int
   vision: VisionConfig
   text: TextConfig
   dtype: str = 'float32'
+  remat: bool = False
 
   def __post_init__(self):
     _require(self.embed_dim > 0, f'embed_dim must be > 0, got {self.embed_dim}')

@@ -75,7 +75,7 @@ def _encode_image(params, images, cfg, train):
     return out.astype(jnp.float32)
   if train:
     raise ValueError('train=True only changes BatchNorm, which a ViT does not have')
-  return vit.apply(params['visual'], images, cfg.vision).astype(jnp.float32)
+  return vit.apply(params['visual'], images, cfg.vision, cfg.remat).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'train'))
@@ -92,7 +92,7 @@ def encode_image(params, images, cfg, train=False):
 def encode_text(params, tokens, cfg):
   """(N, L) int tokens -> (N, embed_dim) fp32 features pooled at the EOT (largest) token."""
   check_tokens(tokens, cfg)
-  return text.apply(params, tokens, cfg.text, jnp.dtype(cfg.dtype)).astype(jnp.float32)
+  return text.apply(params, tokens, cfg.text, jnp.dtype(cfg.dtype), cfg.remat).astype(jnp.float32)
 
 
 def logits(params, image_features, text_features):

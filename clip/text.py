@@ -18,7 +18,7 @@ def init(key, cfg, embed_dim):
   }
 
 
-def apply(params, tokens_NxL, cfg, dtype=jnp.float32):
+def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat=False):
   """int tokens (N, L<=context) -> (N, embed_dim), pooled at the largest id (EOT) of each row."""
   length = tokens_NxL.shape[1]
   x_NxLxD = params['token_embedding']['weight'].astype(dtype)[tokens_NxL]
@@ -27,7 +27,7 @@ def apply(params, tokens_NxL, cfg, dtype=jnp.float32):
   eot_N = jnp.argmax(tokens_NxL, axis=-1)
   # Only the EOT position is pooled and ln_final is per token, so the last block runs there alone.
   x_NxLxD = transformer.apply(params['transformer'], x_NxLxD, cfg.heads, causal_LxL,
-                              depth=max(cfg.layers - 1, 0))
+                              depth=max(cfg.layers - 1, 0), remat=remat)
   if cfg.layers:
     last = params['transformer']['resblocks'][str(cfg.layers - 1)]
     x_NxD = transformer.causal_block_at(last, x_NxLxD, eot_N, cfg.heads)

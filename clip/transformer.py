@@ -53,9 +53,10 @@ def causal_block_at(p, x_NxLxD, pos_N, heads):
   return x_NxD + layers.mlp(p['mlp'], layers.layer_norm(p['ln_2'], x_NxD))
 
 
-def apply(p, x_NxLxD, heads, mask_LxL=None, depth=None):
-  """The first `depth` blocks (all by default)."""
+def apply(p, x_NxLxD, heads, mask_LxL=None, depth=None, remat=False):
+  """The first `depth` blocks (all by default); `remat` recomputes each in the backward pass."""
+  block_fn = jax.checkpoint(block, static_argnums=(2,)) if remat else block
   for i in range(len(p['resblocks']) if depth is None else depth):
     with jax.named_scope(f'resblock_{i}'):
-      x_NxLxD = block(p['resblocks'][str(i)], x_NxLxD, heads, mask_LxL)
+      x_NxLxD = block_fn(p['resblocks'][str(i)], x_NxLxD, heads, mask_LxL)
   return x_NxLxD

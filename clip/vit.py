@@ -23,7 +23,7 @@ def init(key, cfg, embed_dim):
   }
 
 
-def apply(params, images_NxHxWx3, cfg):
+def apply(params, images_NxHxWx3, cfg, remat=False):
   """Normalised NHWC images -> (N, embed_dim) features, in the dtype of the images."""
   dtype = images_NxHxWx3.dtype
   p = cfg.patch_size
@@ -35,6 +35,6 @@ def apply(params, images_NxHxWx3, cfg):
   x_NxLxD = jnp.concatenate([cls_Nx1xD, x_NxLxD], axis=1)
   x_NxLxD = x_NxLxD + params['positional_embedding'].astype(dtype)
   x_NxLxD = layers.layer_norm(params['ln_pre'], x_NxLxD)
-  x_NxLxD = transformer.apply(params['transformer'], x_NxLxD, cfg.heads)
+  x_NxLxD = transformer.apply(params['transformer'], x_NxLxD, cfg.heads, remat=remat)
   x_NxD = layers.layer_norm(params['ln_post'], x_NxLxD[:, 0])
   return x_NxD @ params['proj'].astype(dtype)

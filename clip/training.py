@@ -1,0 +1,196 @@
+"""CLIP training: the train state, its shardings, and one pure jitted `train_step(state, batch)`.
+
+The state is a plain dict `{'params', 'batch_stats', 'opt', 'step', 'rng'}`: `params` are what
+gradients train (fp32), `batch_stats` the BatchNorm buffers of a ResNet (empty for a ViT). The
+step runs the two towers under jit with the parameters placed by `clip.sharding` rules (GSPMD
+inserts the FSDP gathers and tensor-parallel collectives) and the loss as an explicit `shard_map`
+program over the batch axes (`losses.make_loss`).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import losses
+from clip import model
+from clip import optim
+from clip import sharding
+
+MAX_LOGIT_SCALE = float(np.log(100.0))  # OpenAI clamps exp(logit_scale) to 100
+LOSSES = ('contrastive', 'sigmoid', 'ring_contrastive', 'ring_sigmoid')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """What a run needs besides the model config; validated before anything compiles."""
+  batch_size: int = 64
+  total_steps: int = 100
+  loss: str = 'contrastive'
+  optimizer: str = 'adamw'
+  learning_rate: float = 5e-4
+  weight_decay: float = 0.2
+  warmup_steps: int = 10
+  b1: float = 0.9
+  b2: float = 0.98
+  eps: float = 1e-6
+  clip_norm: float | None = 1.0
+  accumulation_steps: int = 1
+  mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the rest
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.loss not in LOSSES:
+      raise ValueError(f'loss must be one of {LOSSES}, got {self.loss!r}')
+    if self.optimizer not in optim.OPTIMIZERS:
+      raise ValueError(f'optimizer must be one of {optim.OPTIMIZERS}, got {self.optimizer!r}')
+    for name in ('batch_size', 'total_steps', 'accumulation_steps'):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f'{name} must be an int >= 1, got {getattr(self, name)!r}')
+    if not 0 <= self.warmup_steps < self.total_steps:
+      raise ValueError(f'warmup_steps must be in [0, total_steps={self.total_steps}), '
+                       f'got {self.warmup_steps}')
+    if self.learning_rate <= 0 or self.weight_decay < 0:
+      raise ValueError(f'need learning_rate > 0 and weight_decay >= 0, got '
+                       f'{self.learning_rate}, {self.weight_decay}')
+    if len(self.mesh) != 3:
+      raise ValueError(f'mesh must be (data, fsdp, tensor), got {self.mesh!r}')
+
+  def check_mesh(self, mesh):
+    ways = mesh.shape['data'] * mesh.shape['fsdp']
+    if self.batch_size % ways:
+      raise ValueError(f'batch_size {self.batch_size} is not divisible by the {ways} batch '
+                       f'shards of mesh {dict(mesh.shape)}')
+
+
+def make_optimizer(tcfg):
+  return optim.make_optimizer(tcfg.optimizer, tcfg.learning_rate, tcfg.weight_decay,
+                              tcfg.warmup_steps, tcfg.total_steps, tcfg.b1, tcfg.b2, tcfg.eps,
+                              tcfg.clip_norm, tcfg.accumulation_steps)
+
+
+def add_logit_bias(params, init=-10.0):
+  """SigLIP's learnable bias (init -10, with logit_scale log 10), for the sigmoid losses."""
+  return {**params, 'logit_bias': jnp.asarray(init, jnp.float32),
+          'logit_scale': jnp.asarray(np.log(10.0), jnp.float32)}
+
+
+def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULES):
+  """NamedShardings for every leaf of the state: params and BN buffers by the partition rules,
+  optimizer moments like their parameters, counters and the rng replicated."""
+  param_sh = sharding.param_shardings(mesh, abstract_state['params'], rules)
+  stats_sh = sharding.param_shardings(mesh, abstract_state['batch_stats'], rules)
+  repl = sharding.replicated(mesh)
+  opt_sh = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract_state['opt'], param_sh,
+      transform_non_params=lambda _: repl, is_leaf=lambda x: isinstance(x, NamedSharding))
+  # Adafactor's factored moments have other shapes than their parameters: replicate those.
+  opt_sh = jax.tree.map(
+      lambda leaf, s: s if _fits(leaf, s) else repl, abstract_state['opt'], opt_sh,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+  return {'params': param_sh, 'batch_stats': stats_sh, 'opt': opt_sh, 'step': repl, 'rng': repl}
+
+
+def _fits(leaf, s):
+  shape = np.shape(leaf)
+  if len(s.spec) > len(shape):
+    return False
+  for dim, axes in zip(shape, s.spec):
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    if dim % int(np.prod([s.mesh.shape[a] for a in axes])):
+      return False
+  return True
+
+
+def _normalize(x_NxD):
+  return x_NxD / jnp.linalg.norm(x_NxD, axis=-1, keepdims=True)
+
+
+def _local_accuracy(mesh):
+  """Image->text matching accuracy within each device's shard of the batch (memory O(b^2)),
+  averaged over the shards."""
+  def acc(img_bxD, txt_bxD):
+    hits = jnp.argmax(img_bxD @ txt_bxD.T, axis=-1) == jnp.arange(img_bxD.shape[0])
+    return jax.lax.pmean(hits.mean(), sharding.BATCH_AXES)
+  return jax.shard_map(acc, mesh=mesh, in_specs=(P(sharding.BATCH_AXES),) * 2, out_specs=P())
+
+
+def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings):
+  """`train_step(state, batch) -> (state, metrics)`, jitted with the state's shardings, the batch
+  split over `('data', 'fsdp')`, and the state donated."""
+  tcfg.check_mesh(mesh)
+  loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES)
+  sigmoid = 'sigmoid' in tcfg.loss
+  accuracy = _local_accuracy(mesh)
+  resnet = cfg.vision.arch == 'resnet'
+
+  def compute_loss(params, batch_stats, batch):
+    full = model.update_batch_stats(params, batch_stats)
+    if resnet:
+      img, new_stats = model.encode_image(full, batch['image'], cfg, train=True)
+    else:
+      img, new_stats = model.encode_image(full, batch['image'], cfg), batch_stats
+    txt = model.encode_text(full, batch['tokens'], cfg)
+    img, txt = _normalize(img), _normalize(txt)
+    if sigmoid:
+      loss = loss_fn(img, txt, params['logit_scale'], params['logit_bias'])
+    else:
+      loss = loss_fn(img, txt, params['logit_scale'])
+    return loss, (new_stats, img, txt)
+
+  def train_step(state, batch):
+    (loss, (new_stats, img, txt)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+        state['params'], state['batch_stats'], batch)
+    updates, opt = optimizer.update(grads, state['opt'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    params['logit_scale'] = jnp.clip(params['logit_scale'], 0.0, MAX_LOGIT_SCALE)
+    metrics = {'loss': loss, 'accuracy': accuracy(img, txt), 'grad_norm': optax.global_norm(grads),
+               'logit_scale': jnp.exp(params['logit_scale']),
+               'learning_rate': schedule(_optimizer_step(opt, state['step']))}
+    if sigmoid:
+      metrics['logit_bias'] = params['logit_bias']
+    new_state = {'params': params, 'batch_stats': new_stats if resnet else state['batch_stats'],
+                 'opt': opt, 'step': state['step'] + 1, 'rng': jax.random.fold_in(state['rng'], 1)}
+    return new_state, metrics
+
+  batch_sh = sharding.batch_sharding(mesh)
+  return jax.jit(train_step, in_shardings=(shardings, {'image': batch_sh, 'tokens': batch_sh}),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def _optimizer_step(opt_state, step):
+  """The schedule's step: micro-steps divided by the accumulation count under MultiSteps."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    return opt_state.gradient_step
+  return step
+
+
+def create_state(cfg, tcfg, mesh, optimizer, rules=sharding.DEFAULT_RULES):
+  """(state, shardings): the initial state created directly in its sharded layout."""
+  def init(key):
+    params, batch_stats = model.split_batch_stats(model.init_params(key, cfg))
+    if 'sigmoid' in tcfg.loss:
+      params = add_logit_bias(params)
+    return {'params': params, 'batch_stats': batch_stats, 'opt': optimizer.init(params),
+            'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(key, 2)}
+  key = jax.random.PRNGKey(tcfg.seed)
+  abstract = jax.eval_shape(init, key)
+  shardings = state_shardings(mesh, abstract, optimizer, rules)
+  state = jax.jit(init, out_shardings=shardings,
+                  compiler_options={'xla_backend_optimization_level': 0})(key)
+  return state, shardings
+
+
+def global_batch(mesh, local_batch):
+  """Global arrays from this process's share of the batch (every process calls it)."""
+  sh = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def param_count(params):
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
+
