@@ -6,9 +6,6 @@ TEST = TORCH + [
     'pytest>=8',
     'pytest-xdist>=3.5',
     'transformers>=4.40',
-    'ftfy>=6.1',
-    'regex>=2023.0',
-    'pillow>=10.0',
 ]
 
 setuptools.setup(
@@ -27,6 +24,10 @@ setuptools.setup(
         'einops>=0.8',
         'safetensors>=0.4',
         'tqdm>=4.66',
+        'pillow>=10.0',
+        'ftfy>=6.1',
+        'regex>=2023.0',
+        'matplotlib>=3.8',
     ],
     extras_require={
         'torch': TORCH,
