@@ -16,6 +16,9 @@ from clip.model import init
 from clip.model import init_params
 from clip.model import split_batch_stats
 from clip.model import update_batch_stats
+from clip.tokenizer import Tokenizer
+from clip.tokenizer import decode
+from clip.tokenizer import tokenize
 from clip.weights import CheckpointError
 from clip.weights import load
 from clip.weights import load_model_vars
