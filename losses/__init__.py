@@ -1,0 +1,9 @@
+"""Image-text losses: single-device references and their `shard_map` versions (see DESIGN.md)."""
+from losses.allgather import allgather_contrastive_loss
+from losses.allgather import allgather_sigmoid_loss
+from losses.make import LOSSES
+from losses.make import make_loss
+from losses.reference import contrastive_loss
+from losses.reference import sigmoid_loss
+from losses.ring import ring_contrastive_loss
+from losses.ring import ring_sigmoid_loss
