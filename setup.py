@@ -2,7 +2,8 @@
 import setuptools
 
 TORCH = ['torch>=2.1']
-TEST = TORCH + [
+DATA = ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9']
+TEST = TORCH + DATA + [
     'pytest>=8',
     'pytest-xdist>=3.5',
     'transformers>=4.40',
@@ -19,7 +20,7 @@ setuptools.setup(
     install_requires=[
         'jax>=0.7',
         'numpy>=1.26',
-        'optax>=0.2.4',
+        'optax>=0.2.6',
         'chex>=0.1.90',
         'einops>=0.8',
         'safetensors>=0.4',
@@ -31,7 +32,7 @@ setuptools.setup(
     ],
     extras_require={
         'torch': TORCH,
-        'data': ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9'],
+        'data': DATA,
         'test': TEST,
         'dev': TEST,
     },

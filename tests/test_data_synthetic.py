@@ -1,0 +1,138 @@
+"""The built-in captioned shapes: determinism, what the pixels show, held-out pairs, export."""
+import chex
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import clip
+from data import synthetic
+from data.synthetic import SyntheticCaptions
+
+# Object colours are drawn within +-12 of their palette entry per channel.
+COLOUR_TOLERANCE = 13
+
+
+def components(image, rgb):
+  """Connected regions of `image` within COLOUR_TOLERANCE of `rgb`: (count, centroids (y, x))."""
+  near = np.all(np.abs(image.astype(int) - rgb) <= COLOUR_TOLERANCE, -1)
+  labels, n = ndimage.label(near)
+  return n, ndimage.center_of_mass(near, labels, range(1, n + 1)), ndimage.sum(near, labels,
+                                                                              range(1, n + 1))
+
+
+def test_deterministic_and_random_access():
+  ds = SyntheticCaptions(seed=7, resolution=32)
+  batch = ds.batch(16, step=2)
+  again = SyntheticCaptions(seed=7, resolution=32).get(np.arange(32, 48))
+  chex.assert_trees_all_equal(batch, again)
+  one = ds.get([37])
+  np.testing.assert_array_equal(one['image'][0], batch['image'][5])
+  assert one['caption'][0] == batch['caption'][5]
+  other = SyntheticCaptions(seed=8, resolution=32).batch(16, step=2)
+  assert not np.array_equal(other['image'], batch['image'])
+
+
+def test_pixels_show_what_the_labels_and_caption_say():
+  """Count, colour, position and relative size read back from the image with connected
+  components; the caption names the colour, the shape and the count."""
+  ds = SyntheticCaptions(seed=0, resolution=96, split='all')
+  s = ds.get(np.arange(60))
+  for i in range(60):
+    rgb = synthetic.RGB[s['colour'][i]]
+    n, centres, areas = components(s['image'][i], rgb)
+    count = s['count'][i] + 1
+    assert n == count, (i, s['caption'][i])
+    columns = {int(x // 32) for _, x in centres}
+    assert columns == {s['position'][i]}
+    expected_area = np.pi * (synthetic.RADII[s['size'][i]] * 96) ** 2
+    assert 0.3 * expected_area < np.mean(areas) < 1.6 * expected_area
+    caption = s['caption'][i]
+    assert synthetic.COLOURS[s['colour'][i]] in caption
+    noun = synthetic.SHAPES[s['shape'][i]] if count == 1 else synthetic.SHAPES_PLURAL[s['shape'][i]]
+    assert f' {noun}' in caption
+    words = caption.replace(',', ' ').replace(':', ' ').replace('.', ' ').split()
+    assert {'two', 'three'} & set(words) == ({synthetic.COUNTS[count - 1]} if count > 1 else set())
+
+
+def test_heldout_pairs_only_in_their_split():
+  pairs = lambda split: set(zip(*[SyntheticCaptions(1, 16, split).attributes(
+      np.arange(3000))[k] for k in ('shape', 'colour')]))
+  heldout = set(synthetic.HELDOUT)
+  assert len(heldout) == len(synthetic.SHAPES)
+  assert len({c for _, c in heldout}) == len(synthetic.SHAPES)
+  assert not pairs('train') & heldout
+  assert pairs('train') | heldout == pairs('all')
+  assert pairs('heldout') == heldout
+
+
+def test_classification_views():
+  names = SyntheticCaptions.classnames()
+  assert len(names) == len(synthetic.COLOURS) * len(synthetic.SHAPES)
+  s = SyntheticCaptions(2, 32, 'heldout').batch(20)
+  for i, label in enumerate(SyntheticCaptions.labels(s)):
+    assert names[label] == f'{synthetic.COLOURS[s["colour"][i]]} {synthetic.SHAPES[s["shape"][i]]}'
+  assert SyntheticCaptions.prompts()[0] == 'a photo of a red circle.'
+  assert SyntheticCaptions.prompts('count')[2] == 'a photo of three shapes.'
+  for task in synthetic.ATTRIBUTES:
+    assert len(SyntheticCaptions.prompts(task)) == len(synthetic.ATTRIBUTES[task])
+    assert SyntheticCaptions.labels(s, task).max() < len(SyntheticCaptions.classnames(task))
+  with pytest.raises(ValueError, match='task must be one of'):
+    SyntheticCaptions.classnames('weight')
+
+
+def fake_tokenize(texts):
+  out = np.zeros((len(texts), 8), np.int32)
+  for i, t in enumerate(texts):
+    out[i, :min(8, len(t))] = [ord(c) for c in t[:8]]
+  return out
+
+
+def test_model_batches_are_the_same_global_batch_on_any_process_count():
+  ds = SyntheticCaptions(3, 32)
+  whole = next(ds.batches(8, start_step=5, tokenize=fake_tokenize))
+  halves = [next(ds.batches(8, start_step=5, process_index=p, process_count=2,
+                            tokenize=fake_tokenize)) for p in range(2)]
+  chex.assert_trees_all_equal(whole, {k: np.concatenate([h[k] for h in halves])
+                                      for k in whole})
+  raw = ds.batch(8, step=5)
+  chex.assert_trees_all_close(
+      whole['image'], np.asarray(clip.normalize_image(raw['image'].astype(np.float32) / 255)),
+      atol=1e-6)
+  np.testing.assert_array_equal(whole['tokens'], fake_tokenize(raw['caption']))
+  with pytest.raises(ValueError, match='multiple of the process count'):
+    next(ds.batches(9, process_count=2, tokenize=fake_tokenize))
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match='split must be one of'):
+    SyntheticCaptions(split='test')
+  with pytest.raises(ValueError, match='resolution'):
+    SyntheticCaptions(resolution=8)
+  with pytest.raises(ValueError, match='>= 0'):
+    SyntheticCaptions().get([-1])
+
+
+def test_tfrecord_export_round_trips_through_the_reader(tmp_path):
+  """The synthetic set written as img2dataset shards (PNG: lossless) and read back by the
+  tfrecord pipeline gives the same images, captions and attribute labels."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data import tfrecords  # pylint: disable=g-import-not-at-top
+  ds = SyntheticCaptions(4, 32)
+  paths = ds.write_tfrecords(str(tmp_path), num_examples=10, num_shards=3, image_format='png')
+  assert [p.rsplit('/', 1)[1] for p in paths] == ['00000.tfrecord', '00001.tfrecord',
+                                                  '00002.tfrecord']
+  example = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(paths[1]))).numpy())
+  assert example.features.feature['key'].bytes_list.value[0] == b'000010000'
+  assert example.features.feature['status'].bytes_list.value[0] == b'success'
+  p = tfrecords.Pipeline(str(tmp_path), global_batch_size=4, resolution=32, train=False,
+                         image_format='png', tokenize=fake_tokenize, image_dtype='uint8',
+                         fields={'caption': None, 'sample_index': 'int', 'shape': 'int',
+                                 'colour': 'int'}, process_index=0, process_count=1)
+  got = list(p)
+  index = np.concatenate([b['sample_index'] for b in got])
+  assert sorted(index) == list(range(10))
+  reference = ds.get(index)
+  np.testing.assert_array_equal(np.concatenate([b['image'] for b in got]), reference['image'])
+  assert [c.decode() for b in got for c in b['caption']] == reference['caption']
+  for name in ('shape', 'colour'):
+    np.testing.assert_array_equal(np.concatenate([b[name] for b in got]), reference[name])
