@@ -19,14 +19,18 @@ from jax.experimental import multihost_utils
 _NAME = re.compile(r'step_(\d{8})')
 
 
-def _host_leaves(state):
-  flat, _ = jax.tree_util.tree_flatten_with_path(state)
-  out = {}
-  for path, leaf in flat:
+def to_host(tree):
+  """numpy copies of every leaf, gathered from all processes where a leaf spans several."""
+  def fetch(leaf):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       leaf = multihost_utils.process_allgather(leaf, tiled=True)
-    out[jax.tree_util.keystr(path)] = np.asarray(leaf)
-  return out
+    return np.asarray(leaf)
+  return jax.tree.map(fetch, tree)
+
+
+def _host_leaves(state):
+  flat, _ = jax.tree_util.tree_flatten_with_path(to_host(state))
+  return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
 
 
 def steps(directory):

@@ -8,7 +8,7 @@ import optax
 OPTIMIZERS = ('adamw', 'lion', 'adafactor')
 
 # OpenAI (and open_clip) exclude gains, biases, embeddings and the logit scale from weight decay.
-NO_DECAY = re.compile(r'(.*\.)?(bias|ln_\w+\.weight|bn\d\.weight|downsample\.1\.weight|'
+NO_DECAY = re.compile(r'(.*[._])?(bias|ln_\w+\.weight|bn\d\.weight|downsample\.1\.weight|'
                       r'class_embedding|positional_embedding|token_embedding\.weight|logit_scale|'
                       r'logit_bias)')
 

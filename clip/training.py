@@ -147,7 +147,7 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings):
     updates, opt = optimizer.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     params['logit_scale'] = jnp.clip(params['logit_scale'], 0.0, MAX_LOGIT_SCALE)
-    metrics = {'loss': loss, 'accuracy': accuracy(img, txt), 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss, 'accuracy': accuracy(img, txt), 'grad_norm': optax.tree.norm(grads),
                'logit_scale': jnp.exp(params['logit_scale']),
                'learning_rate': schedule(_optimizer_step(opt, state['step']))}
     if sigmoid:

@@ -11,6 +11,7 @@ import clip
 from clip import checkpoint
 from clip import sharding
 from clip import training
+from clip import weights
 from experiments import openai_reference
 
 TINY = clip.CLIPConfig(32, clip.VisionConfig('vit', 64, 2, 2, 32, 8),
@@ -88,3 +89,50 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
       shardings['params']['visual']['conv1']['weight']
   with pytest.raises(ValueError, match='does not match the train state'):
     checkpoint.restore(tmp_path, {'params': abstract['params']})
+
+
+def test_remat_gives_the_same_trajectory():
+  tcfg = training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1)
+  data = batches(TINY, 16, STEPS)
+  mesh = sharding.make_mesh(8, 1, 1)
+  _, plain = run(TINY, tcfg, mesh, data)
+  _, remat = run(dataclasses.replace(TINY, remat=True), tcfg, mesh, data)
+  np.testing.assert_allclose([h['loss'] for h in remat], [h['loss'] for h in plain], rtol=1e-6)
+
+
+def test_accumulating_one_batch_twice_is_one_step_on_it():
+  """Micro-steps leave the parameters alone and the update uses the mean gradient: two
+  micro-steps on the same batch must equal one plain step on it."""
+  mesh = sharding.make_mesh(8, 1, 1)
+  data = batches(TINY, 16, 1)
+  one, _ = run(TINY, training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1),
+               mesh, data)
+  two, history = run(TINY, training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1,
+                                                accumulation_steps=2), mesh, data * 2)
+  assert history[0]['loss'] == history[1]['loss']  # nothing moved after the first micro-step
+  chex.assert_trees_all_close(jax.device_get(two['params']), jax.device_get(one['params']),
+                              rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('optimizer', ['lion', 'adafactor'])
+def test_other_optimizers_train_and_shard(optimizer):
+  tcfg = training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1,
+                              optimizer=optimizer, learning_rate=1e-3)
+  _, history = run(TINY, tcfg, sharding.make_mesh(2, 4, 1), batches(TINY, 16, STEPS, seed=1))
+  chex.assert_tree_all_finite([h['loss'] for h in history])
+  assert history[-1]['loss'] != history[0]['loss']
+
+
+@pytest.mark.parametrize('vision', [TINY.vision, clip.VisionConfig('resnet', 8, (1, 2, 1, 1), 4, 64)],
+                         ids=['vit', 'resnet'])
+def test_weight_decay_mask_follows_openai(vision):
+  """Decay exactly the matrices and kernels (ndim >= 2) that are not embeddings: never biases
+  (in_proj_bias included), LayerNorm / BatchNorm gains, embeddings or the logit scale."""
+  from clip import optim  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(TINY, vision=vision)
+  trainable, _ = clip.split_batch_stats(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
+  shapes = weights.flatten(trainable)
+  mask = weights.flatten(optim.decay_mask(shapes))
+  expected = {k: len(v.shape) >= 2 and 'embedding' not in k for k, v in shapes.items()}
+  assert mask == expected, {k: v for k, v in mask.items() if v != expected[k]}
+  assert not mask['transformer.resblocks.0.attn.in_proj_bias']
