@@ -126,3 +126,22 @@ def batch_sharding(mesh):
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
+
+
+def constrain(x, spec):
+  """`with_sharding_constraint(x, spec)` while a mesh with the axes `('data', 'fsdp', ...)` is the
+  abstract mesh of the trace (the train step sets it); a no-op everywhere else, so the towers
+  can call it unconditionally."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_batch(x):
+  """Pins an activation's leading (batch) dimension to `('data', 'fsdp')` (see `constrain`).
+
+  The towers call it on the residual stream between blocks: without that anchor GSPMD may choose,
+  in the backward pass of a tensor-parallel mesh, a layout it then cannot leave without
+  replicating the whole activation ("involuntary full rematerialization")."""
+  return constrain(x, P(BATCH_AXES))

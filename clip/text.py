@@ -1,8 +1,10 @@
 """OpenAI's text tower: token + position embedding, causal blocks, ln_final, EOT pooling."""
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from clip import layers
+from clip import sharding
 from clip import transformer
 
 
@@ -21,7 +23,10 @@ def init(key, cfg, embed_dim):
 def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat=False):
   """int tokens (N, L<=context) -> (N, embed_dim), pooled at the largest id (EOT) of each row."""
   length = tokens_NxL.shape[1]
-  x_NxLxD = params['token_embedding']['weight'].astype(dtype)[tokens_NxL]
+  # The lookup reads a gathered table (as FSDP gathers every weight it uses): a gather from the
+  # sharded table would come out split along the width, not the batch.
+  table_VxD = sharding.constrain(params['token_embedding']['weight'].astype(dtype), P())
+  x_NxLxD = sharding.constrain_batch(table_VxD[tokens_NxL])
   x_NxLxD = x_NxLxD + params['positional_embedding'][:length].astype(dtype)
   causal_LxL = jnp.tril(jnp.ones((length, length), bool))
   eot_N = jnp.argmax(tokens_NxL, axis=-1)

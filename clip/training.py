@@ -142,8 +142,9 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings):
     return loss, (new_stats, img, txt)
 
   def train_step(state, batch):
-    (loss, (new_stats, img, txt)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-        state['params'], state['batch_stats'], batch)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see sharding.constrain_batch
+      (loss, (new_stats, img, txt)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+          state['params'], state['batch_stats'], batch)
     updates, opt = optimizer.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     params['logit_scale'] = jnp.clip(params['logit_scale'], 0.0, MAX_LOGIT_SCALE)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from clip import layers
+from clip import sharding
 
 
 def init(key, width, depth):
@@ -56,7 +57,9 @@ def causal_block_at(p, x_NxLxD, pos_N, heads):
 def apply(p, x_NxLxD, heads, mask_LxL=None, depth=None, remat=False):
   """The first `depth` blocks (all by default); `remat` recomputes each in the backward pass."""
   block_fn = jax.checkpoint(block, static_argnums=(2,)) if remat else block
+  x_NxLxD = sharding.constrain_batch(x_NxLxD)
   for i in range(len(p['resblocks']) if depth is None else depth):
     with jax.named_scope(f'resblock_{i}'):
-      x_NxLxD = block_fn(p['resblocks'][str(i)], x_NxLxD, heads, mask_LxL)
+      x_NxLxD = sharding.constrain_batch(block_fn(p['resblocks'][str(i)], x_NxLxD, heads,
+                                                  mask_LxL))
   return x_NxLxD
