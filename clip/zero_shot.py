@@ -52,7 +52,7 @@ DEFAULT_TEMPLATES = (
 TEMPLATES = {'default': DEFAULT_TEMPLATES, 'imagenet': IMAGENET_TEMPLATES}
 
 
-def _check_batch(n, batch_size, what):
+def check_batch(n, batch_size, what):
   """The padded batch size: `batch_size`, or `n` when all fits in one batch."""
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
@@ -61,14 +61,14 @@ def _check_batch(n, batch_size, what):
   return min(batch_size, n)
 
 
-def _batches(n, batch_size, desc):
+def batches(n, batch_size, desc):
   """`(start, stop)` of consecutive batches, with a progress bar when there are several."""
   starts = range(0, n, batch_size)
   bar = tqdm(starts, desc=desc, unit='batch', disable=len(starts) < 2, leave=False)
   return ((s, min(s + batch_size, n)) for s in bar)
 
 
-def _padded(x, size):
+def padded(x, size):
   """`x` with its first axis padded to `size` by repeating its first row (shapes stay fixed)."""
   pad = size - x.shape[0]
   return x if pad == 0 else jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
@@ -110,12 +110,12 @@ def classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size=256):
   if tokens_CxTxL.ndim != 3:
     raise ValueError(f'tokens must be (classes, templates, L), got shape {tokens_CxTxL.shape}')
   n, t, _ = tokens_CxTxL.shape
-  _check_batch(n * t, batch_size, 'prompts')
+  check_batch(n * t, batch_size, 'prompts')
   classes_per_batch = max(1, batch_size // t)
   size = min(classes_per_batch, n)
   out = []
-  for start, stop in _batches(n, classes_per_batch, 'classifier weights'):
-    emb_BxD = _class_embeddings(params, _padded(jnp.asarray(tokens_CxTxL[start:stop]), size), cfg)
+  for start, stop in batches(n, classes_per_batch, 'classifier weights'):
+    emb_BxD = _class_embeddings(params, padded(jnp.asarray(tokens_CxTxL[start:stop]), size), cfg)
     out.append(np.asarray(emb_BxD[:stop - start]))
   return np.concatenate(out).T
 
@@ -155,10 +155,10 @@ def classify(params, cfg, images, weights, k=5, batch_size=32):
                      f'got {k!r}')
   model.check_images(images, cfg)
   n = images.shape[0]
-  size = _check_batch(n, batch_size, 'images')
+  size = check_batch(n, batch_size, 'images')
   indices, probs = [], []
-  for start, stop in _batches(n, batch_size, 'classify'):
-    batch = _padded(jnp.asarray(images[start:stop]), size)
+  for start, stop in batches(n, batch_size, 'classify'):
+    batch = padded(jnp.asarray(images[start:stop]), size)
     idx_BxK, p_BxK = _classify_batch(params, batch, weights, cfg, k)
     indices.append(np.asarray(idx_BxK[:stop - start]))
     probs.append(np.asarray(p_BxK[:stop - start]))
@@ -188,9 +188,9 @@ def _ranks(fn, queries_NxD, query_ids_N, keys, batch_size, desc):
   n = queries_NxD.shape[0]
   size = min(batch_size, n)  # checked by the caller
   ranks = []
-  for start, stop in _batches(n, batch_size, desc):
-    q = _padded(queries_NxD[start:stop], size)
-    ids = _padded(query_ids_N[start:stop], size)
+  for start, stop in batches(n, batch_size, desc):
+    q = padded(queries_NxD[start:stop], size)
+    ids = padded(query_ids_N[start:stop], size)
     ranks.append(np.asarray(fn(q, ids, *keys)[:stop - start]))
   return np.concatenate(ranks)
 
@@ -210,8 +210,8 @@ def retrieval_metrics(image_features, text_features, text_to_image=None, ks=(1, 
     raise ValueError('image and text features must be (N, D) and (M, D) with the same D, got '
                      f'{img_NxD.shape} and {txt_MxD.shape}')
   n, m = img_NxD.shape[0], txt_MxD.shape[0]
-  _check_batch(n, batch_size, 'images')
-  _check_batch(m, batch_size, 'texts')
+  check_batch(n, batch_size, 'images')
+  check_batch(m, batch_size, 'texts')
   if text_to_image is None:
     if n != m:
       raise ValueError(f'{n} images and {m} texts: give text_to_image (the image of each text) '
