@@ -36,6 +36,7 @@ DEFAULT_RULES = (
     (r'token_embedding\.weight', P('tensor', 'fsdp')),
     (r'(visual\.(attnpool\.)?)?positional_embedding', P(None, 'fsdp')),
     (r'visual\.proj|text_projection', P('fsdp', None)),
+    (r'head\.weight', P(None, 'fsdp')),  # a fine-tuning classifier (classes, embed_dim)
     # Small or scalar leaves: norms, BN buffers, biases, the class token, the logit scale/bias.
     (r'(.*\.)?(ln_\w+|bn\d|downsample\.1)\.\w+', P()),
     (r'.*\.bias|visual\.class_embedding|logit_scale|logit_bias', P()),

@@ -41,6 +41,9 @@ class TrainConfig:
   accumulation_steps: int = 1
   mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the rest
   seed: int = 0
+  freeze: tuple[str, ...] = ()  # regexes on parameter paths kept bit-identical
+  layer_decay: float = 1.0      # < 1: layer-wise learning-rate decay in the image tower
+  lock_image_tower: bool = False  # LiT: the image tower frozen and run without gradients
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -58,6 +61,15 @@ class TrainConfig:
                        f'{self.learning_rate}, {self.weight_decay}')
     if len(self.mesh) != 3:
       raise ValueError(f'mesh must be (data, fsdp, tensor), got {self.mesh!r}')
+    if isinstance(self.freeze, str) or not all(isinstance(f, str) for f in self.freeze):
+      raise ValueError(f'freeze must be a tuple of regexes, got {self.freeze!r}')
+    if not 0 < self.layer_decay <= 1:
+      raise ValueError(f'layer_decay must be in (0, 1], got {self.layer_decay}')
+
+  @property
+  def frozen(self):
+    """Regexes of the parameters the optimizer leaves untouched."""
+    return tuple(self.freeze) + ((r'visual\..*',) if self.lock_image_tower else ())
 
   def check_mesh(self, mesh):
     ways = mesh.shape['data'] * mesh.shape['fsdp']
@@ -69,7 +81,8 @@ class TrainConfig:
 def make_optimizer(tcfg):
   return optim.make_optimizer(tcfg.optimizer, tcfg.learning_rate, tcfg.weight_decay,
                               tcfg.warmup_steps, tcfg.total_steps, tcfg.b1, tcfg.b2, tcfg.eps,
-                              tcfg.clip_norm, tcfg.accumulation_steps)
+                              tcfg.clip_norm, tcfg.accumulation_steps, tcfg.frozen,
+                              tcfg.layer_decay)
 
 
 def add_logit_bias(params, init=-10.0):
@@ -118,47 +131,64 @@ def _local_accuracy(mesh):
   return jax.shard_map(acc, mesh=mesh, in_specs=(P(sharding.BATCH_AXES),) * 2, out_specs=P())
 
 
-def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings):
-  """`train_step(state, batch) -> (state, metrics)`, jitted with the state's shardings, the batch
-  split over `('data', 'fsdp')`, and the state donated."""
-  tcfg.check_mesh(mesh)
+def clip_objective(cfg, tcfg, mesh):
+  """The image-text objective: `(params, batch_stats, batch) -> (loss, (batch_stats, metrics))`
+  with `batch = {'image', 'tokens'}` and the loss `tcfg.loss` as a shard_map program. With
+  `tcfg.lock_image_tower` (LiT) the image tower runs in inference mode without gradients."""
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES)
   sigmoid = 'sigmoid' in tcfg.loss
   accuracy = _local_accuracy(mesh)
-  resnet = cfg.vision.arch == 'resnet'
+  train_bn = cfg.vision.arch == 'resnet' and not tcfg.lock_image_tower
 
-  def compute_loss(params, batch_stats, batch):
+  def objective(params, batch_stats, batch):
     full = model.update_batch_stats(params, batch_stats)
-    if resnet:
-      img, new_stats = model.encode_image(full, batch['image'], cfg, train=True)
+    if train_bn:
+      img, batch_stats = model.encode_image(full, batch['image'], cfg, train=True)
     else:
-      img, new_stats = model.encode_image(full, batch['image'], cfg), batch_stats
+      img = model.encode_image(full, batch['image'], cfg)
+    if tcfg.lock_image_tower:
+      img = jax.lax.stop_gradient(img)
     txt = model.encode_text(full, batch['tokens'], cfg)
     img, txt = _normalize(img), _normalize(txt)
     if sigmoid:
       loss = loss_fn(img, txt, params['logit_scale'], params['logit_bias'])
     else:
       loss = loss_fn(img, txt, params['logit_scale'])
-    return loss, (new_stats, img, txt)
+    return loss, (batch_stats, {'accuracy': accuracy(img, txt)})
+  return objective
+
+
+def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=None,
+                    batch_keys=('image', 'tokens')):
+  """`train_step(state, batch) -> (state, metrics)`, jitted with the state's shardings, the batch
+  split over `('data', 'fsdp')`, and the state donated.
+
+  `objective(params, batch_stats, batch) -> (loss, (batch_stats, metrics))` is what is minimised:
+  by default `clip_objective`; fine-tuning passes its own (`clip.finetune`) with its
+  `batch_keys`. Metrics add the grad norm, the learning rate and, where the params have them, the
+  logit scale (clamped to ln 100 after each update) and bias."""
+  tcfg.check_mesh(mesh)
+  objective = objective or clip_objective(cfg, tcfg, mesh)
 
   def train_step(state, batch):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see sharding.constrain_batch
-      (loss, (new_stats, img, txt)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+      (loss, (new_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
           state['params'], state['batch_stats'], batch)
     updates, opt = optimizer.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    params['logit_scale'] = jnp.clip(params['logit_scale'], 0.0, MAX_LOGIT_SCALE)
-    metrics = {'loss': loss, 'accuracy': accuracy(img, txt), 'grad_norm': optax.tree.norm(grads),
-               'logit_scale': jnp.exp(params['logit_scale']),
+    metrics = {'loss': loss, **aux, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(_optimizer_step(opt, state['step']))}
-    if sigmoid:
+    if 'logit_scale' in params:
+      params['logit_scale'] = jnp.clip(params['logit_scale'], 0.0, MAX_LOGIT_SCALE)
+      metrics['logit_scale'] = jnp.exp(params['logit_scale'])
+    if 'logit_bias' in params:
       metrics['logit_bias'] = params['logit_bias']
-    new_state = {'params': params, 'batch_stats': new_stats if resnet else state['batch_stats'],
-                 'opt': opt, 'step': state['step'] + 1, 'rng': jax.random.fold_in(state['rng'], 1)}
+    new_state = {'params': params, 'batch_stats': new_stats, 'opt': opt,
+                 'step': state['step'] + 1, 'rng': jax.random.fold_in(state['rng'], 1)}
     return new_state, metrics
 
   batch_sh = sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(shardings, {'image': batch_sh, 'tokens': batch_sh}),
+  return jax.jit(train_step, in_shardings=(shardings, {k: batch_sh for k in batch_keys}),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
@@ -169,12 +199,18 @@ def _optimizer_step(opt_state, step):
   return step
 
 
-def create_state(cfg, tcfg, mesh, optimizer, rules=sharding.DEFAULT_RULES):
-  """(state, shardings): the initial state created directly in its sharded layout."""
+def create_state(cfg, tcfg, mesh, optimizer, rules=sharding.DEFAULT_RULES, init_params=None):
+  """(state, shardings): the initial state created directly in its sharded layout.
+
+  `init_params(key) -> params` (BatchNorm buffers included) replaces the random CLIP init, e.g.
+  to start from pretrained weights (`lambda key: params`) or from a fine-tuning model."""
   def init(key):
-    params, batch_stats = model.split_batch_stats(model.init_params(key, cfg))
-    if 'sigmoid' in tcfg.loss:
-      params = add_logit_bias(params)
+    if init_params is None:
+      params, batch_stats = model.split_batch_stats(model.init_params(key, cfg))
+      if 'sigmoid' in tcfg.loss:
+        params = add_logit_bias(params)
+    else:
+      params, batch_stats = model.split_batch_stats(init_params(key))
     return {'params': params, 'batch_stats': batch_stats, 'opt': optimizer.init(params),
             'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(key, 2)}
   key = jax.random.PRNGKey(tcfg.seed)

@@ -1,0 +1,106 @@
+"""Downstream models on CLIP towers, trained by the same sharded train step as pre-training.
+
+- Image classifier (the counterpart of Hugging Face's `CLIPVisionModelForImageClassification`):
+  the image tower and a linear `head` on its L2-normalised features, the head initialised from
+  zero-shot classifier weights (times the logit scale), so that step 0 *is* the zero-shot
+  classifier. Full fine-tuning, or LP-FT (`TrainConfig(freeze=(r'visual\\..*',))` first, then
+  everything), with layer-wise learning-rate decay (`TrainConfig(layer_decay=0.75)`).
+- WiSE-FT (`wise_ft`): the weight-space interpolation of zero-shot and fine-tuned parameters.
+- LiT: `TrainConfig(lock_image_tower=True)` with the CLIP objective: the text tower learns, the
+  image tower stays bit-identical and runs without gradients.
+- Text classifier: the text tower and a linear `head` on its pooled features.
+
+The parameter dicts keep torch's keys: `{'visual': ..., 'head': {'weight': (C, D), 'bias': (C,)}}`
+for images, the text tower's top-level keys plus `head` for text.
+
+  params = finetune.image_classifier_params(clip_params, zero_shot_weights)
+  state, sh = training.create_state(cfg, tcfg, mesh, opt, init_params=lambda key: params)
+  step = training.make_train_step(cfg, tcfg, mesh, opt, schedule, sh,
+                                  objective=finetune.image_classification_objective(cfg),
+                                  batch_keys=('image', 'label'))
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clip import model
+
+TEXT_KEYS = ('token_embedding', 'positional_embedding', 'transformer', 'ln_final',
+             'text_projection')
+
+
+def _normalize(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def image_classifier_params(clip_params, weights_DxC, scale=None):
+  """The image tower of `clip_params` and a head equal to the zero-shot classifier: logits =
+  exp(logit_scale) * normalised features @ weights (`zero_shot.classifier_weights`)."""
+  weights_DxC = np.asarray(weights_DxC, np.float32)
+  scale = float(np.exp(clip_params['logit_scale'])) if scale is None else scale
+  return {'visual': clip_params['visual'],
+          'head': {'weight': scale * weights_DxC.T,
+                   'bias': np.zeros((weights_DxC.shape[1],), np.float32)}}
+
+
+def text_classifier_params(clip_params, num_classes, key, std=0.01):
+  """The text tower of `clip_params` and a new linear head on its pooled, normalised features."""
+  embed_dim = clip_params['text_projection'].shape[1]
+  head = {'weight': std * jax.random.normal(key, (num_classes, embed_dim), jnp.float32),
+          'bias': jnp.zeros((num_classes,), jnp.float32)}
+  return {**{k: clip_params[k] for k in TEXT_KEYS}, 'head': head}
+
+
+def _head(p, features_NxD):
+  return _normalize(features_NxD) @ p['weight'].T + p['bias']
+
+
+def classify_images(params, images, cfg):
+  """Logits (N, C) of the image classifier (inference mode)."""
+  return _head(params['head'], model.encode_image(params, images, cfg))
+
+
+def classify_texts(params, tokens, cfg):
+  """Logits (N, C) of the text classifier."""
+  return _head(params['head'], model.encode_text(params, tokens, cfg))
+
+
+def _classification(logits_NxC, labels_N):
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits_NxC, labels_N).mean()
+  return loss, {'accuracy': jnp.mean(jnp.argmax(logits_NxC, -1) == labels_N)}
+
+
+def image_classification_objective(cfg):
+  """Cross-entropy of the image classifier on `{'image', 'label'}` batches (ResNets train their
+  BatchNorm statistics), for `training.make_train_step(objective=...)`."""
+  resnet = cfg.vision.arch == 'resnet'
+
+  def objective(params, batch_stats, batch):
+    full = model.update_batch_stats(params, batch_stats)
+    if resnet:
+      feats, batch_stats = model.encode_image(full, batch['image'], cfg, train=True)
+    else:
+      feats = model.encode_image(full, batch['image'], cfg)
+    loss, metrics = _classification(_head(params['head'], feats), batch['label'])
+    return loss, (batch_stats, metrics)
+  return objective
+
+
+def text_classification_objective(cfg):
+  """Cross-entropy of the text classifier on `{'tokens', 'label'}` batches."""
+  def objective(params, batch_stats, batch):
+    loss, metrics = _classification(classify_texts(params, batch['tokens'], cfg), batch['label'])
+    return loss, (batch_stats, metrics)
+  return objective
+
+
+def wise_ft(zero_shot_params, finetuned_params, alpha):
+  """WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned, leaf by leaf (same trees)."""
+  if not 0 <= alpha <= 1:
+    raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+  zs, ft = jax.tree.structure(zero_shot_params), jax.tree.structure(finetuned_params)
+  if zs != ft:
+    raise ValueError(f'the parameter trees differ: {zs} vs {ft}')
+  return jax.tree.map(lambda a, b: (1 - alpha) * np.asarray(a) + alpha * np.asarray(b),
+                      zero_shot_params, finetuned_params)

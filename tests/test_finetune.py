@@ -1,0 +1,149 @@
+"""Fine-tuning with the pre-training train step: the zero-shot head is the zero-shot classifier,
+fine-tuning beats zero-shot on held-out combinations, WiSE-FT reproduces its endpoints, LiT
+leaves the image tower bit-identical, layer decay and freezing do what they say, and a text
+classifier learns."""
+import dataclasses
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import clip
+from clip import finetune
+from clip import optim
+from clip import sharding
+from clip import training
+from clip import weights
+from clip import zero_shot
+from data import synthetic
+from experiments.configs import tiny
+
+CFG = tiny.get_config()['model']
+MESH = (4, 2, 1)
+
+
+def make(tcfg, init_params, objective=None, batch_keys=('image', 'tokens')):
+  mesh = sharding.make_mesh(*tcfg.mesh)
+  optimizer, schedule = training.make_optimizer(tcfg)
+  state, sh = training.create_state(CFG, tcfg, mesh, optimizer, init_params=init_params)
+  step = training.make_train_step(CFG, tcfg, mesh, optimizer, schedule, sh, objective, batch_keys)
+  return mesh, state, step
+
+
+def images_and_labels(split, n, task='colour', offset=0):
+  ds = synthetic.SyntheticCaptions(seed=5, resolution=CFG.image_resolution, split=split)
+  sample = ds.get(np.arange(offset, offset + n))
+  return (clip.normalize_image(sample['image'].astype(np.float32) / 255),
+          ds.labels(sample, task), sample['caption'])
+
+
+@pytest.fixture(scope='module')
+def pretrained():
+  """The tiny CLIP after 60 steps of contrastive training on the built-in captions."""
+  tcfg = training.TrainConfig(batch_size=64, total_steps=60, warmup_steps=6, learning_rate=2e-3,
+                              mesh=MESH)
+  mesh, state, step = make(tcfg, None)
+  ds = synthetic.SyntheticCaptions(seed=0, resolution=CFG.image_resolution)
+  for batch in ds.batches(64, num_steps=60, context_length=CFG.context_length):
+    state, _ = step(state, training.global_batch(mesh, batch))
+  return jax.device_get(state['params'])
+
+
+def accuracy(params, images, labels):
+  return float(np.mean(np.asarray(finetune.classify_images(params, images, CFG)).argmax(-1)
+                       == labels))
+
+
+def test_finetuning_beats_zero_shot_and_wise_ft_interpolates(pretrained):
+  classnames = synthetic.SyntheticCaptions.prompts('colour')
+  w = zero_shot.classifier_weights_from_tokens(
+      pretrained, CFG, clip.tokenize(classnames, CFG.context_length)[:, None])
+  zs_params = finetune.image_classifier_params(pretrained, w)
+  test_x, test_y, _ = images_and_labels('heldout', 512)
+  # The initial head is the zero-shot classifier: the same top-1 as zero_shot.classify.
+  top, _ = zero_shot.classify(pretrained, CFG, test_x, w, k=1)
+  zs_accuracy = accuracy(zs_params, test_x, test_y)
+  np.testing.assert_allclose(zs_accuracy, np.mean(top[:, 0] == test_y))
+
+  tcfg = training.TrainConfig(batch_size=64, total_steps=40, warmup_steps=4, learning_rate=1e-3,
+                              layer_decay=0.8, mesh=MESH)
+  mesh, state, step = make(tcfg, lambda key: zs_params,
+                           finetune.image_classification_objective(CFG), ('image', 'label'))
+  for i in range(40):
+    x, y, _ = images_and_labels('train', 64, offset=64 * i)
+    state, metrics = step(state, training.global_batch(mesh, {'image': x, 'label': y}))
+  ft_params = jax.device_get(state['params'])
+  ft_accuracy = accuracy(ft_params, test_x, test_y)
+  assert ft_accuracy > zs_accuracy + 0.1, (zs_accuracy, ft_accuracy)
+
+  chex.assert_trees_all_equal(finetune.wise_ft(zs_params, ft_params, 0.0), zs_params)
+  chex.assert_trees_all_equal(finetune.wise_ft(zs_params, ft_params, 1.0), ft_params)
+  mid = finetune.wise_ft(zs_params, ft_params, 0.5)
+  chex.assert_trees_all_close(mid['head']['weight'],
+                              (zs_params['head']['weight'] + ft_params['head']['weight']) / 2,
+                              rtol=1e-6)
+  with pytest.raises(ValueError, match='alpha must be in'):
+    finetune.wise_ft(zs_params, ft_params, 1.5)
+
+
+def test_lit_leaves_the_image_tower_bit_identical(pretrained):
+  tcfg = training.TrainConfig(batch_size=32, total_steps=3, warmup_steps=1, learning_rate=1e-3,
+                              lock_image_tower=True, mesh=MESH)
+  mesh, state, step = make(tcfg, lambda key: pretrained)
+  ds = synthetic.SyntheticCaptions(seed=1, resolution=CFG.image_resolution)
+  for batch in ds.batches(32, num_steps=3, context_length=CFG.context_length):
+    state, _ = step(state, training.global_batch(mesh, batch))
+  after = jax.device_get(state['params'])
+  chex.assert_trees_all_equal(after['visual'], pretrained['visual'])
+  changed = [k for k in finetune.TEXT_KEYS
+             if not all(np.array_equal(a, b) for a, b in
+                        zip(jax.tree.leaves(after[k]), jax.tree.leaves(pretrained[k])))]
+  assert changed == list(finetune.TEXT_KEYS)
+
+
+def test_layer_decay_scales_updates_by_depth():
+  shapes = jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), CFG)
+  ones = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes)
+  scaled, _ = optim.scale_by_layer_decay(0.5).update(ones, None)
+  flat = weights.flatten(scaled)
+  layers = CFG.vision.layers  # 2 blocks: depths 0 (embedding), 1, 2, then 3
+  expected = {'visual.conv1.weight': 0.5 ** 3, 'visual.class_embedding': 0.5 ** 3,
+              'visual.transformer.resblocks.0.attn.in_proj_weight': 0.5 ** 2,
+              f'visual.transformer.resblocks.{layers - 1}.mlp.c_fc.bias': 0.5,
+              'visual.ln_post.weight': 1.0, 'visual.proj': 1.0,
+              'transformer.resblocks.0.mlp.c_fc.weight': 1.0, 'logit_scale': 1.0}
+  for key, factor in expected.items():
+    np.testing.assert_array_equal(np.unique(flat[key]), [factor], err_msg=key)
+
+
+def test_frozen_parameters_get_no_update_not_even_weight_decay():
+  tcfg = training.TrainConfig(batch_size=16, total_steps=2, warmup_steps=0, weight_decay=0.5,
+                              freeze=(r'visual\.transformer\..*', 'logit_scale'), mesh=(8, 1, 1))
+  params = clip.init(jax.random.PRNGKey(3), CFG)
+  mesh, state, step = make(tcfg, lambda key: params)
+  ds = synthetic.SyntheticCaptions(seed=2, resolution=CFG.image_resolution)
+  for batch in ds.batches(16, num_steps=2, context_length=CFG.context_length):
+    state, _ = step(state, training.global_batch(mesh, batch))
+  after = jax.device_get(state['params'])
+  chex.assert_trees_all_equal(after['visual']['transformer'], params['visual']['transformer'])
+  np.testing.assert_array_equal(after['logit_scale'], params['logit_scale'])
+  assert not np.array_equal(after['visual']['proj'], params['visual']['proj'])
+  with pytest.raises(ValueError, match='freeze must be a tuple'):
+    dataclasses.replace(tcfg, freeze='visual')
+
+
+def test_text_classifier_learns_the_colour_word(pretrained):
+  params = finetune.text_classifier_params(pretrained, 8, jax.random.PRNGKey(0))
+  tcfg = training.TrainConfig(batch_size=64, total_steps=30, warmup_steps=3, learning_rate=3e-3,
+                              mesh=MESH)
+  mesh, state, step = make(tcfg, lambda key: params,
+                           finetune.text_classification_objective(CFG), ('tokens', 'label'))
+  for i in range(30):
+    _, y, captions = images_and_labels('train', 64, offset=64 * i)
+    batch = {'tokens': clip.tokenize(captions, CFG.context_length), 'label': y}
+    state, _ = step(state, training.global_batch(mesh, batch))
+  _, y, captions = images_and_labels('heldout', 256)
+  logits = finetune.classify_texts(jax.device_get(state['params']),
+                                   clip.tokenize(captions, CFG.context_length), CFG)
+  assert np.mean(np.asarray(logits).argmax(-1) == y) > 0.8  # chance 0.125
