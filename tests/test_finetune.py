@@ -147,3 +147,28 @@ def test_text_classifier_learns_the_colour_word(pretrained):
   logits = finetune.classify_texts(jax.device_get(state['params']),
                                    clip.tokenize(captions, CFG.context_length), CFG)
   assert np.mean(np.asarray(logits).argmax(-1) == y) > 0.8  # chance 0.125
+
+
+@pytest.mark.slow
+def test_finetune_cli_runs_every_mode(pretrained, tmp_path):
+  from experiments import finetune as cli  # pylint: disable=g-import-not-at-top
+  model = tmp_path / 'model.npz'
+  np.savez(model, **weights.flatten(pretrained))
+  common = ['--model', str(model), '--config', 'tiny', '--batch-size', '32', '--eval-examples',
+            '64', '--mesh', '8,1,1']
+  res = cli.main(common + ['--mode', 'classifier', '--dataset', 'synthetic/colour', '--steps', '4',
+                           '--lp-steps', '2', '--out', str(tmp_path / 'c')])
+  assert set(res['wise_ft_accuracy']) == {str(a) for a in cli.ALPHAS}
+  assert res['wise_ft_accuracy']['0.0'] == res['zero_shot_accuracy']
+  assert [r['step'] for r in res['log']] == [2, 4]
+  assert (tmp_path / 'c' / 'wise_ft.png').stat().st_size > 0
+  res = cli.main(common + ['--mode', 'lit', '--steps', '2', '--out', str(tmp_path / 'l')])
+  assert set(res['before']) == set(res['after'])
+  with np.load(tmp_path / 'l' / 'checkpoints' / 'step_00000002' / 'state.npz') as z:
+    np.testing.assert_array_equal(z["['params']['visual']['conv1']['weight']"],
+                                  pretrained['visual']['conv1']['weight'])
+  res = cli.main(common + ['--mode', 'text-classifier', '--dataset', 'synthetic/size', '--steps',
+                           '2', '--out', str(tmp_path / 't')])
+  assert res['chance'] == 1 / 3 and 0 <= res['accuracy'] <= 1
+  with pytest.raises(ValueError, match='--lp-steps applies'):
+    cli.main(common + ['--mode', 'lit', '--lp-steps', '2'])

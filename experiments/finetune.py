@@ -1,0 +1,234 @@
+"""Fine-tune a CLIP model downstream with the pre-training train step (`clip.finetune`).
+
+Modes:
+  classifier       image tower + linear head initialised from zero-shot weights; full fine-tuning
+                   or LP-FT (--lp-steps of head-only training first), layer-wise lr decay;
+                   reports zero-shot, fine-tuned and WiSE-FT accuracy for several alphas.
+  lit              locked-image tuning: the text tower learns on image-text pairs (--loss),
+                   the image tower stays bit-identical; reports zero-shot before and after.
+  text-classifier  the text tower + a linear head on labelled captions.
+
+  python -m experiments.finetune --model results/train/small --config small \
+      --mode classifier --dataset synthetic/shape --steps 300 --layer-decay 0.75 --lp-steps 50
+  python -m experiments.finetune --model ViT-B/32 --mode classifier --dataset tfds/cifar10 \
+      --data-dir ~/tfds --steps 2000 --batch-size 256
+  python -m experiments.finetune --model results/train/small --config small --mode lit
+
+Writes --out (default results/finetune/<mode>): results.json, a checkpoint of the final
+parameters, and for the classifier wise_ft.png (accuracy against the WiSE-FT alpha).
+"""
+import argparse
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+MODES = ('classifier', 'lit', 'text-classifier')
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', required=True, help='official name, checkpoint or workdir')
+  parser.add_argument('--config', default=None, help='a file in experiments/configs/')
+  parser.add_argument('--mode', default='classifier', choices=MODES)
+  parser.add_argument('--dataset', default='synthetic/colour_shape',
+                      help='synthetic[/<task>] or tfds/<name> (classifier, text-classifier)')
+  parser.add_argument('--data-dir', default=None)
+  parser.add_argument('--steps', type=int, default=200)
+  parser.add_argument('--lp-steps', type=int, default=0, help='LP-FT: head-only steps first')
+  parser.add_argument('--batch-size', type=int, default=64)
+  parser.add_argument('--learning-rate', type=float, default=1e-4)
+  parser.add_argument('--layer-decay', type=float, default=1.0)
+  parser.add_argument('--weight-decay', type=float, default=0.1)
+  parser.add_argument('--loss', default='contrastive', help='lit: the image-text loss')
+  parser.add_argument('--mesh', default='-1,1,1')
+  parser.add_argument('--eval-examples', type=int, default=1024)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--out', default=None)
+  return parser.parse_args(argv)
+
+
+def _synthetic(cfg, split, seed=0):
+  from data import synthetic  # pylint: disable=g-import-not-at-top
+  return synthetic.SyntheticCaptions(seed=seed, resolution=cfg.image_resolution, split=split)
+
+
+def _normalised(images_u8):
+  import clip  # pylint: disable=g-import-not-at-top
+  return clip.normalize_image(images_u8.astype(np.float32) / 255)
+
+
+def labelled_batches(args, cfg):
+  """Endless training batches {'image', 'label', 'caption'} and the class names."""
+  kind, _, name = args.dataset.partition('/')
+  if kind == 'synthetic':
+    ds, task = _synthetic(cfg, 'train', args.seed), name or 'colour_shape'
+
+    def stream():
+      step = 0
+      while True:
+        sample = ds.get(np.arange(10**9 + step * args.batch_size,
+                                  10**9 + (step + 1) * args.batch_size))
+        yield {'image': _normalised(sample['image']), 'label': ds.labels(sample, task),
+               'caption': sample['caption']}
+        step += 1
+    return stream(), ds.prompts(task)
+  if kind == 'tfds':
+    from data import tfds  # pylint: disable=g-import-not-at-top
+    data = tfds.TFDSClassification(name, 'train', data_dir=args.data_dir)
+    from clip import zero_shot  # pylint: disable=g-import-not-at-top
+    batches = data.batches(args.batch_size, cfg.image_resolution, train=True, seed=args.seed)
+    prompts = [zero_shot.DEFAULT_TEMPLATES[0].format(c) for c in data.classnames]
+    return batches, prompts
+  raise ValueError(f'--dataset must be synthetic[/<task>] or tfds/<name>, got {args.dataset!r}')
+
+
+def test_set(args, cfg):
+  """(images, labels, captions or None) of the held-out evaluation split."""
+  kind, _, name = args.dataset.partition('/')
+  if kind == 'synthetic':
+    ds = _synthetic(cfg, 'heldout', args.seed + 1)
+    sample = ds.get(np.arange(args.eval_examples))
+    return (_normalised(sample['image']), ds.labels(sample, name or 'colour_shape'),
+            sample['caption'])
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  eval_args = evaluate.parse_args(['--model', args.model, '--dataset', args.dataset])
+  eval_args.data_dir = args.data_dir
+  images, labels, _, _ = evaluate.classification_data(eval_args, cfg, 'test')
+  return images, labels, None
+
+
+def _accuracy(logits, labels):
+  return float(np.mean(np.asarray(logits).argmax(-1) == labels))
+
+
+def _run(cfg, tcfg, init_params, objective, batch_keys, batches, to_batch):
+  """Trains with the pre-training step; returns the final params and the metrics log."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+  from clip import sharding  # pylint: disable=g-import-not-at-top
+  from clip import training  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(*tcfg.mesh)
+  optimizer, schedule = training.make_optimizer(tcfg)
+  state, shardings = training.create_state(cfg, tcfg, mesh, optimizer, init_params=init_params)
+  step = training.make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective,
+                                  batch_keys)
+  log = []
+  for i in tqdm.trange(tcfg.total_steps, desc='fine-tune'):
+    state, metrics = step(state, training.global_batch(mesh, to_batch(next(batches))))
+    if (i + 1) % 10 == 0 or i + 1 == tcfg.total_steps:
+      log.append({'step': i + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}})
+  params = jax.device_get(state['params'])
+  return model_merge(params, jax.device_get(state['batch_stats'])), log
+
+
+def model_merge(params, batch_stats):
+  from clip import model  # pylint: disable=g-import-not-at-top
+  return model.update_batch_stats(params, batch_stats)
+
+
+def classifier(args, params, cfg, tcfg):
+  import clip  # pylint: disable=g-import-not-at-top
+  from clip import finetune  # pylint: disable=g-import-not-at-top
+  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  batches, prompts = labelled_batches(args, cfg)
+  weights = zero_shot.classifier_weights_from_tokens(
+      params, cfg, clip.tokenize(prompts, cfg.context_length)[:, None])
+  zs = finetune.image_classifier_params(params, weights)
+  test_x, test_y, _ = test_set(args, cfg)
+  objective = finetune.image_classification_objective(cfg)
+  to_batch = lambda b: {'image': b['image'], 'label': b['label']}
+  current, log = zs, []
+  if args.lp_steps:
+    lp = dataclasses.replace(tcfg, total_steps=args.lp_steps,
+                             warmup_steps=min(tcfg.warmup_steps, args.lp_steps - 1),
+                             freeze=(r'visual\..*',))
+    current, log = _run(cfg, lp, lambda key: current, objective, ('image', 'label'), batches,
+                        to_batch)
+  ft, ft_log = _run(cfg, tcfg, lambda key: current, objective, ('image', 'label'), batches,
+                    to_batch)
+  accuracy = {str(a): _accuracy(finetune.classify_images(finetune.wise_ft(zs, ft, a), test_x,
+                                                         cfg), test_y) for a in ALPHAS}
+  results = {'zero_shot_accuracy': accuracy['0.0'], 'finetuned_accuracy': accuracy['1.0'],
+             'wise_ft_accuracy': accuracy, 'log': log + ft_log}
+  return ft, results
+
+
+def lit(args, params, cfg, tcfg):
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  before = train.evaluate(params, cfg, args.eval_examples, args.seed + 1)
+  ds = _synthetic(cfg, 'train', args.seed)
+  batches = ds.batches(tcfg.batch_size, start_step=10**6, context_length=cfg.context_length)
+  tcfg = dataclasses.replace(tcfg, lock_image_tower=True, loss=args.loss)
+  init = dict(params)
+  if 'sigmoid' in args.loss and 'logit_bias' not in init:
+    from clip import training  # pylint: disable=g-import-not-at-top
+    init = training.add_logit_bias(init)
+  tuned, log = _run(cfg, tcfg, lambda key: init, None, ('image', 'tokens'), batches, lambda b: b)
+  tuned.pop('logit_bias', None)
+  after = train.evaluate(tuned, cfg, args.eval_examples, args.seed + 1)
+  keys = ('heldout/colour_shape_top1', 'heldout/image_to_text_R@1', 'heldout/text_to_image_R@1')
+  return tuned, {'before': {k: before[k] for k in keys}, 'after': {k: after[k] for k in keys},
+                 'log': log}
+
+
+def text_classifier(args, params, cfg, tcfg):
+  import clip  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from clip import finetune  # pylint: disable=g-import-not-at-top
+  if not args.dataset.startswith('synthetic'):
+    raise ValueError('text-classifier needs labelled captions: --dataset synthetic/<task>')
+  batches, prompts = labelled_batches(args, cfg)
+  head = finetune.text_classifier_params(params, len(prompts), jax.random.PRNGKey(args.seed))
+  to_batch = lambda b: {'tokens': clip.tokenize(b['caption'], cfg.context_length),
+                        'label': b['label']}
+  tuned, log = _run(cfg, tcfg, lambda key: head, finetune.text_classification_objective(cfg),
+                    ('tokens', 'label'), batches, to_batch)
+  _, test_y, captions = test_set(args, cfg)
+  logits = finetune.classify_texts(tuned, clip.tokenize(captions, cfg.context_length), cfg)
+  return tuned, {'accuracy': _accuracy(logits, test_y), 'chance': 1 / len(prompts), 'log': log}
+
+
+def plot_wise_ft(accuracy, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  alphas = [float(a) for a in accuracy]
+  ax.plot(alphas, [100 * v for v in accuracy.values()], '-o')
+  ax.set(xlabel='WiSE-FT alpha (0: zero-shot, 1: fine-tuned)', ylabel='held-out accuracy %')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from clip import checkpoint  # pylint: disable=g-import-not-at-top
+  from clip import training  # pylint: disable=g-import-not-at-top
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  if args.lp_steps and args.mode != 'classifier':
+    raise ValueError('--lp-steps applies to --mode classifier only')
+  tcfg = training.TrainConfig(batch_size=args.batch_size, total_steps=args.steps,
+                              warmup_steps=args.steps // 10, learning_rate=args.learning_rate,
+                              weight_decay=args.weight_decay, layer_decay=args.layer_decay,
+                              mesh=tuple(int(s) for s in args.mesh.split(',')), seed=args.seed)
+  params, cfg = evaluate.load_model(args.model, args.config)
+  run = {'classifier': classifier, 'lit': lit, 'text-classifier': text_classifier}[args.mode]
+  tuned, results = run(args, params, cfg, tcfg)
+  out = args.out or os.path.join('results', 'finetune', args.mode)
+  os.makedirs(out, exist_ok=True)
+  checkpoint.save(os.path.join(out, 'checkpoints'), args.steps, {'params': tuned}, keep=1)
+  results = {'mode': args.mode, 'model': args.model, 'dataset': args.dataset, **results}
+  with open(os.path.join(out, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  if args.mode == 'classifier':
+    plot_wise_ft(results['wise_ft_accuracy'], os.path.join(out, 'wise_ft.png'))
+  print(json.dumps({k: v for k, v in results.items() if k != 'log'}, indent=2))
+  return results
+
+
+if __name__ == '__main__':
+  main()
