@@ -93,8 +93,8 @@ class TextConfig:
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   """The two-tower model. `dtype` is the compute dtype of the forward pass; params stay fp32.
-  `remat=True` recomputes each transformer block in the backward pass instead of storing its
-  activations (training memory for compute)."""
+  `remat=True` recomputes each transformer block (ResNet: each bottleneck) in the backward pass
+  instead of storing its activations (training memory for compute)."""
   embed_dim: int
   vision: VisionConfig
   text: TextConfig

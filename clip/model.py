@@ -69,7 +69,7 @@ def _encode_image(params, images, cfg, train):
   check_images(images, cfg)
   images = images.astype(cfg.dtype)
   if cfg.vision.arch == 'resnet':
-    out = resnet.apply(params['visual'], images, cfg.vision, train)
+    out = resnet.apply(params['visual'], images, cfg.vision, train, cfg.remat)
     if train:
       return out[0].astype(jnp.float32), {'visual': out[1]}
     return out.astype(jnp.float32)

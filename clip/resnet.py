@@ -107,8 +107,25 @@ def _attnpool(p, x_NxHxWxC, heads):
   return layers.linear(p['c_proj'], layers.attention(q, k, v, heads))[:, 0]
 
 
-def apply(params, images_NxHxWx3, cfg, train=False):
-  """Normalised NHWC images -> (N, embed_dim); with `train=True` -> (features, new BN buffers)."""
+def _remat_stage(p, x, blocks, stride, train):
+  """A stage with every bottleneck recomputed in the backward pass: the first (it changes the
+  shape) on its own, the others as one `lax.scan` over their stacked weights, which is what makes
+  XLA keep only the block inputs (see `transformer.apply`). Returns (x, per-block stats)."""
+  bottleneck = jax.checkpoint(_bottleneck, static_argnums=(2, 3))
+  x, first = bottleneck(p['0'], x, stride, train)
+  stats = {'0': first}
+  if blocks > 1:
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                           *[p[str(b)] for b in range(1, blocks)])
+    x, rest = jax.lax.scan(lambda h, bp: bottleneck(bp, h, 1, train), x, stacked)
+    stats.update({str(b): jax.tree.map(lambda leaf, i=b - 1: leaf[i], rest)
+                  for b in range(1, blocks)})
+  return x, stats
+
+
+def apply(params, images_NxHxWx3, cfg, train=False, remat=False):
+  """Normalised NHWC images -> (N, embed_dim); with `train=True` -> (features, new BN buffers).
+  `remat` recomputes each bottleneck in the backward pass instead of storing its activations."""
   s = _Stats()
   x = jax.nn.relu(s.conv_bn(params, ('conv1', 'bn1'), images_NxHxWx3, train, 2, 1))
   x = jax.nn.relu(s.conv_bn(params, ('conv2', 'bn2'), x, train, padding=1))
@@ -116,6 +133,11 @@ def apply(params, images_NxHxWx3, cfg, train=False):
   x = layers.avg_pool(x, 2)
   for name, _, blocks, stride in _stages(cfg):
     with jax.named_scope(name):
+      if remat:
+        x, stats = _remat_stage(params[name], x, blocks, stride, train)
+        if train:
+          s.tree[name] = stats
+        continue
       for b in range(blocks):
         x, stats = _bottleneck(params[name][str(b)], x, stride if b == 0 else 1, train)
         if train:

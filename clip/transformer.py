@@ -55,11 +55,24 @@ def causal_block_at(p, x_NxLxD, pos_N, heads):
 
 
 def apply(p, x_NxLxD, heads, mask_LxL=None, depth=None, remat=False):
-  """The first `depth` blocks (all by default); `remat` recomputes each in the backward pass."""
-  block_fn = jax.checkpoint(block, static_argnums=(2,)) if remat else block
+  """The first `depth` blocks (all by default).
+
+  `remat` recomputes each block in the backward pass, keeping only the block inputs. The blocks
+  then run as one `lax.scan` over their stacked weights: in an unrolled loop XLA is free to
+  schedule every recomputation early, and on the CPU it does, so the temporaries do not shrink
+  at all; under scan they do (tests/test_training.py checks `memory_analysis`)."""
+  depth = len(p['resblocks']) if depth is None else depth
   x_NxLxD = sharding.constrain_batch(x_NxLxD)
-  for i in range(len(p['resblocks']) if depth is None else depth):
+  if remat and depth:
+    blocks = [p['resblocks'][str(i)] for i in range(depth)]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+
+    @jax.checkpoint
+    def step(x, block_params):
+      return sharding.constrain_batch(block(block_params, x, heads, mask_LxL)), None
+
+    return jax.lax.scan(step, x_NxLxD, stacked)[0]
+  for i in range(depth):
     with jax.named_scope(f'resblock_{i}'):
-      x_NxLxD = sharding.constrain_batch(block_fn(p['resblocks'][str(i)], x_NxLxD, heads,
-                                                  mask_LxL))
+      x_NxLxD = sharding.constrain_batch(block(p['resblocks'][str(i)], x_NxLxD, heads, mask_LxL))
   return x_NxLxD
