@@ -38,8 +38,10 @@ def parse_args(argv):
   parser.add_argument('--config', default=None, help='a file in experiments/configs/')
   parser.add_argument('--dataset', default='synthetic/colour_shape')
   parser.add_argument('--task', default='zeroshot_classification', choices=TASKS)
-  parser.add_argument('--split', default=None, help='default: heldout (synthetic), test (tfds)')
-  parser.add_argument('--train-split', default='train', help='linear probe: features to fit on')
+  parser.add_argument('--split', default=None, help='default: test (tfds); synthetic: heldout, '
+                      'or all for the linear probe (held-out pairs have no training examples)')
+  parser.add_argument('--train-split', default=None,
+                      help='linear probe: what to fit on; default train (tfds), all (synthetic)')
   parser.add_argument('--examples', type=int, default=2048, help='synthetic examples per split')
   parser.add_argument('--data-dir', default=None, help='tensorflow-datasets data_dir')
   parser.add_argument('--captions', default=None, help='retrieval: img2dataset tfrecord glob')
@@ -90,24 +92,27 @@ def load_model(spec, config_name=None):
 
 # ----------------------------------------------------------------------------------- data
 
-def classification_data(args, cfg, split):
+def classification_data(args, cfg, split, fit=False):
   """(images float32 (N, R, R, 3), labels int32 (N,), class names, prompts per class or None:
-  the built-in set has its own prompt per class, tfds classes get `--templates`)."""
+  the built-in set has its own prompt per class, tfds classes get `--templates`). `fit`: the
+  examples a linear probe is fitted on (other indices of the built-in set than evaluation's)."""
   import clip  # pylint: disable=g-import-not-at-top
   kind, _, name = args.dataset.partition('/')
   if kind == 'synthetic':
     from data import synthetic  # pylint: disable=g-import-not-at-top
     task = name or 'colour_shape'
-    split = split or 'heldout'
+    split = split or ('all' if args.task == 'linear_probe' else 'heldout')
     ds = synthetic.SyntheticCaptions(seed=args.seed, resolution=cfg.image_resolution,
                                      split=split)
-    offset = 0 if split != 'train' else 10**9  # not the indices a training run saw first
+    # Far from the indices a training run saw first, and from the evaluation examples.
+    offset = 10**9 if split == 'train' or fit else 0
     sample = ds.get(np.arange(offset, offset + args.examples))
     images = clip.normalize_image(sample['image'].astype(np.float32) / 255)
     return images, ds.labels(sample, task), ds.classnames(task), [[p] for p in ds.prompts(task)]
   if kind == 'tfds':
     from data import tfds  # pylint: disable=g-import-not-at-top
-    data = tfds.TFDSClassification(name, split or 'test', data_dir=args.data_dir)
+    data = tfds.TFDSClassification(name, split or ('train' if fit else 'test'),
+                                   data_dir=args.data_dir)
     images, labels = [], []
     for batch in data.batches(args.batch_size, cfg.image_resolution):
       images.append(batch['image'])
@@ -198,7 +203,7 @@ def evaluate(args):
     scores = zero_shot_scores(params, cfg, images, class_prompts, args.batch_size)
     return classification_metrics(scores, labels)
   from clip import linear_probe  # pylint: disable=g-import-not-at-top
-  train_images, train_labels, _, _ = classification_data(args, cfg, args.train_split)
+  train_images, train_labels, _, _ = classification_data(args, cfg, args.train_split, fit=True)
   feats = linear_probe.image_features(params, cfg, train_images, args.batch_size)
   n_val = max(len(feats) // 5, 1)  # the last fifth of the training split validates the sweep
   probe = linear_probe.sweep(feats[:-n_val], train_labels[:-n_val], feats[-n_val:],

@@ -3,7 +3,8 @@
 Modes:
   classifier       image tower + linear head initialised from zero-shot weights; full fine-tuning
                    or LP-FT (--lp-steps of head-only training first), layer-wise lr decay;
-                   reports zero-shot, fine-tuned and WiSE-FT accuracy for several alphas.
+                   reports zero-shot, fine-tuned and WiSE-FT accuracy for several alphas, on
+                   unseen images of trained (shape, colour) pairs and on held-out pairs.
   lit              locked-image tuning: the text tower learns on image-text pairs (--loss),
                    the image tower stays bit-identical; reports zero-shot before and after.
   text-classifier  the text tower + a linear head on labelled captions.
@@ -85,19 +86,24 @@ def labelled_batches(args, cfg):
   raise ValueError(f'--dataset must be synthetic[/<task>] or tfds/<name>, got {args.dataset!r}')
 
 
-def test_set(args, cfg):
-  """(images, labels, captions or None) of the held-out evaluation split."""
+def test_sets(args, cfg):
+  """{name: (images, labels, captions or None)} to evaluate on. The built-in set gives two:
+  'train' (unseen images of the (shape, colour) pairs fine-tuning sees) and 'heldout' (the
+  pairs it never sees); tfds its test split."""
   kind, _, name = args.dataset.partition('/')
   if kind == 'synthetic':
-    ds = _synthetic(cfg, 'heldout', args.seed + 1)
-    sample = ds.get(np.arange(args.eval_examples))
-    return (_normalised(sample['image']), ds.labels(sample, name or 'colour_shape'),
-            sample['caption'])
+    out = {}
+    for split, offset in (('train', 2 * 10**9), ('heldout', 0)):
+      ds = _synthetic(cfg, split, args.seed + 1)
+      sample = ds.get(np.arange(offset, offset + args.eval_examples))
+      out[split] = (_normalised(sample['image']), ds.labels(sample, name or 'colour_shape'),
+                    sample['caption'])
+    return out
   from experiments import evaluate  # pylint: disable=g-import-not-at-top
   eval_args = evaluate.parse_args(['--model', args.model, '--dataset', args.dataset])
   eval_args.data_dir = args.data_dir
   images, labels, _, _ = evaluate.classification_data(eval_args, cfg, 'test')
-  return images, labels, None
+  return {'test': (images, labels, None)}
 
 
 def _accuracy(logits, labels):
@@ -137,7 +143,7 @@ def classifier(args, params, cfg, tcfg):
   weights = zero_shot.classifier_weights_from_tokens(
       params, cfg, clip.tokenize(prompts, cfg.context_length)[:, None])
   zs = finetune.image_classifier_params(params, weights)
-  test_x, test_y, _ = test_set(args, cfg)
+  tests = test_sets(args, cfg)
   objective = finetune.image_classification_objective(cfg)
   to_batch = lambda b: {'image': b['image'], 'label': b['label']}
   current, log = zs, []
@@ -149,9 +155,11 @@ def classifier(args, params, cfg, tcfg):
                         to_batch)
   ft, ft_log = _run(cfg, tcfg, lambda key: current, objective, ('image', 'label'), batches,
                     to_batch)
-  accuracy = {str(a): _accuracy(finetune.classify_images(finetune.wise_ft(zs, ft, a), test_x,
-                                                         cfg), test_y) for a in ALPHAS}
-  results = {'zero_shot_accuracy': accuracy['0.0'], 'finetuned_accuracy': accuracy['1.0'],
+  accuracy = {split: {str(a): _accuracy(finetune.classify_images(finetune.wise_ft(zs, ft, a), x,
+                                                                  cfg), y) for a in ALPHAS}
+              for split, (x, y, _) in tests.items()}
+  results = {'zero_shot_accuracy': {k: v['0.0'] for k, v in accuracy.items()},
+             'finetuned_accuracy': {k: v['1.0'] for k, v in accuracy.items()},
              'wise_ft_accuracy': accuracy, 'log': log + ft_log}
   return ft, results
 
@@ -186,19 +194,23 @@ def text_classifier(args, params, cfg, tcfg):
                         'label': b['label']}
   tuned, log = _run(cfg, tcfg, lambda key: head, finetune.text_classification_objective(cfg),
                     ('tokens', 'label'), batches, to_batch)
-  _, test_y, captions = test_set(args, cfg)
-  logits = finetune.classify_texts(tuned, clip.tokenize(captions, cfg.context_length), cfg)
-  return tuned, {'accuracy': _accuracy(logits, test_y), 'chance': 1 / len(prompts), 'log': log}
+  accuracy = {}
+  for split, (_, y, captions) in test_sets(args, cfg).items():
+    logits = finetune.classify_texts(tuned, clip.tokenize(captions, cfg.context_length), cfg)
+    accuracy[split] = _accuracy(logits, y)
+  return tuned, {'accuracy': accuracy, 'chance': 1 / len(prompts), 'log': log}
 
 
 def plot_wise_ft(accuracy, path):
+  """Accuracy against the WiSE-FT alpha, one line per evaluation split."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  alphas = [float(a) for a in accuracy]
-  ax.plot(alphas, [100 * v for v in accuracy.values()], '-o')
-  ax.set(xlabel='WiSE-FT alpha (0: zero-shot, 1: fine-tuned)', ylabel='held-out accuracy %')
+  for split, by_alpha in accuracy.items():
+    ax.plot([float(a) for a in by_alpha], [100 * v for v in by_alpha.values()], '-o', label=split)
+  ax.set(xlabel='WiSE-FT alpha (0: zero-shot, 1: fine-tuned)', ylabel='accuracy %')
+  ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

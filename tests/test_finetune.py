@@ -158,8 +158,11 @@ def test_finetune_cli_runs_every_mode(pretrained, tmp_path):
             '64', '--mesh', '8,1,1']
   res = cli.main(common + ['--mode', 'classifier', '--dataset', 'synthetic/colour', '--steps', '4',
                            '--lp-steps', '2', '--out', str(tmp_path / 'c')])
-  assert set(res['wise_ft_accuracy']) == {str(a) for a in cli.ALPHAS}
-  assert res['wise_ft_accuracy']['0.0'] == res['zero_shot_accuracy']
+  assert set(res['wise_ft_accuracy']) == {'train', 'heldout'}
+  for split, by_alpha in res['wise_ft_accuracy'].items():
+    assert set(by_alpha) == {str(a) for a in cli.ALPHAS}
+    assert by_alpha['0.0'] == res['zero_shot_accuracy'][split]
+    assert by_alpha['1.0'] == res['finetuned_accuracy'][split]
   assert [r['step'] for r in res['log']] == [2, 4]
   assert (tmp_path / 'c' / 'wise_ft.png').stat().st_size > 0
   res = cli.main(common + ['--mode', 'lit', '--steps', '2', '--out', str(tmp_path / 'l')])
@@ -169,6 +172,6 @@ def test_finetune_cli_runs_every_mode(pretrained, tmp_path):
                                   pretrained['visual']['conv1']['weight'])
   res = cli.main(common + ['--mode', 'text-classifier', '--dataset', 'synthetic/size', '--steps',
                            '2', '--out', str(tmp_path / 't')])
-  assert res['chance'] == 1 / 3 and 0 <= res['accuracy'] <= 1
+  assert res['chance'] == 1 / 3 and all(0 <= a <= 1 for a in res['accuracy'].values())
   with pytest.raises(ValueError, match='--lp-steps applies'):
     cli.main(common + ['--mode', 'lit', '--lp-steps', '2'])
