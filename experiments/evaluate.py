@@ -146,16 +146,18 @@ def retrieval_data(args, cfg):
 
 # -------------------------------------------------------------------------------- metrics
 
-def classification_metrics(scores_NxC, labels_N):
-  """clip_benchmark's: top-1, top-5 (nan under 5 classes) and mean per-class recall."""
+def classification_metrics(scores_NxC, labels_N, classnames=None):
+  """clip_benchmark's top-1, top-5 (nan under 5 classes) and mean per-class recall, plus the
+  top-1 accuracy of every class present (`per_class_acc1`, keyed by class name when given)."""
   scores, labels = np.asarray(scores_NxC), np.asarray(labels_N)
   order = np.argsort(-scores, axis=1)
   acc1 = float(np.mean(order[:, 0] == labels))
   acc5 = (float(np.mean((order[:, :5] == labels[:, None]).any(1))) if scores.shape[1] >= 5
           else float('nan'))
-  present = np.unique(labels)
-  recall = float(np.mean([np.mean(order[labels == c, 0] == c) for c in present]))
-  return {'acc1': acc1, 'acc5': acc5, 'mean_per_class_recall': recall}
+  per_class = {int(c): float(np.mean(order[labels == c, 0] == c)) for c in np.unique(labels)}
+  names = classnames or [str(c) for c in range(scores.shape[1])]
+  return {'acc1': acc1, 'acc5': acc5, 'mean_per_class_recall': float(np.mean(list(
+      per_class.values()))), 'per_class_acc1': {names[c]: v for c, v in per_class.items()}}
 
 
 def zero_shot_scores(params, cfg, images, class_prompts, batch_size):
@@ -201,7 +203,7 @@ def evaluate(args):
       templates = _templates(args.templates)
       class_prompts = [[t.format(c) for t in templates] for c in classnames]
     scores = zero_shot_scores(params, cfg, images, class_prompts, args.batch_size)
-    return classification_metrics(scores, labels)
+    return classification_metrics(scores, labels, classnames)
   from clip import linear_probe  # pylint: disable=g-import-not-at-top
   train_images, train_labels, _, _ = classification_data(args, cfg, args.train_split, fit=True)
   feats = linear_probe.image_features(params, cfg, train_images, args.batch_size)
@@ -209,7 +211,7 @@ def evaluate(args):
   probe = linear_probe.sweep(feats[:-n_val], train_labels[:-n_val], feats[-n_val:],
                              train_labels[-n_val:], len(classnames))
   test_feats = linear_probe.image_features(params, cfg, images, args.batch_size)
-  metrics = classification_metrics(linear_probe.predict(probe, test_feats), labels)
+  metrics = classification_metrics(linear_probe.predict(probe, test_feats), labels, classnames)
   metrics.update({'l2': probe['l2'], 'sweep': {str(k): v for k, v in probe['sweep'].items()}})
   return metrics
 

@@ -79,6 +79,9 @@ def test_classification_metrics_against_their_definition():
   assert m['acc1'] == 0.25 + 0.25  # rows 0 and 3
   assert m['acc5'] == 0.75         # row 2's label 5 ranks last
   assert m['mean_per_class_recall'] == np.mean([1.0, 0.0, 0.5])
+  assert m['per_class_acc1'] == {'0': 1.0, '1': 0.0, '5': 0.5}
+  named = evaluate.classification_metrics(scores, labels, list('abcdef'))['per_class_acc1']
+  assert named == {'a': 1.0, 'b': 0.0, 'f': 0.5}
   assert np.isnan(evaluate.classification_metrics(scores[:, :4], labels % 4)['acc5'])
 
 
