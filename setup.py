@@ -2,7 +2,8 @@
 import setuptools
 
 TORCH = ['torch>=2.1']
-DATA = ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9']
+# tensorflow-datasets imports importlib_resources (through etils) without declaring it on 3.10+.
+DATA = ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9', 'importlib_resources>=6.0']
 TEST = TORCH + DATA + [
     'pytest>=8',
     'pytest-xdist>=3.5',
