@@ -30,10 +30,6 @@ TEXT_KEYS = ('token_embedding', 'positional_embedding', 'transformer', 'ln_final
              'text_projection')
 
 
-def _normalize(x):
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def image_classifier_params(clip_params, weights_DxC, scale=None):
   """The image tower of `clip_params` and a head equal to the zero-shot classifier: logits =
   exp(logit_scale) * normalised features @ weights (`zero_shot.classifier_weights`)."""
@@ -53,7 +49,7 @@ def text_classifier_params(clip_params, num_classes, key, std=0.01):
 
 
 def _head(p, features_NxD):
-  return _normalize(features_NxD) @ p['weight'].T + p['bias']
+  return model.normalize(features_NxD) @ p['weight'].T + p['bias']
 
 
 def classify_images(params, images, cfg):
@@ -74,14 +70,8 @@ def _classification(logits_NxC, labels_N):
 def image_classification_objective(cfg):
   """Cross-entropy of the image classifier on `{'image', 'label'}` batches (ResNets train their
   BatchNorm statistics), for `training.make_train_step(objective=...)`."""
-  resnet = cfg.vision.arch == 'resnet'
-
   def objective(params, batch_stats, batch):
-    full = model.update_batch_stats(params, batch_stats)
-    if resnet:
-      feats, batch_stats = model.encode_image(full, batch['image'], cfg, train=True)
-    else:
-      feats = model.encode_image(full, batch['image'], cfg)
+    feats, batch_stats = model.training_image_features(params, batch_stats, batch['image'], cfg)
     loss, metrics = _classification(_head(params['head'], feats), batch['label'])
     return loss, (batch_stats, metrics)
   return objective

@@ -95,10 +95,24 @@ def encode_text(params, tokens, cfg):
   return text.apply(params, tokens, cfg.text, jnp.dtype(cfg.dtype), cfg.remat).astype(jnp.float32)
 
 
+def normalize(x):
+  """L2-normalised along the last axis (features before a cosine similarity)."""
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def training_image_features(params, batch_stats, images, cfg, update_bn=True):
+  """Image features for a training objective: `(features, batch_stats)`. A ResNet with
+  `update_bn` normalises with batch statistics and returns its updated running buffers; otherwise
+  (a ViT, or a locked tower) the tower runs in inference mode and `batch_stats` come back as given."""
+  full = update_batch_stats(params, batch_stats)
+  if update_bn and cfg.vision.arch == 'resnet':
+    return encode_image(full, images, cfg, train=True)
+  return encode_image(full, images, cfg), batch_stats
+
+
 def logits(params, image_features, text_features):
   """Scaled cosine similarities (logits_per_image, logits_per_text), as OpenAI's forward."""
-  img = image_features / jnp.linalg.norm(image_features, axis=-1, keepdims=True)
-  txt = text_features / jnp.linalg.norm(text_features, axis=-1, keepdims=True)
+  img, txt = normalize(image_features), normalize(text_features)
   logits_per_image = jnp.exp(params['logit_scale']) * img @ txt.T
   return logits_per_image, logits_per_image.T
 

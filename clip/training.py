@@ -118,10 +118,6 @@ def _fits(leaf, s):
   return True
 
 
-def _normalize(x_NxD):
-  return x_NxD / jnp.linalg.norm(x_NxD, axis=-1, keepdims=True)
-
-
 def _local_accuracy(mesh):
   """Image->text matching accuracy within each device's shard of the batch (memory O(b^2)),
   averaged over the shards."""
@@ -138,18 +134,14 @@ def clip_objective(cfg, tcfg, mesh):
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES)
   sigmoid = 'sigmoid' in tcfg.loss
   accuracy = _local_accuracy(mesh)
-  train_bn = cfg.vision.arch == 'resnet' and not tcfg.lock_image_tower
 
   def objective(params, batch_stats, batch):
-    full = model.update_batch_stats(params, batch_stats)
-    if train_bn:
-      img, batch_stats = model.encode_image(full, batch['image'], cfg, train=True)
-    else:
-      img = model.encode_image(full, batch['image'], cfg)
+    img, batch_stats = model.training_image_features(
+        params, batch_stats, batch['image'], cfg, update_bn=not tcfg.lock_image_tower)
     if tcfg.lock_image_tower:
       img = jax.lax.stop_gradient(img)
-    txt = model.encode_text(full, batch['tokens'], cfg)
-    img, txt = _normalize(img), _normalize(txt)
+    txt = model.encode_text(params, batch['tokens'], cfg)
+    img, txt = model.normalize(img), model.normalize(txt)
     if sigmoid:
       loss = loss_fn(img, txt, params['logit_scale'], params['logit_bias'])
     else:

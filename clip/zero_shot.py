@@ -74,10 +74,6 @@ def padded(x, size):
   return x if pad == 0 else jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
 
 
-def _normalize(x):
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
 # ---------------------------------------------------------------- classifier weights
 
 def prompts(classnames, templates):
@@ -98,7 +94,7 @@ def _check_templates(templates):
 def _class_embeddings(params, tokens_BxTxL, cfg):
   b, t, length = tokens_BxTxL.shape
   txt_BxTxD = model.encode_text(params, tokens_BxTxL.reshape(b * t, length), cfg).reshape(b, t, -1)
-  return _normalize(_normalize(txt_BxTxD).mean(axis=1))
+  return model.normalize(model.normalize(txt_BxTxD).mean(axis=1))
 
 
 def classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size=256):
@@ -137,7 +133,7 @@ def classifier_weights(params, cfg, classnames, templates=DEFAULT_TEMPLATES, bat
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'k'))
 def _classify_batch(params, images_BxHxWx3, weights_DxC, cfg, k):
-  img_BxD = _normalize(model.encode_image(params, images_BxHxWx3, cfg))
+  img_BxD = model.normalize(model.encode_image(params, images_BxHxWx3, cfg))
   logits_BxC = jnp.exp(params['logit_scale']) * jnp.einsum('bd,dc->bc', img_BxD, weights_DxC)
   probs_BxC, idx_BxK = jax.lax.top_k(jax.nn.softmax(logits_BxC, axis=-1), k)
   return idx_BxK, probs_BxC
@@ -204,8 +200,8 @@ def retrieval_metrics(image_features, text_features, text_to_image=None, ks=(1, 
   the top k, text->image when its image is. Features need not be normalised. Returns
   `{'image_to_text_R@1': ..., 'text_to_image_R@1': ..., ...}`; ties count in the query's favour.
   """
-  img_NxD = _normalize(jnp.asarray(image_features, jnp.float32))
-  txt_MxD = _normalize(jnp.asarray(text_features, jnp.float32))
+  img_NxD = model.normalize(jnp.asarray(image_features, jnp.float32))
+  txt_MxD = model.normalize(jnp.asarray(text_features, jnp.float32))
   if img_NxD.ndim != 2 or txt_MxD.ndim != 2 or img_NxD.shape[1] != txt_MxD.shape[1]:
     raise ValueError('image and text features must be (N, D) and (M, D) with the same D, got '
                      f'{img_NxD.shape} and {txt_MxD.shape}')

@@ -114,6 +114,7 @@ def _run(cfg, tcfg, init_params, objective, batch_keys, batches, to_batch):
   """Trains with the pre-training step; returns the final params and the metrics log."""
   import jax  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
+  from clip import model  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(*tcfg.mesh)
@@ -126,13 +127,8 @@ def _run(cfg, tcfg, init_params, objective, batch_keys, batches, to_batch):
     state, metrics = step(state, training.global_batch(mesh, to_batch(next(batches))))
     if (i + 1) % 10 == 0 or i + 1 == tcfg.total_steps:
       log.append({'step': i + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}})
-  params = jax.device_get(state['params'])
-  return model_merge(params, jax.device_get(state['batch_stats'])), log
-
-
-def model_merge(params, batch_stats):
-  from clip import model  # pylint: disable=g-import-not-at-top
-  return model.update_batch_stats(params, batch_stats)
+  return model.update_batch_stats(jax.device_get(state['params']),
+                                  jax.device_get(state['batch_stats'])), log
 
 
 def classifier(args, params, cfg, tcfg):
