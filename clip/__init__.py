@@ -15,6 +15,8 @@ from clip.model import encode_text
 from clip.model import init
 from clip.model import init_params
 from clip.model import split_batch_stats
+from clip.model import stack_layers
+from clip.model import unstack_layers
 from clip.model import update_batch_stats
 from clip.tokenizer import Tokenizer
 from clip.tokenizer import decode

@@ -15,18 +15,81 @@ ARCHS = ('vit', 'resnet')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
+NORMS = ('layernorm', 'rmsnorm')
+NORM_PLACEMENTS = ('pre', 'normformer')
+MLPS = ('quick_gelu', 'gelu', 'geglu', 'swiglu')
+VISION_POOLS = ('cls', 'gap', 'map')
+TEXT_POOLS = ('eot', 'first', 'map')
+VISION_POS = ('learned', 'sincos2d')
+TEXT_POS = ('learned', 'rope')
+REMATS = ('none', 'block', 'dots')
+
+
 def _require(ok, message):
   if not ok:
     raise ValueError(message)
 
 
+def _one_of(value, allowed, name):
+  _require(value in allowed, f'{name} must be one of {allowed}, got {value!r}')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockOptions:
+  """Transformer options shared by the ViT and the text tower (keyword-only; OpenAI's choices by
+  default). `norm`: LayerNorm or RMSNorm for every norm of the tower; `norm_placement`: pre-LN, or
+  NormFormer (pre-LN plus a norm after attention, a norm after the MLP activation and a learned
+  per-head scale); `mlp`: activation, gated ones (GeGLU, SwiGLU) with a second input matrix
+  `c_gate`; `mlp_dim` the hidden width (4 x width by default); `qk_norm` normalises queries and
+  keys per head; `bias=False` drops every linear and norm bias; `projection=False` drops the
+  final projection, allowed when the width already equals `embed_dim`; `pool_heads` the heads of
+  a `map` pooling head (the tower's by default)."""
+  norm: str = 'layernorm'
+  norm_placement: str = 'pre'
+  mlp: str = 'quick_gelu'
+  mlp_dim: int | None = None
+  qk_norm: bool = False
+  bias: bool = True
+  projection: bool = True
+  pool_heads: int | None = None
+
+  def _check_block_options(self, owner):
+    _one_of(self.norm, NORMS, f'{owner}.norm')
+    _one_of(self.norm_placement, NORM_PLACEMENTS, f'{owner}.norm_placement')
+    _one_of(self.mlp, MLPS, f'{owner}.mlp')
+    _require(self.mlp_dim is None or self.mlp_dim > 0,
+             f'{owner}.mlp_dim must be None or > 0, got {self.mlp_dim}')
+    _require(self.pool_heads is None or self.pool_heads > 0,
+             f'{owner}.pool_heads must be None (the tower\'s heads) or > 0, got {self.pool_heads}')
+    if self.pool == 'map':
+      _require(self.width % self.map_heads == 0,
+               f'{owner} width {self.width} is not divisible by its {self.map_heads} map-pooling '
+               'heads')
+
+  @property
+  def hidden_dim(self):
+    return self.mlp_dim or 4 * self.width
+
+  @property
+  def map_heads(self):
+    return self.pool_heads or self.heads
+
+
+_DEFAULT_BLOCK = BlockOptions()
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(BlockOptions):
   """Image tower. `arch='vit'`: `layers` is an int; `arch='resnet'`: a 4-tuple of block counts.
 
   For the ModifiedResNet, `width` is the stem width (64 for RN50) and `heads` those of the
-  attention pool over the `32 * width` features.
+  attention pool over the `32 * width` features; the transformer options apply to ViTs only.
+  ViT options: `pool` 'cls' (OpenAI: the class token), 'gap' (mean of the patch tokens) or 'map'
+  (SigLIP's attention pooling with a learned probe), the class token existing only for 'cls';
+  `pos_embedding` learned or a fixed 2-D sin-cos table (computed, not stored); `registers`
+  learned tokens after the class token, without positions, kept in the 'gap'/'map' pooling only
+  when `pool_registers`.
   """
   arch: str
   width: int
@@ -34,6 +97,10 @@ class VisionConfig:
   heads: int
   image_resolution: int = 224
   patch_size: int | None = None
+  pool: str = 'cls'
+  pos_embedding: str = 'learned'
+  registers: int = 0
+  pool_registers: bool = False
 
   def __post_init__(self):
     _require(self.arch in ARCHS, f'VisionConfig.arch must be one of {ARCHS}, got {self.arch!r}')
@@ -49,6 +116,16 @@ class VisionConfig:
                f'{self.patch_size}')
       _require(self.width % self.heads == 0,
                f'ViT width {self.width} is not divisible by heads {self.heads}')
+      _one_of(self.pool, VISION_POOLS, 'VisionConfig.pool')
+      _one_of(self.pos_embedding, VISION_POS, 'VisionConfig.pos_embedding')
+      _require(self.pos_embedding != 'sincos2d' or self.width % 4 == 0,
+               f'a 2-D sin-cos position table needs a width divisible by 4, got {self.width}')
+      _require(self.registers >= 0, f'registers must be >= 0, got {self.registers}')
+      _require(not self.pool_registers or (self.registers and self.pool != 'cls'),
+               'pool_registers=True needs registers > 0 and pool "gap" or "map" (the class '
+               f'token alone is pooled with "cls"); got registers={self.registers}, '
+               f'pool={self.pool!r}')
+      self._check_block_options('VisionConfig')
     else:
       object.__setattr__(self, 'layers', tuple(self.layers))
       _require(len(self.layers) == 4 and all(n > 0 for n in self.layers),
@@ -59,6 +136,12 @@ class VisionConfig:
       _require(self.width % 2 == 0, f'ResNet stem width must be even, got {self.width}')
       _require(self.feature_width % self.heads == 0,
                f'ResNet feature width {self.feature_width} is not divisible by heads {self.heads}')
+      vit_only = [f'{f.name}={getattr(self, f.name)!r}' for f in dataclasses.fields(BlockOptions)
+                  if getattr(self, f.name) != getattr(_DEFAULT_BLOCK, f.name)]
+      vit_only += [f'{name}={getattr(self, name)!r}' for name, default in
+                   (('pool', 'cls'), ('pos_embedding', 'learned'), ('registers', 0),
+                    ('pool_registers', False)) if getattr(self, name) != default]
+      _require(not vit_only, f'transformer options apply to ViTs, not to a ResNet: {vit_only}')
 
   @property
   def grid_size(self):
@@ -71,39 +154,78 @@ class VisionConfig:
     """Width of the tokens entering the final pooling (ResNet: 32x the stem width)."""
     return self.width if self.arch == 'vit' else self.width * 32
 
+  @property
+  def num_prefix_tokens(self):
+    """Tokens before the patches: the class token (with 'cls' pooling) and the registers."""
+    return int(self.pool == 'cls') + self.registers
+
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-  """Causal text transformer, pooled at the end-of-text token (the largest token id)."""
+class TextConfig(BlockOptions):
+  """Text transformer. OpenAI's: causal, learned positions, pooled at the end-of-text token (the
+  largest token id). `pool` 'eot', 'first' (needs bidirectional attention) or 'map';
+  `pos_embedding` learned or rotary (RoPE on queries and keys, `rope_theta`); `causal=False`
+  attends in both directions with the padding after the end-of-text token masked out."""
   width: int
   layers: int
   heads: int
   context_length: int = 77
   vocab_size: int = 49408
+  pool: str = 'eot'
+  pos_embedding: str = 'learned'
+  causal: bool = True
+  rope_theta: float = 10000.0
 
   def __post_init__(self):
     for name in ('width', 'layers', 'heads', 'context_length', 'vocab_size'):
       _require(getattr(self, name) > 0, f'TextConfig.{name} must be > 0, got {getattr(self, name)}')
     _require(self.width % self.heads == 0,
              f'text width {self.width} is not divisible by heads {self.heads}')
+    _one_of(self.pool, TEXT_POOLS, 'TextConfig.pool')
+    _one_of(self.pos_embedding, TEXT_POS, 'TextConfig.pos_embedding')
+    _require(not (self.pool == 'first' and self.causal),
+             'pool="first" with causal attention would see the first token only; use '
+             'causal=False or another pool')
+    head_dim = self.width // self.heads
+    _require(self.pos_embedding != 'rope' or head_dim % 2 == 0,
+             f'RoPE rotates pairs of dimensions: the head dimension {head_dim} '
+             f'(width {self.width} / {self.heads} heads) must be even')
+    self._check_block_options('TextConfig')
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   """The two-tower model. `dtype` is the compute dtype of the forward pass; params stay fp32.
-  `remat=True` recomputes each transformer block (ResNet: each bottleneck) in the backward pass
-  instead of storing its activations (training memory for compute)."""
+
+  `scan=True` holds each transformer's blocks stacked (one leading layer axis, under
+  `resblocks.<key>`) and runs them with `lax.scan`: one block to compile, whatever the depth
+  (`clip.stack_layers` / `clip.unstack_layers` convert, exports unstack). `remat` recomputes in the
+  backward pass: 'none', 'block' (keep only each block's input; ResNet: each bottleneck) or
+  'dots' (keep the matmul outputs without batch dimensions, recompute the rest); `True`/`False`
+  mean 'block'/'none'. `logit_bias=True` adds SigLIP's learnable bias (init -10, and the logit
+  scale starts at ln 10)."""
   embed_dim: int
   vision: VisionConfig
   text: TextConfig
   dtype: str = 'float32'
-  remat: bool = False
+  remat: str = 'none'
+  scan: bool = False
+  logit_bias: bool = False
 
   def __post_init__(self):
     _require(self.embed_dim > 0, f'embed_dim must be > 0, got {self.embed_dim}')
     _require(self.dtype in DTYPES, f'CLIPConfig.dtype must be one of {DTYPES}, got {self.dtype!r}')
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, 'remat', 'block' if self.remat else 'none')
+    _one_of(self.remat, REMATS, 'CLIPConfig.remat')
+    for name, tower in (('vision', self.vision), ('text', self.text)):
+      if not tower.projection:
+        width = tower.feature_width if name == 'vision' else tower.width
+        _require(width == self.embed_dim,
+                 f'{name}.projection=False needs the {name} width {width} to equal embed_dim '
+                 f'{self.embed_dim}')
 
   @property
   def image_resolution(self):

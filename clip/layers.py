@@ -3,6 +3,8 @@
 Shapes live in names: `x_NxLxD` is (batch, length, width), `w_OxI` a torch Linear weight.
 Initialisers mirror torch's defaults so a model trained from scratch starts like OpenAI's.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +40,14 @@ def init_layer_norm(d):
   return {'weight': jnp.ones((d,), jnp.float32), 'bias': jnp.zeros((d,), jnp.float32)}
 
 
+def init_norm(d, kind='layernorm', bias=True):
+  """LayerNorm (weight and bias) or RMSNorm (weight only); `bias=False` drops LayerNorm's bias."""
+  p = init_layer_norm(d)
+  if kind == 'rmsnorm' or not bias:
+    del p['bias']
+  return p
+
+
 def init_batch_norm(c, zero_scale=False):
   scale = jnp.zeros if zero_scale else jnp.ones
   return {'weight': scale((c,), jnp.float32), 'bias': jnp.zeros((c,), jnp.float32),
@@ -59,16 +69,78 @@ def layer_norm(p, x, eps=1e-5):
   x32 = x.astype(jnp.float32)
   mean = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p['weight'] + p['bias']
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p['weight']
+  if 'bias' in p:
+    y = y + p['bias']
   return y.astype(x.dtype)
+
+
+def rms_norm(p, x, eps=1e-6):
+  """RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight, in fp32."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * p['weight']
+  return y.astype(x.dtype)
+
+
+def norm(p, x, kind='layernorm'):
+  return rms_norm(p, x) if kind == 'rmsnorm' else layer_norm(p, x)
 
 
 def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-def mlp(p, x):
-  return linear(p['c_proj'], quick_gelu(linear(p['c_fc'], x)))
+ACTIVATIONS = {'quick_gelu': quick_gelu, 'gelu': functools.partial(jax.nn.gelu, approximate=False),
+               'geglu': functools.partial(jax.nn.gelu, approximate=False), 'swiglu': jax.nn.silu}
+
+
+def init_mlp(k_fc, k_proj, d, hidden, kind='quick_gelu', bias=True, fc_std=None, proj_std=None,
+             norm_kind=None):
+  """`c_fc (hidden, d)`, `c_proj (d, hidden)`; gated kinds add `c_gate (hidden, d)`; `norm_kind`
+  adds NormFormer's norm `ln` on the hidden activations."""
+  p = {'c_fc': init_linear(k_fc, d, hidden, bias, fc_std),
+       'c_proj': init_linear(k_proj, hidden, d, bias, proj_std)}
+  if kind in ('geglu', 'swiglu'):
+    p['c_gate'] = init_linear(jax.random.fold_in(k_fc, 1), d, hidden, bias, fc_std)
+  if norm_kind:
+    p['ln'] = init_norm(hidden, norm_kind, bias)
+  return p
+
+
+def mlp(p, x, kind='quick_gelu', norm_kind='layernorm'):
+  """OpenAI's `c_proj(act(c_fc(x)))`; gated: `c_proj(act(c_gate(x)) * c_fc(x))` (GeGLU, SwiGLU,
+  Shazeer 2020); NormFormer normalises the hidden activations when `ln` is present."""
+  h = ACTIVATIONS[kind](linear(p['c_gate' if 'c_gate' in p else 'c_fc'], x))
+  if 'c_gate' in p:
+    h = h * linear(p['c_fc'], x)
+  if 'ln' in p:
+    h = norm(p['ln'], h, norm_kind)
+  return linear(p['c_proj'], h)
+
+
+def rope(x_NxLxHxd, positions_NxL, theta=10000.0):
+  """Rotary position embedding (Su et al., 2021) in the split-halves convention: dimension i and
+  i + d/2 form a pair rotated by the angle `position * theta^(-2i/d)`; computed in fp32."""
+  half = x_NxLxHxd.shape[-1] // 2
+  freqs = theta ** (-np.arange(half, dtype=np.float32) / half)
+  angles_NxLx1xh = (positions_NxL.astype(jnp.float32)[..., None] * freqs)[..., None, :]
+  cos, sin = jnp.cos(angles_NxLx1xh), jnp.sin(angles_NxLx1xh)
+  x1, x2 = jnp.split(x_NxLxHxd.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_NxLxHxd.dtype)
+
+
+def sincos_2d(grid, width, temperature=10000.0):
+  """Fixed 2-D sin-cos position table (grid*grid, width), rows in raster order (MoCo v3 / big_vision):
+  a quarter of the channels each for sin(x), cos(x), sin(y), cos(y) at `width/4` frequencies
+  `temperature^(-k / (width/4 - 1))`."""
+  y, x = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32),
+                     indexing='ij')
+  quarter = width // 4
+  omega = 1.0 / temperature ** (np.arange(quarter, dtype=np.float32) / max(quarter - 1, 1))
+  x_G2xq = x.reshape(-1, 1) * omega
+  y_G2xq = y.reshape(-1, 1) * omega
+  return np.concatenate([np.sin(x_G2xq), np.cos(x_G2xq), np.sin(y_G2xq), np.cos(y_G2xq)], 1)
 
 
 def conv2d(w_OxIxHxW, x_NxHxWxC, stride=1, padding=0):
@@ -118,30 +190,68 @@ def batch_norm(p, x_NxHxWxC, train, eps=1e-5, momentum=0.1):
   return y.astype(x_NxHxWxC.dtype), stats
 
 
-def attention(q_NxQxD, k_NxKxD, v_NxKxD, heads, mask_QxK=None):
-  """Scaled dot-product attention over `heads` heads; softmax in fp32. mask: True = attend."""
-  split = lambda t: t.reshape(*t.shape[:-1], heads, t.shape[-1] // heads)
-  q_NxQxHxd, k_NxKxHxd, v_NxKxHxd = split(q_NxQxD), split(k_NxKxD), split(v_NxKxD)
+def split_heads(x_NxLxD, heads):
+  return x_NxLxD.reshape(*x_NxLxD.shape[:-1], heads, x_NxLxD.shape[-1] // heads)
+
+
+def attention_heads(q_NxQxHxd, k_NxKxHxd, v_NxKxHxd, mask_QxK=None):
+  """Scaled dot-product attention on per-head arrays; softmax in fp32. mask: True = attend,
+  broadcast against (N, H, Q, K)."""
   scale = q_NxQxHxd.shape[-1] ** -0.5
   logits_NxHxQxK = jnp.einsum('nqhd,nkhd->nhqk', q_NxQxHxd * scale, k_NxKxHxd)
   logits_NxHxQxK = logits_NxHxQxK.astype(jnp.float32)
   if mask_QxK is not None:
     logits_NxHxQxK = jnp.where(mask_QxK, logits_NxHxQxK, jnp.finfo(jnp.float32).min)
   probs_NxHxQxK = jax.nn.softmax(logits_NxHxQxK, axis=-1).astype(v_NxKxHxd.dtype)
-  out_NxQxHxd = jnp.einsum('nhqk,nkhd->nqhd', probs_NxHxQxK, v_NxKxHxd)
+  return jnp.einsum('nhqk,nkhd->nqhd', probs_NxHxQxK, v_NxKxHxd)
+
+
+def attention(q_NxQxD, k_NxKxD, v_NxKxD, heads, mask_QxK=None):
+  """Scaled dot-product attention over `heads` heads of packed (N, L, D) arrays."""
+  out_NxQxHxd = attention_heads(split_heads(q_NxQxD, heads), split_heads(k_NxKxD, heads),
+                                split_heads(v_NxKxD, heads), mask_QxK)
   return out_NxQxHxd.reshape(q_NxQxD.shape)
 
 
-def init_multi_head_attention(key, d, attn_std, proj_std):
-  """nn.MultiheadAttention with OpenAI's re-initialisation (biases start at zero, as torch)."""
+def init_multi_head_attention(key, d, attn_std, proj_std, bias=True, heads=None, qk_norm=None,
+                              head_scale=False):
+  """nn.MultiheadAttention with OpenAI's re-initialisation (biases start at zero, as torch).
+  `qk_norm` ('layernorm' / 'rmsnorm') adds `q_norm`, `k_norm` over the head dimension;
+  `head_scale` NormFormer's per-head output gain (heads,)."""
   k_in, k_out = jax.random.split(key)
-  return {'in_proj_weight': normal(k_in, (3 * d, d), attn_std),
-          'in_proj_bias': jnp.zeros((3 * d,), jnp.float32),
-          'out_proj': {'weight': normal(k_out, (d, d), proj_std), 'bias': jnp.zeros((d,), jnp.float32)}}
+  p = {'in_proj_weight': normal(k_in, (3 * d, d), attn_std),
+       'out_proj': {'weight': normal(k_out, (d, d), proj_std)}}
+  if bias:
+    p['in_proj_bias'] = jnp.zeros((3 * d,), jnp.float32)
+    p['out_proj']['bias'] = jnp.zeros((d,), jnp.float32)
+  if qk_norm:
+    p['q_norm'] = init_norm(d // heads, qk_norm, bias)
+    p['k_norm'] = init_norm(d // heads, qk_norm, bias)
+  if head_scale:
+    p['head_scale'] = jnp.ones((heads,), jnp.float32)
+  return p
 
 
-def multi_head_attention(p, x_NxLxD, heads, mask_LxL=None):
-  """nn.MultiheadAttention self-attention with the packed `in_proj_weight (3D, D)`."""
-  qkv_NxLx3D = linear({'weight': p['in_proj_weight'], 'bias': p['in_proj_bias']}, x_NxLxD)
-  q, k, v = jnp.split(qkv_NxLx3D, 3, axis=-1)
-  return linear(p['out_proj'], attention(q, k, v, heads, mask_LxL))
+def multi_head_attention(p, x_NxQxD, heads, mask_QxK=None, kv_NxKxD=None, norm_kind='layernorm',
+                         q_pos=None, k_pos=None, rope_theta=10000.0):
+  """nn.MultiheadAttention with the packed `in_proj_weight (3D, D)`: self-attention, or queries
+  from `x` and keys/values from `kv`. Optional parts, present by their parameters: query-key
+  normalisation (`q_norm`, `k_norm`), NormFormer's `head_scale`; RoPE when positions are given."""
+  d = x_NxQxD.shape[-1]
+  w, b = p['in_proj_weight'], p.get('in_proj_bias')
+  if kv_NxKxD is None:
+    q, k, v = jnp.split(linear({'weight': w, **({'bias': b} if b is not None else {})}, x_NxQxD),
+                        3, axis=-1)
+  else:
+    part = lambda s: {'weight': w[s], **({'bias': b[s]} if b is not None else {})}
+    q = linear(part(slice(0, d)), x_NxQxD)
+    k, v = jnp.split(linear(part(slice(d, 3 * d)), kv_NxKxD), 2, axis=-1)
+  q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+  if 'q_norm' in p:
+    q, k = norm(p['q_norm'], q, norm_kind), norm(p['k_norm'], k, norm_kind)
+  if q_pos is not None:
+    q, k = rope(q, q_pos, rope_theta), rope(k, k_pos, rope_theta)
+  out_NxQxHxd = attention_heads(q, k, v, mask_QxK)
+  if 'head_scale' in p:
+    out_NxQxHxd = out_NxQxHxd * p['head_scale'].astype(out_NxQxHxd.dtype)[:, None]
+  return linear(p['out_proj'], out_NxQxHxd.reshape(*out_NxQxHxd.shape[:2], d))

@@ -13,13 +13,10 @@ import numpy as np
 
 from clip import resnet
 from clip import text
+from clip import transformer
 from clip import vit
 
 BATCH_STAT_KEYS = ('running_mean', 'running_var', 'num_batches_tracked')
-
-
-def _tower(cfg):
-  return resnet if cfg.vision.arch == 'resnet' else vit
 
 
 def init_params(key, cfg):
@@ -28,10 +25,42 @@ def init_params(key, cfg):
   Not jitted, so that it composes: `jax.eval_shape(init_params, key, cfg)` for the tree, or
   `jax.jit(init_params, static_argnames='cfg', out_shardings=...)` to create it sharded.
   """
-  params = text.init(jax.random.fold_in(key, 1), cfg.text, cfg.embed_dim)
-  params['visual'] = _tower(cfg).init(jax.random.fold_in(key, 0), cfg.vision, cfg.embed_dim)
-  params['logit_scale'] = jnp.asarray(np.log(1 / 0.07), jnp.float32)
+  params = text.init(jax.random.fold_in(key, 1), cfg.text, cfg.embed_dim, cfg.scan)
+  if cfg.vision.arch == 'resnet':
+    params['visual'] = resnet.init(jax.random.fold_in(key, 0), cfg.vision, cfg.embed_dim)
+  else:
+    params['visual'] = vit.init(jax.random.fold_in(key, 0), cfg.vision, cfg.embed_dim, cfg.scan)
+  if cfg.logit_bias:  # SigLIP's initialisation
+    params['logit_scale'] = jnp.asarray(np.log(10.0), jnp.float32)
+    params['logit_bias'] = jnp.asarray(-10.0, jnp.float32)
+  else:
+    params['logit_scale'] = jnp.asarray(np.log(1 / 0.07), jnp.float32)
   return params
+
+
+def _map_resblocks(params, fn):
+  """`params` with `fn` applied to each transformer's `resblocks` (text and ViT towers)."""
+  out = dict(params)
+  if 'transformer' in params:
+    out['transformer'] = dict(params['transformer'], resblocks=fn(params['transformer']['resblocks']))
+  visual = params.get('visual', {})
+  if 'transformer' in visual:
+    vt = visual['transformer']
+    out['visual'] = dict(visual, transformer=dict(vt, resblocks=fn(vt['resblocks'])))
+  return out
+
+
+def stack_layers(params):
+  """Per-layer (torch-keyed) params -> the stacked layout of `CLIPConfig(scan=True)`: each
+  transformer's blocks as one block dict with a leading layer axis. Stacked towers stay as they are."""
+  return _map_resblocks(params, lambda b: b if transformer.is_stacked(b) else
+                        transformer.stack_blocks([b[str(i)] for i in range(len(b))]))
+
+
+def unstack_layers(params):
+  """The stacked layout -> per-layer torch keys (`resblocks.0.*`, ...); per-layer params unchanged."""
+  return _map_resblocks(params, lambda b: transformer.unstack_blocks(b)
+                        if transformer.is_stacked(b) else b)
 
 
 # Init runs once and is cheap to execute, but hundreds of random leaves take XLA's CPU backend
@@ -69,13 +98,13 @@ def _encode_image(params, images, cfg, train):
   check_images(images, cfg)
   images = images.astype(cfg.dtype)
   if cfg.vision.arch == 'resnet':
-    out = resnet.apply(params['visual'], images, cfg.vision, train, cfg.remat)
+    out = resnet.apply(params['visual'], images, cfg.vision, train, cfg.remat != 'none')
     if train:
       return out[0].astype(jnp.float32), {'visual': out[1]}
     return out.astype(jnp.float32)
   if train:
     raise ValueError('train=True only changes BatchNorm, which a ViT does not have')
-  return vit.apply(params['visual'], images, cfg.vision, cfg.remat).astype(jnp.float32)
+  return vit.apply(params['visual'], images, cfg.vision, cfg.remat, cfg.scan).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'train'))
@@ -92,7 +121,8 @@ def encode_image(params, images, cfg, train=False):
 def encode_text(params, tokens, cfg):
   """(N, L) int tokens -> (N, embed_dim) fp32 features pooled at the EOT (largest) token."""
   check_tokens(tokens, cfg)
-  return text.apply(params, tokens, cfg.text, jnp.dtype(cfg.dtype), cfg.remat).astype(jnp.float32)
+  return text.apply(params, tokens, cfg.text, jnp.dtype(cfg.dtype), cfg.remat,
+                    cfg.scan).astype(jnp.float32)
 
 
 def normalize(x):

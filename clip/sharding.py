@@ -26,8 +26,8 @@ DEFAULT_RULES = (
     (r'(.*\.)?attn\.in_proj_weight', P('tensor', 'fsdp')),
     (r'(.*\.)?attn\.in_proj_bias', P('tensor')),
     (r'(.*\.)?attn\.out_proj\.weight', P('fsdp', 'tensor')),
-    (r'(.*\.)?mlp\.c_fc\.weight', P('tensor', 'fsdp')),
-    (r'(.*\.)?mlp\.c_fc\.bias', P('tensor')),
+    (r'(.*\.)?mlp\.c_(fc|gate)\.weight', P('tensor', 'fsdp')),
+    (r'(.*\.)?mlp\.c_(fc|gate)\.bias', P('tensor')),
     (r'(.*\.)?mlp\.c_proj\.weight', P('fsdp', 'tensor')),
     (r'visual\.attnpool\.[qkv]_proj\.weight', P('tensor', 'fsdp')),
     (r'visual\.attnpool\.[qkv]_proj\.bias', P('tensor')),
@@ -37,10 +37,15 @@ DEFAULT_RULES = (
     (r'(visual\.(attnpool\.)?)?positional_embedding', P(None, 'fsdp')),
     (r'visual\.proj|text_projection', P('fsdp', None)),
     (r'head\.weight', P(None, 'fsdp')),  # a fine-tuning classifier (classes, embed_dim)
-    # Small or scalar leaves: norms, BN buffers, biases, the class token, the logit scale/bias.
-    (r'(.*\.)?(ln_\w+|bn\d|downsample\.1)\.\w+', P()),
-    (r'.*\.bias|visual\.class_embedding|logit_scale|logit_bias', P()),
+    # Small or scalar leaves: norms, BN buffers, biases, the class token, registers, the MAP probe,
+    # NormFormer's head scale, the logit scale/bias.
+    (r'(.*\.)?(ln_\w+|bn\d|downsample\.1|mlp\.ln|attn\.[qk]_norm)\.\w+', P()),
+    (r'.*\.bias|visual\.(class_embedding|registers)|(.*\.)?(probe|head_scale)', P()),
+    (r'logit_scale|logit_bias', P()),
 )
+
+
+STACKED = re.compile(r'(^|\.)resblocks\.(?!\d+\.)')
 
 
 class ShardingError(ValueError):
@@ -72,14 +77,19 @@ def _path(key_path):
 
 def param_specs(params, rules=DEFAULT_RULES):
   """PartitionSpec for every leaf of `params` (arrays or ShapeDtypeStructs) by the first rule
-  whose regex matches its whole path. Raises ShardingError listing every uncovered path."""
+  whose regex matches its whole path. Raises ShardingError listing every uncovered path.
+  Stacked blocks (`resblocks.<key>`, scan layout) get the rule of their per-layer path with the
+  leading layer axis unsplit."""
   compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
   uncovered = []
 
   def spec_of(key_path, leaf):
     path = _path(key_path)
+    stacked = STACKED.search(path)
     for pattern, spec in compiled:
       if pattern.fullmatch(path):
+        if stacked:
+          spec = P(None, *spec)
         if len(spec) > np.ndim(leaf):
           raise ShardingError(f'rule {pattern.pattern!r} gives {spec} to {path} of rank '
                               f'{np.ndim(leaf)}')

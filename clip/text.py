@@ -1,42 +1,60 @@
-"""OpenAI's text tower: token + position embedding, causal blocks, ln_final, EOT pooling."""
+"""OpenAI's text tower: token + position embedding, causal blocks, ln_final, EOT pooling; with the
+TextConfig options (first-token / map pooling, RoPE, bidirectional attention, block options)."""
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from clip import layers
+from clip import pooling
 from clip import sharding
 from clip import transformer
 
 
-def init(key, cfg, embed_dim):
+def init(key, cfg, embed_dim, stacked=False):
   """`cfg` is a TextConfig; keys are the top-level torch keys of OpenAI's CLIP text side."""
   k = lambda i: jax.random.fold_in(key, i)
-  return {
-      'token_embedding': {'weight': layers.normal(k(0), (cfg.vocab_size, cfg.width), 0.02)},
-      'positional_embedding': layers.normal(k(1), (cfg.context_length, cfg.width), 0.01),
-      'transformer': transformer.init(k(2), cfg.width, cfg.layers),
-      'ln_final': layers.init_layer_norm(cfg.width),
-      'text_projection': layers.normal(k(3), (cfg.width, embed_dim), cfg.width ** -0.5),
-  }
+  params = {'token_embedding': {'weight': layers.normal(k(0), (cfg.vocab_size, cfg.width), 0.02)}}
+  if cfg.pos_embedding == 'learned':
+    params['positional_embedding'] = layers.normal(k(1), (cfg.context_length, cfg.width), 0.01)
+  params['transformer'] = transformer.init(k(2), cfg, stacked)
+  params['ln_final'] = layers.init_norm(cfg.width, cfg.norm, cfg.bias)
+  if cfg.pool == 'map':
+    params['attn_pool'] = pooling.init(k(4), cfg)
+  if cfg.projection:
+    params['text_projection'] = layers.normal(k(3), (cfg.width, embed_dim), cfg.width ** -0.5)
+  return params
 
 
-def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat=False):
-  """int tokens (N, L<=context) -> (N, embed_dim), pooled at the largest id (EOT) of each row."""
+def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat='none', scan=False):
+  """int tokens (N, L<=context) -> (N, embed_dim). The end-of-text token is the largest id of a
+  row; what follows it is padding (masked out of bidirectional attention and map pooling)."""
   length = tokens_NxL.shape[1]
   # The lookup reads a gathered table (as FSDP gathers every weight it uses): a gather from the
   # sharded table would come out split along the width, not the batch.
   table_VxD = sharding.constrain(params['token_embedding']['weight'].astype(dtype), P())
   x_NxLxD = sharding.constrain_batch(table_VxD[tokens_NxL])
-  x_NxLxD = x_NxLxD + params['positional_embedding'][:length].astype(dtype)
-  causal_LxL = jnp.tril(jnp.ones((length, length), bool))
+  if cfg.pos_embedding == 'learned':
+    x_NxLxD = x_NxLxD + params['positional_embedding'][:length].astype(dtype)
+  positions_L = jnp.arange(length) if cfg.pos_embedding == 'rope' else None
   eot_N = jnp.argmax(tokens_NxL, axis=-1)
-  # Only the EOT position is pooled and ln_final is per token, so the last block runs there alone.
-  x_NxLxD = transformer.apply(params['transformer'], x_NxLxD, cfg.heads, causal_LxL,
-                              depth=max(cfg.layers - 1, 0), remat=remat)
-  if cfg.layers:
-    last = params['transformer']['resblocks'][str(cfg.layers - 1)]
-    x_NxD = transformer.causal_block_at(last, x_NxLxD, eot_N, cfg.heads)
+  valid_NxL = jnp.arange(length) <= eot_N[:, None]
+  mask = jnp.tril(jnp.ones((length, length), bool)) if cfg.causal else valid_NxL[:, None, None, :]
+  run = lambda x, depth=None: transformer.apply(params['transformer'], x, cfg, mask, depth, remat,
+                                                scan, positions_L)
+  if cfg.pool == 'eot' and cfg.causal:
+    # Only the EOT position is pooled and ln_final is per token, so the last block runs there alone.
+    x_NxLxD = run(x_NxLxD, cfg.layers - 1)
+    last = transformer.layer(params['transformer'], cfg.layers - 1)
+    x_NxD = transformer.causal_block_at(last, x_NxLxD, eot_N, cfg, positions_L)
+    x_NxD = layers.norm(params['ln_final'], x_NxD, cfg.norm)
+  elif cfg.pool == 'map':
+    x_NxLxD = layers.norm(params['ln_final'], run(x_NxLxD), cfg.norm)
+    x_NxD = pooling.apply(params['attn_pool'], x_NxLxD, cfg, valid_NxL)
   else:
-    x_NxD = jnp.take_along_axis(x_NxLxD, eot_N[:, None, None], axis=1)[:, 0]
-  x_NxD = layers.layer_norm(params['ln_final'], x_NxD)
-  return x_NxD @ params['text_projection'].astype(dtype)
+    x_NxLxD = run(x_NxLxD)
+    pos_N = eot_N if cfg.pool == 'eot' else jnp.zeros_like(eot_N)
+    x_NxD = jnp.take_along_axis(x_NxLxD, pos_N[:, None, None], axis=1)[:, 0]
+    x_NxD = layers.norm(params['ln_final'], x_NxD, cfg.norm)
+  if 'text_projection' in params:
+    x_NxD = x_NxD @ params['text_projection'].astype(dtype)
+  return x_NxD

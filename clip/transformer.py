@@ -1,7 +1,10 @@
-"""The residual attention block stack shared by the ViT and the text tower (OpenAI's `Transformer`).
+"""The residual attention block stack shared by the ViT and the text tower (OpenAI's `Transformer`),
+with the tower config's `BlockOptions` (norm kind and placement, MLP kind, qk-norm, biases).
 
-Params: `{'resblocks': {'0': block, '1': block, ...}}`, each block with torch keys
-`ln_1, attn.{in_proj_weight, in_proj_bias, out_proj}, ln_2, mlp.{c_fc, c_proj}`.
+Params, per-layer (torch keys): `{'resblocks': {'0': block, '1': block, ...}}`, each block with
+`ln_1, attn.{in_proj_weight, in_proj_bias, out_proj}, ln_2, mlp.{c_fc, c_proj}` (plus `ln_attn`,
+`attn.head_scale`, `mlp.ln` for NormFormer, `attn.{q,k}_norm`, `mlp.c_gate` when configured).
+Stacked: `{'resblocks': block}` whose leaves carry a leading layer axis, run by `lax.scan`.
 """
 import jax
 import jax.numpy as jnp
@@ -9,70 +12,130 @@ import jax.numpy as jnp
 from clip import layers
 from clip import sharding
 
+# What `jax.checkpoint` keeps of a block for the backward pass ('block': only its input).
+REMAT_POLICIES = {'block': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
-def init(key, width, depth):
-  """OpenAI's `initialize_parameters` stds for attention and MLP weights."""
+
+def init_block(key, cfg, depth):
+  """One block with OpenAI's `initialize_parameters` stds for attention and MLP weights."""
+  width = cfg.width
   attn_std = width ** -0.5
   proj_std = width ** -0.5 * (2 * depth) ** -0.5
   fc_std = (2 * width) ** -0.5
-
-  def init_block(k):
-    k_attn, k_fc, k_proj = jax.random.split(k, 3)
-    return {
-        'ln_1': layers.init_layer_norm(width),
-        'attn': layers.init_multi_head_attention(k_attn, width, attn_std, proj_std),
-        'ln_2': layers.init_layer_norm(width),
-        'mlp': {'c_fc': layers.init_linear(k_fc, width, 4 * width, std=fc_std),
-                'c_proj': layers.init_linear(k_proj, 4 * width, width, std=proj_std)},
-    }
-
-  return {'resblocks': {str(i): init_block(jax.random.fold_in(key, i)) for i in range(depth)}}
-
-
-def block(p, x_NxLxD, heads, mask_LxL=None):
-  x_NxLxD = x_NxLxD + layers.multi_head_attention(p['attn'], layers.layer_norm(p['ln_1'], x_NxLxD),
-                                                  heads, mask_LxL)
-  return x_NxLxD + layers.mlp(p['mlp'], layers.layer_norm(p['ln_2'], x_NxLxD))
+  normformer = cfg.norm_placement == 'normformer'
+  k_attn, k_fc, k_proj = jax.random.split(key, 3)
+  p = {
+      'ln_1': layers.init_norm(width, cfg.norm, cfg.bias),
+      'attn': layers.init_multi_head_attention(
+          k_attn, width, attn_std, proj_std, cfg.bias, cfg.heads,
+          qk_norm=cfg.norm if cfg.qk_norm else None, head_scale=normformer),
+      'ln_2': layers.init_norm(width, cfg.norm, cfg.bias),
+      'mlp': layers.init_mlp(k_fc, k_proj, width, cfg.hidden_dim, cfg.mlp, cfg.bias, fc_std,
+                             proj_std, norm_kind=cfg.norm if normformer else None),
+  }
+  if normformer:
+    p['ln_attn'] = layers.init_norm(width, cfg.norm, cfg.bias)
+  return p
 
 
-def causal_block_at(p, x_NxLxD, pos_N, heads):
+def init(key, cfg, stacked=False):
+  blocks = [init_block(jax.random.fold_in(key, i), cfg, cfg.layers) for i in range(cfg.layers)]
+  if stacked:
+    return {'resblocks': stack_blocks(blocks)}
+  return {'resblocks': {str(i): b for i, b in enumerate(blocks)}}
+
+
+# ---------------------------------------------------------------- stacked <-> per-layer layouts
+
+def is_stacked(resblocks):
+  """True for the stacked layout (block keys with a leading layer axis), False for '0', '1', ..."""
+  return not all(k.isdigit() for k in resblocks)
+
+
+def stack_blocks(blocks):
+  """A list of per-layer block dicts -> one block dict with a leading layer axis."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+
+
+def unstack_blocks(stacked):
+  """One stacked block dict -> `{'0': block, '1': block, ...}` (the torch-keyed layout)."""
+  n = len(jax.tree.leaves(stacked)[0])
+  return {str(i): jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)}
+
+
+def num_layers(p):
+  blocks = p['resblocks']
+  return len(jax.tree.leaves(blocks)[0]) if is_stacked(blocks) else len(blocks)
+
+
+def layer(p, i):
+  """Block `i`'s parameters in either layout."""
+  blocks = p['resblocks']
+  return jax.tree.map(lambda a: a[i], blocks) if is_stacked(blocks) else blocks[str(i)]
+
+
+# ---------------------------------------------------------------- apply
+
+def _attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None):
+  out = layers.multi_head_attention(p['attn'], h_NxQxD, cfg.heads, mask, kv_NxKxD, cfg.norm,
+                                    q_pos, k_pos, getattr(cfg, 'rope_theta', 10000.0))
+  return layers.norm(p['ln_attn'], out, cfg.norm) if 'ln_attn' in p else out
+
+
+def _mlp(p, x, cfg):
+  return layers.mlp(p['mlp'], layers.norm(p['ln_2'], x, cfg.norm), cfg.mlp, cfg.norm)
+
+
+def block(p, x_NxLxD, cfg, mask=None, positions=None):
+  """Pre-norm residual block; `positions` (L,) turn on RoPE."""
+  h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm)
+  x_NxLxD = x_NxLxD + _attention(p, h_NxLxD, cfg, mask, q_pos=positions, k_pos=positions)
+  return x_NxLxD + _mlp(p, x_NxLxD, cfg)
+
+
+def causal_block_at(p, x_NxLxD, pos_N, cfg, positions=None):
   """`block` with a causal mask, evaluated only at one position per row: (N, D).
 
-  Equal to `block(p, x, heads, causal)[arange(N), pos_N]`, but the queries, the attention output
+  Equal to `block(p, x, cfg, causal)[arange(N), pos_N]`, but the queries, the attention output
   and the MLP run on N rows instead of N*L; the keys and values still see every position <= pos.
   """
-  d = x_NxLxD.shape[-1]
-  w, b = p['attn']['in_proj_weight'], p['attn']['in_proj_bias']
-  h_NxLxD = layers.layer_norm(p['ln_1'], x_NxLxD)
-  h_NxD = jnp.take_along_axis(h_NxLxD, pos_N[:, None, None], axis=1)[:, 0]
-  q_Nx1xD = layers.linear({'weight': w[:d], 'bias': b[:d]}, h_NxD)[:, None]
-  k_NxLxD, v_NxLxD = jnp.split(layers.linear({'weight': w[d:], 'bias': b[d:]}, h_NxLxD), 2, -1)
+  h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm)
+  take = lambda t: jnp.take_along_axis(t, pos_N[:, None, None], axis=1)  # (N, 1, D)
   mask_Nx1x1xL = (jnp.arange(x_NxLxD.shape[1]) <= pos_N[:, None])[:, None, None, :]
-  out_NxD = layers.attention(q_Nx1xD, k_NxLxD, v_NxLxD, heads, mask_Nx1x1xL)[:, 0]
-  x_NxD = jnp.take_along_axis(x_NxLxD, pos_N[:, None, None], axis=1)[:, 0]
-  x_NxD = x_NxD + layers.linear(p['attn']['out_proj'], out_NxD)
-  return x_NxD + layers.mlp(p['mlp'], layers.layer_norm(p['ln_2'], x_NxD))
+  q_pos = None if positions is None else pos_N[:, None]
+  out_Nx1xD = _attention(p, take(h_NxLxD), cfg, mask_Nx1x1xL, h_NxLxD, q_pos, positions)
+  x_NxD = (take(x_NxLxD) + out_Nx1xD)[:, 0]
+  return x_NxD + _mlp(p, x_NxD, cfg)
 
 
-def apply(p, x_NxLxD, heads, mask_LxL=None, depth=None, remat=False):
+def apply(p, x_NxLxD, cfg, mask=None, depth=None, remat='none', scan=False, positions=None):
   """The first `depth` blocks (all by default).
 
-  `remat` recomputes each block in the backward pass, keeping only the block inputs. The blocks
-  then run as one `lax.scan` over their stacked weights: in an unrolled loop XLA is free to
-  schedule every recomputation early, and on the CPU it does, so the temporaries do not shrink
-  at all; under scan they do (tests/test_training.py checks `memory_analysis`)."""
-  depth = len(p['resblocks']) if depth is None else depth
+  Stacked parameters, `scan` or a `remat` policy run the blocks as one `lax.scan` over their
+  stacked weights (per-layer weights are stacked on the fly): one block to compile. `remat`
+  checkpoints each block ('block': keep its input; 'dots': also the weight matmuls). Remat needs
+  the scan: in an unrolled loop XLA is free to schedule every recomputation early, and on the CPU
+  it does, so the temporaries do not shrink at all (tests/test_training.py checks
+  `memory_analysis`)."""
+  blocks = p['resblocks']
+  stacked = is_stacked(blocks)
+  depth = num_layers(p) if depth is None else depth
   x_NxLxD = sharding.constrain_batch(x_NxLxD)
-  if remat and depth:
-    blocks = [p['resblocks'][str(i)] for i in range(depth)]
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+  if not depth:
+    return x_NxLxD
+  if stacked or scan or remat != 'none':
+    if stacked:
+      weights = blocks if depth == num_layers(p) else jax.tree.map(lambda a: a[:depth], blocks)
+    else:
+      weights = stack_blocks([blocks[str(i)] for i in range(depth)])
 
-    @jax.checkpoint
     def step(x, block_params):
-      return sharding.constrain_batch(block(block_params, x, heads, mask_LxL)), None
+      return sharding.constrain_batch(block(block_params, x, cfg, mask, positions)), None
 
-    return jax.lax.scan(step, x_NxLxD, stacked)[0]
+    if remat != 'none':
+      step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+    return jax.lax.scan(step, x_NxLxD, weights)[0]
   for i in range(depth):
     with jax.named_scope(f'resblock_{i}'):
-      x_NxLxD = sharding.constrain_batch(block(p['resblocks'][str(i)], x_NxLxD, heads, mask_LxL))
+      x_NxLxD = sharding.constrain_batch(block(blocks[str(i)], x_NxLxD, cfg, mask, positions))
   return x_NxLxD

@@ -1,40 +1,85 @@
-"""OpenAI's VisionTransformer image tower: patch embed, class token, pre-LN blocks, projection."""
+"""OpenAI's VisionTransformer image tower: patch embed, class token, pre-LN blocks, projection;
+with the VisionConfig options (gap / map pooling, sin-cos positions, registers, block options)."""
 import einops
 import jax
 import jax.numpy as jnp
 
 from clip import layers
+from clip import pooling
 from clip import transformer
 
 
-def init(key, cfg, embed_dim):
-  """`cfg` is a VisionConfig with arch 'vit'; keys and shapes are torch's `visual.*`."""
+def init(key, cfg, embed_dim, stacked=False):
+  """`cfg` is a VisionConfig with arch 'vit'; keys and shapes are torch's `visual.*` (OpenAI's
+  for the default options). `stacked` holds the blocks in the scan layout."""
   k = lambda i: jax.random.fold_in(key, i)
   w, p = cfg.width, cfg.patch_size
   scale = w ** -0.5
-  return {
-      'conv1': layers.init_conv(k(0), 3, w, p),
-      'class_embedding': layers.normal(k(1), (w,), scale),
-      'positional_embedding': layers.normal(k(2), (cfg.grid_size ** 2 + 1, w), scale),
-      'ln_pre': layers.init_layer_norm(w),
-      'transformer': transformer.init(k(3), w, cfg.layers),
-      'ln_post': layers.init_layer_norm(w),
-      'proj': layers.normal(k(4), (w, embed_dim), scale),
-  }
+  params = {'conv1': layers.init_conv(k(0), 3, w, p)}
+  if cfg.pool == 'cls':
+    params['class_embedding'] = layers.normal(k(1), (w,), scale)
+  if cfg.pos_embedding == 'learned':
+    rows = cfg.grid_size ** 2 + int(cfg.pool == 'cls')
+    params['positional_embedding'] = layers.normal(k(2), (rows, w), scale)
+  if cfg.registers:
+    params['registers'] = layers.normal(k(5), (cfg.registers, w), scale)
+  params['ln_pre'] = layers.init_norm(w, cfg.norm, cfg.bias)
+  params['transformer'] = transformer.init(k(3), cfg, stacked)
+  params['ln_post'] = layers.init_norm(w, cfg.norm, cfg.bias)
+  if cfg.pool == 'map':
+    params['attn_pool'] = pooling.init(k(6), cfg)
+  if cfg.projection:
+    params['proj'] = layers.normal(k(4), (w, embed_dim), scale)
+  return params
 
 
-def apply(params, images_NxHxWx3, cfg, remat=False):
-  """Normalised NHWC images -> (N, embed_dim) features, in the dtype of the images."""
+def position_table(params, cfg, dtype):
+  """(tokens before the registers, D) positions: learned, or the fixed sin-cos grid (with a zero
+  row for the class token)."""
+  if cfg.pos_embedding == 'learned':
+    return params['positional_embedding'].astype(dtype)
+  table = jnp.asarray(layers.sincos_2d(cfg.grid_size, cfg.width), dtype)
+  if cfg.pool == 'cls':
+    table = jnp.concatenate([jnp.zeros((1, cfg.width), dtype), table])
+  return table
+
+
+def tokens(params, images_NxHxWx3, cfg, remat='none', scan=False):
+  """Normalised NHWC images -> the last block's tokens (N, prefix + patches, D): the class token
+  (with 'cls' pooling), then the registers, then the patches in raster order."""
   dtype = images_NxHxWx3.dtype
   p = cfg.patch_size
   # The stride-p conv with an OIHW kernel, as one einsum over non-overlapping patches.
   patches = einops.rearrange(images_NxHxWx3, 'n (h p) (w q) c -> n (h w) c p q', p=p, q=p)
   x_NxLxD = jnp.einsum('nlcpq,ocpq->nlo', patches, params['conv1']['weight'].astype(dtype))
-  cls_Nx1xD = jnp.broadcast_to(params['class_embedding'].astype(dtype),
-                               (x_NxLxD.shape[0], 1, x_NxLxD.shape[-1]))
-  x_NxLxD = jnp.concatenate([cls_Nx1xD, x_NxLxD], axis=1)
-  x_NxLxD = x_NxLxD + params['positional_embedding'].astype(dtype)
-  x_NxLxD = layers.layer_norm(params['ln_pre'], x_NxLxD)
-  x_NxLxD = transformer.apply(params['transformer'], x_NxLxD, cfg.heads, remat=remat)
-  x_NxD = layers.layer_norm(params['ln_post'], x_NxLxD[:, 0])
-  return x_NxD @ params['proj'].astype(dtype)
+  n, _, d = x_NxLxD.shape
+  if cfg.pool == 'cls':
+    cls_Nx1xD = jnp.broadcast_to(params['class_embedding'].astype(dtype), (n, 1, d))
+    x_NxLxD = jnp.concatenate([cls_Nx1xD, x_NxLxD], axis=1)
+  x_NxLxD = x_NxLxD + position_table(params, cfg, dtype)
+  if cfg.registers:
+    c = int(cfg.pool == 'cls')
+    regs_NxRxD = jnp.broadcast_to(params['registers'].astype(dtype), (n, cfg.registers, d))
+    x_NxLxD = jnp.concatenate([x_NxLxD[:, :c], regs_NxRxD, x_NxLxD[:, c:]], axis=1)
+  x_NxLxD = layers.norm(params['ln_pre'], x_NxLxD, cfg.norm)
+  return transformer.apply(params['transformer'], x_NxLxD, cfg, remat=remat, scan=scan)
+
+
+def pool(params, x_NxLxD, cfg):
+  """The last block's tokens -> (N, embed_dim): ln_post per token, then the class token, the
+  mean of the patches (and registers if pooled) or the MAP head; then the projection."""
+  if cfg.pool == 'cls':
+    x_NxD = layers.norm(params['ln_post'], x_NxLxD[:, 0], cfg.norm)
+  else:
+    tokens_NxTxD = x_NxLxD if cfg.pool_registers else x_NxLxD[:, cfg.registers:]
+    tokens_NxTxD = layers.norm(params['ln_post'], tokens_NxTxD, cfg.norm)
+    if cfg.pool == 'gap':
+      x_NxD = tokens_NxTxD.mean(axis=1)
+    else:
+      x_NxD = pooling.apply(params['attn_pool'], tokens_NxTxD, cfg)
+  return x_NxD @ params['proj'].astype(x_NxD.dtype) if 'proj' in params else x_NxD
+
+
+def apply(params, images_NxHxWx3, cfg, remat='none', scan=False):
+  """Normalised NHWC images -> (N, embed_dim) features, in the dtype of the images."""
+  return pool(params, tokens(params, images_NxHxWx3, cfg, remat, scan), cfg)

@@ -76,10 +76,11 @@ def nest(flat):
 
 
 def to_torch_state_dict(params):
-  """Nested params -> `{key: torch.Tensor}`, loadable by OpenAI's model with `strict=True`."""
+  """Nested params -> `{key: torch.Tensor}`, loadable by OpenAI's model with `strict=True`.
+  Stacked (scan-layout) blocks are written per layer, under torch's keys."""
   import torch  # pylint: disable=g-import-not-at-top
   state = {}
-  for key, value in flatten(params).items():
+  for key, value in flatten(model.unstack_layers(params)).items():
     value = np.asarray(jax.device_get(value))
     if key.endswith('num_batches_tracked'):
       value = value.astype(np.int64)
@@ -125,16 +126,17 @@ def infer_config(flat, heads=None):
         'multiples of 64 (OpenAI\'s head size); pass config= explicitly')
   text_heads, vision_heads = heads or (text_width // 64, None)
   try:
-    return configs.openai_config(embed_dim, resolution, vision_layers, width, vision_patch,
-                                 context_length, vocab_size, text_width, text_heads, text_layers,
-                                 vision_heads)
+    cfg = configs.openai_config(embed_dim, resolution, vision_layers, width, vision_patch,
+                                context_length, vocab_size, text_width, text_heads, text_layers,
+                                vision_heads)
+    return dataclasses.replace(cfg, logit_bias='logit_bias' in flat)
   except ValueError as e:
     raise CheckpointError(f'the shapes in this state dict give an invalid config: {e}') from None
 
 
 def expected_shapes(cfg):
-  """`{torch key: (shape, dtype)}` of a config, without allocating anything."""
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), cfg)
+  """`{torch key: (shape, dtype)}` of a config (per-layer keys), without allocating anything."""
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), dataclasses.replace(cfg, scan=False))
   return {k: (tuple(v.shape), v.dtype) for k, v in flatten(abstract).items()}
 
 
@@ -359,6 +361,8 @@ def load(path, config=None, dtype=np.float32, image_resolution=None):
   expected = check_state_dict(flat, config)
   params = nest({k: v.astype(dtype if np.issubdtype(expected[k][1], np.floating) else expected[k][1])
                  for k, v in flat.items()})
+  if config.scan:
+    params = model.stack_layers(params)
   if image_resolution is not None and image_resolution != config.image_resolution:
     params, config = interpolate_pos_embed(params, config, image_resolution)
   return params, config
@@ -366,16 +370,20 @@ def load(path, config=None, dtype=np.float32, image_resolution=None):
 
 def interpolate_pos_embed(params, cfg, image_resolution):
   """Bicubic resize of the image tower's position grid (class / pooled token kept) to a new
-  input resolution -> `(params, cfg)`. Only done on request: a changed model is a new model."""
+  input resolution -> `(params, cfg)`. Only done on request: a changed model is a new model.
+  A fixed sin-cos table has nothing to resize: it is computed for the new grid."""
   vision = dataclasses.replace(cfg.vision, image_resolution=image_resolution)
   new_cfg = dataclasses.replace(cfg, vision=vision)
+  if cfg.vision.arch == 'vit' and cfg.vision.pos_embedding == 'sincos2d':
+    return params, new_cfg
   table = 'attnpool' if cfg.vision.arch == 'resnet' else None
   holder = params['visual'][table] if table else params['visual']
   pos = np.asarray(holder['positional_embedding'])
   old, new, d = cfg.vision.grid_size, vision.grid_size, pos.shape[-1]
-  grid = pos[1:].reshape(old, old, d)
+  keep = pos.shape[0] - old * old  # the class / pooled token's row, if any
+  grid = pos[keep:].reshape(old, old, d)
   resized = jax.image.resize(grid, (new, new, d), 'bicubic').reshape(new * new, d)
-  holder = dict(holder, positional_embedding=np.concatenate([pos[:1], np.asarray(resized)], 0))
+  holder = dict(holder, positional_embedding=np.concatenate([pos[:keep], np.asarray(resized)], 0))
   visual = dict(params['visual'], **({table: holder} if table else holder))
   return dict(params, visual=visual), new_cfg
 
