@@ -34,6 +34,7 @@ class TrainConfig:
   learning_rate: float = 5e-4
   weight_decay: float = 0.2
   warmup_steps: int = 10
+  schedule: str = 'cosine'  # after the warmup: 'cosine' or 'linear' decay to 0, or 'constant'
   b1: float = 0.9
   b2: float = 0.98
   eps: float = 1e-6
@@ -50,6 +51,8 @@ class TrainConfig:
       raise ValueError(f'loss must be one of {LOSSES}, got {self.loss!r}')
     if self.optimizer not in optim.OPTIMIZERS:
       raise ValueError(f'optimizer must be one of {optim.OPTIMIZERS}, got {self.optimizer!r}')
+    if self.schedule not in optim.SCHEDULES:
+      raise ValueError(f'schedule must be one of {optim.SCHEDULES}, got {self.schedule!r}')
     for name in ('batch_size', 'total_steps', 'accumulation_steps'):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f'{name} must be an int >= 1, got {getattr(self, name)!r}')
@@ -82,7 +85,7 @@ def make_optimizer(tcfg):
   return optim.make_optimizer(tcfg.optimizer, tcfg.learning_rate, tcfg.weight_decay,
                               tcfg.warmup_steps, tcfg.total_steps, tcfg.b1, tcfg.b2, tcfg.eps,
                               tcfg.clip_norm, tcfg.accumulation_steps, tcfg.frozen,
-                              tcfg.layer_decay)
+                              tcfg.layer_decay, tcfg.schedule)
 
 
 def add_logit_bias(params, init=-10.0):
@@ -97,9 +100,11 @@ def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULE
   param_sh = sharding.param_shardings(mesh, abstract_state['params'], rules)
   stats_sh = sharding.param_shardings(mesh, abstract_state['batch_stats'], rules)
   repl = sharding.replicated(mesh)
+  # Masked subtrees (optax.partition, e.g. Muon's two branches) keep their MaskedNodes.
   opt_sh = optax.tree_map_params(
-      optimizer, lambda _, s: s, abstract_state['opt'], param_sh,
-      transform_non_params=lambda _: repl, is_leaf=lambda x: isinstance(x, NamedSharding))
+      optimizer, lambda x, s: x if isinstance(x, optax.MaskedNode) else s, abstract_state['opt'],
+      param_sh, transform_non_params=lambda _: repl,
+      is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
   # Adafactor's factored moments have other shapes than their parameters: replicate those.
   opt_sh = jax.tree.map(
       lambda leaf, s: s if _fits(leaf, s) else repl, abstract_state['opt'], opt_sh,

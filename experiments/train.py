@@ -33,6 +33,9 @@ def parse_args(argv):
   parser.add_argument('--data', default=None, help='"synthetic" or a tfrecord glob (img2dataset)')
   parser.add_argument('--loss', default=None, help='contrastive | sigmoid | ring_contrastive | '
                       'ring_sigmoid')
+  parser.add_argument('--optimizer', default=None, help='adamw | lion | adafactor | muon')
+  parser.add_argument('--schedule', default=None, help='after the warmup: cosine | linear | '
+                      'constant')
   parser.add_argument('--steps', type=int, default=None)
   parser.add_argument('--batch-size', type=int, default=None)
   parser.add_argument('--mesh', default=None, help='data,fsdp,tensor sizes, e.g. 2,2,2 or -1,1,1')
@@ -54,6 +57,10 @@ def load_config(args):
   changes = {}
   if args.loss:
     changes['loss'] = args.loss
+  if args.optimizer:
+    changes['optimizer'] = args.optimizer
+  if args.schedule:
+    changes['schedule'] = args.schedule
   if args.steps:
     changes['total_steps'] = args.steps
     changes['warmup_steps'] = min(config['train'].warmup_steps, args.steps // 10)
