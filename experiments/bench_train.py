@@ -1,7 +1,9 @@
 """Train-step throughput: step time, images/s and XLA's FLOPs per step, per model, batch and mesh.
 
 On the CPU the devices are simulated (8 by default), so the numbers measure the program and its
-collectives on shared cores, not accelerator speed. On a GPU, `--mfu-peak-tflops` turns the FLOPs
+collectives on shared cores, not accelerator speed. `--scan off,on` compares the blocks unrolled
+with the stacked layout run by `lax.scan` (compile time and step time), `--remat` the
+rematerialisation policies. On a GPU, `--mfu-peak-tflops` turns the FLOPs
 into model FLOPs utilisation (H100 SXM dense bf16: 989).
 
   python -m experiments.bench_train --quick
@@ -9,6 +11,8 @@ into model FLOPs utilisation (H100 SXM dense bf16: 989).
       --meshes=8,1,1:1,8,1:2,2,2
   python -m experiments.bench_train --models ViT-B/16 --dtype bfloat16 --devices 1 \
       --batch-sizes 256 --meshes=1,1,1 --mfu-peak-tflops 989        # on one H100
+  python -m experiments.bench_train --models small,ViT-B/32 --batch-sizes 16 --meshes=1,1,1 \
+      --scan off,on --remat none,block --devices 1
 """
 import argparse
 import dataclasses
@@ -27,7 +31,8 @@ def parse_args(argv):
                       help='data,fsdp,tensor:... (a mesh of fewer devices uses the first ones)')
   parser.add_argument('--loss', default='contrastive')
   parser.add_argument('--dtype', default='float32')
-  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--remat', default='none', help='none,block,dots: the policies to compare')
+  parser.add_argument('--scan', default='off', help='off,on: unrolled blocks and/or lax.scan')
   parser.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--quick', action='store_true', help='tiny model, one batch size, 2 runs')
@@ -39,14 +44,14 @@ def parse_args(argv):
   return args
 
 
-def model_config(name, dtype, remat):
+def model_config(name, dtype, remat, scan):
   import importlib  # pylint: disable=g-import-not-at-top
   import clip  # pylint: disable=g-import-not-at-top
   if name in clip.MODELS:
     cfg = clip.MODELS[name]
   else:
     cfg = importlib.import_module(f'experiments.configs.{name}').get_config()['model']
-  return dataclasses.replace(cfg, dtype=dtype, remat=remat)
+  return dataclasses.replace(cfg, dtype=dtype, remat=remat, scan=scan)
 
 
 def bench_one(cfg, tcfg, repeats):
@@ -71,6 +76,7 @@ def bench_one(cfg, tcfg, repeats):
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
+  temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get('flops', float('nan'))) * len(mesh.devices.flat)  # per device -> total
@@ -84,7 +90,7 @@ def bench_one(cfg, tcfg, repeats):
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
   return {'step_s': step_s, 'images_per_s': tcfg.batch_size / step_s, 'compile_s': compile_s,
-          'tflops_per_step': flops / 1e12, 'achieved_tflops': flops / step_s / 1e12,
+          'tflops_per_step': flops / 1e12, 'temp_mib': temp_mib, 'achieved_tflops': flops / step_s / 1e12,
           'params_m': training.param_count(state['params']) / 1e6}
 
 
@@ -97,30 +103,34 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   rows = []
+  variants = [(scan, remat) for scan in args.scan.split(',') for remat in args.remat.split(',')]
   for name in args.models.split(','):
-    cfg = model_config(name, args.dtype, args.remat)
-    for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
-      for mesh_arg in args.meshes.split(':'):
-        mesh = tuple(int(s) for s in mesh_arg.split(','))
-        tcfg = training.TrainConfig(batch_size=batch_size, total_steps=1000, warmup_steps=10,
-                                    loss=args.loss, mesh=mesh)
-        row = {'model': name, 'batch': batch_size, 'mesh': mesh_arg, 'dtype': args.dtype,
-               **bench_one(cfg, tcfg, args.repeats)}
-        if args.mfu_peak_tflops:
-          row['mfu'] = row['achieved_tflops'] / (args.mfu_peak_tflops * jax.device_count())
-        rows.append(row)
-        print(f'  {name} batch {batch_size} mesh {mesh_arg}: {row["step_s"]:.3f} s/step',
-              flush=True)
-  header = (f'{"model":<10} {"batch":>5} {"mesh":>7} {"params M":>8} {"step s":>8} '
-            f'{"img/s":>8} {"TFLOP/step":>10} {"TFLOP/s":>8} {"compile s":>9}'
-            + (f' {"MFU":>6}' if args.mfu_peak_tflops else ''))
+    for scan, remat in variants:
+      if scan not in ('off', 'on'):
+        raise ValueError(f'--scan takes off and/or on, got {scan!r}')
+      cfg = model_config(name, args.dtype, remat, scan == 'on')
+      for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
+        for mesh_arg in args.meshes.split(':'):
+          mesh = tuple(int(s) for s in mesh_arg.split(','))
+          tcfg = training.TrainConfig(batch_size=batch_size, total_steps=1000, warmup_steps=10,
+                                      loss=args.loss, mesh=mesh)
+          row = {'model': name, 'batch': batch_size, 'mesh': mesh_arg, 'dtype': args.dtype,
+                 'scan': scan, 'remat': remat, **bench_one(cfg, tcfg, args.repeats)}
+          if args.mfu_peak_tflops:
+            row['mfu'] = row['achieved_tflops'] / (args.mfu_peak_tflops * jax.device_count())
+          rows.append(row)
+          print(f'  {name} scan {scan} remat {remat} batch {batch_size} mesh {mesh_arg}: '
+                f'{row["step_s"]:.3f} s/step, compiled in {row["compile_s"]:.1f} s', flush=True)
+  header = (f'{"model":<10} {"scan":>4} {"remat":>5} {"batch":>5} {"mesh":>7} {"params M":>8} '
+            f'{"step s":>8} {"img/s":>8} {"TFLOP/step":>10} {"TFLOP/s":>8} {"compile s":>9} '
+            f'{"temp MiB":>8}' + (f' {"MFU":>6}' if args.mfu_peak_tflops else ''))
   print(header)
   print('-' * len(header))
   for r in rows:
-    print(f'{r["model"]:<10} {r["batch"]:>5} {r["mesh"]:>7} {r["params_m"]:>8.1f} '
-          f'{r["step_s"]:>8.3f} {r["images_per_s"]:>8.1f} {r["tflops_per_step"]:>10.3f} '
-          f'{r["achieved_tflops"]:>8.3f} {r["compile_s"]:>9.1f}'
-          + (f' {r["mfu"]:>6.1%}' if args.mfu_peak_tflops else ''))
+    print(f'{r["model"]:<10} {r["scan"]:>4} {r["remat"]:>5} {r["batch"]:>5} {r["mesh"]:>7} '
+          f'{r["params_m"]:>8.1f} {r["step_s"]:>8.3f} {r["images_per_s"]:>8.1f} '
+          f'{r["tflops_per_step"]:>10.3f} {r["achieved_tflops"]:>8.3f} {r["compile_s"]:>9.1f} '
+          f'{r["temp_mib"]:>8.0f}' + (f' {r["mfu"]:>6.1%}' if args.mfu_peak_tflops else ''))
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'bench_train.json'), 'w') as f:
     json.dump({'rows': rows, 'devices': [str(d) for d in jax.devices()],

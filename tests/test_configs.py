@@ -99,3 +99,17 @@ def test_normalize_image():
     clip.normalize_image((images * 255).astype(np.uint8))
   with pytest.raises(ValueError, match='3'):
     clip.normalize_image(images[..., :2])
+
+
+@pytest.mark.parametrize('name', ['tiny', 'small', 'siglip_small', 'registers_small',
+                                  'vit_b32_datacomp', 'vit_b16_datacomp'])
+def test_experiment_configs_build_and_every_parameter_has_a_sharding_rule(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from clip import optim  # pylint: disable=g-import-not-at-top
+  from clip import sharding  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'experiments.configs.{name}').get_config()
+  cfg, tcfg = config['model'], config['train']
+  abstract = jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg)
+  sharding.param_specs(abstract)  # raises on an uncovered parameter
+  decays = jax.tree.leaves(optim.decay_mask(abstract))
+  assert any(decays) and not all(decays)

@@ -51,13 +51,23 @@ def test_trajectory_check_catches_a_difference():
   np.testing.assert_allclose(diffs[0]['max_rel_diff'], 0.1)
 
 
+def test_bad_batch_sizes_are_refused(capsys):
+  with pytest.raises(SystemExit):
+    loss_ablation.parse_args(['--batch-sizes', '32,100', '--examples', '512'])
+  assert 'batch sizes must divide --examples 512 and be multiples of --devices 8, got [100]' in \
+      capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_quick_grid_end_to_end_and_resume(tmp_path):
   out = tmp_path / 'ablation'
   readme = tmp_path / 'README.md'
   readme.write_text(f'before\n{loss_ablation.README_BEGIN}\nold\n{loss_ablation.README_END}\n'
                     'after\n')
-  cmd = [sys.executable, '-m', 'experiments.loss_ablation', '--quick', '--out', str(out),
+  # The --quick grid's shape (2 losses x 2 implementations x batches 32, 64, one seed), fewer
+  # examples.
+  cmd = [sys.executable, '-m', 'experiments.loss_ablation', '--batch-sizes', '32,64', '--seeds',
+         '1', '--examples', '512', '--eval-examples', '64', '--log-points', '4', '--out', str(out),
          '--update-readme', str(readme)]
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='')
   subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=900, capture_output=True)
