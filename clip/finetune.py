@@ -26,14 +26,39 @@ import optax
 
 from clip import model
 
-TEXT_KEYS = ('token_embedding', 'positional_embedding', 'transformer', 'ln_final',
-             'text_projection')
+NOT_TEXT_KEYS = ('visual', 'logit_scale', 'logit_bias')
+
+
+def text_tower(clip_params):
+  """The text tower's top-level entries (OpenAI's `token_embedding`, `positional_embedding`,
+  `transformer`, `ln_final`, `text_projection`, or a custom tower's)."""
+  return {k: v for k, v in clip_params.items() if k not in NOT_TEXT_KEYS}
+
+
+def image_feature_dim(visual):
+  """Width of the image tower's output: its projection's, the ResNet attention pool's, or (a ViT
+  without projection) its width."""
+  if 'proj' in visual:
+    return visual['proj'].shape[1]
+  if 'attnpool' in visual:
+    return visual['attnpool']['c_proj']['weight'].shape[0]
+  return visual['ln_post']['weight'].shape[0]
+
+
+def text_feature_dim(params):
+  if 'text_projection' in params:
+    return params['text_projection'].shape[1]
+  return params['ln_final']['weight'].shape[0]
 
 
 def image_classifier_params(clip_params, weights_DxC, scale=None):
   """The image tower of `clip_params` and a head equal to the zero-shot classifier: logits =
   exp(logit_scale) * normalised features @ weights (`zero_shot.classifier_weights`)."""
   weights_DxC = np.asarray(weights_DxC, np.float32)
+  dim = image_feature_dim(clip_params['visual'])
+  if weights_DxC.ndim != 2 or weights_DxC.shape[0] != dim:
+    raise ValueError(f'classifier weights must be (embed_dim={dim}, classes) for this image '
+                     f'tower, got {weights_DxC.shape}')
   scale = float(np.exp(clip_params['logit_scale'])) if scale is None else scale
   return {'visual': clip_params['visual'],
           'head': {'weight': scale * weights_DxC.T,
@@ -42,10 +67,10 @@ def image_classifier_params(clip_params, weights_DxC, scale=None):
 
 def text_classifier_params(clip_params, num_classes, key, std=0.01):
   """The text tower of `clip_params` and a new linear head on its pooled, normalised features."""
-  embed_dim = clip_params['text_projection'].shape[1]
+  embed_dim = text_feature_dim(clip_params)
   head = {'weight': std * jax.random.normal(key, (num_classes, embed_dim), jnp.float32),
           'bias': jnp.zeros((num_classes,), jnp.float32)}
-  return {**{k: clip_params[k] for k in TEXT_KEYS}, 'head': head}
+  return {**text_tower(clip_params), 'head': head}
 
 
 def _head(p, features_NxD):

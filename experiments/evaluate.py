@@ -77,11 +77,14 @@ def load_model(spec, config_name=None):
   from clip import weights  # pylint: disable=g-import-not-at-top
   cfg = _model_config(config_name)
   if os.path.isdir(spec) and os.path.isdir(os.path.join(spec, 'checkpoints')):
-    flat = _workdir_params(spec)
-    flat.pop('logit_bias', None)  # sigmoid training's bias: zero-shot ranks do not use it
+    # Stacked (scan-layout) blocks are checked under their per-layer torch keys.
+    flat = weights.flatten(clip.unstack_layers(weights.nest(_workdir_params(spec))))
+    if cfg is not None and not cfg.logit_bias:
+      flat.pop('logit_bias', None)  # sigmoid training's bias: zero-shot ranks do not use it
     cfg = cfg or weights.infer_config(flat)
     weights.check_state_dict(flat, cfg)
-    return weights.nest(flat), cfg
+    params = weights.nest(flat)
+    return (clip.stack_layers(params) if cfg.scan else params), cfg
   if os.path.exists(spec):
     return clip.load(spec, config=cfg)
   if spec in clip.MODELS:

@@ -158,3 +158,18 @@ def test_bad_model_and_dataset_explain_themselves(tmp_path):
   with pytest.raises(ValueError, match='--dataset must be'):
     evaluate.classification_data(evaluate.parse_args(['--model', 'x', '--dataset', 'mnist']),
                                  CFG, None)
+
+
+def test_a_stacked_sigmoid_workdir_loads_with_its_config(tmp_path):
+  """A scan-layout checkpoint with SigLIP's bias loads with its config; without one, the OpenAI
+  architecture the shapes suggest is refused, naming the missing keys."""
+  from experiments.configs import siglip_small  # pylint: disable=g-import-not-at-top
+  cfg = siglip_small.get_config()['model']
+  params = clip.init(jax.random.PRNGKey(0), cfg)
+  assert 'attn' in params['transformer']['resblocks']  # stacked
+  checkpoint.save(tmp_path / 'checkpoints', 1, {'params': params, 'batch_stats': {}})
+  loaded, loaded_cfg = evaluate.load_model(str(tmp_path), 'siglip_small')
+  assert loaded_cfg == cfg
+  chex.assert_trees_all_equal(loaded, jax.device_get(params))
+  with pytest.raises(weights.CheckpointError, match='missing'):  # shapes alone: OpenAI's blocks
+    evaluate.load_model(str(tmp_path))

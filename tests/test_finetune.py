@@ -96,10 +96,13 @@ def test_lit_leaves_the_image_tower_bit_identical(pretrained):
     state, _ = step(state, training.global_batch(mesh, batch))
   after = jax.device_get(state['params'])
   chex.assert_trees_all_equal(after['visual'], pretrained['visual'])
-  changed = [k for k in finetune.TEXT_KEYS
+  text_keys = sorted(finetune.text_tower(pretrained))
+  assert text_keys == ['ln_final', 'positional_embedding', 'text_projection', 'token_embedding',
+                       'transformer']
+  changed = [k for k in text_keys
              if not all(np.array_equal(a, b) for a, b in
                         zip(jax.tree.leaves(after[k]), jax.tree.leaves(pretrained[k])))]
-  assert changed == list(finetune.TEXT_KEYS)
+  assert changed == text_keys
 
 
 def test_layer_decay_scales_updates_by_depth():
@@ -175,3 +178,23 @@ def test_finetune_cli_runs_every_mode(pretrained, tmp_path):
   assert res['chance'] == 1 / 3 and all(0 <= a <= 1 for a in res['accuracy'].values())
   with pytest.raises(ValueError, match='--lp-steps applies'):
     cli.main(common + ['--mode', 'lit', '--lp-steps', '2'])
+
+
+@pytest.mark.parametrize('vision', [
+    clip.VisionConfig('vit', 32, 1, 2, 16, 8),
+    clip.VisionConfig('vit', 24, 1, 2, 16, 8, pool='gap', projection=False),
+    clip.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 32)], ids=['vit', 'vit-no-projection', 'resnet'])
+def test_classifier_heads_fit_the_towers_output(vision):
+  cfg = clip.CLIPConfig(24, vision, clip.TextConfig(24, 1, 2, context_length=8, vocab_size=64,
+                                                    projection=False))
+  params = clip.init(jax.random.PRNGKey(0), cfg)
+  images = np.zeros((2, vision.image_resolution, vision.image_resolution, 3), np.float32)
+  features = clip.encode_image(params, images, cfg)
+  assert finetune.image_feature_dim(params['visual']) == features.shape[1] == 24
+  head = finetune.image_classifier_params(params, np.ones((24, 5), np.float32))
+  chex.assert_shape(finetune.classify_images(head, images, cfg), (2, 5))
+  with pytest.raises(ValueError, match=r'must be \(embed_dim=24, classes\) for this image tower, '
+                                       r'got \(32, 5\)'):
+    finetune.image_classifier_params(params, np.ones((32, 5), np.float32))
+  text_head = finetune.text_classifier_params(params, 3, jax.random.PRNGKey(1))
+  assert text_head['head']['weight'].shape == (3, 24)
