@@ -154,11 +154,6 @@ class VisionConfig(BlockOptions):
     """Width of the tokens entering the final pooling (ResNet: 32x the stem width)."""
     return self.width if self.arch == 'vit' else self.width * 32
 
-  @property
-  def num_prefix_tokens(self):
-    """Tokens before the patches: the class token (with 'cls' pooling) and the registers."""
-    return int(self.pool == 'cls') + self.registers
-
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)

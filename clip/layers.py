@@ -131,8 +131,8 @@ def rope(x_NxLxHxd, positions_NxL, theta=10000.0):
 
 
 def sincos_2d(grid, width, temperature=10000.0):
-  """Fixed 2-D sin-cos position table (grid*grid, width), rows in raster order (MoCo v3 / big_vision):
-  a quarter of the channels each for sin(x), cos(x), sin(y), cos(y) at `width/4` frequencies
+  """Fixed 2-D sin-cos position table (grid*grid, width), rows in raster order (MoCo v3,
+  big_vision): a quarter of the channels each for sin(x), cos(x), sin(y), cos(y) at `width/4` frequencies
   `temperature^(-k / (width/4 - 1))`."""
   y, x = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32),
                      indexing='ij')

@@ -30,19 +30,22 @@ def init_params(key, cfg):
     params['visual'] = resnet.init(jax.random.fold_in(key, 0), cfg.vision, cfg.embed_dim)
   else:
     params['visual'] = vit.init(jax.random.fold_in(key, 0), cfg.vision, cfg.embed_dim, cfg.scan)
-  if cfg.logit_bias:  # SigLIP's initialisation
-    params['logit_scale'] = jnp.asarray(np.log(10.0), jnp.float32)
-    params['logit_bias'] = jnp.asarray(-10.0, jnp.float32)
-  else:
-    params['logit_scale'] = jnp.asarray(np.log(1 / 0.07), jnp.float32)
-  return params
+  params['logit_scale'] = jnp.asarray(np.log(1 / 0.07), jnp.float32)
+  return add_logit_bias(params) if cfg.logit_bias else params
+
+
+def add_logit_bias(params, init=-10.0):
+  """SigLIP's learnable bias (init -10) and its logit scale's start (ln 10), for sigmoid losses."""
+  return {**params, 'logit_bias': jnp.asarray(init, jnp.float32),
+          'logit_scale': jnp.asarray(np.log(10.0), jnp.float32)}
 
 
 def _map_resblocks(params, fn):
   """`params` with `fn` applied to each transformer's `resblocks` (text and ViT towers)."""
   out = dict(params)
   if 'transformer' in params:
-    out['transformer'] = dict(params['transformer'], resblocks=fn(params['transformer']['resblocks']))
+    text_stack = params['transformer']
+    out['transformer'] = dict(text_stack, resblocks=fn(text_stack['resblocks']))
   visual = params.get('visual', {})
   if 'transformer' in visual:
     vt = visual['transformer']
@@ -52,13 +55,15 @@ def _map_resblocks(params, fn):
 
 def stack_layers(params):
   """Per-layer (torch-keyed) params -> the stacked layout of `CLIPConfig(scan=True)`: each
-  transformer's blocks as one block dict with a leading layer axis. Stacked towers stay as they are."""
+  transformer's blocks as one block dict with a leading layer axis. Stacked towers stay as they
+  are."""
   return _map_resblocks(params, lambda b: b if transformer.is_stacked(b) else
                         transformer.stack_blocks([b[str(i)] for i in range(len(b))]))
 
 
 def unstack_layers(params):
-  """The stacked layout -> per-layer torch keys (`resblocks.0.*`, ...); per-layer params unchanged."""
+  """The stacked layout -> per-layer torch keys (`resblocks.0.*`, ...); per-layer params stay as
+  they are."""
   return _map_resblocks(params, lambda b: transformer.unstack_blocks(b)
                         if transformer.is_stacked(b) else b)
 

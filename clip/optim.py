@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clip import sharding
+
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')
 SCHEDULES = ('cosine', 'linear', 'constant')
 # Muon's updates scaled to AdamW's RMS (Liu et al. 2025, "Muon is scalable for LLM training"), so
@@ -19,20 +21,14 @@ NO_DECAY = re.compile(r'(.*[._])?(bias|ln(_\w+)?\.weight|[qk]_norm\.weight|bn\d\
                       r'token_embedding\.weight|registers|probe|head_scale|logit_scale|logit_bias)')
 
 
-# Blocks stored stacked: `resblocks.` followed by a block's key, not its index, has a layer axis.
-STACKED = re.compile(r'(.*\.)?resblocks\.\D.*')
 # Matrices stored (in, out) rather than torch's (out, in).
 IN_OUT = re.compile(r'visual\.proj|text_projection')
 
 
-def _dotted(key_path):
-  return '.'.join(str(getattr(k, 'key', k)) for k in key_path)
-
-
 def decay_mask(params):
   """True where weight decay applies: matrices and convolution kernels, as OpenAI's CLIP."""
-  return jax.tree_util.tree_map_with_path(lambda kp, _: not NO_DECAY.fullmatch(_dotted(kp)),
-                                          params)
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, _: not NO_DECAY.fullmatch(sharding.dotted_path(kp)), params)
 
 
 def muon_dimension_numbers(params):
@@ -41,8 +37,8 @@ def muon_dimension_numbers(params):
   logit scale are not; nor are convolution kernels. A stacked (L, out, in) leaf is orthogonalised
   per layer: the axes not named are batch axes."""
   def dims(key_path, x, decays):
-    path = _dotted(key_path)
-    stacked = 1 if STACKED.fullmatch(path) else 0  # the layer axis
+    path = sharding.dotted_path(key_path)
+    stacked = 1 if sharding.STACKED.search(path) else 0  # the layer axis
     if not decays or len(x.shape) != 2 + stacked:
       return None
     if IN_OUT.fullmatch(path):
@@ -82,7 +78,7 @@ def path_mask(patterns):
 
   def mask(params):
     def matches(key_path, _):
-      return any(c.fullmatch(_dotted(key_path)) for c in compiled)
+      return any(c.fullmatch(sharding.dotted_path(key_path)) for c in compiled)
     return jax.tree_util.tree_map_with_path(matches, params)
   return mask
 
@@ -111,14 +107,15 @@ def scale_by_layer_decay(decay):
   stacked_block = re.compile(r'visual\.transformer\.resblocks\.\D.*')
 
   def factors(tree):
-    leaves = [(_dotted(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    leaves = [(sharding.dotted_path(p), x)
+              for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
     blocks = [int(m.group(1)) for p, _ in leaves
               if (m := re.match(r'visual\.transformer\.resblocks\.(\d+)\.', p))]
     stacked = [x.shape[0] for p, x in leaves if stacked_block.fullmatch(p)]
     num_layers = max(blocks) + 1 if blocks else stacked[0] if stacked else 4  # ResNets: 4 stages
 
     def factor(key_path, x):
-      path = _dotted(key_path)
+      path = sharding.dotted_path(key_path)
       if stacked_block.fullmatch(path):
         depth = jnp.arange(1, x.shape[0] + 1).reshape((-1,) + (1,) * (x.ndim - 1))
         return decay ** (num_layers + 1 - depth)

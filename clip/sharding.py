@@ -45,6 +45,7 @@ DEFAULT_RULES = (
 )
 
 
+# A stacked block's leaf (scan layout): `resblocks.` followed by a block key, not a layer index.
 STACKED = re.compile(r'(^|\.)resblocks\.(?!\d+\.)')
 
 
@@ -71,7 +72,8 @@ def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def _path(key_path):
+def dotted_path(key_path):
+  """A tree path as the '.'-joined torch key (`visual.conv1.weight`)."""
   return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in key_path)
 
 
@@ -84,7 +86,7 @@ def param_specs(params, rules=DEFAULT_RULES):
   uncovered = []
 
   def spec_of(key_path, leaf):
-    path = _path(key_path)
+    path = dotted_path(key_path)
     stacked = STACKED.search(path)
     for pattern, spec in compiled:
       if pattern.fullmatch(path):
@@ -114,7 +116,7 @@ def check_divisible(mesh, params, specs):
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       ways = int(np.prod([mesh.shape[a] for a in axes]))
       if dim % ways:
-        errors.append(f'{_path(key_path)} {tuple(np.shape(leaf))} by {spec} ({ways}-way)')
+        errors.append(f'{dotted_path(key_path)} {tuple(np.shape(leaf))} by {spec} ({ways}-way)')
 
   jax.tree_util.tree_map_with_path(check, params, specs)
   if errors:

@@ -88,12 +88,6 @@ def make_optimizer(tcfg):
                               tcfg.layer_decay, tcfg.schedule)
 
 
-def add_logit_bias(params, init=-10.0):
-  """SigLIP's learnable bias (init -10, with logit_scale log 10), for the sigmoid losses."""
-  return {**params, 'logit_bias': jnp.asarray(init, jnp.float32),
-          'logit_scale': jnp.asarray(np.log(10.0), jnp.float32)}
-
-
 def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULES):
   """NamedShardings for every leaf of the state: params and BN buffers by the partition rules,
   optimizer moments like their parameters, counters and the rng replicated."""
@@ -205,7 +199,7 @@ def create_state(cfg, tcfg, mesh, optimizer, rules=sharding.DEFAULT_RULES, init_
     if init_params is None:
       params, batch_stats = model.split_batch_stats(model.init_params(key, cfg))
       if 'sigmoid' in tcfg.loss:
-        params = add_logit_bias(params)
+        params = model.add_logit_bias(params)
     else:
       params, batch_stats = model.split_batch_stats(init_params(key))
     return {'params': params, 'batch_stats': batch_stats, 'opt': optimizer.init(params),

@@ -344,6 +344,20 @@ def _to_numpy(value):
 
 # ---------------------------------------------------------------- loading
 
+def from_state_dict(flat, config=None, dtype=np.float32, heads=None):
+  """A flat torch-keyed state dict -> `(params, cfg)`: the config inferred from the shapes unless
+  given, every key and shape checked against it, floating leaves cast to `dtype` (the others to
+  the config's dtypes), the blocks stacked for a `scan=True` config."""
+  if config is None:
+    config = infer_config(flat, heads)
+  elif not isinstance(config, configs.CLIPConfig):
+    raise TypeError(f'config must be a CLIPConfig, got {type(config).__name__}')
+  expected = check_state_dict(flat, config)
+  params = nest({k: v.astype(dtype if np.issubdtype(expected[k][1], np.floating) else expected[k][1])
+                 for k, v in flat.items()})
+  return (model.stack_layers(params) if config.scan else params), config
+
+
 def load(path, config=None, dtype=np.float32, image_resolution=None):
   """A checkpoint file (or HF folder) -> `(params, cfg)`.
 
@@ -354,15 +368,7 @@ def load(path, config=None, dtype=np.float32, image_resolution=None):
   default). `image_resolution` interpolates the position embedding to another input size.
   """
   flat, heads = read_state_dict(os.fspath(path))
-  if config is None:
-    config = infer_config(flat, heads)
-  elif not isinstance(config, configs.CLIPConfig):
-    raise TypeError(f'config must be a CLIPConfig, got {type(config).__name__}')
-  expected = check_state_dict(flat, config)
-  params = nest({k: v.astype(dtype if np.issubdtype(expected[k][1], np.floating) else expected[k][1])
-                 for k, v in flat.items()})
-  if config.scan:
-    params = model.stack_layers(params)
+  params, config = from_state_dict(flat, config, dtype, heads)
   if image_resolution is not None and image_resolution != config.image_resolution:
     params, config = interpolate_pos_embed(params, config, image_resolution)
   return params, config

@@ -90,7 +90,8 @@ def bench_one(cfg, tcfg, repeats):
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
   return {'step_s': step_s, 'images_per_s': tcfg.batch_size / step_s, 'compile_s': compile_s,
-          'tflops_per_step': flops / 1e12, 'temp_mib': temp_mib, 'achieved_tflops': flops / step_s / 1e12,
+          'tflops_per_step': flops / 1e12, 'temp_mib': temp_mib,
+          'achieved_tflops': flops / step_s / 1e12,
           'params_m': training.param_count(state['params']) / 1e6}
 
 

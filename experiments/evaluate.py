@@ -81,10 +81,7 @@ def load_model(spec, config_name=None):
     flat = weights.flatten(clip.unstack_layers(weights.nest(_workdir_params(spec))))
     if cfg is not None and not cfg.logit_bias:
       flat.pop('logit_bias', None)  # sigmoid training's bias: zero-shot ranks do not use it
-    cfg = cfg or weights.infer_config(flat)
-    weights.check_state_dict(flat, cfg)
-    params = weights.nest(flat)
-    return (clip.stack_layers(params) if cfg.scan else params), cfg
+    return weights.from_state_dict(flat, cfg)
   if os.path.exists(spec):
     return clip.load(spec, config=cfg)
   if spec in clip.MODELS:

@@ -168,8 +168,8 @@ def lit(args, params, cfg, tcfg):
   tcfg = dataclasses.replace(tcfg, lock_image_tower=True, loss=args.loss)
   init = dict(params)
   if 'sigmoid' in args.loss and 'logit_bias' not in init:
-    from clip import training  # pylint: disable=g-import-not-at-top
-    init = training.add_logit_bias(init)
+    from clip import model  # pylint: disable=g-import-not-at-top
+    init = model.add_logit_bias(init)
   tuned, log = _run(cfg, tcfg, lambda key: init, None, ('image', 'tokens'), batches, lambda b: b)
   tuned.pop('logit_bias', None)
   after = train.evaluate(tuned, cfg, args.eval_examples, args.seed + 1)
