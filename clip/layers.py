@@ -132,8 +132,8 @@ def rope(x_NxLxHxd, positions_NxL, theta=10000.0):
 
 def sincos_2d(grid, width, temperature=10000.0):
   """Fixed 2-D sin-cos position table (grid*grid, width), rows in raster order (MoCo v3,
-  big_vision): a quarter of the channels each for sin(x), cos(x), sin(y), cos(y) at `width/4` frequencies
-  `temperature^(-k / (width/4 - 1))`."""
+  big_vision): a quarter of the channels each for sin(x), cos(x), sin(y), cos(y) at `width/4`
+  frequencies `temperature^(-k / (width/4 - 1))`."""
   y, x = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32),
                      indexing='ij')
   quarter = width // 4
@@ -146,17 +146,36 @@ def sincos_2d(grid, width, temperature=10000.0):
 def conv2d(w_OxIxHxW, x_NxHxWxC, stride=1, padding=0):
   """nn.Conv2d on NHWC activations with a torch OIHW kernel.
 
-  XLA's CPU convolution wants an HWIO kernel and would transpose the weight on every call, so a
-  1x1 kernel (all of a bottleneck's projections) runs as a matmul on the OI weight as it is.
+  XLA's CPU convolution wants an HWIO kernel, so it copies the weight into that layout on every
+  call. Where that copy moves more bytes than the image patches do, the convolution runs instead
+  as one matmul of the patches with the OIHW weight as stored: always for 1x1 kernels (all of a
+  bottleneck's projections), and for larger kernels when the output has fewer positions than the
+  kernel has output channels (a ResNet's last stages at small batch, where the weights dominate).
   """
   o, i, kh, kw = w_OxIxHxW.shape
   w_OxIxHxW = w_OxIxHxW.astype(x_NxHxWxC.dtype)
   if kh == kw == 1 and padding == 0:
     x_NxHxWxC = x_NxHxWxC[:, ::stride, ::stride]
     return jnp.einsum('nhwi,oi->nhwo', x_NxHxWxC, w_OxIxHxW.reshape(o, i))
+  n, h, w, _ = x_NxHxWxC.shape
+  out_h, out_w = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+  if n * out_h * out_w < o:
+    patches_NxHxWxK = _patches(x_NxHxWxC, kh, kw, stride, padding, out_h, out_w)
+    return jnp.einsum('nhwk,ok->nhwo', patches_NxHxWxK, w_OxIxHxW.reshape(o, i * kh * kw))
   return jax.lax.conv_general_dilated(
       x_NxHxWxC, w_OxIxHxW, (stride, stride), [(padding, padding), (padding, padding)],
       dimension_numbers=('NHWC', 'OIHW', 'NHWC'))
+
+
+def _patches(x_NxHxWxC, kh, kw, stride, padding, out_h, out_w):
+  """(N, out_h, out_w, C*kh*kw) windows of a conv, flattened in the OIHW kernel's (I, H, W)
+  order so that they contract with `weight.reshape(O, -1)`."""
+  n, _, _, c = x_NxHxWxC.shape
+  x_NxHxWxC = jnp.pad(x_NxHxWxC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  taps = [x_NxHxWxC[:, dy:dy + stride * (out_h - 1) + 1:stride,
+                    dx:dx + stride * (out_w - 1) + 1:stride]
+          for dy in range(kh) for dx in range(kw)]
+  return jnp.stack(taps, axis=-1).reshape(n, out_h, out_w, c * kh * kw)
 
 
 def avg_pool(x_NxHxWxC, k):
