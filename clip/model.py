@@ -57,8 +57,14 @@ def stack_layers(params):
   """Per-layer (torch-keyed) params -> the stacked layout of `CLIPConfig(scan=True)`: each
   transformer's blocks as one block dict with a leading layer axis. Stacked towers stay as they
   are."""
-  return _map_resblocks(params, lambda b: b if transformer.is_stacked(b) else
-                        transformer.stack_blocks([b[str(i)] for i in range(len(b))]))
+  def stack(blocks):
+    if transformer.is_stacked(blocks):
+      return blocks
+    if set(blocks) != {str(i) for i in range(len(blocks))}:
+      raise ValueError(f'resblocks must be numbered 0..{len(blocks) - 1} to be stacked; got '
+                       f'{sorted(blocks, key=lambda k: (len(k), k))}')
+    return transformer.stack_blocks([blocks[str(i)] for i in range(len(blocks))])
+  return _map_resblocks(params, stack)
 
 
 def unstack_layers(params):

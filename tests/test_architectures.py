@@ -379,6 +379,14 @@ def test_stack_unstack_round_trip_and_torch_export():
   assert exported.keys() == clip.to_torch_state_dict(per_layer).keys()
 
 
+def test_stacking_a_gap_in_the_layers_is_a_clear_error():
+  per_layer = clip.init(jax.random.PRNGKey(0), SCAN_CASE)
+  blocks = per_layer['transformer']['resblocks']
+  blocks['2'] = blocks.pop('1')
+  with pytest.raises(ValueError, match=r"numbered 0\.\.1 to be stacked; got \['0', '2'\]"):
+    clip.stack_layers(per_layer)
+
+
 def test_stacked_parameters_shard_with_an_unsplit_layer_axis():
   stacked = jax.eval_shape(clip.init, jax.random.PRNGKey(0), dataclasses.replace(SCAN_CASE, scan=True))
   specs = sharding.param_specs(stacked)
