@@ -105,7 +105,8 @@ class VisionConfig(BlockOptions):
   def __post_init__(self):
     _require(self.arch in ARCHS, f'VisionConfig.arch must be one of {ARCHS}, got {self.arch!r}')
     _require(self.width > 0 and self.heads > 0,
-             f'VisionConfig needs width > 0 and heads > 0, got width={self.width}, heads={self.heads}')
+             'VisionConfig needs width > 0 and heads > 0, '
+             f'got width={self.width}, heads={self.heads}')
     if self.arch == 'vit':
       _require(isinstance(self.layers, int) and self.layers > 0,
                f'a ViT needs an int number of layers > 0, got {self.layers!r}')

@@ -143,8 +143,9 @@ def normalize(x):
 
 def training_image_features(params, batch_stats, images, cfg, update_bn=True):
   """Image features for a training objective: `(features, batch_stats)`. A ResNet with
-  `update_bn` normalises with batch statistics and returns its updated running buffers; otherwise
-  (a ViT, or a locked tower) the tower runs in inference mode and `batch_stats` come back as given."""
+  `update_bn` normalises with batch statistics and returns its updated running buffers;
+  otherwise (a ViT, or a locked tower) the tower runs in inference mode and `batch_stats` come
+  back as given."""
   full = update_batch_stats(params, batch_stats)
   if update_bn and cfg.vision.arch == 'resnet':
     return encode_image(full, images, cfg, train=True)

@@ -179,7 +179,8 @@ _HF_KEYS = [  # (regex on the HF key, OpenAI key template, transpose)
      '{0}transformer.resblocks.{1}.' + ours + '.{2}', False)
     for hf, ours in _HF_BLOCK.items()
 ]
-_HF_QKV = re.compile(r'(text|vision)_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)')
+_HF_QKV = re.compile(
+    r'(text|vision)_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)')
 _HF_IGNORED = re.compile(r'(text|vision)_model\.embeddings\.position_ids')  # a constant buffer
 
 
@@ -353,8 +354,10 @@ def from_state_dict(flat, config=None, dtype=np.float32, heads=None):
   elif not isinstance(config, configs.CLIPConfig):
     raise TypeError(f'config must be a CLIPConfig, got {type(config).__name__}')
   expected = check_state_dict(flat, config)
-  params = nest({k: v.astype(dtype if np.issubdtype(expected[k][1], np.floating) else expected[k][1])
-                 for k, v in flat.items()})
+  def cast(key, value):
+    stored_dtype = expected[key][1]
+    return value.astype(dtype if np.issubdtype(stored_dtype, np.floating) else stored_dtype)
+  params = nest({k: cast(k, v) for k, v in flat.items()})
   return (model.stack_layers(params) if config.scan else params), config
 
 

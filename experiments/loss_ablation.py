@@ -6,8 +6,8 @@ steps), and is evaluated on the (shape, colour) pairs training never showed: zer
 and image->text recall@1. Temperature and bias start as the papers say (contrastive: scale
 ln(1/0.07); sigmoid: scale ln 10, bias -10), both learnable.
 
-  python -m experiments.loss_ablation            # 2 losses x 2 implementations x 3 batches x 3 seeds
-  python -m experiments.loss_ablation --quick    # a reduced grid in a few minutes
+  python -m experiments.loss_ablation          # 2 losses x 2 implementations x 3 batches x 3 seeds
+  python -m experiments.loss_ablation --quick  # a reduced grid in a few minutes
 
 Writes into --out (default results/loss_ablation): runs/<run>.json (one per finished run; a rerun
 skips them), summary.json, table.md (mean +- std over seeds), accuracy_vs_batch.png and

@@ -13,9 +13,8 @@ import tempfile
 import numpy as np
 
 PACKAGE = 'clip-anytorch==2.6.0'
-ROOT = os.environ.get(
-    'CLIP_REFERENCE_DIR',
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', '.reference'))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.environ.get('CLIP_REFERENCE_DIR', os.path.join(_REPO, 'tests', '.reference'))
 
 
 def _install():
@@ -38,7 +37,8 @@ def load_module(name):
   module_name = f'openai_{name}'
   if module_name in sys.modules:
     return sys.modules[module_name]
-  spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, 'clip', f'{name}.py'))
+  path = os.path.join(ROOT, 'clip', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[module_name] = module
   spec.loader.exec_module(module)
