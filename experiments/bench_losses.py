@@ -14,14 +14,14 @@ accelerators: compare the losses with each other at a given (n, b), not across n
   python -m experiments.bench_losses --quick          # b in {256,1024}, fewer runs
   python -m experiments.bench_losses --max-timed-batch 32768   # time everything (~22 GB RAM)
 """
-import os
+from experiments import simulated_devices
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+simulated_devices.simulate_cpu_devices(8, who='bench_losses')
 
 # jax must see XLA_FLAGS before it is imported.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
+import os
 import json
 import platform
 import time

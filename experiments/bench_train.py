@@ -18,8 +18,9 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
+
+from experiments import simulated_devices
 
 
 def parse_args(argv):
@@ -97,10 +98,7 @@ def bench_one(cfg, tcfg, repeats):
 
 def main(argv=None):
   args = parse_args(argv)
-  if 'jax' in sys.modules:
-    raise RuntimeError('run bench_train as a script: it sets the simulated device count')
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             f' --xla_force_host_platform_device_count={args.devices}').strip()
+  simulated_devices.simulate_cpu_devices(args.devices, who='bench_train')
   import jax  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   rows = []

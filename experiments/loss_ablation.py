@@ -17,8 +17,9 @@ for the same seed; the largest relative difference is reported and checked (--tr
 import argparse
 import json
 import os
-import sys
 import time
+
+from experiments import simulated_devices
 
 LOSSES = ('contrastive', 'sigmoid')
 IMPLEMENTATIONS = {'all-gather': '{}', 'ring': 'ring_{}'}  # -> training.TrainConfig.loss
@@ -219,10 +220,7 @@ def update_readme(path, table):
 
 def main(argv=None):
   args = parse_args(argv)
-  if 'jax' in sys.modules:
-    raise RuntimeError('run loss_ablation as a script: it sets the simulated device count')
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             f' --xla_force_host_platform_device_count={args.devices}').strip()
+  simulated_devices.simulate_cpu_devices(args.devices, who='loss_ablation')
   import tqdm  # pylint: disable=g-import-not-at-top
   runs_dir = os.path.join(args.out, 'runs')
   os.makedirs(runs_dir, exist_ok=True)

@@ -1,12 +1,12 @@
 """Test session set-up: 8 simulated CPU devices (before jax is imported) and OpenAI's reference."""
-import os
+from experiments import simulated_devices
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+simulated_devices.simulate_cpu_devices(8, who='the test session')
 
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest
 
-from experiments import openai_reference as reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import openai_reference as reference
 
 
 @pytest.fixture(scope='session')
