@@ -95,6 +95,10 @@ def init_distributed(args):
       raise ValueError('--num-processes > 1 needs --coordinator host:port (process 0)')
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
+    if jax.default_backend() == 'cpu' and jax.process_index() == 0:
+      print('note: CPU processes talk through gloo, whose large all-reduces run ~100x slower '
+            'after a small reduce-scatter (python -m experiments.bench_gloo): multi-process CPU '
+            'runs are for testing, not speed')
 
 
 class MetricsLog:
