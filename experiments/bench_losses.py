@@ -16,7 +16,8 @@ accelerators: compare the losses with each other at a given (n, b), not across n
 """
 from experiments import simulated_devices
 
-simulated_devices.simulate_cpu_devices(8, who='bench_losses')
+# Tests import this module in a session that already has its 8 devices; parse_args checks them.
+simulated_devices.simulate_cpu_devices(8, who='bench_losses', jax_imported='keep')
 
 # jax must see XLA_FLAGS before it is imported.
 # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -30,3 +30,11 @@ def test_a_bad_count_is_a_clear_error(monkeypatch, count):
   monkeypatch.delitem(sys.modules, 'jax')
   with pytest.raises(ValueError, match='int >= 1'):
     simulated_devices.simulate_cpu_devices(count)
+
+
+def test_keep_leaves_an_imported_jax_and_the_flags_alone(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  simulated_devices.simulate_cpu_devices(2, jax_imported='keep')
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'
+  with pytest.raises(ValueError, match="'raise' or 'keep'"):
+    simulated_devices.simulate_cpu_devices(2, jax_imported='ignore')
