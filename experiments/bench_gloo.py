@@ -55,26 +55,28 @@ def parse_args(argv):
   if min(args.local_devices, args.scatter_size, *args.sizes) < 1:
     parser.error('--local-devices, --scatter-size and --sizes must be >= 1, got '
                  f'{args.local_devices}, {args.scatter_size} and {args.sizes}')
+  devices = 2 * args.local_devices
+  if args.scatter_size % devices:
+    parser.error(f'--scatter-size must be divisible by the {devices} devices it is scattered '
+                 f'over, got {args.scatter_size}')
   return args
 
 
 def run_worker(args):
   """One of the two processes: times and checks the collectives, writes its rows as JSON."""
   simulated_devices.simulate_cpu_devices(args.local_devices, who='bench_gloo worker')
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   jax.distributed.initialize(coordinator_address=f'127.0.0.1:{args.port}', num_processes=2,
                              process_id=args.worker)
   mesh = Mesh(np.array(jax.devices()), ('d',))
   devices = mesh.size
   total = devices * (devices + 1) / 2  # each device contributes its index + 1
-  programs = {
-      'all_reduce': jax.shard_map(lambda x: jax.lax.psum(x, 'd'), mesh=mesh, in_specs=P('d'),
-                                  out_specs=P()),
-      'reduce_scatter': jax.shard_map(lambda x: jax.lax.psum_scatter(x, 'd', tiled=True),
-                                      mesh=mesh, in_specs=P('d'), out_specs=P('d')),
-  }
-  programs = {k: jax.jit(f) for k, f in programs.items()}
+  all_reduce = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, 'd'), mesh=mesh,
+                                     in_specs=P('d'), out_specs=P()))
+  reduce_scatter = jax.jit(jax.shard_map(lambda x: jax.lax.psum_scatter(x, 'd', tiled=True),
+                                         mesh=mesh, in_specs=P('d'), out_specs=P('d')))
   first = args.worker * args.local_devices
 
   def inputs(size):
@@ -94,9 +96,12 @@ def run_worker(args):
     return float(np.median(times)), correct
 
   rows = []
+  runs = {'all_reduce_fresh': (all_reduce, args.sizes),
+          'reduce_scatter': (reduce_scatter, [args.scatter_size]),
+          'all_reduce_after': (all_reduce, args.sizes)}
   for phase in PHASES:
-    program = programs['reduce_scatter' if phase == 'reduce_scatter' else 'all_reduce']
-    for size in [args.scatter_size] if phase == 'reduce_scatter' else args.sizes:
+    program, sizes = runs[phase]
+    for size in sizes:
       seconds, correct = measure(program, size)
       rows.append({'phase': phase, 'floats_per_device': size, 'seconds': seconds,
                    'correct': correct})

@@ -22,8 +22,8 @@ simulated_devices.simulate_cpu_devices(8, who='bench_losses', jax_imported='keep
 # jax must see XLA_FLAGS before it is imported.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
-import os
 import json
+import os
 import platform
 import time
 

@@ -3,6 +3,8 @@ is the known total on both of them."""
 import json
 import os
 
+import pytest
+
 from experiments import bench_gloo
 
 
@@ -20,3 +22,10 @@ def test_two_processes_reduce_right_and_the_table_and_json_are_written(tmp_path,
   assert not [p for p in os.listdir(tmp_path) if p.startswith('worker')]
   table = capsys.readouterr().out
   assert '| 4096 |' in table and 'reduce-scatter of 64' in table and 'NO' not in table
+
+
+def test_a_scatter_size_the_devices_do_not_divide_is_refused(capsys):
+  with pytest.raises(SystemExit):
+    bench_gloo.parse_args(['--scatter-size', '1022'])
+  assert '--scatter-size must be divisible by the 4 devices it is scattered over, got 1022' in \
+      capsys.readouterr().err
