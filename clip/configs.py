@@ -17,9 +17,9 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 
 NORMS = ('layernorm', 'rmsnorm')
 NORM_PLACEMENTS = ('pre', 'normformer')
-MLPS = ('quick_gelu', 'gelu', 'geglu', 'swiglu')
+MLPS = ('quick_gelu', 'gelu', 'gelu_tanh', 'geglu', 'swiglu')
 VISION_POOLS = ('cls', 'gap', 'map')
-TEXT_POOLS = ('eot', 'first', 'map')
+TEXT_POOLS = ('eot', 'first', 'last', 'map')
 VISION_POS = ('learned', 'sincos2d')
 TEXT_POS = ('learned', 'rope')
 REMATS = ('none', 'block', 'dots')
@@ -39,13 +39,16 @@ class BlockOptions:
   """Transformer options shared by the ViT and the text tower (keyword-only; OpenAI's choices by
   default). `norm`: LayerNorm or RMSNorm for every norm of the tower; `norm_placement`: pre-LN, or
   NormFormer (pre-LN plus a norm after attention, a norm after the MLP activation and a learned
-  per-head scale); `mlp`: activation, gated ones (GeGLU, SwiGLU) with a second input matrix
+  per-head scale); `norm_eps` every norm's epsilon (None: 1e-5 for LayerNorm as torch and
+  OpenAI, 1e-6 for RMSNorm; SigLIP and timm use 1e-6); `mlp`: activation ('gelu' exact,
+  'gelu_tanh' the tanh approximation), gated ones (GeGLU, SwiGLU) with a second input matrix
   `c_gate`; `mlp_dim` the hidden width (4 x width by default); `qk_norm` normalises queries and
   keys per head; `bias=False` drops every linear and norm bias; `projection=False` drops the
   final projection, allowed when the width already equals `embed_dim`; `pool_heads` the heads of
   a `map` pooling head (the tower's by default)."""
   norm: str = 'layernorm'
   norm_placement: str = 'pre'
+  norm_eps: float | None = None
   mlp: str = 'quick_gelu'
   mlp_dim: int | None = None
   qk_norm: bool = False
@@ -57,6 +60,8 @@ class BlockOptions:
     _one_of(self.norm, NORMS, f'{owner}.norm')
     _one_of(self.norm_placement, NORM_PLACEMENTS, f'{owner}.norm_placement')
     _one_of(self.mlp, MLPS, f'{owner}.mlp')
+    _require(self.norm_eps is None or self.norm_eps > 0,
+             f'{owner}.norm_eps must be None (the norm\'s default) or > 0, got {self.norm_eps}')
     _require(self.mlp_dim is None or self.mlp_dim > 0,
              f'{owner}.mlp_dim must be None or > 0, got {self.mlp_dim}')
     _require(self.pool_heads is None or self.pool_heads > 0,
@@ -89,7 +94,8 @@ class VisionConfig(BlockOptions):
   (SigLIP's attention pooling with a learned probe), the class token existing only for 'cls';
   `pos_embedding` learned or a fixed 2-D sin-cos table (computed, not stored); `registers`
   learned tokens after the class token, without positions, kept in the 'gap'/'map' pooling only
-  when `pool_registers`.
+  when `pool_registers`; `ln_pre=False` drops the norm before the blocks (SigLIP) and
+  `patch_bias=True` gives the patch embedding a bias `conv1.bias` (SigLIP, timm).
   """
   arch: str
   width: int
@@ -101,6 +107,8 @@ class VisionConfig(BlockOptions):
   pos_embedding: str = 'learned'
   registers: int = 0
   pool_registers: bool = False
+  ln_pre: bool = True
+  patch_bias: bool = False
 
   def __post_init__(self):
     _require(self.arch in ARCHS, f'VisionConfig.arch must be one of {ARCHS}, got {self.arch!r}')
@@ -141,7 +149,8 @@ class VisionConfig(BlockOptions):
                   if getattr(self, f.name) != getattr(_DEFAULT_BLOCK, f.name)]
       vit_only += [f'{name}={getattr(self, name)!r}' for name, default in
                    (('pool', 'cls'), ('pos_embedding', 'learned'), ('registers', 0),
-                    ('pool_registers', False)) if getattr(self, name) != default]
+                    ('pool_registers', False), ('ln_pre', True), ('patch_bias', False))
+                   if getattr(self, name) != default]
       _require(not vit_only, f'transformer options apply to ViTs, not to a ResNet: {vit_only}')
 
   @property
@@ -160,9 +169,13 @@ class VisionConfig(BlockOptions):
 @dataclasses.dataclass(frozen=True)
 class TextConfig(BlockOptions):
   """Text transformer. OpenAI's: causal, learned positions, pooled at the end-of-text token (the
-  largest token id). `pool` 'eot', 'first' (needs bidirectional attention) or 'map';
+  largest token id). `pool` 'eot', 'first' (needs bidirectional attention), 'last' (the last
+  position, whatever the tokens: SigLIP, whose text is padded to the full context) or 'map';
   `pos_embedding` learned or rotary (RoPE on queries and keys, `rope_theta`); `causal=False`
-  attends in both directions with the padding after the end-of-text token masked out."""
+  attends in both directions, with the padding after the end-of-text token masked out unless
+  `mask_padding=False` (SigLIP attends to every position); `projection_bias=True` makes the
+  projection a biased linear layer, `text_projection.{weight (embed_dim, width), bias}` in
+  torch's nn.Linear layout (open_clip's `proj_bias`, SigLIP's text head)."""
   width: int
   layers: int
   heads: int
@@ -172,6 +185,8 @@ class TextConfig(BlockOptions):
   pos_embedding: str = 'learned'
   causal: bool = True
   rope_theta: float = 10000.0
+  mask_padding: bool = True
+  projection_bias: bool = False
 
   def __post_init__(self):
     for name in ('width', 'layers', 'heads', 'context_length', 'vocab_size'):
@@ -183,6 +198,11 @@ class TextConfig(BlockOptions):
     _require(not (self.pool == 'first' and self.causal),
              'pool="first" with causal attention would see the first token only; use '
              'causal=False or another pool')
+    _require(self.causal or self.pool != 'eot' or self.mask_padding,
+             'pool="eot" with bidirectional attention and mask_padding=False would let the pooled '
+             'token see the padding; mask it or pool elsewhere')
+    _require(self.projection or not self.projection_bias,
+             'projection_bias=True needs projection=True')
     head_dim = self.width // self.heads
     _require(self.pos_embedding != 'rope' or head_dim % 2 == 0,
              f'RoPE rotates pairs of dimensions: the head dimension {head_dim} '

@@ -46,6 +46,8 @@ def image_feature_dim(visual):
 
 
 def text_feature_dim(params):
+  if isinstance(params.get('text_projection'), dict):  # nn.Linear layout (out, in)
+    return params['text_projection']['weight'].shape[0]
   if 'text_projection' in params:
     return params['text_projection'].shape[1]
   return params['ln_final']['weight'].shape[0]

@@ -82,15 +82,21 @@ def rms_norm(p, x, eps=1e-6):
   return y.astype(x.dtype)
 
 
-def norm(p, x, kind='layernorm'):
-  return rms_norm(p, x) if kind == 'rmsnorm' else layer_norm(p, x)
+def norm(p, x, kind='layernorm', eps=None):
+  """LayerNorm or RMSNorm; `eps` None is each kind's default (1e-5 as torch's LayerNorm, 1e-6)."""
+  if kind == 'rmsnorm':
+    return rms_norm(p, x) if eps is None else rms_norm(p, x, eps)
+  return layer_norm(p, x) if eps is None else layer_norm(p, x, eps)
 
 
 def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+# 'gelu' is exact (erf; torch's nn.GELU(), HF 'gelu'); 'gelu_tanh' the tanh approximation
+# (nn.GELU(approximate='tanh'), HF 'gelu_pytorch_tanh', flax's default used by big_vision's SigLIP).
 ACTIVATIONS = {'quick_gelu': quick_gelu, 'gelu': functools.partial(jax.nn.gelu, approximate=False),
+               'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),
                'geglu': functools.partial(jax.nn.gelu, approximate=False), 'swiglu': jax.nn.silu}
 
 
@@ -107,14 +113,14 @@ def init_mlp(k_fc, k_proj, d, hidden, kind='quick_gelu', bias=True, fc_std=None,
   return p
 
 
-def mlp(p, x, kind='quick_gelu', norm_kind='layernorm'):
+def mlp(p, x, kind='quick_gelu', norm_kind='layernorm', norm_eps=None):
   """OpenAI's `c_proj(act(c_fc(x)))`; gated: `c_proj(act(c_gate(x)) * c_fc(x))` (GeGLU, SwiGLU,
   Shazeer 2020); NormFormer normalises the hidden activations when `ln` is present."""
   h = ACTIVATIONS[kind](linear(p['c_gate' if 'c_gate' in p else 'c_fc'], x))
   if 'c_gate' in p:
     h = h * linear(p['c_fc'], x)
   if 'ln' in p:
-    h = norm(p['ln'], h, norm_kind)
+    h = norm(p['ln'], h, norm_kind, norm_eps)
   return linear(p['c_proj'], h)
 
 
@@ -252,7 +258,7 @@ def init_multi_head_attention(key, d, attn_std, proj_std, bias=True, heads=None,
 
 
 def multi_head_attention(p, x_NxQxD, heads, mask_QxK=None, kv_NxKxD=None, norm_kind='layernorm',
-                         q_pos=None, k_pos=None, rope_theta=10000.0):
+                         q_pos=None, k_pos=None, rope_theta=10000.0, norm_eps=None):
   """nn.MultiheadAttention with the packed `in_proj_weight (3D, D)`: self-attention, or queries
   from `x` and keys/values from `kv`. Optional parts, present by their parameters: query-key
   normalisation (`q_norm`, `k_norm`), NormFormer's `head_scale`; RoPE when positions are given."""
@@ -267,7 +273,7 @@ def multi_head_attention(p, x_NxQxD, heads, mask_QxK=None, kv_NxKxD=None, norm_k
     k, v = jnp.split(linear(part(slice(d, 3 * d)), kv_NxKxD), 2, axis=-1)
   q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
   if 'q_norm' in p:
-    q, k = norm(p['q_norm'], q, norm_kind), norm(p['k_norm'], k, norm_kind)
+    q, k = norm(p['q_norm'], q, norm_kind, norm_eps), norm(p['k_norm'], k, norm_kind, norm_eps)
   if q_pos is not None:
     q, k = rope(q, q_pos, rope_theta), rope(k, k_pos, rope_theta)
   out_NxQxHxd = attention_heads(q, k, v, mask_QxK)

@@ -153,9 +153,13 @@ def training_image_features(params, batch_stats, images, cfg, update_bn=True):
 
 
 def logits(params, image_features, text_features):
-  """Scaled cosine similarities (logits_per_image, logits_per_text), as OpenAI's forward."""
+  """Scaled cosine similarities (logits_per_image, logits_per_text), as OpenAI's forward; a model
+  with SigLIP's `logit_bias` adds it: `exp(t) * cos + b`, the logits of its sigmoid loss (as HF
+  `SiglipModel` and open_clip return them)."""
   img, txt = normalize(image_features), normalize(text_features)
   logits_per_image = jnp.exp(params['logit_scale']) * img @ txt.T
+  if 'logit_bias' in params:
+    logits_per_image = logits_per_image + params['logit_bias']
   return logits_per_image, logits_per_image.T
 
 

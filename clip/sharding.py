@@ -36,6 +36,7 @@ DEFAULT_RULES = (
     (r'token_embedding\.weight', P('tensor', 'fsdp')),
     (r'(visual\.(attnpool\.)?)?positional_embedding', P(None, 'fsdp')),
     (r'visual\.proj|text_projection', P('fsdp', None)),
+    (r'text_projection\.weight', P(None, 'fsdp')),  # a biased projection, nn.Linear (out, in)
     (r'head\.weight', P(None, 'fsdp')),  # a fine-tuning classifier (classes, embed_dim)
     # Small or scalar leaves: norms, BN buffers, biases, the class token, registers, the MAP probe,
     # NormFormer's head scale, the logit scale/bias.

@@ -20,14 +20,17 @@ def init(key, cfg, embed_dim, stacked=False):
   params['ln_final'] = layers.init_norm(cfg.width, cfg.norm, cfg.bias)
   if cfg.pool == 'map':
     params['attn_pool'] = pooling.init(k(4), cfg)
-  if cfg.projection:
+  if cfg.projection_bias:
+    params['text_projection'] = layers.init_linear(k(3), cfg.width, embed_dim)
+  elif cfg.projection:
     params['text_projection'] = layers.normal(k(3), (cfg.width, embed_dim), cfg.width ** -0.5)
   return params
 
 
 def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat='none', scan=False):
   """int tokens (N, L<=context) -> (N, embed_dim). The end-of-text token is the largest id of a
-  row; what follows it is padding (masked out of bidirectional attention and map pooling)."""
+  row; what follows it is padding (masked out of bidirectional attention and map pooling unless
+  `cfg.mask_padding` is False). `pool='last'` pools position L - 1 of the given tokens."""
   length = tokens_NxL.shape[1]
   # The lookup reads a gathered table (as FSDP gathers every weight it uses): a gather from the
   # sharded table would come out split along the width, not the batch.
@@ -37,8 +40,11 @@ def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat='none', scan=False):
     x_NxLxD = x_NxLxD + params['positional_embedding'][:length].astype(dtype)
   positions_L = jnp.arange(length) if cfg.pos_embedding == 'rope' else None
   eot_N = jnp.argmax(tokens_NxL, axis=-1)
-  valid_NxL = jnp.arange(length) <= eot_N[:, None]
-  mask = jnp.tril(jnp.ones((length, length), bool)) if cfg.causal else valid_NxL[:, None, None, :]
+  valid_NxL = (jnp.arange(length) <= eot_N[:, None]) if cfg.mask_padding else None
+  if cfg.causal:
+    mask = jnp.tril(jnp.ones((length, length), bool))
+  else:
+    mask = None if valid_NxL is None else valid_NxL[:, None, None, :]
   run = lambda x, depth=None: transformer.apply(params['transformer'], x, cfg, mask, depth, remat,
                                                 scan, positions_L)
   if cfg.pool == 'eot' and cfg.causal:
@@ -46,15 +52,19 @@ def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat='none', scan=False):
     x_NxLxD = run(x_NxLxD, cfg.layers - 1)
     last = transformer.layer(params['transformer'], cfg.layers - 1)
     x_NxD = transformer.causal_block_at(last, x_NxLxD, eot_N, cfg, positions_L)
-    x_NxD = layers.norm(params['ln_final'], x_NxD, cfg.norm)
+    x_NxD = layers.norm(params['ln_final'], x_NxD, cfg.norm, cfg.norm_eps)
   elif cfg.pool == 'map':
-    x_NxLxD = layers.norm(params['ln_final'], run(x_NxLxD), cfg.norm)
+    x_NxLxD = layers.norm(params['ln_final'], run(x_NxLxD), cfg.norm, cfg.norm_eps)
     x_NxD = pooling.apply(params['attn_pool'], x_NxLxD, cfg, valid_NxL)
   else:
     x_NxLxD = run(x_NxLxD)
-    pos_N = eot_N if cfg.pool == 'eot' else jnp.zeros_like(eot_N)
+    pos_N = {'eot': eot_N, 'first': jnp.zeros_like(eot_N),
+             'last': jnp.full_like(eot_N, length - 1)}[cfg.pool]
     x_NxD = jnp.take_along_axis(x_NxLxD, pos_N[:, None, None], axis=1)[:, 0]
-    x_NxD = layers.norm(params['ln_final'], x_NxD, cfg.norm)
-  if 'text_projection' in params:
-    x_NxD = x_NxD @ params['text_projection'].astype(dtype)
+    x_NxD = layers.norm(params['ln_final'], x_NxD, cfg.norm, cfg.norm_eps)
+  projection = params.get('text_projection')
+  if isinstance(projection, dict):
+    x_NxD = layers.linear(projection, x_NxD)
+  elif projection is not None:
+    x_NxD = x_NxD @ projection.astype(dtype)
   return x_NxD

@@ -78,17 +78,19 @@ def layer(p, i):
 
 def _attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None):
   out = layers.multi_head_attention(p['attn'], h_NxQxD, cfg.heads, mask, kv_NxKxD, cfg.norm,
-                                    q_pos, k_pos, getattr(cfg, 'rope_theta', 10000.0))
-  return layers.norm(p['ln_attn'], out, cfg.norm) if 'ln_attn' in p else out
+                                    q_pos, k_pos, getattr(cfg, 'rope_theta', 10000.0),
+                                    cfg.norm_eps)
+  return layers.norm(p['ln_attn'], out, cfg.norm, cfg.norm_eps) if 'ln_attn' in p else out
 
 
 def _mlp(p, x, cfg):
-  return layers.mlp(p['mlp'], layers.norm(p['ln_2'], x, cfg.norm), cfg.mlp, cfg.norm)
+  return layers.mlp(p['mlp'], layers.norm(p['ln_2'], x, cfg.norm, cfg.norm_eps), cfg.mlp, cfg.norm,
+                    cfg.norm_eps)
 
 
 def block(p, x_NxLxD, cfg, mask=None, positions=None):
   """Pre-norm residual block; `positions` (L,) turn on RoPE."""
-  h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm)
+  h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm, cfg.norm_eps)
   x_NxLxD = x_NxLxD + _attention(p, h_NxLxD, cfg, mask, q_pos=positions, k_pos=positions)
   return x_NxLxD + _mlp(p, x_NxLxD, cfg)
 
@@ -99,7 +101,7 @@ def causal_block_at(p, x_NxLxD, pos_N, cfg, positions=None):
   Equal to `block(p, x, cfg, causal)[arange(N), pos_N]`, but the queries, the attention output
   and the MLP run on N rows instead of N*L; the keys and values still see every position <= pos.
   """
-  h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm)
+  h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm, cfg.norm_eps)
   take = lambda t: jnp.take_along_axis(t, pos_N[:, None, None], axis=1)  # (N, 1, D)
   mask_Nx1x1xL = (jnp.arange(x_NxLxD.shape[1]) <= pos_N[:, None])[:, None, None, :]
   q_pos = None if positions is None else pos_N[:, None]

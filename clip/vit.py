@@ -16,6 +16,8 @@ def init(key, cfg, embed_dim, stacked=False):
   w, p = cfg.width, cfg.patch_size
   scale = w ** -0.5
   params = {'conv1': layers.init_conv(k(0), 3, w, p)}
+  if cfg.patch_bias:
+    params['conv1']['bias'] = layers.uniform(k(7), (w,), (3 * p * p) ** -0.5)
   if cfg.pool == 'cls':
     params['class_embedding'] = layers.normal(k(1), (w,), scale)
   if cfg.pos_embedding == 'learned':
@@ -23,7 +25,8 @@ def init(key, cfg, embed_dim, stacked=False):
     params['positional_embedding'] = layers.normal(k(2), (rows, w), scale)
   if cfg.registers:
     params['registers'] = layers.normal(k(5), (cfg.registers, w), scale)
-  params['ln_pre'] = layers.init_norm(w, cfg.norm, cfg.bias)
+  if cfg.ln_pre:
+    params['ln_pre'] = layers.init_norm(w, cfg.norm, cfg.bias)
   params['transformer'] = transformer.init(k(3), cfg, stacked)
   params['ln_post'] = layers.init_norm(w, cfg.norm, cfg.bias)
   if cfg.pool == 'map':
@@ -52,6 +55,8 @@ def tokens(params, images_NxHxWx3, cfg, remat='none', scan=False):
   # The stride-p conv with an OIHW kernel, as one einsum over non-overlapping patches.
   patches = einops.rearrange(images_NxHxWx3, 'n (h p) (w q) c -> n (h w) c p q', p=p, q=p)
   x_NxLxD = jnp.einsum('nlcpq,ocpq->nlo', patches, params['conv1']['weight'].astype(dtype))
+  if 'bias' in params['conv1']:
+    x_NxLxD = x_NxLxD + params['conv1']['bias'].astype(dtype)
   n, _, d = x_NxLxD.shape
   if cfg.pool == 'cls':
     cls_Nx1xD = jnp.broadcast_to(params['class_embedding'].astype(dtype), (n, 1, d))
@@ -61,7 +66,8 @@ def tokens(params, images_NxHxWx3, cfg, remat='none', scan=False):
     c = int(cfg.pool == 'cls')
     regs_NxRxD = jnp.broadcast_to(params['registers'].astype(dtype), (n, cfg.registers, d))
     x_NxLxD = jnp.concatenate([x_NxLxD[:, :c], regs_NxRxD, x_NxLxD[:, c:]], axis=1)
-  x_NxLxD = layers.norm(params['ln_pre'], x_NxLxD, cfg.norm)
+  if 'ln_pre' in params:
+    x_NxLxD = layers.norm(params['ln_pre'], x_NxLxD, cfg.norm, cfg.norm_eps)
   return transformer.apply(params['transformer'], x_NxLxD, cfg, remat=remat, scan=scan)
 
 
@@ -69,10 +75,10 @@ def pool(params, x_NxLxD, cfg):
   """The last block's tokens -> (N, embed_dim): ln_post per token, then the class token, the
   mean of the patches (and registers if pooled) or the MAP head; then the projection."""
   if cfg.pool == 'cls':
-    x_NxD = layers.norm(params['ln_post'], x_NxLxD[:, 0], cfg.norm)
+    x_NxD = layers.norm(params['ln_post'], x_NxLxD[:, 0], cfg.norm, cfg.norm_eps)
   else:
     tokens_NxTxD = x_NxLxD if cfg.pool_registers else x_NxLxD[:, cfg.registers:]
-    tokens_NxTxD = layers.norm(params['ln_post'], tokens_NxTxD, cfg.norm)
+    tokens_NxTxD = layers.norm(params['ln_post'], tokens_NxTxD, cfg.norm, cfg.norm_eps)
     if cfg.pool == 'gap':
       x_NxD = tokens_NxTxD.mean(axis=1)
     else:

@@ -5,30 +5,18 @@ Its import name `clip` collides with ours, so it is pip-installed with --no-deps
 """
 import importlib.util
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
 
+from experiments import reference_packages
+
 PACKAGE = 'clip-anytorch==2.6.0'
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOT = os.environ.get('CLIP_REFERENCE_DIR', os.path.join(_REPO, 'tests', '.reference'))
+ROOT = reference_packages.ROOT
 
 
 def _install():
-  """pip install into a temporary folder, then rename: concurrent test workers never see half."""
-  if os.path.isdir(os.path.join(ROOT, 'clip')):
-    return
-  os.makedirs(os.path.dirname(ROOT), exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(ROOT), prefix='.reference-')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', tmp,
-                  PACKAGE], check=True)
-  try:
-    os.rename(tmp, ROOT)
-  except OSError:  # another worker won the race
-    shutil.rmtree(tmp, ignore_errors=True)
+  reference_packages.install([PACKAGE], ROOT, 'clip')
 
 
 def load_module(name):
