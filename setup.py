@@ -30,6 +30,7 @@ setuptools.setup(
         'ftfy>=6.1',
         'regex>=2023.0',
         'matplotlib>=3.8',
+        'sentencepiece>=0.2',  # SigLIP's tokenizers
     ],
     extras_require={
         'torch': TORCH,

@@ -18,10 +18,17 @@ from clip.model import split_batch_stats
 from clip.model import stack_layers
 from clip.model import unstack_layers
 from clip.model import update_batch_stats
+from clip.open_clip_configs import config_from_open_clip
+from clip.open_clip_configs import open_clip_config
+from clip.export import save_hf
+from clip.export import save_open_clip
+from clip.siglip_tokenizer import SentencePieceTokenizer
+from clip.siglip_tokenizer import tokenize_siglip
 from clip.tokenizer import Tokenizer
 from clip.tokenizer import decode
 from clip.tokenizer import tokenize
 from clip.weights import CheckpointError
+from clip.weights import CheckpointWarning
 from clip.weights import load
 from clip.weights import load_model_vars
 from clip.weights import to_torch_state_dict

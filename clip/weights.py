@@ -1,9 +1,9 @@
 """Checkpoints: torch state dict <-> nested params, file formats, config inference, official files.
 
-Every foreign format is first read into a flat `{torch key: numpy array}` dict in OpenAI's naming
-(Hugging Face keys are translated by the table in `hf_to_openai`), then checked key for key and
-shape for shape against `jax.eval_shape(init)` of the inferred (or given) config. torch is only
-imported for the formats that need it, never at `import clip`.
+Every foreign format is first read into a flat `{key: numpy array}` dict, recognised and
+translated into our (OpenAI) naming by `families` and the key tables of `convert`, then checked
+key for key and shape for shape against `jax.eval_shape(init)` of the stated, given or inferred
+config. torch is only imported for the formats that need it, never at `import clip`.
 """
 import dataclasses
 import hashlib
@@ -13,13 +13,16 @@ import pickle
 import re
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 
 import jax
 import numpy as np
 
 from clip import configs
+from clip import families
 from clip import model
+from clip import open_clip_configs
 
 # OpenAI's official checkpoints: the SHA256 of each file is the directory in its URL.
 _OPENAI_URL = 'https://openaipublic.azureedge.net/clip/models/{sha}/{file}'
@@ -94,44 +97,51 @@ def _count(flat, pattern):
   return len({m.group(1) for k in flat for m in [re.match(pattern, k)] if m})
 
 
-def infer_config(flat, heads=None):
-  """The CLIPConfig a flat OpenAI-keyed state dict was built from (OpenAI's `build_model` rules:
-  64-wide heads in the ViT and text towers, `32 * width / 64` heads in the ResNet attention pool),
-  unless `heads=(text_heads, vision_heads)` says otherwise.
-  """
+def infer_config(flat):
+  """The CLIPConfig an OpenAI-keyed state dict was built from by OpenAI's `build_model` rules:
+  64-wide heads in the ViT and text towers, `32 * width / 64` heads in the ResNet attention pool,
+  QuickGELU; the MLP width is read from `c_fc`. Shapes cannot tell the activation or the head
+  count: `load` says what it assumed (see `resolve_config`)."""
   shape = lambda k: tuple(flat[k].shape)
+  is_vit = any(k.startswith('visual.transformer.') for k in flat)
+  needed = (('visual.conv1.weight', 'visual.positional_embedding',
+             'visual.transformer.resblocks.0.mlp.c_fc.weight') if is_vit else
+            ('visual.layer1.0.conv1.weight', 'visual.attnpool.positional_embedding'))
+  needed += ('text_projection', 'positional_embedding', 'token_embedding.weight',
+             'ln_final.weight', 'transformer.resblocks.0.mlp.c_fc.weight')
+  absent = [k for k in needed if k not in flat]
+  if absent:
+    tower = 'ViT' if is_vit else 'ModifiedResNet'
+    raise CheckpointError(f'not a complete CLIP state dict: its {tower} image tower and text '
+                          f'tower need {absent}, which are missing; keys start with '
+                          f'{sorted(flat)[:5]}')
+  if is_vit:
+    width, _, patch, _ = shape('visual.conv1.weight')
+    grid = round((shape('visual.positional_embedding')[0] - 1) ** 0.5)
+    vision = configs.VisionConfig(
+        'vit', width, _count(flat, r'visual\.transformer\.resblocks\.(\d+)\.'),
+        max(width // 64, 1), patch * grid, patch,
+        mlp_dim=_mlp_dim(shape('visual.transformer.resblocks.0.mlp.c_fc.weight'), width))
+  else:
+    width = shape('visual.layer1.0.conv1.weight')[0]
+    resolution = round((shape('visual.attnpool.positional_embedding')[0] - 1) ** 0.5) * 32
+    vision = configs.VisionConfig(
+        'resnet', width, tuple(_count(flat, rf'visual\.layer{i}\.(\d+)\.') for i in range(1, 5)),
+        width * 32 // 64, resolution)
+  text_width = shape('ln_final.weight')[0]
+  text = configs.TextConfig(
+      text_width, _count(flat, r'transformer\.resblocks\.(\d+)\.'), max(text_width // 64, 1),
+      shape('positional_embedding')[0], shape('token_embedding.weight')[0],
+      mlp_dim=_mlp_dim(shape('transformer.resblocks.0.mlp.c_fc.weight'), text_width))
   try:
-    if 'visual.proj' in flat:
-      width, _, patch, _ = shape('visual.conv1.weight')
-      grid = round((shape('visual.positional_embedding')[0] - 1) ** 0.5)
-      vision_layers = _count(flat, r'visual\.transformer\.resblocks\.(\d+)\.')
-      vision_patch = patch
-      resolution = patch * grid
-    else:
-      vision_layers = tuple(_count(flat, rf'visual\.layer{i}\.(\d+)\.') for i in range(1, 5))
-      width = shape('visual.layer1.0.conv1.weight')[0]
-      resolution = round((shape('visual.attnpool.positional_embedding')[0] - 1) ** 0.5) * 32
-      vision_patch = None
-    embed_dim = shape('text_projection')[1]
-    context_length = shape('positional_embedding')[0]
-    vocab_size = shape('token_embedding.weight')[0]
-    text_width = shape('ln_final.weight')[0]
-    text_layers = _count(flat, r'transformer\.resblocks\.(\d+)\.')
-  except KeyError as e:
-    raise CheckpointError(f'not a CLIP state dict: key {e} is missing; keys start with '
-                          f'{sorted(flat)[:5]}') from None
-  if heads is None and (text_width % 64 or (vision_patch is not None and width % 64)):
-    raise CheckpointError(
-        f'cannot infer head counts: text width {text_width} / vision width {width} are not '
-        'multiples of 64 (OpenAI\'s head size); pass config= explicitly')
-  text_heads, vision_heads = heads or (text_width // 64, None)
-  try:
-    cfg = configs.openai_config(embed_dim, resolution, vision_layers, width, vision_patch,
-                                context_length, vocab_size, text_width, text_heads, text_layers,
-                                vision_heads)
-    return dataclasses.replace(cfg, logit_bias='logit_bias' in flat)
+    return configs.CLIPConfig(shape('text_projection')[1], vision, text,
+                              logit_bias='logit_bias' in flat)
   except ValueError as e:
     raise CheckpointError(f'the shapes in this state dict give an invalid config: {e}') from None
+
+
+def _mlp_dim(c_fc_shape, width):
+  return None if c_fc_shape[0] == 4 * width else c_fc_shape[0]
 
 
 def expected_shapes(cfg):
@@ -154,69 +164,6 @@ def check_state_dict(flat, cfg):
                                 ('misshapen', misshapen)) if keys]
     raise CheckpointError('state dict does not match the config: ' + '; '.join(parts))
   return expected
-
-
-# ---------------------------------------------------------------- Hugging Face CLIPModel keys
-
-_HF_BLOCK = {
-    'layer_norm1': 'ln_1', 'layer_norm2': 'ln_2', 'self_attn.out_proj': 'attn.out_proj',
-    'mlp.fc1': 'mlp.c_fc', 'mlp.fc2': 'mlp.c_proj',
-}
-_HF_KEYS = [  # (regex on the HF key, OpenAI key template, transpose)
-    (r'text_model\.embeddings\.token_embedding\.weight', 'token_embedding.weight', False),
-    (r'text_model\.embeddings\.position_embedding\.weight', 'positional_embedding', False),
-    (r'text_model\.final_layer_norm\.(weight|bias)', 'ln_final.{0}', False),
-    (r'text_projection\.weight', 'text_projection', True),
-    (r'vision_model\.embeddings\.class_embedding', 'visual.class_embedding', False),
-    (r'vision_model\.embeddings\.patch_embedding\.weight', 'visual.conv1.weight', False),
-    (r'vision_model\.embeddings\.position_embedding\.weight', 'visual.positional_embedding', False),
-    (r'vision_model\.pre_layrnorm\.(weight|bias)', 'visual.ln_pre.{0}', False),
-    (r'vision_model\.post_layernorm\.(weight|bias)', 'visual.ln_post.{0}', False),
-    (r'visual_projection\.weight', 'visual.proj', True),
-    (r'logit_scale', 'logit_scale', False),
-] + [
-    (rf'(text|vision)_model\.encoder\.layers\.(\d+)\.{re.escape(hf)}\.(weight|bias)',
-     '{0}transformer.resblocks.{1}.' + ours + '.{2}', False)
-    for hf, ours in _HF_BLOCK.items()
-]
-_HF_QKV = re.compile(
-    r'(text|vision)_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)')
-_HF_IGNORED = re.compile(r'(text|vision)_model\.embeddings\.position_ids')  # a constant buffer
-
-
-def _tower_prefix(groups):
-  return tuple(('visual.' if g == 'vision' else '') if g in ('text', 'vision') else g
-               for g in groups)
-
-
-def hf_to_openai(hf):
-  """Hugging Face `CLIPModel` state dict -> OpenAI keys; q/k/v are packed into `in_proj_*`."""
-  flat, qkv, unknown = {}, {}, []
-  for key, value in hf.items():
-    if _HF_IGNORED.fullmatch(key):
-      continue
-    if m := _HF_QKV.fullmatch(key):
-      tower, layer, which, kind = m.groups()
-      qkv.setdefault((_tower_prefix([tower])[0], layer, kind), {})[which] = value
-      continue
-    for pattern, template, transpose in _HF_KEYS:
-      if m := re.fullmatch(pattern, key):
-        flat[template.format(*_tower_prefix(m.groups()))] = value.T if transpose else value
-        break
-    else:
-      unknown.append(key)
-  if unknown:
-    raise CheckpointError(f'Hugging Face keys with no CLIP counterpart: {unknown[:20]}')
-  for (prefix, layer, kind), parts in qkv.items():
-    if set(parts) != {'q', 'k', 'v'}:
-      raise CheckpointError(f'{prefix}layer {layer} has only {sorted(parts)} of q/k/v {kind}')
-    packed = np.concatenate([np.asarray(parts[c]) for c in 'qkv'], axis=0)
-    flat[f'{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}'] = packed
-  return flat
-
-
-def is_hf(flat):
-  return any(k.startswith(('text_model.', 'vision_model.')) for k in flat)
 
 
 # ---------------------------------------------------------------- file formats
@@ -281,56 +228,87 @@ def _read_torch(path):
     raise CheckpointError(f'{path} is not a readable torch checkpoint: {e}') from None
 
 
-def _hf_heads(directory):
-  """Head counts and activation from a Hugging Face model folder's config.json, if there."""
-  path = os.path.join(directory, 'config.json')
-  if not os.path.exists(path):
-    return None
+# Weight files a model folder may hold, in the order they are looked for: open_clip's (hub
+# folders), then Hugging Face's (single or sharded), each read with the config file beside it.
+FOLDER_FILES = ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin',
+                'model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
+OPEN_CLIP_CONFIG = 'open_clip_config.json'
+HF_CONFIG = 'config.json'
+# Prefixes wrapping every key: DistributedDataParallel's `module.`, torch.compile's `_orig_mod.`.
+WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+
+
+def _read_json(path):
   with open(path) as f:
-    hf = json.load(f)
-  for tower in ('text_config', 'vision_config'):
-    act = hf.get(tower, {}).get('hidden_act', 'quick_gelu')
-    if act != 'quick_gelu':
-      raise CheckpointError(f'{tower}.hidden_act is {act!r}; OpenAI CLIP uses quick_gelu')
-  return hf['text_config']['num_attention_heads'], hf['vision_config']['num_attention_heads']
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f'{path} is not valid JSON: {e}') from None
 
 
-def read_state_dict(path):
-  """Any supported file (or a Hugging Face model folder) -> flat `{OpenAI key: numpy array}`.
+def _weights_file(path):
+  """A folder -> the weights file in it; a file -> itself."""
+  if not os.path.isdir(path):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'no checkpoint at {path}')
+    return path
+  found = [os.path.join(path, n) for n in FOLDER_FILES if os.path.exists(os.path.join(path, n))]
+  if not found:
+    raise CheckpointError(f'{path} is a folder without any of {FOLDER_FILES}')
+  return found[0]
 
-  Returns `(flat, heads)`; `heads` is `(text, vision)` when the file says so (HF config.json).
-  """
-  heads = None
-  if os.path.isdir(path):
-    heads = _hf_heads(path)
-    names = ('model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin')
-    found = [os.path.join(path, n) for n in names if os.path.exists(os.path.join(path, n))]
-    if not found:
-      raise CheckpointError(f'{path} is a folder without any of {names}')
-    path = found[0]
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'no checkpoint at {path}')
+
+def _read_file(path):
   ext = os.path.splitext(path)[1].lower()
+  if path.endswith('.safetensors.index.json'):  # Hugging Face's sharded weights
+    shards = sorted(set(_read_json(path).get('weight_map', {}).values()))
+    if not shards:
+      raise CheckpointError(f'{path} names no shards in its weight_map')
+    raw = {}
+    for shard in shards:
+      raw.update(_read_safetensors(os.path.join(os.path.dirname(path), shard)))
+    return raw
   if ext == '.safetensors':
-    raw = _read_safetensors(path)
-  elif ext == '.npy':
-    raw = _read_npy(path)
-  elif ext == '.npz':
+    return _read_safetensors(path)
+  if ext == '.npy':
+    return _read_npy(path)
+  if ext == '.npz':
     with np.load(path, allow_pickle=False) as z:
-      raw = dict(z)
-  else:
-    raw = _read_torch(path)
-  if isinstance(raw, dict) and isinstance(raw.get('state_dict'), dict):
-    raw = raw['state_dict']  # open_clip's training checkpoints
+      return dict(z)
+  return _read_torch(path)
+
+
+def strip_wrappers(raw, path='checkpoint'):
+  """open_clip's `{'state_dict': ...}` training checkpoints, and the `module.` / `_orig_mod.`
+  key prefixes of DistributedDataParallel and torch.compile, in any combination and order."""
+  while isinstance(raw, dict) and isinstance(raw.get('state_dict'), dict):
+    raw = raw['state_dict']
   if not isinstance(raw, dict):
     raise CheckpointError(f'{path} holds a {type(raw).__name__}, not a state dict')
   flat = {}
   for key, value in raw.items():
-    key = key[len('module.'):] if key.startswith('module.') else key
+    while key.startswith(WRAPPER_PREFIXES):
+      key = key.split('.', 1)[1]
     if key in _TORCHSCRIPT_EXTRAS:
       continue  # metadata scalars of OpenAI's TorchScript archives, implied by the shapes
     flat[key] = _to_numpy(value)
-  return (hf_to_openai(flat) if is_hf(flat) else flat), heads
+  return flat
+
+
+def read_checkpoint(path):
+  """Any supported file (or model folder) -> `(flat, info)`: the state dict with its wrappers
+  stripped, keys as the file has them (`params/` of big_vision dropped), and `info` with the
+  weights file's `path` and the config files beside it (`open_clip_config`, `hf_config`)."""
+  path = _weights_file(os.fspath(path))
+  flat = strip_wrappers(_read_file(path), path)
+  if any(k.startswith('params/') for k in flat):  # big_vision's .npz
+    flat = {k[len('params/'):] if k.startswith('params/') else k: v for k, v in flat.items()}
+  folder = os.path.dirname(path)
+  info = {'path': path}
+  for name, field in ((OPEN_CLIP_CONFIG, 'open_clip_config'), (HF_CONFIG, 'hf_config')):
+    if os.path.exists(os.path.join(folder, name)):
+      info[field] = _read_json(os.path.join(folder, name))
+  return flat, info
 
 
 def _to_numpy(value):
@@ -345,12 +323,12 @@ def _to_numpy(value):
 
 # ---------------------------------------------------------------- loading
 
-def from_state_dict(flat, config=None, dtype=np.float32, heads=None):
-  """A flat torch-keyed state dict -> `(params, cfg)`: the config inferred from the shapes unless
-  given, every key and shape checked against it, floating leaves cast to `dtype` (the others to
-  the config's dtypes), the blocks stacked for a `scan=True` config."""
+def from_state_dict(flat, config=None, dtype=np.float32):
+  """A flat torch-keyed state dict -> `(params, cfg)`: the config inferred from the shapes by
+  OpenAI's rules unless given, every key and shape checked against it, floating leaves cast to
+  `dtype` (the others to the config's dtypes), the blocks stacked for a `scan=True` config."""
   if config is None:
-    config = infer_config(flat, heads)
+    config = infer_config(flat)
   elif not isinstance(config, configs.CLIPConfig):
     raise TypeError(f'config must be a CLIPConfig, got {type(config).__name__}')
   expected = check_state_dict(flat, config)
@@ -362,19 +340,194 @@ def from_state_dict(flat, config=None, dtype=np.float32, heads=None):
 
 
 def load(path, config=None, dtype=np.float32, image_resolution=None):
-  """A checkpoint file (or HF folder) -> `(params, cfg)`.
+  """A checkpoint file or model folder -> `(params, cfg)`, with outputs equal to the library
+  that defines the family, or an error.
 
-  Formats: torch state dict (`.pt`/`.pth`/`.bin`, `weights_only=True`), OpenAI's TorchScript
-  archives, open_clip checkpoints (`state_dict` wrapper, `module.` prefix), `.safetensors`,
-  scenic's `.npy` dict, `.npz`, and Hugging Face `CLIPModel` weights. The config is inferred from
-  the shapes unless given. Floating weights are cast to `dtype` (fp16 files load as fp32 by
-  default). `image_resolution` interpolates the position embedding to another input size.
+  Families: OpenAI's and open_clip's (OpenAI keys, `text.` of CustomTextCLIP, timm ViT trunks of
+  the SigLIP models), Hugging Face `CLIPModel` and `SiglipModel`, big_vision's SigLIP `.npz`.
+  Formats: torch state dicts (`weights_only=True`), OpenAI's TorchScript archives,
+  `.safetensors` (also sharded), `.npz`, scenic's `.npy`; open_clip's `state_dict` wrapper and
+  the `module.` / `_orig_mod.` prefixes are stripped. The config is, in order: `config=` (a
+  CLIPConfig, an OpenAI name such as 'ViT-B/32', or an open_clip name such as 'ViT-H-14' or
+  'ViT-B-32/laion2b_s34b_b79k'),
+  checked against what the files state; the `open_clip_config.json` or Hugging Face
+  `config.json` beside the weights; else inferred from the shapes, with a `CheckpointWarning`
+  naming what was assumed (the activation, head counts) unless the file is one of OpenAI's
+  releases. Floating weights are cast to `dtype` (fp16 files load as fp32 by default).
+  `image_resolution` interpolates the position embedding to another input size.
+  Raises CheckpointError for an unsupported family (naming its keys), missing, unexpected or
+  misshapen keys, or a `config=` that contradicts the files.
   """
-  flat, heads = read_state_dict(os.fspath(path))
-  params, config = from_state_dict(flat, config, dtype, heads)
+  raw, info = read_checkpoint(path)
+  try:
+    family = families.detect(raw)
+    if family == families.BIG_VISION:
+      info['big_vision_heads'] = families.big_vision_heads(raw)
+    flat = families.to_ours(raw, family)
+  except ValueError as e:
+    raise CheckpointError(f'{info["path"]}: {e}') from None
+  config = resolve_config(flat, family, info, config)
+  params, config = from_state_dict(flat, config, dtype)
   if image_resolution is not None and image_resolution != config.image_resolution:
     params, config = interpolate_pos_embed(params, config, image_resolution)
   return params, config
+
+
+# ---------------------------------------------------------------- what a checkpoint states
+
+class CheckpointWarning(UserWarning):
+  """A checkpoint loaded under an assumption its files cannot confirm (the message says which,
+  and how to state it with `config=`)."""
+
+
+_RUNTIME_FIELDS = ('dtype', 'remat', 'scan')  # how to run a model, not what it is
+
+
+def _differences(given, stated, prefix=''):
+  out = []
+  for field in dataclasses.fields(given):
+    a, b = getattr(given, field.name), getattr(stated, field.name)
+    if field.name in _RUNTIME_FIELDS:
+      continue
+    if dataclasses.is_dataclass(a):
+      out += _differences(a, b, f'{prefix}{field.name}.')
+    elif a != b:
+      out.append(f'{prefix}{field.name}: config= says {a!r}, the file says {b!r}')
+  return out
+
+
+def stated_config(family, info):
+  """The config the files beside the weights state (open_clip_config.json for open_clip's
+  families, config.json for Hugging Face's), or None."""
+  try:
+    if family in (families.OPENAI, families.OPEN_CLIP_TIMM) and 'open_clip_config' in info:
+      model_cfg = info['open_clip_config'].get('model_cfg', info['open_clip_config'])
+      return open_clip_configs.config_from_open_clip(model_cfg)
+    if family in (families.HF_CLIP, families.HF_SIGLIP) and 'hf_config' in info:
+      return families.config_from_hf(info['hf_config'])
+  except (KeyError, ValueError) as e:
+    raise CheckpointError(f'{info["path"]}: the config file beside it cannot be run exactly: '
+                          f'{e!r}') from None
+  return None
+
+
+def _named_config(name):
+  """An OpenAI name ('ViT-B/32') or an open_clip one ('ViT-B-32/laion2b_s34b_b79k') -> config;
+  a name both libraries use for different models (open_clip's 'RN50' has exact GELU) is an
+  error."""
+  if name in configs.MODELS and name in open_clip_configs.MODEL_CFGS:
+    raise ValueError(f'{name!r} names both OpenAI\'s {name} (QuickGELU) and open_clip\'s (exact '
+                     f'GELU): pass config=clip.MODELS[{name!r}] or {name!r} with an open_clip tag '
+                     f'("{name}/openai", "{name}-quickgelu", ...)')
+  if name in configs.MODELS:
+    return configs.MODELS[name]
+  return open_clip_configs.open_clip_config(name)
+
+
+def resolve_config(flat, family, info, config=None):
+  """The config to load `flat` (our keys) with: `config=` if given (an error if the files state
+  otherwise), else what the files state, else shapes plus the family's defaults with a warning
+  naming the assumptions."""
+  if isinstance(config, str):
+    config = _named_config(config)
+  stated = stated_config(family, info)
+  if config is not None:
+    if not isinstance(config, configs.CLIPConfig):
+      raise TypeError(f'config must be a CLIPConfig or an open_clip model name, got '
+                      f'{type(config).__name__}')
+    contradictions = _differences(config, stated) if stated is not None else []
+    if contradictions:
+      raise CheckpointError(f'{info["path"]}: config= contradicts the config file beside it: '
+                            + '; '.join(contradictions))
+    return config
+  if stated is not None:
+    return stated
+  config, assumed = _infer(flat, family, info)
+  if assumed:
+    warnings.warn(f'{info["path"]}: its files do not state the architecture; assumed '
+                  + '; '.join(assumed) + '. Pass config= (a CLIPConfig or an open_clip name, '
+                  'e.g. clip.load(path, config="ViT-B-32")) to state it.', CheckpointWarning,
+                  stacklevel=3)
+  return config
+
+
+def _infer(flat, family, info):
+  """(config, assumptions) from the shapes and the family's defaults."""
+  if family == families.BIG_VISION:
+    cfg = families.siglip_from_shapes(flat, *info['big_vision_heads'], 'gelu_tanh', 'gelu_tanh')
+    return cfg, ['text pooled at the last position (big_vision\'s pool_type="last", as every '
+                 'SigLIP release)']
+  if family in (families.HF_SIGLIP, families.OPEN_CLIP_TIMM):
+    return _infer_siglip(flat, family)
+  cfg = infer_config(flat)
+  matches = _open_clip_shape_matches(cfg)
+  if matches:  # the head count is open_clip's for these shapes
+    cfg = _with_heads(cfg, matches[0][1])
+  elif cfg.vision.arch == 'vit' and cfg.vision.width % 64 or cfg.text.width % 64:
+    raise CheckpointError(
+        f'{info["path"]}: cannot infer head counts: text width {cfg.text.width} / vision width '
+        f'{cfg.vision.width} are not multiples of 64 (OpenAI\'s head size) and match no open_clip '
+        'architecture; pass config=')
+  if family == families.OPENAI and _is_official(info['path']):
+    return cfg, []
+  names = sorted({name for name, _ in matches})
+  kinds = sorted({c.vision.mlp for _, c in matches} | {'quick_gelu'})
+  assumed = [f'OpenAI\'s QuickGELU activation (same keys and shapes: {names[:8]}, whose '
+             f'activations are {kinds})' if names else 'OpenAI\'s QuickGELU activation',
+             f'{cfg.vision.heads} vision and {cfg.text.heads} text heads']
+  return cfg, assumed
+
+
+def _infer_siglip(flat, family):
+  heads = lambda w: max(w // 64, 1)
+  text_width = flat['ln_final.weight'].shape[0]
+  width = flat['visual.conv1.weight'].shape[0]
+  vision_act = 'gelu' if family == families.OPEN_CLIP_TIMM else 'gelu_tanh'
+  cfg = families.siglip_from_shapes(flat, heads(width), heads(text_width), vision_act,
+                                    'gelu_tanh')
+  matches = _open_clip_shape_matches(cfg)
+  if matches:
+    cfg = _with_heads(cfg, matches[0][1])
+  elif width % 64 or text_width % 64:
+    raise CheckpointError(f'cannot infer head counts: text width {text_width} / vision width '
+                          f'{width} are not multiples of 64 and match no open_clip SigLIP '
+                          'architecture; pass config=')
+  names = sorted({name for name, _ in matches})
+  kinds = sorted({c.text.mlp for _, c in matches} | {cfg.text.mlp})
+  return cfg, [f'{cfg.vision.heads} vision and {cfg.text.heads} text heads',
+               f'{vision_act} in the image tower and gelu_tanh in the text tower (open_clip\'s '
+               f'models with these shapes: {names[:8]}, text activations {kinds})']
+
+
+def _signature(cfg):
+  """What the shapes of a ViT CLIP say: everything but head counts and activations."""
+  v, t = cfg.vision, cfg.text
+  return (cfg.embed_dim, v.arch, v.width, v.layers, v.patch_size, v.image_resolution,
+          v.hidden_dim, v.pool, t.width, t.layers, t.context_length, t.vocab_size, t.hidden_dim)
+
+
+def _open_clip_shape_matches(cfg):
+  """`[(name, config)]` of open_clip's models (our table) whose shapes are those of `cfg`."""
+  out = []
+  for name, model_cfg in sorted(open_clip_configs.MODEL_CFGS.items()):
+    try:
+      candidate = open_clip_configs.config_from_open_clip(model_cfg)
+    except ValueError:
+      continue
+    if _signature(candidate) == _signature(cfg):
+      out.append((name, candidate))
+  return out
+
+
+def _with_heads(cfg, source):
+  vision = dataclasses.replace(cfg.vision, heads=source.vision.heads)
+  text = dataclasses.replace(cfg.text, heads=source.text.heads)
+  return dataclasses.replace(cfg, vision=vision, text=text)
+
+
+def _is_official(path):
+  official = {sha for sha, _ in OFFICIAL_FILES.values()}
+  return _sha256(path) in official
 
 
 def interpolate_pos_embed(params, cfg, image_resolution):

@@ -1,6 +1,8 @@
 """The custom-architecture options of the towers (issue 9), each against an independent numpy
 definition: norms, NormFormer, gated MLPs, qk-norm, biases, RoPE, sin-cos positions, registers,
-cls / gap / map pooling, bidirectional text with padding; stacked (scan) vs per-layer layouts."""
+cls / gap / map pooling, bidirectional text with padding; stacked (scan) vs per-layer layouts.
+SigLIP's and open_clip's options too: tanh GELU, norm epsilon, patch bias, no ln_pre, last-position
+text pooling over unmasked padding, a biased text projection and the logit bias."""
 import dataclasses
 import math
 
@@ -19,15 +21,20 @@ from clip import transformer
 from clip import vit
 
 RTOL = 2e-5
+ACT_TOL = 2e-6  # an fp32 activation against its float64 formula, for |x| <= 6
+MUST_DIFFER = 3 * RTOL  # a wrong option (GELU swapped, default epsilon) moves the output more
 
 
 # ---------------------------------------------------------------- numpy definitions
 
-def np_norm(p, x, kind):
+def np_norm(p, x, kind, eps=None):
+  """`eps` None: torch's LayerNorm default 1e-5, or 1e-6 for RMSNorm."""
   p = {k: np.asarray(v, np.float64) for k, v in p.items()}
   if kind == 'rmsnorm':
-    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * p['weight']
-  y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * p['weight']
+    eps = 1e-6 if eps is None else eps
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * p['weight']
+  eps = 1e-5 if eps is None else eps
+  y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * p['weight']
   return y + p.get('bias', 0.0)
 
 
@@ -36,6 +43,8 @@ def np_act(kind, x):
     return x / (1 + np.exp(-1.702 * x))
   if kind == 'swiglu':
     return x / (1 + np.exp(-x))
+  if kind == 'gelu_tanh':
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
   erf = np.vectorize(math.erf)
   return 0.5 * x * (1 + erf(x / np.sqrt(2)))  # exact GELU (gelu, geglu)
 
@@ -53,7 +62,8 @@ def np_rope(x, positions, theta=10000.0):
   return np.concatenate([z.real, z.imag], -1)
 
 
-def np_mha(p, xq, xkv, heads, norm_kind, mask=None, q_pos=None, k_pos=None, theta=10000.0):
+def np_mha(p, xq, xkv, heads, norm_kind, mask=None, q_pos=None, k_pos=None, theta=10000.0,
+           eps=None):
   d = xq.shape[-1]
   w = np.asarray(p['in_proj_weight'], np.float64)
   b = np.asarray(p.get('in_proj_bias', np.zeros(3 * d)), np.float64)
@@ -61,7 +71,7 @@ def np_mha(p, xq, xkv, heads, norm_kind, mask=None, q_pos=None, k_pos=None, thet
   q, k, v = (split(x @ w[i * d:(i + 1) * d].T + b[i * d:(i + 1) * d])
              for i, x in enumerate((xq, xkv, xkv)))
   if 'q_norm' in p:
-    q, k = np_norm(p['q_norm'], q, norm_kind), np_norm(p['k_norm'], k, norm_kind)
+    q, k = np_norm(p['q_norm'], q, norm_kind, eps), np_norm(p['k_norm'], k, norm_kind, eps)
   if q_pos is not None:
     q, k = np_rope(q, q_pos, theta), np_rope(k, k_pos, theta)
   scores = np.einsum('nqhd,nkhd->nhqk', q, k) / np.sqrt(d // heads)
@@ -75,30 +85,33 @@ def np_mha(p, xq, xkv, heads, norm_kind, mask=None, q_pos=None, k_pos=None, thet
   return np_linear(p['out_proj'], out.reshape(*out.shape[:2], d))
 
 
-def np_mlp(p, x, kind, norm_kind):
+def np_mlp(p, x, kind, norm_kind, eps=None):
   if 'c_gate' in p:
     h = np_act(kind, np_linear(p['c_gate'], x)) * np_linear(p['c_fc'], x)
   else:
     h = np_act(kind, np_linear(p['c_fc'], x))
   if 'ln' in p:
-    h = np_norm(p['ln'], h, norm_kind)
+    h = np_norm(p['ln'], h, norm_kind, eps)
   return np_linear(p['c_proj'], h)
 
 
 def np_block(p, x, cfg, mask=None, positions=None):
-  a = np_mha(p['attn'], np_norm(p['ln_1'], x, cfg.norm), np_norm(p['ln_1'], x, cfg.norm),
-             cfg.heads, cfg.norm, mask, positions, positions, getattr(cfg, 'rope_theta', 1e4))
+  eps = cfg.norm_eps
+  h = np_norm(p['ln_1'], x, cfg.norm, eps)
+  a = np_mha(p['attn'], h, h, cfg.heads, cfg.norm, mask, positions, positions,
+             getattr(cfg, 'rope_theta', 1e4), eps)
   if 'ln_attn' in p:
-    a = np_norm(p['ln_attn'], a, cfg.norm)
+    a = np_norm(p['ln_attn'], a, cfg.norm, eps)
   x = x + a
-  return x + np_mlp(p['mlp'], np_norm(p['ln_2'], x, cfg.norm), cfg.mlp, cfg.norm)
+  return x + np_mlp(p['mlp'], np_norm(p['ln_2'], x, cfg.norm, eps), cfg.mlp, cfg.norm, eps)
 
 
 def np_map(p, x, cfg, mask=None):
+  eps = cfg.norm_eps
   probe = np.broadcast_to(np.asarray(p['probe'], np.float64), (x.shape[0], 1, x.shape[-1]))
   y = np_mha(p['attn'], probe, x, cfg.map_heads, cfg.norm,
-             None if mask is None else mask[:, None, None, :])
-  y = y + np_mlp(p['mlp'], np_norm(p['ln_2'], y, cfg.norm), cfg.mlp, cfg.norm)
+             None if mask is None else mask[:, None, None, :], eps=eps)
+  y = y + np_mlp(p['mlp'], np_norm(p['ln_2'], y, cfg.norm, eps), cfg.mlp, cfg.norm, eps)
   return y[:, 0]
 
 
@@ -123,6 +136,8 @@ def np_vision(p, images, cfg):
   n = images.shape[0]
   patches = images.reshape(n, g, s, g, s, 3).transpose(0, 1, 3, 5, 2, 4).reshape(n, g * g, -1)
   x = patches @ np.asarray(p['conv1']['weight'], np.float64).reshape(d, -1).T
+  if cfg.patch_bias:
+    x = x + np.asarray(p['conv1']['bias'])
   cls = cfg.pool == 'cls'
   if cls:
     x = np.concatenate([np.broadcast_to(np.asarray(p['class_embedding']), (n, 1, d)), x], 1)
@@ -133,13 +148,15 @@ def np_vision(p, images, cfg):
   if cfg.registers:
     regs = np.broadcast_to(np.asarray(p['registers']), (n, cfg.registers, d))
     x = np.concatenate([x[:, :int(cls)], regs, x[:, int(cls):]], 1)
-  x = np_norm(p['ln_pre'], x, cfg.norm)
+  if cfg.ln_pre:
+    x = np_norm(p['ln_pre'], x, cfg.norm, cfg.norm_eps)
   for i in range(cfg.layers):
     x = np_block(p['transformer']['resblocks'][str(i)], x, cfg)
   if cls:
-    pooled = np_norm(p['ln_post'], x[:, 0], cfg.norm)
+    pooled = np_norm(p['ln_post'], x[:, 0], cfg.norm, cfg.norm_eps)
   else:
-    tokens = np_norm(p['ln_post'], x if cfg.pool_registers else x[:, cfg.registers:], cfg.norm)
+    tokens = np_norm(p['ln_post'], x if cfg.pool_registers else x[:, cfg.registers:], cfg.norm,
+                     cfg.norm_eps)
     pooled = tokens.mean(1) if cfg.pool == 'gap' else np_map(p['attn_pool'], tokens, cfg)
   return pooled @ np.asarray(p['proj']) if 'proj' in p else pooled
 
@@ -151,15 +168,20 @@ def np_text(p, tokens, cfg):
     x = x + np.asarray(p['positional_embedding'])[:length]
   positions = np.arange(length) if cfg.pos_embedding == 'rope' else None
   eot = tokens.argmax(-1)
-  valid = np.arange(length)[None] <= eot[:, None]
-  mask = np.tril(np.ones((length, length), bool)) if cfg.causal else valid[:, None, None, :]
+  valid = np.arange(length)[None] <= eot[:, None] if cfg.mask_padding else None
+  if cfg.causal:
+    mask = np.tril(np.ones((length, length), bool))
+  else:
+    mask = None if valid is None else valid[:, None, None, :]
   for i in range(cfg.layers):
     x = np_block(p['transformer']['resblocks'][str(i)], x, cfg, mask, positions)
-  x = np_norm(p['ln_final'], x, cfg.norm)
+  x = np_norm(p['ln_final'], x, cfg.norm, cfg.norm_eps)
   if cfg.pool == 'map':
     pooled = np_map(p['attn_pool'], x, cfg, valid)
   else:
-    pooled = x[np.arange(n), eot if cfg.pool == 'eot' else 0]
+    pooled = x[np.arange(n), {'eot': eot, 'first': 0, 'last': length - 1}[cfg.pool]]
+  if cfg.projection_bias:
+    return np_linear(p['text_projection'], pooled)  # nn.Linear: (embed_dim, width) and a bias
   return pooled @ np.asarray(p['text_projection']) if 'text_projection' in p else pooled
 
 
@@ -196,6 +218,7 @@ BLOCK_OPTIONS = {
     'rmsnorm': dict(norm='rmsnorm'),
     'normformer': dict(norm_placement='normformer'),
     'gelu': dict(mlp='gelu', mlp_dim=48),
+    'gelu_tanh': dict(mlp='gelu_tanh'),
     'geglu': dict(mlp='geglu'),
     'swiglu': dict(mlp='swiglu', mlp_dim=40),
     'qk_norm': dict(qk_norm=True),
@@ -233,6 +256,38 @@ def test_sincos_table_matches_its_formula():
   np.testing.assert_allclose(layers.sincos_2d(5, 24), np_sincos(5, 24), atol=1e-6)
 
 
+def test_gelu_tanh_is_the_tanh_formula_not_the_exact_gelu():
+  x = np.linspace(-6, 6, 1201).astype(np.float32)
+  x64 = x.astype(np.float64)
+  tanh_formula = 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)))
+  np.testing.assert_allclose(layers.ACTIVATIONS['gelu_tanh'](x), tanh_formula, rtol=0, atol=ACT_TOL)
+  np.testing.assert_allclose(layers.ACTIVATIONS['gelu'](x), np_act('gelu', x64), rtol=0,
+                             atol=ACT_TOL)
+  assert np.abs(tanh_formula - np_act('gelu', x64)).max() > 100 * ACT_TOL  # 4.7e-4 at |x| = 2.7
+  # and a block would notice the swap
+  cfg = configs.TextConfig(**TEXT, mlp='gelu_tanh', causal=False)
+  p = perturbed(transformer.init_block(jax.random.PRNGKey(0), cfg, cfg.layers))
+  x = np.random.default_rng(1).standard_normal((2, 7, 32)).astype(np.float32)
+  out = transformer.block(p, x, cfg)
+  assert rel_err(out, np_block(to_np(p), x.astype(np.float64), cfg)) < RTOL
+  exact = dataclasses.replace(cfg, mlp='gelu')
+  assert rel_err(out, np_block(to_np(p), x.astype(np.float64), exact)) > MUST_DIFFER
+
+
+def test_norm_epsilon_matters_on_small_variance_rows():
+  """Rows of variance ~1e-6, where 1e-6 and 1e-5 give different norms: the epsilon given is used,
+  and None is each kind's default (LayerNorm 1e-5 as torch, RMSNorm 1e-6)."""
+  x = (1e-3 * (np.random.default_rng(0).standard_normal((4, 16)) + 0.5)).astype(np.float32)
+  x64 = x.astype(np.float64)
+  for kind in ('layernorm', 'rmsnorm'):
+    p = perturbed(layers.init_norm(16, kind))
+    for eps in (None, 1e-6, 1e-5):
+      assert rel_err(layers.norm(p, x, kind, eps), np_norm(p, x64, kind, eps)) < RTOL
+    assert rel_err(np_norm(p, x64, kind, 1e-6), np_norm(p, x64, kind, 1e-5)) > 0.1
+  p = perturbed(layers.init_norm(16))
+  assert rel_err(layers.norm(p, x), np_norm(p, x64, 'layernorm', 1e-6)) > 0.1  # default is 1e-5
+
+
 @pytest.mark.parametrize('name', sorted(BLOCK_OPTIONS))
 def test_block_matches_numpy(name):
   cfg = configs.TextConfig(**TEXT, **BLOCK_OPTIONS[name], causal=False)
@@ -263,6 +318,25 @@ def test_causal_block_at_one_position_equals_the_full_block(name):
                               full[jnp.arange(3), pos_N], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('options', [dict(norm_placement='normformer', qk_norm=True),
+                                     BLOCK_OPTIONS['everything']])
+def test_norm_eps_reaches_every_norm_of_a_block(options):
+  """An epsilon near the variance of the activations makes every norm depend on it: ln_1, ln_2,
+  NormFormer's ln_attn and mlp.ln, qk-norm's q_norm and k_norm; also at one causal position."""
+  cfg = configs.TextConfig(**TEXT, **options, norm_eps=0.5)
+  p = perturbed(transformer.init_block(jax.random.PRNGKey(0), cfg, cfg.layers))
+  x = np.random.default_rng(1).standard_normal((3, 7, 32)).astype(np.float32)
+  causal = np.tril(np.ones((7, 7), bool))
+  expected = np_block(to_np(p), x.astype(np.float64), cfg, causal)
+  out = transformer.block(p, x, cfg, causal)
+  assert rel_err(out, expected) < RTOL
+  default_eps = dataclasses.replace(cfg, norm_eps=None)
+  assert rel_err(out, np_block(to_np(p), x.astype(np.float64), default_eps, causal)) > MUST_DIFFER
+  pos_N = np.array([6, 0, 3])
+  at = transformer.causal_block_at(p, x, jnp.asarray(pos_N), cfg)
+  assert rel_err(at, expected[np.arange(3), pos_N]) < RTOL
+
+
 # ---------------------------------------------------------------- towers
 
 VISION_CASES = {
@@ -275,6 +349,8 @@ VISION_CASES = {
     'cls-sincos-registers': dict(pos_embedding='sincos2d', registers=1),
     'siglip-like': dict(pool='map', pos_embedding='sincos2d', mlp='gelu', norm='rmsnorm',
                         qk_norm=True, projection=False),
+    'cls-patch-bias-norm-eps': dict(patch_bias=True, norm_eps=0.5),
+    'gap-no-ln-pre': dict(pool='gap', ln_pre=False),
 }
 
 
@@ -289,6 +365,12 @@ def test_vision_tower_matches_numpy(name):
   assert ('class_embedding' in params['visual']) == (vision.pool == 'cls')
   assert ('positional_embedding' in params['visual']) == (vision.pos_embedding == 'learned')
   assert ('attn_pool' in params['visual']) == (vision.pool == 'map')
+  assert ('ln_pre' in params['visual']) == vision.ln_pre
+  assert ('bias' in params['visual']['conv1']) == vision.patch_bias
+  if vision.norm_eps is not None:
+    default_eps = dataclasses.replace(vision, norm_eps=None)
+    assert rel_err(out, np_vision(to_np(params['visual']), images.astype(np.float64),
+                                  default_eps)) > MUST_DIFFER
 
 
 def test_gap_pooling_is_the_mean_of_the_patch_tokens():
@@ -314,6 +396,10 @@ TEXT_CASES = {
     'eot-rope-everything': dict(pos_embedding='rope', rope_theta=500.0,
                                 **BLOCK_OPTIONS['everything']),
     'no-projection': dict(projection=False, mlp='geglu'),
+    'last-bidirectional-unmasked': dict(pool='last', causal=False, mask_padding=False),
+    'map-bidirectional-unmasked-norm-eps': dict(pool='map', causal=False, mask_padding=False,
+                                                norm_eps=0.5),
+    'eot-norm-eps-gelu-tanh': dict(norm_eps=0.5, mlp='gelu_tanh', qk_norm=True),
 }
 
 
@@ -326,6 +412,10 @@ def test_text_tower_matches_numpy(name):
   out = clip.encode_text(params, tokens, cfg)
   assert rel_err(out, np_text(to_np(params), tokens, text_cfg)) < RTOL
   assert ('positional_embedding' in params) == (text_cfg.pos_embedding == 'learned')
+  assert isinstance(params.get('text_projection'), dict) == text_cfg.projection_bias
+  if text_cfg.norm_eps is not None:
+    default_eps = dataclasses.replace(text_cfg, norm_eps=None)
+    assert rel_err(out, np_text(to_np(params), tokens, default_eps)) > MUST_DIFFER
 
 
 @pytest.mark.parametrize('text_options', [dict(causal=False), dict(causal=False, pool='map'),
@@ -340,6 +430,83 @@ def test_padding_after_eot_is_masked_out(text_options):
   noisy[after_eot] = np.random.default_rng(6).integers(1, 60, after_eot.sum())
   chex.assert_trees_all_close(clip.encode_text(params, noisy, cfg),
                               clip.encode_text(params, tokens, cfg), rtol=1e-5, atol=1e-6)
+
+
+def test_unmasked_padding_changes_the_last_position():
+  """mask_padding=False (SigLIP) attends to the padding: other padding tokens change every row.
+  Masked, they change nothing (the last position, which is pooled, keeps its token)."""
+  tokens = np.pad(text_tokens(np.random.default_rng(5), 4, 10, 64), ((0, 0), (0, 2)))
+  between = (np.arange(12)[None] > tokens.argmax(-1)[:, None]) & (np.arange(12)[None] < 11)
+  noisy = tokens.copy()
+  noisy[between] = np.random.default_rng(6).integers(1, 60, between.sum())
+  for mask_padding in (True, False):
+    text_cfg = configs.TextConfig(**TEXT, pool='last', causal=False, mask_padding=mask_padding)
+    cfg = configs.CLIPConfig(32, configs.VisionConfig(**VISION), text_cfg)
+    params = perturbed(clip.init(jax.random.PRNGKey(0), cfg))
+    clean, changed = clip.encode_text(params, tokens, cfg), clip.encode_text(params, noisy, cfg)
+    if mask_padding:
+      chex.assert_trees_all_close(changed, clean, rtol=1e-5, atol=1e-6)
+    else:
+      for row in range(4):
+        assert rel_err(changed[row], np.asarray(clean[row], np.float64)) > MUST_DIFFER
+
+
+def test_biased_text_projection_is_a_torch_linear():
+  """projection_bias=True: `text_projection` in nn.Linear's layout, weight (embed_dim, width)."""
+  text_cfg = configs.TextConfig(**TEXT, projection_bias=True)
+  cfg = configs.CLIPConfig(16, configs.VisionConfig(**VISION), text_cfg)
+  params = perturbed(clip.init(jax.random.PRNGKey(0), cfg))
+  assert jax.tree.map(jnp.shape, params['text_projection']) == {'weight': (16, 32), 'bias': (16,)}
+  tokens = text_tokens(np.random.default_rng(4), 5, 12, 64)
+  out = clip.encode_text(params, tokens, cfg)
+  chex.assert_shape(out, (5, 16))
+  assert rel_err(out, np_text(to_np(params), tokens, text_cfg)) < RTOL
+
+
+# ---------------------------------------------------------------- SigLIP
+
+SIGLIP_LIKE = configs.CLIPConfig(
+    32, configs.VisionConfig(**VISION, pool='map', ln_pre=False, patch_bias=True, mlp='gelu_tanh',
+                             norm_eps=1e-6, projection=False),
+    configs.TextConfig(**TEXT, causal=False, mask_padding=False, pool='last', projection_bias=True,
+                       mlp='gelu_tanh', norm_eps=1e-6), logit_bias=True)
+
+
+def shrink_residual_stream(params, factor=1e-3):
+  """Every writer into the residual streams (embeddings, attention and MLP outputs, in the blocks
+  and the MAP head) scaled down: each norm then sees a variance near 1e-6, where epsilon matters."""
+  writers = ('conv1', 'positional_embedding', 'token_embedding', 'out_proj', 'c_proj')
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x * factor if any(w in jax.tree_util.keystr(path) for w in writers) else x,
+      params)
+
+
+def test_siglip_like_towers_and_biased_logits_match_numpy():
+  params = shrink_residual_stream(perturbed(clip.init(jax.random.PRNGKey(0), SIGLIP_LIKE)))
+  visual, vision, text_cfg = params['visual'], SIGLIP_LIKE.vision, SIGLIP_LIKE.text
+  assert 'ln_pre' not in visual and 'proj' not in visual and 'bias' in visual['conv1']
+  assert set(params['text_projection']) == {'weight', 'bias'}
+  images = np.random.default_rng(2).standard_normal((3, 24, 24, 3)).astype(np.float32)
+  tokens = text_tokens(np.random.default_rng(4), 4, 12, 64)
+  np_params = to_np(params)
+  img = np_vision(np_params['visual'], images.astype(np.float64), vision)
+  txt = np_text(np_params, tokens, text_cfg)
+  img_out = clip.encode_image(params, images, SIGLIP_LIKE)
+  txt_out = clip.encode_text(params, tokens, SIGLIP_LIKE)
+  assert rel_err(img_out, img) < RTOL
+  assert rel_err(txt_out, txt) < RTOL
+  for wrong in (dict(norm_eps=None), dict(mlp='gelu')):  # each option shows in each tower
+    assert rel_err(img_out, np_vision(np_params['visual'], images.astype(np.float64),
+                                      dataclasses.replace(vision, **wrong))) > MUST_DIFFER
+    assert rel_err(txt_out, np_text(np_params, tokens,
+                                    dataclasses.replace(text_cfg, **wrong))) > MUST_DIFFER
+
+  logits_per_image, logits_per_text = clip.apply(params, images, tokens, SIGLIP_LIKE)
+  unit = lambda f: f / np.linalg.norm(f, axis=-1, keepdims=True)
+  expected = (np.exp(np_params['logit_scale']) * unit(img) @ unit(txt).T
+              + np_params['logit_bias'])
+  assert rel_err(logits_per_image, expected) < RTOL
+  assert rel_err(logits_per_text, expected.T) < RTOL
 
 
 # ---------------------------------------------------------------- stacked layout
@@ -431,6 +598,15 @@ def test_sincos_and_gap_models_change_resolution():
     (lambda: configs.TextConfig(**TEXT, pool='first'), 'first token only'),
     (lambda: configs.TextConfig(**TEXT, mlp='relu'), 'mlp must be one of'),
     (lambda: configs.TextConfig(**TEXT, norm='batchnorm'), 'norm must be one of'),
+    (lambda: configs.TextConfig(**TEXT, causal=False, mask_padding=False),
+     'mask_padding=False would let'),
+    (lambda: configs.TextConfig(**TEXT, projection=False, projection_bias=True),
+     'projection_bias=True needs projection=True'),
+    (lambda: configs.TextConfig(**TEXT, norm_eps=0.0), 'norm_eps must be None'),
+    (lambda: configs.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 64, ln_pre=False),
+     r"not to a ResNet: \['ln_pre=False'\]"),
+    (lambda: configs.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 64, patch_bias=True),
+     r"not to a ResNet: \['patch_bias=True'\]"),
     (lambda: configs.CLIPConfig(16, configs.VisionConfig(**VISION, projection=False),
                                 configs.TextConfig(**TEXT)), 'projection=False'),
     (lambda: configs.CLIPConfig(32, configs.VisionConfig(**VISION), configs.TextConfig(**TEXT),

@@ -98,7 +98,7 @@ def test_truncated_and_foreign_files(tmp_path, state_dict):
   with pytest.raises(clip.CheckpointError, match='not a readable torch checkpoint'):
     clip.load(tmp_path / 'truncated.pt')
   torch.save({'fc.weight': torch.zeros(3, 3)}, tmp_path / 'resnet18.pt')
-  with pytest.raises(clip.CheckpointError, match='not a CLIP state dict'):
+  with pytest.raises(clip.CheckpointError, match='not a CLIP checkpoint of a known family'):
     clip.load(tmp_path / 'resnet18.pt')
   torch.save(torch.zeros(3), tmp_path / 'tensor.pt')
   with pytest.raises(clip.CheckpointError, match='not a state dict'):
@@ -124,8 +124,14 @@ def test_config_that_does_not_fit(tmp_path, state_dict):
   safetensors.numpy.save_file(state_dict, str(tmp_path / 'm.safetensors'))
   with pytest.raises(clip.CheckpointError, match='missing'):
     clip.load(tmp_path / 'm.safetensors', config=clip.MODELS['ViT-B/32'])
-  with pytest.raises(TypeError, match='CLIPConfig'):
+  with pytest.raises(clip.CheckpointError, match='missing'):  # OpenAI's names work too
     clip.load(tmp_path / 'm.safetensors', config='ViT-B/32')
+  with pytest.raises(KeyError, match='ViT-B-32, not ViT-B/32'):
+    clip.load(tmp_path / 'm.safetensors', config='ViT-B/31')
+  with pytest.raises(TypeError, match='CLIPConfig'):
+    clip.load(tmp_path / 'm.safetensors', config=512)
+  with pytest.raises(ValueError, match="names both OpenAI's RN50"):
+    clip.load(tmp_path / 'm.safetensors', config='RN50')
 
 
 def test_interpolated_position_embedding(tmp_path, state_dict, inputs):
@@ -177,17 +183,20 @@ def test_hugging_face_parity(tmp_path, inputs):
   np.testing.assert_allclose(ours[1], out.logits_per_text.numpy(), rtol=RTOL, atol=1e-4)
 
 
-def test_hugging_face_gelu_model_is_refused(tmp_path):
+def test_hugging_face_unsupported_activation_is_refused(tmp_path):
   hf = hf_model()
-  hf.config.text_config.hidden_act = 'gelu'
+  hf.config.text_config.hidden_act = 'relu'
   hf.save_pretrained(tmp_path)
-  with pytest.raises(clip.CheckpointError, match='quick_gelu'):
+  with pytest.raises(clip.CheckpointError, match="'relu' is not one we run exactly"):
     clip.load(tmp_path)
 
 
-def test_hugging_face_unknown_key(state_dict):
-  with pytest.raises(clip.CheckpointError, match='no CLIP counterpart'):
-    weights.hf_to_openai({'text_model.encoder.layers.0.self_attn.rotary.weight': np.zeros(2)})
+def test_hugging_face_unknown_key(tmp_path, state_dict):
+  hf = {f'text_model.{k}': torch.from_numpy(v) for k, v in state_dict.items()}
+  hf['text_model.encoder.layers.0.self_attn.rotary.weight'] = torch.zeros(2)
+  torch.save(hf, tmp_path / 'hf.bin')
+  with pytest.raises(clip.CheckpointError, match='no place in this layout'):
+    clip.load(tmp_path / 'hf.bin')
 
 
 def test_load_model_vars_from_cache(tmp_path, monkeypatch, state_dict):

@@ -1,0 +1,199 @@
+"""SigLIP's and SigLIP 2's tokenizers: SentencePiece over a `.model` file, batched to int32.
+
+Token for token the same as transformers' tokenizers on the same model file, called as SigLIP's
+model cards do, `tokenizer(texts, padding='max_length', max_length=64, truncation=True)`:
+
+- `kind='siglip'` (SigLIP, big_vision's `c4_en` / `mc4` T5 vocabularies: `<pad>` 0, `</s>` 1,
+  `<unk>` 2): transformers' `SiglipTokenizer` (`models/siglip/tokenization_siglip.py`). Its
+  `canonicalize_text` cleans the text: lower case, ASCII punctuation (`string.punctuation`)
+  removed, whitespace runs to one space, stripped; `tokenize` reads SentencePiece's meta symbol
+  '▁' in the text as a space. Then `</s>` is appended and rows are padded with `</s>` too
+  (SigLIP's `pad_token`; big_vision's `tokenize(eos='sticky', pad_value=1)`, whose own cleaning
+  only lower-cases ASCII, `tf.strings.lower`, and keeps punctuation).
+- `kind='siglip2'` (SigLIP 2, big_vision's `gemma_tokenizer.model`: `<pad>` 0, `<eos>` 1, `<bos>`
+  2, `<unk>` 3): transformers' `Siglip2Tokenizer` (`models/siglip2/tokenization_siglip2.py`,
+  the Gemma tokenizer behind a `Lowercase` normalizer) set up as open_clip's `SigLipTokenizer`
+  builds SigLIP 2's: no BOS, `<eos>` appended, padded on the right with `<pad>`. The text is
+  only lower-cased (big_vision's demo: `lower|tok(model="gemma", bos="no", eos="sticky")`), each
+  character on its own as the `Lowercase` normalizer does, so a final 'Σ' becomes 'σ' where
+  `str.lower` gives 'ς'. (open_clip's SigLIP 2 models also canonicalize the text first.)
+
+Truncation keeps the end of sequence token last (transformers' `truncation=True`, big_vision's
+`eos='sticky'`); without `truncate=True` a text too long for the context raises instead.
+
+The text is encoded by SentencePiece itself, as big_vision trained both models, so two things
+transformers does differently are left out:
+- it matches its special tokens' strings ('</s>', '<unk>', '<eos>', '<mask>', ...) in the raw
+  text and emits their ids; here they are text, as in big_vision and open_clip (which strip '<',
+  '/' and '>' first). For SigLIP, the ids equal transformers' with `split_special_tokens=True`
+  on every text;
+- for Gemma it matches user-defined pieces in the raw text, before lower-casing and before
+  spaces become '▁', and leaves runs of spaces to BPE merges; SentencePiece takes the longest
+  user-defined piece of the lower-cased text (e.g. of a space run), which can differ for text
+  holding '▁' or longer space runs than the model's longest.
+"""
+import functools
+import os
+import re
+import string
+
+import numpy as np
+import sentencepiece
+
+KINDS = ('siglip', 'siglip2')
+CONTEXT_LENGTH = 64  # both SigLIPs' text length
+
+_PUNCTUATION = str.maketrans('', '', string.punctuation)
+_WHITESPACE_RE = re.compile(r'\s+')
+
+
+def canonicalize_siglip(text):
+  """SigLIP's text cleaning, transformers' `SiglipTokenizer.canonicalize_text` after its
+  `tokenize` turned '▁' into spaces: lower case, no ASCII punctuation, single spaces, stripped.
+
+  (big_vision's `canonicalize_text`, which open_clip copies, first turns '_' into a space;
+  transformers' removes it, and so does this one.)
+  """
+  text = text.replace('▁', ' ').lower().translate(_PUNCTUATION)
+  return _WHITESPACE_RE.sub(' ', text).strip()
+
+
+def lower_siglip2(text):
+  """SigLIP 2's text cleaning: each character lower-cased on its own, as the Rust `Lowercase`
+  normalizer of transformers' `Siglip2Tokenizer`; `str.lower` differs only in giving a word's
+  final 'Σ' as 'ς'."""
+  return text.lower() if 'Σ' not in text else ''.join(map(str.lower, text))
+
+
+_CLEAN = {'siglip': canonicalize_siglip, 'siglip2': lower_siglip2}
+
+
+def _shorten(text, width=60):
+  return repr(text if len(text) <= width else text[:width] + '...')
+
+
+def _check_texts(texts):
+  """A str is a batch of one; otherwise any iterable of str."""
+  if isinstance(texts, str):
+    return [texts]
+  if isinstance(texts, (bytes, bytearray)) or not hasattr(texts, '__iter__'):
+    raise TypeError(f'texts must be a str or a sequence of str, got {type(texts).__name__}')
+  texts = list(texts)
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise TypeError(f'texts[{i}] must be a str, got {type(text).__name__}: {text!r:.60}')
+  return texts
+
+
+def _check_context_length(context_length):
+  if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)):
+    raise TypeError(f'context_length must be an int, got {type(context_length).__name__}')
+  if context_length < 1:
+    raise ValueError(f'context_length must be >= 1 (room for the end of sequence token), got '
+                     f'{context_length}')
+  return int(context_length)
+
+
+def _load(model_file):
+  """The SentencePieceProcessor of `model_file`; FileNotFoundError or ValueError if it is none."""
+  if not isinstance(model_file, (str, os.PathLike)):
+    raise TypeError(f'model_file must be a path (str or os.PathLike), got '
+                    f'{type(model_file).__name__}')
+  if not os.path.isfile(model_file):
+    raise FileNotFoundError(f'model_file must be an existing SentencePiece .model file, got '
+                            f'{os.fspath(model_file)!r}, which does not exist')
+  try:
+    return sentencepiece.SentencePieceProcessor(model_file=os.fspath(model_file))
+  except (RuntimeError, OSError) as e:
+    raise ValueError(f'model_file must be a SentencePiece model, {os.fspath(model_file)!r} is '
+                     f'not: {e}') from e
+
+
+class SentencePieceTokenizer:
+  """SigLIP's (`kind='siglip'`) or SigLIP 2's (`kind='siglip2'`) tokenizer over a SentencePiece
+  model file: see the module docstring for what each does and whose it equals."""
+
+  def __init__(self, model_file, context_length=CONTEXT_LENGTH, kind='siglip'):
+    if kind not in KINDS:
+      raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
+    self.context_length = _check_context_length(context_length)
+    self.kind = kind
+    self._sp = _load(model_file)
+    self.model_file = os.fspath(model_file)
+    self._clean = _CLEAN[kind]
+    self.vocab_size = self._sp.get_piece_size()
+    self.eos_id = self._sp.eos_id()
+    # SigLIP pads with its EOS ('</s>'); SigLIP 2 with Gemma's '<pad>'.
+    self.pad_id = self.eos_id if kind == 'siglip' else self._sp.pad_id()
+    if self.eos_id < 0 or self.pad_id < 0:
+      raise ValueError(f'{kind} needs a model with an end of sequence token and a pad token, got '
+                       f'eos_id={self.eos_id} and pad_id={self._sp.pad_id()} in '
+                       f'{self.model_file!r}')
+
+  def encode(self, text):
+    """The ids of one cleaned text, without the end of sequence token."""
+    if not isinstance(text, str):
+      raise TypeError(f'text must be a str, got {type(text).__name__}')
+    return self._encode([text])[0]
+
+  def _encode(self, texts):
+    return self._sp.encode([self._clean(text) for text in texts])
+
+  def tokenize(self, texts, context_length=None, truncate=False):
+    """np.int32 (N, context_length): ids, EOS, padding; `context_length` defaults to the
+    tokenizer's. A text too long raises ValueError unless `truncate`, which keeps the first
+    `context_length - 1` ids and the EOS."""
+    texts = _check_texts(texts)
+    if context_length is None:
+      context_length = self.context_length
+    length = _check_context_length(context_length)
+    tokens_NxL = np.full((len(texts), length), self.pad_id, np.int32)
+    for i, ids in enumerate(self._encode(texts)):
+      if len(ids) >= length:
+        if not truncate:
+          raise ValueError(f'texts[{i}] {_shorten(texts[i])} is {len(ids) + 1} tokens with the '
+                           f'end of sequence token, longer than context_length={length}; pass '
+                           'truncate=True to cut it')
+        ids = ids[:length - 1]
+      tokens_NxL[i, :len(ids)] = ids
+      tokens_NxL[i, len(ids)] = self.eos_id
+    return tokens_NxL
+
+  __call__ = tokenize
+
+  def decode(self, tokens):
+    """The text of one row of ids up to its first EOS (a list of texts for a 2-D array): the
+    cleaned text, where every piece was known (SentencePiece writes ' ⁇ ' for `<unk>`)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 2:
+      return [self.decode(row) for row in tokens]
+    if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+      raise ValueError(f'decode expects a 1-D or 2-D integer array of ids, got shape '
+                       f'{tokens.shape} of dtype {tokens.dtype}')
+    ids = tokens.tolist()
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(f'token ids must be in [0, {self.vocab_size}), got {bad[:5]}')
+    return self._sp.decode(ids)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(path, mtime_ns, kind):
+  del mtime_ns  # in the key only: a rewritten file is loaded again
+  return SentencePieceTokenizer(path, kind=kind)
+
+
+def _tokenizer(model_file, kind):
+  if isinstance(model_file, (str, os.PathLike)) and os.path.isfile(model_file):
+    path = os.path.abspath(model_file)
+    return _cached(path, os.stat(path).st_mtime_ns, kind)
+  return SentencePieceTokenizer(model_file, kind=kind)  # raises, saying what is wrong
+
+
+def tokenize_siglip(texts, model_file, context_length=CONTEXT_LENGTH, truncate=False, *,
+                    kind='siglip'):
+  """SigLIP's (or, with `kind='siglip2'`, SigLIP 2's) tokens of `texts` as np.int32
+  (N, context_length), like `clip.tokenize`; the tokenizer of `model_file` is cached."""
+  return _tokenizer(model_file, kind).tokenize(texts, context_length, truncate)

@@ -1,0 +1,459 @@
+"""What `clip.load` does with each checkpoint family and format, measured against the library that
+defines the family (open-clip-torch, timm, transformers; big_vision's names), on small random
+models saved as each library ships them.
+
+  python -m experiments.checkpoint_families [--out results/checkpoint_families]
+
+Every row is loaded and run, not typed: 'exact' (no CheckpointWarning and the largest relative
+error of image features, text features and logits below 1e-4), 'warns' (a CheckpointWarning: its
+text in the note, the error of what loaded in the error column), 'refused' (CheckpointError:
+its first line in the note), 'WRONG' (loaded silently with a larger error: a bug to fix) or
+'error: ...' (the measurement itself failed). Export rows save with `clip.export` and load into
+the peer library. Writes checkpoint_families.json and checkpoint_families.md into --out.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+TOL = 1e-4  # fp32: relative error of features and logits
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default='results/checkpoint_families')
+  return parser.parse_args(argv)
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _normalize(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _inputs(cfg, siglip, n=3, seed=0):
+  from experiments import openai_reference  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  r = cfg.image_resolution
+  images = rng.normal(size=(n, r, r, 3)).astype(np.float32)
+  if siglip:  # SigLIP pools the last position: every position is a real token
+    return images, rng.integers(0, cfg.text.vocab_size, (n, cfg.text.context_length), np.int32)
+  return images, openai_reference.random_tokens(rng, n, cfg)
+
+
+def _ours(params, cfg, images, tokens, normalized):
+  import clip  # pylint: disable=g-import-not-at-top
+  from clip import model  # pylint: disable=g-import-not-at-top
+  img, txt = clip.encode_image(params, images, cfg), clip.encode_text(params, tokens, cfg)
+  logits = model.logits(params, img, txt)[0]  # not clip.apply: that compiles both towers again
+  if normalized:
+    img, txt = _normalize(img), _normalize(txt)
+  return {'image': img, 'text': txt, 'logits': logits}
+
+
+# ---------------------------------------------------------------- references
+
+def _open_clip_ref(m):
+  """open_clip's outputs: unnormalised features, logits with its scale (and bias)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  def ref(images, tokens):
+    with torch.no_grad():
+      x, t = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long()
+      logits = m.get_logits(x, t)[0]
+      return {'image': m.encode_image(x).numpy(), 'text': m.encode_text(t).numpy(),
+              'logits': logits.numpy()}
+  return ref
+
+
+def _hf_ref(hf):
+  """transformers' outputs: normalised embeddings and logits_per_image."""
+  import torch  # pylint: disable=g-import-not-at-top
+  def ref(images, tokens):
+    with torch.no_grad():
+      out = hf(input_ids=torch.from_numpy(tokens).long(),
+               pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+    return {'image': out.image_embeds.numpy(), 'text': out.text_embeds.numpy(),
+            'logits': out.logits_per_image.numpy()}
+  return ref
+
+
+def compare(params, cfg, ref, siglip=False, normalized=False):
+  """The largest relative error of our image features, text features and logits vs `ref`."""
+  images, tokens = _inputs(cfg, siglip)
+  ours, theirs = _ours(params, cfg, images, tokens, normalized), ref(images, tokens)
+  return max(_rel_err(ours[k], theirs[k]) for k in ('image', 'text', 'logits'))
+
+
+def _without_path(message, path):
+  """The message without the leading '<weights file>: ' (a temporary path)."""
+  return message.split(': ', 1)[-1] if message.startswith(os.fspath(path)) else message
+
+
+def measure_load(path, ref, config=None, siglip=False, normalized=False):
+  """clip.load(path, config) classified by the rules of the module docstring."""
+  import clip  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    try:
+      params, cfg = clip.load(path, config=config)
+    except clip.CheckpointError as e:
+      return {'result': 'refused', 'error': None,
+              'note': _without_path(str(e), path).split('\n')[0]}
+  warned = [_without_path(str(w.message), path) for w in caught
+            if issubclass(w.category, clip.CheckpointWarning)]
+  err = compare(params, cfg, ref, siglip, normalized)
+  if warned:
+    return {'result': 'warns', 'error': err, 'note': warned[0][:120]}
+  return {'result': 'exact' if err < TOL else 'WRONG', 'error': err, 'note': ''}
+
+
+# ---------------------------------------------------------------- open_clip models
+
+def _perturb(m, seed):
+  from experiments import openai_reference  # pylint: disable=g-import-not-at-top
+  return openai_reference.perturb(m.eval(), seed)
+
+
+def _open_clip_vit(oc, quick_gelu, seed=0):
+  """A small open_clip ViT CLIP (ViT-g-14's MLP ratio; 64-wide heads, which the shapes imply,
+  so that a load without config= errs only in the activation)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model_cfg = {'embed_dim': 48, 'quick_gelu': quick_gelu,
+               'vision_cfg': {'image_size': 28, 'layers': 2, 'width': 128, 'head_width': 64,
+                              'mlp_ratio': 4.3637, 'patch_size': 14},
+               'text_cfg': {'context_length': 12, 'vocab_size': 300, 'width': 64, 'heads': 1,
+                            'layers': 2}}
+  torch.manual_seed(seed)
+  return _perturb(oc.model.CLIP(**model_cfg), seed), model_cfg
+
+
+def _save_dir(tmp, name):
+  folder = os.path.join(tmp, name)
+  os.makedirs(folder, exist_ok=True)
+  return folder
+
+
+def open_clip_gelu(oc, tmp, with_config):
+  import torch  # pylint: disable=g-import-not-at-top
+  from clip import open_clip_configs  # pylint: disable=g-import-not-at-top
+  m, model_cfg = _open_clip_vit(oc, quick_gelu=False)
+  path = os.path.join(_save_dir(tmp, f'gelu_{with_config}'), 'model.pt')
+  torch.save(m.state_dict(), path)
+  config = open_clip_configs.config_from_open_clip(model_cfg) if with_config else None
+  return measure_load(path, _open_clip_ref(m), config)
+
+
+def _write_open_clip_config(folder, model_cfg):
+  with open(os.path.join(folder, 'open_clip_config.json'), 'w') as f:
+    json.dump({'model_cfg': model_cfg}, f)
+
+
+def open_clip_hub_folder(oc, tmp):
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  m, model_cfg = _open_clip_vit(oc, quick_gelu=True, seed=1)
+  folder = _save_dir(tmp, 'hub')
+  save_file({k: v.contiguous() for k, v in m.state_dict().items()},
+            os.path.join(folder, 'open_clip_model.safetensors'))
+  _write_open_clip_config(folder, model_cfg)
+  return measure_load(folder, _open_clip_ref(m))
+
+
+def open_clip_training_checkpoint(oc, tmp):
+  import torch  # pylint: disable=g-import-not-at-top
+  m, model_cfg = _open_clip_vit(oc, quick_gelu=True, seed=2)
+  folder = _save_dir(tmp, 'ddp_compiled')
+  state = {'module._orig_mod.' + k: v for k, v in m.state_dict().items()}
+  path = os.path.join(folder, 'epoch_3.pt')
+  torch.save({'epoch': 3, 'state_dict': state}, path)
+  _write_open_clip_config(folder, model_cfg)
+  return measure_load(path, _open_clip_ref(m))
+
+
+def _timm_siglip(oc):
+  """open_clip's ViT-B-16-SigLIP classes (a timm MAP-pooled ViT trunk, the custom text tower),
+  small."""
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  model_cfg = oc.get_model_config('ViT-B-16-SigLIP')
+  model_cfg['embed_dim'] = 64
+  del model_cfg['custom_text']
+  model_cfg['text_cfg'].update(width=64, heads=4, layers=2, context_length=16, vocab_size=100,
+                               mlp_ratio=1.5)
+  torch.manual_seed(3)
+  m = oc.model.CustomTextCLIP(**model_cfg)
+  m.visual.trunk = timm.models.vision_transformer.VisionTransformer(
+      img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=1.75,
+      class_token=False, global_pool='map', num_classes=0)
+  return _perturb(m, 3)
+
+
+def _siglip_cfg(act):
+  """The small SigLIP's config, stated by hand (as a user reading the model card would)."""
+  import clip  # pylint: disable=g-import-not-at-top
+  vision = clip.VisionConfig('vit', 64, 2, 2, 32, 8, pool='map', ln_pre=False, patch_bias=True,
+                             projection=False, mlp=act, norm_eps=1e-6, mlp_dim=112)
+  text = clip.TextConfig(64, 2, 4, 16, 100, pool='last', causal=False, mask_padding=False,
+                         projection_bias=True, mlp=act, norm_eps=1e-6, mlp_dim=96)
+  return clip.CLIPConfig(64, vision, text, logit_bias=True)
+
+
+def open_clip_timm_siglip(oc, tmp, with_config):
+  import torch  # pylint: disable=g-import-not-at-top
+  m = _timm_siglip(oc)
+  path = os.path.join(_save_dir(tmp, f'timm_siglip_{with_config}'), 'siglip.pt')
+  torch.save(m.state_dict(), path)
+  config = _siglip_cfg('gelu') if with_config else None
+  return measure_load(path, _open_clip_ref(m), config, siglip=True)
+
+
+def open_clip_convnext(oc, tmp):
+  import torch  # pylint: disable=g-import-not-at-top
+  vision_cfg = {'timm_model_name': 'convnext_atto', 'timm_model_pretrained': False,
+                'timm_pool': '', 'timm_proj': 'linear', 'image_size': 32}
+  text_cfg = {'context_length': 12, 'vocab_size': 300, 'width': 64, 'heads': 1, 'layers': 1}
+  m = oc.model.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
+  path = os.path.join(_save_dir(tmp, 'convnext'), 'convnext.pt')
+  torch.save(m.state_dict(), path)
+  return measure_load(path, _open_clip_ref(m))
+
+
+# ---------------------------------------------------------------- Hugging Face models
+
+def _hf_clip(seed=0):
+  """A small CLIPModel with exact GELU and 64-wide heads (what OpenAI's shape rules assume)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.CLIPConfig(
+      text_config=dict(hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=2, vocab_size=100, max_position_embeddings=16,
+                       hidden_act='gelu', eos_token_id=2),
+      vision_config=dict(hidden_size=64, intermediate_size=200, num_hidden_layers=2,
+                         num_attention_heads=1, image_size=32, patch_size=8, hidden_act='gelu'),
+      projection_dim=24)
+  torch.manual_seed(seed)
+  return _perturb(transformers.CLIPModel(config), seed)
+
+
+def _hf_siglip(seed=0):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.SiglipConfig(
+      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
+      vision_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8))
+  torch.manual_seed(seed)
+  m = transformers.SiglipModel(config).eval()
+  with torch.no_grad():
+    m.logit_scale.fill_(2.3)
+    m.logit_bias.fill_(-4.0)
+  return _perturb(m, seed)
+
+
+def hf_folder(tmp, siglip, lone):
+  """save_pretrained's folder, or its model.safetensors alone (no config.json beside it)."""
+  hf = _hf_siglip(seed=4) if siglip else _hf_clip(seed=4)
+  folder = _save_dir(tmp, f'hf_{siglip}')
+  hf.save_pretrained(folder)
+  path = folder
+  if lone:
+    path = os.path.join(_save_dir(tmp, f'hf_{siglip}_lone'), 'model.safetensors')
+    with open(os.path.join(folder, 'model.safetensors'), 'rb') as src, open(path, 'wb') as dst:
+      dst.write(src.read())
+  return measure_load(path, _hf_ref(hf), siglip=siglip, normalized=True)
+
+
+def _big_vision_block(out, sd, hf_prefix, bv_prefix, heads):
+  attn = f'{bv_prefix}/MultiHeadDotProductAttention_0'
+  for i in (0, 1):
+    out[f'{bv_prefix}/LayerNorm_{i}/scale'] = sd[f'{hf_prefix}.layer_norm{i + 1}.weight']
+    out[f'{bv_prefix}/LayerNorm_{i}/bias'] = sd[f'{hf_prefix}.layer_norm{i + 1}.bias']
+    out[f'{bv_prefix}/MlpBlock_0/Dense_{i}/kernel'] = sd[f'{hf_prefix}.mlp.fc{i + 1}.weight'].T
+    out[f'{bv_prefix}/MlpBlock_0/Dense_{i}/bias'] = sd[f'{hf_prefix}.mlp.fc{i + 1}.bias']
+  for c, name in zip('qkv', ('query', 'key', 'value')):
+    w_HDxD = sd[f'{hf_prefix}.self_attn.{c}_proj.weight']
+    out[f'{attn}/{name}/kernel'] = w_HDxD.T.reshape(w_HDxD.shape[1], heads, -1)
+    out[f'{attn}/{name}/bias'] = sd[f'{hf_prefix}.self_attn.{c}_proj.bias'].reshape(heads, -1)
+  w_DxHD = sd[f'{hf_prefix}.self_attn.out_proj.weight']
+  out[f'{attn}/out/kernel'] = w_DxHD.T.reshape(heads, -1, w_DxHD.shape[0])
+  out[f'{attn}/out/bias'] = sd[f'{hf_prefix}.self_attn.out_proj.bias']
+
+
+def _big_vision_map_head(out, sd, heads):
+  head, bv = 'vision_model.head', 'img/MAPHead_0'
+  out[f'{bv}/probe'] = sd[f'{head}.probe']
+  out[f'{bv}/LayerNorm_0/scale'] = sd[f'{head}.layernorm.weight']
+  out[f'{bv}/LayerNorm_0/bias'] = sd[f'{head}.layernorm.bias']
+  for i in (0, 1):
+    out[f'{bv}/MlpBlock_0/Dense_{i}/kernel'] = sd[f'{head}.mlp.fc{i + 1}.weight'].T
+    out[f'{bv}/MlpBlock_0/Dense_{i}/bias'] = sd[f'{head}.mlp.fc{i + 1}.bias']
+  ws = np.split(sd[f'{head}.attention.in_proj_weight'], 3)
+  bs = np.split(sd[f'{head}.attention.in_proj_bias'], 3)
+  for w, b, name in zip(ws, bs, ('query', 'key', 'value')):
+    out[f'{bv}/MultiHeadDotProductAttention_0/{name}/kernel'] = w.T.reshape(w.shape[1], heads, -1)
+    out[f'{bv}/MultiHeadDotProductAttention_0/{name}/bias'] = b.reshape(heads, -1)
+  w = sd[f'{head}.attention.out_proj.weight']
+  out[f'{bv}/MultiHeadDotProductAttention_0/out/kernel'] = w.T.reshape(heads, -1, w.shape[0])
+  out[f'{bv}/MultiHeadDotProductAttention_0/out/bias'] = sd[f'{head}.attention.out_proj.bias']
+
+
+def _big_vision_npz(hf, path):
+  """big_vision's names and flax layouts for `hf`'s weights: the inverse of transformers'
+  convert_siglip_to_hf.py (kernels (in, out), attention (D, heads, head_dim) and
+  (heads, head_dim, D), patch kernel HWIO, `t`/`b` of shape (1,))."""
+  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+  v, t = hf.config.vision_config, hf.config.text_config
+  emb, txt = 'vision_model.embeddings', 'text_model'
+  out = {'img/embedding/kernel': sd[f'{emb}.patch_embedding.weight'].transpose(2, 3, 1, 0),
+         'img/embedding/bias': sd[f'{emb}.patch_embedding.bias'],
+         'img/pos_embedding': sd[f'{emb}.position_embedding.weight'][None],
+         'img/Transformer/encoder_norm/scale': sd['vision_model.post_layernorm.weight'],
+         'img/Transformer/encoder_norm/bias': sd['vision_model.post_layernorm.bias'],
+         'txt/Embed_0/embedding': sd[f'{txt}.embeddings.token_embedding.weight'],
+         'txt/pos_embedding': sd[f'{txt}.embeddings.position_embedding.weight'][None],
+         'txt/Encoder_0/encoder_norm/scale': sd[f'{txt}.final_layer_norm.weight'],
+         'txt/Encoder_0/encoder_norm/bias': sd[f'{txt}.final_layer_norm.bias'],
+         'txt/head/kernel': sd[f'{txt}.head.weight'].T, 'txt/head/bias': sd[f'{txt}.head.bias'],
+         't': sd['logit_scale'], 'b': sd['logit_bias']}
+  for i in range(v.num_hidden_layers):
+    _big_vision_block(out, sd, f'vision_model.encoder.layers.{i}',
+                      f'img/Transformer/encoderblock_{i}', v.num_attention_heads)
+  for i in range(t.num_hidden_layers):
+    _big_vision_block(out, sd, f'{txt}.encoder.layers.{i}', f'txt/Encoder_0/encoderblock_{i}',
+                      t.num_attention_heads)
+  _big_vision_map_head(out, sd, v.num_attention_heads)
+  np.savez(path, **{f'params/{k}': a for k, a in out.items()})
+
+
+def big_vision(tmp):
+  hf = _hf_siglip(seed=5)
+  path = os.path.join(_save_dir(tmp, 'big_vision'), 'siglip.npz')
+  _big_vision_npz(hf, path)
+  return measure_load(path, _hf_ref(hf), siglip=True, normalized=True)
+
+
+# ---------------------------------------------------------------- exports
+
+def _peer_row(missing, unexpected, err):
+  if missing or unexpected:
+    return {'result': 'WRONG', 'error': err,
+            'note': f'missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}'}
+  return {'result': 'exact' if err < TOL else 'WRONG', 'error': err, 'note': ''}
+
+
+def export_open_clip(oc, tmp):
+  from clip import export  # pylint: disable=g-import-not-at-top
+  from clip import open_clip_configs  # pylint: disable=g-import-not-at-top
+  from clip import weights  # pylint: disable=g-import-not-at-top
+  m, model_cfg = _open_clip_vit(oc, quick_gelu=False, seed=6)
+  cfg = open_clip_configs.config_from_open_clip(model_cfg)
+  params = weights.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
+  folder = _save_dir(tmp, 'export_open_clip')
+  export.save_open_clip(params, cfg, folder)
+  theirs = oc.create_model(f'local-dir:{folder}').eval()  # open_clip loads strictly
+  return _peer_row((), (), compare(params, cfg, _open_clip_ref(theirs)))
+
+
+def export_hf(tmp, siglip):
+  import clip  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from clip import export  # pylint: disable=g-import-not-at-top
+  hf = _hf_siglip(seed=7) if siglip else _hf_clip(seed=7)
+  source, out = _save_dir(tmp, f'export_hf_src_{siglip}'), _save_dir(tmp, f'export_hf_{siglip}')
+  hf.save_pretrained(source)
+  params, cfg = clip.load(source)
+  export.save_hf(params, cfg, out)
+  cls = transformers.SiglipModel if siglip else transformers.CLIPModel
+  theirs, info = cls.from_pretrained(out, output_loading_info=True)
+  err = compare(params, cfg, _hf_ref(theirs.eval()), siglip, normalized=True)
+  return _peer_row(info['missing_keys'], info['unexpected_keys'], err)
+
+
+# ---------------------------------------------------------------- the table
+
+def rows():
+  """(family, format, config given, expected result, measure(oc, tmp))."""
+  return [
+      ('open_clip ViT, GELU (LAION/DataComp)', 'bare state dict .pt', 'no', 'warns',
+       lambda oc, tmp: open_clip_gelu(oc, tmp, with_config=False)),
+      ('open_clip ViT, GELU (LAION/DataComp)', 'bare state dict .pt', 'yes', 'exact',
+       lambda oc, tmp: open_clip_gelu(oc, tmp, with_config=True)),
+      ('open_clip ViT, QuickGELU', 'hub folder (open_clip_config.json + .safetensors)', 'no',
+       'exact', open_clip_hub_folder),
+      ('open_clip ViT, QuickGELU', "training checkpoint {'state_dict'}, module._orig_mod. "
+       'keys, open_clip_config.json beside', 'no', 'exact', open_clip_training_checkpoint),
+      ('HF CLIPModel, GELU', 'save_pretrained folder', 'no', 'exact',
+       lambda oc, tmp: hf_folder(tmp, siglip=False, lone=False)),
+      ('HF CLIPModel, GELU', 'lone model.safetensors', 'no', 'warns',
+       lambda oc, tmp: hf_folder(tmp, siglip=False, lone=True)),
+      ('HF SiglipModel', 'save_pretrained folder', 'no', 'exact',
+       lambda oc, tmp: hf_folder(tmp, siglip=True, lone=False)),
+      ('HF SiglipModel', 'lone model.safetensors', 'no', 'warns',
+       lambda oc, tmp: hf_folder(tmp, siglip=True, lone=True)),
+      ('open_clip timm-trunk SigLIP', 'state dict .pt', 'yes', 'exact',
+       lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=True)),
+      ('open_clip timm-trunk SigLIP', 'state dict .pt', 'no', 'warns',
+       lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=False)),
+      ('big_vision SigLIP', '.npz', 'no', 'warns', lambda oc, tmp: big_vision(tmp)),
+      ('open_clip ConvNeXt trunk', 'state dict .pt', 'no', 'refused', open_clip_convnext),
+      ('export: clip.export.save_open_clip', "open_clip create_model('local-dir:...')", '-',
+       'exact', export_open_clip),
+      ('export: clip.export.save_hf (CLIP)', 'CLIPModel.from_pretrained, strict', '-', 'exact',
+       lambda oc, tmp: export_hf(tmp, siglip=False)),
+      ('export: clip.export.save_hf (SigLIP)', 'SiglipModel.from_pretrained, strict', '-',
+       'exact', lambda oc, tmp: export_hf(tmp, siglip=True)),
+  ]
+
+
+def run_row(family, fmt, config_given, expected, measure, oc, tmp):
+  start = time.perf_counter()
+  try:
+    out = measure(oc, tmp)
+  except Exception as e:  # pylint: disable=broad-except
+    out = {'result': f'error: {type(e).__name__}', 'error': None, 'note': str(e)[:200]}
+  return {'family': family, 'format': fmt, 'config_given': config_given, 'expected': expected,
+          **out, 'seconds': round(time.perf_counter() - start, 2)}
+
+
+def table(results):
+  lines = ['| family | format | config given | result | max rel. error | note |',
+           '| --- | --- | --- | --- | ---: | --- |']
+  for r in results:
+    err = '' if r['error'] is None else f'{r["error"]:.1e}'
+    note = r['note'].replace('|', '\\|').replace('\n', ' ')
+    if r['result'] != r['expected']:
+      note = f'**expected {r["expected"]}** ' + note
+    cells = [r['family'], r['format'], r['config_given'], r['result'], err, note]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from experiments import open_clip_reference  # pylint: disable=g-import-not-at-top
+  oc = open_clip_reference.import_open_clip()
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory() as tmp:
+    results = [run_row(*row, oc, tmp) for row in rows()]
+  md = table(results)
+  print(md)
+  print(f'{len(results)} rows in {time.perf_counter() - start:.1f} s')
+  out = os.fspath(args.out)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'checkpoint_families.json'), 'w') as f:
+    json.dump({'tolerance': TOL, 'rows': results}, f, indent=1)
+  with open(os.path.join(out, 'checkpoint_families.md'), 'w') as f:
+    f.write(md + '\n')
+  return results
+
+
+if __name__ == '__main__':
+  main()

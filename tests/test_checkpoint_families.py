@@ -1,0 +1,370 @@
+"""Every checkpoint family against the library that defines it: open-clip-torch (OpenAI-style and
+timm-trunk SigLIP towers), transformers (`CLIPModel`, `SiglipModel`) and big_vision's `.npz`
+naming, random weights with every parameter perturbed, small widths with the families' real
+head widths, MLP ratios and options; saved as each library ships them, loaded with and without
+`config=`; ambiguous files warn; exports load back into the peer libraries."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import clip
+from clip import export
+from clip import open_clip_configs
+from clip import weights
+from experiments import open_clip_reference
+from experiments import openai_reference as reference
+
+RTOL = 1e-4  # fp32, relative error of features and logits
+ATOL = 1e-5
+
+
+@pytest.fixture(scope='module')
+def oc():
+  return open_clip_reference.import_open_clip()
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+
+
+def _inputs(cfg, n=3, seed=0):
+  rng = np.random.default_rng(seed)
+  r = cfg.image_resolution
+  images = rng.normal(size=(n, r, r, 3)).astype(np.float32)
+  tokens = reference.random_tokens(rng, n, cfg)
+  return images, tokens
+
+
+def _assert_open_clip_equal(torch_model, params, cfg, tokens=None):
+  images, default_tokens = _inputs(cfg)
+  tokens = default_tokens if tokens is None else tokens
+  with torch.no_grad():
+    img = torch_model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    txt = torch_model.encode_text(torch.from_numpy(tokens).long()).numpy()
+  assert _rel_err(clip.encode_image(params, images, cfg), img) < RTOL
+  assert _rel_err(clip.encode_text(params, tokens, cfg), txt) < RTOL
+
+
+def _open_clip_vit(oc, quick_gelu, seed=0, head_width=88):
+  """An open_clip ViT CLIP with ViT-g-14's head width and MLP ratio, small."""
+  model_cfg = {'embed_dim': 48, 'quick_gelu': quick_gelu,
+               'vision_cfg': {'image_size': 28, 'layers': 2, 'width': 2 * head_width,
+                              'head_width': head_width,
+                              'mlp_ratio': 4.3637, 'patch_size': 14},
+               'text_cfg': {'context_length': 12, 'vocab_size': 300, 'width': 64, 'heads': 4,
+                            'layers': 2}}
+  torch.manual_seed(seed)
+  m = oc.model.CLIP(**{k: v for k, v in model_cfg.items() if k != 'quick_gelu'},
+                    quick_gelu=quick_gelu)
+  return reference.perturb(m.eval(), seed), model_cfg
+
+
+def test_open_clip_gelu_state_dict_warns_and_config_makes_it_exact(oc, tmp_path):
+  m, model_cfg = _open_clip_vit(oc, quick_gelu=False, head_width=64)
+  torch.save(m.state_dict(), tmp_path / 'model.pt')
+  with pytest.warns(clip.CheckpointWarning, match='QuickGELU'):
+    _, wrong_cfg = clip.load(tmp_path / 'model.pt')
+  assert wrong_cfg.vision.mlp == 'quick_gelu' and wrong_cfg.vision.hidden_dim == 558
+  cfg = open_clip_configs.config_from_open_clip(model_cfg)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    params, cfg = clip.load(tmp_path / 'model.pt', config=cfg)
+  assert (cfg.vision.heads, cfg.vision.mlp) == (2, 'gelu')
+  _assert_open_clip_equal(m, params, cfg)
+
+
+def test_head_count_the_shapes_cannot_tell_is_an_error(oc, tmp_path):
+  m, _ = _open_clip_vit(oc, quick_gelu=False)  # 2 heads of 88
+  torch.save(m.state_dict(), tmp_path / 'model.pt')
+  with pytest.raises(clip.CheckpointError, match='cannot infer head counts.*pass config='):
+    clip.load(tmp_path / 'model.pt')
+
+
+@pytest.mark.parametrize('wrap', ['compiled', 'ddp_compiled', 'training_checkpoint'])
+def test_open_clip_hub_folders_and_wrappers_load_exactly_without_warning(oc, tmp_path, wrap):
+  m, model_cfg = _open_clip_vit(oc, quick_gelu=True, seed=1)
+  prefix = {'compiled': '_orig_mod.', 'ddp_compiled': 'module._orig_mod.',
+            'training_checkpoint': 'module.'}[wrap]
+  state = {prefix + k: v for k, v in m.state_dict().items()}
+  if wrap == 'training_checkpoint':
+    torch.save({'epoch': 3, 'state_dict': state}, tmp_path / 'open_clip_pytorch_model.bin')
+  else:
+    from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+    save_file({k: v.contiguous() for k, v in state.items()},
+              str(tmp_path / 'open_clip_model.safetensors'))
+  (tmp_path / 'open_clip_config.json').write_text(json.dumps({'model_cfg': model_cfg}))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    params, cfg = clip.load(tmp_path)
+  assert (cfg.vision.heads, cfg.vision.mlp, cfg.text.mlp) == (2, 'quick_gelu', 'quick_gelu')
+  _assert_open_clip_equal(m, params, cfg)
+
+
+def test_config_that_contradicts_the_config_file_raises_with_both_values(oc, tmp_path):
+  m, model_cfg = _open_clip_vit(oc, quick_gelu=True)
+  torch.save(m.state_dict(), tmp_path / 'open_clip_pytorch_model.bin')
+  (tmp_path / 'open_clip_config.json').write_text(json.dumps({'model_cfg': model_cfg}))
+  cfg = open_clip_configs.config_from_open_clip(dict(model_cfg, quick_gelu=False))
+  with pytest.raises(clip.CheckpointError, match="mlp: config= says 'gelu', the file says "
+                     "'quick_gelu'"):
+    clip.load(tmp_path, config=cfg)
+
+
+def test_unsupported_family_is_refused_naming_its_keys(tmp_path):
+  state = {'visual.trunk.stem.0.weight': torch.zeros(8, 3, 4, 4),
+           'visual.trunk.stages.0.blocks.0.conv_dw.weight': torch.zeros(8, 1, 7, 7),
+           'visual.head.proj.weight': torch.zeros(4, 8), 'logit_scale': torch.zeros(())}
+  torch.save(state, tmp_path / 'convnext.pt')
+  with pytest.raises(clip.CheckpointError, match=r'ConvNeXt.*visual\.trunk\.stem\.0\.weight'):
+    clip.load(tmp_path / 'convnext.pt')
+
+
+def test_missing_keys_error_names_the_tower_the_file_holds(oc, tmp_path):
+  m, _ = _open_clip_vit(oc, quick_gelu=True)
+  state = {k: v for k, v in m.state_dict().items() if k != 'visual.conv1.weight'}
+  torch.save(state, tmp_path / 'broken.pt')
+  with pytest.raises(clip.CheckpointError, match=r"ViT image tower.*'visual\.conv1\.weight'"):
+    clip.load(tmp_path / 'broken.pt')
+
+
+# ---------------------------------------------------------------- Hugging Face CLIPModel
+
+def _hf_clip(act, seed=0):
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.CLIPConfig(
+      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, vocab_size=100, max_position_embeddings=16,
+                       hidden_act=act, eos_token_id=2),
+      vision_config=dict(hidden_size=80, intermediate_size=200, num_hidden_layers=2,
+                         num_attention_heads=1, image_size=32, patch_size=8, hidden_act=act),
+      projection_dim=24)
+  torch.manual_seed(seed)
+  return reference.perturb(transformers.CLIPModel(config).eval(), seed)
+
+
+def _assert_hf_equal(hf, params, cfg, siglip=False):
+  images, tokens = _inputs(cfg)
+  if siglip:  # SigLIP pools the last position: every position is a real token
+    tokens = np.random.default_rng(5).integers(0, cfg.text.vocab_size, tokens.shape, np.int32)
+  with torch.no_grad():
+    out = hf(input_ids=torch.from_numpy(tokens).long(),
+             pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+  normalize = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  assert _rel_err(normalize(clip.encode_image(params, images, cfg)), out.image_embeds) < RTOL
+  assert _rel_err(normalize(clip.encode_text(params, tokens, cfg)), out.text_embeds) < RTOL
+  logits_per_image, _ = clip.apply(params, images, tokens, cfg)
+  assert _rel_err(logits_per_image, out.logits_per_image) < RTOL
+
+
+def test_hugging_face_gelu_clip_folder_and_lone_file(tmp_path):
+  hf = _hf_clip('gelu')
+  hf.save_pretrained(tmp_path)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    params, cfg = clip.load(tmp_path)  # config.json beside the weights says gelu, 1 head of 80
+  assert (cfg.vision.mlp, cfg.vision.heads, cfg.vision.hidden_dim) == ('gelu', 1, 200)
+  _assert_hf_equal(hf, params, cfg)
+  params, cfg = clip.load(tmp_path / 'model.safetensors')  # a lone file reads it too
+  _assert_hf_equal(hf, params, cfg)
+  lone = tmp_path / 'lone'
+  lone.mkdir()
+  (lone / 'weights.safetensors').write_bytes((tmp_path / 'model.safetensors').read_bytes())
+  with pytest.raises(clip.CheckpointError, match='cannot infer head counts'):  # 1 head of 80
+    clip.load(lone / 'weights.safetensors')
+  params, cfg = clip.load(lone / 'weights.safetensors', config=cfg)
+  _assert_hf_equal(hf, params, cfg)
+
+
+# ---------------------------------------------------------------- SigLIP
+
+def _siglip_cfg(act_vision='gelu_tanh', act_text='gelu_tanh', heads=(2, 4)):
+  vision = clip.VisionConfig('vit', 64, 2, heads[0], 32, 8, pool='map', ln_pre=False,
+                             patch_bias=True, projection=False, mlp=act_vision, norm_eps=1e-6,
+                             mlp_dim=112)
+  text = clip.TextConfig(64, 2, heads[1], 16, 100, pool='last', causal=False, mask_padding=False,
+                         projection_bias=True, mlp=act_text, norm_eps=1e-6, mlp_dim=96)
+  return clip.CLIPConfig(64, vision, text, logit_bias=True)
+
+
+def _hf_siglip(seed=0):
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.SiglipConfig(
+      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
+      vision_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8))
+  torch.manual_seed(seed)
+  m = transformers.SiglipModel(config).eval()
+  with torch.no_grad():
+    m.logit_scale.fill_(2.3)
+    m.logit_bias.fill_(-4.0)
+  return reference.perturb(m, seed)
+
+
+def test_hugging_face_siglip_folder_exact_and_lone_file_warns(tmp_path):
+  hf = _hf_siglip()
+  hf.save_pretrained(tmp_path)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    params, cfg = clip.load(tmp_path)
+  assert cfg == _siglip_cfg()
+  _assert_hf_equal(hf, params, cfg, siglip=True)
+  lone = tmp_path / 'lone'
+  lone.mkdir()
+  (lone / 'siglip.safetensors').write_bytes((tmp_path / 'model.safetensors').read_bytes())
+  with pytest.warns(clip.CheckpointWarning, match='heads'):
+    clip.load(lone / 'siglip.safetensors')
+
+
+def _big_vision_npz(hf, path):
+  """big_vision's parameter names and flax layouts for `hf`'s weights: the inverse of the
+  mapping transformers' convert_siglip_to_hf.py applies (kernels (in, out), attention kernels
+  (D, heads, head_dim) and (heads, head_dim, D), patch kernel HWIO, `t`/`b` of shape (1,))."""
+  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+  out = {}
+
+  def block(hf_prefix, bv_prefix, heads):
+    attn = f'{bv_prefix}/MultiHeadDotProductAttention_0'
+    out[f'{bv_prefix}/LayerNorm_0/scale'] = sd[f'{hf_prefix}.layer_norm1.weight']
+    out[f'{bv_prefix}/LayerNorm_0/bias'] = sd[f'{hf_prefix}.layer_norm1.bias']
+    out[f'{bv_prefix}/LayerNorm_1/scale'] = sd[f'{hf_prefix}.layer_norm2.weight']
+    out[f'{bv_prefix}/LayerNorm_1/bias'] = sd[f'{hf_prefix}.layer_norm2.bias']
+    for i in (0, 1):
+      out[f'{bv_prefix}/MlpBlock_0/Dense_{i}/kernel'] = sd[f'{hf_prefix}.mlp.fc{i + 1}.weight'].T
+      out[f'{bv_prefix}/MlpBlock_0/Dense_{i}/bias'] = sd[f'{hf_prefix}.mlp.fc{i + 1}.bias']
+    for c, name in zip('qkv', ('query', 'key', 'value')):
+      w = sd[f'{hf_prefix}.self_attn.{c}_proj.weight']  # (H*hd, D)
+      out[f'{attn}/{name}/kernel'] = w.T.reshape(w.shape[1], heads, -1)
+      out[f'{attn}/{name}/bias'] = sd[f'{hf_prefix}.self_attn.{c}_proj.bias'].reshape(heads, -1)
+    w = sd[f'{hf_prefix}.self_attn.out_proj.weight']  # (D, H*hd)
+    out[f'{attn}/out/kernel'] = w.T.reshape(heads, -1, w.shape[0])
+    out[f'{attn}/out/bias'] = sd[f'{hf_prefix}.self_attn.out_proj.bias']
+
+  v, t = hf.config.vision_config, hf.config.text_config
+  out['img/embedding/kernel'] = sd['vision_model.embeddings.patch_embedding.weight'].transpose(
+      2, 3, 1, 0)
+  out['img/embedding/bias'] = sd['vision_model.embeddings.patch_embedding.bias']
+  out['img/pos_embedding'] = sd['vision_model.embeddings.position_embedding.weight'][None]
+  for i in range(v.num_hidden_layers):
+    block(f'vision_model.encoder.layers.{i}', f'img/Transformer/encoderblock_{i}',
+          v.num_attention_heads)
+  out['img/Transformer/encoder_norm/scale'] = sd['vision_model.post_layernorm.weight']
+  out['img/Transformer/encoder_norm/bias'] = sd['vision_model.post_layernorm.bias']
+  head = 'vision_model.head'
+  out['img/MAPHead_0/probe'] = sd[f'{head}.probe']
+  out['img/MAPHead_0/LayerNorm_0/scale'] = sd[f'{head}.layernorm.weight']
+  out['img/MAPHead_0/LayerNorm_0/bias'] = sd[f'{head}.layernorm.bias']
+  for i in (0, 1):
+    out[f'img/MAPHead_0/MlpBlock_0/Dense_{i}/kernel'] = sd[f'{head}.mlp.fc{i + 1}.weight'].T
+    out[f'img/MAPHead_0/MlpBlock_0/Dense_{i}/bias'] = sd[f'{head}.mlp.fc{i + 1}.bias']
+  d, heads = v.hidden_size, v.num_attention_heads
+  in_w = np.split(sd[f'{head}.attention.in_proj_weight'], 3)
+  in_b = np.split(sd[f'{head}.attention.in_proj_bias'], 3)
+  for w, b, name in zip(in_w, in_b, ('query', 'key', 'value')):
+    out[f'img/MAPHead_0/MultiHeadDotProductAttention_0/{name}/kernel'] = w.T.reshape(d, heads, -1)
+    out[f'img/MAPHead_0/MultiHeadDotProductAttention_0/{name}/bias'] = b.reshape(heads, -1)
+  w = sd[f'{head}.attention.out_proj.weight']
+  out['img/MAPHead_0/MultiHeadDotProductAttention_0/out/kernel'] = w.T.reshape(heads, -1, d)
+  out['img/MAPHead_0/MultiHeadDotProductAttention_0/out/bias'] = sd[
+      f'{head}.attention.out_proj.bias']
+  out['txt/Embed_0/embedding'] = sd['text_model.embeddings.token_embedding.weight']
+  out['txt/pos_embedding'] = sd['text_model.embeddings.position_embedding.weight'][None]
+  for i in range(t.num_hidden_layers):
+    block(f'text_model.encoder.layers.{i}', f'txt/Encoder_0/encoderblock_{i}',
+          t.num_attention_heads)
+  out['txt/Encoder_0/encoder_norm/scale'] = sd['text_model.final_layer_norm.weight']
+  out['txt/Encoder_0/encoder_norm/bias'] = sd['text_model.final_layer_norm.bias']
+  out['txt/head/kernel'] = sd['text_model.head.weight'].T
+  out['txt/head/bias'] = sd['text_model.head.bias']
+  out['t'], out['b'] = sd['logit_scale'], sd['logit_bias']
+  np.savez(path, **{f'params/{k}': v for k, v in out.items()})
+
+
+def test_big_vision_npz_equals_hugging_face_siglip(tmp_path):
+  hf = _hf_siglip(seed=2)
+  _big_vision_npz(hf, tmp_path / 'siglip.npz')
+  with pytest.warns(clip.CheckpointWarning, match='last position'):
+    params, cfg = clip.load(tmp_path / 'siglip.npz')
+  assert cfg == _siglip_cfg()  # heads from the (D, heads, head_dim) kernels
+  _assert_hf_equal(hf, params, cfg, siglip=True)
+
+
+def test_open_clip_timm_siglip_equals_open_clip(oc, tmp_path):
+  """open_clip's ViT-B-16-SigLIP classes (timm's VisionTransformer with MAP pooling as the trunk,
+  the custom text tower), small."""
+  import timm  # pylint: disable=g-import-not-at-top
+  model_cfg = oc.get_model_config('ViT-B-16-SigLIP')
+  model_cfg['embed_dim'] = 64
+  del model_cfg['custom_text']
+  model_cfg['text_cfg'].update(width=64, heads=4, layers=2, context_length=16, vocab_size=100,
+                               mlp_ratio=1.5)
+  torch.manual_seed(3)
+  m = oc.model.CustomTextCLIP(**model_cfg)
+  m.visual.trunk = timm.models.vision_transformer.VisionTransformer(
+      img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=1.75,
+      class_token=False, global_pool='map', num_classes=0)
+  m = reference.perturb(m.eval(), 3)
+  torch.save(m.state_dict(), tmp_path / 'siglip.pt')
+  with pytest.warns(clip.CheckpointWarning, match='heads'):
+    clip.load(tmp_path / 'siglip.pt')
+  cfg = _siglip_cfg(act_vision='gelu', act_text='gelu')
+  params, cfg = clip.load(tmp_path / 'siglip.pt', config=cfg)
+  images, _ = _inputs(cfg)
+  tokens = np.random.default_rng(4).integers(0, 100, (3, 16), np.int32)
+  _assert_open_clip_equal(m, params, cfg, tokens)
+
+
+# ---------------------------------------------------------------- export
+
+def test_export_open_clip_folder_loads_in_open_clip(oc, tmp_path):
+  m, model_cfg = _open_clip_vit(oc, quick_gelu=False, seed=5)
+  cfg = open_clip_configs.config_from_open_clip(model_cfg)
+  params = weights.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
+  export.save_open_clip(params, cfg, tmp_path)
+  theirs = oc.create_model(f'local-dir:{tmp_path}').eval()
+  _assert_open_clip_equal(theirs, params, cfg)
+  again, again_cfg = clip.load(tmp_path)
+  assert again_cfg == cfg
+
+
+@pytest.mark.parametrize('family', ['clip', 'siglip'])
+def test_export_hugging_face_folder_loads_strictly(tmp_path, family):
+  import transformers  # pylint: disable=g-import-not-at-top
+  hf = _hf_clip('gelu') if family == 'clip' else _hf_siglip(seed=6)
+  hf.save_pretrained(tmp_path / 'source')
+  params, cfg = clip.load(tmp_path / 'source')
+  export.save_hf(params, cfg, tmp_path / 'out')
+  cls = transformers.CLIPModel if family == 'clip' else transformers.SiglipModel
+  theirs, info = cls.from_pretrained(tmp_path / 'out', output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  _assert_hf_equal(theirs.eval(), params, cfg, siglip=family == 'siglip')
+  assert clip.load(tmp_path / 'out')[1] == cfg
+
+
+def test_siglip_user_flow_load_tokenize_zero_shot(tmp_path):
+  """A SigLIP user's steps: load a Hugging Face folder, tokenize class prompts with its
+  SentencePiece model, classify zero-shot; the predictions are the argmax of transformers'
+  logits on the same ids."""
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  classes = ['red circle', 'blue square', 'green triangle', 'yellow star']
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text('\n'.join(f'a photo of a {c} number {i}' for i in range(50) for c in classes))
+  sentencepiece.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=str(tmp_path / 'spm'), model_type='unigram',
+      vocab_size=43, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+  hf = _hf_siglip(seed=7)
+  hf.save_pretrained(tmp_path / 'model')
+  params, cfg = clip.load(tmp_path / 'model')
+  tokenizer = clip.SentencePieceTokenizer(str(tmp_path / 'spm.model'), cfg.context_length)
+  tokens = tokenizer(classes)
+  weights_DxC = clip.zero_shot.classifier_weights_from_tokens(params, cfg, tokens[:, None])
+  images, _ = _inputs(cfg, n=6, seed=8)
+  top, _ = clip.zero_shot.classify(params, cfg, images, weights_DxC, k=1)
+  with torch.no_grad():
+    out = hf(input_ids=torch.from_numpy(tokens).long(),
+             pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+  np.testing.assert_array_equal(np.asarray(top)[:, 0], out.logits_per_image.argmax(-1).numpy())
