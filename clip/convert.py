@@ -8,7 +8,8 @@ back. A row with several foreign keys packs them (q, k, v -> `in_proj_weight`).
 
 Families and their public references:
 - Hugging Face `CLIPModel` (transformers' `modeling_clip.py` names);
-- Hugging Face `SiglipModel` (transformers' `modeling_siglip.py`);
+- Hugging Face `SiglipModel` (transformers' `modeling_siglip.py`) and `Siglip2Model` at its
+  position table's own grid (`modeling_siglip2.py`);
 - open_clip's timm-trunk image towers (`visual.trunk.*`, timm's `VisionTransformer` with
   `AttentionPoolLatent`) and `CustomTextCLIP`'s `text.*` prefix;
 - big_vision's `.npz` parameters (flax names, `(in, out)` kernels, `(D, heads, head_dim)`
@@ -52,11 +53,23 @@ def _squeeze_lead(a):
 
 
 LEAD1 = Transform(_squeeze_lead, lambda x: [x[None]])  # (1, ...) theirs -> (...) ours
-# big_vision (flax): conv kernels HWIO, attention kernels (D, heads, head_dim) / (heads, head_dim, D).
+# big_vision (flax): conv kernels HWIO; attention kernels (D, heads, head_dim), out (heads, hd, D).
 BV_CONV = Transform(lambda a: a[0].transpose(3, 2, 0, 1))
 BV_QKV = Transform(lambda a: np.concatenate([k.reshape(k.shape[0], -1).T for k in a], axis=0))
 BV_QKV_BIAS = Transform(lambda a: np.concatenate([b.reshape(-1) for b in a], axis=0))
 BV_OUT = Transform(lambda a: a[0].reshape(-1, a[0].shape[-1]).T)
+
+
+def _naflex_patch_to_conv(a):
+  """Siglip2's patch embedding, nn.Linear over patches flattened as (row, col, channel), ->
+  the OIHW kernel of the equivalent stride-p convolution."""
+  w = a[0]
+  p = round((w.shape[1] // 3) ** 0.5)
+  return w.reshape(w.shape[0], p, p, 3).transpose(0, 3, 1, 2)
+
+
+NAFLEX_PATCH = Transform(_naflex_patch_to_conv,
+                         lambda x: [x.transpose(0, 2, 3, 1).reshape(x.shape[0], -1)])
 
 
 def _rows(ours, theirs, transform=SAME, leaves=('weight', 'bias')):
@@ -79,8 +92,9 @@ _HF_TEXT = ([('token_embedding.weight', ('text_model.embeddings.token_embedding.
              ('positional_embedding', ('text_model.embeddings.position_embedding.weight',), SAME)]
             + _hf_block('transformer.resblocks.{i}', 'text_model.encoder.layers.{i}')
             + _rows('ln_final', ['text_model.final_layer_norm']))
-_HF_VISION_BLOCKS = (_hf_block('visual.transformer.resblocks.{i}', 'vision_model.encoder.layers.{i}')
-                     + _rows('visual.ln_post', ['vision_model.post_layernorm']))
+_HF_VISION_BLOCKS = (
+    _hf_block('visual.transformer.resblocks.{i}', 'vision_model.encoder.layers.{i}')
+    + _rows('visual.ln_post', ['vision_model.post_layernorm']))
 
 HF_CLIP = tuple(
     _HF_TEXT + _HF_VISION_BLOCKS
@@ -108,6 +122,12 @@ HF_SIGLIP = tuple(
     + _rows(f'{_MAP_HEAD}.ln_2', ['vision_model.head.layernorm'])
     + _rows(f'{_MAP_HEAD}.mlp.c_fc', ['vision_model.head.mlp.fc1'])
     + _rows(f'{_MAP_HEAD}.mlp.c_proj', ['vision_model.head.mlp.fc2']))
+# Siglip2Model (NaFlex): SigLIP's keys, the patch embedding a Linear over flattened patches. Its
+# position table is resized to each image's patch grid; at the table's own grid that is the
+# identity, and that grid is the one resolution our model runs it at.
+HF_SIGLIP2 = tuple(
+    (ours, theirs, NAFLEX_PATCH if ours == 'visual.conv1.weight' else transform)
+    for ours, theirs, transform in HF_SIGLIP)
 HF_IGNORED = re.compile(r'(text|vision)_model\.embeddings\.position_ids')  # a constant buffer
 
 _TRUNK = 'visual.trunk'

@@ -7,12 +7,16 @@ by name, never dropped.
 """
 import re
 
+import numpy as np
+
 from clip import configs
 from clip import convert
 
 OPENAI = 'OpenAI / open_clip (OpenAI keys)'
 HF_CLIP = 'Hugging Face CLIPModel'
 HF_SIGLIP = 'Hugging Face SiglipModel'
+HF_SIGLIP2 = 'Hugging Face Siglip2Model (NaFlex)'
+HUGGING_FACE = (HF_CLIP, HF_SIGLIP, HF_SIGLIP2)
 OPEN_CLIP_TIMM = 'open_clip with a timm ViT trunk'
 BIG_VISION = 'big_vision SigLIP (.npz)'
 
@@ -36,10 +40,10 @@ _UNSUPPORTED = (  # (pattern on a key, what it is)
 )
 
 
-def detect(keys):
-  """The family of a flat key set (wrappers already stripped); CheckpointError-worthy
-  ValueError naming the keys when it is a family we refuse or no CLIP at all."""
-  keys = list(keys)
+def detect(flat):
+  """The family of a flat state dict (wrappers already stripped); a ValueError naming the keys
+  when it is a family we refuse or no CLIP at all."""
+  keys = list(flat)
   for pattern, what in _UNSUPPORTED:
     hits = [k for k in keys if re.fullmatch(pattern, k)]
     if hits:
@@ -49,6 +53,8 @@ def detect(keys):
   if any(k.startswith(('text_model.', 'vision_model.')) for k in keys):
     is_siglip = any(k.startswith(('vision_model.head.', 'text_model.head.')) or k == 'logit_bias'
                     for k in keys)
+    if flat.get('vision_model.embeddings.patch_embedding.weight', np.zeros((1,) * 4)).ndim == 2:
+      return HF_SIGLIP2
     return HF_SIGLIP if is_siglip else HF_CLIP
   if any(k.startswith('visual.trunk.') for k in keys):
     return OPEN_CLIP_TIMM
@@ -64,8 +70,9 @@ def to_ours(flat, family):
     return convert.to_ours(flat, convert.BIG_VISION_SIGLIP)
   if family == HF_CLIP:
     return convert.to_ours(flat, convert.HF_CLIP, ignored=convert.HF_IGNORED)
-  if family == HF_SIGLIP:
-    return convert.to_ours(flat, convert.HF_SIGLIP, ignored=convert.HF_IGNORED)
+  if family in (HF_SIGLIP, HF_SIGLIP2):
+    table = convert.HF_SIGLIP if family == HF_SIGLIP else convert.HF_SIGLIP2
+    return convert.to_ours(flat, table, ignored=convert.HF_IGNORED)
   if family == OPEN_CLIP_TIMM:
     flat = convert.to_ours(flat, convert.OPEN_CLIP_TIMM_VIT, strict=False)
     leftover = sorted(k for k in flat if k.startswith('visual.trunk.'))
@@ -94,27 +101,34 @@ def _hf_block_options(tower, cfg, default_eps):
 def config_from_hf(hf):
   """A Hugging Face `CLIPConfig` / `SiglipConfig` dict (`config.json`) -> our CLIPConfig."""
   model_type = hf.get('model_type', 'clip')
-  if model_type not in ('clip', 'siglip'):
-    raise ValueError(f'config.json is a {model_type!r} model; supported: clip, siglip '
-                     '(SigLIP 2 fixed-resolution checkpoints are siglip models; NaFlex siglip2 '
-                     'ones are not supported)')
+  if model_type not in ('clip', 'siglip', 'siglip2'):
+    raise ValueError(f'config.json is a {model_type!r} model; supported: clip, siglip (SigLIP 2 '
+                     'fixed-resolution releases are siglip models), siglip2 (NaFlex)')
   t, v = hf['text_config'], hf['vision_config']
   if model_type == 'clip':
     return _clip_from_hf(hf, t, v)
+  if model_type == 'siglip2':  # NaFlex: run at the position table's own square grid
+    grid = round(v.get('num_patches', 256) ** 0.5)
+    if grid * grid != v.get('num_patches', 256):
+      raise ValueError(f'vision_config.num_patches {v.get("num_patches")} is not a square grid')
+    v = dict(v, image_size=grid * v.get('patch_size', 16))
   return _siglip_from_hf(t, v)
 
 
 def _clip_from_hf(hf, t, v):
+  vocab = t.get('vocab_size', 49408)
   eos = t.get('eos_token_id', 2)
-  if eos not in (2, t.get('vocab_size', 49408) - 1):
-    raise ValueError(f'text_config.eos_token_id is {eos}: that model pools at the first token '
-                     f'{eos}, ours at the largest id ({t.get("vocab_size", 49408) - 1})')
+  # eos 2 is transformers' legacy rule: pool at the largest id of each row. That is our default
+  # (the first vocab - 1) only when a row holds vocab - 1, as OpenAI's tokenizer's rows do; a
+  # legacy model fed added tokens (ids > its EOT) pooled at them, which we do not copy. Any other
+  # eos pools at its first occurrence, as ours does.
+  eot = None if eos in (2, vocab - 1) else eos
   vision = configs.VisionConfig(
       'vit', v['hidden_size'], v['num_hidden_layers'], v['num_attention_heads'],
       v.get('image_size', 224), v.get('patch_size', 32),
       **_hf_block_options('vision_config', v, 1e-5))
   text = configs.TextConfig(t['hidden_size'], t['num_hidden_layers'], t['num_attention_heads'],
-                            t.get('max_position_embeddings', 77), t.get('vocab_size', 49408),
+                            t.get('max_position_embeddings', 77), vocab, eot_token_id=eot,
                             **_hf_block_options('text_config', t, 1e-5))
   return configs.CLIPConfig(hf.get('projection_dim', 512), vision, text)
 

@@ -107,8 +107,9 @@ def infer_config(flat):
   needed = (('visual.conv1.weight', 'visual.positional_embedding',
              'visual.transformer.resblocks.0.mlp.c_fc.weight') if is_vit else
             ('visual.layer1.0.conv1.weight', 'visual.attnpool.positional_embedding'))
-  needed += ('text_projection', 'positional_embedding', 'token_embedding.weight',
-             'ln_final.weight', 'transformer.resblocks.0.mlp.c_fc.weight')
+  needed += ('text_projection.weight' if 'text_projection.weight' in flat else 'text_projection',
+             'positional_embedding', 'token_embedding.weight',
+             'transformer.resblocks.0.mlp.c_fc.weight')
   absent = [k for k in needed if k not in flat]
   if absent:
     tower = 'ViT' if is_vit else 'ModifiedResNet'
@@ -120,7 +121,7 @@ def infer_config(flat):
     grid = round((shape('visual.positional_embedding')[0] - 1) ** 0.5)
     vision = configs.VisionConfig(
         'vit', width, _count(flat, r'visual\.transformer\.resblocks\.(\d+)\.'),
-        max(width // 64, 1), patch * grid, patch,
+        max(width // 64, 1), patch * grid, patch, ln_pre='visual.ln_pre.weight' in flat,
         mlp_dim=_mlp_dim(shape('visual.transformer.resblocks.0.mlp.c_fc.weight'), width))
   else:
     width = shape('visual.layer1.0.conv1.weight')[0]
@@ -128,14 +129,15 @@ def infer_config(flat):
     vision = configs.VisionConfig(
         'resnet', width, tuple(_count(flat, rf'visual\.layer{i}\.(\d+)\.') for i in range(1, 5)),
         width * 32 // 64, resolution)
-  text_width = shape('ln_final.weight')[0]
+  vocab_size, text_width = shape('token_embedding.weight')
+  biased = 'text_projection.weight' in flat  # open_clip's proj_bias: an nn.Linear
   text = configs.TextConfig(
       text_width, _count(flat, r'transformer\.resblocks\.(\d+)\.'), max(text_width // 64, 1),
-      shape('positional_embedding')[0], shape('token_embedding.weight')[0],
+      shape('positional_embedding')[0], vocab_size, projection_bias=biased,
       mlp_dim=_mlp_dim(shape('transformer.resblocks.0.mlp.c_fc.weight'), text_width))
+  embed_dim = shape('text_projection.weight')[0] if biased else shape('text_projection')[1]
   try:
-    return configs.CLIPConfig(shape('text_projection')[1], vision, text,
-                              logit_bias='logit_bias' in flat)
+    return configs.CLIPConfig(embed_dim, vision, text, logit_bias='logit_bias' in flat)
   except ValueError as e:
     raise CheckpointError(f'the shapes in this state dict give an invalid config: {e}') from None
 
@@ -259,6 +261,18 @@ def _weights_file(path):
 
 
 def _read_file(path):
+  """The raw contents of one weights file; a file its format cannot read is a CheckpointError
+  naming the path (truncated downloads, a text file with a weights extension)."""
+  try:
+    return _read_by_extension(path)
+  except (CheckpointError, FileNotFoundError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (each reader has its own errors)
+    raise CheckpointError(f'{path} is not a readable checkpoint: {type(e).__name__}: '
+                          f'{str(e)[:300]}') from None
+
+
+def _read_by_extension(path):
   ext = os.path.splitext(path)[1].lower()
   if path.endswith('.safetensors.index.json'):  # Hugging Face's sharded weights
     shards = sorted(set(_read_json(path).get('weight_map', {}).values()))
@@ -403,7 +417,7 @@ def stated_config(family, info):
     if family in (families.OPENAI, families.OPEN_CLIP_TIMM) and 'open_clip_config' in info:
       model_cfg = info['open_clip_config'].get('model_cfg', info['open_clip_config'])
       return open_clip_configs.config_from_open_clip(model_cfg)
-    if family in (families.HF_CLIP, families.HF_SIGLIP) and 'hf_config' in info:
+    if family in families.HUGGING_FACE and 'hf_config' in info:
       return families.config_from_hf(info['hf_config'])
   except (KeyError, ValueError) as e:
     raise CheckpointError(f'{info["path"]}: the config file beside it cannot be run exactly: '
@@ -446,8 +460,8 @@ def resolve_config(flat, family, info, config=None):
   if assumed:
     warnings.warn(f'{info["path"]}: its files do not state the architecture; assumed '
                   + '; '.join(assumed) + '. Pass config= (a CLIPConfig or an open_clip name, '
-                  'e.g. clip.load(path, config="ViT-B-32")) to state it.', CheckpointWarning,
-                  stacklevel=3)
+                  'e.g. config="ViT-B-32/laion2b_s34b_b79k" for that release) to state it.',
+                  CheckpointWarning, stacklevel=3)
   return config
 
 
@@ -457,7 +471,7 @@ def _infer(flat, family, info):
     cfg = families.siglip_from_shapes(flat, *info['big_vision_heads'], 'gelu_tanh', 'gelu_tanh')
     return cfg, ['text pooled at the last position (big_vision\'s pool_type="last", as every '
                  'SigLIP release)']
-  if family in (families.HF_SIGLIP, families.OPEN_CLIP_TIMM):
+  if family in (families.HF_SIGLIP, families.HF_SIGLIP2, families.OPEN_CLIP_TIMM):
     return _infer_siglip(flat, family)
   cfg = infer_config(flat)
   matches = _open_clip_shape_matches(cfg)
@@ -474,7 +488,8 @@ def _infer(flat, family, info):
   kinds = sorted({c.vision.mlp for _, c in matches} | {'quick_gelu'})
   assumed = [f'OpenAI\'s QuickGELU activation (same keys and shapes: {names[:8]}, whose '
              f'activations are {kinds})' if names else 'OpenAI\'s QuickGELU activation',
-             f'{cfg.vision.heads} vision and {cfg.text.heads} text heads']
+             f'{cfg.vision.heads} vision and {cfg.text.heads} text heads',
+             'OpenAI\'s causal text tower pooled at the end-of-text token']
   return cfg, assumed
 
 
@@ -488,6 +503,9 @@ def _infer_siglip(flat, family):
   matches = _open_clip_shape_matches(cfg)
   if matches:
     cfg = _with_heads(cfg, matches[0][1])
+    if family == families.OPEN_CLIP_TIMM and len({c.text.mlp for _, c in matches}) == 1:
+      cfg = dataclasses.replace(cfg, text=dataclasses.replace(
+          cfg.text, mlp=matches[0][1].text.mlp))  # open_clip's own text activation
   elif width % 64 or text_width % 64:
     raise CheckpointError(f'cannot infer head counts: text width {text_width} / vision width '
                           f'{width} are not multiples of 64 and match no open_clip SigLIP '
@@ -495,8 +513,8 @@ def _infer_siglip(flat, family):
   names = sorted({name for name, _ in matches})
   kinds = sorted({c.text.mlp for _, c in matches} | {cfg.text.mlp})
   return cfg, [f'{cfg.vision.heads} vision and {cfg.text.heads} text heads',
-               f'{vision_act} in the image tower and gelu_tanh in the text tower (open_clip\'s '
-               f'models with these shapes: {names[:8]}, text activations {kinds})']
+               f'{vision_act} in the image tower and {cfg.text.mlp} in the text tower '
+               f'(open_clip\'s models with these shapes: {names[:8]}, text activations {kinds})']
 
 
 def _signature(cfg):

@@ -85,6 +85,24 @@ def _hf_ref(hf):
   return ref
 
 
+def _hf_naflex_ref(hf, patch):
+  """transformers' Siglip2Model outputs at its table's grid: pixels patchified in the
+  processor's (row, col, channel) order, every patch real."""
+  import torch  # pylint: disable=g-import-not-at-top
+  def ref(images, tokens):
+    n, r = images.shape[:2]
+    grid = r // patch
+    patches = images.reshape(n, grid, patch, grid, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+    with torch.no_grad():
+      out = hf(input_ids=torch.from_numpy(tokens).long(),
+               pixel_values=torch.from_numpy(patches.reshape(n, grid * grid, -1)),
+               pixel_attention_mask=torch.ones(n, grid * grid, dtype=torch.long),
+               spatial_shapes=torch.tensor([[grid, grid]] * n))
+    return {'image': out.image_embeds.numpy(), 'text': out.text_embeds.numpy(),
+            'logits': out.logits_per_image.numpy()}
+  return ref
+
+
 def compare(params, cfg, ref, siglip=False, normalized=False):
   """The largest relative error of our image features, text features and logits vs `ref`."""
   images, tokens = _inputs(cfg, siglip)
@@ -340,6 +358,21 @@ def big_vision(tmp):
   return measure_load(path, _hf_ref(hf), siglip=True, normalized=True)
 
 
+def hf_siglip2(tmp):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.Siglip2Config(
+      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
+      vision_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                         num_attention_heads=2, num_patches=16, patch_size=8))
+  torch.manual_seed(8)
+  hf = _perturb(transformers.Siglip2Model(config).eval(), 8)
+  folder = _save_dir(tmp, 'hf_siglip2')
+  hf.save_pretrained(folder)
+  return measure_load(folder, _hf_naflex_ref(hf, 8), siglip=True, normalized=True)
+
+
 # ---------------------------------------------------------------- exports
 
 def _peer_row(missing, unexpected, err):
@@ -398,6 +431,8 @@ def rows():
        lambda oc, tmp: hf_folder(tmp, siglip=True, lone=False)),
       ('HF SiglipModel', 'lone model.safetensors', 'no', 'warns',
        lambda oc, tmp: hf_folder(tmp, siglip=True, lone=True)),
+      ('HF Siglip2Model (NaFlex), at its grid', 'save_pretrained folder', 'no', 'exact',
+       lambda oc, tmp: hf_siglip2(tmp)),
       ('open_clip timm-trunk SigLIP', 'state dict .pt', 'yes', 'exact',
        lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=True)),
       ('open_clip timm-trunk SigLIP', 'state dict .pt', 'no', 'warns',

@@ -2,8 +2,8 @@
 
 They are installed with `--no-deps` into a side folder (`tests/.reference-open_clip`; see
 `reference_packages`): through torchvision their dependencies would pull a CUDA torch over the
-CPU wheel. Both import torchvision. PyPI's torchvision 0.28.0 (the release matching torch 2.13.0) ships C++
-ops linked against the CUDA build of torch; beside the CPU wheel they fail to load, which
+CPU wheel. Both import torchvision. PyPI's torchvision 0.28.0 (the release matching torch 2.13.0)
+ships C++ ops linked against the CUDA build of torch; beside the CPU wheel they fail to load, which
 torchvision tolerates, except that its import then registers fake kernels for the ops
 `torchvision::nms` and `torchvision::qnms` without checking that they exist, and raises. We
 declare those two schemas (no kernel: calling them would raise) before the import, so the

@@ -368,3 +368,59 @@ def test_siglip_user_flow_load_tokenize_zero_shot(tmp_path):
     out = hf(input_ids=torch.from_numpy(tokens).long(),
              pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
   np.testing.assert_array_equal(np.asarray(top)[:, 0], out.logits_per_image.argmax(-1).numpy())
+
+
+def test_hugging_face_siglip2_naflex_at_its_grid(tmp_path):
+  """Siglip2Model takes patchified pixels (row, col, channel order) and resizes its position
+  table to each image's grid; at the table's own grid it is our SigLIP tower."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.Siglip2Config(
+      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
+      vision_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                         num_attention_heads=2, num_patches=16, patch_size=8))
+  torch.manual_seed(9)
+  hf = reference.perturb(transformers.Siglip2Model(config).eval(), 9)
+  hf.save_pretrained(tmp_path)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    params, cfg = clip.load(tmp_path)
+  assert cfg == _siglip_cfg()
+  images, _ = _inputs(cfg)
+  tokens = np.random.default_rng(10).integers(0, 100, (3, 16), np.int32)
+  n, p, grid = len(images), 8, 4
+  patches = images.reshape(n, grid, p, grid, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, 16, -1)
+  with torch.no_grad():
+    out = hf(input_ids=torch.from_numpy(tokens).long(), pixel_values=torch.from_numpy(patches),
+             pixel_attention_mask=torch.ones(n, 16, dtype=torch.long),
+             spatial_shapes=torch.tensor([[grid, grid]] * n))
+  normalize = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  assert _rel_err(normalize(clip.encode_image(params, images, cfg)), out.image_embeds) < RTOL
+  assert _rel_err(normalize(clip.encode_text(params, tokens, cfg)), out.text_embeds) < RTOL
+  assert _rel_err(clip.apply(params, images, tokens, cfg)[0], out.logits_per_image) < RTOL
+
+
+def test_unreadable_files_are_checkpoint_errors_naming_the_path(tmp_path):
+  (tmp_path / 'notes.pt').write_text('hello')
+  safetensors_bytes = b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1'  # a truncated header
+  (tmp_path / 'cut.safetensors').write_bytes(safetensors_bytes)
+  (tmp_path / 'cut.npz').write_bytes(b'PK\x03\x04 truncated')
+  for name in ('notes.pt', 'cut.safetensors', 'cut.npz'):
+    with pytest.raises(clip.CheckpointError, match=f'{name} is not a readable checkpoint'):
+      clip.load(tmp_path / name)
+
+
+def test_shapes_say_no_ln_pre_and_a_biased_text_projection(oc, tmp_path):
+  model_cfg = {'embed_dim': 64,
+               'vision_cfg': {'image_size': 32, 'layers': 1, 'width': 64, 'head_width': 64,
+                              'patch_size': 16, 'no_ln_pre': True},
+               'text_cfg': {'context_length': 8, 'vocab_size': 50, 'width': 64, 'heads': 1,
+                            'layers': 1, 'proj_bias': True}}
+  torch.manual_seed(11)
+  m = reference.perturb(oc.model.CLIP(**model_cfg).eval(), 11)
+  torch.save(m.state_dict(), tmp_path / 'model.pt')
+  with pytest.warns(clip.CheckpointWarning, match='QuickGELU'):
+    _, cfg = clip.load(tmp_path / 'model.pt')
+  assert not cfg.vision.ln_pre and cfg.text.projection_bias
+  params, cfg = clip.load(tmp_path / 'model.pt', config=clip.config_from_open_clip(model_cfg))
+  _assert_open_clip_equal(m, params, cfg)
