@@ -26,6 +26,9 @@ TOL = 1e-4  # fp32: relative error of features and logits
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='results/checkpoint_families')
+  parser.add_argument('--only', default='',
+                      help='comma-separated substrings: measure only the rows whose family '
+                           'contains one (all rows by default)')
   return parser.parse_args(argv)
 
 
@@ -477,7 +480,12 @@ def main(argv=None):
   oc = open_clip_reference.import_open_clip()
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
-    results = [run_row(*row, oc, tmp) for row in rows()]
+    wanted = [w for w in args.only.split(',') if w]
+    chosen = [r for r in rows() if not wanted or any(w in r[0] for w in wanted)]
+    if not chosen:
+      raise SystemExit(f'--only {args.only!r} matches no row; families: '
+                       f'{sorted({r[0] for r in rows()})}')
+    results = [run_row(*row, oc, tmp) for row in chosen]
   md = table(results)
   print(md)
   print(f'{len(results)} rows in {time.perf_counter() - start:.1f} s')
