@@ -7,6 +7,7 @@ DATA = ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9', 'importlib_resources
 TEST = TORCH + DATA + [
     'pytest>=8',
     'pytest-xdist>=3.5',
+    'scikit-learn>=1.3',  # clip_benchmark's metrics (experiments/clip_benchmark_reference.py)
     'transformers>=4.40',
 ]
 

@@ -168,14 +168,18 @@ class VisionConfig(BlockOptions):
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class TextConfig(BlockOptions):
-  """Text transformer. OpenAI's: causal, learned positions, pooled at the end-of-text token (the
-  largest token id). `pool` 'eot', 'first' (needs bidirectional attention), 'last' (the last
-  position, whatever the tokens: SigLIP, whose text is padded to the full context) or 'map';
-  `pos_embedding` learned or rotary (RoPE on queries and keys, `rope_theta`); `causal=False`
-  attends in both directions, with the padding after the end-of-text token masked out unless
-  `mask_padding=False` (SigLIP attends to every position); `projection_bias=True` makes the
-  projection a biased linear layer, `text_projection.{weight (embed_dim, width), bias}` in
-  torch's nn.Linear layout (open_clip's `proj_bias`, SigLIP's text head)."""
+  """Text transformer. OpenAI's: causal, learned positions, pooled at the end-of-text token.
+  `eot_token_id` is that token's id (None: OpenAI's rule, the last id `vocab_size - 1`, 49407 for
+  OpenAI's vocabulary); set it for a vocabulary with tokens added after it. `pool` 'eot' pools at
+  the first occurrence of `eot_token_id` in each row (a row without it is an error, as is an id
+  outside [0, vocab_size), wherever the tokens are concrete), 'first' (needs bidirectional
+  attention), 'last' (the last position, whatever the tokens: SigLIP, whose text is padded to the
+  full context) or 'map'; `pos_embedding` learned or rotary (RoPE on queries and keys,
+  `rope_theta`); `causal=False` attends in both directions, with the padding after the (first)
+  end-of-text token masked out unless `mask_padding=False` (SigLIP attends to every position);
+  `projection_bias=True` makes the projection a biased linear layer,
+  `text_projection.{weight (embed_dim, width), bias}` in torch's nn.Linear layout (open_clip's
+  `proj_bias`, SigLIP's text head)."""
   width: int
   layers: int
   heads: int
@@ -187,10 +191,14 @@ class TextConfig(BlockOptions):
   rope_theta: float = 10000.0
   mask_padding: bool = True
   projection_bias: bool = False
+  eot_token_id: int | None = None
 
   def __post_init__(self):
     for name in ('width', 'layers', 'heads', 'context_length', 'vocab_size'):
       _require(getattr(self, name) > 0, f'TextConfig.{name} must be > 0, got {getattr(self, name)}')
+    _require(self.eot_token_id is None or 0 <= self.eot_token_id < self.vocab_size,
+             f'TextConfig.eot_token_id must be None (vocab_size - 1) or in [0, {self.vocab_size}), '
+             f'got {self.eot_token_id}')
     _require(self.width % self.heads == 0,
              f'text width {self.width} is not divisible by heads {self.heads}')
     _one_of(self.pool, TEXT_POOLS, 'TextConfig.pool')
@@ -208,6 +216,16 @@ class TextConfig(BlockOptions):
              f'RoPE rotates pairs of dimensions: the head dimension {head_dim} '
              f'(width {self.width} / {self.heads} heads) must be even')
     self._check_block_options('TextConfig')
+
+  @property
+  def eot_id(self):
+    """The end-of-text token id: `eot_token_id`, or OpenAI's `vocab_size - 1` when it is None."""
+    return self.vocab_size - 1 if self.eot_token_id is None else self.eot_token_id
+
+  @property
+  def uses_eot(self):
+    """Whether the forward pass reads the end-of-text position (to pool, or to mask padding)."""
+    return self.pool == 'eot' or (self.mask_padding and (not self.causal or self.pool == 'map'))
 
 
 @jax.tree_util.register_static

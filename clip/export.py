@@ -83,6 +83,8 @@ def open_clip_model_cfg(cfg):
   _require(t.pool == 'eot' and t.causal and t.pos_embedding == 'learned' and t.projection
            and not t.projection_bias and t.norm_eps is None, 'a non-OpenAI text tower', target)
   _require(not cfg.logit_bias, 'a logit bias on an OpenAI-architecture CLIP', target)
+  _require(t.eot_id == t.vocab_size - 1, f'pooling at token {t.eot_id} (open_clip pools at the '
+           f'largest id, {t.vocab_size - 1})', target)
   vision_cfg = {'image_size': v.image_resolution, 'layers': v.layers, 'width': v.width}
   if v.arch == 'vit':
     _default_block(v, target, (t.mlp,))
@@ -150,9 +152,11 @@ def hf_config(cfg):
            and v.pos_embedding == 'learned', 'ViT options outside OpenAI\'s architecture', target)
   _require(t.pool == 'eot' and t.causal and t.projection and not t.projection_bias
            and t.pos_embedding == 'learned', 'a non-OpenAI text tower', target)
-  # eos_token_id 2 selects transformers' legacy pooling, at the largest token id, which is ours.
+  # Any eos_token_id but 2 (transformers' legacy argmax) pools at its first occurrence, as ours.
+  _require(t.eot_id != 2, 'an end-of-text id of 2 (transformers reads it as its legacy argmax '
+           'pooling)', target)
   text = dict(_hf_tower(t, 1e-5), max_position_embeddings=t.context_length,
-              vocab_size=t.vocab_size, eos_token_id=2)
+              vocab_size=t.vocab_size, eos_token_id=t.eot_id)
   vision = dict(_hf_tower(v, 1e-5), image_size=v.image_resolution, patch_size=v.patch_size)
   return {'model_type': 'clip', 'architectures': ['CLIPModel'], 'text_config': text,
           'vision_config': vision, 'projection_dim': cfg.embed_dim}

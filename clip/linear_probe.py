@@ -72,7 +72,8 @@ def _fit(x_NxD, y_N, l2, num_classes, max_steps, tol):
 def fit(train_x, train_y, num_classes, l2, max_steps=1000, tol=1e-5):
   """Fits the probe: `{'weights': (D + 1, C) on standardised features, 'mean', 'std', 'l2',
   'grad_norm' (of the objective at the solution), 'steps'}`."""
-  x, y = jnp.asarray(train_x, jnp.float32), jnp.asarray(train_y, jnp.int32)
+  x = jnp.asarray(zero_shot.check_finite(train_x, 'training features'), jnp.float32)
+  y = jnp.asarray(train_y, jnp.int32)
   if x.ndim != 2 or y.shape != (x.shape[0],):
     raise ValueError(f'need features (N, D) and labels (N,), got {x.shape} and {y.shape}')
   if int(y.min()) < 0 or int(y.max()) >= num_classes:
@@ -86,18 +87,22 @@ def fit(train_x, train_y, num_classes, l2, max_steps=1000, tol=1e-5):
 
 def predict(probe, x):
   """Class scores (N, C) of features `x` (N, D)."""
-  x = (jnp.asarray(x, jnp.float32) - probe['mean']) / probe['std']
+  x = jnp.asarray(zero_shot.check_finite(x, 'features'), jnp.float32)
+  x = (x - probe['mean']) / probe['std']
   x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
-  return np.asarray(x @ probe['weights'])
+  return zero_shot.check_finite(np.asarray(x @ probe['weights']), 'probe scores')
 
 
 def accuracy(probe, x, y):
+  """Top-1 accuracy; `argmax` takes the lower class among equal scores, as `zero_shot.top_k`."""
   return float(np.mean(predict(probe, x).argmax(-1) == np.asarray(y)))
 
 
 def sweep(train_x, train_y, val_x, val_y, num_classes, l2_values=DEFAULT_L2, max_steps=1000):
   """Chooses the L2 strength with the best validation accuracy (the larger on ties), then refits
   on train + validation. Returns the refitted probe with `'sweep': {l2: val accuracy}`."""
+  zero_shot.check_finite(train_x, 'training features')
+  zero_shot.check_finite(val_x, 'validation features')
   scores = {}
   for l2 in l2_values:
     scores[float(l2)] = accuracy(fit(train_x, train_y, num_classes, l2, max_steps), val_x, val_y)

@@ -3,7 +3,11 @@
 `params` nests OpenAI's state-dict keys: `visual.*` (ViT or ModifiedResNet), the text tower at the
 top level (`token_embedding`, `positional_embedding`, `transformer`, `ln_final`,
 `text_projection`) and `logit_scale`. The public functions are jitted with the config static;
-input checks run at trace time, so they cost nothing per call.
+shape and dtype checks run at trace time, so they cost nothing per call. Token ids are values:
+`encode_text` and `apply` are thin wrappers that check them (`check_token_values`) when they are
+concrete and then call the jitted `encode_text_jit` / `apply_jit`; inside another jit (a training
+step) the tokens are tracers and go unchecked, so no step waits on the host. Check ids where they
+are concrete: the public entry points, or the data pipeline.
 """
 import functools
 
@@ -94,7 +98,8 @@ def check_images(images, cfg):
 
 
 def check_tokens(tokens, cfg):
-  """Raises unless `tokens` is an integer (N, L) batch with L <= context_length."""
+  """Raises unless `tokens` is an integer (N, L) batch with L <= context_length; when they are
+  concrete (not traced inside a jit) their values are checked too (`check_token_values`)."""
   shape = getattr(tokens, 'shape', None)
   if shape is None or len(shape) != 2:
     raise ValueError(f'tokens must have shape (N, L), L <= {cfg.context_length}; got {shape}')
@@ -103,6 +108,46 @@ def check_tokens(tokens, cfg):
                      f'{cfg.context_length} of this model')
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise TypeError(f'tokens must be integers (int32), got dtype {tokens.dtype}')
+  if not isinstance(tokens, jax.core.Tracer):
+    check_token_values(tokens, cfg)
+
+
+def _host_blocks(tokens):
+  """`(first row, numpy block)` pairs covering the rows this process holds."""
+  if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+    return [(s.index[0].start or 0, np.asarray(s.data)) for s in tokens.addressable_shards]
+  return [(0, np.asarray(tokens))]
+
+
+def check_token_values(tokens, cfg):
+  """Raises unless every id of the concrete int tokens `(..., L)` is in [0, vocab_size) and, where
+  the text tower pools or masks at the end-of-text token, every row holds `cfg.text.eot_id`.
+  Rows are named by their index over the leading axes. Needs concrete arrays: under jit, call it
+  where the tokens are made (the public entry points do)."""
+  for start, block in _host_blocks(tokens):
+    _check_block(block, start, cfg.text)
+
+
+def _check_block(tokens, start, t):
+  bad = (tokens < 0) | (tokens >= t.vocab_size)
+  if bad.any():
+    index = tuple(np.argwhere(bad)[0])
+    raise ValueError(f'token id {tokens[index]} at row {_row(index[:-1], start)}, position '
+                     f'{index[-1]} is outside the vocabulary: ids must be in [0, {t.vocab_size}), '
+                     f'got {int(bad.sum())} out of range')
+  if t.uses_eot:
+    missing = ~(tokens == t.eot_id).any(axis=-1)
+    if missing.any():
+      use = 'pools at' if t.pool == 'eot' else 'masks the padding after'
+      raise ValueError(f'row {_row(np.argwhere(missing)[0], start)} has no end-of-text token '
+                       f'{t.eot_id} ({int(missing.sum())} rows lack it); this text tower {use} '
+                       'its first occurrence (clip.tokenize ends every row with it)')
+
+
+def _row(index, start):
+  """A row's index over the leading axes, the first one offset by the block's `start`."""
+  index = (int(index[0]) + start,) + tuple(int(i) for i in index[1:])
+  return index[0] if len(index) == 1 else index
 
 
 def _encode_image(params, images, cfg, train):
@@ -129,11 +174,20 @@ def encode_image(params, images, cfg, train=False):
 
 
 @functools.partial(jax.jit, static_argnames=('cfg',))
-def encode_text(params, tokens, cfg):
-  """(N, L) int tokens -> (N, embed_dim) fp32 features pooled at the EOT (largest) token."""
+def encode_text_jit(params, tokens, cfg):
+  """`encode_text` without the value checks (shapes are checked at trace time): for callers that
+  checked their tokens already."""
   check_tokens(tokens, cfg)
   return text.apply(params, tokens, cfg.text, jnp.dtype(cfg.dtype), cfg.remat,
                     cfg.scan).astype(jnp.float32)
+
+
+def encode_text(params, tokens, cfg):
+  """(N, L) int tokens -> (N, embed_dim) fp32 features pooled at the first end-of-text token
+  (`cfg.text.eot_id`). Concrete tokens are checked first (ids in the vocabulary, an end-of-text
+  token in every row); traced ones, inside another jit, are not."""
+  check_tokens(tokens, cfg)
+  return encode_text_jit(params, tokens, cfg)
 
 
 def normalize(x):
@@ -164,9 +218,16 @@ def logits(params, image_features, text_features):
 
 
 @functools.partial(jax.jit, static_argnames=('cfg',))
+def apply_jit(params, images, tokens, cfg):
+  """`apply` without the token value checks."""
+  return logits(params, encode_image(params, images, cfg), encode_text_jit(params, tokens, cfg))
+
+
 def apply(params, images, tokens, cfg):
-  """Images and tokens -> (logits_per_image (Ni, Nt), logits_per_text (Nt, Ni))."""
-  return logits(params, encode_image(params, images, cfg), encode_text(params, tokens, cfg))
+  """Images and tokens -> (logits_per_image (Ni, Nt), logits_per_text (Nt, Ni)); concrete tokens
+  are checked as by `encode_text`."""
+  check_tokens(tokens, cfg)
+  return apply_jit(params, images, tokens, cfg)
 
 
 def split_batch_stats(params):

@@ -27,10 +27,20 @@ def init(key, cfg, embed_dim, stacked=False):
   return params
 
 
+def eot_positions(tokens_NxL, cfg):
+  """(N,) position of the first `cfg.eot_id` in each row (as transformers' CLIPTextTransformer for
+  a non-legacy eos_token_id); OpenAI's argmax of the ids is the same whenever that id is the
+  largest one, as in OpenAI's vocabulary."""
+  return jnp.argmax(tokens_NxL == cfg.eot_id, axis=-1)
+
+
 def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat='none', scan=False):
-  """int tokens (N, L<=context) -> (N, embed_dim). The end-of-text token is the largest id of a
-  row; what follows it is padding (masked out of bidirectional attention and map pooling unless
-  `cfg.mask_padding` is False). `pool='last'` pools position L - 1 of the given tokens."""
+  """int tokens (N, L<=context) -> (N, embed_dim). The end-of-text position of a row is the first
+  occurrence of `cfg.eot_id`; what follows it is padding (masked out of bidirectional attention
+  and map pooling unless `cfg.mask_padding` is False). `pool='last'` pools position L - 1 of the
+  given tokens. Token values are not checked here (`clip.model.check_token_values` does, outside
+  jit): an id outside the vocabulary is clamped by the gather, a row without `cfg.eot_id` pools
+  at position 0."""
   length = tokens_NxL.shape[1]
   # The lookup reads a gathered table (as FSDP gathers every weight it uses): a gather from the
   # sharded table would come out split along the width, not the batch.
@@ -39,8 +49,9 @@ def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat='none', scan=False):
   if cfg.pos_embedding == 'learned':
     x_NxLxD = x_NxLxD + params['positional_embedding'][:length].astype(dtype)
   positions_L = jnp.arange(length) if cfg.pos_embedding == 'rope' else None
-  eot_N = jnp.argmax(tokens_NxL, axis=-1)
-  valid_NxL = (jnp.arange(length) <= eot_N[:, None]) if cfg.mask_padding else None
+  eot_N = eot_positions(tokens_NxL, cfg) if cfg.uses_eot else None
+  masked = cfg.mask_padding and eot_N is not None
+  valid_NxL = (jnp.arange(length) <= eot_N[:, None]) if masked else None
   if cfg.causal:
     mask = jnp.tril(jnp.ones((length, length), bool))
   else:
@@ -58,8 +69,8 @@ def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat='none', scan=False):
     x_NxD = pooling.apply(params['attn_pool'], x_NxLxD, cfg, valid_NxL)
   else:
     x_NxLxD = run(x_NxLxD)
-    pos_N = {'eot': eot_N, 'first': jnp.zeros_like(eot_N),
-             'last': jnp.full_like(eot_N, length - 1)}[cfg.pool]
+    pos_N = eot_N if cfg.pool == 'eot' else jnp.full(
+        (tokens_NxL.shape[0],), 0 if cfg.pool == 'first' else length - 1, jnp.int32)
     x_NxD = jnp.take_along_axis(x_NxLxD, pos_N[:, None, None], axis=1)[:, 0]
     x_NxD = layers.norm(params['ln_final'], x_NxD, cfg.norm, cfg.norm_eps)
   projection = params.get('text_projection')

@@ -83,7 +83,7 @@ def bench_model(openai_model, name, batch_sizes, rounds, repeats, warmup):
     tokens_torch = torch.from_numpy(tokens_NxL).long()
     rows.append(bench_tower('image', lambda: clip.encode_image(params, images_jax, cfg),
                             lambda: m.encode_image(images_torch), batch, rounds, repeats, warmup))
-    rows.append(bench_tower('text', lambda: clip.encode_text(params, tokens_jax, cfg),
+    rows.append(bench_tower('text', lambda: clip.model.encode_text_jit(params, tokens_jax, cfg),
                             lambda: m.encode_text(tokens_torch), batch, rounds, repeats, warmup))
     for row in rows[-2:]:
       row['model'] = name

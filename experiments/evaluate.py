@@ -1,7 +1,9 @@
 """Evaluate a CLIP model: zero-shot classification, linear probe, image-text retrieval.
 
 Results are written as JSON in the format of LAION's clip_benchmark (`dataset`, `model`,
-`pretrained`, `task`, `metrics`, `language`), so numbers compare with theirs:
+`pretrained`, `task`, `metrics`, `language`, plus `templates` where prompts were built from
+templates, as its `--dump_templates`), with its metric names (`lp_` for the linear probe), so
+numbers compare with theirs:
 
   python -m experiments.evaluate --model ViT-B/32 --dataset tfds/cifar10 --data-dir ~/tfds
   python -m experiments.evaluate --model results/train/small --config small \
@@ -46,7 +48,8 @@ def parse_args(argv):
   parser.add_argument('--data-dir', default=None, help='tensorflow-datasets data_dir')
   parser.add_argument('--captions', default=None, help='retrieval: img2dataset tfrecord glob')
   parser.add_argument('--templates', default='default',
-                      help='tfds prompts: default | imagenet | a file of templates with {}')
+                      help='tfds prompts: default (7 ImageNet-selected) | imagenet (80) | a file '
+                      'of templates, one a line, with {} or {c} (clip_benchmark) for the class')
   parser.add_argument('--batch-size', type=int, default=256)
   parser.add_argument('--seed', type=int, default=1)
   parser.add_argument('--output', default=None, help='JSON path (default under results/evaluate)')
@@ -147,14 +150,38 @@ def retrieval_data(args, cfg):
 # -------------------------------------------------------------------------------- metrics
 
 def classification_metrics(scores_NxC, labels_N, classnames=None):
-  """clip_benchmark's top-1, top-5 (nan under 5 classes) and mean per-class recall, plus the
-  top-1 accuracy of every class present (`per_class_acc1`, keyed by class name when given)."""
-  scores, labels = np.asarray(scores_NxC), np.asarray(labels_N)
-  order = np.argsort(-scores, axis=1)
-  acc1 = float(np.mean(order[:, 0] == labels))
-  acc5 = (float(np.mean((order[:, :5] == labels[:, None]).any(1))) if scores.shape[1] >= 5
-          else float('nan'))
-  per_class = {int(c): float(np.mean(order[labels == c, 0] == c)) for c in np.unique(labels)}
+  """clip_benchmark's zero-shot top-1, top-5 (nan under 5 classes) and mean per-class recall,
+  plus the top-1 accuracy of every class present (`per_class_acc1`, keyed by class name when
+  given). Ranks by `zero_shot.top_k` (the lower class first among equal scores)."""
+  scores, labels = _checked_scores(scores_NxC, labels_N)
+  return _metrics(scores, labels, classnames, with_acc5=scores.shape[1] >= 5)
+
+
+def linear_probe_metrics(scores_NxC, labels_N, classnames=None):
+  """clip_benchmark's linear-probe metrics (`lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`,
+  and `lp_per_class_acc1`); like clip_benchmark, top-5 is nan unless a label >= 5 occurs."""
+  scores, labels = _checked_scores(scores_NxC, labels_N)
+  metrics = _metrics(scores, labels, classnames, with_acc5=labels.max() >= 5)
+  return {f'lp_{k}': v for k, v in metrics.items()}
+
+
+def _checked_scores(scores_NxC, labels_N):
+  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  scores, labels = zero_shot.check_finite(scores_NxC, 'scores'), np.asarray(labels_N)
+  if scores.ndim != 2 or labels.shape != scores.shape[:1]:
+    raise ValueError(f'need scores (N, C) and labels (N,), got {scores.shape} and {labels.shape}')
+  if labels.min() < 0 or labels.max() >= scores.shape[1]:
+    raise ValueError(f'labels must lie in [0, {scores.shape[1]}), got [{labels.min()}, '
+                     f'{labels.max()}]')
+  return scores, labels
+
+
+def _metrics(scores, labels, classnames, with_acc5):
+  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  top = zero_shot.top_k(scores, min(5, scores.shape[1]))
+  acc1 = float(np.mean(top[:, 0] == labels))
+  acc5 = float(np.mean((top == labels[:, None]).any(1))) if with_acc5 else float('nan')
+  per_class = {int(c): float(np.mean(top[labels == c, 0] == c)) for c in np.unique(labels)}
   names = classnames or [str(c) for c in range(scores.shape[1])]
   return {'acc1': acc1, 'acc5': acc5, 'mean_per_class_recall': float(np.mean(list(
       per_class.values()))), 'per_class_acc1': {names[c]: v for c, v in per_class.items()}}
@@ -176,12 +203,13 @@ def zero_shot_scores(params, cfg, images, class_prompts, batch_size):
 def _templates(path_or_name):
   from clip import zero_shot  # pylint: disable=g-import-not-at-top
   if path_or_name in zero_shot.TEMPLATES:
-    return zero_shot.TEMPLATES[path_or_name]
+    return list(zero_shot.TEMPLATES[path_or_name])
   with open(path_or_name) as f:
     return [line.strip() for line in f if line.strip()]
 
 
 def evaluate(args):
+  """(clip_benchmark's metrics, the templates the class prompts were built from or None)."""
   params, cfg = load_model(args.model, args.config)
   if args.task == 'zeroshot_retrieval':
     from clip import model  # pylint: disable=g-import-not-at-top
@@ -196,14 +224,17 @@ def evaluate(args):
     for k in (1, 5, 10):
       metrics[f'image_retrieval_recall@{k}'] = float(recall[f'text_to_image_R@{k}'])
       metrics[f'text_retrieval_recall@{k}'] = float(recall[f'image_to_text_R@{k}'])
-    return metrics
+    return metrics, None
   images, labels, classnames, class_prompts = classification_data(args, cfg, args.split)
   if args.task == 'zeroshot_classification':
+    from clip import zero_shot  # pylint: disable=g-import-not-at-top
+    templates = None
     if class_prompts is None:
       templates = _templates(args.templates)
-      class_prompts = [[t.format(c) for t in templates] for c in classnames]
+      flat = zero_shot.prompts(classnames, templates)
+      class_prompts = [flat[i:i + len(templates)] for i in range(0, len(flat), len(templates))]
     scores = zero_shot_scores(params, cfg, images, class_prompts, args.batch_size)
-    return classification_metrics(scores, labels, classnames)
+    return classification_metrics(scores, labels, classnames), templates
   from clip import linear_probe  # pylint: disable=g-import-not-at-top
   train_images, train_labels, _, _ = classification_data(args, cfg, args.train_split, fit=True)
   feats = linear_probe.image_features(params, cfg, train_images, args.batch_size)
@@ -211,17 +242,38 @@ def evaluate(args):
   probe = linear_probe.sweep(feats[:-n_val], train_labels[:-n_val], feats[-n_val:],
                              train_labels[-n_val:], len(classnames))
   test_feats = linear_probe.image_features(params, cfg, images, args.batch_size)
-  metrics = classification_metrics(linear_probe.predict(probe, test_feats), labels, classnames)
-  metrics.update({'l2': probe['l2'], 'sweep': {str(k): v for k, v in probe['sweep'].items()}})
-  return metrics
+  metrics = linear_probe_metrics(linear_probe.predict(probe, test_feats), labels, classnames)
+  metrics.update({'lp_l2': probe['l2'],
+                  'lp_l2_sweep': {str(k): v for k, v in probe['sweep'].items()}})
+  return metrics, None
+
+
+def model_name(spec, config_name=None):
+  """clip_benchmark's (`model`, `pretrained`): an official name as open_clip spells it
+  (`ViT-B-32`, `openai`); a file or workdir as its `--config` (else its basename) and its path."""
+  import clip  # pylint: disable=g-import-not-at-top
+  if spec in clip.MODELS and not os.path.exists(spec):
+    return spec.replace('/', '-'), 'openai'
+  return config_name or os.path.basename(os.path.normpath(spec)), spec
+
+
+def dataset_name(args):
+  """The dataset actually evaluated: retrieval reads `--captions` where given, and the built-in
+  set's captions (not one of its label tasks) otherwise; `tfds/<name>` is `<name>`."""
+  if args.task == 'zeroshot_retrieval':
+    return args.captions or args.dataset.split('/', 1)[0]
+  return args.dataset.split('/', 1)[-1] if args.dataset.startswith('tfds/') else args.dataset
 
 
 def main(argv=None):
   args = parse_args(argv)
-  metrics = evaluate(args)
-  dataset = args.dataset.split('/', 1)[-1] if args.dataset.startswith('tfds/') else args.dataset
-  result = {'dataset': dataset, 'model': os.path.basename(os.path.normpath(args.model)),
-            'pretrained': args.model, 'task': args.task, 'metrics': metrics, 'language': 'en'}
+  metrics, templates = evaluate(args)
+  dataset = dataset_name(args)
+  model, pretrained = model_name(args.model, args.config)
+  result = {'dataset': dataset, 'model': model, 'pretrained': pretrained, 'task': args.task,
+            'metrics': metrics, 'language': 'en'}
+  if templates is not None:
+    result['templates'] = templates
   print(json.dumps(result, indent=2))
   output = args.output or os.path.join(
       'results', 'evaluate', f'{re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)}_{args.task}.json')

@@ -77,12 +77,19 @@ def test_classification_metrics_against_their_definition():
   labels = np.array([0, 1, 5, 5])
   m = evaluate.classification_metrics(scores, labels)
   assert m['acc1'] == 0.25 + 0.25  # rows 0 and 3
+  lp = evaluate.linear_probe_metrics(scores, labels)
+  assert lp == {f'lp_{k}': v for k, v in m.items()}  # clip_benchmark's probe names
   assert m['acc5'] == 0.75         # row 2's label 5 ranks last
   assert m['mean_per_class_recall'] == np.mean([1.0, 0.0, 0.5])
   assert m['per_class_acc1'] == {'0': 1.0, '1': 0.0, '5': 0.5}
   named = evaluate.classification_metrics(scores, labels, list('abcdef'))['per_class_acc1']
   assert named == {'a': 1.0, 'b': 0.0, 'f': 0.5}
   assert np.isnan(evaluate.classification_metrics(scores[:, :4], labels % 4)['acc5'])
+  # clip_benchmark's probe takes top-5 only where a label >= 5 occurs
+  assert np.isnan(evaluate.linear_probe_metrics(scores, labels % 4)['lp_acc5'])
+  # equal scores: the lower class first (`zero_shot.top_k`, as torch's first maximum)
+  tied = evaluate.classification_metrics(np.array([[1.0, 1.0], [1.0, 1.0]]), np.array([0, 1]))
+  assert tied['acc1'] == 0.5 and tied['per_class_acc1'] == {'0': 1.0, '1': 0.0}
 
 
 def test_probe_on_frozen_features_beats_chance_by_far(params):
@@ -98,10 +105,40 @@ def test_probe_on_frozen_features_beats_chance_by_far(params):
   assert linear_probe.accuracy(probe, feats[500:], y[500:]) > 0.35
 
 
-def _check_format(result, task):
-  assert set(result) == {'dataset', 'model', 'pretrained', 'task', 'metrics', 'language'}
+def _check_format(result, task, templates=False):
+  keys = {'dataset', 'model', 'pretrained', 'task', 'metrics', 'language'}
+  assert set(result) == keys | ({'templates'} if templates else set())
   assert result['task'] == task and result['language'] == 'en'
   json.dumps(result)
+
+
+def test_names_follow_clip_benchmark(tmp_path):
+  assert evaluate.model_name('ViT-B/32') == ('ViT-B-32', 'openai')
+  assert evaluate.model_name('ViT-L/14@336px') == ('ViT-L-14@336px', 'openai')
+  path = str(tmp_path / 'model.npz')
+  assert evaluate.model_name(path, 'tiny') == ('tiny', path)
+  assert evaluate.model_name(path) == ('model.npz', path)
+  args = lambda *a: evaluate.parse_args(['--model', 'x', *a])
+  assert evaluate.dataset_name(args('--task', 'zeroshot_retrieval', '--captions', 'c/*.tfr')) == (
+      'c/*.tfr')
+  assert evaluate.dataset_name(args('--task', 'zeroshot_retrieval')) == 'synthetic'
+  assert evaluate.dataset_name(args('--dataset', 'tfds/cifar10')) == 'cifar10'
+  assert evaluate.dataset_name(args('--dataset', 'synthetic/shape')) == 'synthetic/shape'
+
+
+def test_metrics_refuse_non_finite_scores_and_features():
+  with pytest.raises(ValueError, match='scores must be finite, got 1 non-finite'):
+    evaluate.classification_metrics(np.array([[0.1, np.nan]]), np.array([0]))
+  with pytest.raises(ValueError, match=r'labels must lie in \[0, 2\), got \[0, 2\]'):
+    evaluate.linear_probe_metrics(np.zeros((2, 2)), np.array([0, 2]))
+  x, y = np.ones((4, 3), np.float32), np.array([0, 1, 0, 1])
+  with pytest.raises(ValueError, match='training features must be finite'):
+    linear_probe.fit(np.where(x > 0, np.inf, x), y, 2, 1.0)
+  probe = linear_probe.fit(x, y, 2, 1.0)
+  with pytest.raises(ValueError, match='features must be finite'):
+    linear_probe.accuracy(probe, x * np.nan, y)
+  with pytest.raises(ValueError, match='validation features must be finite'):
+    linear_probe.sweep(x, y, x * np.nan, y, 2)
 
 
 def test_zero_shot_json_equals_a_direct_computation(params, tmp_path):
@@ -146,7 +183,9 @@ def test_retrieval_and_probe_from_a_training_workdir(params, tmp_path):
                          'synthetic/colour', '--task', 'linear_probe', '--examples', '400',
                          '--output', str(tmp_path / 'p.json')])
   _check_format(probe, 'linear_probe')
-  assert probe['metrics']['acc1'] > 0.3  # chance 0.125, random features
+  assert probe['metrics']['lp_acc1'] > 0.3  # chance 0.125, random features
+  assert probe['model'] == 'tiny' and probe['pretrained'] == str(tmp_path / 'run')
+  assert result['dataset'] == 'synthetic'  # the captions, not a label task
 
 
 def test_bad_model_and_dataset_explain_themselves(tmp_path):

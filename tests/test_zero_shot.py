@@ -48,6 +48,9 @@ def test_templates():
   assert zero_shot.IMAGENET_TEMPLATES[-1] == 'a tattoo of the {}.'
   assert zero_shot.prompts(['cat', 'dog'], ('a {}.', 'the {}!')) == [
       'a cat.', 'the cat!', 'a dog.', 'the dog!']
+  # clip_benchmark's template files write the class as {c}
+  assert zero_shot.prompts(['cat'], ('a photo of a {c}.', 'a {}.')) == ['a photo of a cat.',
+                                                                       'a cat.']
 
 
 @pytest.mark.parametrize('batch_size', [1, 6, 64])  # prompts: 1 and 2 classes a batch, all
@@ -106,6 +109,35 @@ def test_retrieval_matches_numpy(batch_size):
   assert 0 < got['image_to_text_R@1'] < 1 and 0 < got['text_to_image_R@1'] < 1
 
 
+def test_retrieval_ties_rank_the_lower_index_first():
+  """clip_benchmark's rule (the top k by score; `torch.topk` picks the first maximum): before,
+  ties counted in the query's favour, and 50 identical images scored text->image R@1 = 1.0."""
+  rng = np.random.default_rng(6)
+  img = np.tile(rng.standard_normal((1, 8)), (50, 1))
+  got = zero_shot.retrieval_metrics(img, rng.standard_normal((250, 8)), np.repeat(np.arange(50), 5))
+  assert got['text_to_image_R@1'] == pytest.approx(0.02)  # image 0's five captions
+  assert got['text_to_image_R@5'] == pytest.approx(0.1)
+  assert got['text_to_image_R@10'] == pytest.approx(0.2)
+  # Image 1's only caption is a copy of image 0's, placed after it: its top 1 is image 0's.
+  txt = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+  got = zero_shot.retrieval_metrics(np.array([[1.0, 0.1], [1.0, -0.1], [0.0, 1.0]]), txt,
+                                    ks=(1, 2))
+  assert got['image_to_text_R@1'] == pytest.approx(2 / 3)
+  assert got['image_to_text_R@2'] == 1.0
+  np.testing.assert_array_equal(zero_shot.top_k(np.array([[1, 3, 3, 0, 3]]), 2), [[1, 2]])
+
+
+def test_non_finite_features_are_refused():
+  feats = np.ones((50, 4), np.float32)
+  with pytest.raises(ValueError, match='image features must be finite, got 200 non-finite'):
+    zero_shot.retrieval_metrics(np.full((50, 4), np.nan), np.ones((250, 4)),
+                                np.repeat(np.arange(50), 5))
+  with pytest.raises(ValueError, match=r'text features must be finite.*index \(3, 1\): inf'):
+    zero_shot.retrieval_metrics(feats, np.where(np.arange(200).reshape(50, 4) == 13, np.inf, 1))
+  with pytest.raises(ValueError, match=r'normalised image features \(a zero feature\?\)'):
+    zero_shot.retrieval_metrics(np.zeros((50, 4)), feats)
+
+
 def test_retrieval_one_caption_per_image():
   rng = np.random.default_rng(3)
   img = rng.standard_normal((9, 6))
@@ -122,6 +154,26 @@ def text_projection_for(params, cfg, tokens_NxL, targets_NxD):
   projection, *_ = np.linalg.lstsq(pooled_NxW, np.asarray(targets_NxD, np.float64), rcond=None)
   np.testing.assert_allclose(pooled_NxW @ projection, targets_NxD, atol=1e-6)  # an exact fit
   return dict(params, text_projection=jnp.asarray(projection, jnp.float32))
+
+
+def test_classify_normalises_the_class_weights(params):
+  """The scores are cosines whatever the weights' norms (raw `encode_text` features, or scaled
+  per class): before, class weights scaled by (1, 3, 0.5, 2) changed the top 1 of most images."""
+  rng = np.random.default_rng(7)
+  images = rng.standard_normal((8, 16, 16, 3)).astype(np.float32)
+  raw = np.asarray(clip.encode_text(params, reference.random_tokens(rng, 4, CFG), CFG)).T
+  unit = np_normalize(raw.T).T.astype(np.float32)
+  scaled = raw * np.array([1, 3, 0.5, 2], np.float32)
+  idx_unit, p_unit = zero_shot.classify(params, CFG, images, unit, k=4)
+  idx_scaled, p_scaled = zero_shot.classify(params, CFG, images, scaled, k=4)
+  np.testing.assert_array_equal(idx_scaled, idx_unit)
+  chex.assert_trees_all_close(p_scaled, p_unit, atol=ATOL)
+  with pytest.raises(ValueError, match=r'non-zero norm; columns \[2\] are zero'):
+    zero_shot.classify(params, CFG, images, unit * np.array([1, 1, 0, 1], np.float32), k=1)
+  with pytest.raises(ValueError, match='classifier weights must be finite, got 1 non-finite'):
+    zero_shot.classify(params, CFG, images, np.where(unit == unit[0, 0], np.nan, unit), k=1)
+  with pytest.raises(ValueError, match='images must be finite'):
+    zero_shot.classify(params, CFG, images * np.inf, unit, k=1)
 
 
 def test_known_answer(params):
@@ -161,8 +213,10 @@ def test_bad_input(params):
     zero_shot.classify(params, CFG, images, weights, k=1, batch_size=0)
   with pytest.raises(ValueError, match=r'\(classes, templates, L\), got shape \(3, 8\)'):
     zero_shot.classifier_weights_from_tokens(params, CFG, np.zeros((3, 8), np.int32))
-  with pytest.raises(ValueError, match='exactly one "{}"'):
+  with pytest.raises(ValueError, match='exactly one "{}" or "{c}"'):
     zero_shot.prompts(['cat'], ['a photo'])
+  with pytest.raises(ValueError, match='exactly one "{}" or "{c}"'):
+    zero_shot.prompts(['cat'], ['a {c} or a {}'])
   feats = np.ones((4, 8), np.float32)
   with pytest.raises(ValueError, match='same D'):
     zero_shot.retrieval_metrics(feats, np.ones((4, 6)))
