@@ -40,6 +40,9 @@ import string
 import numpy as np
 import sentencepiece
 
+from clip.tokenizer import check_texts
+from clip.tokenizer import shorten
+
 KINDS = ('siglip', 'siglip2')
 CONTEXT_LENGTH = 64  # both SigLIPs' text length
 
@@ -66,23 +69,6 @@ def lower_siglip2(text):
 
 
 _CLEAN = {'siglip': canonicalize_siglip, 'siglip2': lower_siglip2}
-
-
-def _shorten(text, width=60):
-  return repr(text if len(text) <= width else text[:width] + '...')
-
-
-def _check_texts(texts):
-  """A str is a batch of one; otherwise any iterable of str."""
-  if isinstance(texts, str):
-    return [texts]
-  if isinstance(texts, (bytes, bytearray)) or not hasattr(texts, '__iter__'):
-    raise TypeError(f'texts must be a str or a sequence of str, got {type(texts).__name__}')
-  texts = list(texts)
-  for i, text in enumerate(texts):
-    if not isinstance(text, str):
-      raise TypeError(f'texts[{i}] must be a str, got {type(text).__name__}: {text!r:.60}')
-  return texts
 
 
 def _check_context_length(context_length):
@@ -143,7 +129,7 @@ class SentencePieceTokenizer:
     """np.int32 (N, context_length): ids, EOS, padding; `context_length` defaults to the
     tokenizer's. A text too long raises ValueError unless `truncate`, which keeps the first
     `context_length - 1` ids and the EOS."""
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     if context_length is None:
       context_length = self.context_length
     length = _check_context_length(context_length)
@@ -151,7 +137,7 @@ class SentencePieceTokenizer:
     for i, ids in enumerate(self._encode(texts)):
       if len(ids) >= length:
         if not truncate:
-          raise ValueError(f'texts[{i}] {_shorten(texts[i])} is {len(ids) + 1} tokens with the '
+          raise ValueError(f'texts[{i}] {shorten(texts[i])} is {len(ids) + 1} tokens with the '
                            f'end of sequence token, longer than context_length={length}; pass '
                            'truncate=True to cut it')
         ids = ids[:length - 1]

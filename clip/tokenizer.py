@@ -122,11 +122,12 @@ def _bytes_to_unicode():
   return dict(zip(printable + others, map(chr, printable + [256 + i for i in range(len(others))])))
 
 
-def _shorten(text, width=60):
+def shorten(text, width=60):
+  """`repr(text)`, cut at `width` characters (for error messages)."""
   return repr(text if len(text) <= width else text[:width] + '...')
 
 
-def _check_texts(texts):
+def check_texts(texts):
   """A str is a batch of one; otherwise any iterable of str."""
   if isinstance(texts, str):
     return [texts]
@@ -215,7 +216,7 @@ class Tokenizer:
   def tokenize(self, texts, context_length=77, truncate=False):
     """np.int32 (N, context_length): SOT, ids, EOT, zeros. Too long raises ValueError unless
     `truncate`, which cuts the row and ends it with EOT."""
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)):
       raise TypeError(f'context_length must be an int, got {type(context_length).__name__}')
     if context_length < 2:
@@ -226,7 +227,7 @@ class Tokenizer:
       ids.append(EOT)
       if len(ids) > context_length:
         if not truncate:
-          raise ValueError(f'texts[{i}] {_shorten(text)} is {len(ids)} tokens with SOT and EOT, '
+          raise ValueError(f'texts[{i}] {shorten(text)} is {len(ids)} tokens with SOT and EOT, '
                            f'longer than context_length={context_length}; pass truncate=True to '
                            'cut it')
         ids = ids[:context_length]

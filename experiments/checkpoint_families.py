@@ -326,7 +326,7 @@ def _big_vision_map_head(out, sd, heads):
   out[f'{bv}/MultiHeadDotProductAttention_0/out/bias'] = sd[f'{head}.attention.out_proj.bias']
 
 
-def _big_vision_npz(hf, path):
+def big_vision_npz(hf, path):
   """big_vision's names and flax layouts for `hf`'s weights: the inverse of transformers'
   convert_siglip_to_hf.py (kernels (in, out), attention (D, heads, head_dim) and
   (heads, head_dim, D), patch kernel HWIO, `t`/`b` of shape (1,))."""
@@ -357,7 +357,7 @@ def _big_vision_npz(hf, path):
 def big_vision(tmp):
   hf = _hf_siglip(seed=5)
   path = os.path.join(_save_dir(tmp, 'big_vision'), 'siglip.npz')
-  _big_vision_npz(hf, path)
+  big_vision_npz(hf, path)
   return measure_load(path, _hf_ref(hf), siglip=True, normalized=True)
 
 

@@ -14,6 +14,7 @@ import clip
 from clip import export
 from clip import open_clip_configs
 from clip import weights
+from experiments import checkpoint_families
 from experiments import open_clip_reference
 from experiments import openai_reference as reference
 
@@ -220,73 +221,9 @@ def test_hugging_face_siglip_folder_exact_and_lone_file_warns(tmp_path):
     clip.load(lone / 'siglip.safetensors')
 
 
-def _big_vision_npz(hf, path):
-  """big_vision's parameter names and flax layouts for `hf`'s weights: the inverse of the
-  mapping transformers' convert_siglip_to_hf.py applies (kernels (in, out), attention kernels
-  (D, heads, head_dim) and (heads, head_dim, D), patch kernel HWIO, `t`/`b` of shape (1,))."""
-  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-  out = {}
-
-  def block(hf_prefix, bv_prefix, heads):
-    attn = f'{bv_prefix}/MultiHeadDotProductAttention_0'
-    out[f'{bv_prefix}/LayerNorm_0/scale'] = sd[f'{hf_prefix}.layer_norm1.weight']
-    out[f'{bv_prefix}/LayerNorm_0/bias'] = sd[f'{hf_prefix}.layer_norm1.bias']
-    out[f'{bv_prefix}/LayerNorm_1/scale'] = sd[f'{hf_prefix}.layer_norm2.weight']
-    out[f'{bv_prefix}/LayerNorm_1/bias'] = sd[f'{hf_prefix}.layer_norm2.bias']
-    for i in (0, 1):
-      out[f'{bv_prefix}/MlpBlock_0/Dense_{i}/kernel'] = sd[f'{hf_prefix}.mlp.fc{i + 1}.weight'].T
-      out[f'{bv_prefix}/MlpBlock_0/Dense_{i}/bias'] = sd[f'{hf_prefix}.mlp.fc{i + 1}.bias']
-    for c, name in zip('qkv', ('query', 'key', 'value')):
-      w = sd[f'{hf_prefix}.self_attn.{c}_proj.weight']  # (H*hd, D)
-      out[f'{attn}/{name}/kernel'] = w.T.reshape(w.shape[1], heads, -1)
-      out[f'{attn}/{name}/bias'] = sd[f'{hf_prefix}.self_attn.{c}_proj.bias'].reshape(heads, -1)
-    w = sd[f'{hf_prefix}.self_attn.out_proj.weight']  # (D, H*hd)
-    out[f'{attn}/out/kernel'] = w.T.reshape(heads, -1, w.shape[0])
-    out[f'{attn}/out/bias'] = sd[f'{hf_prefix}.self_attn.out_proj.bias']
-
-  v, t = hf.config.vision_config, hf.config.text_config
-  out['img/embedding/kernel'] = sd['vision_model.embeddings.patch_embedding.weight'].transpose(
-      2, 3, 1, 0)
-  out['img/embedding/bias'] = sd['vision_model.embeddings.patch_embedding.bias']
-  out['img/pos_embedding'] = sd['vision_model.embeddings.position_embedding.weight'][None]
-  for i in range(v.num_hidden_layers):
-    block(f'vision_model.encoder.layers.{i}', f'img/Transformer/encoderblock_{i}',
-          v.num_attention_heads)
-  out['img/Transformer/encoder_norm/scale'] = sd['vision_model.post_layernorm.weight']
-  out['img/Transformer/encoder_norm/bias'] = sd['vision_model.post_layernorm.bias']
-  head = 'vision_model.head'
-  out['img/MAPHead_0/probe'] = sd[f'{head}.probe']
-  out['img/MAPHead_0/LayerNorm_0/scale'] = sd[f'{head}.layernorm.weight']
-  out['img/MAPHead_0/LayerNorm_0/bias'] = sd[f'{head}.layernorm.bias']
-  for i in (0, 1):
-    out[f'img/MAPHead_0/MlpBlock_0/Dense_{i}/kernel'] = sd[f'{head}.mlp.fc{i + 1}.weight'].T
-    out[f'img/MAPHead_0/MlpBlock_0/Dense_{i}/bias'] = sd[f'{head}.mlp.fc{i + 1}.bias']
-  d, heads = v.hidden_size, v.num_attention_heads
-  in_w = np.split(sd[f'{head}.attention.in_proj_weight'], 3)
-  in_b = np.split(sd[f'{head}.attention.in_proj_bias'], 3)
-  for w, b, name in zip(in_w, in_b, ('query', 'key', 'value')):
-    out[f'img/MAPHead_0/MultiHeadDotProductAttention_0/{name}/kernel'] = w.T.reshape(d, heads, -1)
-    out[f'img/MAPHead_0/MultiHeadDotProductAttention_0/{name}/bias'] = b.reshape(heads, -1)
-  w = sd[f'{head}.attention.out_proj.weight']
-  out['img/MAPHead_0/MultiHeadDotProductAttention_0/out/kernel'] = w.T.reshape(heads, -1, d)
-  out['img/MAPHead_0/MultiHeadDotProductAttention_0/out/bias'] = sd[
-      f'{head}.attention.out_proj.bias']
-  out['txt/Embed_0/embedding'] = sd['text_model.embeddings.token_embedding.weight']
-  out['txt/pos_embedding'] = sd['text_model.embeddings.position_embedding.weight'][None]
-  for i in range(t.num_hidden_layers):
-    block(f'text_model.encoder.layers.{i}', f'txt/Encoder_0/encoderblock_{i}',
-          t.num_attention_heads)
-  out['txt/Encoder_0/encoder_norm/scale'] = sd['text_model.final_layer_norm.weight']
-  out['txt/Encoder_0/encoder_norm/bias'] = sd['text_model.final_layer_norm.bias']
-  out['txt/head/kernel'] = sd['text_model.head.weight'].T
-  out['txt/head/bias'] = sd['text_model.head.bias']
-  out['t'], out['b'] = sd['logit_scale'], sd['logit_bias']
-  np.savez(path, **{f'params/{k}': v for k, v in out.items()})
-
-
 def test_big_vision_npz_equals_hugging_face_siglip(tmp_path):
   hf = _hf_siglip(seed=2)
-  _big_vision_npz(hf, tmp_path / 'siglip.npz')
+  checkpoint_families.big_vision_npz(hf, tmp_path / 'siglip.npz')
   with pytest.warns(clip.CheckpointWarning, match='last position'):
     params, cfg = clip.load(tmp_path / 'siglip.npz')
   assert cfg == _siglip_cfg()  # heads from the (D, heads, head_dim) kernels
