@@ -40,6 +40,7 @@ import string
 import numpy as np
 import sentencepiece
 
+from clip.tokenizer import check_id_rows
 from clip.tokenizer import check_texts
 from clip.tokenizer import shorten
 
@@ -150,12 +151,9 @@ class SentencePieceTokenizer:
   def decode(self, tokens):
     """The text of one row of ids up to its first EOS (a list of texts for a 2-D array): the
     cleaned text, where every piece was known (SentencePiece writes ' ⁇ ' for `<unk>`)."""
-    tokens = np.asarray(tokens)
+    tokens = check_id_rows(tokens)
     if tokens.ndim == 2:
       return [self.decode(row) for row in tokens]
-    if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
-      raise ValueError(f'decode expects a 1-D or 2-D integer array of ids, got shape '
-                       f'{tokens.shape} of dtype {tokens.dtype}')
     ids = tokens.tolist()
     if self.eos_id in ids:
       ids = ids[:ids.index(self.eos_id)]

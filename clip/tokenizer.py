@@ -127,6 +127,15 @@ def shorten(text, width=60):
   return repr(text if len(text) <= width else text[:width] + '...')
 
 
+def check_id_rows(tokens):
+  """`tokens` as an integer array of one row (1-D) or of rows (2-D), else a ValueError."""
+  tokens = np.asarray(tokens)
+  if tokens.ndim not in (1, 2) or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+    raise ValueError(f'decode expects a 1-D or 2-D integer array of ids, got shape '
+                     f'{tokens.shape} of dtype {tokens.dtype}')
+  return tokens
+
+
 def check_texts(texts):
   """A str is a batch of one; otherwise any iterable of str."""
   if isinstance(texts, str):
@@ -240,12 +249,9 @@ class Tokenizer:
   def decode(self, tokens):
     """Text of one row of ids (or a list of texts for a 2-D array): stops at the first EOT, drops
     SOT and trailing zero padding; words are separated by spaces, as OpenAI's `decode`."""
-    tokens = np.asarray(tokens)
+    tokens = check_id_rows(tokens)
     if tokens.ndim == 2:
       return [self.decode(row) for row in tokens]
-    if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
-      raise ValueError(f'decode expects a 1-D or 2-D integer array of ids, got shape '
-                       f'{tokens.shape} of dtype {tokens.dtype}')
     ids = tokens.tolist()
     if EOT in ids:
       ids = ids[:ids.index(EOT)]

@@ -263,7 +263,8 @@ def _hf_clip(seed=0):
   return _perturb(transformers.CLIPModel(config), seed)
 
 
-def _hf_siglip(seed=0):
+def hf_siglip(seed=0):
+  """A small transformers SiglipModel, every parameter perturbed (also used by the tests)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.SiglipConfig(
@@ -281,7 +282,7 @@ def _hf_siglip(seed=0):
 
 def hf_folder(tmp, siglip, lone):
   """save_pretrained's folder, or its model.safetensors alone (no config.json beside it)."""
-  hf = _hf_siglip(seed=4) if siglip else _hf_clip(seed=4)
+  hf = hf_siglip(seed=4) if siglip else _hf_clip(seed=4)
   folder = _save_dir(tmp, f'hf_{siglip}')
   hf.save_pretrained(folder)
   path = folder
@@ -355,7 +356,7 @@ def big_vision_npz(hf, path):
 
 
 def big_vision(tmp):
-  hf = _hf_siglip(seed=5)
+  hf = hf_siglip(seed=5)
   path = os.path.join(_save_dir(tmp, 'big_vision'), 'siglip.npz')
   big_vision_npz(hf, path)
   return measure_load(path, _hf_ref(hf), siglip=True, normalized=True)
@@ -402,7 +403,7 @@ def export_hf(tmp, siglip):
   import clip  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from clip import export  # pylint: disable=g-import-not-at-top
-  hf = _hf_siglip(seed=7) if siglip else _hf_clip(seed=7)
+  hf = hf_siglip(seed=7) if siglip else _hf_clip(seed=7)
   source, out = _save_dir(tmp, f'export_hf_src_{siglip}'), _save_dir(tmp, f'export_hf_{siglip}')
   hf.save_pretrained(source)
   params, cfg = clip.load(source)

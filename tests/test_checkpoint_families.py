@@ -191,23 +191,8 @@ def _siglip_cfg(act_vision='gelu_tanh', act_text='gelu_tanh', heads=(2, 4)):
   return clip.CLIPConfig(64, vision, text, logit_bias=True)
 
 
-def _hf_siglip(seed=0):
-  import transformers  # pylint: disable=g-import-not-at-top
-  config = transformers.SiglipConfig(
-      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
-      vision_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                         num_attention_heads=2, image_size=32, patch_size=8))
-  torch.manual_seed(seed)
-  m = transformers.SiglipModel(config).eval()
-  with torch.no_grad():
-    m.logit_scale.fill_(2.3)
-    m.logit_bias.fill_(-4.0)
-  return reference.perturb(m, seed)
-
-
 def test_hugging_face_siglip_folder_exact_and_lone_file_warns(tmp_path):
-  hf = _hf_siglip()
+  hf = checkpoint_families.hf_siglip()
   hf.save_pretrained(tmp_path)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
@@ -222,7 +207,7 @@ def test_hugging_face_siglip_folder_exact_and_lone_file_warns(tmp_path):
 
 
 def test_big_vision_npz_equals_hugging_face_siglip(tmp_path):
-  hf = _hf_siglip(seed=2)
+  hf = checkpoint_families.hf_siglip(seed=2)
   checkpoint_families.big_vision_npz(hf, tmp_path / 'siglip.npz')
   with pytest.warns(clip.CheckpointWarning, match='last position'):
     params, cfg = clip.load(tmp_path / 'siglip.npz')
@@ -271,7 +256,7 @@ def test_export_open_clip_folder_loads_in_open_clip(oc, tmp_path):
 @pytest.mark.parametrize('family', ['clip', 'siglip'])
 def test_export_hugging_face_folder_loads_strictly(tmp_path, family):
   import transformers  # pylint: disable=g-import-not-at-top
-  hf = _hf_clip('gelu') if family == 'clip' else _hf_siglip(seed=6)
+  hf = _hf_clip('gelu') if family == 'clip' else checkpoint_families.hf_siglip(seed=6)
   hf.save_pretrained(tmp_path / 'source')
   params, cfg = clip.load(tmp_path / 'source')
   export.save_hf(params, cfg, tmp_path / 'out')
@@ -293,7 +278,7 @@ def test_siglip_user_flow_load_tokenize_zero_shot(tmp_path):
   sentencepiece.SentencePieceTrainer.train(
       input=str(corpus), model_prefix=str(tmp_path / 'spm'), model_type='unigram',
       vocab_size=43, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-  hf = _hf_siglip(seed=7)
+  hf = checkpoint_families.hf_siglip(seed=7)
   hf.save_pretrained(tmp_path / 'model')
   params, cfg = clip.load(tmp_path / 'model')
   tokenizer = clip.SentencePieceTokenizer(str(tmp_path / 'spm.model'), cfg.context_length)
