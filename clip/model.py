@@ -134,14 +134,20 @@ def _check_block(tokens, start, t):
     index = tuple(np.argwhere(bad)[0])
     raise ValueError(f'token id {tokens[index]} at row {_row(index[:-1], start)}, position '
                      f'{index[-1]} is outside the vocabulary: ids must be in [0, {t.vocab_size}), '
-                     f'got {int(bad.sum())} out of range')
+                     f'{int(bad.sum())} of the ids are outside it{_leading_axes_note(tokens)}')
   if t.uses_eot:
     missing = ~(tokens == t.eot_id).any(axis=-1)
     if missing.any():
       use = 'pools at' if t.pool == 'eot' else 'masks the padding after'
       raise ValueError(f'row {_row(np.argwhere(missing)[0], start)} has no end-of-text token '
                        f'{t.eot_id} ({int(missing.sum())} rows lack it); this text tower {use} '
-                       'its first occurrence (clip.tokenize ends every row with it)')
+                       'its first occurrence (clip.tokenize ends every row with it)'
+                       f'{_leading_axes_note(tokens)}')
+
+
+def _leading_axes_note(tokens):
+  return ('; rows are indexed over the leading axes, e.g. (class, template) for classifier '
+          'prompts' if tokens.ndim > 2 else '')
 
 
 def _row(index, start):
