@@ -3,12 +3,20 @@ import setuptools
 
 TORCH = ['torch>=2.1']
 # tensorflow-datasets imports importlib_resources (through etils) without declaring it on 3.10+.
-DATA = ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9', 'importlib_resources>=6.0']
+# webdataset: its sample grouping and tar writer (data/webdataset_tars.py); pyarrow: the parquet
+# img2dataset writes beside each shard (data/filters.py).
+DATA = ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9', 'importlib_resources>=6.0',
+        'webdataset>=0.2.5', 'pyarrow>=12']
 TEST = TORCH + DATA + [
     'pytest>=8',
     'pytest-xdist>=3.5',
     'scikit-learn>=1.3',  # clip_benchmark's metrics (experiments/clip_benchmark_reference.py)
     'transformers>=4.40',
+    # The real img2dataset writes the shards the data tests read (tests/test_data_img2dataset.py);
+    # its tfrecord writer imports tensorflow_io (0.37's file-system plugins do not load beside
+    # tensorflow 2.21, which the local files it writes do not need).
+    'img2dataset==1.47.0',
+    'tensorflow-io>=0.37',
 ]
 
 setuptools.setup(

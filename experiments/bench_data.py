@@ -2,7 +2,7 @@
 
 Measures, in images per second:
 - the built-in synthetic generator (`data.synthetic`, numpy, one thread) at several resolutions;
-- the tfrecord pipeline (`data.tfrecords.Pipeline`) on img2dataset shards of 256px JPEGs (written
+- the tfrecord pipeline (`data.shards.Pipeline`) on img2dataset shards of 256px JPEGs (written
   here from the synthetic set, plain and with photo-like noise) -> 224 crop, training (random
   resized crop) and eval (OpenAI's resize + centre crop), with the real BPE tokenizer; also the
   process CPU time per image, which is what a machine with more cores divides;
@@ -70,9 +70,9 @@ def write_shards(out_dir, kind, n, shards):
 def bench_pipeline(files, train, batch, max_batches):
   """Images/s and process CPU ms per image of one pass, after the first batch (graph build,
   shuffle buffer fill)."""
-  from data import tfrecords  # pylint: disable=g-import-not-at-top
-  p = tfrecords.Pipeline(files, global_batch_size=batch, resolution=224, train=train,
-                         num_epochs=1, process_index=0, process_count=1)
+  from data import shards  # pylint: disable=g-import-not-at-top
+  p = shards.Pipeline(files, global_batch_size=batch, resolution=224, train=train,
+                      num_epochs=1, process_index=0, process_count=1)
   it = iter(p)
   next(it)
   n, start, cpu = 0, time.perf_counter(), time.process_time()

@@ -20,7 +20,7 @@ head counts (OpenAI's 64-wide heads are assumed otherwise).
 Datasets: `synthetic[/<task>]` is the built-in captioned shapes (`--split train | heldout | all`,
 tasks colour_shape, shape, colour, size, count, position, texture); `tfds/<name>` any prepared
 tensorflow-datasets classification set (`--data-dir`); for retrieval also `--captions` with
-img2dataset tfrecords.
+img2dataset shards (webdataset tars or tfrecords).
 """
 import argparse
 import glob
@@ -46,7 +46,7 @@ def parse_args(argv):
                       help='linear probe: what to fit on; default train (tfds), all (synthetic)')
   parser.add_argument('--examples', type=int, default=2048, help='synthetic examples per split')
   parser.add_argument('--data-dir', default=None, help='tensorflow-datasets data_dir')
-  parser.add_argument('--captions', default=None, help='retrieval: img2dataset tfrecord glob')
+  parser.add_argument('--captions', default=None, help='retrieval: img2dataset shards (.tar or .tfrecord glob)')
   parser.add_argument('--templates', default='default',
                       help='tfds prompts: default (7 ImageNet-selected) | imagenet (80) | a file '
                       'of templates, one a line, with {} or {c} (clip_benchmark) for the class')
@@ -128,10 +128,10 @@ def retrieval_data(args, cfg):
   """(images (N, R, R, 3), tokens (N, L)): one caption per image."""
   import clip  # pylint: disable=g-import-not-at-top
   if args.captions:
-    from data import tfrecords  # pylint: disable=g-import-not-at-top
-    pipeline = tfrecords.Pipeline(args.captions, global_batch_size=args.batch_size,
-                                  resolution=cfg.image_resolution, train=False,
-                                  context_length=cfg.context_length)
+    from data import shards  # pylint: disable=g-import-not-at-top
+    pipeline = shards.Pipeline(args.captions, global_batch_size=args.batch_size,
+                               resolution=cfg.image_resolution, train=False,
+                               context_length=cfg.context_length)  # no batch: EmptyEpochError
     batches = list(pipeline)
     if pipeline.stats.num_skipped:
       print(pipeline.stats.summary())

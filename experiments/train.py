@@ -3,11 +3,12 @@
 With no arguments it trains the `small` config (a small ViT CLIP) on the built-in synthetic
 captions on this machine's CPU, then reports zero-shot accuracy and retrieval recall on held-out
 attribute combinations. Configs are Python files in `experiments/configs/`; `--data` takes
-img2dataset tfrecord globs for real data.
+img2dataset shards for real data (tfrecord or webdataset tars, e.g. DataComp's download), or a
+weighted mixture of several sources ('a/*.tar:0.7,b/*.tfrecord:0.3').
 
   python -m experiments.train
   python -m experiments.train --config tiny --steps 40 --loss ring_sigmoid --mesh=2,2,2
-  python -m experiments.train --config vit_b32_datacomp --data '/data/shards/*.tfrecord'
+  python -m experiments.train --config vit_b32_datacomp --data '/data/datacomp/shards/*.tar'
   # two hosts: the same command on each, with --num-processes 2 --process-id {0,1}
   #            --coordinator host0:1234
 
@@ -30,7 +31,9 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='small', help='a file in experiments/configs/')
   parser.add_argument('--workdir', default=None)
-  parser.add_argument('--data', default=None, help='"synthetic" or a tfrecord glob (img2dataset)')
+  parser.add_argument('--data', default=None,
+                      help='"synthetic", a glob of img2dataset shards (.tar or .tfrecord), or a '
+                           'weighted mixture "a/*.tar:0.7,b/*.tfrecord:0.3"')
   parser.add_argument('--loss', default=None, help='contrastive | sigmoid | ring_contrastive | '
                       'ring_sigmoid')
   parser.add_argument('--optimizer', default=None, help='adamw | lion | adafactor | muon')
@@ -73,8 +76,8 @@ def load_config(args):
   if args.data:
     config['data'] = args.data
   if not config['data']:
-    raise ValueError(f'config {args.config!r} has no default data: pass --data with a tfrecord '
-                     'glob (img2dataset output_format="tfrecord")')
+    raise ValueError(f'config {args.config!r} has no default data: pass --data with a glob of '
+                     'img2dataset shards (output_format "webdataset" or "tfrecord")')
   if args.checkpoint_every:
     config['checkpoint_every'] = args.checkpoint_every
   if args.export_torch:
@@ -155,18 +158,18 @@ def plot_losses(records, path, title):
 def make_data(config, cfg, tcfg, data_state):
   """(iterator of this process's share of each global batch, pipeline or None). `data_state` is
   where a resumed run's data continues: the step for the synthetic set (a function of it), the
-  tfrecord pipeline's own state otherwise."""
+  shard pipeline's (or mixture's) own state otherwise."""
   if config['data'] == 'synthetic':
     from data import synthetic  # pylint: disable=g-import-not-at-top
     ds = synthetic.SyntheticCaptions(seed=tcfg.seed, resolution=cfg.image_resolution)
     return ds.batches(tcfg.batch_size, start_step=data_state['step'],
                       process_index=jax.process_index(), process_count=jax.process_count(),
                       context_length=cfg.context_length), None
-  from data import tfrecords  # pylint: disable=g-import-not-at-top
-  pipeline = tfrecords.Pipeline(config['data'], global_batch_size=tcfg.batch_size,
-                                resolution=cfg.image_resolution, train=True, seed=tcfg.seed,
-                                context_length=cfg.context_length,
-                                resume=data_state if data_state['step'] else None)
+  from data import mixture  # pylint: disable=g-import-not-at-top
+  pipeline = mixture.make_pipeline(config['data'], global_batch_size=tcfg.batch_size,
+                                   resolution=cfg.image_resolution, train=True, seed=tcfg.seed,
+                                   context_length=cfg.context_length,
+                                   resume=data_state if data_state['step'] else None)
   return iter(pipeline), pipeline
 
 

@@ -116,7 +116,7 @@ def test_tfrecord_export_round_trips_through_the_reader(tmp_path):
   """The synthetic set written as img2dataset shards (PNG: lossless) and read back by the
   tfrecord pipeline gives the same images, captions and attribute labels."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from data import tfrecords  # pylint: disable=g-import-not-at-top
+  from data import shards  # pylint: disable=g-import-not-at-top
   ds = SyntheticCaptions(4, 32)
   paths = ds.write_tfrecords(str(tmp_path), num_examples=10, num_shards=3, image_format='png')
   assert [p.rsplit('/', 1)[1] for p in paths] == ['00000.tfrecord', '00001.tfrecord',
@@ -124,10 +124,10 @@ def test_tfrecord_export_round_trips_through_the_reader(tmp_path):
   example = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(paths[1]))).numpy())
   assert example.features.feature['key'].bytes_list.value[0] == b'000010000'
   assert example.features.feature['status'].bytes_list.value[0] == b'success'
-  p = tfrecords.Pipeline(str(tmp_path), global_batch_size=4, resolution=32, train=False,
-                         image_format='png', tokenize=fake_tokenize, image_dtype='uint8',
-                         fields={'caption': None, 'sample_index': 'int', 'shape': 'int',
-                                 'colour': 'int'}, process_index=0, process_count=1)
+  p = shards.Pipeline(str(tmp_path), global_batch_size=4, resolution=32, train=False,
+                      tokenize=fake_tokenize, image_dtype='uint8',
+                      fields={'caption': None, 'sample_index': 'int', 'shape': 'int',
+                              'colour': 'int'}, process_index=0, process_count=1)
   got = list(p)
   index = np.concatenate([b['sample_index'] for b in got])
   assert sorted(index) == list(range(10))

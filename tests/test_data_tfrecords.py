@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import clip
 from clip import preprocess
+from data import shards
 from data import tfrecords
 
 CONTEXT = 16
@@ -91,9 +92,9 @@ def read_all(pipeline):
 
 
 def pipeline(files, **kwargs):
-  kwargs = {'global_batch_size': 4, 'resolution': 24, 'train': False, 'image_format': 'png',
+  kwargs = {'global_batch_size': 4, 'resolution': 24, 'train': False,
             'tokenize': fake_tokenize, 'process_index': 0, 'process_count': 1, **kwargs}
-  return tfrecords.Pipeline(files, **kwargs)
+  return shards.Pipeline(files, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -125,7 +126,7 @@ def test_jpeg_eval_transform_matches_openai_preprocess(tmp_path):
   """JPEGs of assorted sizes, resized and centre-cropped in tf.data, equal OpenAI's PIL
   preprocessing of the same bytes within one uint8 level."""
   samples = write_shards(str(tmp_path), num_shards=2, per_shard=4, fmt='jpg', size=None)
-  got = read_all(pipeline(str(tmp_path), image_format='jpg', resolution=32, fields=('key',)))
+  got = read_all(pipeline(str(tmp_path), resolution=32, fields=('key',)))
   for key, image in zip(got['key'], got['image']):
     reference = preprocess.preprocess_image(Image.open(io.BytesIO(samples[key.decode()][2])), 32)
     chex.assert_trees_all_close(image, reference, atol=ONE_LEVEL)
@@ -184,7 +185,7 @@ def test_corrupt_records_are_counted_and_skipped(tmp_path):
 
 def test_corrupt_records_raise_when_asked(tmp_path):
   write_corrupt_shards(str(tmp_path))
-  with pytest.raises(tfrecords.CorruptDataError, match='undecodable_image'):
+  with pytest.raises(shards.CorruptDataError, match='undecodable_image'):
     list(pipeline(str(tmp_path), on_error='raise'))
 
 
@@ -233,7 +234,7 @@ def test_resume_from_state_and_from_step(png_dir):
 
 def test_bad_arguments_raise(png_dir, tmp_path):
   out, _ = png_dir
-  with pytest.raises(FileNotFoundError, match='no tfrecord file matches'):
+  with pytest.raises(FileNotFoundError, match='no file matches'):
     pipeline(str(tmp_path / 'none-*.tfrecord'))
   with pytest.raises(ValueError, match='multiple of the process count 2'):
     pipeline(out, global_batch_size=5, process_index=0, process_count=2)
@@ -243,8 +244,8 @@ def test_bad_arguments_raise(png_dir, tmp_path):
     pipeline(out, fields=('colour',))
   with pytest.raises(ValueError, match='tokenize'):
     pipeline(out, tokenize=lambda texts: np.zeros(len(texts), np.int32))
-  with pytest.raises(ValueError, match='image_format'):
-    pipeline(out, image_format='gif')
+  with pytest.raises(TypeError, match='image_format'):   # found per record, not a flag
+    pipeline(out, image_format='png')
 
 
 def test_uint8_output_and_custom_metadata(tmp_path):
@@ -262,8 +263,8 @@ def test_with_the_real_tokenizer(png_dir):
   """The default tokenizer is clip.tokenizer.tokenize(truncate=True)."""
   tokenizer = pytest.importorskip('clip.tokenizer')
   out, _ = png_dir
-  got = read_all(tfrecords.Pipeline(out, global_batch_size=8, resolution=24, train=False,
-                                    image_format='png', fields=('caption',), process_index=0,
+  got = read_all(shards.Pipeline(out, global_batch_size=8, resolution=24, train=False,
+                                    fields=('caption',), process_index=0,
                                     process_count=1))
   captions = [c.decode() for c in got['caption']]
   np.testing.assert_array_equal(got['tokens'], tokenizer.tokenize(captions, truncate=True))

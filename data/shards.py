@@ -1,0 +1,497 @@
+"""The training and evaluation pipeline over img2dataset shards: tfrecord or webdataset tars.
+
+  files (glob, folder or list of `.tfrecord` or `.tar`; this process's share:
+         files[process_index::process_count])
+    -> interleaved reads (`data.tfrecords` / `data.webdataset_tars`: every sample becomes a record
+       of img2dataset's tfrecord schema; a truncated or corrupt file ends early and is reported)
+    -> shuffle (training) -> decode, crop, resize, normalise: each record guarded so that a
+       bad one becomes a counted skip instead of an error -> batch -> tokenise -> prefetch
+    -> numpy {'image': float32 (B, n, n, 3), 'tokens': int32 (B, L)}
+
+It is deterministic given the seed (file order, shuffle and crops are all seeded; the crop of a
+sample depends only on the seed, the epoch and its position, never on thread timing), and it
+resumes exactly from `state()` (a record position, so even with another batch size). Skipped
+records are counted in `stats`, logged at the end of each epoch, and raise instead when
+`on_error='raise'`. An epoch that yields no batch raises `EmptyEpochError`: a source whose every
+record is bad never turns into an endless loop of empty epochs.
+"""
+import collections
+import dataclasses
+import functools
+import logging
+import os
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from data import tfrecords
+from data import transforms
+from data import webdataset_tars
+
+ON_ERROR = ('skip', 'raise')
+# File suffix -> the module that reads such a file's records.
+READERS = {'.tfrecord': tfrecords, '.tar': webdataset_tars}
+# Why a record was not used; the status a record carries through the pipeline is its index.
+REASONS = ('ok', 'missing_image', 'several_images', 'empty_caption', 'invalid_utf8_caption',
+           'undecodable_image', 'unparseable_record', 'filtered')
+(OK, MISSING_IMAGE, SEVERAL_IMAGES, EMPTY_CAPTION, INVALID_CAPTION, UNDECODABLE, UNPARSEABLE,
+ FILTERED) = range(len(REASONS))
+# The pipeline's own outputs: metadata of these names come back as 'metadata_<name>'.
+OUTPUTS = ('image', 'tokens')
+METADATA_PREFIX = 'metadata_'
+MAX_EXAMPLES = 10  # keys kept per skip reason, for the summary
+
+log = logging.getLogger(__name__)
+
+
+class CorruptDataError(ValueError):
+  """A record or file could not be used and the pipeline was asked to raise (`on_error='raise'`)."""
+
+
+class EmptyEpochError(CorruptDataError):
+  """A whole epoch yielded no batch: every record was bad, filtered, or too few for one batch."""
+
+
+# ------------------------------------------------------------------------------------ stats
+
+
+@dataclasses.dataclass
+class Stats:
+  """What the pipeline yielded and skipped. tf.data's threads update it (under the lock)."""
+  samples: int = 0
+  batches: int = 0
+  files_read: int = 0
+  skipped: dict = dataclasses.field(default_factory=dict)   # reason -> count
+  examples: dict = dataclasses.field(default_factory=dict)  # reason -> first keys / paths
+  truncated_files: list = dataclasses.field(default_factory=list)
+  filtered: int = 0            # records the `keep` filter left out (not errors)
+  remainder_dropped: int = 0   # samples of an incomplete last batch in training
+  full_captions: int = 0       # captions that filled the context (truncated, or exactly full)
+  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False,
+                                            compare=False)
+
+  def add(self, **counts):
+    with self._lock:
+      for name, n in counts.items():
+        setattr(self, name, getattr(self, name) + n)
+
+  def skip(self, reason, example):
+    with self._lock:
+      self.skipped[reason] = self.skipped.get(reason, 0) + 1
+      keys = self.examples.setdefault(reason, [])
+      if len(keys) < MAX_EXAMPLES:
+        keys.append(example)
+
+  def truncated(self, path, detail):
+    with self._lock:
+      self.truncated_files.append(f'{path} ({detail})')
+    self.skip('truncated_file', f'{path} ({detail})')
+
+  @property
+  def num_skipped(self):
+    """Records skipped (truncated files count once each: what followed the break is unknown)."""
+    return sum(self.skipped.values())
+
+  def summary(self):
+    lines = [f'{self.samples} samples in {self.batches} batches from {self.files_read} files']
+    for reason, count in sorted(self.skipped.items()):
+      lines.append(f'skipped {count} x {reason}, e.g. {", ".join(self.examples[reason][:3])}')
+    if self.filtered:
+      lines.append(f'{self.filtered} records left out by the filter')
+    if self.remainder_dropped:
+      lines.append(f'{self.remainder_dropped} samples of incomplete last batches dropped')
+    if self.full_captions:
+      lines.append(f'{self.full_captions} captions filled the context (truncated or exactly full)')
+    return '; '.join(lines)
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+def _suffix(path):
+  return os.path.splitext(path)[1].lower()
+
+
+def expand_files(files):
+  """A glob, a folder (its `*.tfrecord` and `*.tar`) or a list of them -> sorted unique paths of
+  one format (tf.io.gfile: gs:// works). Anything else matched is an error naming what it is."""
+  if isinstance(files, (str, os.PathLike)):
+    files = [files]
+  if not isinstance(files, (list, tuple)) or not files:
+    raise ValueError('files must be a glob, a directory or a non-empty list of them, got '
+                     f'{files!r}')
+  paths = set()
+  for pattern in map(os.fspath, files):
+    if tf.io.gfile.isdir(pattern):
+      matched = [p for suffix in READERS for p in tf.io.gfile.glob(os.path.join(pattern,
+                                                                               '*' + suffix))]
+      if not matched:
+        found = collections.Counter(_suffix(p) or p for p in tf.io.gfile.listdir(pattern))
+        raise FileNotFoundError(f'folder {pattern!r} holds no {" or ".join(READERS)} shard; '
+                                f'found {dict(found) or "nothing"}')
+    else:
+      matched = tf.io.gfile.glob(pattern)
+      if not matched:
+        raise FileNotFoundError(f'no file matches {pattern!r}')
+    paths.update(matched)
+  return _one_format(sorted(paths))
+
+
+def _one_format(paths):
+  kinds = collections.Counter(_suffix(p) for p in paths)
+  wrong = {k or '(no suffix)': n for k, n in kinds.items() if k not in READERS}
+  if wrong:
+    examples = [p for p in paths if _suffix(p) not in READERS][:3]
+    raise ValueError(f'expected img2dataset shards ({" or ".join(READERS)} files), but the '
+                     f'pattern also matched {wrong}, e.g. {examples}: point it at the shards '
+                     'only (e.g. "<dir>/*.tar")')
+  if len(kinds) > 1:
+    raise ValueError(f'one source reads one format, got {dict(kinds)}: give them as a mixture '
+                     '(data.mixture, --data "a/*.tar:0.5,b/*.tfrecord:0.5")')
+  return paths
+
+
+def process_files(files, process_index, process_count):
+  """This process's share of the files: every `process_count`-th one from `process_index`."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index must be in [0, {process_count}), got {process_index}')
+  if len(files) < process_count:
+    raise ValueError(f'{len(files)} files cannot feed {process_count} processes: each process '
+                     'reads whole files; write at least one shard per process')
+  return files[process_index::process_count]
+
+
+# --------------------------------------------------------------------------------- metadata
+
+
+def metadata_spec(metadata):
+  """('width', 'url') or {'name': 'int' | 'float' | 'bytes'} -> {name: tf dtype}."""
+  if isinstance(metadata, dict):
+    items = metadata.items()
+  else:
+    unknown = [m for m in metadata if m not in tfrecords.METADATA_TYPES]
+    if unknown:
+      raise ValueError(f'unknown metadata {unknown}: img2dataset\'s fields are '
+                       f'{sorted(tfrecords.METADATA_TYPES)}; give others as a dict name -> '
+                       'int/float/bytes')
+    items = [(m, tfrecords.METADATA_TYPES[m]) for m in metadata]
+  spec = {}
+  for name, kind in items:
+    if kind not in tfrecords.FEATURE_TYPES:
+      raise ValueError(f'metadata {name!r}: type must be one of '
+                       f'{sorted(tfrecords.FEATURE_TYPES)}, got {kind!r}')
+    if name in ('txt', *tfrecords.IMAGE_FORMATS):
+      raise ValueError(f'{name!r} is the schema\'s own {"caption" if name == "txt" else "image"}'
+                       ", not metadata: ask for fields=('caption',) or use the 'image' output")
+    spec[name] = tfrecords.FEATURE_TYPES[kind]
+  return spec
+
+
+def output_name(name):
+  """The batch key of a metadata field: its name, or 'metadata_<name>' where the pipeline's
+  own outputs (or its internal '_' names) already use it."""
+  return METADATA_PREFIX + name if name in OUTPUTS or name.startswith('_') else name
+
+
+def _default_tokenize(context_length):
+  from clip import tokenizer  # pylint: disable=g-import-not-at-top
+  return functools.partial(tokenizer.tokenize, context_length=context_length, truncate=True)
+
+
+def _check_tokenize(tokenize):
+  """Calls `tokenize` once, so that a wrong one fails here and not inside tf.data."""
+  tokens = np.asarray(tokenize(['a photo of a cat', 'a dog']))
+  if tokens.ndim != 2 or tokens.shape[0] != 2 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError('tokenize(list of 2 str) must return int (2, context_length), got '
+                     f'{tokens.dtype} {tokens.shape}')
+  return tokens.shape[1]
+
+
+def _ignore(reason, example):
+  del reason, example
+
+
+# --------------------------------------------------------------------------------- pipeline
+
+
+class Pipeline:
+  """Batches of img2dataset shards for one process: iterate it for numpy dicts
+  `{'image': float32 (B, n, n, 3), 'tokens': int32 (B, L)}` (plus `fields`).
+
+  Args:
+    files: a glob, a folder (its `*.tfrecord` or `*.tar`) or a list of them, all of one format;
+      local or any tf.io path. Each record's image is found under whichever of img2dataset's keys
+      it has (`jpg`, `png`, `webp`); one with none or several is a counted skip.
+    global_batch_size: batch over all processes; each process yields its share.
+    resolution: the model's image_resolution (the side of the square crop).
+    train: random resized crop, shuffling and endless epochs (else OpenAI's resize + centre crop,
+      files in order, one epoch, the last batch possibly smaller).
+    seed: file order, shuffle and crops are functions of it (and of the epoch).
+    tokenize: texts -> int (N, L); default `clip.tokenizer.tokenize(truncate=True)`.
+    image_dtype: 'float32' (normalised) or 'uint8' (raw pixels, 4x less to copy and transfer;
+      normalise on the device with `clip.normalize_image(images / 255)`).
+    fields: extra outputs: 'key', 'caption', and metadata names (img2dataset's, or a dict
+      name -> 'int' | 'float' | 'bytes' for others); strings come back as bytes. A metadata name
+      the pipeline uses itself ('image', 'tokens') comes back as 'metadata_<name>'.
+    keep: a `data.filters.MetadataFilter` (DataComp-style: a uid list, a minimum image size),
+      applied from the `.parquet` img2dataset writes beside each shard; left-out records are
+      counted in `stats.filtered`.
+    on_error: 'skip' counts bad records in `stats` and goes on; 'raise' raises CorruptDataError.
+    process_index, process_count: default `jax.process_index()`, `jax.process_count()`.
+    num_epochs: default endless in training, 1 in evaluation.
+    resume: a `state()` dict to continue from exactly; start_step: continue after that many
+      batches (exact when no record was skipped before it; else use `resume`).
+    name: how the epoch log names this source (default: the files argument).
+
+  Raises:
+    EmptyEpochError: an epoch yielded no batch (every record bad or filtered, or fewer good
+      samples than one batch in training): the message names the files and the skip counts.
+  """
+
+  def __init__(self, files, *, global_batch_size, resolution, train, seed=0, tokenize=None,
+               context_length=77, fields=(), image_dtype='float32', on_error='skip', keep=None,
+               shuffle_buffer=10_000, process_index=None, process_count=None, num_epochs=None,
+               resume=None, start_step=0, num_parallel_reads=8, scale=transforms.TRAIN_SCALE,
+               ratio=transforms.TRAIN_RATIO, name=None):
+    if process_index is None or process_count is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch_size < 1 or global_batch_size % process_count:
+      raise ValueError(f'global_batch_size must be a positive multiple of the process count '
+                       f'{process_count}, got {global_batch_size}')
+    if image_dtype not in ('float32', 'uint8'):
+      raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
+    if on_error not in ON_ERROR:
+      raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+      raise ValueError(f'resolution must be a positive int, got {resolution!r}')
+    self.name = name or (files if isinstance(files, str) else f'{len(files)} file patterns')
+    all_files = expand_files(files)
+    self.reader = READERS[_suffix(all_files[0])]
+    self.files = process_files(all_files, process_index, process_count)
+    self.batch_size = global_batch_size // process_count
+    self.resolution, self.train, self.seed, self.on_error = resolution, train, seed, on_error
+    self.image_dtype = tf.as_dtype(image_dtype)
+    self.shuffle_buffer, self.num_parallel_reads = shuffle_buffer, num_parallel_reads
+    self.scale, self.ratio = scale, ratio
+    self.num_epochs = num_epochs if num_epochs is not None or train else 1
+    self.extra = [f for f in ('key', 'caption') if f in fields]
+    self.metadata = metadata_spec({k: fields[k] for k in fields if k not in self.extra}
+                                  if isinstance(fields, dict)
+                                  else [f for f in fields if f not in self.extra])
+    self.kept = keep.table(self.files) if keep is not None else None
+    self.tokenize = tokenize or _default_tokenize(context_length)
+    self.context_length = _check_tokenize(self.tokenize)
+    self.stats, self.epoch_stats, self.last_epoch_stats = Stats(), Stats(), None
+    self._state = dict(resume) if resume else self._state_at_step(start_step)
+
+  # ------------------------------------------------------------------ the tf.data graph
+
+  def _file_records(self, path, report=None):
+    """One file's records, then an end marker: `(record, path, is_end, bytes_read, problem)`."""
+    ds = self.reader.file_records(path, report or self._report_member)
+    return ds.map(lambda r, e, b, p: (r, path, e, b, p))
+
+  def _report_member(self, reason, example):
+    """A member or sample a reader left out (Python, from the reader's generator)."""
+    for stats in (self.stats, self.epoch_stats):
+      stats.skip(reason, example)
+
+  def _end_of_file(self, path, bytes_read, problem):
+    """At a file's end marker (Python, once per file): was all of it read?"""
+    path = path.numpy().decode()
+    size = tf.io.gfile.stat(path).length
+    bytes_read, problem = int(bytes_read.numpy()), problem.numpy().decode(errors='replace')
+    for stats in (self.stats, self.epoch_stats):
+      stats.add(files_read=1)
+      if problem or bytes_read != size:
+        stats.truncated(path, problem or f'stopped at byte {bytes_read} of {size}')
+    return False
+
+  def _keep_record(self, record, path, is_end, bytes_read, problem):
+    del record
+    return tf.cond(is_end, lambda: tf.reshape(tf.py_function(
+        self._end_of_file, [path, bytes_read, problem], tf.bool), []), lambda: tf.constant(True))
+
+  def _parse(self, record):
+    spec = {name: tf.io.FixedLenFeature([], tf.string, default_value='')
+            for name in ('key', 'txt', *tfrecords.IMAGE_FORMATS)}
+    defaults = {tf.int64: 0, tf.float32: float('nan'), tf.string: ''}
+    spec.update({name: tf.io.FixedLenFeature([], dtype, default_value=defaults[dtype])
+                 for name, dtype in self.metadata.items()})
+    return tf.io.parse_single_example(record, spec)
+
+  def _sample(self, ex, image, status, index, path):
+    out = {'image': image, '_status': tf.cast(status, tf.int32), '_index': index, '_path': path,
+           'key': ex['key'], 'caption': ex['txt']}
+    out.update({output_name(name): ex[name] for name in self.metadata})
+    return out
+
+  def _blank(self):
+    return tf.zeros([self.resolution, self.resolution, 3], self.image_dtype)
+
+  def _output(self, image_u8):
+    # Per image, in the parallel map: a whole batch at once runs out of cache (2x slower).
+    return transforms.normalize(image_u8) if self.image_dtype == tf.float32 else image_u8
+
+  def _transform(self, image_bytes, index, epoch):
+    if self.train:
+      seed = tf.random.experimental.stateless_fold_in(
+          tf.constant([self.seed, epoch], tf.int64), index)
+      return transforms.random_resized_crop(image_bytes, self.resolution, seed, self.scale,
+                                            self.ratio)
+    return transforms.center_crop(transforms.decode(image_bytes), self.resolution)
+
+  def _kept(self, key, path):
+    if self.kept is None:
+      return tf.constant(True)
+    return self.kept.lookup(tf.strings.join([path, key], '\t'))
+
+  def _decoded(self, epoch, index, record, path):
+    """Parse, check, decode and crop one record; its status says why it is unusable, if it is."""
+    ex = self._parse(record)
+    present = [tf.strings.length(ex[fmt]) > 0 for fmt in tfrecords.IMAGE_FORMATS]
+    num_images = tf.add_n([tf.cast(p, tf.int32) for p in present])
+    image_bytes = tf.strings.join([ex[fmt] for fmt in tfrecords.IMAGE_FORMATS])  # the one there
+    caption = ex['txt']
+    utf8 = tf.strings.unicode_transcode(caption, 'UTF-8', 'UTF-8', errors='replace')
+    status = tf.case([
+        (tf.logical_not(self._kept(ex['key'], path)), lambda: FILTERED),
+        (tf.equal(num_images, 0), lambda: MISSING_IMAGE),
+        (tf.greater(num_images, 1), lambda: SEVERAL_IMAGES),
+        (tf.equal(tf.strings.length(tf.strings.strip(caption)), 0), lambda: EMPTY_CAPTION),
+        (tf.not_equal(utf8, caption), lambda: INVALID_CAPTION)], default=lambda: OK)
+    image = tf.cond(tf.equal(status, OK),
+                    lambda: self._output(self._transform(image_bytes, index, epoch)), self._blank)
+    return self._sample(ex, image, status, index, path)
+
+  def _guarded(self, epoch, index, record, path):
+    """`_decoded`, with every failure turned into a status: a dataset of exactly one sample.
+
+    tf.data has no try/except, but a failing map inside `ignore_errors` yields nothing, and
+    `concatenate(...).take(1)` then falls back to the next attempt."""
+    def attempt(fn):
+      return tf.data.Dataset.from_tensors((index, record, path)).map(fn).ignore_errors()
+    parsed_only = lambda i, r, p: self._sample(self._parse(r), self._blank(), UNDECODABLE, i, p)
+    empty = {'key': tf.constant(b''), 'txt': tf.constant(b'')}
+    empty.update({name: tf.zeros([], dtype) for name, dtype in self.metadata.items()})
+    unparseable = tf.data.Dataset.from_tensors(
+        self._sample(empty, self._blank(), UNPARSEABLE, index, path))
+    return (attempt(functools.partial(self._decoded, epoch)).concatenate(attempt(parsed_only))
+            .concatenate(unparseable).take(1))
+
+  def _report(self, status, key, path):
+    """A record not used (Python, only for those): count it, keep its key for the summary."""
+    reason = REASONS[int(status.numpy())]
+    key, path = key.numpy().decode(errors='replace'), path.numpy().decode(errors='replace')
+    for stats in (self.stats, self.epoch_stats):
+      if reason == 'filtered':
+        stats.add(filtered=1)
+      else:
+        stats.skip(reason, f'{key} in {path}' if key else f'a record in {path}')
+    return False
+
+  def _keep_sample(self, sample):
+    return tf.cond(tf.equal(sample['_status'], OK), lambda: tf.constant(True),
+                   lambda: tf.reshape(tf.py_function(
+                       self._report, [sample['_status'], sample['key'], sample['_path']],
+                       tf.bool), []))
+
+  def _tokenize(self, captions_B):
+    texts = [c.decode('utf-8') for c in captions_B]
+    tokens = np.asarray(self.tokenize(texts), np.int32)
+    full = int(np.count_nonzero(tokens[:, -1]))
+    for stats in (self.stats, self.epoch_stats):
+      stats.add(full_captions=full)
+    return tokens
+
+  def _finish(self, batch):
+    tokens = tf.numpy_function(self._tokenize, [batch['caption']], tf.int32, stateful=False)
+    tokens.set_shape([None, self.context_length])
+    out = {'image': batch['image'], 'tokens': tokens, '_index': batch['_index']}
+    out.update({name: batch[name] for name in self.extra})
+    out.update({output_name(name): batch[output_name(name)] for name in self.metadata})
+    return out
+
+  def dataset(self, epoch, start_record=0):
+    """The tf.data pipeline of one epoch, from record `start_record` of its (shuffled) order."""
+    files = list(self.files)
+    if self.train:
+      files = [files[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(files))]
+    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+        self._file_records, cycle_length=min(self.num_parallel_reads, len(files)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(self._keep_record).map(lambda r, p, e, b, q: (r, p))
+    if self.train and self.shuffle_buffer > 1:
+      ds = ds.shuffle(self.shuffle_buffer, seed=self.seed * 100_003 + epoch,
+                      reshuffle_each_iteration=False)
+    ds = ds.enumerate().skip(start_record)
+    ds = ds.interleave(lambda i, x: self._guarded(epoch, i, *x), cycle_length=16,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(self._keep_sample).batch(self.batch_size, drop_remainder=False)
+    ds = ds.map(self._finish, num_parallel_calls=2, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+  # ---------------------------------------------------------------- the Python iterator
+
+  def state(self):
+    """Where the next batch starts: {'epoch', 'record', 'step'}; JSON-serialisable."""
+    return dict(self._state)
+
+  @functools.cached_property
+  def records_per_epoch(self):
+    """Readable records in this process's files (one pass over them, no decoding)."""
+    ds = tf.data.Dataset.from_tensor_slices(self.files).flat_map(
+        lambda p: self._file_records(p, _ignore))
+    return int(ds.reduce(np.int64(0), lambda n, x: n + tf.cast(tf.logical_not(x[2]),
+                                                               tf.int64)).numpy())
+
+  def _state_at_step(self, step):
+    if step < 0:
+      raise ValueError(f'start_step must be >= 0, got {step}')
+    if step == 0:
+      return {'epoch': 0, 'record': 0, 'step': 0}
+    per_epoch = self.records_per_epoch // self.batch_size if self.train else None
+    if not per_epoch:
+      raise ValueError('start_step needs training mode with at least one full batch per epoch')
+    return {'epoch': step // per_epoch, 'record': step % per_epoch * self.batch_size, 'step': step}
+
+  def __iter__(self):
+    while self.num_epochs is None or self._state['epoch'] < self.num_epochs:
+      epoch, start_record = self._state['epoch'], self._state['record']
+      for batch in self.dataset(epoch, start_record).as_numpy_iterator():
+        self._check_errors()
+        n = len(batch['_index'])
+        if n < self.batch_size and self.train:
+          for stats in (self.stats, self.epoch_stats):
+            stats.add(remainder_dropped=n)
+          continue
+        self._state = {'epoch': epoch, 'record': int(batch.pop('_index')[-1]) + 1,
+                       'step': self._state['step'] + 1}
+        for stats in (self.stats, self.epoch_stats):
+          stats.add(samples=n, batches=1)
+        yield batch
+      self._check_errors()
+      self._end_epoch(epoch, whole=start_record == 0)
+
+  def _check_errors(self):
+    if self.on_error == 'raise' and self.stats.skipped:
+      raise CorruptDataError(f'corrupt input (on_error="raise"): {self.stats.summary()}')
+
+  def _end_epoch(self, epoch, whole):
+    stats = self.epoch_stats
+    level = logging.WARNING if stats.skipped else logging.INFO
+    log.log(level, '%s epoch %d: %s', self.name, epoch, stats.summary())
+    self.last_epoch_stats, self.epoch_stats = stats, Stats()
+    self._state = {'epoch': epoch + 1, 'record': 0, 'step': self._state['step']}
+    if whole and not stats.batches:
+      files = ', '.join(self.files[:3]) + (f' and {len(self.files) - 3} more'
+                                           if len(self.files) > 3 else '')
+      need = (f'; training needs {self.batch_size} good samples per batch in this process'
+              if self.train else '')
+      raise EmptyEpochError(f'epoch {epoch} of {self.name!r} yielded no batch ({files}): '
+                            f'{stats.summary()}{need}')

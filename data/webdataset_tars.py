@@ -1,0 +1,168 @@
+"""img2dataset's and DataComp's webdataset shards: a writer and the reader of one tar's samples.
+
+img2dataset (`output_format="webdataset"`, also what DataComp's download script and open_clip's
+training read) writes tar files `00000.tar`, ... whose members are grouped into samples by key:
+`{key}.jpg` (or `.png` / `.webp`, its `encode_format`), `{key}.txt` (the caption) and
+`{key}.json` (the metadata: `url`, `caption`, `key`, `status`, `error_message`, `width`,
+`height`, `original_width`, `original_height`, `exif`, `sha256` and any kept column, DataComp's
+`uid` among them), with `00000.parquet` (the same metadata, one row per URL tried) beside each tar.
+
+Reading: Python's `tarfile` (the standard library's reader, the one webdataset itself uses) walks
+the members in order, webdataset's own `group_by_keys` groups them into samples with webdataset's
+key rules (the name up to the first dot of its last path part), and each sample becomes a record
+in img2dataset's tfrecord schema (`data.tfrecords.example_bytes`), so the tar and tfrecord
+formats share the pipeline's parser, checks and batching. A tar cut anywhere (inside a member,
+inside a header, at a member boundary: the end-of-archive block is missing) is reported as
+truncated with the byte where reading stopped; a `.json` that is not a JSON object, and a member
+whose name has no extension, are counted skips.
+"""
+import json
+import os
+import tarfile
+
+import numpy as np
+import tensorflow as tf
+import webdataset
+from webdataset import tariterators
+
+from data import tfrecords
+
+BLOCK = 512  # tar's block; the archive ends with zero blocks
+# webdataset suffix -> the schema's image feature.
+IMAGE_SUFFIXES = {'jpg': 'jpg', 'jpeg': 'jpg', 'png': 'png', 'webp': 'webp'}
+SIGNATURE = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool),
+             tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string))
+
+
+class _Problem(Exception):
+  """A file that cannot be read on: the message says where and why."""
+
+
+# ------------------------------------------------------------------------------------ writer
+
+
+def shard_path(out_dir, shard_id, digits=5):
+  """img2dataset's shard name: `{out_dir}/00042.tar`."""
+  return os.path.join(out_dir, f'{shard_id:0{digits}d}.tar')
+
+
+def write_tar(path, samples):
+  """Writes samples to one tar with webdataset's own `TarWriter` (what img2dataset uses): each
+  a dict `{'__key__': str, 'jpg' | 'png' | 'webp': bytes, 'txt': str, 'json': dict}`. Returns
+  how many were written. The file appears complete or not at all (written beside, then renamed)."""
+  tmp = f'{path}.tmp'
+  n = 0
+  with tf.io.gfile.GFile(tmp, 'wb') as stream:
+    writer = webdataset.TarWriter(stream)
+    for sample in samples:
+      writer.write(sample)
+      n += 1
+    writer.close()
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+  return n
+
+
+# ------------------------------------------------------------------------------------ reader
+
+
+def _open(path):
+  return open(path, 'rb') if '://' not in path else tf.io.gfile.GFile(path, 'rb')
+
+
+def _members(tar, path, report):
+  """The archive's regular files as webdataset's `{'fname', 'data', '__url__'}` dicts."""
+  for info in tar:
+    if not info.isfile():
+      continue
+    if tariterators.base_plus_ext(info.name)[0] is None:
+      report('unrecognised_member', f'{info.name} in {path}')
+      continue
+    try:
+      data = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+      raise _Problem(f'member {info.name}: {e}') from e
+    yield {'fname': info.name, 'data': data, '__url__': path}
+
+
+def _check_end(tar, stream, size):
+  """After the last member: a zero block must follow (tarfile stops silently at a cut header)."""
+  stream.seek(tar.offset)
+  if stream.read(BLOCK) != bytes(BLOCK):
+    raise _Problem(f'no end-of-archive block after the last member (byte {tar.offset} of {size})')
+
+
+def _metadata(sample, path, report):
+  """The `.json` member as a dict of schema features (None if it is not a JSON object)."""
+  if 'json' not in sample:
+    return {}
+  try:
+    meta = json.loads(sample['json'])
+  except (ValueError, UnicodeDecodeError):
+    meta = None
+  if not isinstance(meta, dict):
+    report('invalid_metadata', f'{sample["__key__"]} in {path}')
+    return None
+  out = {}
+  for name, value in meta.items():
+    if name in ('key', 'txt', *tfrecords.IMAGE_FORMATS) or value is None:
+      continue  # the member key is the key; a null is an absent feature (its default)
+    if isinstance(value, bool):
+      value = int(value)
+    elif isinstance(value, (list, dict)):
+      value = json.dumps(value)
+    out[name] = value
+  return out
+
+
+def sample_record(sample, path, report):
+  """One webdataset sample -> a serialized record of img2dataset's tfrecord schema (None when
+  its metadata is unusable: counted by `report`)."""
+  meta = _metadata(sample, path, report)
+  if meta is None:
+    return None
+  found = [suffix for suffix in IMAGE_SUFFIXES if suffix in sample]
+  if len(found) > 1:
+    report('several_images', f'{sample["__key__"]} ({", ".join(found)}) in {path}')
+    return None
+  images = {IMAGE_SUFFIXES[suffix]: sample[suffix] for suffix in found}
+  return tfrecords.example_bytes(sample['__key__'], images, sample.get('txt', b''), meta)
+
+
+def samples(path, report):
+  """Yields `(record, is_end, bytes_read, problem)`: each sample of one tar as a record, then
+  the end marker (`bytes_read` the file size when the archive was whole, `problem` else)."""
+  size = tf.io.gfile.stat(path).length
+  problem, bytes_read = b'', size
+  with _open(path) as stream:
+    try:
+      with tarfile.open(fileobj=stream, mode='r:') as tar:
+        for sample in tariterators.group_by_keys(_members(tar, path, report)):
+          record = sample_record(sample, path, report)
+          if record is not None:
+            yield record, False, np.int64(0), b''
+        _check_end(tar, stream, size)
+    except (_Problem, tarfile.TarError, ValueError, OSError, EOFError) as e:
+      problem = str(e.args[0] if e.args else e).encode()
+      bytes_read = stream.tell()
+  yield b'', True, np.int64(bytes_read), problem
+
+
+def file_records(path, report):
+  """One tar -> a dataset of `(record, is_end, bytes_read, problem)` (see `samples`); `report`
+  (reason, example) counts a skipped member or sample."""
+  return tf.data.Dataset.from_generator(
+      lambda p: samples(p.decode(), report), args=(path,), output_signature=SIGNATURE)
+
+
+def read_tar(path):
+  """A tar's samples as webdataset groups them, for tests and tools: [{'__key__', suffix: bytes}]."""
+  with _open(os.fspath(path)) as stream, tarfile.open(fileobj=stream, mode='r:') as tar:
+    members = ({'fname': i.name, 'data': tar.extractfile(i).read(), '__url__': path}
+               for i in tar if i.isfile())
+    return list(tariterators.group_by_keys(members))
+
+
+def encode_json(metadata):
+  """Metadata as img2dataset writes its `.json` member (indented, nulls kept)."""
+  return json.dumps(metadata, indent=4).encode()
+
