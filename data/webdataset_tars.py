@@ -155,7 +155,7 @@ def file_records(path, report):
 
 
 def read_tar(path):
-  """A tar's samples as webdataset groups them, for tests and tools: [{'__key__', suffix: bytes}]."""
+  """A tar's samples as webdataset groups them (tests, tools): [{'__key__', suffix: bytes}]."""
   with _open(os.fspath(path)) as stream, tarfile.open(fileobj=stream, mode='r:') as tar:
     members = ({'fname': i.name, 'data': tar.extractfile(i).read(), '__url__': path}
                for i in tar if i.isfile())

@@ -8,7 +8,8 @@ weighted mixture of several sources ('a/*.tar:0.7,b/*.tfrecord:0.3').
 
   python -m experiments.train
   python -m experiments.train --config tiny --steps 40 --loss ring_sigmoid --mesh=2,2,2
-  python -m experiments.train --config vit_b32_datacomp --data '/data/datacomp/shards/*.tar'
+  python -m experiments.train --config vit_b32_datacomp --data '/data/datacomp/shards/*.tar' \
+      --keep-uids /data/datacomp/subset.npy     # DataComp's download and a filtered subset
   # two hosts: the same command on each, with --num-processes 2 --process-id {0,1}
   #            --coordinator host0:1234
 
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import time
 
@@ -34,6 +36,12 @@ def parse_args(argv):
   parser.add_argument('--data', default=None,
                       help='"synthetic", a glob of img2dataset shards (.tar or .tfrecord), or a '
                            'weighted mixture "a/*.tar:0.7,b/*.tfrecord:0.3"')
+  parser.add_argument('--keep-uids', default=None,
+                      help='DataComp-style subset: a .npy of uids (dtype u8,u8 as DataComp writes '
+                           'them, or strings) or a text file, matched against the parquet beside '
+                           'each shard')
+  parser.add_argument('--min-image-size', type=int, default=None,
+                      help='keep images whose shorter original side is at least this (parquet)')
   parser.add_argument('--loss', default=None, help='contrastive | sigmoid | ring_contrastive | '
                       'ring_sigmoid')
   parser.add_argument('--optimizer', default=None, help='adamw | lion | adafactor | muon')
@@ -78,6 +86,13 @@ def load_config(args):
   if not config['data']:
     raise ValueError(f'config {args.config!r} has no default data: pass --data with a glob of '
                      'img2dataset shards (output_format "webdataset" or "tfrecord")')
+  if args.keep_uids or args.min_image_size:
+    if config['data'] == 'synthetic':
+      raise ValueError('--keep-uids / --min-image-size filter img2dataset shards, not the '
+                       'built-in synthetic data')
+    from data import filters  # pylint: disable=g-import-not-at-top
+    config['keep'] = filters.MetadataFilter(uids=args.keep_uids,
+                                            min_image_size=args.min_image_size)
   if args.checkpoint_every:
     config['checkpoint_every'] = args.checkpoint_every
   if args.export_torch:
@@ -168,7 +183,7 @@ def make_data(config, cfg, tcfg, data_state):
   from data import mixture  # pylint: disable=g-import-not-at-top
   pipeline = mixture.make_pipeline(config['data'], global_batch_size=tcfg.batch_size,
                                    resolution=cfg.image_resolution, train=True, seed=tcfg.seed,
-                                   context_length=cfg.context_length,
+                                   context_length=cfg.context_length, keep=config.get('keep'),
                                    resume=data_state if data_state['step'] else None)
   return iter(pipeline), pipeline
 
@@ -202,9 +217,12 @@ def evaluate(params, cfg, n, seed):
 
 def main(argv=None):
   args = parse_args(argv)
+  logging.basicConfig(format='%(levelname)s %(name)s: %(message)s')
+  logging.getLogger('data').setLevel(logging.INFO)  # epoch lines: samples, skips per source
   init_distributed(args)
   config = load_config(args)
   import tqdm  # pylint: disable=g-import-not-at-top
+  from tqdm.contrib.logging import logging_redirect_tqdm  # pylint: disable=g-import-not-at-top
   import clip  # pylint: disable=g-import-not-at-top
   from clip import checkpoint  # pylint: disable=g-import-not-at-top
   from clip import model  # pylint: disable=g-import-not-at-top
@@ -236,22 +254,24 @@ def main(argv=None):
       f.writelines(json.dumps(r) + '\n' for r in kept)
   log = MetricsLog(log_path)
   data_iter, pipeline = make_data(config, cfg, tcfg, data_state)
-  tick, images_seen = time.perf_counter(), 0
-  for step in tqdm.trange(start, tcfg.total_steps, initial=start, total=tcfg.total_steps,
-                          disable=jax.process_index() != 0, desc='train'):
-    state, metrics = train_step(state, training.global_batch(mesh, next(data_iter)))
-    images_seen += tcfg.batch_size
-    done = step + 1
-    if done % config['log_every'] == 0 or done == tcfg.total_steps:
-      metrics = jax.device_get(metrics)
-      metrics['images_per_s'] = images_seen / (time.perf_counter() - tick)
-      tick, images_seen = time.perf_counter(), 0
-      log.write(done, metrics)
-    if done % config['checkpoint_every'] == 0 or done == tcfg.total_steps:
-      data_state = pipeline.state() if pipeline else {'step': done}
-      checkpoint.save(ckpt_dir, done, state, {'data': data_state}, keep=config['keep_checkpoints'])
-  if pipeline and pipeline.stats.num_skipped:
-    print(pipeline.stats.summary())
+  with logging_redirect_tqdm():  # the data pipeline's epoch lines, above the bar
+    tick, images_seen = time.perf_counter(), 0
+    for step in tqdm.trange(start, tcfg.total_steps, initial=start, total=tcfg.total_steps,
+                            disable=jax.process_index() != 0, desc='train'):
+      state, metrics = train_step(state, training.global_batch(mesh, next(data_iter)))
+      images_seen += tcfg.batch_size
+      done = step + 1
+      if done % config['log_every'] == 0 or done == tcfg.total_steps:
+        metrics = jax.device_get(metrics)
+        metrics['images_per_s'] = images_seen / (time.perf_counter() - tick)
+        tick, images_seen = time.perf_counter(), 0
+        log.write(done, metrics)
+      if done % config['checkpoint_every'] == 0 or done == tcfg.total_steps:
+        data_state = pipeline.state() if pipeline else {'step': done}
+        checkpoint.save(ckpt_dir, done, state, {'data': data_state},
+                        keep=config['keep_checkpoints'])
+  if pipeline:
+    print(f'data: {pipeline.stats.summary()}')
 
   params = model.update_batch_stats(checkpoint.to_host(state['params']),
                                     checkpoint.to_host(state['batch_stats']))

@@ -1,7 +1,8 @@
-"""ViT-B/16 on DataComp-style img2dataset tfrecords, FSDP over all devices (ZeRO-3 style).
+"""ViT-B/16 on DataComp's download (img2dataset webdataset shards), FSDP over all devices
+(ZeRO-3 style).
 
-  python -m experiments.train --config vit_b16_datacomp --data '/data/datacomp/*.tfrecord' \
-      --mesh=1,-1,1 --loss contrastive
+  python -m experiments.train --config vit_b16_datacomp --data '/data/datacomp/shards/*.tar' \
+      --keep-uids /data/datacomp/subset.npy --mesh=1,-1,1 --loss contrastive
 """
 import dataclasses
 

@@ -1,7 +1,10 @@
-"""ViT-B/32 on DataComp-style img2dataset tfrecords (OpenAI's architecture, trained from scratch).
+"""ViT-B/32 on DataComp's download (OpenAI's architecture, trained from scratch).
 
-  python -m experiments.train --config vit_b32_datacomp --data '/data/datacomp/*.tfrecord' \
-      --mesh=-1,1,1 --loss contrastive
+DataComp's download_upstream.py writes img2dataset webdataset shards `<data_dir>/shards/*.tar`
+with a parquet (holding the `uid`) beside each; its filtering baselines write a subset `.npy`.
+
+  python -m experiments.train --config vit_b32_datacomp --data '/data/datacomp/shards/*.tar' \
+      --keep-uids /data/datacomp/subset.npy --mesh=-1,1,1 --loss contrastive
 """
 import dataclasses
 
