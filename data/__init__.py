@@ -1,4 +1,6 @@
-"""Input pipelines: img2dataset tfrecords (`data.tfrecords`), tensorflow-datasets classification
-sets (`data.tfds`), the built-in captioned shapes (`data.synthetic`, numpy only) and the image
+"""Input pipelines: img2dataset shards (`data.shards`: webdataset tars and tfrecords, each format's
+writer and record reader in `data.webdataset_tars` / `data.tfrecords`, parquet filtering in
+`data.filters`, weighted sources in `data.mixture`), tensorflow-datasets classification sets
+(`data.tfds`), the built-in captioned shapes (`data.synthetic`, numpy only) and the image
 transforms they share (`data.transforms`). Import the module you need: only `synthetic` works
 without tensorflow."""
