@@ -37,9 +37,9 @@ def parse_sources(spec):
   if unweighted:
     raise ValueError(f'each source of a mixture needs a weight ("pattern:0.5"), got none for '
                      f'{unweighted} in {spec!r}')
-  bad = [(p, w) for p, w in sources if not w > 0]
+  bad = [(p, w) for p, w in sources if not 0 < w < float('inf')]
   if bad:
-    raise ValueError(f'mixture weights must be positive, got {bad}')
+    raise ValueError(f'mixture weights must be positive and finite, got {bad}')
   return sources
 
 
@@ -84,7 +84,8 @@ class Mixture:
     seed: each source's pipeline gets its own seed from it; the in-batch shuffle uses it too.
     resume: a `state()` dict to continue from exactly.
     **pipeline_kwargs: passed to every source's `shards.Pipeline` (resolution, tokenize, ...);
-      `train` must be True (a mixture has no single epoch to evaluate on).
+      `train` must be True (a mixture has no single epoch to evaluate on); with `num_epochs`,
+      the mixture ends when its first source does.
 
   Raises:
     ValueError: a weight too small to give its source one sample per batch, or train=False.
@@ -132,7 +133,10 @@ class Mixture:
   def __iter__(self):
     iterators = [iter(p) for p in self.pipelines]
     while True:
-      parts = [next(it) for it in iterators]
+      try:
+        parts = [next(it) for it in iterators]
+      except StopIteration:  # a source with `num_epochs` ended
+        return
       order = np.random.default_rng([self.seed, self._step]).permutation(self.batch_size)
       self._step += 1
       yield {key: np.concatenate([part[key] for part in parts])[order] for key in parts[0]}

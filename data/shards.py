@@ -266,8 +266,9 @@ class Pipeline:
       raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
       raise ValueError(f'resolution must be a positive int, got {resolution!r}')
-    self.name = name or (files if isinstance(files, str) else f'{len(files)} file patterns')
     all_files = expand_files(files)
+    self.name = name or (os.fspath(files) if isinstance(files, (str, os.PathLike))
+                         else f'{len(files)} file patterns')
     self.reader = READERS[_suffix(all_files[0])]
     self.files = process_files(all_files, process_index, process_count)
     self.batch_size = global_batch_size // process_count

@@ -13,8 +13,10 @@ key rules (the name up to the first dot of its last path part), and each sample 
 in img2dataset's tfrecord schema (`data.tfrecords.example_bytes`), so the tar and tfrecord
 formats share the pipeline's parser, checks and batching. A tar cut anywhere (inside a member,
 inside a header, at a member boundary: the end-of-archive block is missing) is reported as
-truncated with the byte where reading stopped; a `.json` that is not a JSON object, and a member
-whose name has no extension, are counted skips.
+truncated with the byte where reading stopped; a `.json` that is not a JSON object (or holds a
+number beyond int64), a member whose name has no extension, and a member whose name repeats in
+its sample (the first is kept) are counted skips. A metadata field comes back in the type its
+JSON value has (a JSON int asked for as 'float' makes the record unparseable, counted).
 """
 import json
 import os
@@ -84,6 +86,17 @@ def _members(tar, path, report):
     yield {'fname': info.name, 'data': data, '__url__': path}
 
 
+def _duplicate_handler(path, report):
+  """webdataset's handler for a member whose name repeats in its sample: count it, keep the
+  first, read on (anything else is raised: the file cannot be read on)."""
+  def handler(error):
+    if isinstance(error, ValueError) and 'duplicate file name' in str(error.args[0]):
+      report('duplicate_member', f'{str(error.args[0]).split(":")[0]} in {path}')
+      return True
+    raise error
+  return handler
+
+
 def _check_end(tar, stream, size):
   """After the last member: a zero block must follow (tarfile stops silently at a cut header)."""
   stream.seek(tar.offset)
@@ -125,7 +138,11 @@ def sample_record(sample, path, report):
     report('several_images', f'{sample["__key__"]} ({", ".join(found)}) in {path}')
     return None
   images = {IMAGE_SUFFIXES[suffix]: sample[suffix] for suffix in found}
-  return tfrecords.example_bytes(sample['__key__'], images, sample.get('txt', b''), meta)
+  try:
+    return tfrecords.example_bytes(sample['__key__'], images, sample.get('txt', b''), meta)
+  except ValueError as e:  # a value no feature holds (an int beyond int64): this sample only
+    report('invalid_metadata', f'{sample["__key__"]} ({e}) in {path}')
+    return None
 
 
 def samples(path, report):
@@ -136,7 +153,8 @@ def samples(path, report):
   with _open(path) as stream:
     try:
       with tarfile.open(fileobj=stream, mode='r:') as tar:
-        for sample in tariterators.group_by_keys(_members(tar, path, report)):
+        for sample in tariterators.group_by_keys(_members(tar, path, report),
+                                                 handler=_duplicate_handler(path, report)):
           record = sample_record(sample, path, report)
           if record is not None:
             yield record, False, np.int64(0), b''
