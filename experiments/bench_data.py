@@ -2,10 +2,11 @@
 
 Measures, in images per second:
 - the built-in synthetic generator (`data.synthetic`, numpy, one thread) at several resolutions;
-- the tfrecord pipeline (`data.shards.Pipeline`) on img2dataset shards of 256px JPEGs (written
-  here from the synthetic set, plain and with photo-like noise) -> 224 crop, training (random
-  resized crop) and eval (OpenAI's resize + centre crop), with the real BPE tokenizer; also the
-  process CPU time per image, which is what a machine with more cores divides;
+- the shards pipeline (`data.shards.Pipeline`) on img2dataset shards of 256px JPEGs, tfrecords
+  and webdataset tars of the same images (written here from the synthetic set, plain and with
+  photo-like noise) -> 224 crop, training (random resized crop) and eval (OpenAI's resize +
+  centre crop), with the real BPE tokenizer; also the process CPU time per image, which is what
+  a machine with more cores divides;
 - `clip.encode_image` forward + backward (jitted, fp32) of small ViT image towers at 224px, i.e.
   how fast training could consume images here.
 
@@ -59,20 +60,25 @@ class NoisySynthetic(synthetic.SyntheticCaptions):
     return out
 
 
-def write_shards(out_dir, kind, n, shards):
+FORMATS = ('tfrecord', 'webdataset')
+
+
+def write_shards(out_dir, kind, fmt, n, shards):
+  """The same n JPEGs in either format: the shard paths and their bytes per image."""
   ds = (NoisySynthetic if kind == 'noisy' else synthetic.SyntheticCaptions)(seed=0,
                                                                             resolution=256)
-  paths = ds.write_tfrecords(out_dir, num_examples=n, num_shards=shards, image_format='jpg',
-                             quality=95)
+  write = ds.write_tfrecords if fmt == 'tfrecord' else ds.write_webdataset
+  paths = write(out_dir, num_examples=n, num_shards=shards, image_format='jpg', quality=95)
   return paths, sum(os.path.getsize(p) for p in paths) / n
 
 
-def bench_pipeline(files, train, batch, max_batches):
+def bench_pipeline(files, train, batch, max_batches, shuffle_buffer):
   """Images/s and process CPU ms per image of one pass, after the first batch (graph build,
   shuffle buffer fill)."""
   from data import shards  # pylint: disable=g-import-not-at-top
   p = shards.Pipeline(files, global_batch_size=batch, resolution=224, train=train,
-                      num_epochs=1, process_index=0, process_count=1)
+                      shuffle_buffer=shuffle_buffer, num_epochs=1, process_index=0,
+                      process_count=1)
   it = iter(p)
   next(it)
   n, start, cpu = 0, time.perf_counter(), time.process_time()
@@ -80,6 +86,24 @@ def bench_pipeline(files, train, batch, max_batches):
     n += len(b['image'])
   wall, cpu = time.perf_counter() - start, time.process_time() - cpu
   return {'images_per_s': n / wall, 'cpu_ms_per_image': 1000 * cpu / n, 'images': n}
+
+
+def bench_format(files, kind, fmt, bytes_per_image, args):
+  """The pipeline's training and evaluation rows on one format's shards."""
+  rows = []
+  for train in (True, False):
+    # A buffer smaller than the shards, as in real training: one that holds them all (the
+    # default 10_000) reads everything before the untimed first batch, so the training rows
+    # would time no reading at all.
+    row = bench_pipeline(files, train, args.batch, args.images // args.batch,
+                         shuffle_buffer=args.images // 4)
+    mode = 'train: random resized crop' if train else 'eval: resize + centre crop'
+    row['what'] = (f'{fmt} pipeline, 256px JPEG ({kind}, {bytes_per_image / 1024:.0f} KB/image) '
+                   f'-> 224, {mode}')
+    row['format'] = fmt
+    rows.append(row)
+    print(f'  {row["what"]}: {row["images_per_s"]:.0f} images/s', flush=True)
+  return rows
 
 
 def bench_vit(name, batch, repeats):
@@ -117,7 +141,8 @@ def format_table(rows):
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--images', type=int, default=4096, help='images in the tfrecord shards')
+  parser.add_argument('--images', type=int, default=4096, help='images in the shards')
+  parser.add_argument('--formats', default=','.join(FORMATS), help='shard formats to read')
   parser.add_argument('--shards', type=int, default=8)
   parser.add_argument('--batch', type=int, default=256, help='pipeline batch size')
   parser.add_argument('--vits', default='ViT-Ti/32,ViT-S/32,ViT-B/32')
@@ -126,6 +151,9 @@ def parse_args(argv):
   parser.add_argument('--quick', action='store_true', help='1024 images, ViT-Ti/32 only')
   parser.add_argument('--out', default='results/bench_data')
   args = parser.parse_args(argv)
+  unknown = set(args.formats.split(',')) - set(FORMATS)
+  if unknown:
+    parser.error(f'--formats must be among {FORMATS}, got {sorted(unknown)}')
   if args.quick:
     args.images, args.vits, args.repeats = 1024, 'ViT-Ti/32', 2
   return args
@@ -136,18 +164,14 @@ def main(argv=None):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   load = os.getloadavg()
   rows = bench_synthetic((64, 128, 224), n=1024)
-  jpeg_bytes = {}
+  shard_bytes = {}
   with tempfile.TemporaryDirectory() as tmp:
     for kind in ('shapes', 'noisy'):
-      files, jpeg_bytes[kind] = write_shards(os.path.join(tmp, kind), kind, args.images,
-                                             args.shards)
-      for train in (True, False):
-        row = bench_pipeline(files, train, args.batch, args.images // args.batch)
-        mode = 'train: random resized crop' if train else 'eval: resize + centre crop'
-        row['what'] = (f'tfrecord pipeline, 256px JPEG ({kind}, {jpeg_bytes[kind] / 1024:.0f} '
-                       f'KB) -> 224, {mode}')
-        rows.append(row)
-        print(f'  {row["what"]}: {row["images_per_s"]:.0f} images/s', flush=True)
+      shard_bytes[kind] = {}
+      for fmt in args.formats.split(','):
+        files, shard_bytes[kind][fmt] = write_shards(os.path.join(tmp, kind, fmt), kind, fmt,
+                                                     args.images, args.shards)
+        rows += bench_format(files, kind, fmt, shard_bytes[kind][fmt], args)
   for name in args.vits.split(','):
     rows.append(bench_vit(name, args.vit_batch, args.repeats))
     print(f'  {rows[-1]["what"]}: {rows[-1]["images_per_s"]:.1f} images/s', flush=True)
@@ -157,7 +181,7 @@ def main(argv=None):
   result = {'rows': rows, 'args': vars(args), 'cpu_count': os.cpu_count(),
             'load_average_at_start': load, 'machine': platform.machine(),
             'jax': jax.__version__, 'tensorflow': tf.__version__,
-            'jax_device': str(jax.devices()[0]), 'jpeg_bytes_per_image': jpeg_bytes}
+            'jax_device': str(jax.devices()[0]), 'shard_bytes_per_image': shard_bytes}
   path = os.path.join(args.out, 'bench_data.json')
   with open(path, 'w') as f:
     json.dump(result, f, indent=2)

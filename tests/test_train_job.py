@@ -44,21 +44,26 @@ def losses(workdir):
     return [(r['step'], r['loss']) for r in map(json.loads, f)]
 
 
-def write_shards(directory):
-  """256 built-in samples as img2dataset tfrecords: 24 steps of 32 cross three epoch ends."""
+def write_shards(directory, data):
+  """256 built-in samples as img2dataset shards of `data`'s format (tfrecords or webdataset
+  tars): 24 steps of 32 cross three epoch ends."""
   from data import synthetic  # pylint: disable=g-import-not-at-top
-  synthetic.SyntheticCaptions(seed=3, resolution=40).write_tfrecords(directory, 256, 4)
-  return os.path.join(directory, '*.tfrecord')
+  ds = synthetic.SyntheticCaptions(seed=3, resolution=40)
+  if data == 'tfrecords':
+    ds.write_tfrecords(directory, 256, 4)
+    return os.path.join(directory, '*.tfrecord')
+  ds.write_webdataset(directory, 256, 4)
+  return os.path.join(directory, '*.tar')
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('data', ['synthetic', 'tfrecords'])
+@pytest.mark.parametrize('data', ['synthetic', 'tfrecords', 'webdataset'])
 def test_killed_run_resumes_bit_identically(tmp_path, data):
   """Kill -9 after the step-8 checkpoint, rerun: the final state and the logged losses equal an
   uninterrupted run's (params, optimizer, rng and the data position all restored)."""
   extra = ['--mesh=2,2,2']
-  if data == 'tfrecords':
-    extra += ['--data', write_shards(tmp_path / 'shards')]
+  if data != 'synthetic':
+    extra += ['--data', write_shards(tmp_path / 'shards', data)]
   run(train_cmd(tmp_path / 'straight', *extra, '--export-torch', str(tmp_path / 'final.pt')),
       devices=8)
   killed = tmp_path / 'killed'
