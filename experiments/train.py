@@ -63,6 +63,7 @@ def parse_args(argv):
 
 def load_config(args):
   """The config file's dict with the command-line overrides applied (validated, before compile)."""
+  import losses  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'experiments.configs.{args.config}').get_config()
   changes = {}
@@ -81,6 +82,12 @@ def load_config(args):
     changes['mesh'] = tuple(int(s) for s in args.mesh.split(','))
   config['train'] = dataclasses.replace(config['train'], **changes)
   assert isinstance(config['train'], training.TrainConfig)
+  if args.loss:  # the model follows the loss: SigLIP's bias exactly where the loss takes one
+    bias = losses.takes_bias(args.loss)
+    if config['model'].logit_bias != bias:
+      print(f'--loss {args.loss}: model logit_bias={bias} (the config had {not bias})')
+      config['model'] = dataclasses.replace(config['model'], logit_bias=bias)
+  training.check_logit_bias(config['model'], config['train'])
   if args.data:
     config['data'] = args.data
   if not config['data']:
@@ -234,15 +241,12 @@ def main(argv=None):
   os.makedirs(workdir, exist_ok=True)
 
   mesh = sharding.make_mesh(*tcfg.mesh)
-  tcfg.check_mesh(mesh)
-  optimizer, schedule = training.make_optimizer(tcfg)
-  state, shardings = training.create_state(cfg, tcfg, mesh, optimizer)
+  state, train_step, shardings, _, _ = training.setup(cfg, tcfg, mesh)
   start, data_state = 0, {'step': 0}
   if checkpoint.steps(ckpt_dir):
     state, meta = checkpoint.restore(ckpt_dir, jax.eval_shape(lambda: state), shardings)
     start, data_state = meta['step'], meta['data']
     print(f'resumed from {ckpt_dir} at step {start}')
-  train_step = training.make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings)
   print(f'{args.config}: {training.param_count(state["params"]) / 1e6:.2f}M parameters, '
         f'loss {tcfg.loss}, global batch {tcfg.batch_size}, mesh {dict(mesh.shape)}, '
         f'{jax.process_count()} process(es)')
