@@ -51,7 +51,7 @@ def model_config(name, dtype, remat, scan):
   if name in clip.MODELS:
     cfg = clip.MODELS[name]
   else:
-    cfg = importlib.import_module(f'experiments.configs.{name}').get_config()['model']
+    cfg = importlib.import_module(f'experiments.configs.{name}').get_config().model
   return dataclasses.replace(cfg, dtype=dtype, remat=remat, scan=scan)
 
 

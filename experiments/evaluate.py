@@ -62,7 +62,7 @@ def parse_args(argv):
 def _model_config(name):
   if name is None:
     return None
-  return importlib.import_module(f'experiments.configs.{name}').get_config()['model']
+  return importlib.import_module(f'experiments.configs.{name}').get_config().model
 
 
 def _workdir_params(workdir):

@@ -19,7 +19,7 @@ from clip import zero_shot
 from data import synthetic
 from experiments.configs import tiny
 
-CFG = tiny.get_config()['model']
+CFG = tiny.get_config().model
 MESH = (4, 2, 1)
 
 
