@@ -14,8 +14,9 @@ from experiments.configs import RunConfig
 from experiments.configs import parse_arg
 
 
-def get_config(arg=None):
-  arg = parse_arg(arg, loss='contrastive', batch=128, steps=1000)
+def get_config(arg=None, default_loss='contrastive'):
+  """`default_loss` lets the variants (siglip_small, registers_small) share this schedule."""
+  arg = parse_arg(arg, loss=default_loss, batch=128, steps=1000)
   model = configs.CLIPConfig(
       embed_dim=128,
       vision=configs.VisionConfig('vit', width=128, layers=4, heads=2, image_resolution=64,
