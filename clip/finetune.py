@@ -14,10 +14,10 @@ The parameter dicts keep torch's keys: `{'visual': ..., 'head': {'weight': (C, D
 for images, the text tower's top-level keys plus `head` for text.
 
   params = finetune.image_classifier_params(clip_params, zero_shot_weights)
-  state, sh = training.create_state(cfg, tcfg, mesh, opt, init_params=lambda key: params)
-  step = training.make_train_step(cfg, tcfg, mesh, opt, schedule, sh,
-                                  objective=finetune.image_classification_objective(cfg),
-                                  batch_keys=('image', 'label'))
+  run = training.setup(cfg, tcfg, mesh, init_params=lambda key: params,
+                       objective=finetune.image_classification_objective(cfg),
+                       batch_keys=('image', 'label'))
+  state, metrics = run.train_step(run.state, batch)
 """
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,7 @@ def _classification(logits_NxC, labels_N):
 
 def image_classification_objective(cfg):
   """Cross-entropy of the image classifier on `{'image', 'label'}` batches (ResNets train their
-  BatchNorm statistics), for `training.make_train_step(objective=...)`."""
+  BatchNorm statistics), for `training.setup(objective=...)`."""
   def objective(params, batch_stats, batch):
     feats, batch_stats = model.training_image_features(params, batch_stats, batch['image'], cfg)
     loss, metrics = _classification(_head(params['head'], feats), batch['label'])

@@ -7,6 +7,7 @@ inserts the FSDP gathers and tensor-parallel collectives) and the loss as an exp
 program over the batch axes (`losses.make_loss`).
 """
 import dataclasses
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,6 @@ from clip import optim
 from clip import sharding
 
 MAX_LOGIT_SCALE = float(np.log(100.0))  # OpenAI clamps exp(logit_scale) to 100
-LOSSES = ('contrastive', 'sigmoid', 'ring_contrastive', 'ring_sigmoid')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +47,7 @@ class TrainConfig:
   lock_image_tower: bool = False  # LiT: the image tower frozen and run without gradients
 
   def __post_init__(self):
-    if self.loss not in LOSSES:
-      raise ValueError(f'loss must be one of {LOSSES}, got {self.loss!r}')
+    losses.check_name(self.loss)
     if self.optimizer not in optim.OPTIMIZERS:
       raise ValueError(f'optimizer must be one of {optim.OPTIMIZERS}, got {self.optimizer!r}')
     if self.schedule not in optim.SCHEDULES:
@@ -79,6 +78,43 @@ class TrainConfig:
     if self.batch_size % ways:
       raise ValueError(f'batch_size {self.batch_size} is not divisible by the {ways} batch '
                        f'shards of mesh {dict(mesh.shape)}')
+
+
+def check_logit_bias(cfg, tcfg):
+  """The model config and the loss agree on SigLIP's bias (`losses.takes_bias`): the sigmoid
+  losses train `logit_bias`, the others must not carry one. Raises ValueError naming both."""
+  takes = losses.takes_bias(tcfg.loss)
+  if takes != cfg.logit_bias:
+    raise ValueError(f'loss {tcfg.loss!r} {"takes" if takes else "takes no"} logit_bias, but the '
+                     f'model config has logit_bias={cfg.logit_bias}: use '
+                     f'dataclasses.replace(cfg, logit_bias={takes})')
+
+
+class TrainSetup(typing.NamedTuple):
+  """What `setup` builds for a training loop."""
+  state: dict                # {'params', 'batch_stats', 'opt', 'step', 'rng'}, sharded
+  train_step: typing.Callable  # (state, batch) -> (state, metrics), jitted, state donated
+  shardings: dict            # the state's NamedShardings (checkpoint.restore takes them)
+  schedule: typing.Callable  # optimizer step -> learning rate
+  optimizer: optax.GradientTransformation
+
+
+def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=('image', 'tokens'),
+          rules=sharding.DEFAULT_RULES):
+  """The one way to set up a run: validates (mesh, loss vs model), builds the optimizer, the
+  sharded state and the jitted step. Returns a `TrainSetup`.
+
+  `init_params(key) -> params` replaces the random init (pretrained or fine-tuning weights);
+  `objective(params, batch_stats, batch) -> (loss, (batch_stats, metrics))` replaces the CLIP
+  objective (fine-tuning), with the `batch_keys` it reads."""
+  tcfg.check_mesh(mesh)
+  if objective is None:
+    check_logit_bias(cfg, tcfg)
+  optimizer, schedule = make_optimizer(tcfg)
+  state, shardings = create_state(cfg, tcfg, mesh, optimizer, rules, init_params)
+  train_step = make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective,
+                               batch_keys)
+  return TrainSetup(state, train_step, shardings, schedule, optimizer)
 
 
 def make_optimizer(tcfg):
@@ -130,8 +166,9 @@ def clip_objective(cfg, tcfg, mesh):
   """The image-text objective: `(params, batch_stats, batch) -> (loss, (batch_stats, metrics))`
   with `batch = {'image', 'tokens'}` and the loss `tcfg.loss` as a shard_map program. With
   `tcfg.lock_image_tower` (LiT) the image tower runs in inference mode without gradients."""
+  check_logit_bias(cfg, tcfg)
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES)
-  sigmoid = 'sigmoid' in tcfg.loss
+  takes_bias = losses.takes_bias(tcfg.loss)
   accuracy = _local_accuracy(mesh)
 
   def objective(params, batch_stats, batch):
@@ -141,7 +178,7 @@ def clip_objective(cfg, tcfg, mesh):
       img = jax.lax.stop_gradient(img)
     txt = model.encode_text(params, batch['tokens'], cfg)
     img, txt = model.normalize(img), model.normalize(txt)
-    if sigmoid:
+    if takes_bias:
       loss = loss_fn(img, txt, params['logit_scale'], params['logit_bias'])
     else:
       loss = loss_fn(img, txt, params['logit_scale'])
@@ -191,17 +228,14 @@ def _optimizer_step(opt_state, step):
 
 
 def create_state(cfg, tcfg, mesh, optimizer, rules=sharding.DEFAULT_RULES, init_params=None):
-  """(state, shardings): the initial state created directly in its sharded layout.
+  """(state, shardings): the initial state created directly in its sharded layout (its tree and
+  shardings from `jax.eval_shape` first, then one jitted init straight into them).
 
   `init_params(key) -> params` (BatchNorm buffers included) replaces the random CLIP init, e.g.
   to start from pretrained weights (`lambda key: params`) or from a fine-tuning model."""
   def init(key):
-    if init_params is None:
-      params, batch_stats = model.split_batch_stats(model.init_params(key, cfg))
-      if 'sigmoid' in tcfg.loss:
-        params = model.add_logit_bias(params)
-    else:
-      params, batch_stats = model.split_batch_stats(init_params(key))
+    params = model.init_params(key, cfg) if init_params is None else init_params(key)
+    params, batch_stats = model.split_batch_stats(params)
     return {'params': params, 'batch_stats': batch_stats, 'opt': optimizer.init(params),
             'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(key, 2)}
   key = jax.random.PRNGKey(tcfg.seed)

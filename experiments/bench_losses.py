@@ -50,7 +50,7 @@ def loss_args(name, mesh, n, b, dim, seed=0):
     x_NxD = rng.standard_normal((n * b, dim), np.float32)
     pair.append(jax.device_put(x_NxD / np.linalg.norm(x_NxD, axis=1, keepdims=True), sharded))
   scalars = (np.float32(np.log(10.0)), np.float32(-10.0))
-  return (*pair, *scalars) if 'sigmoid' in name else (*pair, scalars[0])
+  return (*pair, *scalars) if losses.takes_bias(name) else (*pair, scalars[0])
 
 
 def bench_one(name, n, b, dim, timed, repeats, warmup):

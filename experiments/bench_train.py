@@ -51,7 +51,7 @@ def model_config(name, dtype, remat, scan):
   if name in clip.MODELS:
     cfg = clip.MODELS[name]
   else:
-    cfg = importlib.import_module(f'experiments.configs.{name}').get_config()['model']
+    cfg = importlib.import_module(f'experiments.configs.{name}').get_config().model
   return dataclasses.replace(cfg, dtype=dtype, remat=remat, scan=scan)
 
 
@@ -65,10 +65,7 @@ def bench_one(cfg, tcfg, repeats):
   if -1 not in tcfg.mesh:  # e.g. 1,1,1: the single-device baseline in the same run
     devices = devices[:int(np.prod(tcfg.mesh))]
   mesh = sharding.make_mesh(*tcfg.mesh, devices=devices)
-  tcfg.check_mesh(mesh)
-  optimizer, schedule = training.make_optimizer(tcfg)
-  state, shardings = training.create_state(cfg, tcfg, mesh, optimizer)
-  step = training.make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings)
+  state, step, _, _, _ = training.setup(cfg, tcfg, mesh)
   rng = np.random.default_rng(0)
   r = cfg.image_resolution
   batch = training.global_batch(mesh, {
@@ -100,6 +97,7 @@ def main(argv=None):
   args = parse_args(argv)
   simulated_devices.simulate_cpu_devices(args.devices, who='bench_train')
   import jax  # pylint: disable=g-import-not-at-top
+  import losses  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   rows = []
   variants = [(scan, remat) for scan in args.scan.split(',') for remat in args.remat.split(',')]
@@ -107,7 +105,8 @@ def main(argv=None):
     for scan, remat in variants:
       if scan not in ('off', 'on'):
         raise ValueError(f'--scan takes off and/or on, got {scan!r}')
-      cfg = model_config(name, args.dtype, remat, scan == 'on')
+      cfg = dataclasses.replace(model_config(name, args.dtype, remat, scan == 'on'),
+                                logit_bias=losses.takes_bias(args.loss))
       for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
         for mesh_arg in args.meshes.split(':'):
           mesh = tuple(int(s) for s in mesh_arg.split(','))

@@ -23,6 +23,7 @@ tensorflow-datasets classification set (`--data-dir`); for retrieval also `--cap
 img2dataset shards (webdataset tars or tfrecords).
 """
 import argparse
+import dataclasses
 import glob
 import importlib
 import json
@@ -61,7 +62,7 @@ def parse_args(argv):
 def _model_config(name):
   if name is None:
     return None
-  return importlib.import_module(f'experiments.configs.{name}').get_config()['model']
+  return importlib.import_module(f'experiments.configs.{name}').get_config().model
 
 
 def _workdir_params(workdir):
@@ -82,8 +83,10 @@ def load_model(spec, config_name=None):
   if os.path.isdir(spec) and os.path.isdir(os.path.join(spec, 'checkpoints')):
     # Stacked (scan-layout) blocks are checked under their per-layer torch keys.
     flat = weights.flatten(clip.unstack_layers(weights.nest(_workdir_params(spec))))
-    if cfg is not None and not cfg.logit_bias:
-      flat.pop('logit_bias', None)  # sigmoid training's bias: zero-shot ranks do not use it
+    if cfg is not None and ('logit_bias' in flat) != cfg.logit_bias:
+      # `--loss sigmoid` on a config without the bias trains one (experiments/train.py)
+      print(f'{spec}: logit_bias={"logit_bias" in flat} as in its checkpoint, not the config\'s')
+      cfg = dataclasses.replace(cfg, logit_bias='logit_bias' in flat)
     return weights.from_state_dict(flat, cfg)
   if os.path.exists(spec):
     return clip.load(spec, config=cfg)

@@ -118,10 +118,8 @@ def _run(cfg, tcfg, init_params, objective, batch_keys, batches, to_batch):
   from clip import sharding  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(*tcfg.mesh)
-  optimizer, schedule = training.make_optimizer(tcfg)
-  state, shardings = training.create_state(cfg, tcfg, mesh, optimizer, init_params=init_params)
-  step = training.make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective,
-                                  batch_keys)
+  state, step, _, _, _ = training.setup(cfg, tcfg, mesh, init_params=init_params,
+                                        objective=objective, batch_keys=batch_keys)
   log = []
   for i in tqdm.trange(tcfg.total_steps, desc='fine-tune'):
     state, metrics = step(state, training.global_batch(mesh, to_batch(next(batches))))
@@ -162,16 +160,19 @@ def classifier(args, params, cfg, tcfg):
 
 def lit(args, params, cfg, tcfg):
   from experiments import train  # pylint: disable=g-import-not-at-top
+  import losses  # pylint: disable=g-import-not-at-top
   before = train.evaluate(params, cfg, args.eval_examples, args.seed + 1)
   ds = _synthetic(cfg, 'train', args.seed)
   batches = ds.batches(tcfg.batch_size, start_step=10**6, context_length=cfg.context_length)
   tcfg = dataclasses.replace(tcfg, lock_image_tower=True, loss=args.loss)
   init = dict(params)
-  if 'sigmoid' in args.loss and 'logit_bias' not in init:
+  if losses.takes_bias(args.loss) != cfg.logit_bias:  # the model follows the loss
     from clip import model  # pylint: disable=g-import-not-at-top
-    init = model.add_logit_bias(init)
+    print(f'--loss {args.loss}: LiT trains with logit_bias={not cfg.logit_bias}')
+    cfg = dataclasses.replace(cfg, logit_bias=not cfg.logit_bias)
+    init = model.add_logit_bias(init) if cfg.logit_bias else {
+        k: v for k, v in init.items() if k != 'logit_bias'}
   tuned, log = _run(cfg, tcfg, lambda key: init, None, ('image', 'tokens'), batches, lambda b: b)
-  tuned.pop('logit_bias', None)
   after = train.evaluate(tuned, cfg, args.eval_examples, args.seed + 1)
   keys = ('heldout/colour_shape_top1', 'heldout/image_to_text_R@1', 'heldout/text_to_image_R@1')
   return tuned, {'before': {k: before[k] for k in keys}, 'after': {k: after[k] for k in keys},

@@ -51,14 +51,17 @@ def parse_args(argv):
   return args
 
 
-def model_config():
-  """The fixed model of the study: ViT 2x64 on 32px images (8px patches), text 2x64."""
+def model_config(loss='contrastive'):
+  """The fixed model of the study: ViT 2x64 on 32px images (8px patches), text 2x64; SigLIP's
+  bias where the loss takes one."""
+  import losses  # pylint: disable=g-import-not-at-top
   from clip import configs  # pylint: disable=g-import-not-at-top
   return configs.CLIPConfig(
       embed_dim=64,
       vision=configs.VisionConfig('vit', width=64, layers=2, heads=2, image_resolution=32,
                                   patch_size=8),
-      text=configs.TextConfig(width=64, layers=2, heads=2, context_length=32))
+      text=configs.TextConfig(width=64, layers=2, heads=2, context_length=32),
+      logit_bias=losses.takes_bias(loss))
 
 
 def run_name(loss, impl, batch, seed):
@@ -72,16 +75,14 @@ def train_one(loss, impl, batch, seed, args):
   from clip import training  # pylint: disable=g-import-not-at-top
   from data import synthetic  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
-  cfg = model_config()
+  cfg = model_config(loss)
   steps = args.examples // batch
   tcfg = training.TrainConfig(batch_size=batch, total_steps=steps, warmup_steps=steps // 10,
                               loss=IMPLEMENTATIONS[impl].format(loss),
                               learning_rate=args.learning_rate, weight_decay=0.1,
                               mesh=(args.devices, 1, 1), seed=seed)
   mesh = sharding.make_mesh(*tcfg.mesh, devices=jax.devices()[:args.devices])
-  optimizer, schedule = training.make_optimizer(tcfg)
-  state, shardings = training.create_state(cfg, tcfg, mesh, optimizer)
-  step_fn = training.make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings)
+  state, step_fn, _, _, _ = training.setup(cfg, tcfg, mesh)
   data = synthetic.SyntheticCaptions(seed=seed, resolution=cfg.image_resolution).batches(
       batch, context_length=cfg.context_length)
   first = training.global_batch(mesh, next(data))

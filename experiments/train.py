@@ -18,6 +18,7 @@ eval.json, and with --export-torch a torch state dict of the final weights. Reru
 workdir resumes from the newest checkpoint (params, optimizer, step, rng and data position).
 """
 import argparse
+import collections
 import dataclasses
 import importlib
 import json
@@ -31,7 +32,13 @@ import numpy as np
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', default='small', help='a file in experiments/configs/')
+  parser.add_argument('--config', default='small',
+                      help='a file in experiments/configs/, with its arguments after a colon: '
+                           'small:loss=sigmoid,batch=256')
+  parser.add_argument('--set', action='append', default=None, metavar='FIELD=VALUE',
+                      help='any config field, e.g. train.learning_rate=3e-4, '
+                           'model.vision.layers=6, run.log_every=10 (repeatable); the flags '
+                           'below are aliases of some')
   parser.add_argument('--workdir', default=None)
   parser.add_argument('--data', default=None,
                       help='"synthetic", a glob of img2dataset shards (.tar or .tfrecord), or a '
@@ -61,50 +68,74 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
+# The hand-mapped flags, each an alias of `--set <field>=<value>`.
+ALIASES = {'loss': 'train.loss', 'optimizer': 'train.optimizer', 'schedule': 'train.schedule',
+           'steps': 'train.total_steps', 'batch_size': 'train.batch_size', 'mesh': 'train.mesh',
+           'data': 'run.data', 'checkpoint_every': 'run.checkpoint_every',
+           'eval_examples': 'run.eval_examples'}
+
+
+def _assignments(args):
+  """[(field path, value)]: the `--set`s, then the aliases given."""
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  out = [configs.parse_assignment(text) for text in args.set or ()]
+  for flag, path in ALIASES.items():
+    value = getattr(args, flag)
+    if value is not None:
+      out.append((path, tuple(int(s) for s in value.split(',')) if flag == 'mesh' else value))
+  return out
+
+
+def _apply(experiment, assignments):
+  """The assignments, with what they imply made explicit and printed: a shorter run shortens the
+  warmup to a tenth of it (unless it is set too), and the model's SigLIP bias follows the loss
+  (unless it is set too)."""
+  import losses  # pylint: disable=g-import-not-at-top
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  given = dict(assignments)
+  if 'train.total_steps' in given and 'train.warmup_steps' not in given:
+    warmup = min(experiment.train.warmup_steps, given['train.total_steps'] // 10)
+    if warmup != experiment.train.warmup_steps:
+      print(f'train.total_steps={given["train.total_steps"]}: train.warmup_steps '
+            f'{experiment.train.warmup_steps} -> {warmup} (at most a tenth of the run)')
+      given['train.warmup_steps'] = warmup
+  if 'train.loss' in given and 'model.logit_bias' not in given:
+    bias = losses.takes_bias(given['train.loss'])
+    if bias != experiment.model.logit_bias:
+      print(f'train.loss={given["train.loss"]}: model.logit_bias {not bias} -> {bias} (SigLIP\'s '
+            'bias exactly where the loss takes one)')
+      given['model.logit_bias'] = bias
+  return configs.set_fields(experiment, given)
+
+
 def load_config(args):
-  """The config file's dict with the command-line overrides applied (validated, before compile)."""
+  """The `Experiment` of `--config name[:arg]` with `--set` and the flags applied (each implied
+  change printed), validated before anything compiles."""
   from clip import training  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f'experiments.configs.{args.config}').get_config()
-  changes = {}
-  if args.loss:
-    changes['loss'] = args.loss
-  if args.optimizer:
-    changes['optimizer'] = args.optimizer
-  if args.schedule:
-    changes['schedule'] = args.schedule
-  if args.steps:
-    changes['total_steps'] = args.steps
-    changes['warmup_steps'] = min(config['train'].warmup_steps, args.steps // 10)
-  if args.batch_size:
-    changes['batch_size'] = args.batch_size
-  if args.mesh:
-    changes['mesh'] = tuple(int(s) for s in args.mesh.split(','))
-  config['train'] = dataclasses.replace(config['train'], **changes)
-  assert isinstance(config['train'], training.TrainConfig)
-  if args.data:
-    config['data'] = args.data
-  if not config['data']:
-    raise ValueError(f'config {args.config!r} has no default data: pass --data with a glob of '
+  name, _, arg = args.config.partition(':')
+  experiment = importlib.import_module(f'experiments.configs.{name}').get_config(arg or None)
+  experiment = _apply(experiment, _assignments(args))
+  training.check_logit_bias(experiment.model, experiment.train)
+  run = experiment.run
+  if not run.data:
+    raise ValueError(f'config {name!r} has no default data: pass --data with a glob of '
                      'img2dataset shards (output_format "webdataset" or "tfrecord")')
   if args.keep_uids or args.min_image_size:
-    if config['data'] == 'synthetic':
+    if run.data == 'synthetic':
       raise ValueError('--keep-uids / --min-image-size filter img2dataset shards, not the '
                        'built-in synthetic data')
     from data import filters  # pylint: disable=g-import-not-at-top
-    config['keep'] = filters.MetadataFilter(uids=args.keep_uids,
-                                            min_image_size=args.min_image_size)
-  if args.checkpoint_every:
-    config['checkpoint_every'] = args.checkpoint_every
+    run = dataclasses.replace(run, keep=filters.MetadataFilter(
+        uids=args.keep_uids, min_image_size=args.min_image_size))
   if args.export_torch:
     try:
       import torch  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
       raise ValueError("--export-torch needs torch: pip install -e '.[torch]'") from None
-  if args.eval_examples is not None:
-    config['eval_examples'] = args.eval_examples
-  elif config['data'] != 'synthetic':
-    config['eval_examples'] = 0  # the built-in evaluation says nothing about real data
-  return config
+  if run.data != 'synthetic' and run.eval_examples and args.eval_examples is None:
+    print('run.eval_examples 0: the built-in evaluation says nothing about a model of real data')
+    run = dataclasses.replace(run, eval_examples=0)
+  return dataclasses.replace(experiment, run=run)
 
 
 def init_distributed(args):
@@ -170,20 +201,42 @@ def plot_losses(records, path, title):
   plt.close(fig)
 
 
+class CompletedSteps:
+  """Advances a progress bar by the steps the device has finished, not those dispatched (JAX
+  dispatches ahead, so a bar of dispatched steps races on and then stalls at every log step).
+
+  It waits on the loss of the step `lag` dispatches back: `lag` steps stay queued on the device,
+  so the wait is for work already done and costs no throughput (README: Training, measured)."""
+
+  def __init__(self, bar, lag=2):
+    self.bar, self.lag, self.queue = bar, lag, collections.deque()
+
+  def dispatched(self, loss):
+    self.queue.append(loss)
+    if len(self.queue) > self.lag:
+      self.queue.popleft().block_until_ready()
+      self.bar.update(1)
+
+  def finish(self):
+    while self.queue:
+      self.queue.popleft().block_until_ready()
+      self.bar.update(1)
+
+
 def make_data(config, cfg, tcfg, data_state):
   """(iterator of this process's share of each global batch, pipeline or None). `data_state` is
   where a resumed run's data continues: the step for the synthetic set (a function of it), the
   shard pipeline's (or mixture's) own state otherwise."""
-  if config['data'] == 'synthetic':
+  if config.run.data == 'synthetic':
     from data import synthetic  # pylint: disable=g-import-not-at-top
     ds = synthetic.SyntheticCaptions(seed=tcfg.seed, resolution=cfg.image_resolution)
     return ds.batches(tcfg.batch_size, start_step=data_state['step'],
                       process_index=jax.process_index(), process_count=jax.process_count(),
                       context_length=cfg.context_length), None
   from data import mixture  # pylint: disable=g-import-not-at-top
-  pipeline = mixture.make_pipeline(config['data'], global_batch_size=tcfg.batch_size,
+  pipeline = mixture.make_pipeline(config.run.data, global_batch_size=tcfg.batch_size,
                                    resolution=cfg.image_resolution, train=True, seed=tcfg.seed,
-                                   context_length=cfg.context_length, keep=config.get('keep'),
+                                   context_length=cfg.context_length, keep=config.run.keep,
                                    resume=data_state if data_state['step'] else None)
   return iter(pipeline), pipeline
 
@@ -228,21 +281,18 @@ def main(argv=None):
   from clip import model  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
-  cfg, tcfg = config['model'], config['train']
+  cfg, tcfg, run = config.model, config.train, config.run
   workdir = args.workdir or os.path.join('results', 'train', args.config)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   os.makedirs(workdir, exist_ok=True)
 
   mesh = sharding.make_mesh(*tcfg.mesh)
-  tcfg.check_mesh(mesh)
-  optimizer, schedule = training.make_optimizer(tcfg)
-  state, shardings = training.create_state(cfg, tcfg, mesh, optimizer)
+  state, train_step, shardings, _, _ = training.setup(cfg, tcfg, mesh)
   start, data_state = 0, {'step': 0}
   if checkpoint.steps(ckpt_dir):
     state, meta = checkpoint.restore(ckpt_dir, jax.eval_shape(lambda: state), shardings)
     start, data_state = meta['step'], meta['data']
     print(f'resumed from {ckpt_dir} at step {start}')
-  train_step = training.make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings)
   print(f'{args.config}: {training.param_count(state["params"]) / 1e6:.2f}M parameters, '
         f'loss {tcfg.loss}, global batch {tcfg.batch_size}, mesh {dict(mesh.shape)}, '
         f'{jax.process_count()} process(es)')
@@ -254,22 +304,29 @@ def main(argv=None):
       f.writelines(json.dumps(r) + '\n' for r in kept)
   log = MetricsLog(log_path)
   data_iter, pipeline = make_data(config, cfg, tcfg, data_state)
+  bar = tqdm.tqdm(initial=start, total=tcfg.total_steps, desc='train', unit='step',
+                  disable=jax.process_index() != 0)
+  progress = CompletedSteps(bar)
   with logging_redirect_tqdm():  # the data pipeline's epoch lines, above the bar
     tick, images_seen = time.perf_counter(), 0
-    for step in tqdm.trange(start, tcfg.total_steps, initial=start, total=tcfg.total_steps,
-                            disable=jax.process_index() != 0, desc='train'):
+    for step in range(start, tcfg.total_steps):
       state, metrics = train_step(state, training.global_batch(mesh, next(data_iter)))
+      progress.dispatched(metrics['loss'])
       images_seen += tcfg.batch_size
       done = step + 1
-      if done % config['log_every'] == 0 or done == tcfg.total_steps:
+      if done % run.log_every == 0 or done == tcfg.total_steps:
         metrics = jax.device_get(metrics)
         metrics['images_per_s'] = images_seen / (time.perf_counter() - tick)
         tick, images_seen = time.perf_counter(), 0
         log.write(done, metrics)
-      if done % config['checkpoint_every'] == 0 or done == tcfg.total_steps:
+        bar.set_postfix(loss=f'{metrics["loss"]:.3f}',
+                        images_per_s=f'{metrics["images_per_s"]:.0f}')
+      if done % run.checkpoint_every == 0 or done == tcfg.total_steps:
         data_state = pipeline.state() if pipeline else {'step': done}
         checkpoint.save(ckpt_dir, done, state, {'data': data_state},
-                        keep=config['keep_checkpoints'])
+                        keep=run.keep_checkpoints)
+    progress.finish()
+  bar.close()
   if pipeline:
     print(f'data: {pipeline.stats.summary()}')
 
@@ -283,8 +340,8 @@ def main(argv=None):
       tmp = args.export_torch + '.tmp'
       torch.save(clip.to_torch_state_dict(params), tmp)
       os.replace(tmp, args.export_torch)
-    if config['eval_examples']:
-      results = evaluate(params, cfg, config['eval_examples'], tcfg.seed + 1)
+    if run.eval_examples:
+      results = evaluate(params, cfg, run.eval_examples, tcfg.seed + 1)
       print(json.dumps(results, indent=2))
       with open(os.path.join(workdir, 'eval.json'), 'w') as f:
         json.dump(results, f, indent=2)

@@ -4,6 +4,8 @@ other mesh axes (`'tensor'`) see the embeddings replicated. The loss comes back 
 gradients w.r.t. the embeddings, the scale and the bias are those of the reference on the global
 batch.
 """
+import typing
+
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
@@ -15,13 +17,33 @@ from losses.reference import check_scalar
 from losses.ring import ring_contrastive_loss
 from losses.ring import ring_sigmoid_loss
 
-# name -> (shard_map body, whether it takes a logit_bias)
+
+
+class Loss(typing.NamedTuple):
+  """A registered loss: its shard_map body and whether it takes SigLIP's `logit_bias`."""
+  body: typing.Callable
+  takes_bias: bool
+
+
+# The one registry of loss names: training, the scripts and the benchmarks all read it.
 LOSSES = {
-    'contrastive': (allgather_contrastive_loss, False),
-    'sigmoid': (allgather_sigmoid_loss, True),
-    'ring_contrastive': (ring_contrastive_loss, False),
-    'ring_sigmoid': (ring_sigmoid_loss, True),
+    'contrastive': Loss(allgather_contrastive_loss, takes_bias=False),
+    'sigmoid': Loss(allgather_sigmoid_loss, takes_bias=True),
+    'ring_contrastive': Loss(ring_contrastive_loss, takes_bias=False),
+    'ring_sigmoid': Loss(ring_sigmoid_loss, takes_bias=True),
 }
+
+
+def check_name(name):
+  if name not in LOSSES:
+    raise ValueError(f'loss must be one of {sorted(LOSSES)}, got {name!r}')
+
+
+def takes_bias(name):
+  """Whether loss `name` takes a `logit_bias` (the sigmoid losses): the model it trains must have
+  one (`CLIPConfig.logit_bias=True`), and the others must not."""
+  check_name(name)
+  return LOSSES[name].takes_bias
 
 
 def _batch_axes(mesh, batch_axes):
@@ -38,8 +60,7 @@ def make_loss(name, mesh, batch_axes=('data',)):
   """`loss(img, txt, logit_scale)` ('contrastive', 'ring_contrastive') or
   `loss(img, txt, logit_scale, logit_bias)` ('sigmoid', 'ring_sigmoid'), jitted, on global
   `(batch, dim)` embeddings whose batch is split over `batch_axes` of `mesh`."""
-  if name not in LOSSES:
-    raise ValueError(f'loss name must be one of {sorted(LOSSES)}, got {name!r}')
+  check_name(name)
   body, has_bias = LOSSES[name]
   axes = _batch_axes(mesh, batch_axes)
   ways = int(np.prod([mesh.shape[a] for a in axes]))

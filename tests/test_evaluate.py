@@ -18,7 +18,7 @@ from data import synthetic
 from experiments import evaluate
 from experiments.configs import tiny
 
-CFG = tiny.get_config()['model']
+CFG = tiny.get_config().model
 
 
 @pytest.fixture(scope='module')
@@ -203,7 +203,7 @@ def test_a_stacked_sigmoid_workdir_loads_with_its_config(tmp_path):
   """A scan-layout checkpoint with SigLIP's bias loads with its config; without one, the OpenAI
   architecture the shapes suggest is refused, naming the missing keys."""
   from experiments.configs import siglip_small  # pylint: disable=g-import-not-at-top
-  cfg = siglip_small.get_config()['model']
+  cfg = siglip_small.get_config().model
   params = clip.init(jax.random.PRNGKey(0), cfg)
   assert 'attn' in params['transformer']['resblocks']  # stacked
   checkpoint.save(tmp_path / 'checkpoints', 1, {'params': params, 'batch_stats': {}})

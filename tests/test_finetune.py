@@ -19,15 +19,14 @@ from clip import zero_shot
 from data import synthetic
 from experiments.configs import tiny
 
-CFG = tiny.get_config()['model']
+CFG = tiny.get_config().model
 MESH = (4, 2, 1)
 
 
 def make(tcfg, init_params, objective=None, batch_keys=('image', 'tokens')):
   mesh = sharding.make_mesh(*tcfg.mesh)
-  optimizer, schedule = training.make_optimizer(tcfg)
-  state, sh = training.create_state(CFG, tcfg, mesh, optimizer, init_params=init_params)
-  step = training.make_train_step(CFG, tcfg, mesh, optimizer, schedule, sh, objective, batch_keys)
+  state, step, _, _, _ = training.setup(CFG, tcfg, mesh, init_params=init_params,
+                                        objective=objective, batch_keys=batch_keys)
   return mesh, state, step
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import clip
+import losses
 from clip import checkpoint
 from clip import sharding
 from clip import training
@@ -27,9 +28,7 @@ def batches(cfg, batch_size, n, seed=0):
 
 
 def run(cfg, tcfg, mesh, data):
-  optimizer, schedule = training.make_optimizer(tcfg)
-  state, shardings = training.create_state(cfg, tcfg, mesh, optimizer)
-  step = training.make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings)
+  state, step, _, _, _ = training.setup(cfg, tcfg, mesh)
   history = []
   for batch in data:
     state, metrics = step(state, training.global_batch(mesh, batch))
@@ -44,10 +43,11 @@ def single_device_mesh():
 @pytest.mark.parametrize('loss', ['contrastive', 'ring_sigmoid'])
 def test_strategies_follow_the_single_device_trajectory(loss):
   tcfg = training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1, loss=loss)
-  data = batches(TINY, 16, STEPS)
-  _, reference = run(TINY, tcfg, single_device_mesh(), data)
+  cfg = dataclasses.replace(TINY, logit_bias=losses.takes_bias(loss))
+  data = batches(cfg, 16, STEPS)
+  _, reference = run(cfg, tcfg, single_device_mesh(), data)
   for sizes in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
-    _, history = run(TINY, tcfg, sharding.make_mesh(*sizes), data)
+    _, history = run(cfg, tcfg, sharding.make_mesh(*sizes), data)
     for key in ('loss', 'grad_norm', 'logit_scale'):
       np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference],
                                  rtol=2e-5, err_msg=f'{key} on mesh {sizes}')
@@ -66,6 +66,16 @@ def test_bad_train_config_raises(change, message):
     dataclasses.replace(training.TrainConfig(), **change)
 
 
+@pytest.mark.parametrize('loss,logit_bias', [('sigmoid', False), ('contrastive', True)])
+def test_a_loss_and_model_that_disagree_on_the_bias_raise_before_compiling(loss, logit_bias):
+  """`losses` owns whether a loss takes SigLIP's bias; the model config must agree (no patching
+  of the state behind the config's back)."""
+  tcfg = training.TrainConfig(batch_size=8, total_steps=2, warmup_steps=0, loss=loss)
+  cfg = dataclasses.replace(TINY, logit_bias=logit_bias)
+  with pytest.raises(ValueError, match=f'logit_bias={logit_bias}'):
+    training.setup(cfg, tcfg, single_device_mesh())
+
+
 def test_batch_not_divisible_by_mesh_raises_before_compiling():
   tcfg = training.TrainConfig(batch_size=12, total_steps=2, warmup_steps=0)
   with pytest.raises(ValueError, match='batch_size 12 is not divisible by the 8 batch shards'):
@@ -76,8 +86,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   tcfg = training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1)
   mesh = sharding.make_mesh(2, 4, 1)
   state, _ = run(TINY, tcfg, mesh, batches(TINY, 16, 1))
-  optimizer, _ = training.make_optimizer(tcfg)
-  _, shardings = training.create_state(TINY, tcfg, mesh, optimizer)
+  shardings = training.setup(TINY, tcfg, mesh).shardings
   for step in (1, 2, 3, 4):
     checkpoint.save(tmp_path, step, state, {'data_position': step * 16}, keep=2)
   assert checkpoint.steps(tmp_path) == [3, 4]

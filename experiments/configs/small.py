@@ -3,19 +3,29 @@ a 2-core CPU, ending with zero-shot accuracy and retrieval recall on held-out co
 
   python -m experiments.train                       # this config
   python -m experiments.train --config small --loss ring_sigmoid
+
+Arguments (`--config small:key=value,...`): loss, batch, steps.
 """
+import losses
 from clip import configs
 from clip import training
+from experiments.configs import Experiment
+from experiments.configs import RunConfig
+from experiments.configs import parse_arg
 
 
-def get_config(arg=None):
-  del arg
+def get_config(arg=None, default_loss='contrastive'):
+  """`default_loss` lets the variants (siglip_small, registers_small) share this schedule."""
+  arg = parse_arg(arg, loss=default_loss, batch=128, steps=1000)
   model = configs.CLIPConfig(
       embed_dim=128,
       vision=configs.VisionConfig('vit', width=128, layers=4, heads=2, image_resolution=64,
                                   patch_size=16),
-      text=configs.TextConfig(width=128, layers=3, heads=2, context_length=32))
-  train = training.TrainConfig(batch_size=128, total_steps=1000, warmup_steps=50,
-                               learning_rate=1e-3, weight_decay=0.1)
-  return {'model': model, 'train': train, 'data': 'synthetic', 'log_every': 25,
-          'checkpoint_every': 500, 'keep_checkpoints': 2, 'eval_examples': 1024}
+      text=configs.TextConfig(width=128, layers=3, heads=2, context_length=32),
+      logit_bias=losses.takes_bias(arg.loss))
+  train = training.TrainConfig(batch_size=arg.batch, total_steps=arg.steps,
+                               warmup_steps=min(50, arg.steps // 10), learning_rate=1e-3,
+                               weight_decay=0.1, loss=arg.loss)
+  run = RunConfig(data='synthetic', log_every=25, checkpoint_every=500, keep_checkpoints=2,
+                  eval_examples=1024)
+  return Experiment(model, train, run)

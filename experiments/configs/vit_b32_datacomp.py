@@ -5,17 +5,26 @@ with a parquet (holding the `uid`) beside each; its filtering baselines write a 
 
   python -m experiments.train --config vit_b32_datacomp --data '/data/datacomp/shards/*.tar' \
       --keep-uids /data/datacomp/subset.npy --mesh=-1,1,1 --loss contrastive
+
+Arguments (`--config vit_b32_datacomp:key=value,...`): loss, batch, steps.
 """
 import dataclasses
 
+import losses
 from clip import configs
 from clip import training
+from experiments.configs import Experiment
+from experiments.configs import RunConfig
+from experiments.configs import parse_arg
 
 
 def get_config(arg=None):
-  del arg
-  model = dataclasses.replace(configs.MODELS['ViT-B/32'], dtype='bfloat16', remat=True)
-  train = training.TrainConfig(batch_size=4096, total_steps=100_000, warmup_steps=2000,
-                               learning_rate=5e-4, weight_decay=0.2, mesh=(-1, 1, 1))
-  return {'model': model, 'train': train, 'data': None, 'log_every': 50,
-          'checkpoint_every': 2000, 'keep_checkpoints': 3, 'eval_examples': 0}
+  arg = parse_arg(arg, loss='contrastive', batch=4096, steps=100_000)
+  model = dataclasses.replace(configs.MODELS['ViT-B/32'], dtype='bfloat16', remat=True,
+                              logit_bias=losses.takes_bias(arg.loss))
+  train = training.TrainConfig(batch_size=arg.batch, total_steps=arg.steps,
+                               warmup_steps=min(2000, arg.steps // 10), learning_rate=5e-4,
+                               weight_decay=0.2, mesh=(-1, 1, 1), loss=arg.loss)
+  run = RunConfig(data=None, log_every=50, checkpoint_every=2000, keep_checkpoints=3,
+                  eval_examples=0)
+  return Experiment(model, train, run)
