@@ -499,7 +499,7 @@ def test_training_on_unusable_shards_stops_with_empty_epoch_error(unusable, tmp_
 def model_file(tmp_path_factory):
   """A random tiny model as a flat .npz checkpoint (biases perturbed: OpenAI's init zeroes them)."""
   import jax  # pylint: disable=g-import-not-at-top
-  cfg = tiny.get_config()['model']
+  cfg = tiny.get_config().model
   flat = weights.flatten(clip.init(jax.random.PRNGKey(0), cfg))
   rng = np.random.default_rng(0)
   flat = {k: np.asarray(v) + (0.1 * rng.standard_normal(v.shape).astype(np.float32)
