@@ -17,6 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 _NAME = re.compile(r'step_(\d{8})')
+_DICT_KEY = re.compile(r"\['([^'\\]*)'\]")  # one level of jax.tree_util.keystr of a dict path
 
 
 def to_host(tree):
@@ -60,12 +61,11 @@ def save(directory, step, state, meta=None, keep=3):
   multihost_utils.sync_global_devices(f'checkpoint {step}')
 
 
-def restore(directory, abstract_state, shardings=None, step=None):
-  """(state, meta) of checkpoint `step` (default: the newest), with the tree, shapes and dtypes
-  of `abstract_state` (e.g. `jax.eval_shape` of the init) placed by `shardings`."""
+def _read(directory, step):
+  """(folder, {keystr: numpy leaf}, meta) of checkpoint `step` (default: the newest)."""
   available = steps(directory)
   if not available:
-    raise FileNotFoundError(f'no checkpoint (step_XXXXXXXX folder) in {directory!r}')
+    raise FileNotFoundError(f'no checkpoints (step_XXXXXXXX folders) in {directory!r}')
   step = available[-1] if step is None else step
   if step not in available:
     raise FileNotFoundError(f'no checkpoint for step {step} in {directory!r}; have {available}')
@@ -74,6 +74,34 @@ def restore(directory, abstract_state, shardings=None, step=None):
     stored = {k: data[k] for k in data.files}
   with open(os.path.join(folder, 'meta.json')) as f:
     meta = json.load(f)
+  return folder, stored, meta
+
+
+def read(directory, keys, step=None):
+  """(tree, meta): the top-level entries `keys` of checkpoint `step` (default: the newest), e.g.
+  ('params', 'batch_stats') of a train state, as nested dicts of numpy arrays, without knowing
+  the state's structure first (to evaluate a workdir). An entry holding other containers than
+  dicts (an optimizer state) raises ValueError: `restore` it with its abstract state instead."""
+  folder, stored, meta = _read(directory, step)
+  tree = {}
+  for path, leaf in stored.items():
+    if not any(path.startswith(f"['{key}']") for key in keys):
+      continue
+    names = _DICT_KEY.findall(path)
+    if ''.join(f"['{name}']" for name in names) != path:
+      raise ValueError(f'{folder}: leaf {path!r} is not under dict keys; restore() it with the '
+                       'abstract state instead')
+    node = tree
+    for name in names[:-1]:
+      node = node.setdefault(name, {})
+    node[names[-1]] = leaf
+  return tree, meta
+
+
+def restore(directory, abstract_state, shardings=None, step=None):
+  """(state, meta) of checkpoint `step` (default: the newest), with the tree, shapes and dtypes
+  of `abstract_state` (e.g. `jax.eval_shape` of the init) placed by `shardings`."""
+  folder, stored, meta = _read(directory, step)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
   wanted = {jax.tree_util.keystr(p): leaf for p, leaf in flat}
   missing, unexpected = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))

@@ -42,6 +42,11 @@ TEXTURES = ('plain', 'striped', 'checkered', 'dotted', 'speckled')
 ATTRIBUTES = {'shape': SHAPES, 'colour': COLOURS, 'size': SIZES, 'count': COUNTS,
               'position': POSITIONS, 'texture': TEXTURES}
 SPLITS = ('train', 'heldout', 'all')
+# Where each use of a seed reads in a split, so that its uses never share a sample: pre-training
+# streams from index 0 (a run here sees far fewer than 10^9 samples), the others start beyond.
+UNSEEN_START = 10**9            # pre-training never saw these: evaluation, probe fits, fine-tuning
+FINETUNE_UNSEEN_START = 2 * 10**9   # fine-tuning (which reads from UNSEEN_START) never saw these
+LIT_START_STEP = 10**6          # LiT's text-tower batches: steps beyond any pre-training run
 # (shape, colour) pairs absent from 'train': every shape once, six different colours.
 HELDOUT = tuple((s, (3 * s + 1) % len(COLOURS)) for s in range(len(SHAPES)))
 TASKS = ('colour_shape', *ATTRIBUTES)

@@ -24,7 +24,6 @@ img2dataset shards (webdataset tars or tfrecords).
 """
 import argparse
 import dataclasses
-import glob
 import importlib
 import json
 import os
@@ -66,13 +65,12 @@ def _model_config(name):
 
 
 def _workdir_params(workdir):
-  """The newest checkpoint of a training workdir -> flat {torch key: array} of its params."""
-  paths = sorted(glob.glob(os.path.join(workdir, 'checkpoints', 'step_*', 'state.npz')))
-  if not paths:
-    raise FileNotFoundError(f'{workdir} has no checkpoints/step_*/state.npz')
-  with np.load(paths[-1], allow_pickle=False) as z:
-    return {'.'.join(re.findall(r"\['([^']+)'\]", k)[1:]): z[k] for k in z.files
-            if k.startswith("['params']") or k.startswith("['batch_stats']")}
+  """The newest checkpoint of a training workdir -> flat {torch key: array} of its params (and
+  BatchNorm buffers)."""
+  from clip import checkpoint  # pylint: disable=g-import-not-at-top
+  from clip import weights  # pylint: disable=g-import-not-at-top
+  state, _ = checkpoint.read(os.path.join(workdir, 'checkpoints'), ('params', 'batch_stats'))
+  return {**weights.flatten(state['params']), **weights.flatten(state.get('batch_stats', {}))}
 
 
 def load_model(spec, config_name=None):
@@ -111,7 +109,7 @@ def classification_data(args, cfg, split, fit=False):
     ds = synthetic.SyntheticCaptions(seed=args.seed, resolution=cfg.image_resolution,
                                      split=split)
     # Far from the indices a training run saw first, and from the evaluation examples.
-    offset = 10**9 if split == 'train' or fit else 0
+    offset = synthetic.UNSEEN_START if split == 'train' or fit else 0
     sample = ds.get(np.arange(offset, offset + args.examples))
     images = clip.normalize_image(sample['image'].astype(np.float32) / 255)
     return images, ds.labels(sample, task), ds.classnames(task), [[p] for p in ds.prompts(task)]

@@ -25,6 +25,9 @@ import os
 
 import numpy as np
 
+from data import synthetic
+from data import synthetic_eval
+
 MODES = ('classifier', 'lit', 'text-classifier')
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -52,7 +55,6 @@ def parse_args(argv):
 
 
 def _synthetic(cfg, split, seed=0):
-  from data import synthetic  # pylint: disable=g-import-not-at-top
   return synthetic.SyntheticCaptions(seed=seed, resolution=cfg.image_resolution, split=split)
 
 
@@ -70,8 +72,8 @@ def labelled_batches(args, cfg):
     def stream():
       step = 0
       while True:
-        sample = ds.get(np.arange(10**9 + step * args.batch_size,
-                                  10**9 + (step + 1) * args.batch_size))
+        start = synthetic.UNSEEN_START + step * args.batch_size
+        sample = ds.get(np.arange(start, start + args.batch_size))
         yield {'image': _normalised(sample['image']), 'label': ds.labels(sample, task),
                'caption': sample['caption']}
         step += 1
@@ -93,7 +95,7 @@ def test_sets(args, cfg):
   kind, _, name = args.dataset.partition('/')
   if kind == 'synthetic':
     out = {}
-    for split, offset in (('train', 2 * 10**9), ('heldout', 0)):
+    for split, offset in (('train', synthetic.FINETUNE_UNSEEN_START), ('heldout', 0)):
       ds = _synthetic(cfg, split, args.seed + 1)
       sample = ds.get(np.arange(offset, offset + args.eval_examples))
       out[split] = (_normalised(sample['image']), ds.labels(sample, name or 'colour_shape'),
@@ -159,11 +161,11 @@ def classifier(args, params, cfg, tcfg):
 
 
 def lit(args, params, cfg, tcfg):
-  from experiments import train  # pylint: disable=g-import-not-at-top
   import losses  # pylint: disable=g-import-not-at-top
-  before = train.evaluate(params, cfg, args.eval_examples, args.seed + 1)
+  before = synthetic_eval.evaluate(params, cfg, args.eval_examples, args.seed + 1)
   ds = _synthetic(cfg, 'train', args.seed)
-  batches = ds.batches(tcfg.batch_size, start_step=10**6, context_length=cfg.context_length)
+  batches = ds.batches(tcfg.batch_size, start_step=synthetic.LIT_START_STEP,
+                       context_length=cfg.context_length)
   tcfg = dataclasses.replace(tcfg, lock_image_tower=True, loss=args.loss)
   init = dict(params)
   if losses.takes_bias(args.loss) != cfg.logit_bias:  # the model follows the loss
@@ -173,7 +175,7 @@ def lit(args, params, cfg, tcfg):
     init = model.add_logit_bias(init) if cfg.logit_bias else {
         k: v for k, v in init.items() if k != 'logit_bias'}
   tuned, log = _run(cfg, tcfg, lambda key: init, None, ('image', 'tokens'), batches, lambda b: b)
-  after = train.evaluate(tuned, cfg, args.eval_examples, args.seed + 1)
+  after = synthetic_eval.evaluate(tuned, cfg, args.eval_examples, args.seed + 1)
   keys = ('heldout/colour_shape_top1', 'heldout/image_to_text_R@1', 'heldout/text_to_image_R@1')
   return tuned, {'before': {k: before[k] for k in keys}, 'after': {k: after[k] for k in keys},
                  'log': log}

@@ -74,7 +74,7 @@ def train_one(loss, impl, batch, seed, args):
   from clip import sharding  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   from data import synthetic  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from data import synthetic_eval  # pylint: disable=g-import-not-at-top
   cfg = model_config(loss)
   steps = args.examples // batch
   tcfg = training.TrainConfig(batch_size=batch, total_steps=steps, warmup_steps=steps // 10,
@@ -105,7 +105,7 @@ def train_one(loss, impl, batch, seed, args):
   jax.block_until_ready(state)
   step_s = (time.perf_counter() - start) / max(steps - 1, 1) if start else float('nan')
   params = jax.device_get(state['params'])
-  results = train.evaluate(params, cfg, args.eval_examples, seed=10_000 + seed)
+  results = synthetic_eval.evaluate(params, cfg, args.eval_examples, seed=10_000 + seed)
   return {'loss': loss, 'implementation': impl, 'batch': batch, 'seed': seed, 'steps': steps,
           'examples': args.examples, 'curve': curve, 'final_loss': curve[-1]['loss'],
           'zero_shot_heldout': results['heldout/colour_shape_top1'],

@@ -241,33 +241,6 @@ def make_data(config, cfg, tcfg, data_state):
   return iter(pipeline), pipeline
 
 
-def evaluate(params, cfg, n, seed):
-  """Zero-shot accuracy (colour + shape, 48 classes, and each attribute) and image<->caption
-  retrieval on `n` synthetic images: unseen images of trained combinations ('train' split) and
-  the (shape, colour) pairs training never showed ('heldout')."""
-  import clip  # pylint: disable=g-import-not-at-top
-  from clip import zero_shot  # pylint: disable=g-import-not-at-top
-  from data import synthetic  # pylint: disable=g-import-not-at-top
-  results = {}
-  for split, offset in (('train', 10**9), ('heldout', 0)):
-    ds = synthetic.SyntheticCaptions(seed=seed, resolution=cfg.image_resolution, split=split)
-    sample = ds.get(np.arange(offset, offset + n))
-    images = clip.normalize_image(sample['image'].astype(np.float32) / 255)
-    for task in ('colour_shape', 'shape', 'colour', 'count', 'size'):
-      tokens = clip.tokenize(ds.prompts(task), cfg.context_length)[:, None]
-      weights = zero_shot.classifier_weights_from_tokens(params, cfg, tokens)
-      top, _ = zero_shot.classify(params, cfg, images, weights, k=1)
-      accuracy = float(np.mean(np.asarray(top)[:, 0] == ds.labels(sample, task)))
-      results[f'{split}/{task}_top1'] = accuracy
-      results[f'{split}/{task}_chance'] = 1 / len(ds.classnames(task))
-    recall = zero_shot.retrieval_metrics(
-        clip.encode_image(params, images, cfg),
-        clip.encode_text(params, clip.tokenize(sample['caption'], cfg.context_length), cfg))
-    results.update({f'{split}/{k}': float(v) for k, v in recall.items()})
-  results['num_examples'] = n
-  return results
-
-
 def main(argv=None):
   args = parse_args(argv)
   logging.basicConfig(format='%(levelname)s %(name)s: %(message)s')
@@ -341,7 +314,8 @@ def main(argv=None):
       torch.save(clip.to_torch_state_dict(params), tmp)
       os.replace(tmp, args.export_torch)
     if run.eval_examples:
-      results = evaluate(params, cfg, run.eval_examples, tcfg.seed + 1)
+      from data import synthetic_eval  # pylint: disable=g-import-not-at-top
+      results = synthetic_eval.evaluate(params, cfg, run.eval_examples, tcfg.seed + 1)
       print(json.dumps(results, indent=2))
       with open(os.path.join(workdir, 'eval.json'), 'w') as f:
         json.dump(results, f, indent=2)

@@ -98,6 +98,11 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
       shardings['params']['visual']['conv1']['weight']
   with pytest.raises(ValueError, match='does not match the train state'):
     checkpoint.restore(tmp_path, {'params': abstract['params']})
+  tree, meta = checkpoint.read(tmp_path, ('params', 'batch_stats'))  # no abstract state needed
+  assert meta['step'] == 4 and set(tree) == {'params'}  # a ViT has no BatchNorm buffers
+  chex.assert_trees_all_equal(tree['params'], jax.device_get(state['params']))
+  with pytest.raises(ValueError, match='not under dict keys'):
+    checkpoint.read(tmp_path, ('opt',))
 
 
 @pytest.mark.parametrize('vision', [TINY.vision, clip.VisionConfig('resnet', 8, (1, 2, 1, 1), 4, 64)],
