@@ -286,16 +286,37 @@ def openai_config(embed_dim, image_resolution, vision_layers, vision_width, visi
   return CLIPConfig(embed_dim, vision, text)
 
 
+# OpenAI's nine models, in the arguments of its `CLIP.__init__` (all: context_length=77,
+# vocab_size=49408, transformer_layers=12).
+_OPENAI = dict(context_length=77, vocab_size=49408, transformer_layers=12)
 MODELS = {
-    'RN50': openai_config(1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12),
-    'RN101': openai_config(512, 224, (3, 4, 23, 3), 64, None, 77, 49408, 512, 8, 12),
-    'RN50x4': openai_config(640, 288, (4, 6, 10, 6), 80, None, 77, 49408, 640, 10, 12),
-    'RN50x16': openai_config(768, 384, (6, 8, 18, 8), 96, None, 77, 49408, 768, 12, 12),
-    'RN50x64': openai_config(1024, 448, (3, 15, 36, 10), 128, None, 77, 49408, 1024, 16, 12),
-    'ViT-B/32': openai_config(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
-    'ViT-B/16': openai_config(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
-    'ViT-L/14': openai_config(768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
-    'ViT-L/14@336px': openai_config(768, 336, 24, 1024, 14, 77, 49408, 768, 12, 12),
+    'RN50': openai_config(
+        embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+        vision_patch_size=None, transformer_width=512, transformer_heads=8, **_OPENAI),
+    'RN101': openai_config(
+        embed_dim=512, image_resolution=224, vision_layers=(3, 4, 23, 3), vision_width=64,
+        vision_patch_size=None, transformer_width=512, transformer_heads=8, **_OPENAI),
+    'RN50x4': openai_config(
+        embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
+        vision_patch_size=None, transformer_width=640, transformer_heads=10, **_OPENAI),
+    'RN50x16': openai_config(
+        embed_dim=768, image_resolution=384, vision_layers=(6, 8, 18, 8), vision_width=96,
+        vision_patch_size=None, transformer_width=768, transformer_heads=12, **_OPENAI),
+    'RN50x64': openai_config(
+        embed_dim=1024, image_resolution=448, vision_layers=(3, 15, 36, 10), vision_width=128,
+        vision_patch_size=None, transformer_width=1024, transformer_heads=16, **_OPENAI),
+    'ViT-B/32': openai_config(
+        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+        vision_patch_size=32, transformer_width=512, transformer_heads=8, **_OPENAI),
+    'ViT-B/16': openai_config(
+        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+        vision_patch_size=16, transformer_width=512, transformer_heads=8, **_OPENAI),
+    'ViT-L/14': openai_config(
+        embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
+        vision_patch_size=14, transformer_width=768, transformer_heads=12, **_OPENAI),
+    'ViT-L/14@336px': openai_config(
+        embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
+        vision_patch_size=14, transformer_width=768, transformer_heads=12, **_OPENAI),
 }
 
 

@@ -108,16 +108,27 @@ def param_specs(params, rules=DEFAULT_RULES):
   return specs
 
 
+def split_ways(mesh, axes):
+  """How many pieces a dimension is cut into by a PartitionSpec entry (None, a name, a tuple)."""
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def divides(mesh, shape, spec):
+  """Whether `spec` fits an array of `shape` on `mesh`: no more entries than dimensions, and
+  each dimension split evenly by its mesh axes."""
+  return len(spec) <= len(shape) and all(
+      dim % split_ways(mesh, axes) == 0 for dim, axes in zip(shape, spec))
+
+
 def check_divisible(mesh, params, specs):
-  """Raises ShardingError for each dimension that its mesh axes do not split evenly."""
+  """Raises ShardingError naming each parameter that its spec's mesh axes do not split evenly."""
   errors = []
 
   def check(key_path, leaf, spec):
-    for dim, axes in zip(np.shape(leaf), spec):
-      axes = (axes,) if isinstance(axes, str) else (axes or ())
-      ways = int(np.prod([mesh.shape[a] for a in axes]))
-      if dim % ways:
-        errors.append(f'{dotted_path(key_path)} {tuple(np.shape(leaf))} by {spec} ({ways}-way)')
+    if not divides(mesh, np.shape(leaf), spec):
+      ways = [split_ways(mesh, axes) for axes in spec]
+      errors.append(f'{dotted_path(key_path)} {tuple(np.shape(leaf))} by {spec} ({ways}-way)')
 
   jax.tree_util.tree_map_with_path(check, params, specs)
   if errors:

@@ -137,20 +137,10 @@ def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULE
       is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
   # Adafactor's factored moments have other shapes than their parameters: replicate those.
   opt_sh = jax.tree.map(
-      lambda leaf, s: s if _fits(leaf, s) else repl, abstract_state['opt'], opt_sh,
+      lambda leaf, s: s if sharding.divides(s.mesh, np.shape(leaf), s.spec) else repl,
+      abstract_state['opt'], opt_sh,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   return {'params': param_sh, 'batch_stats': stats_sh, 'opt': opt_sh, 'step': repl, 'rng': repl}
-
-
-def _fits(leaf, s):
-  shape = np.shape(leaf)
-  if len(s.spec) > len(shape):
-    return False
-  for dim, axes in zip(shape, s.spec):
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    if dim % int(np.prod([s.mesh.shape[a] for a in axes])):
-      return False
-  return True
 
 
 def _local_accuracy(mesh):
