@@ -76,7 +76,7 @@ def text_classifier_params(clip_params, num_classes, key, std=0.01):
 
 
 def _head(p, features_NxD):
-  return model.normalize(features_NxD) @ p['weight'].T + p['bias']
+  return model.l2_normalize(features_NxD) @ p['weight'].T + p['bias']
 
 
 def classify_images(params, images, cfg):

@@ -196,7 +196,7 @@ def encode_text(params, tokens, cfg):
   return encode_text_jit(params, tokens, cfg)
 
 
-def normalize(x):
+def l2_normalize(x):
   """L2-normalised along the last axis (features before a cosine similarity)."""
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -216,7 +216,7 @@ def logits(params, image_features, text_features):
   """Scaled cosine similarities (logits_per_image, logits_per_text), as OpenAI's forward; a model
   with SigLIP's `logit_bias` adds it: `exp(t) * cos + b`, the logits of its sigmoid loss (as HF
   `SiglipModel` and open_clip return them)."""
-  img, txt = normalize(image_features), normalize(text_features)
+  img, txt = l2_normalize(image_features), l2_normalize(text_features)
   logits_per_image = jnp.exp(params['logit_scale']) * img @ txt.T
   if 'logit_bias' in params:
     logits_per_image = logits_per_image + params['logit_bias']

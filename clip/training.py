@@ -167,7 +167,7 @@ def clip_objective(cfg, tcfg, mesh):
     if tcfg.lock_image_tower:
       img = jax.lax.stop_gradient(img)
     txt = model.encode_text(params, batch['tokens'], cfg)
-    img, txt = model.normalize(img), model.normalize(txt)
+    img, txt = model.l2_normalize(img), model.l2_normalize(txt)
     if takes_bias:
       loss = loss_fn(img, txt, params['logit_scale'], params['logit_bias'])
     else:

@@ -116,7 +116,7 @@ def _check_templates(templates):
 def _class_embeddings(params, tokens_BxTxL, cfg):
   b, t, length = tokens_BxTxL.shape
   txt_BxTxD = model.encode_text(params, tokens_BxTxL.reshape(b * t, length), cfg).reshape(b, t, -1)
-  return model.normalize(model.normalize(txt_BxTxD).mean(axis=1))
+  return model.l2_normalize(model.l2_normalize(txt_BxTxD).mean(axis=1))
 
 
 def classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size=256):
@@ -156,7 +156,7 @@ def classifier_weights(params, cfg, classnames, templates=DEFAULT_TEMPLATES, bat
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'k'))
 def _classify_batch(params, images_BxHxWx3, weights_DxC, cfg, k):
-  img_BxD = model.normalize(model.encode_image(params, images_BxHxWx3, cfg))
+  img_BxD = model.l2_normalize(model.encode_image(params, images_BxHxWx3, cfg))
   logits_BxC = jnp.exp(params['logit_scale']) * jnp.einsum('bd,dc->bc', img_BxD, weights_DxC)
   probs_BxC, idx_BxK = jax.lax.top_k(jax.nn.softmax(logits_BxC, axis=-1), k)
   return idx_BxK, probs_BxC
@@ -230,9 +230,9 @@ def retrieval_metrics(image_features, text_features, text_to_image=None, ks=(1, 
   (`torch.topk` of the scores, a hit when any positive is among them), equal scores ranked by
   lower index (`top_k`): 50 identical images with 5 captions each give text->image R@1 0.02.
   """
-  img_NxD = model.normalize(jnp.asarray(check_finite(image_features, 'image features'),
+  img_NxD = model.l2_normalize(jnp.asarray(check_finite(image_features, 'image features'),
                                         jnp.float32))
-  txt_MxD = model.normalize(jnp.asarray(check_finite(text_features, 'text features'),
+  txt_MxD = model.l2_normalize(jnp.asarray(check_finite(text_features, 'text features'),
                                         jnp.float32))
   if img_NxD.ndim != 2 or txt_MxD.ndim != 2 or img_NxD.shape[1] != txt_MxD.shape[1]:
     raise ValueError('image and text features must be (N, D) and (M, D) with the same D, got '

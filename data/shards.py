@@ -334,7 +334,7 @@ class Pipeline:
 
   def _output(self, image_u8):
     # Per image, in the parallel map: a whole batch at once runs out of cache (2x slower).
-    return transforms.normalize(image_u8) if self.image_dtype == tf.float32 else image_u8
+    return transforms.normalize_image(image_u8) if self.image_dtype == tf.float32 else image_u8
 
   def _transform(self, image_bytes, index, epoch):
     if self.train:

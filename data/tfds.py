@@ -107,7 +107,7 @@ class TFDSClassification:
       else:
         image = transforms.center_crop(transforms.decode(image_bytes), resolution)
       if image_dtype == 'float32':
-        image = transforms.normalize(image)
+        image = transforms.normalize_image(image)
       return {'image': image, 'label': tf.cast(label, tf.int32)}
 
     ds = ds.enumerate().map(lambda i, x: example(i, *x), num_parallel_calls=tf.data.AUTOTUNE,

@@ -52,21 +52,22 @@ def _resize_to_uint8(image_HxWx3, size_hw):
   return _resize_pass(wide, size_hw)
 
 
-def resized_size(height, width, n_px):
-  """torchvision's `Resize(n_px)`: short side -> n_px, long side -> int(n_px * long / short)."""
-  h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+def resized_size(width, height, n_px):
+  """torchvision's `Resize(n_px)`: short side -> n_px, long side -> int(n_px * long / short);
+  `clip.preprocess.resized_size` on tensors, in its (width, height) order -> (new_w, new_h)."""
+  w, h = tf.cast(width, tf.float64), tf.cast(height, tf.float64)
   short, long = tf.minimum(h, w), tf.maximum(h, w)
   new_long = tf.cast(tf.floor(n_px * long / short), tf.int32)
-  new_h = tf.where(height <= width, n_px, new_long)
-  new_w = tf.where(height <= width, new_long, n_px)
-  return new_h, new_w
+  new_w = tf.where(width <= height, n_px, new_long)
+  new_h = tf.where(width <= height, new_long, n_px)
+  return new_w, new_h
 
 
 def center_crop(image_u8, n_px):
   """OpenAI's eval transform on a uint8 (H, W, 3) image -> uint8 (n_px, n_px, 3)."""
   shape = tf.shape(image_u8)
   height, width = shape[0], shape[1]
-  new_h, new_w = resized_size(height, width, n_px)
+  new_w, new_h = resized_size(width, height, n_px)
   image_u8 = tf.cond(
       tf.logical_and(tf.equal(new_h, height), tf.equal(new_w, width)),
       lambda: image_u8, lambda: _resize_to_uint8(image_u8, tf.stack([new_h, new_w])))
@@ -117,7 +118,7 @@ def random_resized_crop(image_bytes, n_px, seed, scale=TRAIN_SCALE, ratio=TRAIN_
   return _resize_crop(crop, n_px)
 
 
-def normalize(image_u8):
+def normalize_image(image_u8):
   """uint8 (..., 3) -> float32 normalised with OpenAI's mean and std: `clip.normalize_image` of
   the image / 255, as one multiply-add (a third of the memory passes of cast, divide, subtract,
   divide; equal to float32 rounding)."""
