@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clip import batching
 from clip import model
 from clip import zero_shot
 
@@ -26,10 +27,10 @@ def image_features(params, cfg, images, batch_size=256):
   normalised), in fixed-size jitted batches with a progress bar."""
   model.check_images(images, cfg)
   n = images.shape[0]
-  size = zero_shot.check_batch(n, batch_size, 'images')
+  size = batching.check_batch(n, batch_size, 'images')
   out = []
-  for start, stop in zero_shot.batches(n, batch_size, 'image features'):
-    batch = zero_shot.padded(jnp.asarray(images[start:stop]), size)
+  for start, stop in batching.batches(n, batch_size, 'image features'):
+    batch = batching.padded(jnp.asarray(images[start:stop]), size)
     out.append(np.asarray(model.encode_image(params, batch, cfg), np.float32)[:stop - start])
   return np.concatenate(out)
 

@@ -12,8 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
+from clip import batching
 from clip import model
 
 # OpenAI's 80 ImageNet prompt templates, in the notebook's order.
@@ -52,22 +52,6 @@ DEFAULT_TEMPLATES = (
 TEMPLATES = {'default': DEFAULT_TEMPLATES, 'imagenet': IMAGENET_TEMPLATES}
 
 
-def check_batch(n, batch_size, what):
-  """The padded batch size: `batch_size`, or `n` when all fits in one batch."""
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
-  if n == 0:
-    raise ValueError(f'no {what} given')
-  return min(batch_size, n)
-
-
-def batches(n, batch_size, desc):
-  """`(start, stop)` of consecutive batches, with a progress bar when there are several."""
-  starts = range(0, n, batch_size)
-  bar = tqdm(starts, desc=desc, unit='batch', disable=len(starts) < 2, leave=False)
-  return ((s, min(s + batch_size, n)) for s in bar)
-
-
 def check_finite(x, what):
   """`x` as a numpy array, or a ValueError naming `what` when any value is NaN or infinite."""
   x = np.asarray(x)
@@ -84,12 +68,6 @@ def top_k(scores_NxC, k):
   equal scores: the one ranking rule of this module (`jax.lax.top_k`'s order), which is also
   clip_benchmark's `torch.topk` wherever no tie straddles the k-th place."""
   return np.argsort(-np.asarray(scores_NxC), axis=1, kind='stable')[:, :k]
-
-
-def padded(x, size):
-  """`x` with its first axis padded to `size` by repeating its first row (shapes stay fixed)."""
-  pad = size - x.shape[0]
-  return x if pad == 0 else jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
 
 
 # ---------------------------------------------------------------- classifier weights
@@ -129,12 +107,13 @@ def classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size=256):
     raise ValueError(f'tokens must be (classes, templates, L), got shape {tokens_CxTxL.shape}')
   model.check_token_values(tokens_CxTxL, cfg)  # rows named (class, template)
   n, t, _ = tokens_CxTxL.shape
-  check_batch(n * t, batch_size, 'prompts')
+  batching.check_batch(n * t, batch_size, 'prompts')
   classes_per_batch = max(1, batch_size // t)
   size = min(classes_per_batch, n)
   out = []
-  for start, stop in batches(n, classes_per_batch, 'classifier weights'):
-    emb_BxD = _class_embeddings(params, padded(jnp.asarray(tokens_CxTxL[start:stop]), size), cfg)
+  for start, stop in batching.batches(n, classes_per_batch, 'classifier weights'):
+    tokens_BxTxL = batching.padded(jnp.asarray(tokens_CxTxL[start:stop]), size)
+    emb_BxD = _class_embeddings(params, tokens_BxTxL, cfg)
     out.append(np.asarray(emb_BxD[:stop - start]))
   return np.concatenate(out).T
 
@@ -177,10 +156,10 @@ def classify(params, cfg, images, weights, k=5, batch_size=32):
   model.check_images(images, cfg)
   check_finite(images, 'images')
   n = images.shape[0]
-  size = check_batch(n, batch_size, 'images')
+  size = batching.check_batch(n, batch_size, 'images')
   indices, probs = [], []
-  for start, stop in batches(n, batch_size, 'classify'):
-    batch = padded(jnp.asarray(images[start:stop]), size)
+  for start, stop in batching.batches(n, batch_size, 'classify'):
+    batch = batching.padded(jnp.asarray(images[start:stop]), size)
     idx_BxK, p_BxK = _classify_batch(params, batch, weights, cfg, k)
     indices.append(np.asarray(idx_BxK[:stop - start]))
     probs.append(np.asarray(p_BxK[:stop - start]))
@@ -212,9 +191,9 @@ def _first_hits(queries_NxD, query_ids_N, keys_MxD, key_ids_M, k, batch_size, de
   n = queries_NxD.shape[0]
   size = min(batch_size, n)  # checked by the caller
   out = []
-  for start, stop in batches(n, batch_size, desc):
-    q = padded(queries_NxD[start:stop], size)
-    ids = padded(query_ids_N[start:stop], size)
+  for start, stop in batching.batches(n, batch_size, desc):
+    q = batching.padded(queries_NxD[start:stop], size)
+    ids = batching.padded(query_ids_N[start:stop], size)
     out.append(np.asarray(_first_hit(q, ids, keys_MxD, key_ids_M, k)[:stop - start]))
   return np.concatenate(out)
 
@@ -238,8 +217,8 @@ def retrieval_metrics(image_features, text_features, text_to_image=None, ks=(1, 
     raise ValueError('image and text features must be (N, D) and (M, D) with the same D, got '
                      f'{img_NxD.shape} and {txt_MxD.shape}')
   n, m = img_NxD.shape[0], txt_MxD.shape[0]
-  check_batch(n, batch_size, 'images')
-  check_batch(m, batch_size, 'texts')
+  batching.check_batch(n, batch_size, 'images')
+  batching.check_batch(m, batch_size, 'texts')
   if text_to_image is None:
     if n != m:
       raise ValueError(f'{n} images and {m} texts: give text_to_image (the image of each text) '

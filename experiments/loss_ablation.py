@@ -15,6 +15,7 @@ curves.png. The ring and all-gather implementations of one loss must follow the 
 for the same seed; the largest relative difference is reported and checked (--trajectory-rtol).
 """
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -52,16 +53,10 @@ def parse_args(argv):
 
 
 def model_config(loss='contrastive'):
-  """The fixed model of the study: ViT 2x64 on 32px images (8px patches), text 2x64; SigLIP's
-  bias where the loss takes one."""
-  import losses  # pylint: disable=g-import-not-at-top
-  from clip import configs  # pylint: disable=g-import-not-at-top
-  return configs.CLIPConfig(
-      embed_dim=64,
-      vision=configs.VisionConfig('vit', width=64, layers=2, heads=2, image_resolution=32,
-                                  patch_size=8),
-      text=configs.TextConfig(width=64, layers=2, heads=2, context_length=32),
-      logit_bias=losses.takes_bias(loss))
+  """The fixed model of the study: the `tiny` config's towers (ViT 2x64 on 32px images, 8px
+  patches; text 2x64) with 64-wide embeddings, SigLIP's bias where the loss takes one."""
+  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(tiny.get_config(f'loss={loss}').model, embed_dim=64)
 
 
 def run_name(loss, impl, batch, seed):
