@@ -77,9 +77,10 @@ def layer(p, i):
 # ---------------------------------------------------------------- apply
 
 def _attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None):
+  # Positions come only from a tower with `pos_embedding='rope'` (the text tower's option).
+  rope_theta = None if q_pos is None else cfg.rope_theta
   out = layers.multi_head_attention(p['attn'], h_NxQxD, cfg.heads, mask, kv_NxKxD, cfg.norm,
-                                    q_pos, k_pos, getattr(cfg, 'rope_theta', 10000.0),
-                                    cfg.norm_eps)
+                                    q_pos, k_pos, rope_theta, cfg.norm_eps)
   return layers.norm(p['ln_attn'], out, cfg.norm, cfg.norm_eps) if 'ln_attn' in p else out
 
 
