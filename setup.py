@@ -3,10 +3,11 @@ import setuptools
 
 TORCH = ['torch>=2.1']
 # tensorflow-datasets imports importlib_resources (through etils) without declaring it on 3.10+.
-# webdataset: its sample grouping and tar writer (data/webdataset_tars.py); pyarrow: the parquet
-# img2dataset writes beside each shard (data/filters.py).
+# webdataset: its sample grouping and tar writer (data/webdataset_tars.py); braceexpand: shard
+# ranges as webdataset writes them; pyarrow: the parquet img2dataset writes beside each shard
+# (data/filters.py).
 DATA = ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9', 'importlib_resources>=6.0',
-        'webdataset>=0.2.5', 'pyarrow>=12']
+        'webdataset>=0.2.5', 'braceexpand>=0.1.7', 'pyarrow>=12']
 TEST = TORCH + DATA + [
     'pytest>=8',
     'pytest-xdist>=3.5',

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 
+import braceexpand
 import numpy as np
 import tensorflow as tf
 
@@ -115,14 +116,17 @@ def _suffix(path):
 
 def expand_files(files):
   """A glob, a folder (its `*.tfrecord` and `*.tar`) or a list of them -> sorted unique paths of
-  one format (tf.io.gfile: gs:// works). Anything else matched is an error naming what it is."""
+  one format (tf.io.gfile: gs:// works). Brace ranges are expanded first, as webdataset and
+  open_clip write them (`shards/{00000..00099}.tar`). Anything else matched is an error naming
+  what it is."""
   if isinstance(files, (str, os.PathLike)):
     files = [files]
   if not isinstance(files, (list, tuple)) or not files:
     raise ValueError('files must be a glob, a directory or a non-empty list of them, got '
                      f'{files!r}')
   paths = set()
-  for pattern in map(os.fspath, files):
+  patterns = [p for f in map(os.fspath, files) for p in braceexpand.braceexpand(f)]
+  for pattern in patterns:
     if tf.io.gfile.isdir(pattern):
       matched = [p for suffix in READERS for p in tf.io.gfile.glob(os.path.join(pattern,
                                                                                '*' + suffix))]

@@ -134,8 +134,7 @@ def retrieval_data(args, cfg):
                                resolution=cfg.image_resolution, train=False,
                                context_length=cfg.context_length)  # no batch: EmptyEpochError
     batches = list(pipeline)
-    if pipeline.stats.num_skipped:
-      print(pipeline.stats.summary())
+    print(f'--captions: {pipeline.stats.summary()}')  # how many pairs are scored, what was skipped
     return (np.concatenate([b['image'] for b in batches]),
             np.concatenate([b['tokens'] for b in batches]))
   if not args.dataset.startswith('synthetic'):
@@ -268,6 +267,9 @@ def dataset_name(args):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.captions and args.task != 'zeroshot_retrieval':
+    raise ValueError(f'--captions is read by --task zeroshot_retrieval only, got --task '
+                     f'{args.task}')
   metrics, templates = evaluate(args)
   dataset = dataset_name(args)
   model, pretrained = model_name(args.model, args.config)

@@ -60,7 +60,7 @@ def parse_args(argv):
   parser.add_argument('--checkpoint-every', type=int, default=None)
   parser.add_argument('--eval-examples', type=int, default=None,
                       help='synthetic examples per split for the final zero-shot evaluation (0: '
-                      'none; default: the config\'s with the synthetic data, none with tfrecords)')
+                      'none; default: the config\'s with the synthetic data, none with shards)')
   parser.add_argument('--export-torch', default=None, help='write the final weights here (.pt)')
   parser.add_argument('--num-processes', type=int, default=1)
   parser.add_argument('--process-id', type=int, default=0)
@@ -223,6 +223,18 @@ class CompletedSteps:
       self.bar.update(1)
 
 
+def check_resume(meta, run, tcfg, ckpt_dir):
+  """A workdir resumes on the data it was trained on: its position means nothing in another
+  source (ValueError). Another length of run is allowed (to extend one) and said."""
+  source = meta.get('data_source', run.data)
+  if source != run.data:
+    raise ValueError(f'{ckpt_dir} was trained on --data {source!r}; its data position does not '
+                     f'apply to {run.data!r}: use another --workdir (or the same data)')
+  if meta.get('total_steps', tcfg.total_steps) != tcfg.total_steps:
+    print(f'resuming a run of {meta["total_steps"]} steps as one of {tcfg.total_steps}: the '
+          'learning-rate schedule follows the new length from here')
+
+
 def make_data(config, cfg, tcfg, data_state):
   """(iterator of this process's share of each global batch, pipeline or None). `data_state` is
   where a resumed run's data continues: the step for the synthetic set (a function of it), the
@@ -265,6 +277,7 @@ def main(argv=None):
   if checkpoint.steps(ckpt_dir):
     state, meta = checkpoint.restore(ckpt_dir, jax.eval_shape(lambda: state), shardings)
     start, data_state = meta['step'], meta['data']
+    check_resume(meta, run, tcfg, ckpt_dir)
     print(f'resumed from {ckpt_dir} at step {start}')
   print(f'{args.config}: {training.param_count(state["params"]) / 1e6:.2f}M parameters, '
         f'loss {tcfg.loss}, global batch {tcfg.batch_size}, mesh {dict(mesh.shape)}, '
@@ -296,7 +309,8 @@ def main(argv=None):
                         images_per_s=f'{metrics["images_per_s"]:.0f}')
       if done % run.checkpoint_every == 0 or done == tcfg.total_steps:
         data_state = pipeline.state() if pipeline else {'step': done}
-        checkpoint.save(ckpt_dir, done, state, {'data': data_state},
+        checkpoint.save(ckpt_dir, done, state, {'data': data_state, 'data_source': run.data,
+                                                 'total_steps': tcfg.total_steps},
                         keep=run.keep_checkpoints)
     progress.finish()
   bar.close()
