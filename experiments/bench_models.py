@@ -20,7 +20,7 @@ import numpy as np
 
 import clip
 from clip import weights
-from experiments import openai_reference
+from tests import openai_reference
 
 def seconds(fn):
   start = time.perf_counter()

@@ -60,7 +60,7 @@ def bench_one(cfg, tcfg, repeats):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
-  from experiments import openai_reference  # pylint: disable=g-import-not-at-top
+  from tests import openai_reference  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   if -1 not in tcfg.mesh:  # e.g. 1,1,1: the single-device baseline in the same run
     devices = devices[:int(np.prod(tcfg.mesh))]

@@ -43,7 +43,7 @@ def _normalize(x):
 
 
 def _inputs(cfg, siglip, n=3, seed=0):
-  from experiments import openai_reference  # pylint: disable=g-import-not-at-top
+  from tests import openai_reference  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   r = cfg.image_resolution
   images = rng.normal(size=(n, r, r, 3)).astype(np.float32)
@@ -139,7 +139,7 @@ def measure_load(path, ref, config=None, siglip=False, normalized=False):
 # ---------------------------------------------------------------- open_clip models
 
 def _perturb(m, seed):
-  from experiments import openai_reference  # pylint: disable=g-import-not-at-top
+  from tests import openai_reference  # pylint: disable=g-import-not-at-top
   return openai_reference.perturb(m.eval(), seed)
 
 

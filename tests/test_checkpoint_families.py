@@ -16,7 +16,7 @@ from clip import open_clip_configs
 from clip import weights
 from experiments import checkpoint_families
 from experiments import open_clip_reference
-from experiments import openai_reference as reference
+from tests import openai_reference as reference
 
 RTOL = 1e-4  # fp32, relative error of features and logits
 ATOL = 1e-5

@@ -1,4 +1,5 @@
-"""Configs: the nine OpenAI models have the reference's exact parameter tree; bad configs raise."""
+"""Configs: the nine OpenAI models have the reference's exact parameter tree; bad configs raise, and
+so do bad combinations of the custom-architecture options."""
 import dataclasses
 
 import chex
@@ -8,7 +9,10 @@ import pytest
 import torch
 
 import clip
+from clip import configs
 from clip import weights
+from tests.numpy_reference import TEXT
+from tests.numpy_reference import VISION
 
 
 def reference_shapes(openai_model, cfg):
@@ -81,6 +85,39 @@ def test_init_is_deterministic_and_keyed():
     (lambda: dataclasses.replace(clip.MODELS['RN50'], dtype='int8'), 'dtype'),
 ])
 def test_bad_configs_raise(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda: configs.VisionConfig(**VISION, pool='map', pool_heads=0), 'pool_heads'),
+    (lambda: configs.VisionConfig(**VISION, pool='map', pool_heads=3), 'map-pooling heads'),
+    (lambda: configs.VisionConfig(**VISION, pool='avg'), "pool must be one of"),
+    (lambda: configs.VisionConfig(**{**VISION, 'width': 30, 'heads': 3}, pos_embedding='sincos2d'),
+     'divisible by 4'),
+    (lambda: configs.VisionConfig(**VISION, registers=2, pool_registers=True), 'pool_registers'),
+    (lambda: configs.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 64, norm='rmsnorm'),
+     'not to a ResNet'),
+    (lambda: configs.TextConfig(**{**TEXT, 'width': 24, 'heads': 8}, pos_embedding='rope'),
+     'must be even'),
+    (lambda: configs.TextConfig(**TEXT, pool='first'), 'first token only'),
+    (lambda: configs.TextConfig(**TEXT, mlp='relu'), 'mlp must be one of'),
+    (lambda: configs.TextConfig(**TEXT, norm='batchnorm'), 'norm must be one of'),
+    (lambda: configs.TextConfig(**TEXT, causal=False, mask_padding=False),
+     'mask_padding=False would let'),
+    (lambda: configs.TextConfig(**TEXT, projection=False, projection_bias=True),
+     'projection_bias=True needs projection=True'),
+    (lambda: configs.TextConfig(**TEXT, norm_eps=0.0), 'norm_eps must be None'),
+    (lambda: configs.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 64, ln_pre=False),
+     r"not to a ResNet: \['ln_pre=False'\]"),
+    (lambda: configs.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 64, patch_bias=True),
+     r"not to a ResNet: \['patch_bias=True'\]"),
+    (lambda: configs.CLIPConfig(16, configs.VisionConfig(**VISION, projection=False),
+                                configs.TextConfig(**TEXT)), 'projection=False'),
+    (lambda: configs.CLIPConfig(32, configs.VisionConfig(**VISION), configs.TextConfig(**TEXT),
+                                remat='full'), 'remat must be one of'),
+])
+def test_bad_combinations_are_rejected_when_built(make, message):
   with pytest.raises(ValueError, match=message):
     make()
 

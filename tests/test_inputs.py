@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import clip
+from clip import vit
 
 CFG = clip.CLIPConfig(16, clip.VisionConfig('vit', 32, 2, 2, 32, 8), clip.TextConfig(32, 2, 2, 8, 50))
 
@@ -80,9 +81,13 @@ def test_bf16_compute_is_close_to_fp32(arch, batch):
   assert {x.dtype for x in jax.tree.leaves(params)} <= {jnp.dtype('float32'), jnp.dtype('int32')}
 
 
-def test_public_functions_compile_once(params, batch):
+def test_public_functions_compile_once(params, batch, monkeypatch):
+  """A second call with new values of the same shapes is not traced again: the ViT tower, which
+  `encode_image` calls once per trace, may be traced 0 more times."""
   images, tokens = batch
   clip.encode_image(params, images, CFG)
-  size = clip.encode_image._cache_size()  # pylint: disable=protected-access
+  chex.clear_trace_counter()
+  monkeypatch.setattr(vit, 'apply', chex.assert_max_traces(vit.apply, n=0))
   clip.encode_image(params, images + 1, CFG)
-  assert clip.encode_image._cache_size() == size  # pylint: disable=protected-access
+  with pytest.raises(AssertionError, match='traced > 0 times'):  # the counter does see a trace
+    clip.encode_image(params, images[:1], CFG)

@@ -1,22 +1,20 @@
-"""Losses: the references against float64 numpy (values, finite-difference gradients, stability),
-then every sharded loss against its reference, in value and in the gradients w.r.t. both
-embeddings, the scale and the bias, on 8 simulated devices and several meshes."""
+"""losses/reference.py, allgather.py and ring.py: the references against float64 numpy (values,
+finite-difference gradients, stability; with and without jit), then each shard_map body,
+differentiated per device inside shard_map, against its reference. Every registered loss through
+`make_loss` on every mesh: tests/test_make_loss.py."""
 import functools
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import losses
 
 FP32_RTOL = 1e-5  # max |sharded - reference| / max |reference|, per leaf
-BF16_VALUE_RTOL = 1e-5  # bf16 products are exact in the fp32 accumulation: only sum order differs
-BF16_GRAD_RTOL = 1e-2  # embedding gradients are returned in bf16 (8 mantissa bits)
-TIED_ATOL = 1e-5  # absolute, for gradients that are exactly zero with all logits tied
 FD_RTOL = 1e-5  # fp32 autodiff of the references against float64 central differences
 LOG_SCALE, BIAS = np.log(10.0), -2.0
 SIGMOID = ('sigmoid', 'ring_sigmoid')
@@ -85,27 +83,31 @@ def finite_difference_grads(fn, args, eps=1e-6):
   return grads
 
 
-@pytest.mark.parametrize('name', ['contrastive', 'sigmoid'])
-def test_reference_matches_float64_definition(name):
-  img, txt = pairs('random', n=6, d=4)
-  args = (img, txt, LOG_SCALE, BIAS) if name == 'sigmoid' else (img, txt, LOG_SCALE)
-  ref, np_fn = (losses.sigmoid_loss, np_sigmoid) if name == 'sigmoid' else (
-      losses.contrastive_loss, np_contrastive)
-  value, grads = jax.value_and_grad(ref, argnums=tuple(range(len(args))))(*args)
-  assert rel_err(value, np_fn(*args)) < FP32_RTOL
-  assert_rel_close(grads, finite_difference_grads(np_fn, args), FD_RTOL)
+class ReferenceTest(chex.TestCase):
+  """The single-device references, called directly and under jit."""
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('contrastive', 'contrastive'), ('sigmoid', 'sigmoid'))
+  def test_reference_matches_float64_definition(self, name):
+    img, txt = pairs('random', n=6, d=4)
+    args = (img, txt, LOG_SCALE, BIAS) if name == 'sigmoid' else (img, txt, LOG_SCALE)
+    ref, np_fn = (losses.sigmoid_loss, np_sigmoid) if name == 'sigmoid' else (
+        losses.contrastive_loss, np_contrastive)
+    value, grads = self.variant(jax.value_and_grad(ref, argnums=tuple(range(len(args)))))(*args)
+    assert rel_err(value, np_fn(*args)) < FP32_RTOL
+    assert_rel_close(grads, finite_difference_grads(np_fn, args), FD_RTOL)
 
-@pytest.mark.parametrize('name', ['contrastive', 'sigmoid'])
-def test_reference_is_stable_at_large_logits(name):
-  """exp(1000) overflows fp32: log-sum-exp and log_sigmoid must not."""
-  img, txt = pairs('duplicate', n=8, d=4)
-  args = (img, txt, np.log(1000.0), 5.0) if name == 'sigmoid' else (img, txt, np.log(1000.0))
-  ref, np_fn = (losses.sigmoid_loss, np_sigmoid) if name == 'sigmoid' else (
-      losses.contrastive_loss, np_contrastive)
-  value, grads = jax.value_and_grad(ref, argnums=(0, 1, 2))(*args)
-  assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads)
-  assert rel_err(value, np_fn(*args)) < FP32_RTOL
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('contrastive', 'contrastive'), ('sigmoid', 'sigmoid'))
+  def test_reference_is_stable_at_large_logits(self, name):
+    """exp(1000) overflows fp32: log-sum-exp and log_sigmoid must not."""
+    img, txt = pairs('duplicate', n=8, d=4)
+    args = (img, txt, np.log(1000.0), 5.0) if name == 'sigmoid' else (img, txt, np.log(1000.0))
+    ref, np_fn = (losses.sigmoid_loss, np_sigmoid) if name == 'sigmoid' else (
+        losses.contrastive_loss, np_contrastive)
+    value, grads = self.variant(jax.value_and_grad(ref, argnums=(0, 1, 2)))(*args)
+    assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads)
+    assert rel_err(value, np_fn(*args)) < FP32_RTOL
 
 
 def test_identical_embeddings_have_closed_form_losses():
@@ -123,13 +125,6 @@ def mesh_of(mesh_name):
   return Mesh(devices, names), batch_axes
 
 
-@functools.lru_cache(maxsize=None)
-def sharded_value_and_grad(name, mesh_name):
-  mesh, batch_axes = mesh_of(mesh_name)
-  argnums = (0, 1, 2, 3) if name in SIGMOID else (0, 1, 2)
-  return jax.jit(jax.value_and_grad(losses.make_loss(name, mesh, batch_axes), argnums=argnums))
-
-
 def reference_value_and_grad(name, args):
   ref = losses.sigmoid_loss if name in SIGMOID else losses.contrastive_loss
   return jax.value_and_grad(ref, argnums=tuple(range(len(args))))(*args)
@@ -137,42 +132,6 @@ def reference_value_and_grad(name, args):
 
 def loss_args(name, img, txt):
   return (img, txt, LOG_SCALE, BIAS) if name in SIGMOID else (img, txt, LOG_SCALE)
-
-
-@pytest.mark.parametrize('kind', ['random', 'duplicate'])
-@pytest.mark.parametrize('mesh_name', list(MESHES))
-@pytest.mark.parametrize('name', sorted(losses.LOSSES))
-def test_sharded_loss_equals_reference(name, mesh_name, kind):
-  args = loss_args(name, *pairs(kind))
-  value, grads = sharded_value_and_grad(name, mesh_name)(*args)
-  ref_value, ref_grads = reference_value_and_grad(name, args)
-  assert rel_err(value, ref_value) < FP32_RTOL
-  assert_rel_close(grads, ref_grads, FP32_RTOL)
-
-
-@pytest.mark.parametrize('mesh_name', ['8', '4x2'])
-@pytest.mark.parametrize('name', sorted(losses.LOSSES))
-def test_sharded_loss_with_identical_embeddings(name, mesh_name):
-  """All logits tie. The contrastive gradients are zero, cancellations of terms summing to ~20 in
-  magnitude, so they are compared absolutely (TIED_ATOL). 16 pairs: at 32 the fp32 reference's
-  own sigmoid bias gradient, a sum of 1024 equal terms, is off by 1.5e-5."""
-  args = loss_args(name, *pairs('identical', n=16))
-  value, grads = sharded_value_and_grad(name, mesh_name)(*args)
-  ref_value, ref_grads = reference_value_and_grad(name, args)
-  assert rel_err(value, ref_value) < FP32_RTOL
-  chex.assert_trees_all_close(grads, ref_grads, atol=TIED_ATOL, rtol=FP32_RTOL)
-
-
-@pytest.mark.parametrize('name', sorted(losses.LOSSES))
-def test_sharded_loss_in_bf16(name):
-  img, txt = (x.astype(jnp.bfloat16) for x in pairs('random'))
-  args = loss_args(name, img, txt)
-  value, grads = sharded_value_and_grad(name, '4x2')(*args)
-  ref_value, ref_grads = reference_value_and_grad(name, args)
-  assert grads[0].dtype == grads[1].dtype == jnp.bfloat16
-  assert rel_err(value, ref_value) < BF16_VALUE_RTOL
-  assert_rel_close(grads[:2], ref_grads[:2], BF16_GRAD_RTOL)
-  assert_rel_close(grads[2:], ref_grads[2:], FP32_RTOL)
 
 
 @pytest.mark.parametrize('name', sorted(losses.LOSSES))
@@ -197,20 +156,6 @@ def test_gradient_taken_inside_shard_map(name):
   ref_value, ref_grads = reference_value_and_grad(name, args)
   assert rel_err(value, ref_value) < FP32_RTOL
   assert_rel_close(grads, ref_grads[:2], FP32_RTOL)
-
-
-def test_make_loss_rejects_bad_input():
-  mesh, batch_axes = mesh_of('4x2')
-  with pytest.raises(ValueError, match="one of .*'ring_sigmoid'.*got 'softmax'"):
-    losses.make_loss('softmax', mesh, batch_axes)
-  with pytest.raises(ValueError, match=r"\['tensor'\] are not axes"):
-    losses.make_loss('contrastive', mesh, ('data', 'tensor'))
-  img, txt = pairs('random', n=12)
-  with pytest.raises(ValueError, match='global batch 12 must be divisible by the 8 devices'):
-    losses.make_loss('contrastive', mesh, batch_axes)(img, txt, LOG_SCALE)
-  img, txt = pairs('random')
-  with pytest.raises(TypeError, match=r'takes \(img, txt, logit_scale, logit_bias\), got 3'):
-    losses.make_loss('sigmoid', mesh, batch_axes)(img, txt, LOG_SCALE)
 
 
 def test_references_reject_bad_input():

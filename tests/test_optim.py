@@ -211,3 +211,18 @@ def test_layer_decay_scales_each_layer_of_stacked_blocks():
   chex.assert_trees_all_close(stacked_factors, clip.stack_layers(per_layer_factors))
   block0 = per_layer_factors['visual']['transformer']['resblocks']['0']['mlp']['c_fc']['weight']
   assert float(block0[0, 0]) == 0.5 ** 3  # block 0 of 3 has depth 1: 0.5 ** (3 + 1 - 1)
+
+
+@pytest.mark.parametrize('vision', [test_training.TINY.vision,
+                                    clip.VisionConfig('resnet', 8, (1, 2, 1, 1), 4, 64)],
+                         ids=['vit', 'resnet'])
+def test_weight_decay_mask_follows_openai(vision):
+  """Decay exactly the matrices and kernels (ndim >= 2) that are not embeddings: never biases
+  (in_proj_bias included), LayerNorm / BatchNorm gains, embeddings or the logit scale."""
+  cfg = dataclasses.replace(test_training.TINY, vision=vision)
+  trainable, _ = clip.split_batch_stats(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
+  shapes = weights.flatten(trainable)
+  mask = weights.flatten(optim.decay_mask(shapes))
+  expected = {k: len(v.shape) >= 2 and 'embedding' not in k for k, v in shapes.items()}
+  assert mask == expected, {k: v for k, v in mask.items() if v != expected[k]}
+  assert not mask['transformer.resblocks.0.attn.in_proj_bias']

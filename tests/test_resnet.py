@@ -1,4 +1,6 @@
-"""ModifiedResNet in training mode: batch statistics and running-buffer updates as torch's BN."""
+"""clip/resnet.py, ModifiedResNet in training mode: batch statistics and running-buffer updates as
+torch's BN, and gradients through every BatchNorm. Its inference parity with OpenAI's torch
+ResNets is tests/test_model.py's (parametrized together with the ViTs)."""
 import chex
 import jax
 import numpy as np
@@ -6,7 +8,7 @@ import torch
 
 import clip
 from clip import weights
-from experiments import openai_reference as reference
+from tests import openai_reference as reference
 
 CFG = clip.CLIPConfig(24, clip.VisionConfig('resnet', 8, (1, 2, 1, 1), 4, 64),
                       clip.TextConfig(32, 1, 4, 8, 50))

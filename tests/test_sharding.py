@@ -1,5 +1,7 @@
 """Partition rules: every parameter of every model is covered; gaps and bad meshes raise; FSDP and
-tensor parallelism really split the parameters."""
+tensor parallelism really split the parameters; stacked layers keep their layer axis unsplit."""
+import dataclasses
+
 import chex
 import jax
 import numpy as np
@@ -9,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 import clip
 from clip import sharding
 from clip import weights
+from tests.test_model import SCAN_CASE
 
 TINY = clip.CLIPConfig(32, clip.VisionConfig('vit', 64, 2, 2, 32, 8),
                        clip.TextConfig(32, 2, 2, context_length=16, vocab_size=128))
@@ -67,3 +70,13 @@ def test_sharded_parameters_shrink_per_device_memory(sizes):
   # Every large leaf is split over fsdp (norms, biases and scalars stay replicated, a few percent
   # of this tiny model); the transformer matrices over tensor as well.
   assert total / (fsdp * tensor) <= on_device0 <= total / fsdp * 1.2 + 2048, (on_device0, total)
+
+
+def test_stacked_parameters_shard_with_an_unsplit_layer_axis():
+  stacked = jax.eval_shape(clip.init, jax.random.PRNGKey(0), dataclasses.replace(SCAN_CASE, scan=True))
+  specs = sharding.param_specs(stacked)
+  assert specs['visual']['transformer']['resblocks']['attn']['in_proj_weight'] == \
+      sharding.P(None, 'tensor', 'fsdp')
+  assert specs['transformer']['resblocks']['mlp']['c_proj']['weight'] == \
+      sharding.P(None, 'fsdp', 'tensor')
+  assert specs['visual']['attn_pool']['attn']['in_proj_weight'] == sharding.P('tensor', 'fsdp')

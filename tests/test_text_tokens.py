@@ -13,7 +13,7 @@ import clip
 from clip import export
 from clip import model
 from clip import zero_shot
-from experiments import openai_reference as reference
+from tests import openai_reference as reference
 
 RTOL = 1e-4  # fp32 against transformers, relative to the largest feature
 SOT, EOT, ADDED = 49406, 49407, 49408

@@ -1,4 +1,6 @@
-"""Checkpoint formats, Hugging Face parity, config inference, official-file cache, bad files."""
+"""Checkpoint formats, Hugging Face parity, config inference, official-file cache, bad files; custom
+architectures change resolution and round-trip through torch."""
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -12,8 +14,13 @@ import torch
 import transformers
 
 import clip
+from clip import configs
 from clip import weights
-from experiments import openai_reference as reference
+from tests import openai_reference as reference
+from tests.numpy_reference import TEXT
+from tests.numpy_reference import VISION
+from tests.numpy_reference import perturbed
+from tests.test_model import SCAN_CASE
 
 CFG = clip.CLIPConfig(32, clip.VisionConfig('vit', 64, 2, 1, 32, 8),
                       clip.TextConfig(64, 2, 1, 16, 100))
@@ -161,6 +168,29 @@ def hf_model(seed=0):
       projection_dim=24)
   torch.manual_seed(seed)
   return reference.perturb(transformers.CLIPModel(config).eval())
+
+
+def test_sincos_and_gap_models_change_resolution():
+  for options in (dict(pool='gap'), dict(pool='map', pos_embedding='sincos2d')):
+    cfg = configs.CLIPConfig(32, configs.VisionConfig(**VISION, **options), configs.TextConfig(**TEXT))
+    params = clip.init(jax.random.PRNGKey(0), cfg)
+    new_params, new_cfg = weights.interpolate_pos_embed(params, cfg, 32)
+    if 'positional_embedding' in params['visual']:
+      assert new_params['visual']['positional_embedding'].shape == (16, 32)
+    out = clip.encode_image(new_params, np.zeros((1, 32, 32, 3), np.float32), new_cfg)
+    chex.assert_tree_all_finite(out)
+
+
+def test_custom_checkpoint_round_trips_through_torch(tmp_path):
+  params = perturbed(clip.init(jax.random.PRNGKey(0), SCAN_CASE))
+  torch.save(clip.to_torch_state_dict(clip.stack_layers(params)), tmp_path / 'custom.pt')
+  loaded, cfg = clip.load(tmp_path / 'custom.pt', config=SCAN_CASE)
+  chex.assert_trees_all_equal(loaded, jax.device_get(params))
+  stacked, _ = clip.load(tmp_path / 'custom.pt', config=dataclasses.replace(SCAN_CASE, scan=True))
+  chex.assert_trees_all_equal(clip.unstack_layers(stacked), jax.device_get(params))
+  with pytest.raises(clip.CheckpointError, match='missing'):
+    clip.load(tmp_path / 'custom.pt', config=dataclasses.replace(
+        SCAN_CASE, vision=dataclasses.replace(SCAN_CASE.vision, norm_placement='normformer')))
 
 
 def test_hugging_face_parity(tmp_path, inputs):

@@ -13,8 +13,8 @@ from PIL import Image
 import clip
 from clip import preprocess
 from clip import zero_shot
-from experiments import openai_reference as reference
 from experiments import zero_shot as cli
+from tests import openai_reference as reference
 
 CFG = clip.CLIPConfig(32, clip.VisionConfig('vit', 32, 1, 2, 16, 8),
                       clip.TextConfig(32, 1, 2, 8, 64))

@@ -1,0 +1,36 @@
+"""clip/checkpoint.py: a sharded train state saved and restored exactly (values and shardings),
+the newest `keep` kept; a state that does not match is refused; `read` without an abstract state."""
+import chex
+import jax
+import pytest
+
+from clip import checkpoint
+from clip import sharding
+from clip import training
+from tests.test_training import STEPS
+from tests.test_training import TINY
+from tests.test_training import batches
+from tests.test_training import run
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+  tcfg = training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1)
+  mesh = sharding.make_mesh(2, 4, 1)
+  state, _ = run(TINY, tcfg, mesh, batches(TINY, 16, 1))
+  shardings = training.setup(TINY, tcfg, mesh).shardings
+  for step in (1, 2, 3, 4):
+    checkpoint.save(tmp_path, step, state, {'data_position': step * 16}, keep=2)
+  assert checkpoint.steps(tmp_path) == [3, 4]
+  abstract = jax.eval_shape(lambda: state)
+  restored, meta = checkpoint.restore(tmp_path, abstract, shardings)
+  assert meta == {'step': 4, 'data_position': 64}
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+  assert restored['params']['visual']['conv1']['weight'].sharding == \
+      shardings['params']['visual']['conv1']['weight']
+  with pytest.raises(ValueError, match='does not match the train state'):
+    checkpoint.restore(tmp_path, {'params': abstract['params']})
+  tree, meta = checkpoint.read(tmp_path, ('params', 'batch_stats'))  # no abstract state needed
+  assert meta['step'] == 4 and set(tree) == {'params'}  # a ViT has no BatchNorm buffers
+  chex.assert_trees_all_equal(tree['params'], jax.device_get(state['params']))
+  with pytest.raises(ValueError, match='not under dict keys'):
+    checkpoint.read(tmp_path, ('opt',))
