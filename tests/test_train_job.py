@@ -1,5 +1,6 @@
 """The main job as users run it, in subprocesses: a killed run resumes bit-identically, and two
 processes with four devices each train exactly as one process with eight."""
+import dataclasses
 import json
 import os
 import re
@@ -123,3 +124,20 @@ def test_two_processes_train_as_one(tmp_path):
   assert len(one) == 2, one
   assert [s for s, _ in one] == [s for s, _ in two]
   np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
+
+
+def test_a_workdir_resumes_only_on_its_own_data(capsys):
+  """The saved data position belongs to the source it was read from: another --data is refused;
+  another run length is allowed and said."""
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  config = train.load_config(train.parse_args(['--config', 'tiny', '--data', 'a/*.tar']))
+  capsys.readouterr()
+  meta = {'step': 3, 'data': {'epoch': 0, 'record': 96, 'step': 3}, 'data_source': 'a/*.tar',
+          'total_steps': 50}
+  train.check_resume(meta, config.run, config.train, 'w/checkpoints')
+  assert capsys.readouterr().out == ''
+  with pytest.raises(ValueError, match="trained on --data 'a/\\*.tar'.*'b/\\*.tar'"):
+    train.check_resume(meta, dataclasses.replace(config.run, data='b/*.tar'), config.train,
+                       'w/checkpoints')
+  train.check_resume({**meta, 'total_steps': 40}, config.run, config.train, 'w/checkpoints')
+  assert 'resuming a run of 40 steps as one of 50' in capsys.readouterr().out
