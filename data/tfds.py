@@ -119,3 +119,12 @@ class TFDSClassification:
   def batches(self, batch_size, resolution, **kwargs):
     """Numpy batches of `dataset(...)`."""
     return self.dataset(batch_size, resolution, **kwargs).as_numpy_iterator()
+
+  def arrays(self, batch_size, resolution):
+    """This process's share in evaluation order as whole arrays: (images float32 (N, R, R, 3),
+    labels int32 (N,))."""
+    images, labels = [], []
+    for batch in self.batches(batch_size, resolution):
+      images.append(batch['image'])
+      labels.append(batch['label'])
+    return np.concatenate(images), np.concatenate(labels)

@@ -117,11 +117,7 @@ def classification_data(args, cfg, split, fit=False):
     from data import tfds  # pylint: disable=g-import-not-at-top
     data = tfds.TFDSClassification(name, split or ('train' if fit else 'test'),
                                    data_dir=args.data_dir)
-    images, labels = [], []
-    for batch in data.batches(args.batch_size, cfg.image_resolution):
-      images.append(batch['image'])
-      labels.append(batch['label'])
-    return np.concatenate(images), np.concatenate(labels), data.classnames, None
+    return (*data.arrays(args.batch_size, cfg.image_resolution), data.classnames, None)
   raise ValueError(f'--dataset must be synthetic[/<task>] or tfds/<name>, got {args.dataset!r}')
 
 

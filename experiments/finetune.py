@@ -101,11 +101,11 @@ def test_sets(args, cfg):
       out[split] = (_normalised(sample['image']), ds.labels(sample, name or 'colour_shape'),
                     sample['caption'])
     return out
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
-  eval_args = evaluate.parse_args(['--model', args.model, '--dataset', args.dataset])
-  eval_args.data_dir = args.data_dir
-  images, labels, _, _ = evaluate.classification_data(eval_args, cfg, 'test')
-  return {'test': (images, labels, None)}
+  if kind != 'tfds':
+    raise ValueError(f'--dataset must be synthetic[/<task>] or tfds/<name>, got {args.dataset!r}')
+  from data import tfds  # pylint: disable=g-import-not-at-top
+  data = tfds.TFDSClassification(name, 'test', data_dir=args.data_dir)
+  return {'test': (*data.arrays(args.batch_size, cfg.image_resolution), None)}
 
 
 def _accuracy(logits, labels):
