@@ -154,12 +154,17 @@ def replicated(mesh):
 
 
 def constrain(x, spec):
-  """`with_sharding_constraint(x, spec)` while a mesh with the axes `('data', 'fsdp', ...)` is the
-  abstract mesh of the trace (the train step sets it); a no-op everywhere else, so the towers
-  can call it unconditionally."""
+  """`with_sharding_constraint(x, spec)` while a mesh is the abstract mesh of the trace (the train
+  step sets its own); a no-op without one (inference, plain jit), so the towers can call it
+  unconditionally. A mesh without the batch axes `('data', 'fsdp')` raises ShardingError: the
+  constraint would not mean what the towers ask for, and skipping it silently would hide that."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+  if mesh.empty:
     return x
+  if not set(BATCH_AXES) <= set(mesh.axis_names):
+    raise ShardingError(f'the towers pin activations\' batch to the mesh axes {BATCH_AXES}, but '
+                        f'the mesh of this trace has axes {mesh.axis_names}: build it with '
+                        'clip.sharding.make_mesh (data, fsdp, tensor)')
   return jax.lax.with_sharding_constraint(x, spec)
 
 

@@ -80,3 +80,19 @@ def test_stacked_parameters_shard_with_an_unsplit_layer_axis():
   assert specs['transformer']['resblocks']['mlp']['c_proj']['weight'] == \
       sharding.P(None, 'fsdp', 'tensor')
   assert specs['visual']['attn_pool']['attn']['in_proj_weight'] == sharding.P('tensor', 'fsdp')
+
+
+def test_activation_constraints_refuse_a_mesh_without_the_batch_axes():
+  """Without a mesh the towers' batch constraint is a no-op; under a mesh that lacks
+  ('data', 'fsdp') it raises instead of silently constraining nothing."""
+  params = clip.init(jax.random.PRNGKey(0), TINY)
+  images = np.zeros((2, 32, 32, 3), np.float32)
+  encode = jax.jit(lambda p, x: clip.model.encode_image(p, x, TINY))
+  chex.assert_shape(encode(params, images), (2, 32))
+  other = jax.make_mesh((1,), ('batch',), devices=jax.devices()[:1])
+  with jax.sharding.use_abstract_mesh(other.abstract_mesh):
+    with pytest.raises(sharding.ShardingError, match="has axes \\('batch',\\)"):
+      encode(params, images)
+  ours = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+  with jax.sharding.use_abstract_mesh(ours.abstract_mesh):
+    chex.assert_shape(encode(params, images), (2, 32))
