@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from clip import layers
+from clip import transformer
 
 EXPANSION = 4
 
@@ -115,10 +116,9 @@ def _remat_stage(p, x, blocks, stride, train):
   x, first = bottleneck(p['0'], x, stride, train)
   stats = {'0': first}
   if blocks > 1:
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                           *[p[str(b)] for b in range(1, blocks)])
+    stacked = transformer.stack_blocks([p[str(b)] for b in range(1, blocks)])
     x, rest = jax.lax.scan(lambda h, bp: bottleneck(bp, h, 1, train), x, stacked)
-    stats.update({str(b): jax.tree.map(lambda leaf, i=b - 1: leaf[i], rest)
+    stats.update({str(b): jax.tree.map(lambda leaf, i=b - 1: leaf[i], rest)  # {} in eval mode
                   for b in range(1, blocks)})
   return x, stats
 
