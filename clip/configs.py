@@ -3,6 +3,7 @@
 A custom model is just another config object; the nine OpenAI models are entries of `MODELS`.
 """
 import dataclasses
+import typing
 
 import jax
 import numpy as np
@@ -81,6 +82,15 @@ class BlockOptions:
 
 
 _DEFAULT_BLOCK = BlockOptions()
+
+
+class Execution(typing.NamedTuple):
+  """How a tower runs, not what it computes: the forward pass's compute dtype, rematerialisation
+  ('none', 'block', 'dots') and scanned blocks. Every tower's `apply` takes one, from
+  `CLIPConfig.execution`; each casts its inputs and weights to `dtype` itself."""
+  dtype: str = 'float32'
+  remat: str = 'none'
+  scan: bool = False
 
 
 @jax.tree_util.register_static
@@ -268,6 +278,11 @@ class CLIPConfig:
   @property
   def context_length(self):
     return self.text.context_length
+
+  @property
+  def execution(self):
+    """The towers' `Execution`: this config's dtype, remat and scan."""
+    return Execution(self.dtype, self.remat, self.scan)
 
 
 def openai_config(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,

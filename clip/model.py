@@ -158,15 +158,14 @@ def _row(index, start):
 
 def _encode_image(params, images, cfg, train):
   check_images(images, cfg)
-  images = images.astype(cfg.dtype)
   if cfg.vision.arch == 'resnet':
-    out = resnet.apply(params['visual'], images, cfg.vision, train, cfg.remat != 'none')
+    out = resnet.apply(params['visual'], images, cfg.vision, cfg.execution, train)
     if train:
       return out[0].astype(jnp.float32), {'visual': out[1]}
     return out.astype(jnp.float32)
   if train:
     raise ValueError('train=True only changes BatchNorm, which a ViT does not have')
-  return vit.apply(params['visual'], images, cfg.vision, cfg.remat, cfg.scan).astype(jnp.float32)
+  return vit.apply(params['visual'], images, cfg.vision, cfg.execution).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'train'))
@@ -184,8 +183,7 @@ def encode_text_jit(params, tokens, cfg):
   """`encode_text` without the value checks (shapes are checked at trace time): for callers that
   checked their tokens already."""
   check_tokens(tokens, cfg)
-  return text.apply(params, tokens, cfg.text, jnp.dtype(cfg.dtype), cfg.remat,
-                    cfg.scan).astype(jnp.float32)
+  return text.apply(params, tokens, cfg.text, cfg.execution).astype(jnp.float32)
 
 
 def encode_text(params, tokens, cfg):

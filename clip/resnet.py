@@ -6,6 +6,7 @@ in which case `apply` also returns the updated running buffers as a nested dict 
 import jax
 import jax.numpy as jnp
 
+from clip import configs
 from clip import layers
 from clip import transformer
 
@@ -123,9 +124,12 @@ def _remat_stage(p, x, blocks, stride, train):
   return x, stats
 
 
-def apply(params, images_NxHxWx3, cfg, train=False, remat=False):
+def apply(params, images_NxHxWx3, cfg, execution=configs.Execution(), train=False):
   """Normalised NHWC images -> (N, embed_dim); with `train=True` -> (features, new BN buffers).
-  `remat` recomputes each bottleneck in the backward pass instead of storing its activations."""
+  Any `execution.remat` but 'none' recomputes each bottleneck in the backward pass instead of
+  storing its activations (a ResNet has no 'dots' policy of its own)."""
+  images_NxHxWx3 = images_NxHxWx3.astype(execution.dtype)
+  remat = execution.remat != 'none'
   s = _Stats()
   x = jax.nn.relu(s.conv_bn(params, ('conv1', 'bn1'), images_NxHxWx3, train, 2, 1))
   x = jax.nn.relu(s.conv_bn(params, ('conv2', 'bn2'), x, train, padding=1))

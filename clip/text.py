@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from clip import configs
 from clip import layers
 from clip import pooling
 from clip import sharding
@@ -34,7 +35,7 @@ def eot_positions(tokens_NxL, cfg):
   return jnp.argmax(tokens_NxL == cfg.eot_id, axis=-1)
 
 
-def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat='none', scan=False):
+def apply(params, tokens_NxL, cfg, execution=configs.Execution()):
   """int tokens (N, L<=context) -> (N, embed_dim). The end-of-text position of a row is the first
   occurrence of `cfg.eot_id`; what follows it is padding (masked out of bidirectional attention
   and map pooling unless `cfg.mask_padding` is False). `pool='last'` pools position L - 1 of the
@@ -42,6 +43,7 @@ def apply(params, tokens_NxL, cfg, dtype=jnp.float32, remat='none', scan=False):
   jit): an id outside the vocabulary is clamped by the gather, a row without `cfg.eot_id` pools
   at position 0."""
   length = tokens_NxL.shape[1]
+  dtype, remat, scan = jnp.dtype(execution.dtype), execution.remat, execution.scan
   # The lookup reads a gathered table (as FSDP gathers every weight it uses): a gather from the
   # sharded table would come out split along the width, not the batch.
   table_VxD = sharding.constrain(params['token_embedding']['weight'].astype(dtype), P())

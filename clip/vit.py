@@ -4,6 +4,7 @@ import einops
 import jax
 import jax.numpy as jnp
 
+from clip import configs
 from clip import layers
 from clip import pooling
 from clip import transformer
@@ -47,9 +48,11 @@ def position_table(params, cfg, dtype):
   return table
 
 
-def tokens(params, images_NxHxWx3, cfg, remat='none', scan=False):
+def tokens(params, images_NxHxWx3, cfg, execution=configs.Execution()):
   """Normalised NHWC images -> the last block's tokens (N, prefix + patches, D): the class token
-  (with 'cls' pooling), then the registers, then the patches in raster order."""
+  (with 'cls' pooling), then the registers, then the patches in raster order, in
+  `execution.dtype`."""
+  images_NxHxWx3 = images_NxHxWx3.astype(execution.dtype)
   dtype = images_NxHxWx3.dtype
   p = cfg.patch_size
   # The stride-p conv with an OIHW kernel, as one einsum over non-overlapping patches.
@@ -68,7 +71,8 @@ def tokens(params, images_NxHxWx3, cfg, remat='none', scan=False):
     x_NxLxD = jnp.concatenate([x_NxLxD[:, :c], regs_NxRxD, x_NxLxD[:, c:]], axis=1)
   if 'ln_pre' in params:
     x_NxLxD = layers.norm(params['ln_pre'], x_NxLxD, cfg.norm, cfg.norm_eps)
-  return transformer.apply(params['transformer'], x_NxLxD, cfg, remat=remat, scan=scan)
+  return transformer.apply(params['transformer'], x_NxLxD, cfg, remat=execution.remat,
+                           scan=execution.scan)
 
 
 def pool(params, x_NxLxD, cfg):
@@ -86,6 +90,6 @@ def pool(params, x_NxLxD, cfg):
   return x_NxD @ params['proj'].astype(x_NxD.dtype) if 'proj' in params else x_NxD
 
 
-def apply(params, images_NxHxWx3, cfg, remat='none', scan=False):
-  """Normalised NHWC images -> (N, embed_dim) features, in the dtype of the images."""
-  return pool(params, tokens(params, images_NxHxWx3, cfg, remat, scan), cfg)
+def apply(params, images_NxHxWx3, cfg, execution=configs.Execution()):
+  """Normalised NHWC images -> (N, embed_dim) features, in `execution.dtype`."""
+  return pool(params, tokens(params, images_NxHxWx3, cfg, execution), cfg)
