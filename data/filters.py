@@ -92,11 +92,12 @@ class MetadataFilter:
     if self.min_image_size is not None:
       columns += ['original_width', 'original_height']
     with tf.io.gfile.GFile(path, 'rb') as f:
-      table = pq.read_table(io.BytesIO(f.read()))
-    missing = [c for c in columns if c not in table.column_names]
+      parquet = pq.ParquetFile(io.BytesIO(f.read()))
+    names = parquet.schema_arrow.names
+    missing = [c for c in columns if c not in names]
     if missing:
-      raise ValueError(f'{path} has no column {missing}; its columns: {table.column_names}')
-    rows = table.select(columns).to_pydict()
+      raise ValueError(f'{path} has no column {missing}; its columns: {names}')
+    rows = parquet.read(columns=columns).to_pydict()  # only these: captions, exif stay unread
     keep = np.asarray([s == 'success' for s in rows['status']], bool)
     if self.uids is not None:
       keep &= np.asarray([str(u).lower() in self.uids for u in rows[self.uid_column]], bool)
