@@ -89,6 +89,9 @@ class TFDSClassification:
               image_dtype='float32', shuffle_buffer=10_000):
     """The tf.data pipeline: {'image': (B, n, n, 3), 'label': int32 (B,)}; eval keeps a smaller
     last batch, training drops it (and repeats `num_epochs` times, None = endless)."""
+    if not self.num_examples:
+      raise ValueError(f'{self.name} {self.split}: this process\'s share holds no example '
+                       '(more processes than examples)')
     if image_dtype not in ('float32', 'uint8'):
       raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
     ds = self.builder.as_dataset(

@@ -87,3 +87,19 @@ def test_missing_data_and_unknown_names_explain_themselves(data_dir, tmp_path):
   with pytest.raises(ValueError, match='3 classes, got 2'):
     data_tfds.TFDSClassification('tiny_shapes', data_dir=data_dir, classnames=['a', 'b'],
                                  process_index=0, process_count=1)
+
+
+def test_arrays_are_the_batches_in_order_and_an_empty_share_raises(data_dir):
+  data = data_tfds.TFDSClassification('tiny_shapes', 'test', data_dir=data_dir, process_index=0,
+                                      process_count=1)
+  images, labels = data.arrays(3, 32)
+  batches = list(data.batches(3, 32))
+  np.testing.assert_array_equal(images, np.concatenate([b['image'] for b in batches]))
+  np.testing.assert_array_equal(labels, np.concatenate([b['label'] for b in batches]))
+  assert len(labels) == 7
+  shares = [data_tfds.TFDSClassification('tiny_shapes', 'test', data_dir=data_dir,
+                                         process_index=p, process_count=8) for p in range(8)]
+  empty = [s for s in shares if s.num_examples == 0]
+  assert empty, 'expected an empty share: 7 examples over 8 processes'
+  with pytest.raises(ValueError, match="tiny_shapes test: this process's share holds no example"):
+    empty[0].arrays(3, 32)
