@@ -16,6 +16,7 @@ from clip.model import init
 from clip.model import init_params
 from clip.model import split_batch_stats
 from clip.model import stack_layers
+from clip.model import training_image_features
 from clip.model import unstack_layers
 from clip.model import update_batch_stats
 from clip.open_clip_configs import config_from_open_clip

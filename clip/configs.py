@@ -46,7 +46,8 @@ class BlockOptions:
   `c_gate`; `mlp_dim` the hidden width (4 x width by default); `qk_norm` normalises queries and
   keys per head; `bias=False` drops every linear and norm bias; `projection=False` drops the
   final projection, allowed when the width already equals `embed_dim`; `pool_heads` the heads of
-  a `map` pooling head (the tower's by default)."""
+  a `map` pooling head (the tower's by default). The options hold no width or heads: the methods
+  that need them take them from the tower config."""
   norm: str = 'layernorm'
   norm_placement: str = 'pre'
   norm_eps: float | None = None
@@ -57,7 +58,8 @@ class BlockOptions:
   projection: bool = True
   pool_heads: int | None = None
 
-  def _check_block_options(self, owner):
+  def _check_block_options(self, owner, width, heads, pool):
+    """Validates these options for a tower `width` wide with `heads` heads pooled by `pool`."""
     _one_of(self.norm, NORMS, f'{owner}.norm')
     _one_of(self.norm_placement, NORM_PLACEMENTS, f'{owner}.norm_placement')
     _one_of(self.mlp, MLPS, f'{owner}.mlp')
@@ -67,18 +69,18 @@ class BlockOptions:
              f'{owner}.mlp_dim must be None or > 0, got {self.mlp_dim}')
     _require(self.pool_heads is None or self.pool_heads > 0,
              f'{owner}.pool_heads must be None (the tower\'s heads) or > 0, got {self.pool_heads}')
-    if self.pool == 'map':
-      _require(self.width % self.map_heads == 0,
-               f'{owner} width {self.width} is not divisible by its {self.map_heads} map-pooling '
-               'heads')
+    if pool == 'map':
+      map_heads = self.map_heads_for(heads)
+      _require(width % map_heads == 0,
+               f'{owner} width {width} is not divisible by its {map_heads} map-pooling heads')
 
-  @property
-  def hidden_dim(self):
-    return self.mlp_dim or 4 * self.width
+  def hidden_dim_for(self, width):
+    """The MLP's hidden width in a tower `width` wide: `mlp_dim`, or 4 x width."""
+    return self.mlp_dim or 4 * width
 
-  @property
-  def map_heads(self):
-    return self.pool_heads or self.heads
+  def map_heads_for(self, heads):
+    """The MAP head's attention heads in a tower with `heads` heads: `pool_heads`, or `heads`."""
+    return self.pool_heads or heads
 
 
 _DEFAULT_BLOCK = BlockOptions()
@@ -144,7 +146,7 @@ class VisionConfig(BlockOptions):
                'pool_registers=True needs registers > 0 and pool "gap" or "map" (the class '
                f'token alone is pooled with "cls"); got registers={self.registers}, '
                f'pool={self.pool!r}')
-      self._check_block_options('VisionConfig')
+      self._check_block_options('VisionConfig', self.width, self.heads, self.pool)
     else:
       object.__setattr__(self, 'layers', tuple(self.layers))
       _require(len(self.layers) == 4 and all(n > 0 for n in self.layers),
@@ -162,6 +164,16 @@ class VisionConfig(BlockOptions):
                     ('pool_registers', False), ('ln_pre', True), ('patch_bias', False))
                    if getattr(self, name) != default]
       _require(not vit_only, f'transformer options apply to ViTs, not to a ResNet: {vit_only}')
+
+  @property
+  def hidden_dim(self):
+    """The MLP's hidden width (`mlp_dim`, or 4 x width)."""
+    return self.hidden_dim_for(self.width)
+
+  @property
+  def map_heads(self):
+    """The MAP pooling head's attention heads (`pool_heads`, or `heads`)."""
+    return self.map_heads_for(self.heads)
 
   @property
   def grid_size(self):
@@ -225,7 +237,17 @@ class TextConfig(BlockOptions):
     _require(self.pos_embedding != 'rope' or head_dim % 2 == 0,
              f'RoPE rotates pairs of dimensions: the head dimension {head_dim} '
              f'(width {self.width} / {self.heads} heads) must be even')
-    self._check_block_options('TextConfig')
+    self._check_block_options('TextConfig', self.width, self.heads, self.pool)
+
+  @property
+  def hidden_dim(self):
+    """The MLP's hidden width (`mlp_dim`, or 4 x width)."""
+    return self.hidden_dim_for(self.width)
+
+  @property
+  def map_heads(self):
+    """The MAP pooling head's attention heads (`pool_heads`, or `heads`)."""
+    return self.map_heads_for(self.heads)
 
   @property
   def eot_id(self):
@@ -240,6 +262,53 @@ class TextConfig(BlockOptions):
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
+class DecoderConfig(BlockOptions):
+  """Captioning text decoder (CapPa, Tschannen et al. 2023; CoCa's multimodal decoder): causal
+  self-attention over the caption, cross-attention to the image tower's tokens, MLP, per block.
+  The block options (norm, MLP kind, qk-norm, biases) are the text tower's; `pool_heads` and
+  `projection` do not apply. `image_projection` maps the image tokens (the vision width) to
+  `width` with a linear layer; without it the widths must be equal. `tie_embedding` scores the
+  vocabulary with the token embedding (CapPa ties nothing: `False` adds `head.{weight, bias}`).
+  `eot_token_id` as in `TextConfig` (None: `vocab_size - 1`): generation stops there, and the
+  loss covers the caption up to it."""
+  width: int
+  layers: int
+  heads: int
+  context_length: int = 77
+  vocab_size: int = 49408
+  eot_token_id: int | None = None
+  tie_embedding: bool = True
+  image_projection: bool = True
+
+  def __post_init__(self):
+    for name in ('width', 'layers', 'heads', 'vocab_size'):
+      _require(getattr(self, name) > 0,
+               f'DecoderConfig.{name} must be > 0, got {getattr(self, name)}')
+    _require(self.context_length > 1, 'DecoderConfig.context_length must be > 1 (a start token '
+             f'and one to predict), got {self.context_length}')
+    _require(self.width % self.heads == 0,
+             f'decoder width {self.width} is not divisible by heads {self.heads}')
+    _require(self.eot_token_id is None or 0 <= self.eot_token_id < self.vocab_size,
+             f'DecoderConfig.eot_token_id must be None (vocab_size - 1) or in '
+             f'[0, {self.vocab_size}), got {self.eot_token_id}')
+    _require(self.pool_heads is None and self.projection,
+             'pool_heads and projection do not apply to a decoder, got '
+             f'pool_heads={self.pool_heads}, projection={self.projection}')
+    self._check_block_options('DecoderConfig', self.width, self.heads, None)
+
+  @property
+  def hidden_dim(self):
+    """The MLP's hidden width (`mlp_dim`, or 4 x width)."""
+    return self.hidden_dim_for(self.width)
+
+  @property
+  def eot_id(self):
+    """The end-of-text token id: `eot_token_id`, or `vocab_size - 1` when it is None."""
+    return self.vocab_size - 1 if self.eot_token_id is None else self.eot_token_id
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   """The two-tower model. `dtype` is the compute dtype of the forward pass; params stay fp32.
 
@@ -249,14 +318,20 @@ class CLIPConfig:
   backward pass: 'none', 'block' (keep only each block's input; ResNet: each bottleneck) or
   'dots' (keep the matmul outputs without batch dimensions, recompute the rest); `True`/`False`
   mean 'block'/'none'. `logit_bias=True` adds SigLIP's learnable bias (init -10, and the logit
-  scale starts at ln 10)."""
+  scale starts at ln 10).
+
+  `decoder` adds a captioning text decoder (`clip/decoder.py`) over the image tower's tokens
+  (SigLIP 2 / CoCa with a text tower; CapPa with `text=None`, which has no text tower, no
+  contrastive embedding and no logit scale). A decoder needs a ViT image tower, and with a text
+  tower it reads the same tokens: equal context lengths and vocabularies."""
   embed_dim: int
   vision: VisionConfig
-  text: TextConfig
+  text: TextConfig | None
   dtype: str = 'float32'
   remat: str = 'none'
   scan: bool = False
   logit_bias: bool = False
+  decoder: DecoderConfig | None = None
 
   def __post_init__(self):
     _require(self.embed_dim > 0, f'embed_dim must be > 0, got {self.embed_dim}')
@@ -264,12 +339,33 @@ class CLIPConfig:
     if isinstance(self.remat, bool):
       object.__setattr__(self, 'remat', 'block' if self.remat else 'none')
     _one_of(self.remat, REMATS, 'CLIPConfig.remat')
-    for name, tower in (('vision', self.vision), ('text', self.text)):
+    _require(self.text is not None or self.decoder is not None,
+             'a CLIPConfig needs a text tower, a decoder, or both; got text=None, decoder=None')
+    _require(self.text is not None or not self.logit_bias,
+             'logit_bias=True needs a text tower (the bias is the image-text logits\')')
+    towers = (('vision', self.vision),) + ((('text', self.text),) if self.text else ())
+    for name, tower in towers:
       if not tower.projection:
         width = tower.feature_width if name == 'vision' else tower.width
         _require(width == self.embed_dim,
                  f'{name}.projection=False needs the {name} width {width} to equal embed_dim '
                  f'{self.embed_dim}')
+    if self.decoder is not None:
+      self._check_decoder()
+
+  def _check_decoder(self):
+    d, v, t = self.decoder, self.vision, self.text
+    _require(v.arch == 'vit', 'a captioning decoder cross-attends to ViT tokens; got a '
+             f'{v.arch} image tower')
+    _require(d.image_projection or d.width == v.width,
+             f'decoder width {d.width} does not fit the image tokens of width {v.width}: set '
+             'DecoderConfig.image_projection=True or make the widths equal')
+    if t is not None:
+      _require((d.context_length, d.vocab_size, d.eot_id)
+               == (t.context_length, t.vocab_size, t.eot_id),
+               'the decoder reads the text tower\'s tokens: context_length, vocab_size and the '
+               f'end-of-text id must match, got decoder {d.context_length}, {d.vocab_size}, '
+               f'{d.eot_id} and text {t.context_length}, {t.vocab_size}, {t.eot_id}')
 
   @property
   def image_resolution(self):
@@ -277,7 +373,7 @@ class CLIPConfig:
 
   @property
   def context_length(self):
-    return self.text.context_length
+    return (self.text or self.decoder).context_length
 
   @property
   def execution(self):

@@ -97,7 +97,7 @@ def _classification(logits_NxC, labels_N):
 def image_classification_objective(cfg):
   """Cross-entropy of the image classifier on `{'image', 'label'}` batches (ResNets train their
   BatchNorm statistics), for `training.setup(objective=...)`."""
-  def objective(params, batch_stats, batch):
+  def objective(params, batch_stats, batch, key):  # pylint: disable=unused-argument
     feats, batch_stats = model.training_image_features(params, batch_stats, batch['image'], cfg)
     loss, metrics = _classification(_head(params['head'], feats), batch['label'])
     return loss, (batch_stats, metrics)
@@ -106,7 +106,7 @@ def image_classification_objective(cfg):
 
 def text_classification_objective(cfg):
   """Cross-entropy of the text classifier on `{'tokens', 'label'}` batches."""
-  def objective(params, batch_stats, batch):
+  def objective(params, batch_stats, batch, key):  # pylint: disable=unused-argument
     loss, metrics = _classification(classify_texts(params, batch['tokens'], cfg), batch['label'])
     return loss, (batch_stats, metrics)
   return objective

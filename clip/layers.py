@@ -257,11 +257,11 @@ def init_multi_head_attention(key, d, attn_std, proj_std, bias=True, heads=None,
   return p
 
 
-def multi_head_attention(p, x_NxQxD, heads, mask_QxK=None, kv_NxKxD=None, norm_kind='layernorm',
-                         q_pos=None, k_pos=None, rope_theta=10000.0, norm_eps=None):
-  """nn.MultiheadAttention with the packed `in_proj_weight (3D, D)`: self-attention, or queries
-  from `x` and keys/values from `kv`. Optional parts, present by their parameters: query-key
-  normalisation (`q_norm`, `k_norm`), NormFormer's `head_scale`; RoPE when positions are given."""
+def attention_projections(p, x_NxQxD, heads, norm_kind='layernorm', norm_eps=None,
+                          kv_NxKxD=None):
+  """Per-head queries (N, Q, H, d), keys and values (N, K, H, d) of nn.MultiheadAttention's packed
+  `in_proj_weight (3D, D)`: from `x`, or the queries from `x` and keys/values from `kv`; with
+  query-key normalisation when `q_norm` / `k_norm` are present."""
   d = x_NxQxD.shape[-1]
   w, b = p['in_proj_weight'], p.get('in_proj_bias')
   if kv_NxKxD is None:
@@ -274,9 +274,23 @@ def multi_head_attention(p, x_NxQxD, heads, mask_QxK=None, kv_NxKxD=None, norm_k
   q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
   if 'q_norm' in p:
     q, k = norm(p['q_norm'], q, norm_kind, norm_eps), norm(p['k_norm'], k, norm_kind, norm_eps)
-  if q_pos is not None:
-    q, k = rope(q, q_pos, rope_theta), rope(k, k_pos, rope_theta)
-  out_NxQxHxd = attention_heads(q, k, v, mask_QxK)
+  return q, k, v
+
+
+def attention_output(p, out_NxQxHxd):
+  """The attention's per-head output -> (N, Q, D): NormFormer's `head_scale` if present, then
+  `out_proj`."""
   if 'head_scale' in p:
     out_NxQxHxd = out_NxQxHxd * p['head_scale'].astype(out_NxQxHxd.dtype)[:, None]
-  return linear(p['out_proj'], out_NxQxHxd.reshape(*out_NxQxHxd.shape[:2], d))
+  return linear(p['out_proj'], out_NxQxHxd.reshape(*out_NxQxHxd.shape[:2], -1))
+
+
+def multi_head_attention(p, x_NxQxD, heads, mask_QxK=None, kv_NxKxD=None, norm_kind='layernorm',
+                         q_pos=None, k_pos=None, rope_theta=10000.0, norm_eps=None):
+  """nn.MultiheadAttention with the packed `in_proj_weight (3D, D)`: self-attention, or queries
+  from `x` and keys/values from `kv`. Optional parts, present by their parameters: query-key
+  normalisation (`q_norm`, `k_norm`), NormFormer's `head_scale`; RoPE when positions are given."""
+  q, k, v = attention_projections(p, x_NxQxD, heads, norm_kind, norm_eps, kv_NxKxD)
+  if q_pos is not None:
+    q, k = rope(q, q_pos, rope_theta), rope(k, k_pos, rope_theta)
+  return attention_output(p, attention_heads(q, k, v, mask_QxK))

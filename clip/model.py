@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clip import decoder
 from clip import resnet
 from clip import text
 from clip import transformer
@@ -29,11 +30,18 @@ def init_params(key, cfg):
   Not jitted, so that it composes: `jax.eval_shape(init_params, key, cfg)` for the tree, or
   `jax.jit(init_params, static_argnames='cfg', out_shardings=...)` to create it sharded.
   """
-  params = text.init(jax.random.fold_in(key, 1), cfg.text, cfg.embed_dim, cfg.scan)
+  params = {}
+  if cfg.text is not None:
+    params = text.init(jax.random.fold_in(key, 1), cfg.text, cfg.embed_dim, cfg.scan)
   if cfg.vision.arch == 'resnet':
     params['visual'] = resnet.init(jax.random.fold_in(key, 0), cfg.vision, cfg.embed_dim)
   else:
     params['visual'] = vit.init(jax.random.fold_in(key, 0), cfg.vision, cfg.embed_dim, cfg.scan)
+  if cfg.decoder is not None:
+    params['text_decoder'] = decoder.init(jax.random.fold_in(key, 2), cfg.decoder,
+                                          cfg.vision.width, cfg.scan)
+  if cfg.text is None:  # CapPa: no image-text logits, so no scale
+    return params
   params['logit_scale'] = jnp.asarray(np.log(1 / 0.07), jnp.float32)
   return add_logit_bias(params) if cfg.logit_bias else params
 
@@ -121,26 +129,33 @@ def _host_blocks(tokens):
 
 def check_token_values(tokens, cfg):
   """Raises unless every id of the concrete int tokens `(..., L)` is in [0, vocab_size) and, where
-  the text tower pools or masks at the end-of-text token, every row holds `cfg.text.eot_id`.
-  Rows are named by their index over the leading axes. Needs concrete arrays: under jit, call it
-  where the tokens are made (the public entry points do)."""
+  the text tower pools or masks at the end-of-text token, or a captioning decoder ends its
+  caption there, every row holds that id. Rows are named by their index over the leading axes.
+  Needs concrete arrays: under jit, call it where the tokens are made (the public entry points
+  do)."""
+  t = cfg.text or cfg.decoder
+  eot_use = None
+  if cfg.text is not None and cfg.text.uses_eot:
+    eot_use = ('this text tower pools at' if cfg.text.pool == 'eot' else
+               'this text tower masks the padding after')
+  elif cfg.decoder is not None:
+    eot_use = 'the captioning decoder ends the caption at'
   for start, block in _host_blocks(tokens):
-    _check_block(block, start, cfg.text)
+    _check_block(block, start, t.vocab_size, t.eot_id, eot_use)
 
 
-def _check_block(tokens, start, t):
-  bad = (tokens < 0) | (tokens >= t.vocab_size)
+def _check_block(tokens, start, vocab_size, eot_id, eot_use):
+  bad = (tokens < 0) | (tokens >= vocab_size)
   if bad.any():
     index = tuple(np.argwhere(bad)[0])
     raise ValueError(f'token id {tokens[index]} at row {_row(index[:-1], start)}, position '
-                     f'{index[-1]} is outside the vocabulary: ids must be in [0, {t.vocab_size}), '
+                     f'{index[-1]} is outside the vocabulary: ids must be in [0, {vocab_size}), '
                      f'{int(bad.sum())} of the ids are outside it{_leading_axes_note(tokens)}')
-  if t.uses_eot:
-    missing = ~(tokens == t.eot_id).any(axis=-1)
+  if eot_use:
+    missing = ~(tokens == eot_id).any(axis=-1)
     if missing.any():
-      use = 'pools at' if t.pool == 'eot' else 'masks the padding after'
       raise ValueError(f'row {_row(np.argwhere(missing)[0], start)} has no end-of-text token '
-                       f'{t.eot_id} ({int(missing.sum())} rows lack it); this text tower {use} '
+                       f'{eot_id} ({int(missing.sum())} rows lack it); {eot_use} '
                        'its first occurrence (clip.tokenize ends every row with it)'
                        f'{_leading_axes_note(tokens)}')
 
@@ -156,32 +171,41 @@ def _row(index, start):
   return index[0] if len(index) == 1 else index
 
 
-def _encode_image(params, images, cfg, train):
+@functools.partial(jax.jit, static_argnames=('cfg',))
+def encode_image(params, images, cfg):
+  """(N, R, R, 3) normalised images -> (N, embed_dim) fp32 features, not L2-normalised; a ResNet's
+  BatchNorm uses its running statistics (`training_image_features` trains them)."""
   check_images(images, cfg)
-  if cfg.vision.arch == 'resnet':
-    out = resnet.apply(params['visual'], images, cfg.vision, cfg.execution, train)
-    if train:
-      return out[0].astype(jnp.float32), {'visual': out[1]}
-    return out.astype(jnp.float32)
-  if train:
-    raise ValueError('train=True only changes BatchNorm, which a ViT does not have')
-  return vit.apply(params['visual'], images, cfg.vision, cfg.execution).astype(jnp.float32)
+  tower = resnet.apply if cfg.vision.arch == 'resnet' else vit.apply
+  return tower(params['visual'], images, cfg.vision, cfg.execution).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'train'))
-def encode_image(params, images, cfg, train=False):
-  """(N, R, R, 3) normalised images -> (N, embed_dim) fp32 features, not L2-normalised.
+@functools.partial(jax.jit, static_argnames=('cfg',))
+def image_features_and_tokens(params, images, cfg):
+  """A ViT run once for both heads: `(features (N, embed_dim) fp32, or None without a text
+  tower; the tokens a captioning decoder reads (N, T, width) in the compute dtype)`
+  (`vit.decoder_tokens`)."""
+  check_images(images, cfg)
+  if cfg.vision.arch != 'vit':
+    raise ValueError(f'image tokens for a decoder come from a ViT, got a {cfg.vision.arch}')
+  x = vit.tokens(params['visual'], images, cfg.vision, cfg.execution)
+  features = None
+  if cfg.text is not None:
+    features = vit.pool(params['visual'], x, cfg.vision).astype(jnp.float32)
+  return features, vit.decoder_tokens(params['visual'], x, cfg.vision)
 
-  ResNets with `train=True` use batch statistics and return `(features, batch_stats)`; merge the
-  new running statistics with `update_batch_stats`.
-  """
-  return _encode_image(params, images, cfg, train)
+
+def _require_text(cfg):
+  if cfg.text is None:
+    raise ValueError('this model has no text tower (text=None, a captioner): use its decoder '
+                     '(clip.generation) for text')
 
 
 @functools.partial(jax.jit, static_argnames=('cfg',))
 def encode_text_jit(params, tokens, cfg):
   """`encode_text` without the value checks (shapes are checked at trace time): for callers that
   checked their tokens already."""
+  _require_text(cfg)
   check_tokens(tokens, cfg)
   return text.apply(params, tokens, cfg.text, cfg.execution).astype(jnp.float32)
 
@@ -200,14 +224,16 @@ def l2_normalize(x):
 
 
 def training_image_features(params, batch_stats, images, cfg, update_bn=True):
-  """Image features for a training objective: `(features, batch_stats)`. A ResNet with
-  `update_bn` normalises with batch statistics and returns its updated running buffers;
-  otherwise (a ViT, or a locked tower) the tower runs in inference mode and `batch_stats` come
-  back as given."""
+  """Image features for a training objective, always `(features (N, embed_dim) fp32,
+  batch_stats)`. A ResNet with `update_bn` normalises with batch statistics and returns its
+  updated running buffers (`resnet.apply_train`); otherwise (a ViT, or a locked tower) the tower
+  runs as `encode_image` and `batch_stats` come back as given."""
   full = update_batch_stats(params, batch_stats)
-  if update_bn and cfg.vision.arch == 'resnet':
-    return encode_image(full, images, cfg, train=True)
-  return encode_image(full, images, cfg), batch_stats
+  if not (update_bn and cfg.vision.arch == 'resnet'):
+    return encode_image(full, images, cfg), batch_stats
+  check_images(images, cfg)
+  features, stats = resnet.apply_train(full['visual'], images, cfg.vision, cfg.execution)
+  return features.astype(jnp.float32), {'visual': stats}
 
 
 def logits(params, image_features, text_features):

@@ -1,7 +1,7 @@
 """OpenAI's ModifiedResNet image tower: 3-conv stem, anti-aliased bottlenecks, attention pool.
 
-BatchNorm runs on the running statistics (`train=False`) or on batch statistics (`train=True`),
-in which case `apply` also returns the updated running buffers as a nested dict mirroring params.
+`apply` normalises with the running statistics (inference); `apply_train` with batch statistics,
+returning the updated running buffers as a nested dict mirroring params beside the features.
 """
 import jax
 import jax.numpy as jnp
@@ -124,10 +124,21 @@ def _remat_stage(p, x, blocks, stride, train):
   return x, stats
 
 
-def apply(params, images_NxHxWx3, cfg, execution=configs.Execution(), train=False):
-  """Normalised NHWC images -> (N, embed_dim); with `train=True` -> (features, new BN buffers).
-  Any `execution.remat` but 'none' recomputes each bottleneck in the backward pass instead of
+def apply(params, images_NxHxWx3, cfg, execution=configs.Execution()):
+  """Normalised NHWC images -> (N, embed_dim), BatchNorm on its running statistics. Any
+  `execution.remat` but 'none' recomputes each bottleneck in the backward pass instead of
   storing its activations (a ResNet has no 'dots' policy of its own)."""
+  return _forward(params, images_NxHxWx3, cfg, execution, train=False)[0]
+
+
+def apply_train(params, images_NxHxWx3, cfg, execution=configs.Execution()):
+  """`apply` with BatchNorm on batch statistics: `(features (N, embed_dim), batch_stats)`, the
+  updated running buffers (torch's momentum 0.1, unbiased variance) under their parameter
+  paths, for `clip.update_batch_stats`."""
+  return _forward(params, images_NxHxWx3, cfg, execution, train=True)
+
+
+def _forward(params, images_NxHxWx3, cfg, execution, train):
   images_NxHxWx3 = images_NxHxWx3.astype(execution.dtype)
   remat = execution.remat != 'none'
   s = _Stats()
@@ -146,5 +157,4 @@ def apply(params, images_NxHxWx3, cfg, execution=configs.Execution(), train=Fals
         x, stats = _bottleneck(params[name][str(b)], x, stride if b == 0 else 1, train)
         if train:
           s.tree.setdefault(name, {})[str(b)] = stats
-  features = _attnpool(params['attnpool'], x, cfg.heads)
-  return (features, s.tree) if train else features
+  return _attnpool(params['attnpool'], x, cfg.heads), s.tree

@@ -23,9 +23,9 @@ BATCH_AXES = ('data', 'fsdp')
 # Column-parallel weights (out, in) split `out` over tensor, row-parallel ones split `in`; the
 # other dimension goes to fsdp.
 DEFAULT_RULES = (
-    (r'(.*\.)?attn\.in_proj_weight', P('tensor', 'fsdp')),
-    (r'(.*\.)?attn\.in_proj_bias', P('tensor')),
-    (r'(.*\.)?attn\.out_proj\.weight', P('fsdp', 'tensor')),
+    (r'(.*\.)?(cross_)?attn\.in_proj_weight', P('tensor', 'fsdp')),
+    (r'(.*\.)?(cross_)?attn\.in_proj_bias', P('tensor')),
+    (r'(.*\.)?(cross_)?attn\.out_proj\.weight', P('fsdp', 'tensor')),
     (r'(.*\.)?mlp\.c_(fc|gate)\.weight', P('tensor', 'fsdp')),
     (r'(.*\.)?mlp\.c_(fc|gate)\.bias', P('tensor')),
     (r'(.*\.)?mlp\.c_proj\.weight', P('fsdp', 'tensor')),
@@ -33,8 +33,12 @@ DEFAULT_RULES = (
     (r'visual\.attnpool\.[qkv]_proj\.bias', P('tensor')),
     (r'visual\.attnpool\.c_proj\.weight', P('fsdp', 'tensor')),
     (r'visual\.(.*\.)?(conv\d|downsample\.0)\.weight', P('fsdp')),
-    (r'token_embedding\.weight', P('tensor', 'fsdp')),
-    (r'(visual\.(attnpool\.)?)?positional_embedding', P(None, 'fsdp')),
+    (r'(text_decoder\.)?token_embedding\.weight', P('tensor', 'fsdp')),
+    (r'(visual\.(attnpool\.)?|text_decoder\.)?positional_embedding', P(None, 'fsdp')),
+    # The captioning decoder: image tokens in (column-parallel), vocabulary scores out (the
+    # vocabulary split over tensor, as the token embedding it may share).
+    (r'text_decoder\.(image_proj|head)\.weight', P('tensor', 'fsdp')),
+    (r'text_decoder\.head\.bias', P('tensor')),
     (r'visual\.proj|text_projection', P('fsdp', None)),
     (r'text_projection\.weight', P(None, 'fsdp')),  # a biased projection, nn.Linear (out, in)
     (r'head\.weight', P(None, 'fsdp')),  # a fine-tuning classifier (classes, embed_dim)
@@ -42,6 +46,7 @@ DEFAULT_RULES = (
     # NormFormer's head scale, the logit scale/bias.
     (r'(.*\.)?(ln_\w+|bn\d|downsample\.1|mlp\.ln|attn\.[qk]_norm)\.\w+', P()),
     (r'.*\.bias|visual\.(class_embedding|registers)|(.*\.)?(probe|head_scale)', P()),
+    (r'text_decoder\.mask_embedding', P()),
     (r'logit_scale|logit_bias', P()),
 )
 

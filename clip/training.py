@@ -17,11 +17,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import losses
+from clip import captioning
 from clip import model
 from clip import optim
 from clip import sharding
 
 MAX_LOGIT_SCALE = float(np.log(100.0))  # OpenAI clamps exp(logit_scale) to 100
+NO_CONTRASTIVE = 'none'  # TrainConfig.loss of a captioning-only run (CapPa)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +47,20 @@ class TrainConfig:
   freeze: tuple[str, ...] = ()  # regexes on parameter paths kept bit-identical
   layer_decay: float = 1.0      # < 1: layer-wise learning-rate decay in the image tower
   lock_image_tower: bool = False  # LiT: the image tower frozen and run without gradients
+  # Captioning (a model with a decoder): total loss = contrastive + caption_weight * captioning
+  # (CoCa's caption_loss_weight; loss='none' trains the captioning loss alone, CapPa). CapPa's
+  # parallel prediction: the fraction of rows, and the fraction of their caption masked.
+  caption_weight: float = 0.0
+  caption_parallel: float = 0.75
+  caption_mask_ratio: float = 1.0
 
   def __post_init__(self):
-    losses.check_name(self.loss)
+    if self.loss != NO_CONTRASTIVE:
+      losses.check_name(self.loss)
+    if self.caption_weight < 0 or (self.loss == NO_CONTRASTIVE and not self.caption_weight):
+      raise ValueError(f'caption_weight must be >= 0, and > 0 with loss={NO_CONTRASTIVE!r} (it '
+                       f'is the only loss then); got {self.caption_weight} with loss {self.loss!r}')
+    captioning.check_fractions(self.caption_parallel, self.caption_mask_ratio)
     if self.optimizer not in optim.OPTIMIZERS:
       raise ValueError(f'optimizer must be one of {optim.OPTIMIZERS}, got {self.optimizer!r}')
     if self.schedule not in optim.SCHEDULES:
@@ -80,10 +93,29 @@ class TrainConfig:
                        f'shards of mesh {dict(mesh.shape)}')
 
 
+def takes_bias(loss):
+  """`losses.takes_bias`, and False for `'none'` (no contrastive loss)."""
+  return loss != NO_CONTRASTIVE and losses.takes_bias(loss)
+
+
+def check_objective(cfg, tcfg):
+  """The model config and the losses agree: `check_logit_bias`, a contrastive loss needs a text
+  tower, and a decoder is there exactly when the captioning loss has a weight. Raises
+  ValueError naming both sides."""
+  check_logit_bias(cfg, tcfg)
+  if tcfg.loss != NO_CONTRASTIVE and cfg.text is None:
+    raise ValueError(f'loss {tcfg.loss!r} compares images with a text tower, and the model has '
+                     f'none (text=None): use loss={NO_CONTRASTIVE!r} with a caption_weight')
+  if (cfg.decoder is None) != (tcfg.caption_weight == 0):
+    raise ValueError(f'caption_weight {tcfg.caption_weight} with '
+                     f'{"no decoder" if cfg.decoder is None else "a decoder"} in the model '
+                     'config: a decoder is trained by a caption_weight > 0, and only a decoder is')
+
+
 def check_logit_bias(cfg, tcfg):
   """The model config and the loss agree on SigLIP's bias (`losses.takes_bias`): the sigmoid
   losses train `logit_bias`, the others must not carry one. Raises ValueError naming both."""
-  takes = losses.takes_bias(tcfg.loss)
+  takes = takes_bias(tcfg.loss)
   if takes != cfg.logit_bias:
     raise ValueError(f'loss {tcfg.loss!r} {"takes" if takes else "takes no"} logit_bias, but the '
                      f'model config has logit_bias={cfg.logit_bias}: use '
@@ -105,11 +137,11 @@ def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=('ima
   sharded state and the jitted step. Returns a `TrainSetup`.
 
   `init_params(key) -> params` replaces the random init (pretrained or fine-tuning weights);
-  `objective(params, batch_stats, batch) -> (loss, (batch_stats, metrics))` replaces the CLIP
-  objective (fine-tuning), with the `batch_keys` it reads."""
+  `objective(params, batch_stats, batch, key) -> (loss, (batch_stats, metrics))` replaces the
+  CLIP objective (fine-tuning), with the `batch_keys` it reads."""
   tcfg.check_mesh(mesh)
   if objective is None:
-    check_logit_bias(cfg, tcfg)
+    check_objective(cfg, tcfg)
   optimizer, schedule = make_optimizer(tcfg)
   state, shardings = create_state(cfg, tcfg, mesh, optimizer, rules, init_params)
   train_step = make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective,
@@ -153,26 +185,40 @@ def _local_accuracy(mesh):
 
 
 def clip_objective(cfg, tcfg, mesh):
-  """The image-text objective: `(params, batch_stats, batch) -> (loss, (batch_stats, metrics))`
-  with `batch = {'image', 'tokens'}` and the loss `tcfg.loss` as a shard_map program. With
-  `tcfg.lock_image_tower` (LiT) the image tower runs in inference mode without gradients."""
-  check_logit_bias(cfg, tcfg)
-  loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES)
-  takes_bias = losses.takes_bias(tcfg.loss)
+  """The image-text objective: `(params, batch_stats, batch, key) -> (loss, (batch_stats,
+  metrics))` with `batch = {'image', 'tokens'}`: the contrastive loss `tcfg.loss` as a shard_map
+  program, plus `tcfg.caption_weight` times the captioning loss of a model with a decoder
+  (`clip.captioning`; `key` draws its parallel-prediction masks). The image tower runs once for
+  both. With `tcfg.lock_image_tower` (LiT) it runs in inference mode without gradients."""
+  check_objective(cfg, tcfg)
+  contrastive = tcfg.loss != NO_CONTRASTIVE
+  loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES) if contrastive else None
+  bias = takes_bias(tcfg.loss)
   accuracy = _local_accuracy(mesh)
+  freeze = jax.lax.stop_gradient if tcfg.lock_image_tower else (lambda x: x)
 
-  def objective(params, batch_stats, batch):
-    img, batch_stats = model.training_image_features(
-        params, batch_stats, batch['image'], cfg, update_bn=not tcfg.lock_image_tower)
-    if tcfg.lock_image_tower:
-      img = jax.lax.stop_gradient(img)
-    txt = model.encode_text(params, batch['tokens'], cfg)
-    img, txt = model.l2_normalize(img), model.l2_normalize(txt)
-    if takes_bias:
-      loss = loss_fn(img, txt, params['logit_scale'], params['logit_bias'])
+  def objective(params, batch_stats, batch, key):
+    if cfg.decoder is None:
+      img, batch_stats = model.training_image_features(
+          params, batch_stats, batch['image'], cfg, update_bn=not tcfg.lock_image_tower)
     else:
-      loss = loss_fn(img, txt, params['logit_scale'])
-    return loss, (batch_stats, {'accuracy': accuracy(img, txt)})
+      img, image_tokens = model.image_features_and_tokens(params, batch['image'], cfg)
+    total, metrics = 0.0, {}
+    if contrastive:
+      txt = model.l2_normalize(model.encode_text(params, batch['tokens'], cfg))
+      img = model.l2_normalize(freeze(img))
+      scalars = (params['logit_scale'],) + ((params['logit_bias'],) if bias else ())
+      total = loss_fn(img, txt, *scalars)
+      metrics['accuracy'] = accuracy(img, txt)
+    if cfg.decoder is not None:
+      caption_loss, caption_metrics = captioning.loss(
+          params['text_decoder'], freeze(image_tokens), batch['tokens'], cfg.decoder, key,
+          tcfg.caption_parallel, tcfg.caption_mask_ratio, cfg.execution)
+      if contrastive:
+        metrics['contrastive_loss'] = total
+      total = total + tcfg.caption_weight * caption_loss
+      metrics.update(caption_loss=caption_loss, **caption_metrics)
+    return total, (batch_stats, metrics)
   return objective
 
 
@@ -181,7 +227,8 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
   """`train_step(state, batch) -> (state, metrics)`, jitted with the state's shardings, the batch
   split over `('data', 'fsdp')`, and the state donated.
 
-  `objective(params, batch_stats, batch) -> (loss, (batch_stats, metrics))` is what is minimised:
+  `objective(params, batch_stats, batch, key) -> (loss, (batch_stats, metrics))` is what is
+  minimised (`key`: a fresh PRNG key each step, from the state's `rng`):
   by default `clip_objective`; fine-tuning passes its own (`clip.finetune`) with its
   `batch_keys`. Metrics add the grad norm, the learning rate and, where the params have them, the
   logit scale (clamped to ln 100 after each update) and bias."""
@@ -191,7 +238,7 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
   def train_step(state, batch):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see sharding.constrain_batch
       (loss, (new_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
-          state['params'], state['batch_stats'], batch)
+          state['params'], state['batch_stats'], batch, state['rng'])
     updates, opt = optimizer.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = {'loss': loss, **aux, 'grad_norm': optax.tree.norm(grads),

@@ -9,6 +9,7 @@ Stacked: `{'resblocks': block}` whose leaves carry a leading layer axis, run by 
 import jax
 import jax.numpy as jnp
 
+from clip import configs
 from clip import layers
 from clip import sharding
 
@@ -76,7 +77,7 @@ def layer(p, i):
 
 # ---------------------------------------------------------------- apply
 
-def _attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None):
+def attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None):
   # Positions come only from a tower with `pos_embedding='rope'` (the text tower's option).
   rope_theta = None if q_pos is None else cfg.rope_theta
   out = layers.multi_head_attention(p['attn'], h_NxQxD, cfg.heads, mask, kv_NxKxD, cfg.norm,
@@ -84,7 +85,7 @@ def _attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None):
   return layers.norm(p['ln_attn'], out, cfg.norm, cfg.norm_eps) if 'ln_attn' in p else out
 
 
-def _mlp(p, x, cfg):
+def mlp(p, x, cfg):
   return layers.mlp(p['mlp'], layers.norm(p['ln_2'], x, cfg.norm, cfg.norm_eps), cfg.mlp, cfg.norm,
                     cfg.norm_eps)
 
@@ -92,8 +93,8 @@ def _mlp(p, x, cfg):
 def block(p, x_NxLxD, cfg, mask=None, positions=None):
   """Pre-norm residual block; `positions` (L,) turn on RoPE."""
   h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm, cfg.norm_eps)
-  x_NxLxD = x_NxLxD + _attention(p, h_NxLxD, cfg, mask, q_pos=positions, k_pos=positions)
-  return x_NxLxD + _mlp(p, x_NxLxD, cfg)
+  x_NxLxD = x_NxLxD + attention(p, h_NxLxD, cfg, mask, q_pos=positions, k_pos=positions)
+  return x_NxLxD + mlp(p, x_NxLxD, cfg)
 
 
 def causal_block_at(p, x_NxLxD, pos_N, cfg, positions=None):
@@ -106,16 +107,22 @@ def causal_block_at(p, x_NxLxD, pos_N, cfg, positions=None):
   take = lambda t: jnp.take_along_axis(t, pos_N[:, None, None], axis=1)  # (N, 1, D)
   mask_Nx1x1xL = (jnp.arange(x_NxLxD.shape[1]) <= pos_N[:, None])[:, None, None, :]
   q_pos = None if positions is None else pos_N[:, None]
-  out_Nx1xD = _attention(p, take(h_NxLxD), cfg, mask_Nx1x1xL, h_NxLxD, q_pos, positions)
+  out_Nx1xD = attention(p, take(h_NxLxD), cfg, mask_Nx1x1xL, h_NxLxD, q_pos, positions)
   x_NxD = (take(x_NxLxD) + out_Nx1xD)[:, 0]
-  return x_NxD + _mlp(p, x_NxD, cfg)
+  return x_NxD + mlp(p, x_NxD, cfg)
 
 
 def apply(p, x_NxLxD, cfg, mask=None, depth=None, remat='none', scan=False, positions=None):
-  """The first `depth` blocks (all by default).
+  """The first `depth` blocks (all by default); see `run_blocks` for `remat` and `scan`."""
+  run = lambda bp, x: sharding.constrain_batch(block(bp, x, cfg, mask, positions))
+  return run_blocks(p, x_NxLxD, run, configs.Execution(remat=remat, scan=scan), depth)
 
-  Stacked parameters, `scan` or a `remat` policy run the blocks as one `lax.scan` over their
-  stacked weights (per-layer weights are stacked on the fly): one block to compile. `remat`
+
+def run_blocks(p, x_NxLxD, run, execution, depth=None):
+  """`x = run(block_params, x)` for the first `depth` blocks of `p['resblocks']` (all by default).
+
+  Stacked parameters, `execution.scan` or a `remat` policy run the blocks as one `lax.scan` over
+  their stacked weights (per-layer weights are stacked on the fly): one block to compile. `remat`
   checkpoints each block ('block': keep its input; 'dots': also the weight matmuls). Remat needs
   the scan: in an unrolled loop XLA is free to schedule every recomputation early, and on the CPU
   it does, so the temporaries do not shrink at all (tests/test_training.py checks
@@ -126,19 +133,19 @@ def apply(p, x_NxLxD, cfg, mask=None, depth=None, remat='none', scan=False, posi
   x_NxLxD = sharding.constrain_batch(x_NxLxD)
   if not depth:
     return x_NxLxD
-  if stacked or scan or remat != 'none':
+  if stacked or execution.scan or execution.remat != 'none':
     if stacked:
       weights = blocks if depth == num_layers(p) else jax.tree.map(lambda a: a[:depth], blocks)
     else:
       weights = stack_blocks([blocks[str(i)] for i in range(depth)])
 
     def step(x, block_params):
-      return sharding.constrain_batch(block(block_params, x, cfg, mask, positions)), None
+      return run(block_params, x), None
 
-    if remat != 'none':
-      step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+    if execution.remat != 'none':
+      step = jax.checkpoint(step, policy=REMAT_POLICIES[execution.remat])
     return jax.lax.scan(step, x_NxLxD, weights)[0]
   for i in range(depth):
     with jax.named_scope(f'resblock_{i}'):
-      x_NxLxD = sharding.constrain_batch(block(blocks[str(i)], x_NxLxD, cfg, mask, positions))
+      x_NxLxD = run(blocks[str(i)], x_NxLxD)
   return x_NxLxD

@@ -90,6 +90,16 @@ def pool(params, x_NxLxD, cfg):
   return x_NxD @ params['proj'].astype(x_NxD.dtype) if 'proj' in params else x_NxD
 
 
+def decoder_tokens(params, x_NxLxD, cfg):
+  """The last block's tokens as a captioning decoder reads them (N, T, D): ln_post per token, the
+  registers dropped (scratch tokens, Darcet et al. 2024), so the class token (with 'cls'
+  pooling) and then the patches in raster order."""
+  c = int(cfg.pool == 'cls')
+  if cfg.registers:
+    x_NxLxD = jnp.concatenate([x_NxLxD[:, :c], x_NxLxD[:, c + cfg.registers:]], axis=1)
+  return layers.norm(params['ln_post'], x_NxLxD, cfg.norm, cfg.norm_eps)
+
+
 def apply(params, images_NxHxWx3, cfg, execution=configs.Execution()):
   """Normalised NHWC images -> (N, embed_dim) features, in `execution.dtype`."""
   return pool(params, tokens(params, images_NxHxWx3, cfg, execution), cfg)

@@ -61,9 +61,12 @@ def test_shorter_token_rows_use_the_leading_positions(params, batch):
                              clip.encode_text(params, tokens, CFG), rtol=1e-5, atol=1e-6)
 
 
-def test_train_mode_needs_batch_norm(params, batch):
-  with pytest.raises(ValueError, match='BatchNorm'):
-    clip.encode_image(params, batch[0], CFG, train=True)
+def test_training_features_of_a_vit_are_its_inference_features(params, batch):
+  """Without BatchNorm, training features are `encode_image`'s and the (empty) stats come back."""
+  trainable, stats = clip.split_batch_stats(params)
+  features, stats_after = clip.training_image_features(trainable, stats, batch[0], CFG)
+  chex.assert_trees_all_equal(features, clip.encode_image(params, batch[0], CFG))
+  assert stats_after is stats
 
 
 @pytest.mark.parametrize('arch', ['vit', 'resnet'])

@@ -22,7 +22,8 @@ def test_train_mode_matches_torch(openai_model):
   m.visual.train()
   with torch.no_grad():
     expected = m.visual(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  features, batch_stats = clip.encode_image(params, images, CFG, train=True)
+  trainable, stats = clip.split_batch_stats(params)
+  features, batch_stats = clip.training_image_features(trainable, stats, images, CFG)
   # error relative to the largest feature, as in the inference parity tests
   assert np.abs(features - expected).max() / np.abs(expected).max() < 1e-4
   updated = clip.update_batch_stats(params, batch_stats)
@@ -45,8 +46,7 @@ def test_gradients_flow_in_train_mode():
   images = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
 
   def loss(trainable):
-    features, _ = clip.encode_image(clip.update_batch_stats(trainable, stats), images, CFG,
-                                    train=True)
+    features, _ = clip.training_image_features(trainable, stats, images, CFG)
     return (features ** 2).mean()
 
   grads = jax.grad(loss)(trainable)
