@@ -1,7 +1,9 @@
 """CLIP in plain JAX: pure functions over nested dicts keyed like OpenAI's torch state dict."""
+from clip import generation
 from clip import preprocess
 from clip import zero_shot
 from clip.configs import CLIPConfig
+from clip.configs import DecoderConfig
 from clip.configs import IMAGE_MEAN
 from clip.configs import IMAGE_STD
 from clip.configs import MODELS

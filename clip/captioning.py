@@ -66,7 +66,9 @@ def cross_entropy(logits_NxLxV, targets_NxL, weights_NxL):
 def loss(params, image_NxTxW, tokens_NxL, cfg, key, parallel_fraction=0.75, mask_ratio=1.0,
          execution=configs.Execution()):
   """Captioning loss of decoder `params` on image tokens (N, T, W) and caption tokens (N, L):
-  `(mean cross-entropy per scored token, {'token_accuracy'})`."""
+  `(mean cross-entropy per scored token, {'token_accuracy', 'unscorable_tokens'})`, the last
+  the count of caption tokens outside the decoder's `output_ids` shortlist (left out of the
+  loss; the main job logs it, and it is 0 when the shortlist covers the data)."""
   targets, valid = targets_and_valid(tokens_NxL, cfg.eot_id)
   masked, parallel = None, None
   inputs = tokens_NxL[:, :-1]
@@ -76,5 +78,7 @@ def loss(params, image_NxTxW, tokens_NxL, cfg, key, parallel_fraction=0.75, mask
     inputs = jnp.where(parallel[:, None], targets, inputs)
     weights = valid & (~parallel[:, None] | masked)
   logits = decoder.apply(params, image_NxTxW, inputs, cfg, execution, masked, parallel, valid)
-  value, accuracy = cross_entropy(logits, targets, weights)
-  return value, {'token_accuracy': accuracy}
+  columns = decoder.output_index(targets, cfg)
+  unscorable = weights & (columns < 0)  # an id outside `cfg.output_ids`: counted, not scored
+  value, accuracy = cross_entropy(logits, jnp.maximum(columns, 0), weights & ~unscorable)
+  return value, {'token_accuracy': accuracy, 'unscorable_tokens': unscorable.sum()}

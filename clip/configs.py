@@ -270,7 +270,10 @@ class DecoderConfig(BlockOptions):
   `width` with a linear layer; without it the widths must be equal. `tie_embedding` scores the
   vocabulary with the token embedding (CapPa ties nothing: `False` adds `head.{weight, bias}`).
   `eot_token_id` as in `TextConfig` (None: `vocab_size - 1`): generation stops there, and the
-  loss covers the caption up to it."""
+  loss covers the caption up to it. `output_ids` (sorted, unique, with the end-of-text id) is a
+  vocabulary shortlist: the decoder scores only these ids (the rows of the tied embedding, or a
+  head that many rows tall), as a smaller tokenizer would, at a fraction of the cost of scoring
+  the whole vocabulary; None scores all `vocab_size` ids."""
   width: int
   layers: int
   heads: int
@@ -279,6 +282,7 @@ class DecoderConfig(BlockOptions):
   eot_token_id: int | None = None
   tie_embedding: bool = True
   image_projection: bool = True
+  output_ids: tuple[int, ...] | None = None
 
   def __post_init__(self):
     for name in ('width', 'layers', 'heads', 'vocab_size'):
@@ -295,6 +299,19 @@ class DecoderConfig(BlockOptions):
              'pool_heads and projection do not apply to a decoder, got '
              f'pool_heads={self.pool_heads}, projection={self.projection}')
     self._check_block_options('DecoderConfig', self.width, self.heads, None)
+    if self.output_ids is not None:
+      ids = tuple(int(i) for i in self.output_ids)
+      object.__setattr__(self, 'output_ids', ids)
+      _require(ids == tuple(sorted(set(ids))) and 0 <= ids[0] and ids[-1] < self.vocab_size,
+               f'DecoderConfig.output_ids must be sorted unique ids in [0, {self.vocab_size}), '
+               f'got {ids[:10]}{"..." if len(ids) > 10 else ""}')
+      _require(self.eot_id in ids, f'DecoderConfig.output_ids must hold the end-of-text id '
+               f'{self.eot_id}: generation ends there')
+
+  @property
+  def num_outputs(self):
+    """How many ids the decoder scores: `len(output_ids)`, or `vocab_size`."""
+    return self.vocab_size if self.output_ids is None else len(self.output_ids)
 
   @property
   def hidden_dim(self):

@@ -7,7 +7,10 @@ text tower's plain style. Params (torch-style keys under `text_decoder.`):
   token_embedding.weight (V, D), positional_embedding (context_length, D), mask_embedding (D,)
   image_proj.{weight (D, W), bias}          with `image_projection` (W: the image tokens' width)
   transformer.resblocks.<i>.{ln_1, attn, ln_cross, cross_attn, ln_2, mlp}   (+ ln_attn: NormFormer)
-  ln_final, and head.{weight (V, D), bias}  unless `tie_embedding`
+  ln_final, and head.{weight (S, D), bias}  unless `tie_embedding`
+
+Scores cover the `S = cfg.num_outputs` ids of `cfg.output_ids` (a vocabulary shortlist), or the
+whole vocabulary; `output_index` / `output_token` map between ids and score columns.
 
 `attn` / `cross_attn` are nn.MultiheadAttention's packed layout; cross-attention takes queries
 from the caption and keys / values from the (projected) image tokens. `mask_embedding` is the
@@ -21,6 +24,7 @@ import typing
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clip import configs
 from clip import layers
@@ -42,7 +46,7 @@ def init(key, cfg, image_width, stacked=False):
                            else {str(i): b for i, b in enumerate(blocks)}}
   params['ln_final'] = layers.init_norm(d, cfg.norm, cfg.bias)
   if not cfg.tie_embedding:
-    params['head'] = layers.init_linear(k(5), d, cfg.vocab_size, cfg.bias, std=d ** -0.5)
+    params['head'] = layers.init_linear(k(5), d, cfg.num_outputs, cfg.bias, std=d ** -0.5)
   return params
 
 
@@ -98,13 +102,34 @@ def block(p, x_NxLxD, memory_NxTxD, cfg, mask):
 
 
 def logits(params, x_NxLxD, cfg):
-  """ln_final, then the vocabulary scores (N, L, V) in fp32: the tied token embedding or `head`."""
+  """ln_final, then the scores (N, L, S) of the `cfg.num_outputs` ids in fp32: the tied token
+  embedding (its `output_ids` rows) or `head`."""
   x_NxLxD = layers.norm(params['ln_final'], x_NxLxD, cfg.norm, cfg.norm_eps)
   if 'head' in params:
     out = layers.linear(params['head'], x_NxLxD)
   else:
-    out = x_NxLxD @ params['token_embedding']['weight'].astype(x_NxLxD.dtype).T
+    table_VxD = params['token_embedding']['weight']
+    if cfg.output_ids is not None:
+      table_VxD = table_VxD[np.asarray(cfg.output_ids)]
+    out = x_NxLxD @ table_VxD.astype(x_NxLxD.dtype).T
   return out.astype(jnp.float32)
+
+
+def output_index(tokens, cfg):
+  """Token ids -> their score columns (the ids themselves without a shortlist), -1 for an id
+  the shortlist does not hold."""
+  if cfg.output_ids is None:
+    return tokens
+  table = np.full((cfg.vocab_size,), -1, np.int32)
+  table[np.asarray(cfg.output_ids)] = np.arange(len(cfg.output_ids))
+  return jnp.asarray(table)[tokens]
+
+
+def output_token(index, cfg):
+  """Score columns -> token ids (the inverse of `output_index`)."""
+  if cfg.output_ids is None:
+    return index
+  return jnp.asarray(np.asarray(cfg.output_ids, np.int32))[index]
 
 
 def self_attention_mask(length, bidirectional_N=None, valid_NxL=None):
@@ -120,7 +145,8 @@ def self_attention_mask(length, bidirectional_N=None, valid_NxL=None):
 def apply(params, image_NxTxW, tokens_NxL, cfg, execution=configs.Execution(), mask_NxL=None,
           bidirectional_N=None, valid_NxL=None):
   """Teacher forcing: image tokens (N, T, W) and input tokens (N, L <= context_length) -> the
-  next-token scores (N, L, V), fp32. Position i's scores predict token i + 1 of the caption.
+  next-token scores (N, L, S) over `cfg.output_ids` (S = V without a shortlist), fp32. Position
+  i's scores predict token i + 1 of the caption.
 
   CapPa's parallel prediction: `mask_NxL` (True = input replaced by `mask_embedding`) and
   `bidirectional_N` (rows attending in both directions, to the `valid_NxL` positions only)."""
@@ -164,7 +190,7 @@ def init_cache(params, image_NxTxW, cfg, execution=configs.Execution()):
 
 def step(params, cache, tokens_N, position, cfg):
   """Decodes one position for every row: `tokens_N` (N,) at `position` (a scalar, traced
-  allowed) -> (scores (N, V) fp32 for position + 1, the cache with this position's keys and
+  allowed) -> (scores (N, S) fp32 for position + 1, the cache with this position's keys and
   values). Equal to `apply(...)[:, position]` fed the same prefix (causal rows)."""
   dtype = cache.cross_keys.dtype
   x_Nx1xD = embed(params, tokens_N[:, None], cfg, dtype, offset=position)

@@ -57,6 +57,12 @@ def _require(ok, what, target):
     raise ExportError(f'{target} cannot run this model exactly: {what}')
 
 
+def _require_two_towers(cfg, target):
+  _require(cfg.text is not None and cfg.decoder is None,
+           'a captioning decoder or a model without a text tower (clip.to_torch_state_dict '
+           'exports every weight, text_decoder.* included)', target)
+
+
 def _default_block(tower, target, allowed_mlps):
   _require(tower.norm == 'layernorm' and tower.norm_placement == 'pre' and not tower.qk_norm
            and tower.bias, f'{tower.norm} / {tower.norm_placement} / qk_norm={tower.qk_norm} / '
@@ -79,6 +85,7 @@ def open_clip_model_cfg(cfg):
   exact GELU in both, any head width and MLP ratio)."""
   v, t = cfg.vision, cfg.text
   target = 'open_clip'
+  _require_two_towers(cfg, target)
   _default_block(t, target, ('quick_gelu', 'gelu'))
   _require(t.pool == 'eot' and t.causal and t.pos_embedding == 'learned' and t.projection
            and not t.projection_bias and t.norm_eps is None, 'a non-OpenAI text tower', target)
@@ -132,6 +139,7 @@ def hf_config(cfg):
   architecture, `SiglipModel` for SigLIP's)."""
   v, t = cfg.vision, cfg.text
   target = 'Hugging Face'
+  _require_two_towers(cfg, target)
   _require(v.arch == 'vit', 'a ModifiedResNet image tower', target)
   for tower in (v, t):
     _default_block(tower, target, tuple(_ACT_TO_HF))

@@ -53,15 +53,14 @@ def add_logit_bias(params, init=-10.0):
 
 
 def _map_resblocks(params, fn):
-  """`params` with `fn` applied to each transformer's `resblocks` (text and ViT towers)."""
-  out = dict(params)
-  if 'transformer' in params:
-    text_stack = params['transformer']
-    out['transformer'] = dict(text_stack, resblocks=fn(text_stack['resblocks']))
-  visual = params.get('visual', {})
-  if 'transformer' in visual:
-    vt = visual['transformer']
-    out['visual'] = dict(visual, transformer=dict(vt, resblocks=fn(vt['resblocks'])))
+  """`params` with `fn` applied to each transformer's `resblocks` (text tower, ViT, decoder)."""
+  def mapped(tower):
+    stack = tower['transformer']
+    return dict(tower, transformer=dict(stack, resblocks=fn(stack['resblocks'])))
+  out = mapped(params) if 'transformer' in params else dict(params)
+  for name in ('visual', 'text_decoder'):
+    if 'transformer' in params.get(name, {}):
+      out[name] = mapped(params[name])
   return out
 
 

@@ -44,7 +44,7 @@ DEFAULT_RULES = (
     (r'head\.weight', P(None, 'fsdp')),  # a fine-tuning classifier (classes, embed_dim)
     # Small or scalar leaves: norms, BN buffers, biases, the class token, registers, the MAP probe,
     # NormFormer's head scale, the logit scale/bias.
-    (r'(.*\.)?(ln_\w+|bn\d|downsample\.1|mlp\.ln|attn\.[qk]_norm)\.\w+', P()),
+    (r'(.*\.)?(ln_\w+|bn\d|downsample\.1|mlp\.ln|(cross_)?attn\.[qk]_norm)\.\w+', P()),
     (r'.*\.bias|visual\.(class_embedding|registers)|(.*\.)?(probe|head_scale)', P()),
     (r'text_decoder\.mask_embedding', P()),
     (r'logit_scale|logit_bias', P()),

@@ -292,6 +292,40 @@ class SyntheticCaptions:
       return sample[task]
     raise ValueError(f'task must be one of {TASKS}, got {task!r}')
 
+  # ------------------------------------------------------------------ captions as text
+
+  @classmethod
+  def texts(cls):
+    """Every word and punctuation the set writes, in context: per template and count, each
+    attribute value once (the others fixed), and every prompt of every task. Tokenizers split words
+    independently, so their tokens are those of every caption (`caption_token_ids`)."""
+    out = []
+    for template in range(len(TEMPLATES)):
+      for name in ('shape', 'colour', 'size', 'count', 'position', 'texture'):
+        for value in range(len(ATTRIBUTES[name])):
+          for count in range(len(COUNTS)):  # nouns are singular or plural by the count
+            attrs = {k: np.zeros(1, np.int32) for k in ATTRIBUTES}
+            attrs.update(template=np.full(1, template), count=np.full(1, count))
+            attrs[name] = np.full(1, value)
+            out += cls.captions(cls, attrs)
+    return out + [p for task in TASKS for p in cls.prompts(task)]
+
+  @staticmethod
+  def parse_caption(text):
+    """A caption's (shape, colour, size, count) as the set's labels, -1 where the text names
+    none or several (a generated caption is scored by them): the shape from its singular or
+    plural noun, the count from 'two' / 'three', else one when the noun is singular."""
+    words = text.lower().replace(',', ' ').replace('.', ' ').replace(':', ' ').split()
+    def one(names):
+      found = {i for i, n in enumerate(names) if n in words}
+      return found.pop() if len(found) == 1 else -1
+    singular, plural = one(SHAPES), one(SHAPES_PLURAL)
+    shape = singular if plural == -1 else (plural if singular == -1 else -1)
+    number = one(COUNTS[1:])
+    count = number + 1 if number >= 0 and plural >= 0 and singular == -1 else (
+        0 if singular >= 0 and plural == -1 and number == -1 else -1)
+    return {'shape': shape, 'colour': one(COLOURS), 'size': one(SIZES), 'count': count}
+
   # ------------------------------------------------------------------- img2dataset export
 
   def write_tfrecords(self, out_dir, num_examples, num_shards, image_format='jpg', quality=95,
@@ -381,3 +415,13 @@ def _write_parquet(shard_path, samples):
   types.update({name: pa.int64() for name in ('sample_index', *ATTRIBUTES)})
   schema = pa.schema([(name, types.get(name, pa.string())) for name in rows[0]])
   pq.write_table(pa.Table.from_pylist(rows, schema), filters.parquet_path(shard_path))
+
+
+def caption_token_ids(tokenize):
+  """The sorted ids `tokenize(texts)` (rows: start token, ids, end-of-text token, 0 padding)
+  gives the set's captions and prompts, up to each row's end-of-text token: a decoder's
+  `output_ids` shortlist for this set (`DecoderConfig.output_ids`)."""
+  rows = np.asarray(tokenize(SyntheticCaptions.texts()))
+  eot = rows.max(axis=1)  # OpenAI's end-of-text token is the largest id of each row
+  ids = {int(t) for row, e in zip(rows, eot) for t in row[:list(row).index(e) + 1]}
+  return tuple(sorted(ids))

@@ -13,28 +13,70 @@ from data import synthetic
 
 SPLIT_STARTS = (('train', synthetic.UNSEEN_START), ('heldout', 0))
 TASKS = ('colour_shape', 'shape', 'colour', 'count', 'size')
+CAPTION_ATTRIBUTES = ('shape', 'colour', 'size', 'count')
 
 
 def evaluate(params, cfg, n, seed):
   """{'<split>/<task>_top1', '<split>/<task>_chance', '<split>/<retrieval metric>', ...,
-  'num_examples'} on `n` images per split drawn with `seed` (use another seed than training's)."""
+  'num_examples'} on `n` images per split drawn with `seed` (use another seed than training's).
+  A model with a captioning decoder adds, per split, `generative_<task>_top1` (CapPa's
+  generative zero-shot: the class prompt of highest log-likelihood) and `caption_<attribute>`
+  (the fraction of greedy captions naming the image's shape, colour, size, count; 'all': every
+  one right); a captioner without a text tower has only these."""
   import clip  # pylint: disable=g-import-not-at-top
-  from clip import zero_shot  # pylint: disable=g-import-not-at-top
   results = {}
   for split, start in SPLIT_STARTS:
     ds = synthetic.SyntheticCaptions(seed=seed, resolution=cfg.image_resolution, split=split)
     sample = ds.get(np.arange(start, start + n))
     images = clip.normalize_image(sample['image'].astype(np.float32) / 255)
-    for task in TASKS:
-      tokens = clip.tokenize(ds.prompts(task), cfg.context_length)[:, None]
-      weights = zero_shot.classifier_weights_from_tokens(params, cfg, tokens)
-      top, _ = zero_shot.classify(params, cfg, images, weights, k=1)
-      accuracy = float(np.mean(np.asarray(top)[:, 0] == ds.labels(sample, task)))
-      results[f'{split}/{task}_top1'] = accuracy
-      results[f'{split}/{task}_chance'] = 1 / len(ds.classnames(task))
-    recall = zero_shot.retrieval_metrics(
-        clip.encode_image(params, images, cfg),
-        clip.encode_text(params, clip.tokenize(sample['caption'], cfg.context_length), cfg))
-    results.update({f'{split}/{k}': float(v) for k, v in recall.items()})
+    if cfg.text is not None:
+      results.update(_contrastive(params, cfg, ds, sample, images, split))
+    if cfg.decoder is not None:
+      results.update(_captioning(params, cfg, ds, sample, images, split))
   results['num_examples'] = n
+  return results
+
+
+def _contrastive(params, cfg, ds, sample, images, split):
+  import clip  # pylint: disable=g-import-not-at-top
+  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  results = {}
+  for task in TASKS:
+    tokens = clip.tokenize(ds.prompts(task), cfg.context_length)[:, None]
+    weights = zero_shot.classifier_weights_from_tokens(params, cfg, tokens)
+    top, _ = zero_shot.classify(params, cfg, images, weights, k=1)
+    accuracy = float(np.mean(np.asarray(top)[:, 0] == ds.labels(sample, task)))
+    results[f'{split}/{task}_top1'] = accuracy
+    results[f'{split}/{task}_chance'] = 1 / len(ds.classnames(task))
+  recall = zero_shot.retrieval_metrics(
+      clip.encode_image(params, images, cfg),
+      clip.encode_text(params, clip.tokenize(sample['caption'], cfg.context_length), cfg))
+  results.update({f'{split}/{k}': float(v) for k, v in recall.items()})
+  return results
+
+
+def _captioning(params, cfg, ds, sample, images, split, batch_size=256):
+  import clip  # pylint: disable=g-import-not-at-top
+  from clip import generation  # pylint: disable=g-import-not-at-top
+  from clip import model  # pylint: disable=g-import-not-at-top
+  from clip import tokenizer  # pylint: disable=g-import-not-at-top
+  results, decoder, dec = {}, params['text_decoder'], cfg.decoder
+  image_tokens = np.concatenate([np.asarray(model.image_features_and_tokens(
+      params, images[i:i + batch_size], cfg)[1]) for i in range(0, len(images), batch_size)])
+  for task in TASKS:
+    prompts = clip.tokenize(ds.prompts(task), cfg.context_length)
+    scores = np.concatenate([np.asarray(generation.generative_zero_shot_scores(
+        decoder, image_tokens[i:i + batch_size], prompts, dec))
+        for i in range(0, len(images), batch_size)])
+    results[f'{split}/generative_{task}_top1'] = float(np.mean(
+        scores.argmax(axis=1) == ds.labels(sample, task)))
+  captions = np.concatenate([np.asarray(generation.greedy(
+      decoder, image_tokens[i:i + batch_size], dec, tokenizer.SOT, dec.context_length))
+      for i in range(0, len(images), batch_size)])
+  parsed = [ds.parse_caption(clip.decode(row)) for row in captions]
+  right = {a: np.array([p[a] for p in parsed]) == sample[a] for a in CAPTION_ATTRIBUTES}
+  for attribute, hits in right.items():
+    results[f'{split}/caption_{attribute}'] = float(hits.mean())
+  results[f'{split}/caption_all'] = float(np.mean(np.all(list(right.values()), axis=0)))
+  results[f'{split}/caption_examples'] = [clip.decode(row) for row in captions[:4]]
   return results

@@ -6,8 +6,8 @@ bars, interleaved in one run so the machine's state is shared.
   of the step two dispatches back.
 - `sync`: waits on every step's own loss (lag 0), the per-step host sync the main job avoids.
 
-Each mode runs `--steps` steps from a copy of the same state (the step donates it), timed to the last loss
-ready; the table shows the median of `--rounds`.
+Each mode runs `--steps` steps from a copy of the same state (the step donates it), timed to the
+last loss ready; the table shows the median of `--rounds`.
 
   python -m experiments.bench_progress                 # ~5 minutes on 2 CPU cores
 """

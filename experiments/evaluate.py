@@ -11,6 +11,12 @@ numbers compare with theirs:
   python -m experiments.evaluate --model final.pt --config small --dataset synthetic \
       --task zeroshot_retrieval
   python -m experiments.evaluate --model ViT-B/32 --dataset tfds/cifar10 --task linear_probe
+  python -m experiments.evaluate --model results/train/cappa_small --config cappa_small \
+      --dataset synthetic/colour_shape --task generative_classification
+
+`generative_classification` is CapPa's generative zero-shot for a model with a captioning
+decoder (Tschannen et al. 2023): each class is scored by the log-likelihood of its prompt given
+the image (the mean over its templates), the highest wins; its metrics are zero-shot's.
 
 --model is an official name, a checkpoint file (any format `clip.load` reads) or a training
 workdir of `experiments/train.py` (its newest checkpoint). --config names the file in
@@ -31,7 +37,8 @@ import re
 
 import numpy as np
 
-TASKS = ('zeroshot_classification', 'linear_probe', 'zeroshot_retrieval')
+TASKS = ('zeroshot_classification', 'generative_classification', 'linear_probe',
+         'zeroshot_retrieval')
 
 
 def parse_args(argv):
@@ -196,6 +203,26 @@ def zero_shot_scores(params, cfg, images, class_prompts, batch_size):
   return (feats / np.linalg.norm(feats, axis=-1, keepdims=True)) @ weights
 
 
+def generative_scores(params, cfg, images, class_prompts, batch_size):
+  """Log-likelihoods (N, C) of each class's prompts given each image under the captioning
+  decoder, averaged over the class's prompts (CapPa's generative zero-shot)."""
+  from clip import generation  # pylint: disable=g-import-not-at-top
+  from clip import model  # pylint: disable=g-import-not-at-top
+  from clip import tokenizer  # pylint: disable=g-import-not-at-top
+  if cfg.decoder is None:
+    raise ValueError('--task generative_classification needs a model with a captioning decoder '
+                     '(e.g. --config cappa_small); this config has none')
+  c, t = len(class_prompts), len(class_prompts[0])
+  tokens = tokenizer.tokenize([p for ps in class_prompts for p in ps], cfg.context_length)
+  out = []
+  for i in range(0, len(images), batch_size):
+    image_tokens = model.image_features_and_tokens(params, images[i:i + batch_size], cfg)[1]
+    scores = generation.generative_zero_shot_scores(params['text_decoder'], image_tokens, tokens,
+                                                    cfg.decoder)
+    out.append(np.asarray(scores).reshape(-1, c, t).mean(axis=-1))
+  return np.concatenate(out)
+
+
 def _templates(path_or_name):
   from clip import zero_shot  # pylint: disable=g-import-not-at-top
   if path_or_name in zero_shot.TEMPLATES:
@@ -222,14 +249,15 @@ def evaluate(args):
       metrics[f'text_retrieval_recall@{k}'] = float(recall[f'image_to_text_R@{k}'])
     return metrics, None
   images, labels, classnames, class_prompts = classification_data(args, cfg, args.split)
-  if args.task == 'zeroshot_classification':
+  if args.task in ('zeroshot_classification', 'generative_classification'):
     from clip import zero_shot  # pylint: disable=g-import-not-at-top
     templates = None
     if class_prompts is None:
       templates = _templates(args.templates)
       flat = zero_shot.prompts(classnames, templates)
       class_prompts = [flat[i:i + len(templates)] for i in range(0, len(flat), len(templates))]
-    scores = zero_shot_scores(params, cfg, images, class_prompts, args.batch_size)
+    score = zero_shot_scores if args.task == 'zeroshot_classification' else generative_scores
+    scores = score(params, cfg, images, class_prompts, args.batch_size)
     return classification_metrics(scores, labels, classnames), templates
   from clip import linear_probe  # pylint: disable=g-import-not-at-top
   train_images, train_labels, _, _ = classification_data(args, cfg, args.train_split, fit=True)

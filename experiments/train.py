@@ -90,7 +90,7 @@ def _apply(experiment, assignments):
   """The assignments, with what they imply made explicit and printed: a shorter run shortens the
   warmup to a tenth of it (unless it is set too), and the model's SigLIP bias follows the loss
   (unless it is set too)."""
-  import losses  # pylint: disable=g-import-not-at-top
+  from clip import training  # pylint: disable=g-import-not-at-top
   from experiments import configs  # pylint: disable=g-import-not-at-top
   given = dict(assignments)
   if 'train.total_steps' in given and 'train.warmup_steps' not in given:
@@ -100,7 +100,7 @@ def _apply(experiment, assignments):
             f'{experiment.train.warmup_steps} -> {warmup} (at most a tenth of the run)')
       given['train.warmup_steps'] = warmup
   if 'train.loss' in given and 'model.logit_bias' not in given:
-    bias = losses.takes_bias(given['train.loss'])
+    bias = training.takes_bias(given['train.loss'])
     if bias != experiment.model.logit_bias:
       print(f'train.loss={given["train.loss"]}: model.logit_bias {not bias} -> {bias} (SigLIP\'s '
             'bias exactly where the loss takes one)')
@@ -115,7 +115,7 @@ def load_config(args):
   name, _, arg = args.config.partition(':')
   experiment = importlib.import_module(f'experiments.configs.{name}').get_config(arg or None)
   experiment = _apply(experiment, _assignments(args))
-  training.check_logit_bias(experiment.model, experiment.train)
+  training.check_objective(experiment.model, experiment.train)
   run = experiment.run
   if not run.data:
     raise ValueError(f'config {name!r} has no default data: pass --data with a glob of '
@@ -192,10 +192,17 @@ def plot_losses(records, path, title):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
   steps = [r['step'] for r in records]
-  ax_loss.plot(steps, [r['loss'] for r in records])
+  losses_shown = [k for k in ('loss', 'contrastive_loss', 'caption_loss') if k in records[0]]
+  for key in losses_shown:
+    ax_loss.plot(steps, [r[key] for r in records], label=key)
   ax_loss.set(xlabel='step', ylabel='training loss', title=title)
-  ax_acc.plot(steps, [r['accuracy'] for r in records])
-  ax_acc.set(xlabel='step', ylabel='in-batch matching accuracy', ylim=(0, 1))
+  for key, label in (('accuracy', 'in-batch image-text matching'),
+                     ('token_accuracy', 'caption next-token (scored positions)')):
+    if key in records[0]:
+      ax_acc.plot(steps, [r[key] for r in records], label=label)
+  ax_acc.set(xlabel='step', ylabel='training accuracy', ylim=(0, 1))
+  for ax in (ax_loss, ax_acc):
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -217,3 +217,75 @@ BLOCK_OPTIONS = {
     'everything': dict(norm='rmsnorm', norm_placement='normformer', mlp='swiglu', qk_norm=True,
                        bias=False),
 }
+
+
+def perturbed_numpy(params, seed=0):
+  """`perturbed` drawn by numpy: the same moves off the initial values, without compiling a
+  random op for every leaf shape (seconds for a whole model)."""
+  rng = np.random.default_rng(seed)
+  move = lambda x: np.asarray(x) + np.float32(0.1) * rng.standard_normal(np.shape(x), np.float32)
+  return jax.tree.map(move, params)
+
+
+# ---------------------------------------------------------------- the captioning decoder
+
+def np_decoder_block(p, x, memory, cfg, attend):
+  """Pre-norm self-attention under `attend` (True = attend), NormFormer's norm after it when
+  present, pre-norm cross-attention from the caption to `memory`, MLP; each with a residual."""
+  eps = cfg.norm_eps
+  h = np_norm(p['ln_1'], x, cfg.norm, eps)
+  a = np_mha(p['attn'], h, h, cfg.heads, cfg.norm, attend, eps=eps)
+  if 'ln_attn' in p:
+    a = np_norm(p['ln_attn'], a, cfg.norm, eps)
+  x = x + a
+  x = x + np_mha(p['cross_attn'], np_norm(p['ln_cross'], x, cfg.norm, eps), memory, cfg.heads,
+                 cfg.norm, eps=eps)
+  return x + np_mlp(p['mlp'], np_norm(p['ln_2'], x, cfg.norm, eps), cfg.mlp, cfg.norm, eps)
+
+
+def np_decoder_attend(length, bidirectional=None, valid=None):
+  """(N or 1, 1, L, L), True = attend: causal, except the `bidirectional` rows, whose every
+  query sees the `valid` keys of its row."""
+  causal = np.tril(np.ones((length, length), bool))
+  if bidirectional is None:
+    return causal[None, None]
+  attend = np.stack([np.broadcast_to(v, (length, length)) if b else causal
+                     for b, v in zip(bidirectional, valid)])
+  return attend[:, None]
+
+
+def np_decoder(p, image, tokens, cfg, mask=None, bidirectional=None, valid=None):
+  """Next-token scores (N, L, V) of the captioning decoder on image tokens (N, T, W): token
+  embeddings (`mask_embedding` where `mask`) plus positions, the blocks over the (projected)
+  image tokens, ln_final, then the tied embedding or `head`."""
+  length = tokens.shape[1]
+  x = np.asarray(p['token_embedding']['weight'])[tokens]
+  if mask is not None:
+    x = np.where(mask[..., None], np.asarray(p['mask_embedding']), x)
+  x = x + np.asarray(p['positional_embedding'])[:length]
+  memory = np_linear(p['image_proj'], image) if 'image_proj' in p else image
+  attend = np_decoder_attend(length, bidirectional, valid)
+  for i in range(cfg.layers):
+    x = np_decoder_block(p['transformer']['resblocks'][str(i)], x, memory, cfg, attend)
+  x = np_norm(p['ln_final'], x, cfg.norm, cfg.norm_eps)
+  return np_linear(p.get('head', p['token_embedding']), x)
+
+
+def np_cross_entropy(logits, targets, weights):
+  """(mean -log softmax at the target over the weighted positions, their top-1 accuracy)."""
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  hits = logits.argmax(-1) == targets
+  return (nll * weights).sum() / weights.sum(), (hits * weights).sum() / weights.sum()
+
+
+def caption_valid(tokens, eot_id):
+  """(N, L-1): whether each next token is part of the caption, written as a loop over rows: the
+  targets up to and including the first `eot_id` (all of them in a row without one)."""
+  valid = np.zeros((tokens.shape[0], tokens.shape[1] - 1), bool)
+  for i, row in enumerate(tokens[:, 1:]):
+    ends = np.flatnonzero(row == eot_id)
+    valid[i, :ends[0] + 1 if len(ends) else len(row)] = True
+  return valid
