@@ -18,7 +18,8 @@ MUON_RMS = 0.2
 # here also the other architectures' norms (NormFormer's mlp.ln, QK-norm) and MAP head's probe.
 NO_DECAY = re.compile(r'(.*[._])?(bias|ln(_\w+)?\.weight|[qk]_norm\.weight|bn\d\.weight|'
                       r'downsample\.1\.weight|class_embedding|positional_embedding|'
-                      r'token_embedding\.weight|registers|probe|head_scale|logit_scale|logit_bias)')
+                      r'token_embedding\.weight|mask_embedding|registers|probe|head_scale|'
+                      r'logit_scale|logit_bias)')
 
 
 # Matrices stored (in, out) rather than torch's (out, in).

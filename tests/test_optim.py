@@ -114,6 +114,21 @@ def test_optim_rejects_unknown_names():
     optim.make_optimizer('sgd', LR, WD, 0, 10)
 
 
+def test_weight_decay_mask_of_a_captioning_decoder():
+  """The decoder's matrices decay; its token, position and mask embeddings, norms and biases
+  do not (the rule of `test_weight_decay_mask_follows_openai`)."""
+  t = test_training.TINY.text
+  decoder = clip.DecoderConfig(width=t.width, layers=1, heads=t.heads,
+                               context_length=t.context_length, vocab_size=t.vocab_size,
+                               tie_embedding=False)
+  cfg = dataclasses.replace(test_training.TINY, decoder=decoder)
+  shapes = weights.flatten(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
+  mask = weights.flatten(optim.decay_mask(shapes))
+  expected = {k: len(v.shape) >= 2 and 'embedding' not in k for k, v in shapes.items()}
+  assert mask == expected, {k: v for k, v in mask.items() if v != expected[k]}
+  assert not mask['text_decoder.mask_embedding'] and mask['text_decoder.head.weight']
+
+
 @pytest.mark.parametrize('vision', [test_training.TINY.vision,
                                     clip.VisionConfig('resnet', 8, (1, 2, 1, 1), 4, 64)],
                          ids=['vit', 'resnet'])
