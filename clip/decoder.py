@@ -66,7 +66,11 @@ def _init_block(key, cfg):
 def image_memory(params, image_NxTxW, cfg, execution=configs.Execution()):
   """Image tokens (N, T, W) -> what cross-attention reads (N, T, D): projected when configured."""
   x = image_NxTxW.astype(execution.dtype)
-  if 'image_proj' in params:
+  if cfg.image_projection != ('image_proj' in params):
+    raise ValueError(f'DecoderConfig.image_projection={cfg.image_projection}, but the params '
+                     f'{"lack" if cfg.image_projection else "have"} image_proj: params and '
+                     'config of different decoders')
+  if cfg.image_projection:
     x = layers.linear(params['image_proj'], x)
   elif x.shape[-1] != cfg.width:
     raise ValueError(f'image tokens of width {x.shape[-1]} do not fit decoder width {cfg.width} '

@@ -103,6 +103,10 @@ def infer_config(flat):
   QuickGELU; the MLP width is read from `c_fc`. Shapes cannot tell the activation or the head
   count: `load` says what it assumed (see `resolve_config`)."""
   shape = lambda k: tuple(flat[k].shape)
+  if any(k.startswith('text_decoder.') for k in flat):
+    raise CheckpointError('a model with a captioning decoder (text_decoder.* keys): its config '
+                          'cannot be inferred from the shapes; pass config= (the CLIPConfig it '
+                          'was trained with; on the command line --config, e.g. cappa_small)')
   is_vit = any(k.startswith('visual.transformer.') for k in flat)
   needed = (('visual.conv1.weight', 'visual.positional_embedding',
              'visual.transformer.resblocks.0.mlp.c_fc.weight') if is_vit else

@@ -1,5 +1,6 @@
-"""Caption decoding throughput: generated tokens/s of greedy and beam search, with the decoder's
-KV cache and without it (every step re-runs `decoder.apply` over the whole token buffer), on a
+"""Caption decoding throughput (generated tokens/s), with the KV cache and without it.
+
+Greedy and beam search with the decoder's KV cache and without it (every step re-runs `decoder.apply` over the whole token buffer), on a
 random-weight decoder of `small`'s text-tower shape (width 128, 3 blocks, 2 heads, context 32)
 reading 16 image tokens of width 128 (`small`'s ViT at 64 px, patch 16).
 

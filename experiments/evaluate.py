@@ -234,6 +234,9 @@ def _templates(path_or_name):
 def evaluate(args):
   """(clip_benchmark's metrics, the templates the class prompts were built from or None)."""
   params, cfg = load_model(args.model, args.config)
+  if cfg.text is None and args.task in ('zeroshot_classification', 'zeroshot_retrieval'):
+    raise ValueError(f'--task {args.task} compares images with a text tower, and this model has '
+                     'none (a captioner): use --task generative_classification or linear_probe')
   if args.task == 'zeroshot_retrieval':
     from clip import model  # pylint: disable=g-import-not-at-top
     from clip import zero_shot  # pylint: disable=g-import-not-at-top

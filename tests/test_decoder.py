@@ -341,3 +341,27 @@ def test_bad_decoder_inputs_are_clear_errors():
                               configs.TextConfig(**TEXT))
   with pytest.raises(ValueError, match='image tokens for a decoder come from a ViT, got a resnet'):
     model.image_features_and_tokens({}, np.zeros((1, 64, 64, 3), np.float32), resnet)
+
+
+def test_params_of_another_decoder_are_refused():
+  """A config without image_projection on params that have one (or the reverse) is an error,
+  not a silent choice by the params."""
+  with_proj = configs.DecoderConfig(width=16, layers=1, heads=2, context_length=6, vocab_size=20)
+  without = dataclasses.replace(with_proj, image_projection=False)
+  image = np.zeros((1, 3, 16), np.float32)
+  tokens = np.zeros((1, 4), np.int32)
+  for params_cfg, cfg in ((with_proj, without), (without, with_proj)):
+    params = decoder.init(jax.random.PRNGKey(0), params_cfg, 16)
+    with pytest.raises(ValueError, match='params and config of different decoders'):
+      decoder.apply(params, image, tokens, cfg)
+
+
+def test_a_decoder_checkpoint_needs_its_config():
+  """Shapes cannot say a decoder's options: loading one without config= says to pass it."""
+  cfg = configs.CLIPConfig(16, configs.VisionConfig('vit', 16, 1, 2, 16, 8, pool='gap',
+                                                    projection=False), None,
+                           decoder=configs.DecoderConfig(width=16, layers=1, heads=2,
+                                                         context_length=6, vocab_size=20))
+  flat = weights.flatten(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
+  with pytest.raises(weights.CheckpointError, match='pass config='):
+    weights.infer_config(flat)
