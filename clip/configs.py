@@ -108,6 +108,10 @@ class VisionConfig(BlockOptions):
   learned tokens after the class token, without positions, kept in the 'gap'/'map' pooling only
   when `pool_registers`; `ln_pre=False` drops the norm before the blocks (SigLIP) and
   `patch_bias=True` gives the patch embedding a bias `conv1.bias` (SigLIP, timm).
+  `patch_dropout` is FLIP's patch dropout (Li et al. 2023, "Scaling Language-Image Pre-training
+  via Masking"; open_clip's `patch_dropout`): in training, that fraction of the patch tokens of
+  each image (a random subset per image, after the position embedding; the class token and the
+  registers always kept) is dropped before the blocks; evaluation sees every patch.
   """
   arch: str
   width: int
@@ -121,6 +125,7 @@ class VisionConfig(BlockOptions):
   pool_registers: bool = False
   ln_pre: bool = True
   patch_bias: bool = False
+  patch_dropout: float = 0.0
 
   def __post_init__(self):
     _require(self.arch in ARCHS, f'VisionConfig.arch must be one of {ARCHS}, got {self.arch!r}')
@@ -142,6 +147,9 @@ class VisionConfig(BlockOptions):
       _require(self.pos_embedding != 'sincos2d' or self.width % 4 == 0,
                f'a 2-D sin-cos position table needs a width divisible by 4, got {self.width}')
       _require(self.registers >= 0, f'registers must be >= 0, got {self.registers}')
+      _require(0.0 <= self.patch_dropout < 1.0 and self.kept_patches >= 1,
+               f'patch_dropout must be in [0, 1) and keep at least one of the '
+               f'{self.grid_size ** 2} patches, got {self.patch_dropout}')
       _require(not self.pool_registers or (self.registers and self.pool != 'cls'),
                'pool_registers=True needs registers > 0 and pool "gap" or "map" (the class '
                f'token alone is pooled with "cls"); got registers={self.registers}, '
@@ -161,7 +169,8 @@ class VisionConfig(BlockOptions):
                   if getattr(self, f.name) != getattr(_DEFAULT_BLOCK, f.name)]
       vit_only += [f'{name}={getattr(self, name)!r}' for name, default in
                    (('pool', 'cls'), ('pos_embedding', 'learned'), ('registers', 0),
-                    ('pool_registers', False), ('ln_pre', True), ('patch_bias', False))
+                    ('pool_registers', False), ('ln_pre', True), ('patch_bias', False),
+                    ('patch_dropout', 0.0))
                    if getattr(self, name) != default]
       _require(not vit_only, f'transformer options apply to ViTs, not to a ResNet: {vit_only}')
 
@@ -180,6 +189,11 @@ class VisionConfig(BlockOptions):
     """Side of the token grid the position embedding covers (patches, or ResNet output)."""
     step = self.patch_size if self.arch == 'vit' else 32
     return self.image_resolution // step
+
+  @property
+  def kept_patches(self):
+    """Patch tokens a training image keeps under `patch_dropout`: round((1 - p) * patches)."""
+    return int(round((1.0 - self.patch_dropout) * self.grid_size ** 2))
 
   @property
   def feature_width(self):

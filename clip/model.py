@@ -180,14 +180,14 @@ def encode_image(params, images, cfg):
 
 
 @functools.partial(jax.jit, static_argnames=('cfg',))
-def image_features_and_tokens(params, images, cfg):
+def image_features_and_tokens(params, images, cfg, dropout_key=None):
   """A ViT run once for both heads: `(features (N, embed_dim) fp32, or None without a text
   tower; the tokens a captioning decoder reads (N, T, width) in the compute dtype)`
-  (`vit.decoder_tokens`)."""
+  (`vit.decoder_tokens`). `dropout_key`: training-time patch dropout (`vit.tokens`)."""
   check_images(images, cfg)
   if cfg.vision.arch != 'vit':
     raise ValueError(f'image tokens for a decoder come from a ViT, got a {cfg.vision.arch}')
-  x = vit.tokens(params['visual'], images, cfg.vision, cfg.execution)
+  x = vit.tokens(params['visual'], images, cfg.vision, cfg.execution, dropout_key)
   features = None
   if cfg.text is not None:
     features = vit.pool(params['visual'], x, cfg.vision).astype(jnp.float32)
@@ -222,12 +222,15 @@ def l2_normalize(x):
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def training_image_features(params, batch_stats, images, cfg, update_bn=True):
+def training_image_features(params, batch_stats, images, cfg, update_bn=True, dropout_key=None):
   """Image features for a training objective, always `(features (N, embed_dim) fp32,
   batch_stats)`. A ResNet with `update_bn` normalises with batch statistics and returns its
   updated running buffers (`resnet.apply_train`); otherwise (a ViT, or a locked tower) the tower
-  runs as `encode_image` and `batch_stats` come back as given."""
+  runs as `encode_image` and `batch_stats` come back as given. A ViT with `patch_dropout` drops
+  patches when given a `dropout_key` (FLIP)."""
   full = update_batch_stats(params, batch_stats)
+  if cfg.vision.arch == 'vit' and dropout_key is not None and cfg.vision.patch_dropout > 0:
+    return image_features_and_tokens(full, images, cfg, dropout_key)[0], batch_stats
   if not (update_bn and cfg.vision.arch == 'resnet'):
     return encode_image(full, images, cfg), batch_stats
   check_images(images, cfg)

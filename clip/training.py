@@ -24,6 +24,7 @@ from clip import sharding
 
 MAX_LOGIT_SCALE = float(np.log(100.0))  # OpenAI clamps exp(logit_scale) to 100
 NO_CONTRASTIVE = 'none'  # TrainConfig.loss of a captioning-only run (CapPa)
+PATCH_DROPOUT_STREAM = 7  # fold_in of the step's key that draws FLIP's kept patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +189,8 @@ def clip_objective(cfg, tcfg, mesh):
   """The image-text objective: `(params, batch_stats, batch, key) -> (loss, (batch_stats,
   metrics))` with `batch = {'image', 'tokens'}`: the contrastive loss `tcfg.loss` as a shard_map
   program, plus `tcfg.caption_weight` times the captioning loss of a model with a decoder
-  (`clip.captioning`; `key` draws its parallel-prediction masks). The image tower runs once for
-  both. With `tcfg.lock_image_tower` (LiT) it runs in inference mode without gradients."""
+  (`clip.captioning`; `key` draws its parallel-prediction masks, and a fold of it the patches a
+  ViT with `patch_dropout` keeps). The image tower runs once for both. With `tcfg.lock_image_tower` (LiT) it runs in inference mode without gradients."""
   check_objective(cfg, tcfg)
   contrastive = tcfg.loss != NO_CONTRASTIVE
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES) if contrastive else None
@@ -198,11 +199,14 @@ def clip_objective(cfg, tcfg, mesh):
   freeze = jax.lax.stop_gradient if tcfg.lock_image_tower else (lambda x: x)
 
   def objective(params, batch_stats, batch, key):
+    dropout_key = jax.random.fold_in(key, PATCH_DROPOUT_STREAM)
     if cfg.decoder is None:
       img, batch_stats = model.training_image_features(
-          params, batch_stats, batch['image'], cfg, update_bn=not tcfg.lock_image_tower)
+          params, batch_stats, batch['image'], cfg, update_bn=not tcfg.lock_image_tower,
+          dropout_key=dropout_key)
     else:
-      img, image_tokens = model.image_features_and_tokens(params, batch['image'], cfg)
+      img, image_tokens = model.image_features_and_tokens(params, batch['image'], cfg,
+                                                          dropout_key)
     total, metrics = 0.0, {}
     if contrastive:
       txt = model.l2_normalize(model.encode_text(params, batch['tokens'], cfg))

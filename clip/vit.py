@@ -48,10 +48,23 @@ def position_table(params, cfg, dtype):
   return table
 
 
-def tokens(params, images_NxHxWx3, cfg, execution=configs.Execution()):
+def drop_patches(x_NxLxD, cfg, key):
+  """FLIP's patch dropout: each row keeps `cfg.kept_patches` of its patch tokens (the first
+  `prefix` tokens, the class token, always), a uniformly random subset per row from `key`, in
+  their original order: (N, prefix + kept, D)."""
+  prefix = int(cfg.pool == 'cls')
+  n, length, _ = x_NxLxD.shape
+  scores_NxP = jax.random.uniform(key, (n, length - prefix))
+  keep_NxK = jnp.sort(jnp.argsort(scores_NxP, axis=1)[:, :cfg.kept_patches], axis=1) + prefix
+  kept = jnp.take_along_axis(x_NxLxD, keep_NxK[..., None], axis=1)
+  return jnp.concatenate([x_NxLxD[:, :prefix], kept], axis=1)
+
+
+def tokens(params, images_NxHxWx3, cfg, execution=configs.Execution(), dropout_key=None):
   """Normalised NHWC images -> the last block's tokens (N, prefix + patches, D): the class token
   (with 'cls' pooling), then the registers, then the patches in raster order, in
-  `execution.dtype`."""
+  `execution.dtype`. With a `dropout_key` and `cfg.patch_dropout` > 0 (training), each image
+  keeps `cfg.kept_patches` random patches (`drop_patches`); without a key, all of them."""
   images_NxHxWx3 = images_NxHxWx3.astype(execution.dtype)
   dtype = images_NxHxWx3.dtype
   p = cfg.patch_size
@@ -65,6 +78,8 @@ def tokens(params, images_NxHxWx3, cfg, execution=configs.Execution()):
     cls_Nx1xD = jnp.broadcast_to(params['class_embedding'].astype(dtype), (n, 1, d))
     x_NxLxD = jnp.concatenate([cls_Nx1xD, x_NxLxD], axis=1)
   x_NxLxD = x_NxLxD + position_table(params, cfg, dtype)
+  if dropout_key is not None and cfg.patch_dropout > 0:
+    x_NxLxD = drop_patches(x_NxLxD, cfg, dropout_key)
   if cfg.registers:
     c = int(cfg.pool == 'cls')
     regs_NxRxD = jnp.broadcast_to(params['registers'].astype(dtype), (n, cfg.registers, d))
@@ -100,6 +115,7 @@ def decoder_tokens(params, x_NxLxD, cfg):
   return layers.norm(params['ln_post'], x_NxLxD, cfg.norm, cfg.norm_eps)
 
 
-def apply(params, images_NxHxWx3, cfg, execution=configs.Execution()):
-  """Normalised NHWC images -> (N, embed_dim) features, in `execution.dtype`."""
-  return pool(params, tokens(params, images_NxHxWx3, cfg, execution), cfg)
+def apply(params, images_NxHxWx3, cfg, execution=configs.Execution(), dropout_key=None):
+  """Normalised NHWC images -> (N, embed_dim) features, in `execution.dtype`; `dropout_key`
+  turns on the training-time patch dropout of `cfg.patch_dropout` (see `tokens`)."""
+  return pool(params, tokens(params, images_NxHxWx3, cfg, execution, dropout_key), cfg)

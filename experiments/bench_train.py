@@ -13,6 +13,8 @@ into model FLOPs utilisation (H100 SXM dense bf16: 989).
       --batch-sizes 256 --meshes=1,1,1 --mfu-peak-tflops 989        # on one H100
   python -m experiments.bench_train --models small,ViT-B/32 --batch-sizes 16 --meshes=1,1,1 \
       --scan off,on --remat none,block --devices 1
+  python -m experiments.bench_train --models small,ViT-B/16 --batch-sizes 64 --meshes=1,1,1 \
+      --patch-dropout 0,0.5,0.75 --devices 1         # FLIP: step time and memory
 """
 import argparse
 import dataclasses
@@ -34,6 +36,8 @@ def parse_args(argv):
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--remat', default='none', help='none,block,dots: the policies to compare')
   parser.add_argument('--scan', default='off', help='off,on: unrolled blocks and/or lax.scan')
+  parser.add_argument('--patch-dropout', default='0',
+                      help="FLIP's patch dropout fractions to compare, e.g. 0,0.5,0.75 (ViTs)")
   parser.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--quick', action='store_true', help='tiny model, one batch size, 2 runs')
@@ -100,32 +104,38 @@ def main(argv=None):
   import losses  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   rows = []
-  variants = [(scan, remat) for scan in args.scan.split(',') for remat in args.remat.split(',')]
+  variants = [(scan, remat, float(drop)) for scan in args.scan.split(',')
+              for remat in args.remat.split(',') for drop in args.patch_dropout.split(',')]
   for name in args.models.split(','):
-    for scan, remat in variants:
+    for scan, remat, drop in variants:
       if scan not in ('off', 'on'):
         raise ValueError(f'--scan takes off and/or on, got {scan!r}')
-      cfg = dataclasses.replace(model_config(name, args.dtype, remat, scan == 'on'),
-                                logit_bias=losses.takes_bias(args.loss))
+      cfg = model_config(name, args.dtype, remat, scan == 'on')
+      cfg = dataclasses.replace(cfg, logit_bias=losses.takes_bias(args.loss), vision=(
+          dataclasses.replace(cfg.vision, patch_dropout=drop) if drop else cfg.vision))
       for batch_size in [int(b) for b in args.batch_sizes.split(',')]:
         for mesh_arg in args.meshes.split(':'):
           mesh = tuple(int(s) for s in mesh_arg.split(','))
           tcfg = training.TrainConfig(batch_size=batch_size, total_steps=1000, warmup_steps=10,
                                       loss=args.loss, mesh=mesh)
           row = {'model': name, 'batch': batch_size, 'mesh': mesh_arg, 'dtype': args.dtype,
-                 'scan': scan, 'remat': remat, **bench_one(cfg, tcfg, args.repeats)}
+                 'scan': scan, 'remat': remat, 'patch_dropout': drop,
+                 **bench_one(cfg, tcfg, args.repeats)}
           if args.mfu_peak_tflops:
             row['mfu'] = row['achieved_tflops'] / (args.mfu_peak_tflops * jax.device_count())
           rows.append(row)
-          print(f'  {name} scan {scan} remat {remat} batch {batch_size} mesh {mesh_arg}: '
+          print(f'  {name} scan {scan} remat {remat} drop {drop} batch {batch_size} mesh '
+                f'{mesh_arg}: '
                 f'{row["step_s"]:.3f} s/step, compiled in {row["compile_s"]:.1f} s', flush=True)
-  header = (f'{"model":<10} {"scan":>4} {"remat":>5} {"batch":>5} {"mesh":>7} {"params M":>8} '
+  header = (f'{"model":<10} {"scan":>4} {"remat":>5} {"drop":>4} {"batch":>5} {"mesh":>7} '
+            f'{"params M":>8} '
             f'{"step s":>8} {"img/s":>8} {"TFLOP/step":>10} {"TFLOP/s":>8} {"compile s":>9} '
             f'{"temp MiB":>8}' + (f' {"MFU":>6}' if args.mfu_peak_tflops else ''))
   print(header)
   print('-' * len(header))
   for r in rows:
-    print(f'{r["model"]:<10} {r["scan"]:>4} {r["remat"]:>5} {r["batch"]:>5} {r["mesh"]:>7} '
+    print(f'{r["model"]:<10} {r["scan"]:>4} {r["remat"]:>5} {r["patch_dropout"]:>4} '
+          f'{r["batch"]:>5} {r["mesh"]:>7} '
           f'{r["params_m"]:>8.1f} {r["step_s"]:>8.3f} {r["images_per_s"]:>8.1f} '
           f'{r["tflops_per_step"]:>10.3f} {r["achieved_tflops"]:>8.3f} {r["compile_s"]:>9.1f} '
           f'{r["temp_mib"]:>8.0f}' + (f' {r["mfu"]:>6.1%}' if args.mfu_peak_tflops else ''))

@@ -145,11 +145,12 @@ def test_other_optimizers_train_and_shard(optimizer):
 
 
 def test_custom_architecture_trains_the_same_on_every_strategy():
-  """Stacked blocks, MAP heads, RoPE, NormFormer, SwiGLU, qk-norm and registers under data,
-  FSDP and tensor parallelism follow the single-device trajectory."""
+  """Stacked blocks, MAP heads, RoPE, NormFormer, SwiGLU, qk-norm, registers and FLIP's patch
+  dropout under data, FSDP and tensor parallelism follow the single-device trajectory."""
   block = dict(norm='rmsnorm', norm_placement='normformer', mlp='swiglu', qk_norm=True)
   cfg = configs.CLIPConfig(
-      32, configs.VisionConfig(**VISION, pool='map', registers=2, pos_embedding='sincos2d', **block),
+      32, configs.VisionConfig(**VISION, pool='map', registers=2, pos_embedding='sincos2d',
+                               patch_dropout=0.5, **block),
       configs.TextConfig(**TEXT, pos_embedding='rope', pool='map', causal=False, **block),
       scan=True, remat='dots', logit_bias=True)
   tcfg = training.TrainConfig(batch_size=16, total_steps=3, warmup_steps=1, loss='sigmoid')

@@ -67,3 +67,60 @@ def test_gap_pooling_is_the_mean_of_the_patch_tokens():
     assert tokens.shape == (2, 2 + 9, 32)
     expected = np_norm(to_np(p)['ln_post'], tokens if keep else tokens[:, 2:], 'layernorm').mean(1)
     assert rel_err(vit.pool(p, jnp.asarray(tokens, jnp.float32), vision), expected) < RTOL
+
+
+# ---------------------------------------------------------------- FLIP's patch dropout
+
+def test_drop_patches_keeps_a_random_subset_per_image_in_order():
+  """Each row keeps `kept_patches` distinct patches in raster order and the class token; rows
+  and keys draw different subsets; over many rows every patch is kept about equally often."""
+  cfg = configs.VisionConfig(**dict(VISION, image_resolution=64), patch_dropout=0.75)  # 64 patches
+  assert cfg.kept_patches == 16
+  n, patches = 512, cfg.grid_size ** 2
+  x = jnp.broadcast_to(jnp.arange(patches + 1, dtype=jnp.float32)[None, :, None],
+                       (n, patches + 1, 1))
+  kept = np.asarray(vit.drop_patches(x, cfg, jax.random.PRNGKey(0)))[..., 0]
+  assert kept.shape == (n, 1 + 16) and (kept[:, 0] == 0).all()
+  assert (np.diff(kept[:, 1:], axis=1) > 0).all()  # distinct, original order
+  assert len({tuple(row) for row in kept}) == n     # per-image subsets
+  again = np.asarray(vit.drop_patches(x, cfg, jax.random.PRNGKey(1)))[..., 0]
+  assert (again != kept).any()
+  counts = np.bincount(kept[:, 1:].astype(int).ravel(), minlength=patches + 1)[1:]
+  expected = n * 16 / patches  # 128 per patch; binomial sd ~9.7
+  assert np.abs(counts - expected).max() < 6 * np.sqrt(expected * (1 - 16 / patches))
+
+
+@pytest.mark.parametrize('options', [{}, dict(pool='gap', registers=2),
+                                     dict(pool='map', pos_embedding='sincos2d', registers=1)],
+                         ids=['cls', 'gap-registers', 'map-sincos-registers'])
+def test_patch_dropout_trains_on_kept_tokens_and_evaluates_on_all(options):
+  base = configs.VisionConfig(**VISION, **options)
+  cfg = dataclasses.replace(base, patch_dropout=0.5)
+  params = perturbed(vit.init(jax.random.PRNGKey(0), base, 16))
+  images = np.random.default_rng(0).standard_normal((3, 24, 24, 3)).astype(np.float32)
+  key = jax.random.PRNGKey(3)
+  prefix = int(base.pool == 'cls') + base.registers
+  assert vit.tokens(params, images, cfg, dropout_key=key).shape == (3, prefix + 4, 32)  # 9 -> 4
+  # Without a key (evaluation) every patch is seen, bit-identical to the tower without dropout;
+  # a fraction of 0 ignores the key.
+  full = vit.apply(params, images, base)
+  np.testing.assert_array_equal(vit.apply(params, images, cfg), full)
+  np.testing.assert_array_equal(vit.apply(params, images, base, dropout_key=key), full)
+  dropped = vit.apply(params, images, cfg, dropout_key=key)
+  assert not np.allclose(dropped, full)
+  # The dropout path selecting every patch (0.01 of 9 rounds to 9 kept) is the full tower.
+  keep_all = dataclasses.replace(base, patch_dropout=0.01)
+  assert keep_all.kept_patches == 9
+  np.testing.assert_allclose(vit.apply(params, images, keep_all, dropout_key=key), full,
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('fraction', [-0.1, 1.0, 0.99])
+def test_bad_patch_dropout_raises(fraction):
+  with pytest.raises(ValueError, match='patch_dropout must be in'):
+    configs.VisionConfig(**VISION, patch_dropout=fraction)
+
+
+def test_patch_dropout_on_a_resnet_raises():
+  with pytest.raises(ValueError, match='patch_dropout=0.5'):
+    configs.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 32, patch_dropout=0.5)
