@@ -18,13 +18,14 @@ from jax.sharding import PartitionSpec as P
 
 import losses
 from clip import captioning
+from clip import grad_cache
 from clip import model
+from clip import objectives
 from clip import optim
 from clip import sharding
 
 MAX_LOGIT_SCALE = float(np.log(100.0))  # OpenAI clamps exp(logit_scale) to 100
-NO_CONTRASTIVE = 'none'  # TrainConfig.loss of a captioning-only run (CapPa)
-PATCH_DROPOUT_STREAM = 7  # fold_in of the step's key that draws FLIP's kept patches
+ACCUMULATIONS = ('multisteps', 'grad_cache')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,12 @@ class TrainConfig:
   b2: float = 0.98
   eps: float = 1e-6
   clip_norm: float | None = 1.0
+  # k > 1 accumulates k micro-batches per optimizer step. 'multisteps' (optax.MultiSteps): each
+  # call of the step is one micro-batch of batch_size, seeing only its own negatives.
+  # 'grad_cache' (clip/grad_cache.py): each call takes the global batch of batch_size and runs it
+  # as k micro-batches of batch_size / k in two passes, every negative kept.
   accumulation_steps: int = 1
+  accumulation: str = 'multisteps'
   mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the rest
   seed: int = 0
   freeze: tuple[str, ...] = ()  # regexes on parameter paths kept bit-identical
@@ -56,12 +62,18 @@ class TrainConfig:
   caption_mask_ratio: float = 1.0
 
   def __post_init__(self):
-    if self.loss != NO_CONTRASTIVE:
+    none = objectives.NO_CONTRASTIVE
+    if self.loss != none:
       losses.check_name(self.loss)
-    if self.caption_weight < 0 or (self.loss == NO_CONTRASTIVE and not self.caption_weight):
-      raise ValueError(f'caption_weight must be >= 0, and > 0 with loss={NO_CONTRASTIVE!r} (it '
-                       f'is the only loss then); got {self.caption_weight} with loss {self.loss!r}')
+    if self.caption_weight < 0 or (self.loss == none and not self.caption_weight):
+      raise ValueError(f'caption_weight must be >= 0, and > 0 with loss={none!r} (it is the only '
+                       f'loss then); got {self.caption_weight} with loss {self.loss!r}')
     captioning.check_fractions(self.caption_parallel, self.caption_mask_ratio)
+    if self.accumulation not in ACCUMULATIONS:
+      raise ValueError(f'accumulation must be one of {ACCUMULATIONS}, got {self.accumulation!r}')
+    if self.grad_cache and self.batch_size % self.accumulation_steps:
+      raise ValueError(f'grad_cache splits batch_size {self.batch_size} into accumulation_steps='
+                       f'{self.accumulation_steps} micro-batches: it must divide')
     if self.optimizer not in optim.OPTIMIZERS:
       raise ValueError(f'optimizer must be one of {optim.OPTIMIZERS}, got {self.optimizer!r}')
     if self.schedule not in optim.SCHEDULES:
@@ -87,40 +99,24 @@ class TrainConfig:
     """Regexes of the parameters the optimizer leaves untouched."""
     return tuple(self.freeze) + ((r'visual\..*',) if self.lock_image_tower else ())
 
+  @property
+  def grad_cache(self):
+    """Whether the step runs two-pass accumulation (`accumulation='grad_cache'`, k > 1)."""
+    return self.accumulation == 'grad_cache' and self.accumulation_steps > 1
+
+  @property
+  def micro_batch_size(self):
+    """The examples one forward pass sees: batch_size, or batch_size / k under grad_cache."""
+    return self.batch_size // self.accumulation_steps if self.grad_cache else self.batch_size
+
   def check_mesh(self, mesh):
     ways = mesh.shape['data'] * mesh.shape['fsdp']
-    if self.batch_size % ways:
-      raise ValueError(f'batch_size {self.batch_size} is not divisible by the {ways} batch '
-                       f'shards of mesh {dict(mesh.shape)}')
-
-
-def takes_bias(loss):
-  """`losses.takes_bias`, and False for `'none'` (no contrastive loss)."""
-  return loss != NO_CONTRASTIVE and losses.takes_bias(loss)
-
-
-def check_objective(cfg, tcfg):
-  """The model config and the losses agree: `check_logit_bias`, a contrastive loss needs a text
-  tower, and a decoder is there exactly when the captioning loss has a weight. Raises
-  ValueError naming both sides."""
-  check_logit_bias(cfg, tcfg)
-  if tcfg.loss != NO_CONTRASTIVE and cfg.text is None:
-    raise ValueError(f'loss {tcfg.loss!r} compares images with a text tower, and the model has '
-                     f'none (text=None): use loss={NO_CONTRASTIVE!r} with a caption_weight')
-  if (cfg.decoder is None) != (tcfg.caption_weight == 0):
-    raise ValueError(f'caption_weight {tcfg.caption_weight} with '
-                     f'{"no decoder" if cfg.decoder is None else "a decoder"} in the model '
-                     'config: a decoder is trained by a caption_weight > 0, and only a decoder is')
-
-
-def check_logit_bias(cfg, tcfg):
-  """The model config and the loss agree on SigLIP's bias (`losses.takes_bias`): the sigmoid
-  losses train `logit_bias`, the others must not carry one. Raises ValueError naming both."""
-  takes = takes_bias(tcfg.loss)
-  if takes != cfg.logit_bias:
-    raise ValueError(f'loss {tcfg.loss!r} {"takes" if takes else "takes no"} logit_bias, but the '
-                     f'model config has logit_bias={cfg.logit_bias}: use '
-                     f'dataclasses.replace(cfg, logit_bias={takes})')
+    if self.micro_batch_size % ways:
+      what = (f'the grad_cache micro-batch {self.micro_batch_size} (batch_size {self.batch_size} '
+              f'/ {self.accumulation_steps})' if self.grad_cache else
+              f'batch_size {self.batch_size}')
+      raise ValueError(f'{what} is not divisible by the {ways} batch shards of mesh '
+                       f'{dict(mesh.shape)}')
 
 
 class TrainSetup(typing.NamedTuple):
@@ -142,7 +138,7 @@ def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=('ima
   CLIP objective (fine-tuning), with the `batch_keys` it reads."""
   tcfg.check_mesh(mesh)
   if objective is None:
-    check_objective(cfg, tcfg)
+    objectives.check_objective(cfg, tcfg)
   optimizer, schedule = make_optimizer(tcfg)
   state, shardings = create_state(cfg, tcfg, mesh, optimizer, rules, init_params)
   train_step = make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective,
@@ -151,10 +147,11 @@ def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=('ima
 
 
 def make_optimizer(tcfg):
+  multisteps = 1 if tcfg.accumulation == 'grad_cache' else tcfg.accumulation_steps
   return optim.make_optimizer(tcfg.optimizer, tcfg.learning_rate, tcfg.weight_decay,
                               tcfg.warmup_steps, tcfg.total_steps, tcfg.b1, tcfg.b2, tcfg.eps,
-                              tcfg.clip_norm, tcfg.accumulation_steps, tcfg.frozen,
-                              tcfg.layer_decay, tcfg.schedule)
+                              tcfg.clip_norm, multisteps, tcfg.frozen, tcfg.layer_decay,
+                              tcfg.schedule)
 
 
 def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULES):
@@ -176,56 +173,6 @@ def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULE
   return {'params': param_sh, 'batch_stats': stats_sh, 'opt': opt_sh, 'step': repl, 'rng': repl}
 
 
-def _local_accuracy(mesh):
-  """Image->text matching accuracy within each device's shard of the batch (memory O(b^2)),
-  averaged over the shards."""
-  def acc(img_bxD, txt_bxD):
-    hits = jnp.argmax(img_bxD @ txt_bxD.T, axis=-1) == jnp.arange(img_bxD.shape[0])
-    return jax.lax.pmean(hits.mean(), sharding.BATCH_AXES)
-  return jax.shard_map(acc, mesh=mesh, in_specs=(P(sharding.BATCH_AXES),) * 2, out_specs=P())
-
-
-def clip_objective(cfg, tcfg, mesh):
-  """The image-text objective: `(params, batch_stats, batch, key) -> (loss, (batch_stats,
-  metrics))` with `batch = {'image', 'tokens'}`: the contrastive loss `tcfg.loss` as a shard_map
-  program, plus `tcfg.caption_weight` times the captioning loss of a model with a decoder
-  (`clip.captioning`; `key` draws its parallel-prediction masks, and a fold of it the patches a
-  ViT with `patch_dropout` keeps). The image tower runs once for both. With `tcfg.lock_image_tower` (LiT) it runs in inference mode without gradients."""
-  check_objective(cfg, tcfg)
-  contrastive = tcfg.loss != NO_CONTRASTIVE
-  loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES) if contrastive else None
-  bias = takes_bias(tcfg.loss)
-  accuracy = _local_accuracy(mesh)
-  freeze = jax.lax.stop_gradient if tcfg.lock_image_tower else (lambda x: x)
-
-  def objective(params, batch_stats, batch, key):
-    dropout_key = jax.random.fold_in(key, PATCH_DROPOUT_STREAM)
-    if cfg.decoder is None:
-      img, batch_stats = model.training_image_features(
-          params, batch_stats, batch['image'], cfg, update_bn=not tcfg.lock_image_tower,
-          dropout_key=dropout_key)
-    else:
-      img, image_tokens = model.image_features_and_tokens(params, batch['image'], cfg,
-                                                          dropout_key)
-    total, metrics = 0.0, {}
-    if contrastive:
-      txt = model.l2_normalize(model.encode_text(params, batch['tokens'], cfg))
-      img = model.l2_normalize(freeze(img))
-      scalars = (params['logit_scale'],) + ((params['logit_bias'],) if bias else ())
-      total = loss_fn(img, txt, *scalars)
-      metrics['accuracy'] = accuracy(img, txt)
-    if cfg.decoder is not None:
-      caption_loss, caption_metrics = captioning.loss(
-          params['text_decoder'], freeze(image_tokens), batch['tokens'], cfg.decoder, key,
-          tcfg.caption_parallel, tcfg.caption_mask_ratio, cfg.execution)
-      if contrastive:
-        metrics['contrastive_loss'] = total
-      total = total + tcfg.caption_weight * caption_loss
-      metrics.update(caption_loss=caption_loss, **caption_metrics)
-    return total, (batch_stats, metrics)
-  return objective
-
-
 def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=None,
                     batch_keys=('image', 'tokens')):
   """`train_step(state, batch) -> (state, metrics)`, jitted with the state's shardings, the batch
@@ -233,15 +180,22 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
 
   `objective(params, batch_stats, batch, key) -> (loss, (batch_stats, metrics))` is what is
   minimised (`key`: a fresh PRNG key each step, from the state's `rng`):
-  by default `clip_objective`; fine-tuning passes its own (`clip.finetune`) with its
+  by default `objectives.clip_objective`; fine-tuning passes its own (`clip.finetune`) with its
   `batch_keys`. Metrics add the grad norm, the learning rate and, where the params have them, the
   logit scale (clamped to ln 100 after each update) and bias."""
   tcfg.check_mesh(mesh)
-  objective = objective or clip_objective(cfg, tcfg, mesh)
+  if tcfg.grad_cache:
+    if objective is not None:
+      raise ValueError('grad_cache accumulation runs the CLIP objective; a custom objective '
+                       'accumulates with accumulation="multisteps"')
+    value_and_grad = grad_cache.value_and_grad(cfg, tcfg, mesh)
+  else:
+    objective = objective or objectives.clip_objective(cfg, tcfg, mesh)
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
   def train_step(state, batch):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see sharding.constrain_batch
-      (loss, (new_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
+      (loss, (new_stats, aux)), grads = value_and_grad(
           state['params'], state['batch_stats'], batch, state['rng'])
     updates, opt = optimizer.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)

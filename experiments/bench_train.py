@@ -15,6 +15,8 @@ into model FLOPs utilisation (H100 SXM dense bf16: 989).
       --scan off,on --remat none,block --devices 1
   python -m experiments.bench_train --models small,ViT-B/16 --batch-sizes 64 --meshes=1,1,1 \
       --patch-dropout 0,0.5,0.75 --devices 1         # FLIP: step time and memory
+  python -m experiments.bench_train --models small --batch-sizes 512 --meshes=1,1,1 \
+      --grad-cache 1,2,4,8 --devices 1                # two-pass accumulation at one global batch
 """
 import argparse
 import dataclasses
@@ -36,6 +38,9 @@ def parse_args(argv):
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--remat', default='none', help='none,block,dots: the policies to compare')
   parser.add_argument('--scan', default='off', help='off,on: unrolled blocks and/or lax.scan')
+  parser.add_argument('--grad-cache', default='1',
+                      help='two-pass accumulation steps k to compare at the same global batch, '
+                           'e.g. 1,2,4,8 (clip/grad_cache.py)')
   parser.add_argument('--patch-dropout', default='0',
                       help="FLIP's patch dropout fractions to compare, e.g. 0,0.5,0.75 (ViTs)")
   parser.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
@@ -104,10 +109,11 @@ def main(argv=None):
   import losses  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   rows = []
-  variants = [(scan, remat, float(drop)) for scan in args.scan.split(',')
-              for remat in args.remat.split(',') for drop in args.patch_dropout.split(',')]
+  variants = [(scan, remat, float(drop), int(k)) for scan in args.scan.split(',')
+              for remat in args.remat.split(',') for drop in args.patch_dropout.split(',')
+              for k in args.grad_cache.split(',')]
   for name in args.models.split(','):
-    for scan, remat, drop in variants:
+    for scan, remat, drop, k in variants:
       if scan not in ('off', 'on'):
         raise ValueError(f'--scan takes off and/or on, got {scan!r}')
       cfg = model_config(name, args.dtype, remat, scan == 'on')
@@ -117,17 +123,18 @@ def main(argv=None):
         for mesh_arg in args.meshes.split(':'):
           mesh = tuple(int(s) for s in mesh_arg.split(','))
           tcfg = training.TrainConfig(batch_size=batch_size, total_steps=1000, warmup_steps=10,
-                                      loss=args.loss, mesh=mesh)
+                                      loss=args.loss, mesh=mesh, accumulation_steps=k,
+                                      accumulation='grad_cache')
           row = {'model': name, 'batch': batch_size, 'mesh': mesh_arg, 'dtype': args.dtype,
-                 'scan': scan, 'remat': remat, 'patch_dropout': drop,
+                 'scan': scan, 'remat': remat, 'patch_dropout': drop, 'grad_cache': k,
                  **bench_one(cfg, tcfg, args.repeats)}
           if args.mfu_peak_tflops:
             row['mfu'] = row['achieved_tflops'] / (args.mfu_peak_tflops * jax.device_count())
           rows.append(row)
-          print(f'  {name} scan {scan} remat {remat} drop {drop} batch {batch_size} mesh '
+          print(f'  {name} scan {scan} remat {remat} drop {drop} k {k} batch {batch_size} mesh '
                 f'{mesh_arg}: '
                 f'{row["step_s"]:.3f} s/step, compiled in {row["compile_s"]:.1f} s', flush=True)
-  header = (f'{"model":<10} {"scan":>4} {"remat":>5} {"drop":>4} {"batch":>5} {"mesh":>7} '
+  header = (f'{"model":<10} {"scan":>4} {"remat":>5} {"drop":>4} {"k":>2} {"batch":>5} {"mesh":>7} '
             f'{"params M":>8} '
             f'{"step s":>8} {"img/s":>8} {"TFLOP/step":>10} {"TFLOP/s":>8} {"compile s":>9} '
             f'{"temp MiB":>8}' + (f' {"MFU":>6}' if args.mfu_peak_tflops else ''))
@@ -135,6 +142,7 @@ def main(argv=None):
   print('-' * len(header))
   for r in rows:
     print(f'{r["model"]:<10} {r["scan"]:>4} {r["remat"]:>5} {r["patch_dropout"]:>4} '
+          f'{r["grad_cache"]:>2} '
           f'{r["batch"]:>5} {r["mesh"]:>7} '
           f'{r["params_m"]:>8.1f} {r["step_s"]:>8.3f} {r["images_per_s"]:>8.1f} '
           f'{r["tflops_per_step"]:>10.3f} {r["achieved_tflops"]:>8.3f} {r["compile_s"]:>9.1f} '

@@ -90,7 +90,7 @@ def _apply(experiment, assignments):
   """The assignments, with what they imply made explicit and printed: a shorter run shortens the
   warmup to a tenth of it (unless it is set too), and the model's SigLIP bias follows the loss
   (unless it is set too)."""
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip import objectives  # pylint: disable=g-import-not-at-top
   from experiments import configs  # pylint: disable=g-import-not-at-top
   given = dict(assignments)
   if 'train.total_steps' in given and 'train.warmup_steps' not in given:
@@ -100,7 +100,7 @@ def _apply(experiment, assignments):
             f'{experiment.train.warmup_steps} -> {warmup} (at most a tenth of the run)')
       given['train.warmup_steps'] = warmup
   if 'train.loss' in given and 'model.logit_bias' not in given:
-    bias = training.takes_bias(given['train.loss'])
+    bias = objectives.takes_bias(given['train.loss'])
     if bias != experiment.model.logit_bias:
       print(f'train.loss={given["train.loss"]}: model.logit_bias {not bias} -> {bias} (SigLIP\'s '
             'bias exactly where the loss takes one)')
@@ -111,11 +111,11 @@ def _apply(experiment, assignments):
 def load_config(args):
   """The `Experiment` of `--config name[:arg]` with `--set` and the flags applied (each implied
   change printed), validated before anything compiles."""
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip import objectives  # pylint: disable=g-import-not-at-top
   name, _, arg = args.config.partition(':')
   experiment = importlib.import_module(f'experiments.configs.{name}').get_config(arg or None)
   experiment = _apply(experiment, _assignments(args))
-  training.check_objective(experiment.model, experiment.train)
+  objectives.check_objective(experiment.model, experiment.train)
   run = experiment.run
   if not run.data:
     raise ValueError(f'config {name!r} has no default data: pass --data with a glob of '

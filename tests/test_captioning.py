@@ -15,6 +15,7 @@ import pytest
 from clip import captioning
 from clip import configs
 from clip import decoder
+from clip import objectives
 from clip import sharding
 from clip import training
 from tests.numpy_reference import RTOL
@@ -211,7 +212,7 @@ def test_objectives_that_do_not_fit_the_model_are_clear_errors():
     training.setup(SIGLIP_CAPTIONS, training.TrainConfig(loss='sigmoid'), single_device_mesh())
   no_decoder = dataclasses.replace(SIGLIP_CAPTIONS, decoder=None)
   with pytest.raises(ValueError, match='caption_weight 0.5 with no decoder in the model config'):
-    training.check_objective(no_decoder, training.TrainConfig(loss='sigmoid', caption_weight=0.5))
+    objectives.check_objective(no_decoder, training.TrainConfig(loss='sigmoid', caption_weight=0.5))
   with pytest.raises(ValueError, match=r"loss 'contrastive' compares images with a text tower, "
                      r"and the model has none \(text=None\)"):
     training.setup(CAPPA, training.TrainConfig(loss='contrastive', caption_weight=1.0),
