@@ -71,6 +71,9 @@ class TrainConfig:
     captioning.check_fractions(self.caption_parallel, self.caption_mask_ratio)
     if self.accumulation not in ACCUMULATIONS:
       raise ValueError(f'accumulation must be one of {ACCUMULATIONS}, got {self.accumulation!r}')
+    if self.accumulation == 'multisteps' and self.total_steps % self.accumulation_steps:
+      raise ValueError(f'MultiSteps updates once per accumulation_steps={self.accumulation_steps} '
+                       f'calls: total_steps {self.total_steps} must be a multiple of it')
     if self.grad_cache and self.batch_size % self.accumulation_steps:
       raise ValueError(f'grad_cache splits batch_size {self.batch_size} into accumulation_steps='
                        f'{self.accumulation_steps} micro-batches: it must divide')
@@ -147,10 +150,13 @@ def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=('ima
 
 
 def make_optimizer(tcfg):
-  multisteps = 1 if tcfg.accumulation == 'grad_cache' else tcfg.accumulation_steps
+  """(optimizer, schedule). `total_steps` and `warmup_steps` count calls of the step; under
+  MultiSteps the optimizer updates once per k calls, so its schedule runs over total_steps / k
+  updates (warmup_steps / k of them warming up)."""
+  k = 1 if tcfg.accumulation == 'grad_cache' else tcfg.accumulation_steps
   return optim.make_optimizer(tcfg.optimizer, tcfg.learning_rate, tcfg.weight_decay,
-                              tcfg.warmup_steps, tcfg.total_steps, tcfg.b1, tcfg.b2, tcfg.eps,
-                              tcfg.clip_norm, multisteps, tcfg.frozen, tcfg.layer_decay,
+                              tcfg.warmup_steps // k, tcfg.total_steps // k, tcfg.b1, tcfg.b2,
+                              tcfg.eps, tcfg.clip_norm, k, tcfg.frozen, tcfg.layer_decay,
                               tcfg.schedule)
 
 

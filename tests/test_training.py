@@ -128,11 +128,24 @@ def test_accumulating_one_batch_twice_is_one_step_on_it():
   data = batches(TINY, 16, 1)
   one, _ = run(TINY, training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1),
                mesh, data)
-  two, history = run(TINY, training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1,
-                                                accumulation_steps=2), mesh, data * 2)
+  # total_steps and warmup_steps count calls: two per update
+  two, history = run(TINY, training.TrainConfig(batch_size=16, total_steps=2 * STEPS,
+                                                warmup_steps=2, accumulation_steps=2),
+                     mesh, data * 2)
   assert history[0]['loss'] == history[1]['loss']  # nothing moved after the first micro-step
   chex.assert_trees_all_close(jax.device_get(two['params']), jax.device_get(one['params']),
                               rtol=1e-6, atol=1e-7)
+
+
+def test_multisteps_schedule_spans_the_updates_not_the_calls():
+  """100 calls with k = 4 are 25 updates: warmup over the first 10 / 4 = 2, cosine to 0 at 25;
+  a count that is not a multiple of k is an error."""
+  tcfg = training.TrainConfig(total_steps=100, warmup_steps=10, accumulation_steps=4)
+  _, schedule = training.make_optimizer(tcfg)
+  assert float(schedule(2)) == pytest.approx(tcfg.learning_rate)
+  assert float(schedule(25)) == pytest.approx(0.0, abs=1e-12)
+  with pytest.raises(ValueError, match='must be a multiple of it'):
+    training.TrainConfig(total_steps=10, warmup_steps=1, accumulation_steps=4)
 
 
 @pytest.mark.parametrize('optimizer', ['lion', 'adafactor'])
