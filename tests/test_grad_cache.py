@@ -110,3 +110,27 @@ def test_grad_cache_refuses_what_it_cannot_cache():
   with pytest.raises(ValueError, match='captioning decoder'):
     grad_cache.value_and_grad(dataclasses.replace(test_training.TINY, decoder=decoder),
                               dataclasses.replace(tcfg, caption_weight=1.0), mesh)
+
+
+def test_a_resnet_normalises_each_micro_batch_and_updates_its_buffers_in_order():
+  """BatchNorm under grad_cache: the loss is the whole batch's loss on features each computed
+  with its own micro-batch's statistics, and the running buffers are updated once per
+  micro-batch, micro-batch 0 first."""
+  k = 2
+  cfg, tcfg, mesh, params, stats, batch = _setup(
+      'contrastive', (8, 1, 1), vision=test_training.clip.VisionConfig('resnet', 8, (1, 1, 1, 1),
+                                                                       4, 32))
+  tcfg = dataclasses.replace(tcfg, accumulation_steps=k)
+  (loss, (new_stats, _)), _ = jax.jit(grad_cache.value_and_grad(cfg, tcfg, mesh))(
+      params, stats, batch, jax.random.PRNGKey(0))
+  expected_stats, img, txt = stats, [], []
+  for m in range(k):
+    micro = grad_cache.micro_batch(batch, m, k)
+    features, expected_stats = model.training_image_features(params, expected_stats,
+                                                             micro['image'], cfg)
+    img.append(model.l2_normalize(features))
+    txt.append(model.l2_normalize(model.encode_text(params, micro['tokens'], cfg)))
+  img, txt = grad_cache.interleave(np.stack(img)), grad_cache.interleave(np.stack(txt))
+  expected = losses.contrastive_loss(img, txt, params['logit_scale'])
+  assert _relative(loss, expected) < 1e-5
+  chex.assert_trees_all_close(new_stats, expected_stats, rtol=1e-5, atol=1e-6)
