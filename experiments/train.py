@@ -286,9 +286,11 @@ def main(argv=None):
     start, data_state = meta['step'], meta['data']
     check_resume(meta, run, tcfg, ckpt_dir)
     print(f'resumed from {ckpt_dir} at step {start}')
+  accumulation = (f' ({tcfg.accumulation}: {tcfg.accumulation_steps} x '
+                  f'{tcfg.micro_batch_size} per update)' if tcfg.accumulation_steps > 1 else '')
   print(f'{args.config}: {training.param_count(state["params"]) / 1e6:.2f}M parameters, '
-        f'loss {tcfg.loss}, global batch {tcfg.batch_size}, mesh {dict(mesh.shape)}, '
-        f'{jax.process_count()} process(es)')
+        f'loss {tcfg.loss}, global batch {tcfg.batch_size}{accumulation}, '
+        f'mesh {dict(mesh.shape)}, {jax.process_count()} process(es)')
 
   log_path = os.path.join(workdir, 'metrics.jsonl')
   kept = read_metrics(log_path, start)
