@@ -166,7 +166,14 @@ def test_experiment_config_arguments_are_honoured():
       'sigmoid', 256, 400)
   assert changed.model.logit_bias and not default.model.logit_bias
   assert changed.train.warmup_steps == 40 and default.train.warmup_steps == 50
-  with pytest.raises(ValueError, match="key one of \\['batch', 'loss', 'steps'\\]"):
+  accumulated = small.get_config('batch=1024,accum=8').train
+  assert (accumulated.accumulation, accumulated.micro_batch_size, accumulated.total_steps) == (
+      'grad_cache', 128, 1000)
+  multisteps = small.get_config('accum=8,accumulation=multisteps').train
+  assert (multisteps.micro_batch_size, multisteps.total_steps, multisteps.warmup_steps) == (
+      128, 8000, 400)  # steps count updates: 8 calls each
+  with pytest.raises(ValueError, match="key one of \\['accum', 'accumulation', 'batch', 'loss', "
+                                       "'steps'\\]"):
     small.get_config('lr=3')
   with pytest.raises(ValueError, match='batch takes int'):
     small.get_config('batch=big')
