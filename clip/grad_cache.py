@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 import losses
-from clip import model
 from clip import objectives
 from clip import sharding
 
@@ -56,21 +55,12 @@ def value_and_grad(cfg, tcfg, mesh):
   objectives.check_objective(cfg, tcfg)
   k = tcfg.accumulation_steps
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES)
-  bias = objectives.takes_bias(tcfg.loss)
   accuracy = objectives.local_accuracy(mesh)
 
   def embed(params, batch_stats, micro, key):
-    dropout_key = jax.random.fold_in(key, objectives.PATCH_DROPOUT_STREAM)
-    img, batch_stats = model.training_image_features(
-        params, batch_stats, micro['image'], cfg, update_bn=not tcfg.lock_image_tower,
-        dropout_key=dropout_key)
-    if tcfg.lock_image_tower:
-      img = jax.lax.stop_gradient(img)
-    txt = model.encode_text(params, micro['tokens'], cfg)
-    return (model.l2_normalize(img), model.l2_normalize(txt)), batch_stats
-
-  def loss_of(img, txt, *scalars):
-    return loss_fn(img, txt, *scalars)
+    img, _, batch_stats = objectives.image_outputs(params, batch_stats, micro['image'], cfg,
+                                                   tcfg, key)
+    return objectives.normalised_pair(params, img, micro['tokens'], cfg), batch_stats
 
   def f(params, batch_stats, batch, key):
     keys = jax.random.split(key, k)
@@ -81,9 +71,9 @@ def value_and_grad(cfg, tcfg, mesh):
 
     _, (img_KxbxD, txt_KxbxD) = jax.lax.scan(first, batch_stats, jnp.arange(k))
     img, txt = interleave(img_KxbxD), interleave(txt_KxbxD)
-    scalars = (params['logit_scale'],) + ((params['logit_bias'],) if bias else ())
+    scalars = objectives.loss_scalars(params, tcfg.loss)
     loss, (g_img, g_txt, *g_scalars) = jax.value_and_grad(
-        loss_of, argnums=tuple(range(2 + len(scalars))))(img, txt, *scalars)
+        loss_fn, argnums=tuple(range(2 + len(scalars))))(img, txt, *scalars)
     g_img_K, g_txt_K = deinterleave(g_img, k), deinterleave(g_txt, k)
 
     def second(carry, m):
@@ -96,7 +86,7 @@ def value_and_grad(cfg, tcfg, mesh):
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, batch_stats), _ = jax.lax.scan(second, (zeros, batch_stats), jnp.arange(k))
     grads = dict(grads, logit_scale=grads['logit_scale'] + g_scalars[0])
-    if bias:
+    if len(g_scalars) > 1:  # a sigmoid loss's bias
       grads['logit_bias'] = grads['logit_bias'] + g_scalars[1]
     return (loss, (batch_stats, {'accuracy': accuracy(img, txt)})), grads
 

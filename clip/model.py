@@ -230,7 +230,9 @@ def training_image_features(params, batch_stats, images, cfg, update_bn=True, dr
   patches when given a `dropout_key` (FLIP)."""
   full = update_batch_stats(params, batch_stats)
   if cfg.vision.arch == 'vit' and dropout_key is not None and cfg.vision.patch_dropout > 0:
-    return image_features_and_tokens(full, images, cfg, dropout_key)[0], batch_stats
+    check_images(images, cfg)
+    features = vit.apply(full['visual'], images, cfg.vision, cfg.execution, dropout_key)
+    return features.astype(jnp.float32), batch_stats
   if not (update_bn and cfg.vision.arch == 'resnet'):
     return encode_image(full, images, cfg), batch_stats
   check_images(images, cfg)

@@ -52,39 +52,58 @@ def local_accuracy(mesh):
   return jax.shard_map(acc, mesh=mesh, in_specs=(P(sharding.BATCH_AXES),) * 2, out_specs=P())
 
 
+def image_outputs(params, batch_stats, images, cfg, tcfg, key):
+  """The image tower as the CLIP objective runs it: `(features (N, embed_dim) or None without a
+  text tower, the tokens a decoder reads or None without one, batch_stats)`. FLIP's patch
+  dropout draws from `key` folded with `PATCH_DROPOUT_STREAM`; a ResNet trains its BatchNorm
+  statistics; under LiT (`tcfg.lock_image_tower`) the tower runs in inference mode and its
+  outputs carry no gradient."""
+  dropout_key = jax.random.fold_in(key, PATCH_DROPOUT_STREAM)
+  image_tokens = None
+  if cfg.decoder is None:
+    img, batch_stats = model.training_image_features(
+        params, batch_stats, images, cfg, update_bn=not tcfg.lock_image_tower,
+        dropout_key=dropout_key)
+  else:
+    img, image_tokens = model.image_features_and_tokens(params, images, cfg, dropout_key)
+  if tcfg.lock_image_tower:
+    img, image_tokens = jax.lax.stop_gradient((img, image_tokens))
+  return img, image_tokens, batch_stats
+
+
+def normalised_pair(params, img, tokens, cfg):
+  """`(image, text)` embeddings, L2-normalised, of image features and caption tokens."""
+  txt = model.encode_text(params, tokens, cfg)
+  return model.l2_normalize(img), model.l2_normalize(txt)
+
+
+def loss_scalars(params, loss):
+  """What loss `loss` takes after the embeddings: the logit scale, and the bias if it takes one."""
+  return (params['logit_scale'],) + ((params['logit_bias'],) if takes_bias(loss) else ())
+
+
 def clip_objective(cfg, tcfg, mesh):
   """The image-text objective: `(params, batch_stats, batch, key) -> (loss, (batch_stats,
   metrics))` with `batch = {'image', 'tokens'}`: the contrastive loss `tcfg.loss` as a shard_map
   program, plus `tcfg.caption_weight` times the captioning loss of a model with a decoder
   (`clip.captioning`; `key` draws its parallel-prediction masks, and a fold of it the patches a
-  ViT with `patch_dropout` keeps). The image tower runs once for both. With
-  `tcfg.lock_image_tower` (LiT) it runs in inference mode without gradients."""
+  ViT with `patch_dropout` keeps). The image tower runs once for both (`image_outputs`)."""
   check_objective(cfg, tcfg)
   contrastive = tcfg.loss != NO_CONTRASTIVE
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES) if contrastive else None
-  bias = takes_bias(tcfg.loss)
   accuracy = local_accuracy(mesh)
-  freeze = jax.lax.stop_gradient if tcfg.lock_image_tower else (lambda x: x)
 
   def objective(params, batch_stats, batch, key):
-    dropout_key = jax.random.fold_in(key, PATCH_DROPOUT_STREAM)
-    if cfg.decoder is None:
-      img, batch_stats = model.training_image_features(
-          params, batch_stats, batch['image'], cfg, update_bn=not tcfg.lock_image_tower,
-          dropout_key=dropout_key)
-    else:
-      img, image_tokens = model.image_features_and_tokens(params, batch['image'], cfg,
-                                                          dropout_key)
+    img, image_tokens, batch_stats = image_outputs(params, batch_stats, batch['image'], cfg,
+                                                   tcfg, key)
     total, metrics = 0.0, {}
     if contrastive:
-      txt = model.l2_normalize(model.encode_text(params, batch['tokens'], cfg))
-      img = model.l2_normalize(freeze(img))
-      scalars = (params['logit_scale'],) + ((params['logit_bias'],) if bias else ())
-      total = loss_fn(img, txt, *scalars)
+      img, txt = normalised_pair(params, img, batch['tokens'], cfg)
+      total = loss_fn(img, txt, *loss_scalars(params, tcfg.loss))
       metrics['accuracy'] = accuracy(img, txt)
     if cfg.decoder is not None:
       caption_loss, caption_metrics = captioning.loss(
-          params['text_decoder'], freeze(image_tokens), batch['tokens'], cfg.decoder, key,
+          params['text_decoder'], image_tokens, batch['tokens'], cfg.decoder, key,
           tcfg.caption_parallel, tcfg.caption_mask_ratio, cfg.execution)
       if contrastive:
         metrics['contrastive_loss'] = total
