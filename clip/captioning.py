@@ -53,10 +53,19 @@ def parallel_masks(key, valid_NxL, parallel_fraction, mask_ratio):
   return masked_NxL, parallel_N
 
 
+def target_log_probs(logits_NxLxS, columns_NxL):
+  """log p (N, L) fp32 of each position's target score column; -inf for a column < 0 (an id the
+  decoder's `output_ids` shortlist does not hold: `decoder.output_index`)."""
+  logp_NxLxS = jax.nn.log_softmax(logits_NxLxS.astype(jnp.float32), axis=-1)
+  picked_NxL = jnp.take_along_axis(logp_NxLxS, jnp.maximum(columns_NxL, 0)[..., None],
+                                   axis=-1)[..., 0]
+  return jnp.where(columns_NxL < 0, -jnp.inf, picked_NxL)
+
+
 def cross_entropy(logits_NxLxV, targets_NxL, weights_NxL):
-  """`(mean next-token cross-entropy over the weighted positions, their top-1 accuracy)`."""
-  logp_NxLxV = jax.nn.log_softmax(logits_NxLxV.astype(jnp.float32), axis=-1)
-  nll_NxL = -jnp.take_along_axis(logp_NxLxV, targets_NxL[..., None], axis=-1)[..., 0]
+  """`(mean next-token cross-entropy over the weighted positions, their top-1 accuracy)`;
+  `targets_NxL` are score columns (>= 0)."""
+  nll_NxL = -target_log_probs(logits_NxLxV, targets_NxL)
   w_NxL = weights_NxL.astype(jnp.float32)
   count = jnp.maximum(w_NxL.sum(), 1.0)
   hits = (jnp.argmax(logits_NxLxV, axis=-1) == targets_NxL).astype(jnp.float32)

@@ -56,6 +56,7 @@ import numpy as np
 from clip import captioning
 from clip import configs
 from clip import decoder
+from clip import model
 
 
 # ---------------------------------------------------------------- input checks
@@ -107,11 +108,10 @@ def _check_tokens(tokens, cfg, what):
   if isinstance(tokens, jax.core.Tracer):
     return
   values = np.asarray(tokens)
-  bad = (values < 0) | (values >= cfg.vocab_size)
-  if bad.any():
-    row, pos = np.argwhere(bad)[0]
-    raise ValueError(f'{what}: token id {values[row, pos]} at row {row}, position {pos} is outside '
-                     f'the vocabulary [0, {cfg.vocab_size})')
+  try:
+    model.check_ids(values, cfg.vocab_size)
+  except ValueError as error:
+    raise ValueError(f'{what}: {error}') from None
   if cfg.output_ids is not None:
     _check_scorable(values, cfg, what)
 
@@ -311,9 +311,7 @@ def _log_likelihood(params, image_NxTxW, tokens_NxL, cfg, execution):
   targets_NxM, valid_NxM = captioning.targets_and_valid(tokens_NxL, cfg.eot_id)
   columns_NxM = decoder.output_index(targets_NxM, cfg)
   scores_NxMxS = decoder.apply(params, image_NxTxW, tokens_NxL[:, :-1], cfg, execution)
-  logp_NxMxS = jax.nn.log_softmax(scores_NxMxS, axis=-1)
-  logp_NxM = jnp.take_along_axis(logp_NxMxS, jnp.maximum(columns_NxM, 0)[..., None], axis=-1)
-  logp_NxM = jnp.where(columns_NxM < 0, -jnp.inf, logp_NxM[..., 0])  # an id it cannot output
+  logp_NxM = captioning.target_log_probs(scores_NxMxS, columns_NxM)
   return jnp.where(valid_NxM, logp_NxM, 0.0).sum(axis=1)
 
 

@@ -140,10 +140,13 @@ def check_token_values(tokens, cfg):
   elif cfg.decoder is not None:
     eot_use = 'the captioning decoder ends the caption at'
   for start, block in _host_blocks(tokens):
-    _check_block(block, start, t.vocab_size, t.eot_id, eot_use)
+    check_ids(block, t.vocab_size, t.eot_id, eot_use, start)
 
 
-def _check_block(tokens, start, vocab_size, eot_id, eot_use):
+def check_ids(tokens, vocab_size, eot_id=None, eot_use=None, start=0):
+  """Raises ValueError naming the first id of the numpy tokens `(..., L)` outside [0, vocab_size)
+  and, with `eot_use` (what the end-of-text token is for, in words), the first row without
+  `eot_id`; rows are numbered from `start`."""
   bad = (tokens < 0) | (tokens >= vocab_size)
   if bad.any():
     index = tuple(np.argwhere(bad)[0])
