@@ -2,6 +2,7 @@
 consecutive batches with a progress bar, the last one padded so that one compiled program serves
 every batch."""
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 
@@ -23,3 +24,13 @@ def padded(x, size):
   """`x` with its first axis padded to `size` by repeating its first row (shapes stay fixed)."""
   pad = size - x.shape[0]
   return x if pad == 0 else jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
+
+
+def map_batches(fn, x_N, batch_size, desc, what='inputs'):
+  """`fn` over consecutive fixed-size batches of the rows of `x_N` (the last one padded, the
+  padding's outputs dropped): the outputs' rows concatenated as numpy, one compiled `fn` for
+  every batch. Raises ValueError for a bad `batch_size` or no rows."""
+  n = x_N.shape[0]
+  size = check_batch(n, batch_size, what)
+  return np.concatenate([np.asarray(fn(padded(jnp.asarray(x_N[start:stop]), size)))[:stop - start]
+                         for start, stop in batches(n, batch_size, desc)])

@@ -26,13 +26,8 @@ def image_features(params, cfg, images, batch_size=256):
   """Preprocessed images `(N, R, R, 3)` -> image features `(N, embed_dim)` float32 (not
   normalised), in fixed-size jitted batches with a progress bar."""
   model.check_images(images, cfg)
-  n = images.shape[0]
-  size = batching.check_batch(n, batch_size, 'images')
-  out = []
-  for start, stop in batching.batches(n, batch_size, 'image features'):
-    batch = batching.padded(jnp.asarray(images[start:stop]), size)
-    out.append(np.asarray(model.encode_image(params, batch, cfg), np.float32)[:stop - start])
-  return np.concatenate(out)
+  return batching.map_batches(lambda batch: model.encode_image(params, batch, cfg), images,
+                              batch_size, 'image features', 'images').astype(np.float32)
 
 
 def _standardize(train_NxD, *others):

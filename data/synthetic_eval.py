@@ -57,22 +57,23 @@ def _contrastive(params, cfg, ds, sample, images, split):
 
 def _captioning(params, cfg, ds, sample, images, split, batch_size=256):
   import clip  # pylint: disable=g-import-not-at-top
+  from clip import batching  # pylint: disable=g-import-not-at-top
   from clip import generation  # pylint: disable=g-import-not-at-top
   from clip import model  # pylint: disable=g-import-not-at-top
   from clip import tokenizer  # pylint: disable=g-import-not-at-top
   results, decoder, dec = {}, params['text_decoder'], cfg.decoder
-  image_tokens = np.concatenate([np.asarray(model.image_features_and_tokens(
-      params, images[i:i + batch_size], cfg)[1]) for i in range(0, len(images), batch_size)])
+  in_batches = lambda fn, x, desc: batching.map_batches(fn, x, batch_size, desc, 'images')
+  image_tokens = in_batches(lambda x: model.image_features_and_tokens(params, x, cfg)[1], images,
+                            'image tokens')
   for task in TASKS:
     prompts = clip.tokenize(ds.prompts(task), cfg.context_length)
-    scores = np.concatenate([np.asarray(generation.generative_zero_shot_scores(
-        decoder, image_tokens[i:i + batch_size], prompts, dec))
-        for i in range(0, len(images), batch_size)])
+    scores = in_batches(lambda x: generation.generative_zero_shot_scores(decoder, x, prompts, dec),
+                        image_tokens, f'generative {task}')
     results[f'{split}/generative_{task}_top1'] = float(np.mean(
         scores.argmax(axis=1) == ds.labels(sample, task)))
-  captions = np.concatenate([np.asarray(generation.greedy(
-      decoder, image_tokens[i:i + batch_size], dec, tokenizer.SOT, dec.context_length))
-      for i in range(0, len(images), batch_size)])
+  captions = in_batches(
+      lambda x: generation.greedy(decoder, x, dec, tokenizer.SOT, dec.context_length),
+      image_tokens, 'captions')
   parsed = [ds.parse_caption(clip.decode(row)) for row in captions]
   right = {a: np.array([p[a] for p in parsed]) == sample[a] for a in CAPTION_ATTRIBUTES}
   for attribute, hits in right.items():

@@ -206,6 +206,7 @@ def zero_shot_scores(params, cfg, images, class_prompts, batch_size):
 def generative_scores(params, cfg, images, class_prompts, batch_size):
   """Log-likelihoods (N, C) of each class's prompts given each image under the captioning
   decoder, averaged over the class's prompts (CapPa's generative zero-shot)."""
+  from clip import batching  # pylint: disable=g-import-not-at-top
   from clip import generation  # pylint: disable=g-import-not-at-top
   from clip import model  # pylint: disable=g-import-not-at-top
   from clip import tokenizer  # pylint: disable=g-import-not-at-top
@@ -214,13 +215,14 @@ def generative_scores(params, cfg, images, class_prompts, batch_size):
                      '(e.g. --config cappa_small); this config has none')
   c, t = len(class_prompts), len(class_prompts[0])
   tokens = tokenizer.tokenize([p for ps in class_prompts for p in ps], cfg.context_length)
-  out = []
-  for i in range(0, len(images), batch_size):
-    image_tokens = model.image_features_and_tokens(params, images[i:i + batch_size], cfg)[1]
-    scores = generation.generative_zero_shot_scores(params['text_decoder'], image_tokens, tokens,
-                                                    cfg.decoder)
-    out.append(np.asarray(scores).reshape(-1, c, t).mean(axis=-1))
-  return np.concatenate(out)
+
+  def scores(images_BxRxRx3):
+    image_tokens = model.image_features_and_tokens(params, images_BxRxRx3, cfg)[1]
+    return generation.generative_zero_shot_scores(params['text_decoder'], image_tokens, tokens,
+                                                  cfg.decoder)
+
+  out = batching.map_batches(scores, images, batch_size, 'generative scores', 'images')
+  return out.reshape(-1, c, t).mean(axis=-1)
 
 
 def _templates(path_or_name):
