@@ -321,9 +321,12 @@ class SyntheticCaptions:
       return found.pop() if len(found) == 1 else -1
     singular, plural = one(SHAPES), one(SHAPES_PLURAL)
     shape = singular if plural == -1 else (plural if singular == -1 else -1)
-    number = one(COUNTS[1:])
-    count = number + 1 if number >= 0 and plural >= 0 and singular == -1 else (
-        0 if singular >= 0 and plural == -1 and number == -1 else -1)
+    number = one(COUNTS[1:])  # 'two' -> 0, 'three' -> 1
+    count = -1
+    if singular >= 0 and plural == -1 and number == -1:
+      count = 0
+    elif plural >= 0 and singular == -1 and number >= 0:
+      count = number + 1
     return {'shape': shape, 'colour': one(COLOURS), 'size': one(SIZES), 'count': count}
 
   # ------------------------------------------------------------------- img2dataset export
@@ -417,11 +420,15 @@ def _write_parquet(shard_path, samples):
   pq.write_table(pa.Table.from_pylist(rows, schema), filters.parquet_path(shard_path))
 
 
-def caption_token_ids(tokenize):
-  """The sorted ids `tokenize(texts)` (rows: start token, ids, end-of-text token, 0 padding)
-  gives the set's captions and prompts, up to each row's end-of-text token: a decoder's
-  `output_ids` shortlist for this set (`DecoderConfig.output_ids`)."""
+def caption_token_ids(tokenize, eot_id):
+  """The sorted ids `tokenize(texts)` (rows: start token, ids, end-of-text token `eot_id`,
+  padding) gives the set's captions and prompts, up to each row's first `eot_id`: a decoder's
+  `output_ids` shortlist for this set (`DecoderConfig.output_ids`). Raises ValueError if a row
+  has no `eot_id` (a tokenizer that truncated it, or another end-of-text id)."""
   rows = np.asarray(tokenize(SyntheticCaptions.texts()))
-  eot = rows.max(axis=1)  # OpenAI's end-of-text token is the largest id of each row
-  ids = {int(t) for row, e in zip(rows, eot) for t in row[:list(row).index(e) + 1]}
-  return tuple(sorted(ids))
+  is_eot = rows == eot_id
+  if not is_eot.any(axis=1).all():
+    row = int(np.argmin(is_eot.any(axis=1)))
+    raise ValueError(f'tokenized row {row} has no end-of-text id {eot_id}: {rows[row].tolist()}')
+  caption = np.cumsum(is_eot, axis=1) - is_eot == 0  # up to and including the first eot_id
+  return tuple(sorted(int(t) for t in np.unique(rows[caption])))

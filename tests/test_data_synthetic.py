@@ -181,3 +181,29 @@ def test_webdataset_export_round_trips_through_the_reader(tmp_path):
   assert set(got['width']) == {32}
   for name in ('shape', 'colour'):
     np.testing.assert_array_equal(got[name], reference[name])
+
+
+def test_parse_caption_recovers_the_labels_of_every_template():
+  """Every caption the set writes parses back to its shape, colour and count, and to its size
+  where the template names one; a caption naming none or two of an attribute gives -1."""
+  ds = SyntheticCaptions(seed=0, resolution=32, split='all')
+  attrs = ds.attributes(np.arange(3000))
+  for i, caption in enumerate(ds.captions(attrs)):
+    parsed = SyntheticCaptions.parse_caption(caption)
+    for name in ('shape', 'colour', 'count'):
+      assert parsed[name] == attrs[name][i], (caption, name)
+    assert parsed['size'] in (-1, attrs['size'][i]), caption
+  assert SyntheticCaptions.parse_caption('a red and blue circle .')['colour'] == -1
+  assert SyntheticCaptions.parse_caption('two circle .')['count'] == -1  # singular noun
+  assert SyntheticCaptions.parse_caption('a photo .') == {
+      'shape': -1, 'colour': -1, 'size': -1, 'count': -1}
+
+
+def test_caption_token_ids_cover_every_caption_and_need_the_end_token():
+  tokenize = lambda texts: clip.tokenize(texts, 32)
+  ids = set(synthetic.caption_token_ids(tokenize, clip.tokenizer.EOT))
+  ds = SyntheticCaptions(seed=1, resolution=32, split='all')
+  rows = tokenize(ds.captions(ds.attributes(np.arange(20000))))
+  assert set(np.unique(rows)) - {0} <= ids and clip.tokenizer.EOT in ids and 0 not in ids
+  with pytest.raises(ValueError, match='has no end-of-text id 7'):
+    synthetic.caption_token_ids(tokenize, 7)

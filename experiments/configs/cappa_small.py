@@ -25,7 +25,8 @@ from experiments.configs import small
 
 def decoder(context_length=32):
   """The captioning decoder of both captioning configs: `small`'s text-tower shape."""
-  ids = synthetic.caption_token_ids(lambda texts: tokenizer.tokenize(texts, context_length))
+  ids = synthetic.caption_token_ids(lambda texts: tokenizer.tokenize(texts, context_length),
+                                    tokenizer.EOT)
   return configs.DecoderConfig(width=128, layers=3, heads=2, context_length=context_length,
                                image_projection=False, output_ids=ids)
 
