@@ -195,7 +195,12 @@ def init_cache(params, image_NxTxW, cfg, execution=configs.Execution()):
 def step(params, cache, tokens_N, position, cfg):
   """Decodes one position for every row: `tokens_N` (N,) at `position` (a scalar, traced
   allowed) -> (scores (N, S) fp32 for position + 1, the cache with this position's keys and
-  values). Equal to `apply(...)[:, position]` fed the same prefix (causal rows)."""
+  values). Equal to `apply(...)[:, position]` fed the same prefix (causal rows). A concrete
+  position outside [0, context_length) raises (under jit the caller bounds it: a traced one
+  past the end would be clamped by the cache update)."""
+  if not isinstance(position, jax.core.Tracer) and not 0 <= int(position) < cfg.context_length:
+    raise ValueError(f'decoding position {int(position)} is outside the decoder\'s context '
+                     f'[0, {cfg.context_length})')
   dtype = cache.cross_keys.dtype
   x_Nx1xD = embed(params, tokens_N[:, None], cfg, dtype, offset=position)
   visible_1xC = (jnp.arange(cfg.context_length) <= position)[None]

@@ -365,3 +365,11 @@ def test_a_decoder_checkpoint_needs_its_config():
   flat = weights.flatten(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
   with pytest.raises(weights.CheckpointError, match='pass config='):
     weights.infer_config(flat)
+
+
+def test_a_step_past_the_context_raises():
+  cfg = configs.DecoderConfig(width=16, layers=1, heads=2, context_length=6, vocab_size=20)
+  params = decoder.init(jax.random.PRNGKey(0), cfg, 16)
+  cache = decoder.init_cache(params, np.zeros((1, 3, 16), np.float32), cfg)
+  with pytest.raises(ValueError, match=r'position 6 is outside the decoder\'s context \[0, 6\)'):
+    decoder.step(params, cache, np.zeros((1,), np.int32), 6, cfg)
