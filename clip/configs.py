@@ -348,8 +348,9 @@ class CLIPConfig:
   (`clip.stack_layers` / `clip.unstack_layers` convert, exports unstack). `remat` recomputes in the
   backward pass: 'none', 'block' (keep only each block's input; ResNet: each bottleneck) or
   'dots' (keep the matmul outputs without batch dimensions, recompute the rest); `True`/`False`
-  mean 'block'/'none'. `logit_bias=True` adds SigLIP's learnable bias (init -10, and the logit
-  scale starts at ln 10).
+  mean 'block'/'none'. `logit_bias=True` adds SigLIP's learnable bias. `init_logit_scale` is the
+  logit scale's start, a log temperature (None: CLIP's ln(1/0.07), or SigLIP's ln 10 with a bias),
+  `init_logit_bias` the bias's start (None: SigLIP's -10); open_clip's names for both.
 
   `decoder` adds a captioning text decoder (`clip/decoder.py`) over the image tower's tokens
   (SigLIP 2 / CoCa with a text tower; CapPa with `text=None`, which has no text tower, no
@@ -363,6 +364,8 @@ class CLIPConfig:
   scan: bool = False
   logit_bias: bool = False
   decoder: DecoderConfig | None = None
+  init_logit_scale: float | None = None
+  init_logit_bias: float | None = None
 
   def __post_init__(self):
     _require(self.embed_dim > 0, f'embed_dim must be > 0, got {self.embed_dim}')
@@ -374,6 +377,7 @@ class CLIPConfig:
              'a CLIPConfig needs a text tower, a decoder, or both; got text=None, decoder=None')
     _require(self.text is not None or not self.logit_bias,
              'logit_bias=True needs a text tower (the bias is the image-text logits\')')
+    self._check_logit_inits()
     towers = (('vision', self.vision),) + ((('text', self.text),) if self.text else ())
     for name, tower in towers:
       if not tower.projection:
@@ -383,6 +387,17 @@ class CLIPConfig:
                  f'{self.embed_dim}')
     if self.decoder is not None:
       self._check_decoder()
+
+  def _check_logit_inits(self):
+    for name in ('init_logit_scale', 'init_logit_bias'):
+      value = getattr(self, name)
+      _require(value is None or (isinstance(value, (int, float)) and np.isfinite(value)),
+               f'{name} must be None or a finite number, got {value!r}')
+    _require(self.init_logit_scale is None or self.text is not None,
+             f'init_logit_scale={self.init_logit_scale} needs a text tower (a captioner without '
+             'one has no logit scale)')
+    _require(self.init_logit_bias is None or self.logit_bias,
+             f'init_logit_bias={self.init_logit_bias} needs logit_bias=True')
 
   def _check_decoder(self):
     d, v, t = self.decoder, self.vision, self.text

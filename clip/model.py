@@ -42,8 +42,13 @@ def init_params(key, cfg):
                                           cfg.vision.width, cfg.scan)
   if cfg.text is None:  # CapPa: no image-text logits, so no scale
     return params
-  params['logit_scale'] = jnp.asarray(np.log(1 / 0.07), jnp.float32)
-  return add_logit_bias(params) if cfg.logit_bias else params
+  if cfg.logit_bias:
+    params = add_logit_bias(params, -10.0 if cfg.init_logit_bias is None else cfg.init_logit_bias)
+  else:
+    params['logit_scale'] = jnp.asarray(np.log(1 / 0.07), jnp.float32)
+  if cfg.init_logit_scale is not None:
+    params['logit_scale'] = jnp.asarray(cfg.init_logit_scale, jnp.float32)
+  return params
 
 
 def add_logit_bias(params, init=-10.0):

@@ -276,7 +276,9 @@ def config_from_open_clip(model_cfg):
   read under its "model_cfg"). Supported: open_clip's own ViT and ModifiedResNet towers and text
   transformer (head_width, mlp_ratio, quick_gelu, act_kwargs approximate, norm_kwargs eps,
   no_ln_pre, no_causal_mask, pool_type argmax / last / first, proj_bias, proj_type),
-  `init_logit_bias` (-> logit_bias=True), and timm's SigLIP ViTs that open_clip uses
+  `init_logit_scale` and `init_logit_bias` (-> logit_bias=True; without `init_logit_scale` the
+  scale then starts at ln 10, as open_clip's training script sets it for a sigmoid loss; the
+  model class alone would start it at ln(1/0.07)), and timm's SigLIP ViTs that open_clip uses
   (vit_{base,large,so400m,giantopt}_patch{14,16,32}_siglip_<resolution>, not the patch-14
   384px one) with timm_pool 'map' and timm_proj 'none' (no vision projection) or 'linear'. Like
   open_clip,
@@ -303,7 +305,9 @@ def config_from_open_clip(model_cfg):
   return configs.CLIPConfig(
       embed_dim, _vision(model_cfg['vision_cfg'], embed_dim, quick_gelu),
       _text(model_cfg['text_cfg'], embed_dim, quick_gelu),
-      logit_bias=model_cfg.get('init_logit_bias') is not None)
+      logit_bias=model_cfg.get('init_logit_bias') is not None,
+      init_logit_scale=model_cfg.get('init_logit_scale'),
+      init_logit_bias=model_cfg.get('init_logit_bias'))
 
 
 # ------------------------------------------------------------------ open_clip's names

@@ -209,3 +209,19 @@ def test_logit_bias_starts_as_siglip():
   params = clip.init(jax.random.PRNGKey(0), SCAN_CASE)
   assert float(params['logit_bias']) == -10.0
   assert float(params['logit_scale']) == pytest.approx(math.log(10.0))
+
+
+@pytest.mark.parametrize('bias', [False, True])
+def test_logit_scale_and_bias_inits_are_configurable(bias):
+  cfg = dataclasses.replace(SCAN_CASE, logit_bias=bias, init_logit_scale=0.0,
+                            init_logit_bias=0.0 if bias else None)
+  params = clip.init(jax.random.PRNGKey(0), cfg)
+  assert float(params['logit_scale']) == 0.0
+  assert ('logit_bias' in params) == bias and (not bias or float(params['logit_bias']) == 0.0)
+
+
+def test_bad_logit_inits_are_refused():
+  with pytest.raises(ValueError, match='init_logit_bias=-5.0 needs logit_bias=True'):
+    dataclasses.replace(SCAN_CASE, logit_bias=False, init_logit_bias=-5.0)
+  with pytest.raises(ValueError, match="init_logit_scale must be None or a finite number, got nan"):
+    dataclasses.replace(SCAN_CASE, init_logit_scale=float('nan'))

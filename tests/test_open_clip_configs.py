@@ -8,6 +8,8 @@ import dataclasses
 import functools
 import inspect
 
+import jax
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,7 +329,7 @@ def test_unsupported_keys_raise_naming_the_key(case):
 
 def test_keys_without_effect_are_accepted():
   model_cfg = _set('text_cfg', 'tokenizer_kwargs', {'clean': 'whitespace'})
-  model_cfg.update(init_logit_scale=2.0, output_dict=True)
+  model_cfg.update(output_dict=True)  # init_logit_scale now has an effect: tested above
   model_cfg['vision_cfg'].update(output_tokens=True, timm_proj='mlp', final_ln_after_pool=True)
   model_cfg['text_cfg'].update(pad_id=1, eos_id=3, hf_tokenizer_name='x')
   assert occ.config_from_open_clip(model_cfg) == occ.open_clip_config('ViT-B-32')
@@ -352,3 +354,17 @@ def test_bad_inputs_raise():
     occ.open_clip_config('ViT-B-32-quickgelu/laion2b_s34b_b79k')  # a GELU tag
   with pytest.raises(ValueError, match='not both'):
     occ.open_clip_config('ViT-B-32/openai', pretrained='openai')
+
+
+@pytest.mark.parametrize('top', [{}, {'init_logit_bias': -5.0, 'init_logit_scale': 1.5},
+                                 {'init_logit_scale': 0.0}])
+def test_logit_scale_and_bias_start_as_open_clips_model(oc, top):
+  """Our init's logit scale and bias equal open_clip's model built from the same model_cfg."""
+  model_cfg = _small(top=top)
+  cfg = occ.config_from_open_clip(model_cfg)
+  params = clip.init(jax.random.PRNGKey(0), cfg)
+  model = oc.model.CLIP(**copy.deepcopy(model_cfg))
+  np.testing.assert_allclose(float(params['logit_scale']), model.logit_scale.item(), rtol=1e-6)
+  assert ('logit_bias' in params) == (model.logit_bias is not None)
+  if model.logit_bias is not None:
+    np.testing.assert_allclose(float(params['logit_bias']), model.logit_bias.item(), rtol=1e-6)
