@@ -40,6 +40,7 @@ setuptools.setup(
         'ftfy>=6.1',
         'regex>=2023.0',
         'matplotlib>=3.8',
+        'scipy>=1.11',  # Student-t intervals of the loss ablation (jax needs it too)
         'sentencepiece>=0.2',  # SigLIP's tokenizers
     ],
     extras_require={
