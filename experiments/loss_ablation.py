@@ -49,29 +49,35 @@ def _ints(text):
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch-sizes', type=_ints, default=[32, 64, 128, 256, 512, 1024])
-  parser.add_argument('--seeds', type=int, default=3)
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].replace('\n', ' '))
+  parser.add_argument('--batch-sizes', type=_ints, default=[32, 64, 128, 256, 512, 1024],
+                      help='the grid\'s global batches, comma-separated')
+  parser.add_argument('--seeds', type=int, default=3, help='seeds 0 .. N-1 of every grid cell')
   parser.add_argument('--steps', type=int, default=500, help='optimizer steps of every run')
-  parser.add_argument('--base-lr', type=float, default=2e-3)
+  parser.add_argument('--base-lr', type=float, default=2e-3,
+                      help='the square-root rule\'s learning rate at --base-batch')
   parser.add_argument('--base-batch', type=int, default=256, help='the batch --base-lr is for')
   parser.add_argument('--lr-factors', default='0.5,2', help='the sweep, times the rule\'s lr')
-  parser.add_argument('--lr-sweep-batches', type=_ints, default=[32, 256, 1024])
+  parser.add_argument('--lr-sweep-batches', type=_ints, default=[32, 256, 1024],
+                      help='batches of the learning-rate sweep, comma-separated')
   parser.add_argument('--horizon-factors', type=_ints, default=[2, 4],
                       help='the smallest batch also trains --steps times each of these')
-  parser.add_argument('--init-batch', type=int, default=256)
-  parser.add_argument('--ring-batch', type=int, default=256)
+  parser.add_argument('--init-batch', type=int, default=256, help='batch of the init stage')
+  parser.add_argument('--ring-batch', type=int, default=256,
+                      help='global batch of the ring stage\'s training runs')
   parser.add_argument('--memory-batches', type=_ints, default=[128, 512, 1024],
                       help='per-device batches of the memory stage')
   parser.add_argument('--memory-steps', type=int, default=3, help='timed steps per measurement')
-  parser.add_argument('--eval-examples', type=int, default=1024)
+  parser.add_argument('--eval-examples', type=int, default=1024, help='images per split')
   parser.add_argument('--log-points', type=int, default=20, help='logged intervals per run')
   parser.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
   parser.add_argument('--trajectory-rtol', type=float, default=1e-3,
                       help='ring vs all-gather: a relative loss difference that always passes')
   parser.add_argument('--noise-multiple', type=float, default=2.0,
                       help='ring vs all-gather: or at most this times the all-gather noise floor')
-  parser.add_argument('--quick', action='store_true', help='every stage, reduced: a few minutes')
+  parser.add_argument('--quick', action='store_true',
+                      help='a smoke test of every stage in a few minutes: replaces the batches, '
+                      'seeds, steps and stage sizes; its numbers mean nothing')
   parser.add_argument('--out', default='results/loss_ablation')
   parser.add_argument('--update-readme', default=None,
                       help='replace the tables between the loss_ablation markers of this file')
@@ -551,12 +557,15 @@ def plot(runs, rows, sweep, args, out):
       ax.errorbar(batches, [scale * r[loss][key][0] for r in rows],
                   yerr=[scale * np.nan_to_num(r[loss][key][1]) for r in rows], fmt=style,
                   capsize=3, label=loss)
+      if key.startswith('zero_shot'):
+        ax.axhline(100 * runs[0]['zero_shot_chance'], color='grey', lw=0.8, ls=':')
       ax.set(xscale='log', xlabel='global batch size', title=title)
       ax.set_xticks(batches)
       ax.set_xticklabels([str(b) for b in batches])
       ax.minorticks_off()
   axes[0].legend(fontsize=8)
-  fig.suptitle(f'{args.steps} steps, mean ± std over {args.seeds} seed(s)', fontsize=9)
+  fig.suptitle(f'{args.steps} steps, mean ± std over {args.seeds} seed(s); dotted: chance',
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'accuracy_vs_batch.png'), dpi=100)
   plt.close(fig)
@@ -592,8 +601,10 @@ def plot(runs, rows, sweep, args, out):
       ax.plot(r['learning_rates'], [scale * a for a in r[key]],
               '-o' if r['loss'] == 'contrastive' else '--s', label=f'{r["loss"]} b{r["batch"]}')
     ax.set(xscale='log', xlabel='learning rate (the rule\'s x0.5, x1, x2)', title=title)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    rates = sorted({lr for r in sweep for lr in r['learning_rates']})
+    ax.set_xticks(rates)
+    ax.set_xticklabels([f'{lr:.2g}' for lr in rates], rotation=45, fontsize=7)
+    ax.minorticks_off()
   axes[0].legend(fontsize=7, ncol=2)
   fig.suptitle('learning-rate sweep, seed 0', fontsize=9)
   fig.tight_layout()
@@ -634,11 +645,11 @@ def _load(path, key, value):
 
 
 def run_all(specs, runs_dir, progress):
+  """{name: run record} of every spec: stored records reused, the others trained."""
+  unique = list({run_name(s): s for s in specs}.values())  # stages share runs
   runs = {}
-  for s in progress(specs, desc='training runs'):
+  for s in progress(unique, desc='training runs'):
     name = run_name(s)
-    if name in runs:
-      continue
     path = os.path.join(runs_dir, name + '.json')
     run = _load(path, 'spec', s)
     if run is None:
@@ -681,8 +692,10 @@ def repeat_stage(first, by_name, runs_dir):
 def study_table(args, runs, results):
   r = results
   train_hours = sum(run['wall_s'] for run in runs) / 3600
+  caveat = (['One seed: no spread and no intervals (nan). `--quick` is a smoke test of the '
+             'pipeline; its numbers mean nothing.', ''] if args.seeds == 1 else [])
   return '\n'.join(
-      loss_table(r['grid'], args.seeds)
+      caveat + loss_table(r['grid'], args.seeds)
       + ['', reach_line(args)]
       + ['', 'Every (batch, seed) pair of the grid at once: which loss is ahead, and the '
          'two-sided sign test:', '']
