@@ -142,11 +142,23 @@ def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=('ima
   tcfg.check_mesh(mesh)
   if objective is None:
     objectives.check_objective(cfg, tcfg)
+  if init_params is None:
+    check_init_logit_scale(cfg)
   optimizer, schedule = make_optimizer(tcfg)
   state, shardings = create_state(cfg, tcfg, mesh, optimizer, rules, init_params)
   train_step = make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective,
                                batch_keys)
   return TrainSetup(state, train_step, shardings, schedule, optimizer)
+
+
+def check_init_logit_scale(cfg):
+  """A random init's logit scale starts inside the range each step clamps it to, [0, ln 100]
+  (OpenAI's and open_clip's clamp): a start outside it would be moved there silently by the
+  first step. Raises ValueError naming the start and the range."""
+  start = cfg.init_logit_scale
+  if start is not None and not 0.0 <= start <= MAX_LOGIT_SCALE:
+    raise ValueError(f'init_logit_scale={start} is outside [0, ln 100 = {MAX_LOGIT_SCALE:.4f}], '
+                     'the range training clamps the logit scale to')
 
 
 def make_optimizer(tcfg):

@@ -175,3 +175,12 @@ def test_custom_architecture_trains_the_same_on_every_strategy():
       np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference],
                                  rtol=5e-5, err_msg=f'{key} on mesh {sizes}')
   assert reference[-1]['loss'] < reference[0]['loss']
+
+
+@pytest.mark.parametrize('start', [-0.5, 4.7])
+def test_a_logit_scale_start_outside_the_clamp_is_refused(start):
+  cfg = dataclasses.replace(TINY, init_logit_scale=start)
+  tcfg = training.TrainConfig(batch_size=8, total_steps=2, warmup_steps=0, mesh=(1, 1, 1))
+  with pytest.raises(ValueError, match=rf'init_logit_scale={start} is outside \[0, ln 100'):
+    training.setup(cfg, tcfg, single_device_mesh())
+  training.check_init_logit_scale(dataclasses.replace(TINY, init_logit_scale=0.0))  # the edge
