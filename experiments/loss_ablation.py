@@ -13,7 +13,9 @@ are unchanged, so an interrupted study resumes):
             SDEs and scaling rules for adaptive gradient algorithms")
   lr_sweep  the rule's learning rate times each --lr-factors, seed 0: is the rule what decides?
   horizon   the smallest batch trained --steps times each --horizon-factors, every seed: were
-            --steps enough for it?
+            --steps enough for it, and where does its curve flatten (the gain of each doubling)?
+  long      the grid again at --steps x --long-factor for the --long-batches, every seed: the
+            losses compared where the small batches' curves have (nearly) flattened
   init      SigLIP's Table 4 (Zhai et al. 2023): sigmoid loss, bias init {0, -10} x logit scale
             init {ln 1, ln 10}, at --init-batch, every seed
   ring      ring vs all-gather of both losses on --devices simulated devices, seed 0: the logged
@@ -26,7 +28,8 @@ are unchanged, so an interrupted study resumes):
   python -m experiments.loss_ablation          # the full study (wall time in README)
   python -m experiments.loss_ablation --quick  # every stage, reduced, in a few minutes
 
-Writes summary.json, table.md, accuracy_vs_batch.png, curves.png and lr_sweep.png into --out.
+Writes summary.json, table.md, accuracy_vs_batch.png, curves.png, lr_sweep.png and horizon.png
+into --out.
 """
 import argparse
 import dataclasses
@@ -60,8 +63,12 @@ def parse_args(argv):
   parser.add_argument('--lr-factors', default='0.5,2', help='the sweep, times the rule\'s lr')
   parser.add_argument('--lr-sweep-batches', type=_ints, default=[32, 256, 1024],
                       help='batches of the learning-rate sweep, comma-separated')
-  parser.add_argument('--horizon-factors', type=_ints, default=[2, 4],
+  parser.add_argument('--horizon-factors', type=_ints, default=[2, 4, 8, 16, 32],
                       help='the smallest batch also trains --steps times each of these')
+  parser.add_argument('--long-factor', type=int, default=32,
+                      help='the long grid trains --steps times this')
+  parser.add_argument('--long-batches', type=_ints, default=[32, 64],
+                      help='the long grid\'s global batches, comma-separated')
   parser.add_argument('--init-batch', type=int, default=256, help='batch of the init stage')
   parser.add_argument('--ring-batch', type=int, default=256,
                       help='global batch of the ring stage\'s training runs')
@@ -86,16 +93,19 @@ def parse_args(argv):
     args.batch_sizes, args.seeds, args.steps, args.eval_examples = [32, 64], 1, 40, 256
     args.init_batch = args.ring_batch = 32
     args.lr_sweep_batches, args.horizon_factors = args.batch_sizes, [2]
+    args.long_factor, args.long_batches = 2, args.batch_sizes
     args.memory_batches, args.memory_steps, args.log_points = [8, 32], 2, 8
   args.lr_factors = [float(f) for f in args.lr_factors.split(',') if f]
-  global_batches = (args.batch_sizes + args.lr_sweep_batches + [args.init_batch, args.ring_batch]
+  global_batches = (args.batch_sizes + args.lr_sweep_batches + args.long_batches
+                    + [args.init_batch, args.ring_batch]
                     + [b * args.devices for b in args.memory_batches])
   bad = [b for b in global_batches if b < 1 or b % args.devices]
   if bad:
     parser.error(f'batch sizes must be multiples of --devices {args.devices}, got {bad}')
-  if args.steps < 2 * args.log_points or args.seeds < 1:
-    parser.error(f'need --steps >= 2 x --log-points and --seeds >= 1, got {args.steps}, '
-                 f'{args.log_points}, {args.seeds}')
+  if args.steps < 2 * args.log_points or args.steps % args.log_points or args.seeds < 1:
+    parser.error(f'need --steps a multiple of --log-points, at least twice it, and --seeds >= 1 '
+                 f'(else the last logged interval would not end at the last step), got '
+                 f'--steps {args.steps}, --log-points {args.log_points}, --seeds {args.seeds}')
   return args
 
 
@@ -148,13 +158,18 @@ def stage_specs(args):
           for impl in IMPLEMENTATIONS]
   horizon = [spec(args, loss, min(args.batch_sizes), s, steps_factor=f)
              for f in args.horizon_factors for s in seeds for loss in LOSSES]
-  return {'grid': grid, 'lr_sweep': sweep, 'init': init, 'ring': ring, 'horizon': horizon}
+  long = [spec(args, loss, b, s, steps_factor=args.long_factor) for s in seeds
+          for b in args.long_batches for loss in LOSSES]
+  return {'grid': grid, 'lr_sweep': sweep, 'init': init, 'ring': ring, 'horizon': horizon,
+          'long': long}
 
 
 def _setup(s, devices_available):
-  import jax  # pylint: disable=g-import-not-at-top
+  """Spec `s`'s model config, mesh, initial state, its built-in data (seeded by the run's
+  seed), the first global batch and the train step compiled for it (with its compile time)."""
   from clip import sharding  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
+  from data import synthetic  # pylint: disable=g-import-not-at-top
   cfg = model_config(s['loss'], s['init_logit_bias'], s['init_logit_scale'])
   steps = s['steps']
   tcfg = training.TrainConfig(batch_size=s['batch'], total_steps=steps,
@@ -167,7 +182,12 @@ def _setup(s, devices_available):
                      f'{len(devices_available)}')
   mesh = sharding.make_mesh(*tcfg.mesh, devices=devices_available[:s['devices']])
   state, step_fn, _, _, _ = training.setup(cfg, tcfg, mesh)
-  return cfg, mesh, state, step_fn
+  data = synthetic.SyntheticCaptions(seed=s['seed'], resolution=cfg.image_resolution).batches(
+      s['batch'], context_length=cfg.context_length)
+  batch = training.global_batch(mesh, next(data))
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  return cfg, mesh, state, data, batch, compiled, time.perf_counter() - start
 
 
 def train_one(s):
@@ -175,16 +195,9 @@ def train_one(s):
   scale exp(t') and bias b at its end), evaluation, step time and per-device temp memory."""
   import jax  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
-  from data import synthetic  # pylint: disable=g-import-not-at-top
   from data import synthetic_eval  # pylint: disable=g-import-not-at-top
   wall = time.perf_counter()
-  cfg, mesh, state, step_fn = _setup(s, jax.devices())
-  data = synthetic.SyntheticCaptions(seed=s['seed'], resolution=cfg.image_resolution).batches(
-      s['batch'], context_length=cfg.context_length)
-  batch = training.global_batch(mesh, next(data))
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  cfg, mesh, state, data, batch, compiled, compile_s = _setup(s, jax.devices())
   temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   steps, every = s['steps'], s['steps'] // s['log_points']
   curve, interval_loss, start = [], 0.0, None
@@ -205,16 +218,21 @@ def train_one(s):
   step_s = (time.perf_counter() - start) / (steps - 1)
   params = jax.device_get(state['params'])
   results = synthetic_eval.evaluate(params, cfg, s['eval_examples'], seed=10_000 + s['seed'])
-  if any(not math.isfinite(c['loss']) for c in curve):
-    print(f'warning: run {run_name(s)} diverged (a non-finite training loss)')
   return {'spec': s, 'name': run_name(s), 'curve': curve, 'final_loss': curve[-1]['loss'],
           'last_quarter_drop': last_quarter_drop(curve),
           'zero_shot_heldout': results['heldout/colour_shape_top1'],
           'zero_shot_seen': results['train/colour_shape_top1'],
           'zero_shot_chance': results['heldout/colour_shape_chance'],
           'recall_at_1_heldout': results['heldout/image_to_text_R@1'],
+          'evaluation': {k: float(v) for k, v in results.items()},  # per attribute too
           'step_s': step_s, 'compile_s': compile_s, 'wall_s': time.perf_counter() - wall,
           'temp_mib_per_device': temp_bytes / 2**20}
+
+
+def diverged(run):
+  """Whether a run's logged training loss went non-finite: such a run is left out of every
+  table and statistic and named under the tables."""
+  return any(not math.isfinite(c['loss']) for c in run['curve'])
 
 
 def last_quarter_drop(curve):
@@ -229,15 +247,9 @@ def measure_memory(loss, impl, per_device_batch, args):
   its median step time over --memory-steps steps after one warm-up, on --devices devices."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
-  from data import synthetic  # pylint: disable=g-import-not-at-top
   s = dict(spec(args, loss, per_device_batch * args.devices, 0, impl, args.devices),
            steps=10, log_points=1)
-  cfg, mesh, state, step_fn = _setup(s, jax.devices())
-  data = synthetic.SyntheticCaptions(seed=0, resolution=cfg.image_resolution).batches(
-      s['batch'], context_length=cfg.context_length)
-  batch = training.global_batch(mesh, next(data))
-  compiled = step_fn.lower(state, batch).compile()
+  _, _, state, _, batch, compiled, _ = _setup(s, jax.devices())
   memory = compiled.memory_analysis()
   times = []
   for _ in range(args.memory_steps + 1):
@@ -301,9 +313,14 @@ METRICS = (('zero_shot_heldout', 'zero-shot held-out %', 100),
            ('zero_shot_seen', 'zero-shot seen %', 100))
 
 
+ATTRIBUTES = ('colour', 'shape', 'count', 'size')  # synthetic_eval's held-out zero-shot tasks
+
+
 def mean_std(values):
   import numpy as np  # pylint: disable=g-import-not-at-top
   v = np.asarray(values, np.float64)
+  if not len(v):
+    return float('nan'), float('nan')
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float('nan')
 
 
@@ -313,10 +330,21 @@ def paired_difference(a, b):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from scipy import stats  # pylint: disable=g-import-not-at-top
   d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  if not len(d):
+    return float('nan'), float('nan'), float('nan')
   if len(d) < 2:
     return float(d.mean()), float('nan'), float('nan')
   half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
   return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def _seed_paired_difference(a_runs, b_runs, key):
+  """paired_difference of `key` over the seeds both run lists hold (a run left out, e.g. a
+  diverged one, drops its seed from the pairs instead of shifting the pairing)."""
+  a = {r['spec']['seed']: r[key] for r in a_runs}
+  b = {r['spec']['seed']: r[key] for r in b_runs}
+  seeds = sorted(a.keys() & b.keys())
+  return paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
 
 
 def _by(runs, **fields):
@@ -331,20 +359,34 @@ def _compare_losses(per_loss):
     row[loss] = {key: mean_std([r[key] for r in rs]) for key in
                  ('last_quarter_drop', 'final_loss', 'step_s') + tuple(k for k, _, _ in METRICS)}
     row[loss]['final_scale'] = mean_std([r['curve'][-1]['logit_scale'] for r in rs])
+    row[loss]['attributes'] = (
+        {**{a: mean_std([r['evaluation'][f'heldout/{a}_top1'] for r in rs]) for a in ATTRIBUTES},
+         'chance': {a: rs[0]['evaluation'][f'heldout/{a}_chance'] for a in ATTRIBUTES}}
+        if rs and all('evaluation' in r for r in rs) else None)
     row[loss]['seeds'] = len(rs)
   for key, _, _ in METRICS:
-    row['sigmoid_minus_contrastive_' + key] = paired_difference(
-        [r[key] for r in per_loss['sigmoid']], [r[key] for r in per_loss['contrastive']])
+    row['sigmoid_minus_contrastive_' + key] = _seed_paired_difference(
+        per_loss['sigmoid'], per_loss['contrastive'], key)
   return row
 
 
-def grid_rows(runs, args):
-  """Per (batch, loss): mean, std over seeds; per batch: sigmoid - contrastive, paired."""
-  return [dict(batch=batch, steps=args.steps, learning_rate=rule_lr(batch, args),
+def grid_rows(runs, args, stage='grid'):
+  """Per (batch, loss) of the grid (or the long grid): mean, std over seeds; per batch: sigmoid
+  - contrastive, paired by seed."""
+  batches, steps = _batches_and_steps(args, stage)
+  return [dict(batch=batch, steps=steps, learning_rate=rule_lr(batch, args),
                **_compare_losses({loss: _by(runs, loss=loss, batch=batch, devices=1,
                                             lr_factor=1.0, init_logit_bias=None,
-                                            steps=args.steps) for loss in LOSSES}))
-          for batch in args.batch_sizes]
+                                            steps=steps) for loss in LOSSES}))
+          for batch in batches]
+
+
+def _batches_and_steps(args, stage):
+  if stage == 'grid':
+    return args.batch_sizes, args.steps
+  if stage == 'long':
+    return args.long_batches, args.steps * args.long_factor
+  raise ValueError(f'stage must be grid or long, got {stage!r}')
 
 
 def learning_rate_sum(batch, steps, args):
@@ -369,16 +411,17 @@ def reach_line(args):
               f'{math.exp(v):.2f}' for v in sums.values()) + '.')
 
 
-def sign_tests(runs, args):
+def sign_tests(runs, args, stage='grid'):
   """Per metric, over every (batch, seed) pair of the grid: in how many pairs each loss is ahead,
   the ties, and the two-sided sign test's p-value (scipy's binomtest over the untied pairs)
   against "neither loss is ahead more often". Pooling the batches asks one question of all the
   grid's pairs: does one loss win more often than a coin flip would?"""
   from scipy import stats  # pylint: disable=g-import-not-at-top
-  specs = stage_specs(args)['grid']
+  specs = stage_specs(args)[stage]
+  batches, _ = _batches_and_steps(args, stage)
   grid = {(r['spec']['loss'], r['spec']['batch'], r['spec']['seed']): r
           for r in runs if r['spec'] in specs}
-  pairs = [(grid[('sigmoid', b, sd)], grid[('contrastive', b, sd)]) for b in args.batch_sizes
+  pairs = [(grid[('sigmoid', b, sd)], grid[('contrastive', b, sd)]) for b in batches
            for sd in range(args.seeds) if ('sigmoid', b, sd) in grid
            and ('contrastive', b, sd) in grid]
   out = {}
@@ -411,16 +454,61 @@ def horizon_rows(runs, args):
           for steps in [args.steps] + [args.steps * f for f in args.horizon_factors]]
 
 
+def horizon_gains(runs, args):
+  """Per loss and each doubling (or larger step) of the horizon stage's steps, the change of
+  held-out R@1 and zero-shot and of the final training loss, paired by seed with 95% intervals:
+  a curve has flattened where the gain's interval reaches 0 and its mean is small."""
+  batch = min(args.batch_sizes)
+  steps = [args.steps] + [args.steps * f for f in args.horizon_factors]
+  rows = []
+  for short, long in zip(steps, steps[1:]):
+    for loss in LOSSES:
+      pick = dict(loss=loss, batch=batch, devices=1, lr_factor=1.0, init_logit_bias=None)
+      a, b = _by(runs, **pick, steps=long), _by(runs, **pick, steps=short)
+      rows.append({'batch': batch, 'loss': loss, 'from_steps': short, 'to_steps': long,
+                   'seeds': len({r['spec']['seed'] for r in a} & {r['spec']['seed'] for r in b}),
+                   **{key: _seed_paired_difference(a, b, key) for key in
+                      ('recall_at_1_heldout', 'zero_shot_heldout', 'final_loss')}})
+  return rows
+
+
+def attribute_table(rows, first='batch'):
+  """Held-out zero-shot accuracy per attribute (what the 48-way colour+shape task is made of)
+  for the rows whose runs stored their whole evaluation (runs recorded before it have none)."""
+  stored = [(row, loss) for row in rows for loss in LOSSES if row[loss]['attributes']]
+  if not stored:
+    return ['(no run of these rows stored its per-attribute evaluation)']
+  chance = stored[0][0][stored[0][1]]['attributes']['chance']
+  lines = [f'| {first} | loss | ' + ' | '.join(
+      f'{a} % (chance {100 * chance[a]:.1f})' for a in ATTRIBUTES) + ' |',
+           '| ---: | --- |' + ' ---: |' * len(ATTRIBUTES)]
+  for row, loss in stored:
+    attrs = row[loss]['attributes']
+    lines.append(f'| {row[first]} | {loss} | '
+                 + ' | '.join(_pm(attrs[a], 100) for a in ATTRIBUTES) + ' |')
+  return lines
+
+
+def gains_table(rows):
+  lines = ['| steps | loss | seeds | R@1 held-out gain (pp) | zero-shot held-out gain (pp) | '
+           'final training loss change |', '| --- | --- | ---: | ---: | ---: | ---: |']
+  for r in rows:
+    lines.append(f'| {r["from_steps"]} → {r["to_steps"]} | {r["loss"]} | {r["seeds"]} | '
+                 f'{_ci(r["recall_at_1_heldout"])} | {_ci(r["zero_shot_heldout"])} | '
+                 f'{_ci(r["final_loss"], 1, 3)} |')
+  return lines
+
+
 def _pm(ms, scale, digits=1):
   return f'{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}'
 
 
-def _ci(d, scale=100):
+def _ci(d, scale=100, digits=1):
   mean, lo, hi = (v * scale for v in d)
   if math.isnan(lo):
-    return f'{mean:+.1f}'
+    return f'{mean:+.{digits}f}'
   mark = ' **' if lo > 0 or hi < 0 else ''
-  return f'{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}'
+  return f'{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}'
 
 
 def loss_table(rows, seeds, first='batch'):
@@ -497,8 +585,7 @@ def init_rows(runs, args):
            'final_loss': mean_std([r['final_loss'] for r in rs])}
     for key, _, _ in METRICS:
       row[key] = mean_std([r[key] for r in rs])
-      row['minus_paper_choice_' + key] = paired_difference([r[key] for r in rs],
-                                                           [r[key] for r in best])
+      row['minus_paper_choice_' + key] = _seed_paired_difference(rs, best, key)
     rows.append(row)
   return rows
 
@@ -545,31 +632,54 @@ def memory_table(measurements, checks):
 
 # ------------------------------------------------------------------ plots
 
-def plot(runs, rows, sweep, args, out):
+def plot(runs, results, args, out):
+  """accuracy_vs_batch.png, curves.png, lr_sweep.png and horizon.png into `out`."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  for draw, name in ((_plot_accuracy, 'accuracy_vs_batch'), (_plot_curves, 'curves'),
+                     (_plot_sweep, 'lr_sweep'), (_plot_horizon, 'horizon')):
+    fig = draw(plt, runs, results, args)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, name + '.png'), dpi=100)
+    plt.close(fig)
+
+
+def _errorbars(ax, xs, rows, loss, key, scale, **style):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
-  batches = [r['batch'] for r in rows]
-  for loss, style in zip(LOSSES, ('-o', '-s')):
+  ax.errorbar(xs, [scale * r[loss][key][0] for r in rows],
+              yerr=[scale * np.nan_to_num(r[loss][key][1]) for r in rows], capsize=3, **style)
+
+
+def _log_ticks(ax, values, fmt=str, **kw):
+  ax.set_xticks(values)
+  ax.set_xticklabels([fmt(v) for v in values], **kw)
+  ax.minorticks_off()
+
+
+def _plot_accuracy(plt, runs, results, args):
+  rows, long = results['grid'], results['long']
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
+  batches = sorted({r['batch'] for r in rows + long})
+  for loss, marker, color in zip(LOSSES, 'os', ('C0', 'C1')):
     for ax, (key, title, scale) in zip(axes, METRICS):
-      ax.errorbar(batches, [scale * r[loss][key][0] for r in rows],
-                  yerr=[scale * np.nan_to_num(r[loss][key][1]) for r in rows], fmt=style,
-                  capsize=3, label=loss)
+      _errorbars(ax, [r['batch'] for r in rows], rows, loss, key, scale, fmt='-' + marker,
+                 color=color, label=f'{loss}, {args.steps} steps')
+      _errorbars(ax, [r['batch'] for r in long], long, loss, key, scale, fmt='--' + marker,
+                 color=color, mfc='none', label=f'{loss}, {args.steps * args.long_factor} steps')
       if key.startswith('zero_shot'):
         ax.axhline(100 * runs[0]['zero_shot_chance'], color='grey', lw=0.8, ls=':')
       ax.set(xscale='log', xlabel='global batch size', title=title)
-      ax.set_xticks(batches)
-      ax.set_xticklabels([str(b) for b in batches])
-      ax.minorticks_off()
-  axes[0].legend(fontsize=8)
-  fig.suptitle(f'{args.steps} steps, mean ± std over {args.seeds} seed(s); dotted: chance',
+      _log_ticks(ax, batches)
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f'matched optimizer steps, mean ± std over {args.seeds} seed(s); dotted: chance',
                fontsize=9)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, 'accuracy_vs_batch.png'), dpi=100)
-  plt.close(fig)
+  return fig
 
+
+def _plot_curves(plt, runs, results, args):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  del results
   cols = min(len(args.batch_sizes), 3)
   nrows = -(-len(args.batch_sizes) // cols)
   fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows + 0.4), squeeze=False)
@@ -591,25 +701,43 @@ def plot(runs, rows, sweep, args, out):
   fig.suptitle('learning curves: mean over seeds, band = min..max\n(the losses have their own '
                'scales; the sigmoid loss sums over a row\'s negatives, so it grows with the batch)',
                fontsize=9)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, 'curves.png'), dpi=100)
-  plt.close(fig)
+  return fig
 
+
+def _plot_sweep(plt, runs, results, args):
+  del runs, args
+  sweep = results['lr_sweep']
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for ax, (key, title, scale) in zip(axes, METRICS[:2]):
     for r in sweep:
       ax.plot(r['learning_rates'], [scale * a for a in r[key]],
               '-o' if r['loss'] == 'contrastive' else '--s', label=f'{r["loss"]} b{r["batch"]}')
     ax.set(xscale='log', xlabel='learning rate (the rule\'s x0.5, x1, x2)', title=title)
-    rates = sorted({lr for r in sweep for lr in r['learning_rates']})
-    ax.set_xticks(rates)
-    ax.set_xticklabels([f'{lr:.2g}' for lr in rates], rotation=45, fontsize=7)
-    ax.minorticks_off()
+    _log_ticks(ax, sorted({lr for r in sweep for lr in r['learning_rates']}),
+               lambda lr: f'{lr:.2g}', rotation=45, fontsize=7)
   axes[0].legend(fontsize=7, ncol=2)
   fig.suptitle('learning-rate sweep, seed 0', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, 'lr_sweep.png'), dpi=100)
-  plt.close(fig)
+  return fig
+
+
+def _plot_horizon(plt, runs, results, args):
+  """The smallest batch's results against its run length: where they stop moving, its curve
+  has flattened."""
+  del runs
+  rows = results['horizon']
+  fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.8))
+  steps = [r['steps'] for r in rows]
+  panels = METRICS[:2] + (('final_loss', 'final training loss (interval mean)', 1),)
+  for loss, marker in zip(LOSSES, 'os'):
+    for ax, (key, title, scale) in zip(axes, panels):
+      _errorbars(ax, steps, rows, loss, key, scale, fmt='-' + marker, label=loss)
+      ax.set(xscale='log', xlabel='optimizer steps (each a whole run, warmup + cosine)',
+             title=title)
+      _log_ticks(ax, steps)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f'batch {min(args.batch_sizes)} trained longer: mean ± std over {args.seeds} '
+               'seed(s)', fontsize=9)
+  return fig
 
 
 def update_readme(path, table):
@@ -655,7 +783,8 @@ def run_all(specs, runs_dir, progress):
     if run is None:
       run = train_one(s)
       _write_json(path, run)
-      progress.write(f'{name}: zero-shot held-out {100 * run["zero_shot_heldout"]:.1f}%, '
+      progress.write(('DIVERGED (left out of the tables) ' if diverged(run) else '')
+                     + f'{name}: zero-shot held-out {100 * run["zero_shot_heldout"]:.1f}%, '
                      f'R@1 {100 * run["recall_at_1_heldout"]:.1f}%, loss '
                      f'{run["final_loss"]:.3f}, {1000 * run["step_s"]:.0f} ms/step, '
                      f'{run["wall_s"]:.0f} s')
@@ -703,6 +832,18 @@ def study_table(args, runs, results):
       + ['', f'The smallest batch trained longer (batch {min(args.batch_sizes)}, mean ± std '
          f'over {args.seeds} seed(s)):', '']
       + loss_table(r['horizon'], args.seeds, 'steps')
+      + ['', 'What each longer horizon adds (batch '
+         f'{min(args.batch_sizes)}; longer minus shorter, paired by seed, 95% interval):', '']
+      + gains_table(r['horizon_gains'])
+      + ['', f'The long grid: every batch of {args.long_batches} trained '
+         f'{args.steps * args.long_factor} steps (mean ± std over {args.seeds} seed(s)):', '']
+      + loss_table(r['long'], args.seeds)
+      + ['', 'Every (batch, seed) pair of the long grid at once:', '']
+      + sign_table(r['long_sign_tests'])
+      + ['', 'What the held-out zero-shot task is made of: per-attribute accuracy (mean ± std '
+         'over seeds) of the horizon runs and the long grid, the runs that stored it:', '']
+      + attribute_table(r['horizon'], 'steps') + ['']
+      + attribute_table(r['long'])
       + ['', 'Learning-rate sweep (held-out zero-shot % / R@1 %, seed 0; x1 is the rule\'s):',
          '']
       + sweep_table(r['lr_sweep'])
@@ -712,11 +853,13 @@ def study_table(args, runs, results):
       + ['', f'Ring vs all-gather, {args.devices} simulated devices (per-device temporary '
          'memory of the whole train step; median step time):', '']
       + memory_table(r['memory'], r['trajectory_checks'])
-      + ['', f'{len(runs)} training runs ({args.steps} steps each, the horizon stage\'s '
-         f'longer), their training and evaluation {train_hours:.2f} h of wall time in all '
+      + ['', f'{len(runs)} training runs ({args.steps} steps each, the horizon stage\'s and '
+         f'the long grid\'s longer), their training and evaluation {train_hours:.2f} h of wall time in all '
          f'on this machine; zero-shot is 48-way colour+shape (chance '
          f'{100 * runs[0]["zero_shot_chance"]:.1f}%). The first grid run, trained again: '
-         f'{"identical" if r["repeat_identical"] else "DIFFERENT"}.'])
+         f'{"identical" if r["repeat_identical"] else "DIFFERENT"}. Diverged runs (a '
+         'non-finite training loss), left out of every table and statistic: '
+         + (', '.join(r['diverged']) if r['diverged'] else 'none') + '.'])
 
 
 def main(argv=None):
@@ -727,25 +870,31 @@ def main(argv=None):
   runs_dir = os.path.join(args.out, 'runs')
   os.makedirs(runs_dir, exist_ok=True)
   stages = stage_specs(args)
-  by_name = run_all([s for name in ('grid', 'init', 'ring', 'lr_sweep', 'horizon')
+  by_name = run_all([s for name in ('grid', 'init', 'ring', 'lr_sweep', 'horizon', 'long')
                      for s in stages[name]], runs_dir, tqdm.tqdm)
-  runs = list(by_name.values())
+  left_out = sorted(name for name, run in by_name.items() if diverged(run))
+  runs = [run for name, run in by_name.items() if name not in left_out]
   results = {'grid': grid_rows(runs, args), 'sign_tests': sign_tests(runs, args),
-             'horizon': horizon_rows(runs, args), 'lr_sweep': sweep_rows(runs, args),
+             'horizon': horizon_rows(runs, args), 'horizon_gains': horizon_gains(runs, args),
+             'long': grid_rows(runs, args, 'long'),
+             'long_sign_tests': sign_tests(runs, args, 'long'),
+             'lr_sweep': sweep_rows(runs, args),
              'init': init_rows(runs, args), 'memory': memory_stage(args, runs_dir),
-             'trajectory_checks': trajectory_differences(runs, args.trajectory_rtol,
+             'trajectory_checks': trajectory_differences(list(by_name.values()),
+                                                         args.trajectory_rtol,
                                                          args.noise_multiple),
-             'repeat_identical': repeat_stage(stages['grid'][0], by_name, runs_dir)}
-  table = study_table(args, runs, results)
+             'repeat_identical': repeat_stage(stages['grid'][0], by_name, runs_dir),
+             'diverged': left_out}
+  table = study_table(args, list(by_name.values()), results)
   print(table)
   _write_json(os.path.join(args.out, 'summary.json'), {
       'args': vars(args), **results,
-      'training_hours': sum(r['wall_s'] for r in runs) / 3600,
+      'training_hours': sum(r['wall_s'] for r in by_name.values()) / 3600,
       'study_seconds_this_invocation': time.perf_counter() - study_start,
       'runs': sorted(by_name)})
   with open(os.path.join(args.out, 'table.md'), 'w') as f:
     f.write(table + '\n')
-  plot(runs, results['grid'], results['lr_sweep'], args, args.out)
+  plot(runs, results, args, args.out)
   if args.update_readme:
     update_readme(args.update_readme, table)
   print(f'wrote {args.out}')

@@ -71,8 +71,13 @@ def test_stages_share_their_common_runs():
   sweep = {la.run_name(s) for s in stages['lr_sweep']}
   assert len(sweep) == 3 * 2 * 3 and len(sweep - grid) == 2 * 2 * 3
   horizon = {la.run_name(s) for s in stages['horizon']}
-  assert len(horizon) == 2 * 3 * 2 and not horizon & grid
-  assert {s['steps'] for s in stages['horizon']} == {1000, 2000}
+  assert len(horizon) == 2 * 3 * 5 and not horizon & grid
+  assert {s['steps'] for s in stages['horizon']} == {1000, 2000, 4000, 8000, 16000}
+  # The long grid's batch 32 is the horizon's longest run; its other batches are new runs.
+  long = {la.run_name(s) for s in stages['long']}
+  assert len(long) == 2 * 2 * 3 and long & horizon == {
+      la.run_name(s) for s in stages['long'] if s['batch'] == 32}
+  assert {s['steps'] for s in stages['long']} == {16000}
   ring = stages['ring']
   assert {(s['implementation'], s['devices']) for s in ring} == {('all-gather', 8), ('ring', 8)}
   assert [la.rule_lr(b, args) for b in (64, 256, 1024)] == [1e-3, 2e-3, 4e-3]
@@ -85,6 +90,20 @@ def test_paired_difference_is_scipys_paired_t_interval():
   np.testing.assert_allclose([mean, lo, hi], [np.mean(np.subtract(a, b)), interval.low,
                                               interval.high], rtol=1e-12)
   assert all(math.isnan(v) for v in la.paired_difference([0.3], [0.2])[1:])
+
+
+def test_a_left_out_seed_drops_its_pair_instead_of_shifting_the_pairing():
+  def run(loss, seed, r1, final_loss=1.0):
+    return {'spec': {'loss': loss, 'seed': seed}, 'recall_at_1_heldout': r1,
+            'curve': [{'loss': 2.0}, {'loss': final_loss}]}
+  sigmoid = [run('sigmoid', 0, 0.5), run('sigmoid', 1, 0.9), run('sigmoid', 2, 0.1)]
+  contrastive = [run('contrastive', 0, 0.4), run('contrastive', 2, 0.3)]  # seed 1 left out
+  got = la._seed_paired_difference(sigmoid, contrastive, 'recall_at_1_heldout')
+  np.testing.assert_allclose(got, la.paired_difference([0.5, 0.1], [0.4, 0.3]))
+  assert all(math.isnan(v) for v in la._seed_paired_difference(sigmoid, [], 'recall_at_1_heldout'))
+  assert la.diverged(run('sigmoid', 0, 0.5, float('nan')))
+  assert la.diverged(run('sigmoid', 0, 0.5, float('inf')))
+  assert not la.diverged(sigmoid[0])
 
 
 def test_sign_tests_count_the_grids_pairs():
@@ -112,7 +131,11 @@ def test_bad_settings_are_refused(capsys):
   assert 'batch sizes must be multiples of --devices 8, got [100]' in capsys.readouterr().err
   with pytest.raises(SystemExit):
     la.parse_args(['--steps', '10', '--log-points', '8'])
-  assert 'need --steps >= 2 x --log-points' in capsys.readouterr().err
+  assert 'got --steps 10, --log-points 8' in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # the last logged interval would end before the last step
+    la.parse_args(['--steps', '50', '--log-points', '20'])
+  assert 'need --steps a multiple of --log-points' in capsys.readouterr().err
+  la.parse_args(['--steps', '60', '--log-points', '20'])
 
 
 @pytest.mark.slow
@@ -130,12 +153,16 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
   assert all(c['passes'] and c['max_rel_diff'] < 1e-3 for c in checks)
   assert [r['batch'] for r in summary['grid']] == [32, 64]
   assert len(summary['init']) == 4 and len(summary['memory']) == 2 * 2 * 2
-  # 4 grid + 3 init + 4 ring + 2x2x2 sweep + 2 horizon: every stage, the shared runs once.
-  assert len(summary['runs']) == 4 + 3 + 4 + 8 + 2
+  # 4 grid + 3 init + 4 ring + 2x2x2 sweep + 2 horizon + 2 long (its batch 32 is the horizon's):
+  # every stage, the shared runs once.
+  assert len(summary['runs']) == 4 + 3 + 4 + 8 + 2 + 2
+  assert [(r['batch'], r['steps']) for r in summary['long']] == [(32, 80), (64, 80)]
+  gain, = [g for g in summary['horizon_gains'] if g['loss'] == 'sigmoid']
+  assert (gain['from_steps'], gain['to_steps'], gain['seeds']) == (40, 80, 1)
   assert sum(summary['sign_tests']['zero_shot_heldout'][k]
              for k in ('sigmoid_ahead', 'contrastive_ahead', 'ties')) == 2
   assert [r['steps'] for r in summary['horizon']] == [40, 80]
-  for name in ('table.md', 'accuracy_vs_batch.png', 'curves.png', 'lr_sweep.png'):
+  for name in ('table.md', 'accuracy_vs_batch.png', 'curves.png', 'lr_sweep.png', 'horizon.png'):
     assert (out / name).stat().st_size > 0, name
   text = readme.read_text()
   assert 'old' not in text and '| 64 | 0.001 | sigmoid |' in text
