@@ -352,6 +352,13 @@ def _by(runs, **fields):
                 key=lambda r: r['spec']['seed'])
 
 
+def _rule_runs(runs, loss, batch, steps):
+  """The runs of (loss, batch, steps) on one device at the rule's learning rate and the default
+  inits (the grid's, horizon's and long grid's runs), by seed."""
+  return _by(runs, loss=loss, batch=batch, steps=steps, devices=1, lr_factor=1.0,
+             init_logit_bias=None)
+
+
 def _compare_losses(per_loss):
   """{loss: mean, std over seeds of each metric}, and sigmoid - contrastive paired by seed."""
   row = {}
@@ -375,9 +382,7 @@ def grid_rows(runs, args, stage='grid'):
   - contrastive, paired by seed."""
   batches, steps = _batches_and_steps(args, stage)
   return [dict(batch=batch, steps=steps, learning_rate=rule_lr(batch, args),
-               **_compare_losses({loss: _by(runs, loss=loss, batch=batch, devices=1,
-                                            lr_factor=1.0, init_logit_bias=None,
-                                            steps=steps) for loss in LOSSES}))
+               **_compare_losses({loss: _rule_runs(runs, loss, batch, steps) for loss in LOSSES}))
           for batch in batches]
 
 
@@ -417,8 +422,8 @@ def sign_tests(runs, args, stage='grid'):
   against "neither loss is ahead more often". Pooling the batches asks one question of all the
   grid's pairs: does one loss win more often than a coin flip would?"""
   from scipy import stats  # pylint: disable=g-import-not-at-top
-  specs = stage_specs(args)[stage]
   batches, _ = _batches_and_steps(args, stage)
+  specs = stage_specs(args)[stage]
   grid = {(r['spec']['loss'], r['spec']['batch'], r['spec']['seed']): r
           for r in runs if r['spec'] in specs}
   pairs = [(grid[('sigmoid', b, sd)], grid[('contrastive', b, sd)]) for b in batches
@@ -444,14 +449,16 @@ def sign_table(tests):
   return lines
 
 
+def _horizon_steps(args):
+  return [args.steps] + [args.steps * f for f in args.horizon_factors]
+
+
 def horizon_rows(runs, args):
   """The smallest batch trained --steps x each --horizon-factors: do its results still move?"""
   batch = min(args.batch_sizes)
   return [dict(batch=batch, steps=steps, learning_rate=rule_lr(batch, args),
-               **_compare_losses({loss: _by(runs, loss=loss, batch=batch, devices=1,
-                                            lr_factor=1.0, init_logit_bias=None, steps=steps)
-                                  for loss in LOSSES}))
-          for steps in [args.steps] + [args.steps * f for f in args.horizon_factors]]
+               **_compare_losses({loss: _rule_runs(runs, loss, batch, steps) for loss in LOSSES}))
+          for steps in _horizon_steps(args)]
 
 
 def horizon_gains(runs, args):
@@ -459,12 +466,11 @@ def horizon_gains(runs, args):
   held-out R@1 and zero-shot and of the final training loss, paired by seed with 95% intervals:
   a curve has flattened where the gain's interval reaches 0 and its mean is small."""
   batch = min(args.batch_sizes)
-  steps = [args.steps] + [args.steps * f for f in args.horizon_factors]
+  steps = _horizon_steps(args)
   rows = []
   for short, long in zip(steps, steps[1:]):
     for loss in LOSSES:
-      pick = dict(loss=loss, batch=batch, devices=1, lr_factor=1.0, init_logit_bias=None)
-      a, b = _by(runs, **pick, steps=long), _by(runs, **pick, steps=short)
+      a, b = _rule_runs(runs, loss, batch, long), _rule_runs(runs, loss, batch, short)
       rows.append({'batch': batch, 'loss': loss, 'from_steps': short, 'to_steps': long,
                    'seeds': len({r['spec']['seed'] for r in a} & {r['spec']['seed'] for r in b}),
                    **{key: _seed_paired_difference(a, b, key) for key in
@@ -570,8 +576,7 @@ def init_rows(runs, args):
   cells = {}
   for b, t in INIT_GRID:
     if (b, t) == INIT_GRID[-1]:
-      rs = _by(runs, loss='sigmoid', batch=args.init_batch, devices=1, lr_factor=1.0,
-               init_logit_bias=None, steps=args.steps)
+      rs = _rule_runs(runs, 'sigmoid', args.init_batch, args.steps)  # the paper's = the grid's
     else:
       rs = _by(runs, loss='sigmoid', batch=args.init_batch, devices=1, lr_factor=1.0,
                init_logit_bias=b, init_logit_scale=t, steps=args.steps)
@@ -687,8 +692,7 @@ def _plot_curves(plt, runs, results, args):
     ax.axis('off')
   for ax, batch in zip(axes.flat, args.batch_sizes):
     for loss in LOSSES:
-      rs = _by(runs, loss=loss, batch=batch, devices=1, lr_factor=1.0, init_logit_bias=None,
-               steps=args.steps)
+      rs = _rule_runs(runs, loss, batch, args.steps)
       if not rs:
         continue
       steps = [c['step'] for c in rs[0]['curve']]
@@ -820,7 +824,6 @@ def repeat_stage(first, by_name, runs_dir):
 
 def study_table(args, runs, results):
   r = results
-  train_hours = sum(run['wall_s'] for run in runs) / 3600
   caveat = (['One seed: no spread and no intervals (nan). `--quick` is a smoke test of the '
              'pipeline; its numbers mean nothing.', ''] if args.seeds == 1 else [])
   return '\n'.join(
@@ -854,8 +857,8 @@ def study_table(args, runs, results):
          'memory of the whole train step; median step time):', '']
       + memory_table(r['memory'], r['trajectory_checks'])
       + ['', f'{len(runs)} training runs ({args.steps} steps each, the horizon stage\'s and '
-         f'the long grid\'s longer), their training and evaluation {train_hours:.2f} h of wall time in all '
-         f'on this machine; zero-shot is 48-way colour+shape (chance '
+         f'the long grid\'s longer), their training and evaluation {r["training_hours"]:.2f} h '
+         f'of wall time in all on this machine; zero-shot is 48-way colour+shape (chance '
          f'{100 * runs[0]["zero_shot_chance"]:.1f}%). The first grid run, trained again: '
          f'{"identical" if r["repeat_identical"] else "DIFFERENT"}. Diverged runs (a '
          'non-finite training loss), left out of every table and statistic: '
@@ -884,12 +887,12 @@ def main(argv=None):
                                                          args.trajectory_rtol,
                                                          args.noise_multiple),
              'repeat_identical': repeat_stage(stages['grid'][0], by_name, runs_dir),
-             'diverged': left_out}
+             'diverged': left_out,
+             'training_hours': sum(r['wall_s'] for r in by_name.values()) / 3600}
   table = study_table(args, list(by_name.values()), results)
   print(table)
   _write_json(os.path.join(args.out, 'summary.json'), {
       'args': vars(args), **results,
-      'training_hours': sum(r['wall_s'] for r in by_name.values()) / 3600,
       'study_seconds_this_invocation': time.perf_counter() - study_start,
       'runs': sorted(by_name)})
   with open(os.path.join(args.out, 'table.md'), 'w') as f:

@@ -125,6 +125,13 @@ def test_last_quarter_drop():
   np.testing.assert_allclose(la.last_quarter_drop(curve), (1.0 - 0.8) / 1.0)
 
 
+def test_an_unknown_stage_is_refused():
+  with pytest.raises(ValueError, match="stage must be grid or long, got 'horizon'"):
+    la.grid_rows([], la.parse_args([]), 'horizon')
+  with pytest.raises(ValueError, match="stage must be grid or long, got 'bogus'"):
+    la.sign_tests([], la.parse_args([]), 'bogus')
+
+
 def test_bad_settings_are_refused(capsys):
   with pytest.raises(SystemExit):
     la.parse_args(['--batch-sizes', '32,100'])
