@@ -15,7 +15,7 @@ are unchanged, so an interrupted study resumes):
   horizon   the smallest batch trained --steps times each --horizon-factors, every seed: were
             --steps enough for it, and where does its curve flatten (the gain of each doubling)?
   long      the grid again at --steps x --long-factor for the --long-batches, every seed: the
-            losses compared where the small batches' curves have (nearly) flattened
+            losses compared at a much longer budget, closer to the small batches' flat curves
   init      SigLIP's Table 4 (Zhai et al. 2023): sigmoid loss, bias init {0, -10} x logit scale
             init {ln 1, ln 10}, at --init-batch, every seed
   ring      ring vs all-gather of both losses on --devices simulated devices, seed 0: the logged
@@ -52,7 +52,8 @@ def _ints(text):
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].replace('\n', ' '))
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--batch-sizes', type=_ints, default=[32, 64, 128, 256, 512, 1024],
                       help='the grid\'s global batches, comma-separated')
   parser.add_argument('--seeds', type=int, default=3, help='seeds 0 .. N-1 of every grid cell')
@@ -85,7 +86,9 @@ def parse_args(argv):
   parser.add_argument('--quick', action='store_true',
                       help='a smoke test of every stage in a few minutes: replaces the batches, '
                       'seeds, steps and stage sizes; its numbers mean nothing')
-  parser.add_argument('--out', default='results/loss_ablation')
+  parser.add_argument('--out', default='results/loss_ablation',
+                      help='output folder (default results/loss_ablation): runs/*.json, tables, '
+                      'plots')
   parser.add_argument('--update-readme', default=None,
                       help='replace the tables between the loss_ablation markers of this file')
   args = parser.parse_args(argv)
@@ -95,13 +98,21 @@ def parse_args(argv):
     args.lr_sweep_batches, args.horizon_factors = args.batch_sizes, [2]
     args.long_factor, args.long_batches = 2, args.batch_sizes
     args.memory_batches, args.memory_steps, args.log_points = [8, 32], 2, 8
-  args.lr_factors = [float(f) for f in args.lr_factors.split(',') if f]
+  try:
+    args.lr_factors = [float(f) for f in args.lr_factors.split(',') if f]
+  except ValueError:
+    parser.error(f'--lr-factors must be comma-separated numbers, got {args.lr_factors!r}')
   global_batches = (args.batch_sizes + args.lr_sweep_batches + args.long_batches
                     + [args.init_batch, args.ring_batch]
                     + [b * args.devices for b in args.memory_batches])
   bad = [b for b in global_batches if b < 1 or b % args.devices]
   if bad:
-    parser.error(f'batch sizes must be multiples of --devices {args.devices}, got {bad}')
+    parser.error(f'batch sizes must be positive multiples of --devices {args.devices} (the ring '
+                 f'and memory stages split them over the devices), got {bad}')
+  bad = [f for f in args.horizon_factors + [args.long_factor] if f < 1]
+  if bad or any(not f > 0 for f in args.lr_factors):
+    parser.error(f'--horizon-factors and --long-factor must be >= 1, --lr-factors > 0, got '
+                 f'{args.horizon_factors}, {args.long_factor}, {args.lr_factors}')
   if args.steps < 2 * args.log_points or args.steps % args.log_points or args.seeds < 1:
     parser.error(f'need --steps a multiple of --log-points, at least twice it, and --seeds >= 1 '
                  f'(else the last logged interval would not end at the last step), got '

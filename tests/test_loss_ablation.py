@@ -135,7 +135,17 @@ def test_an_unknown_stage_is_refused():
 def test_bad_settings_are_refused(capsys):
   with pytest.raises(SystemExit):
     la.parse_args(['--batch-sizes', '32,100'])
-  assert 'batch sizes must be multiples of --devices 8, got [100]' in capsys.readouterr().err
+  assert 'batch sizes must be positive multiples of --devices 8' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    la.parse_args(['--memory-batches', '0'])
+  assert 'got [0]' in capsys.readouterr().err
+  for bad in (['--horizon-factors', '2,0'], ['--long-factor', '0'], ['--lr-factors', '0.5,-1']):
+    with pytest.raises(SystemExit):  # a zero-step run, or a non-positive learning rate
+      la.parse_args(bad)
+    assert '--horizon-factors and --long-factor must be >= 1' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    la.parse_args(['--lr-factors', '0.5,x'])
+  assert "--lr-factors must be comma-separated numbers, got '0.5,x'" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     la.parse_args(['--steps', '10', '--log-points', '8'])
   assert 'got --steps 10, --log-points 8' in capsys.readouterr().err
