@@ -1,13 +1,17 @@
 """CLIP in plain JAX: pure functions over nested dicts keyed like OpenAI's torch state dict."""
 from clip import generation
 from clip import preprocess
+from clip import processing
 from clip import zero_shot
 from clip.configs import CLIPConfig
+from clip.configs import ConfigWarning
 from clip.configs import DecoderConfig
 from clip.configs import IMAGE_MEAN
 from clip.configs import IMAGE_STD
 from clip.configs import MODELS
+from clip.configs import PreprocessConfig
 from clip.configs import TextConfig
+from clip.configs import TokenizerConfig
 from clip.configs import VisionConfig
 from clip.configs import get_config
 from clip.configs import normalize_image
@@ -22,6 +26,9 @@ from clip.model import training_image_features
 from clip.model import unstack_layers
 from clip.model import update_batch_stats
 from clip.open_clip_configs import config_from_open_clip
+from clip.processing import TokenizerError
+from clip.processing import get_tokenizer
+from clip.processing import preprocess_images
 from clip.open_clip_configs import open_clip_config
 from clip.export import save_hf
 from clip.export import save_open_clip

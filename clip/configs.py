@@ -3,7 +3,9 @@
 A custom model is just another config object; the nine OpenAI models are entries of `MODELS`.
 """
 import dataclasses
+import os
 import typing
+import warnings
 
 import jax
 import numpy as np
@@ -33,6 +35,24 @@ def _require(ok, message):
 
 def _one_of(value, allowed, name):
   _require(value in allowed, f'{name} must be one of {allowed}, got {value!r}')
+
+
+OPENAI_VOCAB_SIZE = 49408
+
+
+class ConfigWarning(UserWarning):
+  """A config whose meaning rests on an assumption it does not state (the message names it)."""
+
+
+def _warn_assumed_eot(owner, tower):
+  """A vocabulary other than OpenAI's with no stated end-of-text id is ambiguous: its largest id
+  may be an added token. Said wherever the tower reads that id."""
+  reads_eot = getattr(tower, 'uses_eot', True)
+  if tower.eot_token_id is None and tower.vocab_size != OPENAI_VOCAB_SIZE and reads_eot:
+    warnings.warn(f'{owner}(vocab_size={tower.vocab_size}) states no eot_token_id: assumed the '
+                  f'last id, {tower.vocab_size - 1}, is the end-of-text token (OpenAI\'s rule). '
+                  'Set eot_token_id to state it (a vocabulary with tokens added after its '
+                  'end-of-text token needs it).', ConfigWarning, stacklevel=4)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -235,6 +255,7 @@ class TextConfig(BlockOptions):
     _require(self.eot_token_id is None or 0 <= self.eot_token_id < self.vocab_size,
              f'TextConfig.eot_token_id must be None (vocab_size - 1) or in [0, {self.vocab_size}), '
              f'got {self.eot_token_id}')
+    _warn_assumed_eot('TextConfig', self)
     _require(self.width % self.heads == 0,
              f'text width {self.width} is not divisible by heads {self.heads}')
     _one_of(self.pool, TEXT_POOLS, 'TextConfig.pool')
@@ -309,6 +330,7 @@ class DecoderConfig(BlockOptions):
     _require(self.eot_token_id is None or 0 <= self.eot_token_id < self.vocab_size,
              f'DecoderConfig.eot_token_id must be None (vocab_size - 1) or in '
              f'[0, {self.vocab_size}), got {self.eot_token_id}')
+    _warn_assumed_eot('DecoderConfig', self)
     _require(self.pool_heads is None and self.projection,
              'pool_heads and projection do not apply to a decoder, got '
              f'pool_heads={self.pool_heads}, projection={self.projection}')
@@ -338,6 +360,88 @@ class DecoderConfig(BlockOptions):
     return self.vocab_size - 1 if self.eot_token_id is None else self.eot_token_id
 
 
+TOKENIZER_KINDS = ('openai', 'siglip', 'siglip2', 'unknown')
+# Text cleaning before SentencePiece: transformers' `SiglipTokenizer` ('siglip'), its
+# `Siglip2Tokenizer` ('lower'), open_clip's `clean='canonicalize'` ('canonicalize').
+TEXT_CLEANS = ('siglip', 'lower', 'canonicalize')
+_DEFAULT_CLEAN = {'siglip': 'siglip', 'siglip2': 'lower'}
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  """The tokenizer a model reads: part of what the model is (`clip.get_tokenizer(cfg)` builds it).
+
+  `kind='openai'`: OpenAI's byte-level BPE (`clip.tokenize`: start and end-of-text tokens 49406 /
+  49407, zero padding), the default. `kind='siglip'`: SentencePiece over a T5 vocabulary (SigLIP;
+  `</s>` ends and pads each row), `kind='siglip2'`: over Gemma's (SigLIP 2; `<eos>` ends, `<pad>`
+  pads), both in `clip/siglip_tokenizer.py`. `model_file` is the SentencePiece `.model` file
+  (None: not known, and `get_tokenizer` raises saying how to give it). `clean` is the text
+  cleaning before SentencePiece: 'siglip' (transformers' `SiglipTokenizer`: lower case, ASCII
+  punctuation removed), 'lower' (transformers' `Siglip2Tokenizer`: lower case only) or
+  'canonicalize' (open_clip's `clean='canonicalize'`: ftfy, HTML unescaping, then big_vision's
+  `canonicalize_text`); None takes transformers' rule for the kind. `kind='unknown'` is a
+  tokenizer this package does not run (`name` says what the checkpoint calls it, e.g. open_clip's
+  `hf_tokenizer_name`): the weights load, and `get_tokenizer` raises naming it."""
+  kind: str = 'openai'
+  model_file: str | None = None
+  clean: str | None = None
+  name: str | None = None
+
+  def __post_init__(self):
+    _one_of(self.kind, TOKENIZER_KINDS, 'TokenizerConfig.kind')
+    if self.kind == 'unknown':
+      _require(self.name, 'TokenizerConfig(kind="unknown") needs a name (what the checkpoint '
+               'calls its tokenizer)')
+      return
+    if self.kind == 'openai':
+      _require(self.model_file is None and self.clean is None,
+               'OpenAI\'s tokenizer takes no model_file or clean (its vocabulary ships with this '
+               f'package), got model_file={self.model_file!r}, clean={self.clean!r}')
+      return
+    if self.model_file is not None:
+      _require(isinstance(self.model_file, (str, os.PathLike)),
+               f'TokenizerConfig.model_file must be a path, got {self.model_file!r}')
+      object.__setattr__(self, 'model_file', os.fspath(self.model_file))
+    if self.clean is None:
+      object.__setattr__(self, 'clean', _DEFAULT_CLEAN[self.kind])
+    _one_of(self.clean, TEXT_CLEANS, 'TokenizerConfig.clean')
+
+
+RESIZE_MODES = ('shortest', 'squash', 'longest')
+INTERPOLATIONS = ('bicubic', 'bilinear')
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """How a model's images are prepared (`clip.preprocess_images(images, cfg)`), to the model's
+  `image_resolution`; open_clip's `PreprocessCfg` names. `resize_mode`: 'shortest' (short side to
+  the resolution, then the centre crop: OpenAI's, open_clip's default, Hugging Face's
+  `CLIPImageProcessor`), 'squash' (both sides to the resolution, aspect ratio not kept: SigLIP,
+  `SiglipImageProcessor`) or 'longest' (long side to the resolution, then centre padding with
+  `fill_color`: open_clip's `ResizeKeepRatio(longest=1)` + `CenterCropOrPad`); `interpolation`
+  PIL's bicubic or bilinear filter; then the pixels in [0, 1] are normalised with `mean` and `std`
+  (RGB; OpenAI's by default, SigLIP's are 0.5: pixels in [-1, 1])."""
+  mean: tuple[float, float, float] = IMAGE_MEAN
+  std: tuple[float, float, float] = IMAGE_STD
+  resize_mode: str = 'shortest'
+  interpolation: str = 'bicubic'
+  fill_color: int = 0
+
+  def __post_init__(self):
+    for name in ('mean', 'std'):
+      value = tuple(float(x) for x in getattr(self, name))
+      object.__setattr__(self, name, value)
+      _require(len(value) == 3 and all(np.isfinite(value)),
+               f'PreprocessConfig.{name} must be 3 finite numbers (RGB), got {value}')
+    _require(all(s > 0 for s in self.std), f'PreprocessConfig.std must be > 0, got {self.std}')
+    _one_of(self.resize_mode, RESIZE_MODES, 'PreprocessConfig.resize_mode')
+    _one_of(self.interpolation, INTERPOLATIONS, 'PreprocessConfig.interpolation')
+    _require(isinstance(self.fill_color, int) and 0 <= self.fill_color <= 255,
+             f'PreprocessConfig.fill_color must be an int in [0, 255], got {self.fill_color!r}')
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
@@ -355,7 +459,13 @@ class CLIPConfig:
   `decoder` adds a captioning text decoder (`clip/decoder.py`) over the image tower's tokens
   (SigLIP 2 / CoCa with a text tower; CapPa with `text=None`, which has no text tower, no
   contrastive embedding and no logit scale). A decoder needs a ViT image tower, and with a text
-  tower it reads the same tokens: equal context lengths and vocabularies."""
+  tower it reads the same tokens: equal context lengths and vocabularies.
+
+  A model is its weights, its tokenizer and its image preprocessing: `tokenizer` (a
+  `TokenizerConfig`, OpenAI's BPE by default) and `preprocess` (a `PreprocessConfig`, OpenAI's
+  resize, centre crop and normalisation by default) are what `clip.get_tokenizer(cfg)` and
+  `clip.preprocess_images(images, cfg)` use, set by `clip.load` from the checkpoint's family and
+  files, and written into every export."""
   embed_dim: int
   vision: VisionConfig
   text: TextConfig | None
@@ -366,8 +476,14 @@ class CLIPConfig:
   decoder: DecoderConfig | None = None
   init_logit_scale: float | None = None
   init_logit_bias: float | None = None
+  tokenizer: TokenizerConfig = TokenizerConfig()
+  preprocess: PreprocessConfig = PreprocessConfig()
 
   def __post_init__(self):
+    _require(isinstance(self.tokenizer, TokenizerConfig),
+             f'CLIPConfig.tokenizer must be a TokenizerConfig, got {self.tokenizer!r}')
+    _require(isinstance(self.preprocess, PreprocessConfig),
+             f'CLIPConfig.preprocess must be a PreprocessConfig, got {self.preprocess!r}')
     _require(self.embed_dim > 0, f'embed_dim must be > 0, got {self.embed_dim}')
     _require(self.dtype in DTYPES, f'CLIPConfig.dtype must be one of {DTYPES}, got {self.dtype!r}')
     if isinstance(self.remat, bool):

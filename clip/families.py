@@ -5,12 +5,15 @@ A family is recognised by its keys; keys of a family we cannot run exactly (Conv
 timm trunks, EVA's towers, CoCa's decoder, Hugging Face text encoders in open_clip) are refused
 by name, never dropped.
 """
+import dataclasses
+import os
 import re
 
 import numpy as np
 
 from clip import configs
 from clip import convert
+from clip import siglip_tokenizer
 
 OPENAI = 'OpenAI / open_clip (OpenAI keys)'
 HF_CLIP = 'Hugging Face CLIPModel'
@@ -123,6 +126,8 @@ def _clip_from_hf(hf, t, v):
   # legacy model fed added tokens (ids > its EOT) pooled at them, which we do not copy. Any other
   # eos pools at its first occurrence, as ours does.
   eot = None if eos in (2, vocab - 1) else eos
+  if eot is None and vocab != configs.OPENAI_VOCAB_SIZE:
+    eot = vocab - 1  # the same rule, stated for a vocabulary other than OpenAI's
   vision = configs.VisionConfig(
       'vit', v['hidden_size'], v['num_hidden_layers'], v['num_attention_heads'],
       v.get('image_size', 224), v.get('patch_size', 32),
@@ -187,3 +192,172 @@ def big_vision_heads(raw):
         return v.shape[-2]
     raise ValueError(f'no attention kernel under {prefix}')
   return heads(r'img/Transformer/'), heads(r'txt/Encoder_0/')
+
+
+# ---------------------------------------------------------------- tokenizer and preprocessing
+
+# open_clip's SigLIP preprocessing (`pretrained._slpcfg`), Hugging Face's `SiglipImageProcessor`
+# defaults: squash to the resolution, bicubic, pixels to [-1, 1].
+SIGLIP_PREPROCESS = configs.PreprocessConfig(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                             resize_mode='squash', interpolation='bicubic')
+# SentencePiece files a folder may hold: transformers' `SiglipTokenizer` (spiece.model) and
+# Gemma's (tokenizer.model); open_clip's hub folders hold what transformers saved.
+SENTENCEPIECE_FILES = ('spiece.model', 'tokenizer.model')
+# Gemma's vocabulary size (SigLIP 2); T5's are 32000 (c4_en) and 250000 (mc4).
+_GEMMA_VOCAB = 256000
+_HF_RESAMPLE = {2: 'bilinear', 3: 'bicubic'}  # PIL's enum values in preprocessor_config.json
+
+
+def _sentencepiece_in(folder):
+  for name in SENTENCEPIECE_FILES:
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def _kind_from_vocab(vocab_size):
+  return 'siglip2' if vocab_size == _GEMMA_VOCAB else 'siglip'
+
+
+def tokenizer_from_file(model_file, clean=None):
+  """A TokenizerConfig for a SentencePiece `.model` path, its kind read from the file."""
+  kind = siglip_tokenizer.kind_of(model_file)
+  return configs.TokenizerConfig(kind, os.path.abspath(model_file), clean)
+
+
+def _open_clip_tokenizer(text_cfg, folder, vocab_size):
+  """open_clip's `get_tokenizer` rule: `hf_tokenizer_name` -> its `HFTokenizer` over the files in
+  the folder with `tokenizer_kwargs` (clean 'whitespace' by default), else OpenAI's BPE."""
+  name = text_cfg.get('hf_tokenizer_name')
+  if not name:
+    return configs.TokenizerConfig()
+  clean = (text_cfg.get('tokenizer_kwargs') or {}).get('clean', 'whitespace')
+  model_file = _sentencepiece_in(folder) if folder else None
+  if clean != 'canonicalize' or text_cfg.get('tokenizer_mode'):
+    return configs.TokenizerConfig('unknown', name=f'open_clip HFTokenizer({name!r}, '
+                                   f'clean={clean!r}, mode={text_cfg.get("tokenizer_mode")!r})')
+  if model_file:
+    return tokenizer_from_file(model_file, 'canonicalize')
+  return configs.TokenizerConfig(_kind_from_vocab(vocab_size), None, 'canonicalize')
+
+
+def _open_clip_preprocess(oc_config, default, image_size):
+  pp = oc_config.get('preprocess_cfg') or {}
+  size = pp.get('size', image_size)
+  if size not in (image_size, [image_size, image_size], (image_size, image_size)):
+    raise ValueError(f'open_clip_config.json preprocess_cfg.size {size} is not the model\'s '
+                     f'image_size {image_size}')
+  if pp.get('mode', 'RGB') != 'RGB':
+    raise ValueError(f'preprocess_cfg.mode {pp["mode"]!r} is not RGB')
+  keys = ('mean', 'std', 'resize_mode', 'interpolation', 'fill_color')
+  return configs.PreprocessConfig(**{**{k: getattr(default, k) for k in keys},
+                                     **{k: pp[k] for k in keys if k in pp}})
+
+
+def _hf_tokenizer(info, family, vocab_size):
+  """transformers' tokenizer of the folder: `tokenizer_config.json`'s class, else the files."""
+  folder = info.get('folder')
+  tok_cfg = info.get('tokenizer_config') or {}
+  cls = tok_cfg.get('tokenizer_class')
+  if family == HF_CLIP:
+    if cls and not cls.startswith('CLIPTokenizer'):
+      return configs.TokenizerConfig('unknown', name=f'transformers {cls}')
+    vocab = os.path.join(folder, 'vocab.json') if folder else None
+    if vocab and os.path.isfile(vocab) and not _is_openai_vocab(vocab):
+      return configs.TokenizerConfig('unknown', name=f'a BPE vocabulary other than OpenAI\'s '
+                                     f'({vocab})')
+    return configs.TokenizerConfig()
+  model_file = _sentencepiece_in(folder) if folder else None
+  if cls:
+    kinds = {'SiglipTokenizer': 'siglip', 'GemmaTokenizer': 'siglip2',
+             'GemmaTokenizerFast': 'siglip2', 'Siglip2Tokenizer': 'siglip2'}
+    if cls not in kinds:
+      return configs.TokenizerConfig('unknown', name=f'transformers {cls}')
+    return configs.TokenizerConfig(kinds[cls], model_file and os.path.abspath(model_file))
+  if model_file:
+    return tokenizer_from_file(model_file)
+  return configs.TokenizerConfig(_kind_from_vocab(vocab_size))
+
+
+def _is_openai_vocab(path):
+  import json  # pylint: disable=g-import-not-at-top
+  from clip import tokenizer  # pylint: disable=g-import-not-at-top
+  with open(path, encoding='utf-8') as f:
+    vocab = json.load(f)
+  ours = tokenizer.default_tokenizer().symbols
+  return len(vocab) == len(ours) and all(vocab.get(s) == i for i, s in enumerate(ours))
+
+
+def _hf_preprocess(info, image_size, default):
+  """`preprocessor_config.json` -> PreprocessConfig: `CLIPImageProcessor` (shortest edge, centre
+  crop) or `SiglipImageProcessor` (height x width, squash); a setting outside these is an error
+  naming it."""
+  pp = info.get('preprocessor_config')
+  if pp is None:
+    return default
+  where = 'preprocessor_config.json'
+  for key, ok in (('do_resize', True), ('do_rescale', True), ('do_normalize', True)):
+    if pp.get(key, ok) is not ok:
+      raise ValueError(f'{where}: {key}={pp[key]} is not a transform this package runs')
+  if abs(pp.get('rescale_factor', 1 / 255) - 1 / 255) > 1e-12:
+    raise ValueError(f'{where}: rescale_factor {pp["rescale_factor"]} is not 1/255')
+  size = pp.get('size', {})
+  size = size if isinstance(size, dict) else {'shortest_edge': size}
+  if 'shortest_edge' in size:
+    crop = pp.get('crop_size', size['shortest_edge'])
+    crop = crop if isinstance(crop, dict) else {'height': crop, 'width': crop}
+    if not pp.get('do_center_crop', True) or (
+        size['shortest_edge'], crop.get('height'), crop.get('width')) != (image_size,) * 3:
+      raise ValueError(f'{where}: resizing the shortest edge to {size["shortest_edge"]} and '
+                       f'cropping {crop} is not the model\'s {image_size} x {image_size} '
+                       'resize-and-crop')
+    mode = 'shortest'
+  elif (size.get('height'), size.get('width')) == (image_size, image_size):
+    mode = 'squash'
+  else:
+    raise ValueError(f'{where}: size {size} is not the model\'s {image_size} x {image_size}')
+  resample = pp.get('resample', 3)
+  if resample not in _HF_RESAMPLE:
+    raise ValueError(f'{where}: resample {resample} is not bilinear (2) or bicubic (3)')
+  return configs.PreprocessConfig(
+      mean=tuple(pp.get('image_mean', default.mean)), std=tuple(pp.get('image_std', default.std)),
+      resize_mode=mode, interpolation=_HF_RESAMPLE[resample])
+
+
+def processing(family, info, cfg):
+  """(TokenizerConfig, PreprocessConfig, assumptions) of a checkpoint of `family` whose files are
+  described by `info` (`read_checkpoint`'s), for its model config `cfg`: what the files beside the
+  weights state (open_clip's `open_clip_config.json`, transformers' `tokenizer_config.json`,
+  `preprocessor_config.json` and tokenizer files), else the family's known settings;
+  `assumptions` lists what the files did not say. A setting this package cannot run is a
+  ValueError naming it."""
+  vocab = (cfg.text or cfg.decoder).vocab_size
+  folder, image_size = info.get('folder'), cfg.image_resolution
+  if family in (OPENAI, OPEN_CLIP_TIMM):
+    siglip = family == OPEN_CLIP_TIMM
+    default = SIGLIP_PREPROCESS if siglip else configs.PreprocessConfig()
+    oc = info.get('open_clip_config')
+    if oc is None:
+      if not siglip:
+        return configs.TokenizerConfig(), default, []
+      return (configs.TokenizerConfig(_kind_from_vocab(vocab), None, 'canonicalize'), default,
+              ['open_clip\'s SigLIP preprocessing (squash, bicubic, mean and std 0.5)'])
+    model_cfg = oc.get('model_cfg', oc)
+    return (_open_clip_tokenizer(model_cfg.get('text_cfg', {}), folder, vocab),
+            _open_clip_preprocess(oc, default, image_size), [])
+  if family == HF_SIGLIP2:  # NaFlex, run at its position table's square grid
+    return (_hf_tokenizer(info, family, vocab),
+            dataclasses.replace(SIGLIP_PREPROCESS, interpolation='bilinear'),
+            [f'the NaFlex model\'s images squashed to its square grid ({image_size} px, '
+             'bilinear as Siglip2ImageProcessor resizes)'])
+  if family in HUGGING_FACE:
+    default = configs.PreprocessConfig() if family == HF_CLIP else SIGLIP_PREPROCESS
+    assumed = [] if 'preprocessor_config' in info else [
+        f'{"OpenAI" if family == HF_CLIP else "SigLIP"}\'s image preprocessing (no '
+        'preprocessor_config.json beside the weights)']
+    return _hf_tokenizer(info, family, vocab), _hf_preprocess(info, image_size, default), assumed
+  # big_vision's .npz: no files beside it; its own resize is TensorFlow's bilinear.
+  return (configs.TokenizerConfig(_kind_from_vocab(vocab)), SIGLIP_PREPROCESS,
+          ['SigLIP\'s preprocessing as Hugging Face ports it (squash, PIL bicubic, mean and std '
+           '0.5; big_vision itself resizes with TensorFlow\'s bilinear)'])

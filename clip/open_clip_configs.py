@@ -265,8 +265,12 @@ def _text(cfg, embed_dim, quick_gelu):
       mlp=_activation(where, quick_gelu, cfg.get('act_kwargs')),
       mlp_dim=_hidden_dim(where, width, get('mlp_ratio')),
       norm_eps=_norm_eps(where, cfg.get('norm_kwargs')))
+  vocab = get('vocab_size')
+  if options['pool'] == 'eot' and vocab != configs.OPENAI_VOCAB_SIZE:
+    # open_clip's 'argmax' pools at each row's largest id: its vocabulary's last, stated so.
+    options['eot_token_id'] = vocab - 1
   return _valid(where, configs.TextConfig, width, get('layers'), get('heads'),
-                get('context_length'), get('vocab_size'), **options)
+                get('context_length'), vocab, **options)
 
 
 def config_from_open_clip(model_cfg):

@@ -1,10 +1,16 @@
-"""OpenAI's image preprocessing, without torchvision: images -> normalised NHWC float32.
+"""Image preprocessing without torchvision: images -> normalised NHWC float32, each family's way.
 
 OpenAI's `preprocess` is torchvision's `Resize(n_px, BICUBIC)`, `CenterCrop(n_px)`, RGB
 conversion, `ToTensor()` and `Normalize(IMAGE_MEAN, IMAGE_STD)` on a PIL image. The same PIL
 calls run here in the same order: the resize happens in the image's own mode (an RGBA image is
 resized premultiplied, a palette image with nearest neighbours, as PIL does) and only the crop is
 converted to RGB, so the result equals OpenAI's pixel for pixel.
+
+The other resize modes are open_clip's (`open_clip.transform.image_transform`, eval branch), on
+PIL images as torchvision runs them: 'squash' is `Resize((n, n))` (SigLIP; Hugging Face's
+`SiglipImageProcessor` resizes the same way), 'longest' is timm's `ResizeKeepRatio(longest=1)`
+(long side to n, the other `round(side / ratio)`) and `CenterCropOrPad(n, fill)`. The mean, std,
+mode and interpolation come from a `clip.PreprocessConfig`.
 """
 import os
 
@@ -49,17 +55,67 @@ def to_pil(image):
                   f'got {type(image).__name__}')
 
 
-def resize_and_crop(image, n_px):
-  """torchvision's `Resize(n_px, BICUBIC)` then `CenterCrop(n_px)` on a PIL image."""
+_FILTERS = {'bicubic': Image.Resampling.BICUBIC, 'bilinear': Image.Resampling.BILINEAR}
+
+
+def resize_and_crop(image, n_px, interpolation='bicubic'):
+  """torchvision's `Resize(n_px)` then `CenterCrop(n_px)` on a PIL image."""
   width, height = image.size
   size = resized_size(width, height, n_px)
   if size != (width, height):
-    image = image.resize(size, Image.Resampling.BICUBIC)
+    image = image.resize(size, _FILTERS[interpolation])
   width, height = image.size
   # Both sides are >= n_px after the resize, so CenterCrop never pads.
   top = int(round((height - n_px) / 2.0))
   left = int(round((width - n_px) / 2.0))
   return image.crop((left, top, left + n_px, top + n_px))
+
+
+def squash(image, n_px, interpolation='bicubic'):
+  """torchvision's `Resize((n_px, n_px))` on a PIL image: the aspect ratio is not kept."""
+  if image.size == (n_px, n_px):
+    return image
+  return image.resize((n_px, n_px), _FILTERS[interpolation])
+
+
+def resize_longest_and_pad(image, n_px, interpolation='bicubic', fill_color=0):
+  """open_clip's `ResizeKeepRatio(n_px, longest=1)` then `CenterCropOrPad(n_px, fill)`: the long
+  side becomes `n_px`, the short one `round(side / ratio)`, then the image is centred on an
+  `n_px` square of `fill_color` (a side that rounds past `n_px` is centre-cropped)."""
+  width, height = image.size
+  ratio = max(height / n_px, width / n_px)
+  size = (round(width / ratio), round(height / ratio))
+  if size != (width, height):
+    image = image.resize(size, _FILTERS[interpolation])
+  width, height = image.size
+  if width < n_px or height < n_px:  # torchvision's F.pad: left/top get the floor of the half
+    pad_w, pad_h = max(n_px - width, 0), max(n_px - height, 0)
+    padded = Image.new(image.mode, (width + pad_w, height + pad_h),
+                       _fill(image.mode, fill_color))
+    padded.paste(image, (pad_w // 2, pad_h // 2))
+    image, (width, height) = padded, padded.size
+  top = int(round((height - n_px) / 2.0))
+  left = int(round((width - n_px) / 2.0))
+  return image.crop((left, top, left + n_px, top + n_px))
+
+
+def _fill(mode, fill_color):
+  """torchvision pads a PIL image with `fill` in every band (a palette image with index `fill`)."""
+  bands = len(Image.new(mode, (1, 1)).getbands())
+  return fill_color if bands == 1 else (fill_color,) * bands
+
+
+def transform(image, n_px, config=None):
+  """One PIL image -> the `n_px` square RGB PIL image the `PreprocessConfig` `config` (OpenAI's
+  by default) makes of it, before normalisation."""
+  config = config or configs.PreprocessConfig()
+  if config.resize_mode == 'shortest':
+    image = resize_and_crop(image, n_px, config.interpolation)
+  elif config.resize_mode == 'squash':
+    image = squash(image, n_px, config.interpolation)
+  else:
+    image = resize_longest_and_pad(image, n_px, config.interpolation, config.fill_color)
+  return image.convert('RGB')
 
 
 def _check_resolution(resolution):
@@ -69,20 +125,23 @@ def _check_resolution(resolution):
                      f'got {resolution!r}')
 
 
-def preprocess_image(image, resolution):
-  """One image (PIL, path, or uint8 (H, W, 3)) -> (resolution, resolution, 3) float32, OpenAI's
-  preprocessing: short side resized to `resolution` (bicubic), centre crop, RGB, normalised."""
+def preprocess_image(image, resolution, config=None):
+  """One image (PIL, path, or uint8 (H, W, 3)) -> (resolution, resolution, 3) float32: resized as
+  the `PreprocessConfig` `config` says (default OpenAI's: short side to `resolution`, bicubic,
+  centre crop), RGB, normalised with its mean and std."""
   _check_resolution(resolution)
-  crop = resize_and_crop(to_pil(image), int(resolution)).convert('RGB')
-  x_HxWx3 = np.asarray(crop, np.float32) / np.float32(255)
-  mean = np.asarray(configs.IMAGE_MEAN, np.float32)
-  std = np.asarray(configs.IMAGE_STD, np.float32)
-  return (x_HxWx3 - mean) / std
+  config = config or configs.PreprocessConfig()
+  x_HxWx3 = np.asarray(transform(to_pil(image), int(resolution), config), np.float32)
+  mean = np.asarray(config.mean, np.float32)
+  std = np.asarray(config.std, np.float32)
+  return (x_HxWx3 / np.float32(255) - mean) / std
 
 
-def preprocess(images, resolution):
+def preprocess(images, resolution, config=None):
   """A sequence of images (PIL, paths, uint8 (H, W, 3) arrays, mixed) or a uint8 (N, H, W, 3)
-  array -> (N, resolution, resolution, 3) float32, ready for `clip.encode_image`."""
+  array -> (N, resolution, resolution, 3) float32, ready for `clip.encode_image`; `config` a
+  `PreprocessConfig` (default OpenAI's). `clip.preprocess_images(images, cfg)` takes the model's
+  own."""
   _check_resolution(resolution)
   if isinstance(images, (str, os.PathLike, Image.Image)) or (
       isinstance(images, np.ndarray) and images.ndim != 4):
@@ -93,7 +152,7 @@ def preprocess(images, resolution):
   if len(images) == 0:
     raise ValueError('preprocess got no images')
   r = int(resolution)
-  return np.stack([preprocess_image(image, r) for image in images])
+  return np.stack([preprocess_image(image, r, config) for image in images])
 
 
 def _describe(x):

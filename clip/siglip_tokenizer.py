@@ -16,7 +16,10 @@ model cards do, `tokenizer(texts, padding='max_length', max_length=64, truncatio
   builds SigLIP 2's: no BOS, `<eos>` appended, padded on the right with `<pad>`. The text is
   only lower-cased (big_vision's demo: `lower|tok(model="gemma", bos="no", eos="sticky")`), each
   character on its own as the `Lowercase` normalizer does, so a final 'Σ' becomes 'σ' where
-  `str.lower` gives 'ς'. (open_clip's SigLIP 2 models also canonicalize the text first.)
+  `str.lower` gives 'ς'.
+- `clean='canonicalize'` with either kind: open_clip's pipeline for its SigLIP and SigLIP 2
+  models (`HFTokenizer(clean='canonicalize')`), which cleans the text its own way first
+  (`canonicalize_open_clip`).
 
 Truncation keeps the end of sequence token last (transformers' `truncation=True`, big_vision's
 `eos='sticky'`); without `truncate=True` a text too long for the context raises instead.
@@ -33,10 +36,12 @@ transformers does differently are left out:
   holding '▁' or longer space runs than the model's longest.
 """
 import functools
+import html
 import os
 import re
 import string
 
+import ftfy
 import numpy as np
 import sentencepiece
 
@@ -69,7 +74,19 @@ def lower_siglip2(text):
   return text.lower() if 'Σ' not in text else ''.join(map(str.lower, text))
 
 
-_CLEAN = {'siglip': canonicalize_siglip, 'siglip2': lower_siglip2}
+def canonicalize_open_clip(text):
+  """open_clip's `clean='canonicalize'` (`open_clip/tokenizer.py`, its SigLIP and SigLIP 2
+  models): ftfy and HTML unescaping (`basic_clean`), then big_vision's `canonicalize_text`: '_' to
+  a space, ASCII punctuation removed, lower case, whitespace runs to one space, stripped."""
+  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+  text = text.replace('_', ' ').translate(_PUNCTUATION).lower()
+  return ' '.join(text.split())
+
+
+# TokenizerConfig.clean -> the function; None: transformers' rule for each kind.
+CLEANS = {'siglip': canonicalize_siglip, 'lower': lower_siglip2,
+          'canonicalize': canonicalize_open_clip}
+_DEFAULT_CLEAN = {'siglip': 'siglip', 'siglip2': 'lower'}
 
 
 def _check_context_length(context_length):
@@ -100,14 +117,18 @@ class SentencePieceTokenizer:
   """SigLIP's (`kind='siglip'`) or SigLIP 2's (`kind='siglip2'`) tokenizer over a SentencePiece
   model file: see the module docstring for what each does and whose it equals."""
 
-  def __init__(self, model_file, context_length=CONTEXT_LENGTH, kind='siglip'):
+  def __init__(self, model_file, context_length=CONTEXT_LENGTH, kind='siglip', clean=None):
     if kind not in KINDS:
       raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
+    clean = clean or _DEFAULT_CLEAN[kind]
+    if clean not in CLEANS:
+      raise ValueError(f'clean must be one of {tuple(CLEANS)}, got {clean!r}')
     self.context_length = _check_context_length(context_length)
     self.kind = kind
+    self.clean = clean
     self._sp = _load(model_file)
     self.model_file = os.fspath(model_file)
-    self._clean = _CLEAN[kind]
+    self._clean = CLEANS[clean]
     self.vocab_size = self._sp.get_piece_size()
     self.eos_id = self._sp.eos_id()
     # SigLIP pads with its EOS ('</s>'); SigLIP 2 with Gemma's '<pad>'.
@@ -163,21 +184,36 @@ class SentencePieceTokenizer:
     return self._sp.decode(ids)
 
 
+_EOS_PIECES = {'</s>': 'siglip', '<eos>': 'siglip2'}
+
+
+def kind_of(model_file):
+  """'siglip' for a T5 vocabulary (its end of sequence piece '</s>'), 'siglip2' for Gemma's
+  ('<eos>'); a ValueError for a model with neither."""
+  sp = _load(model_file)
+  piece = sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None
+  if piece not in _EOS_PIECES:
+    raise ValueError(f'{os.fspath(model_file)!r} ends sequences with {piece!r}: neither a SigLIP '
+                     '(T5, "</s>") nor a SigLIP 2 (Gemma, "<eos>") SentencePiece model')
+  return _EOS_PIECES[piece]
+
+
 @functools.lru_cache(maxsize=8)
-def _cached(path, mtime_ns, kind):
+def _cached(path, mtime_ns, kind, clean):
   del mtime_ns  # in the key only: a rewritten file is loaded again
-  return SentencePieceTokenizer(path, kind=kind)
+  return SentencePieceTokenizer(path, kind=kind, clean=clean)
 
 
-def _tokenizer(model_file, kind):
+def cached_tokenizer(model_file, kind, clean=None):
+  """The `SentencePieceTokenizer` of `model_file`, loaded once per file version."""
   if isinstance(model_file, (str, os.PathLike)) and os.path.isfile(model_file):
     path = os.path.abspath(model_file)
-    return _cached(path, os.stat(path).st_mtime_ns, kind)
-  return SentencePieceTokenizer(model_file, kind=kind)  # raises, saying what is wrong
+    return _cached(path, os.stat(path).st_mtime_ns, kind, clean)
+  return SentencePieceTokenizer(model_file, kind=kind, clean=clean)  # raises, saying what is wrong
 
 
 def tokenize_siglip(texts, model_file, context_length=CONTEXT_LENGTH, truncate=False, *,
                     kind='siglip'):
   """SigLIP's (or, with `kind='siglip2'`, SigLIP 2's) tokens of `texts` as np.int32
   (N, context_length), like `clip.tokenize`; the tokenizer of `model_file` is cached."""
-  return _tokenizer(model_file, kind).tokenize(texts, context_length, truncate)
+  return cached_tokenizer(model_file, kind).tokenize(texts, context_length, truncate)

@@ -240,6 +240,8 @@ FOLDER_FILES = ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin',
                 'model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
 OPEN_CLIP_CONFIG = 'open_clip_config.json'
 HF_CONFIG = 'config.json'
+HF_PREPROCESSOR_CONFIG = 'preprocessor_config.json'
+HF_TOKENIZER_CONFIG = 'tokenizer_config.json'
 # Prefixes wrapping every key: DistributedDataParallel's `module.`, torch.compile's `_orig_mod.`.
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 
@@ -316,14 +318,17 @@ def strip_wrappers(raw, path='checkpoint'):
 def read_checkpoint(path):
   """Any supported file (or model folder) -> `(flat, info)`: the state dict with its wrappers
   stripped, keys as the file has them (`params/` of big_vision dropped), and `info` with the
-  weights file's `path` and the config files beside it (`open_clip_config`, `hf_config`)."""
+  weights file's `path`, its `folder` and the config files beside it (`open_clip_config`,
+  `hf_config`, `preprocessor_config`, `tokenizer_config`)."""
   path = _weights_file(os.fspath(path))
   flat = strip_wrappers(_read_file(path), path)
   if any(k.startswith('params/') for k in flat):  # big_vision's .npz
     flat = {k[len('params/'):] if k.startswith('params/') else k: v for k, v in flat.items()}
   folder = os.path.dirname(path)
-  info = {'path': path}
-  for name, field in ((OPEN_CLIP_CONFIG, 'open_clip_config'), (HF_CONFIG, 'hf_config')):
+  info = {'path': path, 'folder': folder}
+  for name, field in ((OPEN_CLIP_CONFIG, 'open_clip_config'), (HF_CONFIG, 'hf_config'),
+                      (HF_PREPROCESSOR_CONFIG, 'preprocessor_config'),
+                      (HF_TOKENIZER_CONFIG, 'tokenizer_config')):
     if os.path.exists(os.path.join(folder, name)):
       info[field] = _read_json(os.path.join(folder, name))
   return flat, info
@@ -357,7 +362,8 @@ def from_state_dict(flat, config=None, dtype=np.float32):
   return (model.stack_layers(params) if config.scan else params), config
 
 
-def load(path, config=None, dtype=np.float32, image_resolution=None):
+def load(path, config=None, dtype=np.float32, image_resolution=None, tokenizer=None,
+         preprocess=None):
   """A checkpoint file or model folder -> `(params, cfg)`, with outputs equal to the library
   that defines the family, or an error.
 
@@ -373,8 +379,20 @@ def load(path, config=None, dtype=np.float32, image_resolution=None):
   naming what was assumed (the activation, head counts) unless the file is one of OpenAI's
   releases. Floating weights are cast to `dtype` (fp16 files load as fp32 by default).
   `image_resolution` interpolates the position embedding to another input size.
+
+  The returned config carries the model's tokenizer and image preprocessing (`cfg.tokenizer`,
+  `cfg.preprocess`, for `clip.get_tokenizer` and `clip.preprocess_images`): what the files beside
+  the weights state (open_clip's `open_clip_config.json` `preprocess_cfg` and
+  `hf_tokenizer_name` / `tokenizer_kwargs`; transformers' `preprocessor_config.json`,
+  `tokenizer_config.json` and its `spiece.model` / `tokenizer.model` / `vocab.json`), else the
+  family's known settings with a `CheckpointWarning` naming them. `tokenizer=` (a
+  `clip.TokenizerConfig`, or the path of a SentencePiece `.model` file, its kind read from the
+  file) and `preprocess=` (a `clip.PreprocessConfig`) state them instead, e.g. for a big_vision
+  `.npz`, which ships no tokenizer.
+
   Raises CheckpointError for an unsupported family (naming its keys), missing, unexpected or
-  misshapen keys, or a `config=` that contradicts the files.
+  misshapen keys, a `config=` that contradicts the files, or processing files this package
+  cannot run exactly.
   """
   raw, info = read_checkpoint(path)
   try:
@@ -388,7 +406,34 @@ def load(path, config=None, dtype=np.float32, image_resolution=None):
   params, config = from_state_dict(flat, config, dtype)
   if image_resolution is not None and image_resolution != config.image_resolution:
     params, config = interpolate_pos_embed(params, config, image_resolution)
-  return params, config
+  return params, with_processing(config, family, info, tokenizer, preprocess)
+
+
+def with_processing(config, family, info, tokenizer=None, preprocess=None):
+  """`config` with the tokenizer and preprocessing of its checkpoint (see `load`)."""
+  try:
+    stated_tok, stated_pp, assumed = families.processing(family, info, config)
+  except (ValueError, OSError) as e:
+    raise CheckpointError(f'{info["path"]}: {e}') from None
+  if tokenizer is None:
+    tokenizer = stated_tok
+  elif isinstance(tokenizer, (str, os.PathLike)):
+    clean = stated_tok.clean if stated_tok.kind in ('siglip', 'siglip2') else None
+    tokenizer = families.tokenizer_from_file(tokenizer, clean)
+  elif not isinstance(tokenizer, configs.TokenizerConfig):
+    raise TypeError(f'tokenizer must be a clip.TokenizerConfig or the path of a SentencePiece '
+                    f'.model file, got {type(tokenizer).__name__}')
+  if preprocess is None:
+    preprocess = stated_pp
+  elif not isinstance(preprocess, configs.PreprocessConfig):
+    raise TypeError(f'preprocess must be a clip.PreprocessConfig, got '
+                    f'{type(preprocess).__name__}')
+  else:
+    assumed = []  # every assumption `processing` makes is about the preprocessing
+  if assumed:
+    warnings.warn(f'{info["path"]}: assumed ' + '; '.join(assumed) + '. Pass preprocess=clip.'
+                  'PreprocessConfig(...) to state it.', CheckpointWarning, stacklevel=3)
+  return dataclasses.replace(config, tokenizer=tokenizer, preprocess=preprocess)
 
 
 # ---------------------------------------------------------------- what a checkpoint states
@@ -398,7 +443,9 @@ class CheckpointWarning(UserWarning):
   and how to state it with `config=`)."""
 
 
-_RUNTIME_FIELDS = ('dtype', 'remat', 'scan')  # how to run a model, not what it is
+# How to run a model, not what its weights compute; and its processing, which `load` takes from
+# the files (or `tokenizer=` / `preprocess=`), not from `config=`.
+_RUNTIME_FIELDS = ('dtype', 'remat', 'scan', 'tokenizer', 'preprocess')
 
 
 def _differences(given, stated, prefix=''):
