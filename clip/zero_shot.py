@@ -15,6 +15,7 @@ import numpy as np
 
 from clip import batching
 from clip import model
+from clip import processing
 
 # OpenAI's 80 ImageNet prompt templates, in the notebook's order.
 IMAGENET_TEMPLATES = (
@@ -121,12 +122,13 @@ def classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size=256):
 def classifier_weights(params, cfg, classnames, templates=DEFAULT_TEMPLATES, batch_size=256):
   """Class names -> `(embed_dim, len(classnames))` zero-shot classifier weights by prompt
   ensembling over `templates` (strings with one `{}`; `IMAGENET_TEMPLATES` for OpenAI's 80).
-  Prompts are tokenised with OpenAI's BPE at the model's context length, never truncated."""
-  from clip import tokenizer  # pylint: disable=g-import-not-at-top
+  Prompts are tokenised with the model's own tokenizer (`clip.get_tokenizer(cfg)`: OpenAI's BPE,
+  SigLIP's SentencePiece, ...) at its context length, never truncated; a model whose tokenizer
+  is unknown raises `clip.TokenizerError`."""
   if isinstance(classnames, str) or not classnames:
     raise ValueError(f'classnames must be a non-empty list of strings, got {classnames!r}')
   texts = prompts(classnames, templates)
-  tokens = tokenizer.tokenize(texts, context_length=cfg.context_length)
+  tokens = processing.get_tokenizer(cfg)(texts)
   tokens_CxTxL = np.asarray(tokens).reshape(len(classnames), len(templates), -1)
   return classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size)
 
@@ -137,15 +139,22 @@ def classifier_weights(params, cfg, classnames, templates=DEFAULT_TEMPLATES, bat
 def _classify_batch(params, images_BxHxWx3, weights_DxC, cfg, k):
   img_BxD = model.l2_normalize(model.encode_image(params, images_BxHxWx3, cfg))
   logits_BxC = jnp.exp(params['logit_scale']) * jnp.einsum('bd,dc->bc', img_BxD, weights_DxC)
-  probs_BxC, idx_BxK = jax.lax.top_k(jax.nn.softmax(logits_BxC, axis=-1), k)
-  return idx_BxK, probs_BxC
+  if cfg.logit_bias:  # SigLIP: each class on its own, as its model cards and open_clip's
+    probs_BxC = jax.nn.sigmoid(logits_BxC + params['logit_bias'])
+  else:
+    probs_BxC = jax.nn.softmax(logits_BxC, axis=-1)
+  probs_BxK, idx_BxK = jax.lax.top_k(probs_BxC, k)
+  return idx_BxK, probs_BxK
 
 
 def classify(params, cfg, images, weights, k=5, batch_size=32):
-  """Preprocessed images `(N, R, R, 3)` and classifier `weights (embed_dim, C)` ->
-  `(indices (N, k) int32, probabilities (N, k) float32)`, best first: the top-k of
-  `softmax(exp(logit_scale) * cosine(image, class))`, as OpenAI's zero-shot evaluation. Each
-  class's weight column is L2-normalised here, so the scores are cosines whatever its norm."""
+  """Preprocessed images `(N, R, R, 3)` (`clip.preprocess_images`) and classifier `weights
+  (embed_dim, C)` -> `(indices (N, k) int32, probabilities (N, k) float32)`, best first: the
+  top-k of `softmax(exp(logit_scale) * cosine(image, class))`, as OpenAI's zero-shot evaluation;
+  for a model with SigLIP's logit bias, `sigmoid(exp(logit_scale) * cosine + logit_bias)`, each
+  class's own probability, as SigLIP's model cards and open_clip compute it (the ranking is the
+  same). Each class's weight column is L2-normalised here, so the scores are cosines whatever its
+  norm."""
   weights = np.asarray(weights, np.float32)
   if weights.ndim != 2 or weights.shape[0] != cfg.embed_dim:
     raise ValueError(f'weights must be (embed_dim={cfg.embed_dim}, classes), got {weights.shape}')
