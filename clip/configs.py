@@ -611,3 +611,40 @@ def normalize_image(images):
   mean = np.asarray(IMAGE_MEAN, np.float32)
   std = np.asarray(IMAGE_STD, np.float32)
   return (images - mean.astype(images.dtype)) / std.astype(images.dtype)
+
+
+# ---------------------------------------------------------------- to and from JSON-ready dicts
+
+_NESTED = {'vision': VisionConfig, 'text': TextConfig, 'decoder': DecoderConfig,
+           'tokenizer': TokenizerConfig, 'preprocess': PreprocessConfig}
+
+
+def to_dict(cfg):
+  """A CLIPConfig -> nested dicts of plain values (JSON-ready; tuples become lists)."""
+  if not isinstance(cfg, CLIPConfig):
+    raise TypeError(f'to_dict takes a CLIPConfig, got {type(cfg).__name__}')
+  return dataclasses.asdict(cfg)
+
+
+def _from_fields(cls, values, where):
+  if not isinstance(values, dict):
+    raise ValueError(f'{where} must be a dict of {cls.__name__} fields, got {values!r}')
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f'{where}: {cls.__name__} has no fields {unknown}; its fields: '
+                     f'{sorted(names)}')
+  kwargs = {}
+  for name, value in values.items():
+    if cls is CLIPConfig and name in _NESTED and value is not None:
+      value = _from_fields(_NESTED[name], value, f'{where}.{name}')
+    elif isinstance(value, list):
+      value = tuple(value)
+    kwargs[name] = value
+  return cls(**kwargs)
+
+
+def from_dict(values):
+  """`to_dict`'s result (e.g. read from JSON) -> the CLIPConfig; an unknown field is a
+  ValueError naming it, and every field is validated as the config's constructor does."""
+  return _from_fields(CLIPConfig, values, 'config')
