@@ -6,6 +6,7 @@ timm trunks, EVA's towers, CoCa's decoder, Hugging Face text encoders in open_cl
 by name, never dropped.
 """
 import dataclasses
+import json
 import os
 import re
 
@@ -263,10 +264,10 @@ def _hf_tokenizer(info, family, vocab_size):
   if family == HF_CLIP:
     if cls and not cls.startswith('CLIPTokenizer'):
       return configs.TokenizerConfig('unknown', name=f'transformers {cls}')
-    vocab = os.path.join(folder, 'vocab.json') if folder else None
-    if vocab and os.path.isfile(vocab) and not _is_openai_vocab(vocab):
+    path, vocab = _clip_vocab(folder) if folder else (None, None)
+    if path and not _is_openai_vocab(vocab):
       return configs.TokenizerConfig('unknown', name=f'a BPE vocabulary other than OpenAI\'s '
-                                     f'({vocab})')
+                                     f'({path})')
     return configs.TokenizerConfig()
   model_file = _sentencepiece_in(folder) if folder else None
   if cls:
@@ -280,23 +281,48 @@ def _hf_tokenizer(info, family, vocab_size):
   return configs.TokenizerConfig(_kind_from_vocab(vocab_size))
 
 
-def _is_openai_vocab(path):
-  import json  # pylint: disable=g-import-not-at-top
+def _clip_vocab(folder):
+  """(path, {token: id}) of a CLIP tokenizer folder's vocabulary: `vocab.json` (transformers 4
+  saves it, and hub folders hold it) or `tokenizer.json`'s (all transformers 5 saves); or
+  (None, None)."""
+  for name in ('vocab.json', 'tokenizer.json'):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      with open(path, encoding='utf-8') as f:
+        vocab = json.load(f)
+      return path, vocab if name == 'vocab.json' else vocab.get('model', {}).get('vocab')
+  return None, None
+
+
+def _is_openai_vocab(vocab):
   from clip import tokenizer  # pylint: disable=g-import-not-at-top
-  with open(path, encoding='utf-8') as f:
-    vocab = json.load(f)
   ours = tokenizer.default_tokenizer().symbols
-  return len(vocab) == len(ours) and all(vocab.get(s) == i for i, s in enumerate(ours))
+  return (isinstance(vocab, dict) and len(vocab) == len(ours)
+          and all(vocab.get(s) == i for i, s in enumerate(ours)))
+
+
+def _hf_image_processor(info):
+  """(the image processor's settings, the file they are in), or (None, None): transformers 4
+  saves them as `preprocessor_config.json`, transformers 5 a processor (`SiglipProcessor`,
+  `CLIPProcessor`) as the `image_processor` entry of `processor_config.json`."""
+  if 'preprocessor_config' in info:
+    return info['preprocessor_config'], 'preprocessor_config.json'
+  path = os.path.join(info.get('folder') or '', 'processor_config.json')
+  if info.get('folder') and os.path.isfile(path):
+    with open(path, encoding='utf-8') as f:
+      settings = json.load(f).get('image_processor')
+    if settings is not None:
+      return settings, 'processor_config.json image_processor'
+  return None, None
 
 
 def _hf_preprocess(info, image_size, default):
-  """`preprocessor_config.json` -> PreprocessConfig: `CLIPImageProcessor` (shortest edge, centre
-  crop) or `SiglipImageProcessor` (height x width, squash); a setting outside these is an error
-  naming it."""
-  pp = info.get('preprocessor_config')
+  """The image processor's settings (`_hf_image_processor`) -> PreprocessConfig:
+  `CLIPImageProcessor` (shortest edge, centre crop) or `SiglipImageProcessor` (height x width,
+  squash); a setting outside these is an error naming it."""
+  pp, where = _hf_image_processor(info)
   if pp is None:
     return default
-  where = 'preprocessor_config.json'
   for key, ok in (('do_resize', True), ('do_rescale', True), ('do_normalize', True)):
     if pp.get(key, ok) is not ok:
       raise ValueError(f'{where}: {key}={pp[key]} is not a transform this package runs')
@@ -330,7 +356,7 @@ def processing(family, info, cfg):
   described by `info` (`read_checkpoint`'s), for its model config `cfg`: what the files beside the
   weights state (open_clip's `open_clip_config.json`, transformers' `tokenizer_config.json`,
   `preprocessor_config.json` and tokenizer files), else the family's known settings;
-  `assumptions` lists what the files did not say. A setting this package cannot run is a
+  `assumptions` lists what the files did not say, as ('tokenizer' | 'preprocess', text). A setting this package cannot run is a
   ValueError naming it."""
   vocab = (cfg.text or cfg.decoder).vocab_size
   folder, image_size = info.get('folder'), cfg.image_resolution
@@ -342,22 +368,29 @@ def processing(family, info, cfg):
       if not siglip:
         return configs.TokenizerConfig(), default, []
       return (configs.TokenizerConfig(_kind_from_vocab(vocab), None, 'canonicalize'), default,
-              ['open_clip\'s SigLIP preprocessing (squash, bicubic, mean and std 0.5)'])
+              [('preprocess', 'open_clip\'s SigLIP preprocessing (squash, bicubic, mean and std '
+                '0.5)')])
     model_cfg = oc.get('model_cfg', oc)
     return (_open_clip_tokenizer(model_cfg.get('text_cfg', {}), folder, vocab),
             _open_clip_preprocess(oc, default, image_size), [])
   if family == HF_SIGLIP2:  # NaFlex, run at its position table's square grid
     return (_hf_tokenizer(info, family, vocab),
             dataclasses.replace(SIGLIP_PREPROCESS, interpolation='bilinear'),
-            [f'the NaFlex model\'s images squashed to its square grid ({image_size} px, '
-             'bilinear as Siglip2ImageProcessor resizes)'])
+            [('preprocess', f'the NaFlex model\'s images squashed to its square grid '
+              f'({image_size} px, bilinear as Siglip2ImageProcessor resizes)')])
   if family in HUGGING_FACE:
     default = configs.PreprocessConfig() if family == HF_CLIP else SIGLIP_PREPROCESS
-    assumed = [] if 'preprocessor_config' in info else [
-        f'{"OpenAI" if family == HF_CLIP else "SigLIP"}\'s image preprocessing (no '
-        'preprocessor_config.json beside the weights)']
+    assumed = [] if _hf_image_processor(info)[0] is not None else [
+        ('preprocess', f'{"OpenAI" if family == HF_CLIP else "SigLIP"}\'s image preprocessing '
+         '(no preprocessor_config.json or processor_config.json beside the weights)')]
+    cls = (info.get('tokenizer_config') or {}).get('tokenizer_class') or ''
+    if cls.startswith('GemmaTokenizer'):
+      assumed.append(('tokenizer', f'lower-cased text for its {cls}, which does not lower-case '
+                      '(SigLIP 2 was trained on lower-cased text: big_vision, and transformers\' '
+                      'Siglip2Tokenizer, lower-case it)'))
     return _hf_tokenizer(info, family, vocab), _hf_preprocess(info, image_size, default), assumed
   # big_vision's .npz: no files beside it; its own resize is TensorFlow's bilinear.
   return (configs.TokenizerConfig(_kind_from_vocab(vocab)), SIGLIP_PREPROCESS,
-          ['SigLIP\'s preprocessing as Hugging Face ports it (squash, PIL bicubic, mean and std '
-           '0.5; big_vision itself resizes with TensorFlow\'s bilinear)'])
+          [('preprocess', 'SigLIP\'s preprocessing as Hugging Face ports it (squash, PIL '
+            'bicubic, mean and std 0.5; big_vision itself resizes with TensorFlow\'s '
+            'bilinear)')])

@@ -43,7 +43,7 @@ _VISION_DEFAULTS = {'layers': 12, 'width': 768, 'head_width': 64, 'mlp_ratio': 4
                     'timm_proj_bias': False}
 _TEXT_DEFAULTS = {'context_length': 77, 'vocab_size': 49408, 'width': 512, 'heads': 8,
                   'layers': 12, 'mlp_ratio': 4.0, 'no_causal_mask': False, 'pool_type': 'argmax',
-                  'proj_bias': False, 'proj_type': 'linear'}
+                  'proj_bias': False, 'proj_type': 'linear', 'eos_id': 2}
 
 # Options our towers lack: {key: (the values that keep open_clip's default model, why not)}.
 _UNSUPPORTED_BLOCK = {
@@ -78,7 +78,7 @@ _UNSUPPORTED_TOP = {
     'nonscalar_logit_scale': ((False,), 'a logit scale of shape (1,) is not supported'),
 }
 
-_TEXT_POOLS = {'argmax': 'eot', 'last': 'last', 'first': 'first'}
+_TEXT_POOLS = {'argmax': 'eot', 'eos': 'eot', 'last': 'last', 'first': 'first'}
 
 # timm VisionTransformers that open_clip uses as SigLIP trunks, as timm 1.0.31 defines them
 # (vision_transformer.py): width, depth, heads, mlp_ratio, patch, resolution (the input_size of
@@ -251,9 +251,10 @@ def _text(cfg, embed_dim, quick_gelu):
   if not projection and embed_dim != width:
     _refuse(where, 'proj_type', 'none', f'embed_dim {embed_dim} must equal the text width {width}')
   bidirectional = bool(get('no_causal_mask'))
-  if bidirectional and get('pool_type') == 'argmax':
-    _refuse(where, 'no_causal_mask', True, "with pool_type 'argmax' open_clip's pooled token "
-            'attends to the padding after it, which our bidirectional eot pooling masks')
+  if bidirectional and get('pool_type') in ('argmax', 'eos'):
+    _refuse(where, 'no_causal_mask', True, f"with pool_type {get('pool_type')!r} open_clip's "
+            'pooled token attends to the padding after it, which our bidirectional eot pooling '
+            'masks')
   if not bidirectional and get('pool_type') == 'first':
     _refuse(where, 'pool_type', 'first', 'the first token of causal attention sees only itself; '
             'supported with no_causal_mask=True')
@@ -266,7 +267,9 @@ def _text(cfg, embed_dim, quick_gelu):
       mlp_dim=_hidden_dim(where, width, get('mlp_ratio')),
       norm_eps=_norm_eps(where, cfg.get('norm_kwargs')))
   vocab = get('vocab_size')
-  if options['pool'] == 'eot' and vocab != configs.OPENAI_VOCAB_SIZE:
+  if get('pool_type') == 'eos':  # the first `eos_id` of each row, as ours
+    options['eot_token_id'] = get('eos_id')
+  elif options['pool'] == 'eot' and vocab != configs.OPENAI_VOCAB_SIZE:
     # open_clip's 'argmax' pools at each row's largest id: its vocabulary's last, stated so.
     options['eot_token_id'] = vocab - 1
   return _valid(where, configs.TextConfig, width, get('layers'), get('heads'),

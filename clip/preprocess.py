@@ -8,14 +8,16 @@ converted to RGB, so the result equals OpenAI's pixel for pixel.
 
 The other resize modes are open_clip's (`open_clip.transform.image_transform`, eval branch), on
 PIL images as torchvision runs them: 'squash' is `Resize((n, n))` (SigLIP; Hugging Face's
-`SiglipImageProcessor` resizes the same way), 'longest' is timm's `ResizeKeepRatio(longest=1)`
-(long side to n, the other `round(side / ratio)`) and `CenterCropOrPad(n, fill)`. The mean, std,
-mode and interpolation come from a `clip.PreprocessConfig`.
+`SiglipImageProcessor` resizes the same way, after converting to RGB), 'longest' is timm's
+`ResizeKeepRatio(longest=1)` (long side to n, the other `round(side / ratio)`) and
+`CenterCropOrPad(n, fill)`. The mean, std, mode and interpolation come from a
+`clip.PreprocessConfig`.
 """
 import os
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 from clip import configs
 
@@ -90,9 +92,10 @@ def resize_longest_and_pad(image, n_px, interpolation='bicubic', fill_color=0):
   width, height = image.size
   if width < n_px or height < n_px:  # torchvision's F.pad: left/top get the floor of the half
     pad_w, pad_h = max(n_px - width, 0), max(n_px - height, 0)
-    padded = Image.new(image.mode, (width + pad_w, height + pad_h),
-                       _fill(image.mode, fill_color))
-    padded.paste(image, (pad_w // 2, pad_h // 2))
+    border = (pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2)
+    padded = ImageOps.expand(image, border, _fill(image.mode, fill_color))
+    if image.mode == 'P':  # as torchvision: the padding is palette index `fill_color`
+      padded.putpalette(image.getpalette())
     image, (width, height) = padded, padded.size
   top = int(round((height - n_px) / 2.0))
   left = int(round((width - n_px) / 2.0))

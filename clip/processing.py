@@ -146,9 +146,13 @@ def tokenize(texts, cfg, truncate=False):
 def preprocess_images(images, cfg):
   """Images (a sequence of PIL images, file paths or uint8 (H, W, 3) RGB arrays, or a uint8
   (N, H, W, 3) array) -> NHWC float32 `(N, R, R, 3)` at the model's `image_resolution` R, by the
-  model's own transform (`cfg.preprocess`: resize mode, interpolation, mean, std), equal to the
-  family's own (OpenAI's `preprocess`, open_clip's eval transform, transformers' image
-  processors) within one uint8 level where resampling kernels differ."""
+  model's own transform (`cfg.preprocess`: resize mode, interpolation, mean, std): OpenAI's
+  `preprocess` and open_clip's eval transform bit for bit, on every image mode. transformers'
+  PIL image processors (`CLIPImageProcessor`, `SiglipImageProcessor`) agree within one uint8
+  level on RGB, grey and CMYK images; by design they differ elsewhere: they convert to RGB
+  (compositing transparency on white) before resizing, where OpenAI and open_clip resize in the
+  image's own mode and drop alpha after, and `CLIPImageProcessor` rounds its centre-crop offset
+  down (one pixel off torchvision's for some sizes). `tests/test_processing.py` pins both down."""
   if not isinstance(cfg, configs.CLIPConfig):
     raise TypeError(f'expected a clip.CLIPConfig, got {type(cfg).__name__}')
   return preprocess.preprocess(images, cfg.image_resolution, cfg.preprocess)

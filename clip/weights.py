@@ -428,11 +428,12 @@ def with_processing(config, family, info, tokenizer=None, preprocess=None):
   elif not isinstance(preprocess, configs.PreprocessConfig):
     raise TypeError(f'preprocess must be a clip.PreprocessConfig, got '
                     f'{type(preprocess).__name__}')
-  else:
-    assumed = []  # every assumption `processing` makes is about the preprocessing
+  given = {'tokenizer': tokenizer is not stated_tok, 'preprocess': preprocess is not stated_pp}
+  assumed = [(what, text) for what, text in assumed if not given[what]]
   if assumed:
-    warnings.warn(f'{info["path"]}: assumed ' + '; '.join(assumed) + '. Pass preprocess=clip.'
-                  'PreprocessConfig(...) to state it.', CheckpointWarning, stacklevel=3)
+    how = ' or '.join(sorted({f'{what}=' for what, _ in assumed}))
+    warnings.warn(f'{info["path"]}: assumed ' + '; '.join(text for _, text in assumed) +
+                  f'. Pass {how} to clip.load to state it.', CheckpointWarning, stacklevel=3)
   return dataclasses.replace(config, tokenizer=tokenizer, preprocess=preprocess)
 
 

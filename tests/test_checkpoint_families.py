@@ -17,6 +17,7 @@ from clip import families
 from clip import open_clip_configs
 from clip import weights
 from experiments import checkpoint_families
+from experiments.checkpoint_families import save_image_processor
 from experiments import open_clip_reference
 from tests import openai_reference as reference
 
@@ -163,21 +164,10 @@ def _assert_hf_equal(hf, params, cfg, siglip=False):
   assert _rel_err(logits_per_image, out.logits_per_image) < RTOL
 
 
-def save_image_processor(folder, siglip, size=32):
-  """The `preprocessor_config.json` a hub folder holds beside the weights."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  if siglip:
-    processor = transformers.SiglipImageProcessor(size={'height': size, 'width': size})
-  else:
-    processor = transformers.CLIPImageProcessor(size={'shortest_edge': size},
-                                                crop_size={'height': size, 'width': size})
-  processor.save_pretrained(folder)
-
-
 def test_hugging_face_gelu_clip_folder_and_lone_file(tmp_path):
   hf = _hf_clip('gelu')
   hf.save_pretrained(tmp_path)
-  save_image_processor(tmp_path, siglip=False)
+  save_image_processor(tmp_path, siglip=False, size=32)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     params, cfg = clip.load(tmp_path)  # config.json beside the weights says gelu, 1 head of 80
@@ -210,7 +200,7 @@ def _siglip_cfg(act_vision='gelu_tanh', act_text='gelu_tanh', heads=(2, 4),
 def test_hugging_face_siglip_folder_exact_and_lone_file_warns(tmp_path):
   hf = checkpoint_families.hf_siglip()
   hf.save_pretrained(tmp_path)
-  save_image_processor(tmp_path, siglip=True)
+  save_image_processor(tmp_path, siglip=True, size=32)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     params, cfg = clip.load(tmp_path)
@@ -275,31 +265,32 @@ def test_export_hugging_face_folder_loads_strictly(tmp_path, family):
   import transformers  # pylint: disable=g-import-not-at-top
   hf = _hf_clip('gelu') if family == 'clip' else checkpoint_families.hf_siglip(seed=6)
   hf.save_pretrained(tmp_path / 'source')
-  params, cfg = clip.load(tmp_path / 'source')
+  save_image_processor(tmp_path / 'source', siglip=family == 'siglip', size=32)
+  spm = checkpoint_families.tiny_sentencepiece(str(tmp_path)) if family == 'siglip' else None
+  params, cfg = clip.load(tmp_path / 'source', tokenizer=spm)
   export.save_hf(params, cfg, tmp_path / 'out')
   cls = transformers.CLIPModel if family == 'clip' else transformers.SiglipModel
   theirs, info = cls.from_pretrained(tmp_path / 'out', output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'], info
   _assert_hf_equal(theirs.eval(), params, cfg, siglip=family == 'siglip')
-  assert clip.load(tmp_path / 'out')[1] == cfg
+  again = clip.load(tmp_path / 'out')[1]
+  if family == 'siglip':  # the export holds its own copy of the tokenizer's file
+    assert open(again.tokenizer.model_file, 'rb').read() == open(spm, 'rb').read()
+    again = dataclasses.replace(again, tokenizer=cfg.tokenizer)
+  assert again == cfg
 
 
 def test_siglip_user_flow_load_tokenize_zero_shot(tmp_path):
   """A SigLIP user's steps: load a Hugging Face folder, tokenize class prompts with its
   SentencePiece model, classify zero-shot; the predictions are the argmax of transformers'
   logits on the same ids."""
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   classes = ['red circle', 'blue square', 'green triangle', 'yellow star']
-  corpus = tmp_path / 'corpus.txt'
-  corpus.write_text('\n'.join(f'a photo of a {c} number {i}' for i in range(50) for c in classes))
-  sentencepiece.SentencePieceTrainer.train(
-      input=str(corpus), model_prefix=str(tmp_path / 'spm'), model_type='unigram',
-      vocab_size=43, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+  spm = checkpoint_families.tiny_sentencepiece(str(tmp_path))
   hf = checkpoint_families.hf_siglip(seed=7)
   hf.save_pretrained(tmp_path / 'model')
-  params, cfg = clip.load(tmp_path / 'model')
-  tokenizer = clip.SentencePieceTokenizer(str(tmp_path / 'spm.model'), cfg.context_length)
-  tokens = tokenizer(classes)
+  save_image_processor(tmp_path / 'model', siglip=True, size=32)
+  params, cfg = clip.load(tmp_path / 'model', tokenizer=spm)
+  tokens = clip.get_tokenizer(cfg)(classes)
   weights_DxC = clip.zero_shot.classifier_weights_from_tokens(params, cfg, tokens[:, None])
   images, _ = _inputs(cfg, n=6, seed=8)
   top, _ = clip.zero_shot.classify(params, cfg, images, weights_DxC, k=1)

@@ -1,0 +1,300 @@
+"""Exports carry the model's tokenizer and image preprocessing: open_clip's
+`create_model_and_transforms` / `get_tokenizer('local-dir:...')` and transformers' `AutoProcessor`
+on our export give the token ids of `clip.get_tokenizer(cfg)` and the pixels of
+`clip.preprocess_images(images, cfg)`, `clip.load` reads the same processing back, and what a
+peer would run differently is refused.
+
+Small random models in each export's scope, OpenAI's BPE and tiny SentencePiece models trained with
+SigLIP's and SigLIP 2's conventions (tests/test_siglip_tokenizer.py), RGB and grey images of odd
+sizes, realistic prompts (transformers matches its special tokens' strings in the raw text and its
+CLIP tokenizer runs no ftfy; prompts here hold neither).
+"""
+# pylint: disable=redefined-outer-name
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece
+import torch
+from PIL import Image
+
+import clip
+from clip import export
+from clip import families
+from clip import open_clip_configs
+from clip import preprocess
+from clip import tokenizer as openai_tokenizer
+from experiments import open_clip_reference
+from tests.test_siglip_tokenizer import SIGLIP2_SPEC
+from tests.test_siglip_tokenizer import SIGLIP_SPEC
+from tests.test_siglip_tokenizer import training_texts
+
+LEVEL = 1.0  # pixels within one uint8 level (where resampling kernels differ)
+RTOL = 1e-4  # fp32 features, relative to their largest magnitude
+RESOLUTION = 28
+
+PROMPTS = ['a photo of a cat.', 'A photo of the BIG dog, isn\'t it?', 'a bad photo of a ZEBRA',
+           'Café Über 123 ok', 'wow!!! great!', 'a  photo   of\ta\ncat', 'snake_case & more',
+           'New York City at night, 2024 (color)', 'a ' + 'very ' * 80 + 'long caption']
+
+
+@pytest.fixture(scope='module')
+def oc():
+  return open_clip_reference.import_open_clip()
+
+
+@pytest.fixture(scope='module')
+def model_files(tmp_path_factory):
+  """{'siglip': path, 'siglip2': path}: SentencePiece models with SigLIP's and SigLIP 2's ids."""
+  folder = tmp_path_factory.mktemp('spm')
+  corpus = folder / 'corpus.txt'
+  corpus.write_text('\n'.join(training_texts(600)), encoding='utf-8')
+  for kind, spec in (('siglip', SIGLIP_SPEC), ('siglip2', SIGLIP2_SPEC)):
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / kind), character_coverage=0.995,
+        minloglevel=2, **spec)
+  return {kind: str(folder / f'{kind}.model') for kind in ('siglip', 'siglip2')}
+
+
+def _images():
+  """Noise and smooth RGB images and a grey one, of odd sizes, portrait and landscape."""
+  rng = np.random.default_rng(0)
+  sizes = [(37, 53), (61, 29), (45, 45), (99, 35), (33, 47), (40, 71)]  # (height, width)
+  noise = [Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)) for h, w in sizes[:3]]
+  smooth = [Image.fromarray(rng.integers(0, 256, (4, 5, 3), np.uint8)).resize((w, h),
+                                                                              Image.BICUBIC)
+            for h, w in sizes[3:]]
+  grey = Image.fromarray(rng.integers(0, 256, (51, 38), np.uint8), 'L')
+  return noise + smooth + [grey]
+
+
+IMAGES = _images()
+
+
+def _tokenizer(kind, model_files, clean):
+  if kind == 'openai':
+    return clip.TokenizerConfig()
+  return clip.TokenizerConfig(kind, model_files[kind], clean)
+
+
+def _open_clip_cfg(vocab, context, eot, tokenizer, pp):
+  """An OpenAI-architecture model, the scope of the open_clip export."""
+  model_cfg = {'embed_dim': 32, 'vision_cfg': {'image_size': RESOLUTION, 'layers': 1, 'width': 64,
+                                               'head_width': 32, 'patch_size': 14},
+               'text_cfg': {'context_length': context, 'vocab_size': vocab, 'width': 32,
+                            'heads': 2, 'layers': 1}}
+  cfg = open_clip_configs.config_from_open_clip(model_cfg)
+  return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, eot_token_id=eot),
+                             tokenizer=tokenizer, preprocess=pp)
+
+
+def _hf_cfg(model_type, vocab, context, tokenizer, pp):
+  text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              vocab_size=vocab, max_position_embeddings=context)
+  if model_type == 'clip':
+    text['eos_token_id'] = openai_tokenizer.EOT
+  vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                image_size=RESOLUTION, patch_size=14)
+  cfg = families.config_from_hf({'model_type': model_type, 'text_config': text,
+                                 'vision_config': vision, 'projection_dim': 32})
+  return dataclasses.replace(cfg, tokenizer=tokenizer, preprocess=pp)
+
+
+def _params(cfg, seed=0):
+  """Random weights of the model's shapes (numpy: no compilation per config, as init's)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(x.dtype),
+                      jax.eval_shape(clip.init_params, jax.random.key(0), cfg))
+
+
+def _levels(theirs_NxHxWx3, ours_NxHxWx3, cfg):
+  """Per image, the largest difference in uint8 levels (before normalisation)."""
+  std = np.asarray(cfg.preprocess.std, np.float32)
+  return (np.abs(theirs_NxHxWx3 - ours_NxHxWx3) * std * 255).max(axis=(1, 2, 3))
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.abs(a - b).max() / np.abs(b).max()
+
+
+def _assert_loads_back(folder, cfg):
+  back = clip.load(folder)[1]
+  assert back.preprocess == cfg.preprocess
+  assert (back.tokenizer.kind, back.tokenizer.clean) == (cfg.tokenizer.kind, cfg.tokenizer.clean)
+  if cfg.tokenizer.model_file:  # the file is copied beside the weights, and read from there
+    assert os.path.dirname(back.tokenizer.model_file) == os.path.abspath(folder)
+    with open(back.tokenizer.model_file, 'rb') as a, open(cfg.tokenizer.model_file, 'rb') as b:
+      assert a.read() == b.read()
+  assert clip.get_tokenizer(back)(PROMPTS, truncate=True).tolist() == (
+      clip.get_tokenizer(cfg)(PROMPTS, truncate=True).tolist())
+
+
+# ---------------------------------------------------------------- open_clip
+
+OPEN_CLIP_CASES = {
+    # kind: (vocab, context, eot id, preprocessing)
+    'openai': (49408, 77, None, clip.PreprocessConfig()),
+    'siglip': (400, 16, 1, families.SIGLIP_PREPROCESS),
+    'siglip2': (700, 16, 1, clip.PreprocessConfig(
+        mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25), resize_mode='longest',
+        interpolation='bilinear', fill_color=7)),
+}
+
+
+@pytest.mark.parametrize('kind', list(OPEN_CLIP_CASES))
+def test_open_clip_peer_tokenises_and_preprocesses_as_we_do(oc, model_files, tmp_path, kind):
+  vocab, context, eot, pp = OPEN_CLIP_CASES[kind]
+  cfg = _open_clip_cfg(vocab, context, eot, _tokenizer(kind, model_files, 'canonicalize'), pp)
+  params = _params(cfg)
+  export.save_open_clip(params, cfg, tmp_path)
+
+  theirs, _, transform = oc.create_model_and_transforms(f'local-dir:{tmp_path}')
+  tokens = oc.get_tokenizer(f'local-dir:{tmp_path}')(PROMPTS).numpy()
+  ours = clip.get_tokenizer(cfg)(PROMPTS, truncate=True)
+  np.testing.assert_array_equal(tokens, ours)
+  pixels = np.stack([transform(image).permute(1, 2, 0).numpy() for image in IMAGES])
+  ours_pixels = clip.preprocess_images(IMAGES, cfg)
+  assert _levels(pixels, ours_pixels, cfg).max() <= LEVEL
+  # ... and its model reads them as ours does (the end-of-text pooling included)
+  with torch.no_grad():
+    text = theirs.eval().encode_text(torch.from_numpy(tokens).long()).numpy()
+    image = theirs.encode_image(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
+  assert _rel_err(clip.encode_text(params, ours, cfg), text) < RTOL
+  assert _rel_err(clip.encode_image(params, ours_pixels, cfg), image) < RTOL
+  _assert_loads_back(tmp_path, cfg)
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+HF_CASES = {
+    # name: (model type, kind, clean, vocab, context, preprocessing, image processor)
+    'clip': ('clip', 'openai', None, 49408, 77, clip.PreprocessConfig(), 'CLIPImageProcessor'),
+    'clip_squash': ('clip', 'openai', None, 49408, 77,
+                    clip.PreprocessConfig(resize_mode='squash', interpolation='bilinear'),
+                    'CLIPImageProcessor'),
+    'siglip': ('siglip', 'siglip', 'siglip', 400, 16, families.SIGLIP_PREPROCESS,
+               'SiglipImageProcessor'),
+    'siglip2': ('siglip', 'siglip2', 'lower', 700, 16,
+                dataclasses.replace(families.SIGLIP_PREPROCESS, resize_mode='shortest',
+                                    interpolation='bilinear'), 'CLIPImageProcessor'),
+}
+
+
+def _crop_excess(image, cfg):
+  """How far the resized image exceeds the crop, for the 'shortest' resize."""
+  return max(preprocess.resized_size(*image.size, cfg.image_resolution)) - cfg.image_resolution
+
+
+def _assert_hf_pixels(pixels, ours, cfg):
+  """Equal within a level; transformers' CLIPImageProcessor centre-crops at the floor of half the
+  excess, torchvision (and we) round it half to even: where the excess is 3 modulo 4 the crop
+  starts one pixel earlier along the long side, and is otherwise the same. Returns how many
+  images were shifted."""
+  count = 0
+  for image, theirs_HxWx3, ours_HxWx3 in zip(IMAGES, pixels, ours):
+    shifted = cfg.preprocess.resize_mode == 'shortest' and _crop_excess(image, cfg) % 4 == 3
+    if shifted:
+      axis = 0 if image.size[1] > image.size[0] else 1
+      theirs_HxWx3 = np.delete(theirs_HxWx3, 0, axis)
+      ours_HxWx3 = np.delete(ours_HxWx3, -1, axis)
+    assert _levels(theirs_HxWx3[None], ours_HxWx3[None], cfg).max() <= LEVEL, (image.size,
+                                                                               shifted)
+    count += shifted
+  return count
+
+
+@pytest.mark.parametrize('name', list(HF_CASES))
+def test_transformers_peer_tokenises_and_preprocesses_as_we_do(model_files, tmp_path, name):
+  import transformers  # pylint: disable=g-import-not-at-top
+  model_type, kind, clean, vocab, context, pp, processor = HF_CASES[name]
+  cfg = _hf_cfg(model_type, vocab, context, _tokenizer(kind, model_files, clean), pp)
+  params = _params(cfg)
+  export.save_hf(params, cfg, tmp_path)
+
+  # transformers' PIL backend resizes as PIL does; its default torchvision backend resizes
+  # tensors (antialiased), a level or more off.
+  peer = transformers.AutoProcessor.from_pretrained(tmp_path, backend='pil')
+  assert type(peer.image_processor).__name__.startswith(processor)
+  inputs = peer(text=PROMPTS, images=IMAGES, padding='max_length', max_length=context,
+                truncation=True, return_tensors='np')
+  ours = clip.get_tokenizer(cfg)(PROMPTS, truncate=True)
+  if kind == 'openai':  # transformers' CLIP pads with the end-of-text id, OpenAI's with 0
+    padding = (np.cumsum(ours == openai_tokenizer.EOT, axis=1) > 0) & (ours == 0)
+    np.testing.assert_array_equal(inputs['input_ids'],
+                                  np.where(padding, openai_tokenizer.EOT, ours))
+  else:
+    np.testing.assert_array_equal(inputs['input_ids'], ours)
+  shifted = _assert_hf_pixels(inputs['pixel_values'].transpose(0, 2, 3, 1),
+                              clip.preprocess_images(IMAGES, cfg), cfg)
+  assert shifted == (2 if pp.resize_mode == 'shortest' else 0)  # both cases are seen
+  _assert_loads_back(tmp_path, cfg)
+
+
+def test_transformers_clip_padding_does_not_change_the_text_features(tmp_path):
+  """transformers' CLIP rows pad with the end-of-text id, ours with 0: its model's features of
+  its rows are ours of ours (both pool at the first end-of-text token; causal attention)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  cfg = _hf_cfg('clip', 49408, 77, clip.TokenizerConfig(), clip.PreprocessConfig())
+  params = _params(cfg, seed=1)
+  export.save_hf(params, cfg, tmp_path)
+  peer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  inputs = peer(PROMPTS, padding='max_length', max_length=77, truncation=True, return_tensors='pt')
+  with torch.no_grad():
+    out = transformers.CLIPModel.from_pretrained(tmp_path).eval().get_text_features(**inputs)
+  theirs = getattr(out, 'pooler_output', out).numpy()
+  ours = clip.encode_text(params, clip.get_tokenizer(cfg)(PROMPTS, truncate=True), cfg)
+  assert _rel_err(ours, theirs) < RTOL
+
+
+# ---------------------------------------------------------------- refusals
+
+def _refused(save, cfg, folder, match):
+  with pytest.raises(export.ExportError, match=match):
+    save(_params(cfg), cfg, folder)
+  assert not os.path.exists(folder) or not os.listdir(folder)  # nothing written
+
+
+def test_open_clip_refuses_a_cleaning_open_clip_does_not_run(model_files, tmp_path):
+  cfg = _open_clip_cfg(400, 16, 1, _tokenizer('siglip', model_files, 'siglip'),
+                       clip.PreprocessConfig())
+  _refused(export.save_open_clip, cfg, tmp_path / 'out', "clean='siglip'.*canonicalize")
+
+
+@pytest.mark.parametrize('kind, clean', [('siglip', 'canonicalize'), ('siglip2', 'canonicalize'),
+                                         ('siglip2', 'siglip')])
+def test_hugging_face_refuses_a_cleaning_its_tokenizer_does_not_run(model_files, tmp_path, kind,
+                                                                    clean):
+  cfg = _hf_cfg('siglip', 700, 16, _tokenizer(kind, model_files, clean),
+                families.SIGLIP_PREPROCESS)
+  _refused(export.save_hf, cfg, tmp_path / 'out', f"clean='{clean}'")
+
+
+def test_hugging_face_refuses_the_longest_side_resize(tmp_path):
+  cfg = _hf_cfg('clip', 49408, 77, clip.TokenizerConfig(),
+                clip.PreprocessConfig(resize_mode='longest'))
+  _refused(export.save_hf, cfg, tmp_path / 'out', 'longest')
+
+
+@pytest.mark.parametrize('tokenizer, match', [
+    (clip.TokenizerConfig('unknown', name='a BERT WordPiece'), 'a BERT WordPiece'),
+    (clip.TokenizerConfig('siglip', None, 'canonicalize'), 'SentencePiece model file is not known'),
+])
+def test_exports_refuse_a_tokenizer_they_cannot_write(tmp_path, tokenizer, match):
+  oc_cfg = _open_clip_cfg(400, 16, 1, tokenizer, clip.PreprocessConfig())
+  _refused(export.save_open_clip, oc_cfg, tmp_path / 'open_clip', match)
+  hf_cfg = _hf_cfg('siglip', 400, 16, tokenizer, families.SIGLIP_PREPROCESS)
+  _refused(export.save_hf, hf_cfg, tmp_path / 'hf', match)
+
+
+def test_an_export_replaces_the_tokenizer_files_in_its_folder(model_files, tmp_path):
+  siglip = _hf_cfg('siglip', 400, 16, _tokenizer('siglip', model_files, 'siglip'),
+                   families.SIGLIP_PREPROCESS)
+  export.save_hf(_params(siglip), siglip, tmp_path)
+  (tmp_path / 'tokenizer.json').write_text('{}')  # as a save_pretrained folder holds
+  openai = _hf_cfg('clip', 49408, 77, clip.TokenizerConfig(), clip.PreprocessConfig())
+  export.save_hf(_params(openai), openai, tmp_path)
+  assert not any((tmp_path / name).exists() for name in ('spiece.model', 'tokenizer.json'))
+  assert clip.load(tmp_path)[1].tokenizer == clip.TokenizerConfig()
