@@ -410,6 +410,7 @@ class TokenizerConfig:
 
 RESIZE_MODES = ('shortest', 'squash', 'longest')
 INTERPOLATIONS = ('bicubic', 'bilinear')
+CROP_ROUNDINGS = ('round', 'floor')
 
 
 @jax.tree_util.register_static
@@ -422,12 +423,21 @@ class PreprocessConfig:
   `SiglipImageProcessor`) or 'longest' (long side to the resolution, then centre padding with
   `fill_color`: open_clip's `ResizeKeepRatio(longest=1)` + `CenterCropOrPad`); `interpolation`
   PIL's bicubic or bilinear filter; then the pixels in [0, 1] are normalised with `mean` and `std`
-  (RGB; OpenAI's by default, SigLIP's are 0.5: pixels in [-1, 1])."""
+  (RGB; OpenAI's by default, SigLIP's are 0.5: pixels in [-1, 1]).
+
+  Two settings say where transformers' image processors differ from OpenAI's and open_clip's
+  transforms: `convert_first=True` converts to RGB before resizing, compositing transparency onto
+  white (their `do_convert_rgb`); OpenAI and open_clip resize in the image's own mode and convert
+  after, dropping the alpha. `crop_rounding='floor'` places the centre crop at `(side - n) // 2`
+  (transformers' `center_crop`) instead of torchvision's `round((side - n) / 2)`: the two are a
+  pixel apart when the overhang is 3 modulo 4. `clip.load` sets both for Hugging Face folders."""
   mean: tuple[float, float, float] = IMAGE_MEAN
   std: tuple[float, float, float] = IMAGE_STD
   resize_mode: str = 'shortest'
   interpolation: str = 'bicubic'
   fill_color: int = 0
+  convert_first: bool = False
+  crop_rounding: str = 'round'
 
   def __post_init__(self):
     for name in ('mean', 'std'):
@@ -440,6 +450,9 @@ class PreprocessConfig:
     _one_of(self.interpolation, INTERPOLATIONS, 'PreprocessConfig.interpolation')
     _require(isinstance(self.fill_color, int) and 0 <= self.fill_color <= 255,
              f'PreprocessConfig.fill_color must be an int in [0, 255], got {self.fill_color!r}')
+    _require(isinstance(self.convert_first, bool),
+             f'PreprocessConfig.convert_first must be a bool, got {self.convert_first!r}')
+    _one_of(self.crop_rounding, CROP_ROUNDINGS, 'PreprocessConfig.crop_rounding')
 
 
 @jax.tree_util.register_static

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 
 import jax
 import numpy as np
@@ -32,6 +33,16 @@ _ACT_TO_HF = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_pyt
 
 class ExportError(ValueError):
   """A model the target library cannot run exactly."""
+
+
+class ExportWarning(UserWarning):
+  """An export whose peer library prepares some images differently (the message says which)."""
+
+
+def _warn_pixels(target, differences):
+  if differences:
+    warnings.warn(f'{target} prepares some images differently from this model: '
+                  + '; '.join(differences), ExportWarning, stacklevel=3)
 
 
 def _flat_numpy(params):
@@ -211,6 +222,11 @@ def open_clip_preprocess_cfg(cfg):
   """`cfg.preprocess` -> open_clip's `preprocess_cfg` dict (its `PreprocessCfg` fields), which
   `create_model_and_transforms` builds its eval transform from."""
   pp = cfg.preprocess
+  _warn_pixels('open_clip', [what for what in (
+      pp.convert_first and 'it resizes in the image\'s own mode and drops transparency after, '
+      'where this model converts to RGB on white first (transformers\' do_convert_rgb)',
+      pp.crop_rounding == 'floor' and 'its centre crop rounds half the overhang where this '
+      'model\'s floors it (one pixel apart when the overhang is 3 modulo 4)') if what])
   return {'size': cfg.image_resolution, 'mode': 'RGB', 'mean': list(pp.mean), 'std': list(pp.std),
           'interpolation': pp.interpolation, 'resize_mode': pp.resize_mode,
           'fill_color': pp.fill_color}
@@ -229,6 +245,15 @@ def hf_preprocessor_config(cfg, model_type):
     raise ExportError('Hugging Face cannot prepare images as this model does: resize_mode='
                       '\'longest\' (long side to the resolution, then padding), which neither '
                       'CLIPImageProcessor nor SiglipImageProcessor does')
+  _warn_pixels('Hugging Face', [what for what in (
+      not pp.convert_first and 'it converts to RGB on white before resizing, where this model '
+      'resizes in the image\'s own mode and drops transparency after (images with an alpha band '
+      'or a transparent colour differ)',
+      pp.crop_rounding == 'round' and pp.resize_mode == 'shortest' and 'its CLIPImageProcessor '
+      'centre-crops at the floor of half the overhang where this model rounds it (one pixel '
+      'apart when the overhang is 3 modulo 4)') if what])
+  # do_convert_rgb=False would not run this model's conversion either: a palette image would
+  # reach the model as its indices. Converting first is the nearest transformers does.
   out = {'do_resize': True, 'resample': _HF_RESAMPLE[pp.interpolation], 'do_rescale': True,
          'rescale_factor': 1 / 255, 'do_normalize': True, 'image_mean': list(pp.mean),
          'image_std': list(pp.std), 'do_convert_rgb': True}
@@ -397,9 +422,11 @@ def save_hf(params, cfg, folder):
   `padding='max_length', max_length=<context length>, truncation=True` as SigLIP's model cards
   do. Differences that are transformers' own: its CLIP tokenizer pads rows with the end-of-text
   id where ours pad with 0 (the model's outputs are the same) and runs no ftfy or HTML
-  unescaping; its CLIPImageProcessor centre-crops at the floor of half the excess where
-  torchvision (OpenAI, open_clip, ours) rounds it half to even, a one-pixel shift when the
-  resized image exceeds the crop by 3 modulo 4 pixels; its default torchvision backend resizes
+  unescaping; its image processors convert to RGB on white first and its CLIPImageProcessor
+  centre-crops at the floor of half the overhang, which a model loaded from a Hugging Face folder
+  does too (`PreprocessConfig.convert_first`, `crop_rounding='floor'`) and OpenAI's and
+  open_clip's transforms do not (an `ExportWarning` says so: transparent images differ, and the
+  crop by one pixel when the overhang is 3 modulo 4); its default torchvision backend resizes
   tensors, not PIL images (`backend='pil'` resizes as we do)."""
   config = hf_config(cfg)
   files = {'preprocessor_config.json': hf_preprocessor_config(cfg, config['model_type']),

@@ -346,9 +346,12 @@ def _hf_preprocess(info, image_size, default):
   resample = pp.get('resample', 3)
   if resample not in _HF_RESAMPLE:
     raise ValueError(f'{where}: resample {resample} is not bilinear (2) or bicubic (3)')
+  # transformers' processors convert to RGB first (transparency on white; `do_convert_rgb`,
+  # True in transformers 5's CLIP and SigLIP processors) and crop at the floor of the overhang.
   return configs.PreprocessConfig(
       mean=tuple(pp.get('image_mean', default.mean)), std=tuple(pp.get('image_std', default.std)),
-      resize_mode=mode, interpolation=_HF_RESAMPLE[resample])
+      resize_mode=mode, interpolation=_HF_RESAMPLE[resample],
+      convert_first=pp.get('do_convert_rgb', True) is not False, crop_rounding='floor')
 
 
 def processing(family, info, cfg):

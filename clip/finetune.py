@@ -10,9 +10,14 @@
   image tower stays bit-identical and runs without gradients.
 - Text classifier: the text tower and a linear `head` on its pooled features.
 
+Inputs are the model's own: images by its preprocessing (`clip.preprocess_images(images, cfg)`),
+texts by its tokenizer (`clip.get_tokenizer(cfg)`), zero-shot weights from prompts tokenised by it
+(`zero_shot.classifier_weights`).
+
 The parameter dicts keep torch's keys: `{'visual': ..., 'head': {'weight': (C, D), 'bias': (C,)}}`
 for images, the text tower's top-level keys plus `head` for text.
 
+  zero_shot_weights = zero_shot.classifier_weights(clip_params, cfg, classnames)
   params = finetune.image_classifier_params(clip_params, zero_shot_weights)
   run = training.setup(cfg, tcfg, mesh, init_params=lambda key: params,
                        objective=finetune.image_classification_objective(cfg),
@@ -80,12 +85,14 @@ def _head(p, features_NxD):
 
 
 def classify_images(params, images, cfg):
-  """Logits (N, C) of the image classifier (inference mode)."""
+  """Logits (N, C) of the image classifier (inference mode) on images (N, R, R, 3) prepared by
+  the model's own preprocessing (`clip.preprocess_images(images, cfg)`)."""
   return _head(params['head'], model.encode_image(params, images, cfg))
 
 
 def classify_texts(params, tokens, cfg):
-  """Logits (N, C) of the text classifier."""
+  """Logits (N, C) of the text classifier on int tokens (N, L) of the model's own tokenizer
+  (`clip.get_tokenizer(cfg)(texts)`)."""
   return _head(params['head'], model.encode_text(params, tokens, cfg))
 
 

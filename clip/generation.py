@@ -9,7 +9,9 @@
 
 `params` are the decoder's (`params['text_decoder']` of a full model), `cfg` its DecoderConfig,
 the image tokens (N, T, W) those of `clip.model.image_features_and_tokens(params, images,
-cfg_clip)[1]`; `start_id` is the tokenizer's start token (49406 for OpenAI's vocabulary).
+cfg_clip)[1]`; `start_id` is the model's own tokenizer's start token, `start_token_id(cfg_clip)`
+(49406 for OpenAI's BPE; a tokenizer without one is refused there), and class prompts are rows of
+that tokenizer (`clip.get_tokenizer(cfg_clip)`).
 Generated rows look like the tokenizer's: `start_id`, the generated tokens, the end-of-text token
 `cfg.eot_id`, then 0 padding; a row that reaches `max_length` without it is cut there. A decoder
 with a vocabulary shortlist (`cfg.output_ids`) scores only those ids: decoding maps its score
@@ -57,6 +59,33 @@ from clip import captioning
 from clip import configs
 from clip import decoder
 from clip import model
+from clip import processing
+
+
+# ---------------------------------------------------------------- the start token
+
+def start_token_id(cfg):
+  """The id every caption row of the model `cfg` (a CLIPConfig with a captioning decoder) starts
+  with: its own tokenizer's start-of-text token, `clip.get_tokenizer(cfg).sot_id` (OpenAI's
+  49406). The decoder is trained on rows that begin with it (it predicts the first word from it),
+  so a tokenizer without one (SigLIP's SentencePiece: rows begin with the text) raises
+  `clip.TokenizerError` naming it, as `get_tokenizer` does for one that is unknown or not the
+  model's."""
+  if not isinstance(cfg, configs.CLIPConfig):
+    raise TypeError(f'expected a clip.CLIPConfig (the whole model\'s, whose tokenizer says the '
+                    f'start token), got {type(cfg).__name__}')
+  if cfg.decoder is None:
+    raise ValueError('this model has no captioning decoder (cfg.decoder is None): it generates '
+                     'and scores no captions')
+  tok = processing.get_tokenizer(cfg)
+  if tok.sot_id is None:
+    raise processing.TokenizerError(
+        f'this model\'s tokenizer, {cfg.tokenizer}, has no start-of-text token (its rows begin '
+        'with the text), but the captioning decoder reads a start token before the caption and '
+        'predicts the first word from it: captions cannot be generated or scored with this '
+        'tokenizer. Give the model a tokenizer with a start token (cfg.tokenizer, e.g. OpenAI\'s '
+        'BPE, clip.TokenizerConfig()) and a decoder trained on its rows')
+  return tok.sot_id
 
 
 # ---------------------------------------------------------------- input checks

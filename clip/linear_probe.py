@@ -23,8 +23,10 @@ DEFAULT_L2 = tuple(10.0 ** e for e in range(-6, 7))
 
 
 def image_features(params, cfg, images, batch_size=256):
-  """Preprocessed images `(N, R, R, 3)` -> image features `(N, embed_dim)` float32 (not
-  normalised), in fixed-size jitted batches with a progress bar."""
+  """Images `(N, R, R, 3)` prepared by the model's own preprocessing (`clip.preprocess_images(
+  images, cfg)`; `clip.processing.normalize(images01, cfg)` for [0, 1] images already at its
+  resolution) -> image features `(N, embed_dim)` float32 (not normalised), in fixed-size jitted
+  batches with a progress bar."""
   model.check_images(images, cfg)
   return batching.map_batches(lambda batch: model.encode_image(params, batch, cfg), images,
                               batch_size, 'image features', 'images').astype(np.float32)

@@ -163,7 +163,8 @@ def check_ids(tokens, vocab_size, eot_id=None, eot_use=None, start=0):
     if missing.any():
       raise ValueError(f'row {_row(np.argwhere(missing)[0], start)} has no end-of-text token '
                        f'{eot_id} ({int(missing.sum())} rows lack it); {eot_use} '
-                       'its first occurrence (clip.tokenize ends every row with it)'
+                       'its first occurrence (the model\'s own tokenizer, '
+                       'clip.get_tokenizer(cfg), ends every row with it)'
                        f'{_leading_axes_note(tokens)}')
 
 

@@ -11,7 +11,9 @@ PIL images as torchvision runs them: 'squash' is `Resize((n, n))` (SigLIP; Huggi
 `SiglipImageProcessor` resizes the same way, after converting to RGB), 'longest' is timm's
 `ResizeKeepRatio(longest=1)` (long side to n, the other `round(side / ratio)`) and
 `CenterCropOrPad(n, fill)`. The mean, std, mode and interpolation come from a
-`clip.PreprocessConfig`.
+`clip.PreprocessConfig`, and so do transformers' two differences (`convert_first`: RGB with
+transparency on white before the resize; `crop_rounding='floor'`), which make it equal to
+`CLIPImageProcessor` / `SiglipImageProcessor` (their PIL backend) for Hugging Face folders.
 """
 import os
 
@@ -60,17 +62,36 @@ def to_pil(image):
 _FILTERS = {'bicubic': Image.Resampling.BICUBIC, 'bilinear': Image.Resampling.BILINEAR}
 
 
-def resize_and_crop(image, n_px, interpolation='bicubic'):
-  """torchvision's `Resize(n_px)` then `CenterCrop(n_px)` on a PIL image."""
+def _offset(excess, rounding):
+  """Where a centre crop starts: torchvision's `round(excess / 2)` or transformers' floor."""
+  return int(round(excess / 2.0)) if rounding == 'round' else excess // 2
+
+
+def _centre_crop(image, n_px, rounding):
+  width, height = image.size
+  top, left = _offset(height - n_px, rounding), _offset(width - n_px, rounding)
+  return image.crop((left, top, left + n_px, top + n_px))
+
+
+def resize_and_crop(image, n_px, interpolation='bicubic', crop_rounding='round'):
+  """torchvision's `Resize(n_px)` then `CenterCrop(n_px)` on a PIL image (transformers'
+  `CLIPImageProcessor` with `crop_rounding='floor'`)."""
   width, height = image.size
   size = resized_size(width, height, n_px)
   if size != (width, height):
     image = image.resize(size, _FILTERS[interpolation])
-  width, height = image.size
   # Both sides are >= n_px after the resize, so CenterCrop never pads.
-  top = int(round((height - n_px) / 2.0))
-  left = int(round((width - n_px) / 2.0))
-  return image.crop((left, top, left + n_px, top + n_px))
+  return _centre_crop(image, n_px, crop_rounding)
+
+
+def rgb_on_white(image):
+  """transformers' `convert_to_rgb` on a PIL image: transparency (an alpha band, or a palette's
+  or grey image's transparent colour) composited onto white, then RGB."""
+  if 'A' in image.getbands() or image.info.get('transparency') is not None:
+    rgba = image.convert('RGBA')
+    return Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)),
+                                 rgba).convert('RGB')
+  return image.convert('RGB')
 
 
 def squash(image, n_px, interpolation='bicubic'):
@@ -80,7 +101,8 @@ def squash(image, n_px, interpolation='bicubic'):
   return image.resize((n_px, n_px), _FILTERS[interpolation])
 
 
-def resize_longest_and_pad(image, n_px, interpolation='bicubic', fill_color=0):
+def resize_longest_and_pad(image, n_px, interpolation='bicubic', fill_color=0,
+                           crop_rounding='round'):
   """open_clip's `ResizeKeepRatio(n_px, longest=1)` then `CenterCropOrPad(n_px, fill)`: the long
   side becomes `n_px`, the short one `round(side / ratio)`, then the image is centred on an
   `n_px` square of `fill_color` (a side that rounds past `n_px` is centre-cropped)."""
@@ -96,10 +118,8 @@ def resize_longest_and_pad(image, n_px, interpolation='bicubic', fill_color=0):
     padded = ImageOps.expand(image, border, _fill(image.mode, fill_color))
     if image.mode == 'P':  # as torchvision: the padding is palette index `fill_color`
       padded.putpalette(image.getpalette())
-    image, (width, height) = padded, padded.size
-  top = int(round((height - n_px) / 2.0))
-  left = int(round((width - n_px) / 2.0))
-  return image.crop((left, top, left + n_px, top + n_px))
+    image = padded
+  return _centre_crop(image, n_px, crop_rounding)
 
 
 def _fill(mode, fill_color):
@@ -112,12 +132,15 @@ def transform(image, n_px, config=None):
   """One PIL image -> the `n_px` square RGB PIL image the `PreprocessConfig` `config` (OpenAI's
   by default) makes of it, before normalisation."""
   config = config or configs.PreprocessConfig()
+  if config.convert_first:
+    image = rgb_on_white(image)
   if config.resize_mode == 'shortest':
-    image = resize_and_crop(image, n_px, config.interpolation)
+    image = resize_and_crop(image, n_px, config.interpolation, config.crop_rounding)
   elif config.resize_mode == 'squash':
     image = squash(image, n_px, config.interpolation)
   else:
-    image = resize_longest_and_pad(image, n_px, config.interpolation, config.fill_color)
+    image = resize_longest_and_pad(image, n_px, config.interpolation, config.fill_color,
+                                   config.crop_rounding)
   return image.convert('RGB')
 
 

@@ -2,8 +2,11 @@
 
 Classifier weights come from prompt ensembling as in OpenAI's notebook
 `Prompt_Engineering_for_ImageNet.ipynb`: every class name is put into each template, the text
-features are L2-normalised, averaged over the templates and normalised again. Images are then
-classified by the softmax of `exp(logit_scale) * cosine` against those weights. All the model
+features are L2-normalised, averaged over the templates and normalised again. Prompts are
+tokenised by the model's own tokenizer (`clip.get_tokenizer(cfg)`) and images are expected
+prepared by its own preprocessing (`clip.preprocess_images(images, cfg)`). Images are then
+classified by the softmax of `exp(logit_scale) * cosine` against those weights (a SigLIP model's
+sigmoid with its bias). All the model
 work runs jitted in fixed-size batches (the last one padded, so nothing recompiles), with a
 progress bar when there is more than one batch.
 """

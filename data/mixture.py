@@ -81,9 +81,11 @@ class Mixture:
       `--data` string `parse_sources` reads.
     global_batch_size: over all processes; each process yields its share, each source
       contributing `batch_counts(weights, per-process batch)` samples of it.
+    tokenize, preprocess: the model's tokenizer and `clip.PreprocessConfig`, as
+      `shards.Pipeline` takes them (required: every source is read as the model reads).
     seed: each source's pipeline gets its own seed from it; the in-batch shuffle uses it too.
     resume: a `state()` dict to continue from exactly.
-    **pipeline_kwargs: passed to every source's `shards.Pipeline` (resolution, tokenize, ...);
+    **pipeline_kwargs: passed to every source's `shards.Pipeline` (resolution, fields, ...);
       `train` must be True (a mixture has no single epoch to evaluate on); with `num_epochs`,
       the mixture ends when its first source does.
 
@@ -91,8 +93,8 @@ class Mixture:
     ValueError: a weight too small to give its source one sample per batch, or train=False.
   """
 
-  def __init__(self, sources, *, global_batch_size, seed=0, process_index=None,
-               process_count=None, resume=None, **pipeline_kwargs):
+  def __init__(self, sources, *, global_batch_size, tokenize, preprocess, seed=0,
+               process_index=None, process_count=None, resume=None, **pipeline_kwargs):
     if isinstance(sources, str):
       sources = parse_sources(sources)
     if not pipeline_kwargs.get('train', True):
@@ -118,7 +120,7 @@ class Mixture:
         shards.Pipeline(files, global_batch_size=n * process_count, seed=seed + 10_007 * k,
                         process_index=process_index, process_count=process_count,
                         resume=resume['sources'][k] if resume else None, name=str(files),
-                        **pipeline_kwargs)
+                        tokenize=tokenize, preprocess=preprocess, **pipeline_kwargs)
         for k, ((files, _), n) in enumerate(zip(sources, self.counts))]
     self._step = resume['step'] if resume else 0
     self.stats = MixtureStats(self)
@@ -142,9 +144,11 @@ class Mixture:
       yield {key: np.concatenate([part[key] for part in parts])[order] for key in parts[0]}
 
 
-def make_pipeline(data, **kwargs):
-  """A `shards.Pipeline` for one source, a `Mixture` for a weighted list ('a:0.7,b:0.3')."""
+def make_pipeline(data, *, tokenize, preprocess, **kwargs):
+  """A `shards.Pipeline` for one source, a `Mixture` for a weighted list ('a:0.7,b:0.3'), read
+  with the model's tokenizer and `clip.PreprocessConfig` (as `shards.Pipeline` takes them)."""
   sources = parse_sources(data) if isinstance(data, str) else None
   if sources is not None and len(sources) > 1:
-    return Mixture(sources, **kwargs)
-  return shards.Pipeline(sources[0][0] if sources else data, **kwargs)
+    return Mixture(sources, tokenize=tokenize, preprocess=preprocess, **kwargs)
+  return shards.Pipeline(sources[0][0] if sources else data, tokenize=tokenize,
+                         preprocess=preprocess, **kwargs)

@@ -4,8 +4,9 @@
          files[process_index::process_count])
     -> interleaved reads (`data.tfrecords` / `data.webdataset_tars`: every sample becomes a record
        of img2dataset's tfrecord schema; a truncated or corrupt file ends early and is reported)
-    -> shuffle (training) -> decode, crop, resize, normalise: each record guarded so that a
-       bad one becomes a counted skip instead of an error -> batch -> tokenise -> prefetch
+    -> shuffle (training) -> decode, crop, resize, normalise (the model's eval resize and mean /
+       std, `preprocess`): each record guarded so that a bad one becomes a counted skip instead of
+       an error -> batch -> tokenise (the model's tokenizer, `tokenize`) -> prefetch
     -> numpy {'image': float32 (B, n, n, 3), 'tokens': int32 (B, L)}
 
 It is deterministic given the seed (file order, shuffle and crops are all seeded; the crop of a
@@ -198,18 +199,27 @@ def output_name(name):
   return METADATA_PREFIX + name if name in OUTPUTS or name.startswith('_') else name
 
 
-def _default_tokenize(context_length):
-  from clip import tokenizer  # pylint: disable=g-import-not-at-top
-  return functools.partial(tokenizer.tokenize, context_length=context_length, truncate=True)
-
-
 def _check_tokenize(tokenize):
-  """Calls `tokenize` once, so that a wrong one fails here and not inside tf.data."""
-  tokens = np.asarray(tokenize(['a photo of a cat', 'a dog']))
-  if tokens.ndim != 2 or tokens.shape[0] != 2 or not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError('tokenize(list of 2 str) must return int (2, context_length), got '
+  """Calls `tokenize`, so that a wrong one fails here and not inside tf.data. Returns its context
+  length (the width of what it returns) and its padding `(pad, pad_ends)`: the id after an empty
+  text's tokens, and whether it also ends rows (SigLIP's `</s>` does both, OpenAI's 0 only pads)."""
+  if not callable(tokenize):
+    raise TypeError('tokenize must be the model\'s tokenizer, a callable texts -> int (N, L), e.g. '
+                    f'functools.partial(clip.get_tokenizer(cfg), truncate=True); got {tokenize!r}')
+  tokens = np.asarray(tokenize(['a photo of a cat', 'a dog', '']))
+  if tokens.ndim != 2 or tokens.shape[0] != 3 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError('tokenize(list of 3 str) must return int (3, context_length), got '
                      f'{tokens.dtype} {tokens.shape}')
-  return tokens.shape[1]
+  empty = tokens[2]
+  return tokens.shape[1], (int(empty[-1]), bool(np.all(empty == empty[-1])))
+
+
+def _filled(tokens_NxL, pad, pad_ends):
+  """Rows whose text reached the end of the context (truncated, or exactly full)."""
+  full = tokens_NxL[:, -1] != pad
+  if not pad_ends or tokens_NxL.shape[1] < 2:
+    return full
+  return full | (tokens_NxL[:, -2] != pad)
 
 
 def _ignore(reason, example):
@@ -229,12 +239,15 @@ class Pipeline:
       it has (`jpg`, `png`, `webp`); one with none or several is a counted skip.
     global_batch_size: batch over all processes; each process yields its share.
     resolution: the model's image_resolution (the side of the square crop).
-    train: random resized crop, shuffling and endless epochs (else OpenAI's resize + centre crop,
-      files in order, one epoch, the last batch possibly smaller).
+    train: random resized crop, shuffling and endless epochs (else the model's eval resize,
+      `preprocess.resize_mode`; files in order, one epoch, the last batch possibly smaller).
+    tokenize: the model's tokenizer, texts -> int (N, L), e.g.
+      `functools.partial(clip.get_tokenizer(cfg), truncate=True)`; L is read from its output.
+    preprocess: the model's `clip.PreprocessConfig` (`cfg.preprocess`): the eval resize and
+      interpolation, and the mean and std every image is normalised with.
     seed: file order, shuffle and crops are functions of it (and of the epoch).
-    tokenize: texts -> int (N, L); default `clip.tokenizer.tokenize(truncate=True)`.
     image_dtype: 'float32' (normalised) or 'uint8' (raw pixels, 4x less to copy and transfer;
-      normalise on the device with `clip.normalize_image(images / 255)`).
+      normalise on the device with `clip.processing.normalize(images / 255, cfg)`).
     fields: extra outputs: 'key', 'caption', and metadata names (img2dataset's, or a dict
       name -> 'int' | 'float' | 'bytes' for others); strings come back as bytes. A metadata name
       the pipeline uses itself ('image', 'tokens') comes back as 'metadata_<name>'.
@@ -253,8 +266,8 @@ class Pipeline:
       samples than one batch in training): the message names the files and the skip counts.
   """
 
-  def __init__(self, files, *, global_batch_size, resolution, train, seed=0, tokenize=None,
-               context_length=77, fields=(), image_dtype='float32', on_error='skip', keep=None,
+  def __init__(self, files, *, global_batch_size, resolution, train, tokenize, preprocess,
+               seed=0, fields=(), image_dtype='float32', on_error='skip', keep=None,
                shuffle_buffer=10_000, process_index=None, process_count=None, num_epochs=None,
                resume=None, start_step=0, num_parallel_reads=8, scale=transforms.TRAIN_SCALE,
                ratio=transforms.TRAIN_RATIO, name=None):
@@ -270,6 +283,7 @@ class Pipeline:
       raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
       raise ValueError(f'resolution must be a positive int, got {resolution!r}')
+    self.preprocess = transforms.check_preprocess(preprocess)
     all_files = expand_files(files)
     self.name = name or (os.fspath(files) if isinstance(files, (str, os.PathLike))
                          else f'{len(files)} file patterns')
@@ -286,8 +300,8 @@ class Pipeline:
                                   if isinstance(fields, dict)
                                   else [f for f in fields if f not in self.extra])
     self.kept = keep.table(self.files) if keep is not None else None
-    self.tokenize = tokenize or _default_tokenize(context_length)
-    self.context_length = _check_tokenize(self.tokenize)
+    self.tokenize = tokenize
+    self.context_length, self._padding = _check_tokenize(tokenize)
     self.stats, self.epoch_stats, self.last_epoch_stats = Stats(), Stats(), None
     self._state = dict(resume) if resume else self._state_at_step(start_step)
 
@@ -338,15 +352,18 @@ class Pipeline:
 
   def _output(self, image_u8):
     # Per image, in the parallel map: a whole batch at once runs out of cache (2x slower).
-    return transforms.normalize_image(image_u8) if self.image_dtype == tf.float32 else image_u8
+    if self.image_dtype != tf.float32:
+      return image_u8
+    return transforms.normalize_image(image_u8, self.preprocess.mean, self.preprocess.std)
 
   def _transform(self, image_bytes, index, epoch):
     if self.train:
       seed = tf.random.experimental.stateless_fold_in(
           tf.constant([self.seed, epoch], tf.int64), index)
       return transforms.random_resized_crop(image_bytes, self.resolution, seed, self.scale,
-                                            self.ratio)
-    return transforms.center_crop(transforms.decode(image_bytes), self.resolution)
+                                            self.ratio, self.preprocess.convert_first)
+    image = transforms.decode(image_bytes, self.preprocess.convert_first)
+    return transforms.eval_transform(image, self.resolution, self.preprocess)
 
   def _kept(self, key, path):
     if self.kept is None:
@@ -406,7 +423,7 @@ class Pipeline:
   def _tokenize(self, captions_B):
     texts = [c.decode('utf-8') for c in captions_B]
     tokens = np.asarray(self.tokenize(texts), np.int32)
-    full = int(np.count_nonzero(tokens[:, -1]))
+    full = int(np.count_nonzero(_filled(tokens, *self._padding)))
     for stats in (self.stats, self.epoch_stats):
       stats.add(full_captions=full)
     return tokens

@@ -12,14 +12,14 @@ but the step. Six (shape, colour) pairs never occur in the 'train' split; the 'h
 holds only them, so zero-shot accuracy on it measures composition, not memory. `classnames` and
 `prompts` give the classification views (e.g. "a photo of a red triangle.").
 
-  ds = SyntheticCaptions(seed=0, resolution=64)
-  b = ds.batch(256, step=0)       # {'image': uint8 (256, 64, 64, 3), 'caption': [...], ...}
-  for batch in ds.batches(256):   # model-ready: {'image': float32 normalised, 'tokens': int32}
-    ...
+  ds = SyntheticCaptions(seed=0, resolution=cfg.image_resolution)
+  b = ds.batch(256, step=0)       # {'image': uint8 (256, R, R, 3), 'caption': [...], ...}
+  tokenize = functools.partial(clip.get_tokenizer(cfg), truncate=True)
+  for batch in ds.batches(256, tokenize=tokenize, preprocess=cfg.preprocess):
+    ...                           # model-ready: {'image': float32 normalised, 'tokens': int32}
   ds.write_tfrecords('shards/', num_examples=10_000, num_shards=8)   # img2dataset's shards
   ds.write_webdataset('shards/', num_examples=10_000, num_shards=8)   # ... or its tars
 """
-import functools
 import hashlib
 import os
 
@@ -241,19 +241,31 @@ class SyntheticCaptions:
       raise ValueError(f'need batch_size >= 1 and step >= 0, got {batch_size}, {step}')
     return self.get(np.arange(step * batch_size, (step + 1) * batch_size))
 
-  def batches(self, global_batch_size, *, start_step=0, num_steps=None, process_index=0,
-              process_count=1, tokenize=None, context_length=77, image_dtype='float32'):
+  def batches(self, global_batch_size, *, tokenize, preprocess, start_step=0, num_steps=None,
+              process_index=0, process_count=1, image_dtype='float32'):
     """Model-ready batches, this process's share of each global batch:
     {'image': float32 normalised (or uint8) (B, H, W, 3), 'tokens': int32 (B, L)}. Endless unless
-    `num_steps`; step s holds samples [s * global_batch_size, (s + 1) * global_batch_size)."""
+    `num_steps`; step s holds samples [s * global_batch_size, (s + 1) * global_batch_size).
+
+    `tokenize` is the model's tokenizer, texts -> int (N, L) (e.g.
+    `functools.partial(clip.get_tokenizer(cfg), truncate=True)`), `preprocess` its
+    `clip.PreprocessConfig` (`cfg.preprocess`). The images are drawn at the set's resolution,
+    the model's, so only its mean and std apply: its resize mode and interpolation do not (every
+    mode leaves an image already at the model's size as it is)."""
+    if not callable(tokenize):
+      raise TypeError('tokenize must be the model\'s tokenizer, a callable texts -> int (N, L), '
+                      'e.g. functools.partial(clip.get_tokenizer(cfg), truncate=True); got '
+                      f'{tokenize!r}')
+    if not isinstance(preprocess, configs.PreprocessConfig):
+      raise TypeError('preprocess must be the model\'s clip.PreprocessConfig (cfg.preprocess), '
+                      f'got {type(preprocess).__name__}')
     if global_batch_size < 1 or global_batch_size % process_count:
       raise ValueError(f'global_batch_size must be a positive multiple of the process count '
                        f'{process_count}, got {global_batch_size}')
     if image_dtype not in ('float32', 'uint8'):
       raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
-    if tokenize is None:
-      from clip import tokenizer  # pylint: disable=g-import-not-at-top
-      tokenize = functools.partial(tokenizer.tokenize, context_length=context_length)
+    mean = np.asarray(preprocess.mean, np.float32)
+    std = np.asarray(preprocess.std, np.float32)
     local = global_batch_size // process_count
     step = start_step
     while num_steps is None or step < start_step + num_steps:
@@ -261,7 +273,7 @@ class SyntheticCaptions:
       sample = self.get(np.arange(first, first + local))
       image = sample['image']
       if image_dtype == 'float32':
-        image = configs.normalize_image(image.astype(np.float32) / np.float32(255))
+        image = (image.astype(np.float32) / np.float32(255) - mean) / std
       yield {'image': image, 'tokens': np.asarray(tokenize(sample['caption']), np.int32)}
       step += 1
 

@@ -22,27 +22,48 @@ def evaluate(params, cfg, n, seed):
   A model with a captioning decoder adds, per split, `generative_<task>_top1` (CapPa's
   generative zero-shot: the class prompt of highest log-likelihood) and `caption_<attribute>`
   (the fraction of greedy captions naming the image's shape, colour, size, count; 'all': every
-  one right); a captioner without a text tower has only these."""
-  import clip  # pylint: disable=g-import-not-at-top
+  one right); a captioner without a text tower has only these.
+
+  Texts go through the model's tokenizer (`clip.get_tokenizer(cfg)`), images are normalised with
+  its mean and std (`cfg.preprocess`; they are drawn at its resolution, so nothing is resized).
+  Generation and generative scores start each row with the tokenizer's start token: a captioner
+  whose tokenizer has none (SentencePiece) raises `clip.TokenizerError` (a ValueError)."""
+  from clip import processing  # pylint: disable=g-import-not-at-top
+  tokenizer = model_tokenizer(cfg)
   results = {}
   for split, start in SPLIT_STARTS:
     ds = synthetic.SyntheticCaptions(seed=seed, resolution=cfg.image_resolution, split=split)
     sample = ds.get(np.arange(start, start + n))
-    images = clip.normalize_image(sample['image'].astype(np.float32) / 255)
+    images = processing.normalize(sample['image'].astype(np.float32) / 255, cfg)
     if cfg.text is not None:
-      results.update(_contrastive(params, cfg, ds, sample, images, split))
+      results.update(_contrastive(params, cfg, tokenizer, ds, sample, images, split))
     if cfg.decoder is not None:
-      results.update(_captioning(params, cfg, ds, sample, images, split))
+      results.update(_captioning(params, cfg, tokenizer, ds, sample, images, split))
   results['num_examples'] = n
   return results
 
 
-def _contrastive(params, cfg, ds, sample, images, split):
+def model_tokenizer(cfg):
+  """The model's tokenizer as `evaluate` uses it, or the error `evaluate` would raise (a job
+  calls it before training). A decoder generates and scores after a start token: a tokenizer
+  without one has no row to start from (its first text token would be taken as given)."""
+  from clip import processing  # pylint: disable=g-import-not-at-top
+  tokenizer = processing.get_tokenizer(cfg)
+  if cfg.decoder is not None and tokenizer.sot_id is None:
+    raise processing.TokenizerError(
+        f'this model\'s decoder is evaluated from a start-of-text token, but its tokenizer '
+        f'({tokenizer.config}) has none (SentencePiece rows start with the text): the built-in '
+        'evaluation\'s captions and generative scores need a tokenizer with one (the main '
+        'job runs without it with --eval-examples 0)')
+  return tokenizer
+
+
+def _contrastive(params, cfg, tokenizer, ds, sample, images, split):
   import clip  # pylint: disable=g-import-not-at-top
   from clip import zero_shot  # pylint: disable=g-import-not-at-top
   results = {}
   for task in TASKS:
-    tokens = clip.tokenize(ds.prompts(task), cfg.context_length)[:, None]
+    tokens = tokenizer(ds.prompts(task))[:, None]
     weights = zero_shot.classifier_weights_from_tokens(params, cfg, tokens)
     top, _ = zero_shot.classify(params, cfg, images, weights, k=1)
     accuracy = float(np.mean(np.asarray(top)[:, 0] == ds.labels(sample, task)))
@@ -50,34 +71,32 @@ def _contrastive(params, cfg, ds, sample, images, split):
     results[f'{split}/{task}_chance'] = 1 / len(ds.classnames(task))
   recall = zero_shot.retrieval_metrics(
       clip.encode_image(params, images, cfg),
-      clip.encode_text(params, clip.tokenize(sample['caption'], cfg.context_length), cfg))
+      clip.encode_text(params, tokenizer(sample['caption']), cfg))
   results.update({f'{split}/{k}': float(v) for k, v in recall.items()})
   return results
 
 
-def _captioning(params, cfg, ds, sample, images, split, batch_size=256):
-  import clip  # pylint: disable=g-import-not-at-top
+def _captioning(params, cfg, tokenizer, ds, sample, images, split, batch_size=256):
   from clip import batching  # pylint: disable=g-import-not-at-top
   from clip import generation  # pylint: disable=g-import-not-at-top
   from clip import model  # pylint: disable=g-import-not-at-top
-  from clip import tokenizer  # pylint: disable=g-import-not-at-top
   results, decoder, dec = {}, params['text_decoder'], cfg.decoder
   in_batches = lambda fn, x, desc: batching.map_batches(fn, x, batch_size, desc, 'images')
   image_tokens = in_batches(lambda x: model.image_features_and_tokens(params, x, cfg)[1], images,
                             'image tokens')
   for task in TASKS:
-    prompts = clip.tokenize(ds.prompts(task), cfg.context_length)
+    prompts = tokenizer(ds.prompts(task))
     scores = in_batches(lambda x: generation.generative_zero_shot_scores(decoder, x, prompts, dec),
                         image_tokens, f'generative {task}')
     results[f'{split}/generative_{task}_top1'] = float(np.mean(
         scores.argmax(axis=1) == ds.labels(sample, task)))
   captions = in_batches(
-      lambda x: generation.greedy(decoder, x, dec, tokenizer.SOT, dec.context_length),
+      lambda x: generation.greedy(decoder, x, dec, tokenizer.sot_id, dec.context_length),
       image_tokens, 'captions')
-  parsed = [ds.parse_caption(clip.decode(row)) for row in captions]
+  parsed = [ds.parse_caption(tokenizer.decode(row)) for row in captions]
   right = {a: np.array([p[a] for p in parsed]) == sample[a] for a in CAPTION_ATTRIBUTES}
   for attribute, hits in right.items():
     results[f'{split}/caption_{attribute}'] = float(hits.mean())
   results[f'{split}/caption_all'] = float(np.mean(np.all(list(right.values()), axis=0)))
-  results[f'{split}/caption_examples'] = [clip.decode(row) for row in captions[:4]]
+  results[f'{split}/caption_examples'] = [tokenizer.decode(row) for row in captions[:4]]
   return results

@@ -3,13 +3,14 @@
 Any dataset `tfds.builder` knows with an image and a class label (cifar10, cifar100,
 imagenet2012, food101, oxford_iiit_pet, ...) is read from a local `data_dir` that
 tensorflow-datasets has prepared; nothing is downloaded here. Images go through the same
-transforms as the tfrecord pipeline (OpenAI's resize + centre crop for evaluation, the random
-resized crop for fine-tuning), so the numbers match what the model was trained with.
+transforms as the tfrecord pipeline, the model's own (`preprocess`, its `cfg.preprocess`: its
+eval resize for evaluation, the random resized crop for fine-tuning, its mean and std), so the
+numbers match what the model was trained with.
 
   data = TFDSClassification('cifar10', 'test', data_dir='~/tensorflow_datasets')
   data.classnames        # ['airplane', 'automobile', ...], for zero-shot prompts
-  for batch in data.batches(256, resolution=224):   # {'image': (B, n, n, 3), 'label': (B,)}
-    ...
+  for batch in data.batches(256, cfg.image_resolution, preprocess=cfg.preprocess):
+    ...                  # {'image': (B, n, n, 3), 'label': (B,)}
 """
 import logging
 import os
@@ -85,10 +86,13 @@ class TFDSClassification:
     self.process_split = tfds_lib.even_splits(split, n=process_count)[process_index]
     self.num_examples = info.splits[self.process_split].num_examples
 
-  def dataset(self, batch_size, resolution, *, train=False, seed=0, num_epochs=None,
+  def dataset(self, batch_size, resolution, *, preprocess, train=False, seed=0, num_epochs=None,
               image_dtype='float32', shuffle_buffer=10_000):
     """The tf.data pipeline: {'image': (B, n, n, 3), 'label': int32 (B,)}; eval keeps a smaller
-    last batch, training drops it (and repeats `num_epochs` times, None = endless)."""
+    last batch, training drops it (and repeats `num_epochs` times, None = endless). `preprocess`
+    is the model's `clip.PreprocessConfig`: its eval resize and interpolation (training uses the
+    random resized crop), and the mean and std of a float32 image."""
+    transforms.check_preprocess(preprocess)
     if not self.num_examples:
       raise ValueError(f'{self.name} {self.split}: this process\'s share holds no example '
                        '(more processes than examples)')
@@ -106,11 +110,13 @@ class TFDSClassification:
       if train:
         crop_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64),
                                                              index)
-        image = transforms.random_resized_crop(image_bytes, resolution, crop_seed)
+        image = transforms.random_resized_crop(image_bytes, resolution, crop_seed,
+                                               on_white=preprocess.convert_first)
       else:
-        image = transforms.center_crop(transforms.decode(image_bytes), resolution)
+        image = transforms.eval_transform(
+            transforms.decode(image_bytes, preprocess.convert_first), resolution, preprocess)
       if image_dtype == 'float32':
-        image = transforms.normalize_image(image)
+        image = transforms.normalize_image(image, preprocess.mean, preprocess.std)
       return {'image': image, 'label': tf.cast(label, tf.int32)}
 
     ds = ds.enumerate().map(lambda i, x: example(i, *x), num_parallel_calls=tf.data.AUTOTUNE,
@@ -119,15 +125,18 @@ class TFDSClassification:
     options.deterministic = True
     return ds.batch(batch_size, drop_remainder=train).with_options(options).prefetch(2)
 
-  def batches(self, batch_size, resolution, **kwargs):
+  def batches(self, batch_size, resolution, *, preprocess, train=False, seed=0, num_epochs=None,
+              image_dtype='float32', shuffle_buffer=10_000):
     """Numpy batches of `dataset(...)`."""
-    return self.dataset(batch_size, resolution, **kwargs).as_numpy_iterator()
+    return self.dataset(batch_size, resolution, preprocess=preprocess, train=train, seed=seed,
+                        num_epochs=num_epochs, image_dtype=image_dtype,
+                        shuffle_buffer=shuffle_buffer).as_numpy_iterator()
 
-  def arrays(self, batch_size, resolution):
+  def arrays(self, batch_size, resolution, *, preprocess):
     """This process's share in evaluation order as whole arrays: (images float32 (N, R, R, 3),
-    labels int32 (N,))."""
+    labels int32 (N,)), prepared by the model's `clip.PreprocessConfig` `preprocess`."""
     images, labels = [], []
-    for batch in self.batches(batch_size, resolution):
+    for batch in self.batches(batch_size, resolution, preprocess=preprocess):
       images.append(batch['image'])
       labels.append(batch['label'])
     return np.concatenate(images), np.concatenate(labels)

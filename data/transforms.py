@@ -1,12 +1,15 @@
-"""Image transforms inside tf.data: decode, OpenAI's eval crop, random resized crop, normalise.
+"""Image transforms inside tf.data: decode, a model's eval resize, random resized crop, normalise.
 
-The eval transform is OpenAI's `preprocess` (torchvision `Resize(n, BICUBIC)` of the short side,
-`CenterCrop(n)`) written with tf ops, so it runs in tf.data's threads without the GIL. It follows
-PIL step by step (accurate JPEG IDCT, width pass then height pass, each rounded to uint8) and
-lands within one uint8 level of OpenAI's preprocessing. The train transform is the random resized
-crop CLIP models are trained with (open_clip's scale (0.9, 1.0), bicubic), decoding a JPEG inside
-the crop window only. Randomness is stateless: the crop of an image is a function of its seed,
-whatever thread computes it. Normalisation uses `clip.IMAGE_MEAN` / `clip.IMAGE_STD`.
+The eval transform is the model's own (`clip.PreprocessConfig`, as `clip.preprocess` runs it on
+PIL images) written with tf ops, so it runs in tf.data's threads without the GIL: 'shortest' is
+OpenAI's `preprocess` (torchvision `Resize(n)` of the short side, `CenterCrop(n)`), 'squash'
+resizes both sides to n (SigLIP), 'longest' resizes the long side to n and centre-pads (open_clip's
+`ResizeKeepRatio(longest=1)` + `CenterCropOrPad`), each bicubic or bilinear. It follows PIL step
+by step (accurate JPEG IDCT, width pass then height pass, each rounded to uint8) and lands within
+one uint8 level of `clip.preprocess`. The train transform is the random resized crop CLIP models
+are trained with (open_clip's scale (0.9, 1.0), bicubic, whatever the eval transform), decoding a
+JPEG inside the crop window only. Randomness is stateless: the crop of an image is a function of
+its seed, whatever thread computes it. Normalisation uses the model's mean and std.
 """
 import tensorflow as tf
 
@@ -24,32 +27,84 @@ TRAIN_RATIO = (3 / 4, 4 / 3)
 JPEG_DCT = 'INTEGER_ACCURATE'  # PIL's (libjpeg's JDCT_ISLOW)
 
 
-def decode(image_bytes):
-  """JPEG / PNG / WebP / GIF / BMP bytes -> uint8 (H, W, 3); grey is repeated, alpha dropped.
+def decode(image_bytes, on_white=False):
+  """JPEG / PNG / WebP / GIF / BMP bytes -> uint8 (H, W, 3); grey is repeated, alpha dropped, or
+  with `on_white` (`PreprocessConfig.convert_first`, transformers' `convert_to_rgb`) transparency
+  composited onto white as `clip.preprocess.rgb_on_white` does (GIFs decode without theirs).
 
   JPEGs use the accurate integer IDCT, as PIL does (tf's default, the fast one, is up to 7
   levels off). Bytes that are not an image raise `tf.errors.InvalidArgumentError`; the reader
   turns that into a counted, skipped record."""
+  def rgb():
+    return tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
+
+  other = rgb
+  if on_white:
+    is_gif = tf.equal(tf.strings.substr(image_bytes, 0, 3), b'GIF')
+    other = lambda: tf.cond(is_gif, rgb, lambda: _on_white(tf.io.decode_image(
+        image_bytes, channels=4, expand_animations=False, dtype=tf.uint8)))
   image = tf.cond(
       tf.io.is_jpeg(image_bytes),
-      lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method=JPEG_DCT),
-      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False,
-                                 dtype=tf.uint8))
+      lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method=JPEG_DCT), other)
   image.set_shape([None, None, 3])
   return image
 
 
-def _resize_pass(image_HxWx3, size_hw):
-  x = tf.image.resize(image_HxWx3, size_hw, method='bicubic', antialias=True)
+def _on_white(rgba_u8):
+  """PIL's `alpha_composite` of an RGBA image onto opaque white, in its integer arithmetic (7
+  fraction bits, its division by 255), as RGB: equal to PIL's."""
+  x = tf.cast(rgba_u8, tf.int32)
+  alpha = x[..., 3:]
+  shift = tf.bitwise.right_shift
+  total = 128 * (x[..., :3] * alpha + 255 * (255 - alpha)) + (0x80 << 7)
+  return tf.cast(shift(shift(shift(total, 8) + total, 8), 7), tf.uint8)
+
+
+def check_preprocess(preprocess):
+  """`preprocess` if it is a `clip.PreprocessConfig`, else TypeError saying what to pass."""
+  if not isinstance(preprocess, configs.PreprocessConfig):
+    raise TypeError('preprocess must be the model\'s clip.PreprocessConfig (cfg.preprocess), got '
+                    f'{type(preprocess).__name__}')
+  return preprocess
+
+
+def _resize_pass(image_HxWx3, size_hw, method):
+  x = tf.image.resize(image_HxWx3, size_hw, method=method, antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
 
-def _resize_to_uint8(image_HxWx3, size_hw):
-  """PIL's bicubic resize: antialiased when shrinking, width first, then height, each pass
-  rounded and clipped to uint8 (the clip between passes matters where the kernel overshoots)."""
+def _resize_to_uint8(image_HxWx3, size_hw, method):
+  """PIL's bicubic or bilinear resize: antialiased when shrinking, width first, then height, each
+  pass rounded and clipped to uint8 (the clip between passes matters where the kernel
+  overshoots)."""
   height = tf.shape(image_HxWx3)[0]
-  wide = _resize_pass(image_HxWx3, tf.stack([height, size_hw[1]]))
-  return _resize_pass(wide, size_hw)
+  wide = _resize_pass(image_HxWx3, tf.stack([height, size_hw[1]]), method)
+  return _resize_pass(wide, size_hw, method)
+
+
+def _resized(image_u8, new_h, new_w, method):
+  """`image_u8` resized to (new_h, new_w), left alone when it has that size already (as PIL)."""
+  shape = tf.shape(image_u8)
+  return tf.cond(
+      tf.logical_and(tf.equal(new_h, shape[0]), tf.equal(new_w, shape[1])),
+      lambda: image_u8, lambda: _resize_to_uint8(image_u8, tf.stack([new_h, new_w]), method))
+
+
+def _offset(excess, rounding):
+  """Where a centre crop starts: torchvision's int(round(excess / 2)) (half to even, as Python's
+  round), or transformers' excess // 2 (`rounding='floor'`)."""
+  if rounding == 'floor':
+    return excess // 2
+  return tf.cast(tf.round(tf.cast(excess, tf.float64) / 2.0), tf.int32)
+
+
+def _centre_crop(image_u8, n_px, rounding='round'):
+  """The centre `n_px` square of an image at least `n_px` on both sides."""
+  shape = tf.shape(image_u8)
+  top, left = _offset(shape[0] - n_px, rounding), _offset(shape[1] - n_px, rounding)
+  crop = image_u8[top:top + n_px, left:left + n_px]
+  crop.set_shape([n_px, n_px, 3])
+  return crop
 
 
 def resized_size(width, height, n_px):
@@ -63,20 +118,50 @@ def resized_size(width, height, n_px):
   return new_w, new_h
 
 
-def center_crop(image_u8, n_px):
-  """OpenAI's eval transform on a uint8 (H, W, 3) image -> uint8 (n_px, n_px, 3)."""
+def center_crop(image_u8, n_px, interpolation='bicubic', crop_rounding='round'):
+  """OpenAI's eval transform ('shortest') on a uint8 (H, W, 3) image -> uint8 (n_px, n_px, 3):
+  the short side resized to `n_px`, then the centre crop."""
   shape = tf.shape(image_u8)
-  height, width = shape[0], shape[1]
-  new_w, new_h = resized_size(width, height, n_px)
-  image_u8 = tf.cond(
-      tf.logical_and(tf.equal(new_h, height), tf.equal(new_w, width)),
-      lambda: image_u8, lambda: _resize_to_uint8(image_u8, tf.stack([new_h, new_w])))
-  # torchvision's CenterCrop: int(round((size - n) / 2)), round half to even as Python's round.
-  top = tf.cast(tf.round(tf.cast(new_h - n_px, tf.float64) / 2.0), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_w - n_px, tf.float64) / 2.0), tf.int32)
-  crop = image_u8[top:top + n_px, left:left + n_px]
-  crop.set_shape([n_px, n_px, 3])
-  return crop
+  new_w, new_h = resized_size(shape[1], shape[0], n_px)
+  return _centre_crop(_resized(image_u8, new_h, new_w, interpolation), n_px, crop_rounding)
+
+
+def squash(image_u8, n_px, interpolation='bicubic'):
+  """'squash' (SigLIP's): both sides resized to `n_px`, the aspect ratio not kept."""
+  out = _resized(image_u8, n_px, n_px, interpolation)
+  out.set_shape([n_px, n_px, 3])
+  return out
+
+
+def resize_longest_and_pad(image_u8, n_px, interpolation='bicubic', fill_color=0,
+                           crop_rounding='round'):
+  """'longest': `clip.preprocess.resize_longest_and_pad` on tensors. The long side becomes
+  `n_px`, the other `round(side / ratio)` (half to even, as Python's round), then the image is
+  centred on an `n_px` square of `fill_color`: torchvision's pad gives the left / top the floor
+  of the half, and a side past `n_px` is centre-cropped."""
+  shape = tf.shape(image_u8)
+  height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+  ratio = tf.maximum(height / n_px, width / n_px)
+  new_h = tf.cast(tf.round(height / ratio), tf.int32)
+  new_w = tf.cast(tf.round(width / ratio), tf.int32)
+  image_u8 = _resized(image_u8, new_h, new_w, interpolation)
+  pad_h, pad_w = tf.maximum(n_px - new_h, 0), tf.maximum(n_px - new_w, 0)
+  padded = tf.pad(image_u8, [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2],
+                             [0, 0]], constant_values=tf.constant(fill_color, tf.uint8))
+  return _centre_crop(padded, n_px, crop_rounding)
+
+
+def eval_transform(image_u8, n_px, preprocess):
+  """A decoded uint8 (H, W, 3) image (`decode(bytes, preprocess.convert_first)`) -> uint8
+  (n_px, n_px, 3) by the model's resize (`preprocess.resize_mode`, `.interpolation`,
+  `.crop_rounding`): `clip.preprocess.transform` in tf."""
+  mode, interpolation, rounding = (preprocess.resize_mode, preprocess.interpolation,
+                                   preprocess.crop_rounding)
+  if mode == 'shortest':
+    return center_crop(image_u8, n_px, interpolation, rounding)
+  if mode == 'squash':
+    return squash(image_u8, n_px, interpolation)
+  return resize_longest_and_pad(image_u8, n_px, interpolation, preprocess.fill_color, rounding)
 
 
 def _crop_window(image_shape, seed, scale, ratio):
@@ -98,9 +183,11 @@ def _resize_crop(crop_u8, n_px):
   return out
 
 
-def random_resized_crop(image_bytes, n_px, seed, scale=TRAIN_SCALE, ratio=TRAIN_RATIO):
+def random_resized_crop(image_bytes, n_px, seed, scale=TRAIN_SCALE, ratio=TRAIN_RATIO,
+                        on_white=False):
   """Encoded image -> a random crop covering `scale` of its area with aspect ratio in `ratio`,
   resized to (n_px, n_px, 3) uint8. `seed` is a stateless seed, int (2,): same seed, same crop.
+  `on_white` as `decode`'s.
 
   A JPEG is decoded inside the crop window only (`decode_and_crop_jpeg`), other formats whole."""
   def jpeg():
@@ -109,7 +196,7 @@ def random_resized_crop(image_bytes, n_px, seed, scale=TRAIN_SCALE, ratio=TRAIN_
     return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3, dct_method=JPEG_DCT)
 
   def other():
-    image = decode(image_bytes)
+    image = decode(image_bytes, on_white)
     begin, size = _crop_window(tf.shape(image), seed, scale, ratio)
     return tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([size, [3]], 0))
 
@@ -118,10 +205,11 @@ def random_resized_crop(image_bytes, n_px, seed, scale=TRAIN_SCALE, ratio=TRAIN_
   return _resize_crop(crop, n_px)
 
 
-def normalize_image(image_u8):
-  """uint8 (..., 3) -> float32 normalised with OpenAI's mean and std: `clip.normalize_image` of
-  the image / 255, as one multiply-add (a third of the memory passes of cast, divide, subtract,
-  divide; equal to float32 rounding)."""
-  scale = tf.constant([1 / (255 * s) for s in configs.IMAGE_STD], tf.float32)
-  offset = tf.constant([-m / s for m, s in zip(configs.IMAGE_MEAN, configs.IMAGE_STD)], tf.float32)
+def normalize_image(image_u8, mean, std):
+  """uint8 (..., 3) -> float32 normalised with the model's RGB `mean` and `std`
+  (`cfg.preprocess.mean`, `.std`): `clip.processing.normalize` of the image / 255, as one
+  multiply-add (a third of the memory passes of cast, divide, subtract, divide; equal to float32
+  rounding)."""
+  scale = tf.constant([1 / (255 * s) for s in std], tf.float32)
+  offset = tf.constant([-m / s for m, s in zip(mean, std)], tf.float32)
   return tf.cast(image_u8, tf.float32) * scale + offset

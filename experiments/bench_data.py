@@ -14,6 +14,7 @@ Measures, in images per second:
   python -m experiments.bench_data --quick
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -61,6 +62,10 @@ class NoisySynthetic(synthetic.SyntheticCaptions):
 
 
 FORMATS = ('tfrecord', 'webdataset')
+# The pipeline reads as a ViT-B at 224px of OpenAI's would: its BPE at 77 tokens, its resize,
+# centre crop, mean and std.
+TOKENIZE = functools.partial(clip.tokenize, context_length=77, truncate=True)
+PREPROCESS = clip.PreprocessConfig()
 
 
 def write_shards(out_dir, kind, fmt, n, shards):
@@ -77,8 +82,8 @@ def bench_pipeline(files, train, batch, max_batches, shuffle_buffer):
   shuffle buffer fill)."""
   from data import shards  # pylint: disable=g-import-not-at-top
   p = shards.Pipeline(files, global_batch_size=batch, resolution=224, train=train,
-                      shuffle_buffer=shuffle_buffer, num_epochs=1, process_index=0,
-                      process_count=1)
+                      tokenize=TOKENIZE, preprocess=PREPROCESS, shuffle_buffer=shuffle_buffer,
+                      num_epochs=1, process_index=0, process_count=1)
   it = iter(p)
   next(it)
   n, start, cpu = 0, time.perf_counter(), time.process_time()

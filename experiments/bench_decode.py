@@ -50,6 +50,16 @@ def decoder_config(shortlist):
                                image_projection=False, output_ids=ids)
 
 
+def start_id(cfg):
+  """The start token of `cappa_small`'s model with decoder `cfg`: its own tokenizer's (OpenAI's
+  BPE, whose 49408 ids the decoder reads), as `generation.start_token_id` gives it."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from clip import generation  # pylint: disable=g-import-not-at-top
+  from experiments.configs import cappa_small  # pylint: disable=g-import-not-at-top
+  model = dataclasses.replace(cappa_small.get_config().model, decoder=cfg)
+  return generation.start_token_id(model)
+
+
 def bench_one(decode, repeats):
   """`decode() -> (..., last position)`: (compile + first call s, median s, positions)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -70,13 +80,12 @@ def decode_fn(method, params, image, cfg, args, cache):
   how far they ran (the public functions return the captions only)."""
   from clip import configs  # pylint: disable=g-import-not-at-top
   from clip import generation  # pylint: disable=g-import-not-at-top
-  from clip import tokenizer  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
-  execution = configs.Execution(args.dtype)
+  execution, start = configs.Execution(args.dtype), start_id(cfg)
   if method == 'greedy':
-    return lambda: generation._greedy(params, image, cfg, tokenizer.SOT, args.max_length,
-                                      execution, cache)
-  return lambda: generation._beam_search(params, image, cfg, tokenizer.SOT, args.max_length,
+    return lambda: generation._greedy(params, image, cfg, start, args.max_length, execution,
+                                      cache)
+  return lambda: generation._beam_search(params, image, cfg, start, args.max_length,
                                          args.beam_size, 0.0, execution, cache)
 
 

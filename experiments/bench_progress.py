@@ -68,14 +68,12 @@ def main(argv=None):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
-  from data import synthetic  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   config = train.load_config(train.parse_args(['--config', args.config]))
   cfg, tcfg = config.model, config.train
   mesh = sharding.make_mesh(*tcfg.mesh)
   state, train_step, _, _, _ = training.setup(cfg, tcfg, mesh)
-  ds = synthetic.SyntheticCaptions(seed=tcfg.seed, resolution=cfg.image_resolution)
-  it = ds.batches(tcfg.batch_size, context_length=cfg.context_length)
+  it, _ = train.make_data(config, cfg, tcfg, {'step': 0})  # the main job's batches
   batches = [next(it) for _ in range(args.steps)]
   time_loop('sync', train_step, state, batches[:3], mesh)  # compile
   seconds = {mode: [] for mode in MODES}

@@ -19,9 +19,16 @@ decoder (Tschannen et al. 2023): each class is scored by the log-likelihood of i
 the image (the mean over its templates), the highest wins; its metrics are zero-shot's.
 
 --model is an official name, a checkpoint file (any format `clip.load` reads) or a training
-workdir of `experiments/train.py` (its newest checkpoint). --config names the file in
+workdir of `experiments/train.py` (its newest checkpoint). A workdir holding the
+`model_config.json` its run saved is that model, tokenizer and image preprocessing included, and
+needs no --config (one given must have its architecture). Otherwise --config names the file in
 `experiments/configs/` whose model config to use, needed where the shapes do not determine the
 head counts (OpenAI's 64-wide heads are assumed otherwise).
+
+Every task feeds the model its own processing: prompts and captions through its tokenizer
+(`clip.get_tokenizer(cfg)`), images through its transform and normalisation (`cfg.preprocess`);
+a model whose tokenizer is unknown (a SigLIP checkpoint without its SentencePiece file) is
+refused with `clip.TokenizerError`, never run on OpenAI's.
 
 Datasets: `synthetic[/<task>]` is the built-in captioned shapes (`--split train | heldout | all`,
 tasks colour_shape, shape, colour, size, count, position, texture); `tfds/<name>` any prepared
@@ -30,6 +37,7 @@ img2dataset shards (webdataset tars or tfrecords).
 """
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -80,19 +88,63 @@ def _workdir_params(workdir):
   return {**weights.flatten(state['params']), **weights.flatten(state.get('batch_stats', {}))}
 
 
+# How a model is run, and (set apart) how its inputs are made: not what its weights compute.
+_NOT_ARCHITECTURE = ('dtype', 'remat', 'scan', 'init_logit_scale', 'init_logit_bias',
+                     'tokenizer', 'preprocess')
+
+
+def architecture_differences(given, saved, prefix=''):
+  """'<field>: --config says .., the workdir's model_config.json says ..' for every field of the
+  two configs that changes what the weights compute (every field of the towers and decoder; not
+  the dtype, remat, scan, logit inits, tokenizer or preprocessing)."""
+  out = []
+  for field in dataclasses.fields(given):
+    a, b = getattr(given, field.name), getattr(saved, field.name)
+    if not prefix and field.name in _NOT_ARCHITECTURE:
+      continue
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+      out += architecture_differences(a, b, f'{prefix}{field.name}.')
+    elif a != b:
+      out.append(f'{prefix}{field.name}: --config says {a!r}, the workdir\'s model_config.json '
+                 f'says {b!r}')
+  return out
+
+
+def _workdir_config(workdir, cfg, config_name, has_bias):
+  """The config of a training workdir: its saved `model_config.json` (architecture, tokenizer,
+  preprocessing) when there is one, run with --config's dtype, remat and scan if given, which must
+  have its architecture; else --config's (None: inferred from the shapes)."""
+  from clip import checkpoint  # pylint: disable=g-import-not-at-top
+  if cfg is not None and has_bias != cfg.logit_bias:
+    # `--loss sigmoid` on a config without the bias trains one (experiments/train.py)
+    print(f'{workdir}: logit_bias={has_bias} as in its checkpoint, not the config\'s')
+    cfg = dataclasses.replace(cfg, logit_bias=has_bias)
+  if not os.path.isfile(os.path.join(workdir, checkpoint.MODEL_CONFIG)):
+    return cfg
+  saved = checkpoint.load_model_config(workdir)
+  if cfg is None:
+    return saved
+  differences = architecture_differences(cfg, saved)
+  if differences:
+    raise ValueError(f'--config {config_name} is not the model {workdir} trained: '
+                     + '; '.join(differences) + '. Leave --config out to use the workdir\'s '
+                     f'{checkpoint.MODEL_CONFIG}')
+  return dataclasses.replace(saved, dtype=cfg.dtype, remat=cfg.remat, scan=cfg.scan)
+
+
 def load_model(spec, config_name=None):
-  """(params, cfg) from an official name, a checkpoint file or a training workdir."""
+  """(params, cfg) from an official name, a checkpoint file or a training workdir; `cfg` carries
+  the model's tokenizer and preprocessing (a workdir's from its `model_config.json`, a file's from
+  what `clip.load` reads beside it). ValueError when --config contradicts a workdir's saved
+  architecture, naming each difference."""
   import clip  # pylint: disable=g-import-not-at-top
   from clip import weights  # pylint: disable=g-import-not-at-top
   cfg = _model_config(config_name)
   if os.path.isdir(spec) and os.path.isdir(os.path.join(spec, 'checkpoints')):
     # Stacked (scan-layout) blocks are checked under their per-layer torch keys.
     flat = weights.flatten(clip.unstack_layers(weights.nest(_workdir_params(spec))))
-    if cfg is not None and ('logit_bias' in flat) != cfg.logit_bias:
-      # `--loss sigmoid` on a config without the bias trains one (experiments/train.py)
-      print(f'{spec}: logit_bias={"logit_bias" in flat} as in its checkpoint, not the config\'s')
-      cfg = dataclasses.replace(cfg, logit_bias='logit_bias' in flat)
-    return weights.from_state_dict(flat, cfg)
+    return weights.from_state_dict(flat, _workdir_config(spec, cfg, config_name,
+                                                         'logit_bias' in flat))
   if os.path.exists(spec):
     return clip.load(spec, config=cfg)
   if spec in clip.MODELS:
@@ -104,10 +156,12 @@ def load_model(spec, config_name=None):
 # ----------------------------------------------------------------------------------- data
 
 def classification_data(args, cfg, split, fit=False):
-  """(images float32 (N, R, R, 3), labels int32 (N,), class names, prompts per class or None:
-  the built-in set has its own prompt per class, tfds classes get `--templates`). `fit`: the
-  examples a linear probe is fitted on (other indices of the built-in set than evaluation's)."""
-  import clip  # pylint: disable=g-import-not-at-top
+  """(images float32 (N, R, R, 3) by the model's own preprocessing, labels int32 (N,), class
+  names, prompts per class or None: the built-in set has its own prompt per class, tfds classes
+  get `--templates`). `fit`: the examples a linear probe is fitted on (other indices of the
+  built-in set than evaluation's). The built-in set is drawn at the model's resolution, so its
+  images need only the model's normalisation (`clip.processing.normalize`)."""
+  from clip import processing  # pylint: disable=g-import-not-at-top
   kind, _, name = args.dataset.partition('/')
   if kind == 'synthetic':
     from data import synthetic  # pylint: disable=g-import-not-at-top
@@ -118,24 +172,29 @@ def classification_data(args, cfg, split, fit=False):
     # Far from the indices a training run saw first, and from the evaluation examples.
     offset = synthetic.UNSEEN_START if split == 'train' or fit else 0
     sample = ds.get(np.arange(offset, offset + args.examples))
-    images = clip.normalize_image(sample['image'].astype(np.float32) / 255)
+    images = processing.normalize(sample['image'].astype(np.float32) / 255, cfg)
     return images, ds.labels(sample, task), ds.classnames(task), [[p] for p in ds.prompts(task)]
   if kind == 'tfds':
     from data import tfds  # pylint: disable=g-import-not-at-top
     data = tfds.TFDSClassification(name, split or ('train' if fit else 'test'),
                                    data_dir=args.data_dir)
-    return (*data.arrays(args.batch_size, cfg.image_resolution), data.classnames, None)
+    return (*data.arrays(args.batch_size, cfg.image_resolution, preprocess=cfg.preprocess),
+            data.classnames, None)
   raise ValueError(f'--dataset must be synthetic[/<task>] or tfds/<name>, got {args.dataset!r}')
 
 
 def retrieval_data(args, cfg):
-  """(images (N, R, R, 3), tokens (N, L)): one caption per image."""
-  import clip  # pylint: disable=g-import-not-at-top
+  """(images (N, R, R, 3), tokens int32 (N, L)): one caption per image, the images by the model's
+  preprocessing, the captions by its tokenizer (`--captions` truncated to its context, as
+  training reads them; the built-in captions fit it)."""
+  from clip import processing  # pylint: disable=g-import-not-at-top
+  tokenizer = processing.get_tokenizer(cfg)
   if args.captions:
     from data import shards  # pylint: disable=g-import-not-at-top
     pipeline = shards.Pipeline(args.captions, global_batch_size=args.batch_size,
                                resolution=cfg.image_resolution, train=False,
-                               context_length=cfg.context_length)  # no batch: EmptyEpochError
+                               tokenize=functools.partial(tokenizer, truncate=True),
+                               preprocess=cfg.preprocess)  # no batch: EmptyEpochError
     batches = list(pipeline)
     print(f'--captions: {pipeline.stats.summary()}')  # how many pairs are scored, what was skipped
     return (np.concatenate([b['image'] for b in batches]),
@@ -146,8 +205,8 @@ def retrieval_data(args, cfg):
   ds = synthetic.SyntheticCaptions(seed=args.seed, resolution=cfg.image_resolution,
                                    split=args.split or 'heldout')
   sample = ds.get(np.arange(args.examples))
-  return (clip.normalize_image(sample['image'].astype(np.float32) / 255),
-          clip.tokenize(sample['caption'], cfg.context_length))
+  return (processing.normalize(sample['image'].astype(np.float32) / 255, cfg),
+          tokenizer(sample['caption']))
 
 
 # -------------------------------------------------------------------------------- metrics
@@ -192,12 +251,13 @@ def _metrics(scores, labels, classnames, with_acc5):
 
 def zero_shot_scores(params, cfg, images, class_prompts, batch_size):
   """Cosine similarities (N, C) of the images with the prompt-ensembled class embeddings;
-  `class_prompts` holds the same number of prompts for every class."""
+  `class_prompts` holds the same number of prompts for every class, tokenised by the model's own
+  tokenizer (`clip.get_tokenizer(cfg)`)."""
   from clip import linear_probe  # pylint: disable=g-import-not-at-top
-  from clip import tokenizer  # pylint: disable=g-import-not-at-top
+  from clip import processing  # pylint: disable=g-import-not-at-top
   from clip import zero_shot  # pylint: disable=g-import-not-at-top
   c, t = len(class_prompts), len(class_prompts[0])
-  tokens = tokenizer.tokenize([p for ps in class_prompts for p in ps], cfg.context_length)
+  tokens = processing.get_tokenizer(cfg)([p for ps in class_prompts for p in ps])
   weights = zero_shot.classifier_weights_from_tokens(params, cfg, tokens.reshape(c, t, -1))
   feats = linear_probe.image_features(params, cfg, images, batch_size)
   return (feats / np.linalg.norm(feats, axis=-1, keepdims=True)) @ weights
@@ -205,16 +265,19 @@ def zero_shot_scores(params, cfg, images, class_prompts, batch_size):
 
 def generative_scores(params, cfg, images, class_prompts, batch_size):
   """Log-likelihoods (N, C) of each class's prompts given each image under the captioning
-  decoder, averaged over the class's prompts (CapPa's generative zero-shot)."""
+  decoder, averaged over the class's prompts (CapPa's generative zero-shot). The prompts are rows
+  of the model's own tokenizer, which must start them with its start token
+  (`generation.start_token_id`: a tokenizer without one raises `clip.TokenizerError`)."""
   from clip import batching  # pylint: disable=g-import-not-at-top
   from clip import generation  # pylint: disable=g-import-not-at-top
   from clip import model  # pylint: disable=g-import-not-at-top
-  from clip import tokenizer  # pylint: disable=g-import-not-at-top
+  from clip import processing  # pylint: disable=g-import-not-at-top
   if cfg.decoder is None:
     raise ValueError('--task generative_classification needs a model with a captioning decoder '
                      '(e.g. --config cappa_small); this config has none')
+  generation.start_token_id(cfg)
   c, t = len(class_prompts), len(class_prompts[0])
-  tokens = tokenizer.tokenize([p for ps in class_prompts for p in ps], cfg.context_length)
+  tokens = processing.get_tokenizer(cfg)([p for ps in class_prompts for p in ps])
 
   def scores(images_BxRxRx3):
     image_tokens = model.image_features_and_tokens(params, images_BxRxRx3, cfg)[1]

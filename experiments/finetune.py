@@ -15,6 +15,10 @@ Modes:
       --data-dir ~/tfds --steps 2000 --batch-size 256
   python -m experiments.finetune --model results/train/small --config small --mode lit
 
+Prompts and captions go through the model's own tokenizer (`clip.get_tokenizer(cfg)`), images
+through its own preprocessing (`cfg.preprocess`), in every mode; a model whose tokenizer is
+unknown is refused with `clip.TokenizerError`.
+
 Writes --out (default results/finetune/<mode>): results.json, a checkpoint of the final
 parameters, and for the classifier wise_ft.png (accuracy against the WiSE-FT alpha).
 """
@@ -58,13 +62,16 @@ def _synthetic(cfg, split, seed=0):
   return synthetic.SyntheticCaptions(seed=seed, resolution=cfg.image_resolution, split=split)
 
 
-def _normalised(images_u8):
-  import clip  # pylint: disable=g-import-not-at-top
-  return clip.normalize_image(images_u8.astype(np.float32) / 255)
+def _normalised(images_u8, cfg):
+  """The built-in set's uint8 images, drawn at the model's resolution -> normalised with the
+  model's mean and std (the only step of its preprocessing they need)."""
+  from clip import processing  # pylint: disable=g-import-not-at-top
+  return processing.normalize(images_u8.astype(np.float32) / 255, cfg)
 
 
 def labelled_batches(args, cfg):
-  """Endless training batches {'image', 'label', 'caption'} and the class names."""
+  """Endless training batches {'image' (the model's preprocessing), 'label', 'caption'} and one
+  prompt per class."""
   kind, _, name = args.dataset.partition('/')
   if kind == 'synthetic':
     ds, task = _synthetic(cfg, 'train', args.seed), name or 'colour_shape'
@@ -74,7 +81,7 @@ def labelled_batches(args, cfg):
       while True:
         start = synthetic.UNSEEN_START + step * args.batch_size
         sample = ds.get(np.arange(start, start + args.batch_size))
-        yield {'image': _normalised(sample['image']), 'label': ds.labels(sample, task),
+        yield {'image': _normalised(sample['image'], cfg), 'label': ds.labels(sample, task),
                'caption': sample['caption']}
         step += 1
     return stream(), ds.prompts(task)
@@ -82,30 +89,32 @@ def labelled_batches(args, cfg):
     from data import tfds  # pylint: disable=g-import-not-at-top
     data = tfds.TFDSClassification(name, 'train', data_dir=args.data_dir)
     from clip import zero_shot  # pylint: disable=g-import-not-at-top
-    batches = data.batches(args.batch_size, cfg.image_resolution, train=True, seed=args.seed)
+    batches = data.batches(args.batch_size, cfg.image_resolution, preprocess=cfg.preprocess,
+                           train=True, seed=args.seed)
     prompts = [zero_shot.DEFAULT_TEMPLATES[0].format(c) for c in data.classnames]
     return batches, prompts
   raise ValueError(f'--dataset must be synthetic[/<task>] or tfds/<name>, got {args.dataset!r}')
 
 
 def test_sets(args, cfg):
-  """{name: (images, labels, captions or None)} to evaluate on. The built-in set gives two:
-  'train' (unseen images of the (shape, colour) pairs fine-tuning sees) and 'heldout' (the
-  pairs it never sees); tfds its test split."""
+  """{name: (images by the model's preprocessing, labels, captions or None)} to evaluate on. The
+  built-in set gives two: 'train' (unseen images of the (shape, colour) pairs fine-tuning sees)
+  and 'heldout' (the pairs it never sees); tfds its test split."""
   kind, _, name = args.dataset.partition('/')
   if kind == 'synthetic':
     out = {}
     for split, offset in (('train', synthetic.FINETUNE_UNSEEN_START), ('heldout', 0)):
       ds = _synthetic(cfg, split, args.seed + 1)
       sample = ds.get(np.arange(offset, offset + args.eval_examples))
-      out[split] = (_normalised(sample['image']), ds.labels(sample, name or 'colour_shape'),
+      out[split] = (_normalised(sample['image'], cfg), ds.labels(sample, name or 'colour_shape'),
                     sample['caption'])
     return out
   if kind != 'tfds':
     raise ValueError(f'--dataset must be synthetic[/<task>] or tfds/<name>, got {args.dataset!r}')
   from data import tfds  # pylint: disable=g-import-not-at-top
   data = tfds.TFDSClassification(name, 'test', data_dir=args.data_dir)
-  return {'test': (*data.arrays(args.batch_size, cfg.image_resolution), None)}
+  return {'test': (*data.arrays(args.batch_size, cfg.image_resolution,
+                                preprocess=cfg.preprocess), None)}
 
 
 def _accuracy(logits, labels):
@@ -136,8 +145,8 @@ def classifier(args, params, cfg, tcfg):
   from clip import finetune  # pylint: disable=g-import-not-at-top
   from clip import zero_shot  # pylint: disable=g-import-not-at-top
   batches, prompts = labelled_batches(args, cfg)
-  weights = zero_shot.classifier_weights_from_tokens(
-      params, cfg, clip.tokenize(prompts, cfg.context_length)[:, None])
+  weights = zero_shot.classifier_weights_from_tokens(params, cfg,
+                                                     clip.get_tokenizer(cfg)(prompts)[:, None])
   zs = finetune.image_classifier_params(params, weights)
   tests = test_sets(args, cfg)
   objective = finetune.image_classification_objective(cfg)
@@ -161,11 +170,13 @@ def classifier(args, params, cfg, tcfg):
 
 
 def lit(args, params, cfg, tcfg):
+  import clip  # pylint: disable=g-import-not-at-top
   import losses  # pylint: disable=g-import-not-at-top
+  tokenize = clip.get_tokenizer(cfg)  # before anything runs: the model's own, or TokenizerError
   before = synthetic_eval.evaluate(params, cfg, args.eval_examples, args.seed + 1)
   ds = _synthetic(cfg, 'train', args.seed)
-  batches = ds.batches(tcfg.batch_size, start_step=synthetic.LIT_START_STEP,
-                       context_length=cfg.context_length)
+  batches = ds.batches(tcfg.batch_size, start_step=synthetic.LIT_START_STEP, tokenize=tokenize,
+                       preprocess=cfg.preprocess)
   tcfg = dataclasses.replace(tcfg, lock_image_tower=True, loss=args.loss)
   init = dict(params)
   if losses.takes_bias(args.loss) != cfg.logit_bias:  # the model follows the loss
@@ -187,15 +198,15 @@ def text_classifier(args, params, cfg, tcfg):
   from clip import finetune  # pylint: disable=g-import-not-at-top
   if not args.dataset.startswith('synthetic'):
     raise ValueError('text-classifier needs labelled captions: --dataset synthetic/<task>')
+  tokenize = clip.get_tokenizer(cfg)
   batches, prompts = labelled_batches(args, cfg)
   head = finetune.text_classifier_params(params, len(prompts), jax.random.PRNGKey(args.seed))
-  to_batch = lambda b: {'tokens': clip.tokenize(b['caption'], cfg.context_length),
-                        'label': b['label']}
+  to_batch = lambda b: {'tokens': tokenize(b['caption']), 'label': b['label']}
   tuned, log = _run(cfg, tcfg, lambda key: head, finetune.text_classification_objective(cfg),
                     ('tokens', 'label'), batches, to_batch)
   accuracy = {}
   for split, (_, y, captions) in test_sets(args, cfg).items():
-    logits = finetune.classify_texts(tuned, clip.tokenize(captions, cfg.context_length), cfg)
+    logits = finetune.classify_texts(tuned, tokenize(captions), cfg)
     accuracy[split] = _accuracy(logits, y)
   return tuned, {'accuracy': accuracy, 'chance': 1 / len(prompts), 'log': log}
 

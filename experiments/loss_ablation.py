@@ -33,6 +33,7 @@ into --out.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -178,6 +179,7 @@ def stage_specs(args):
 def _setup(s, devices_available):
   """Spec `s`'s model config, mesh, initial state, its built-in data (seeded by the run's
   seed), the first global batch and the train step compiled for it (with its compile time)."""
+  import clip  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
   from clip import training  # pylint: disable=g-import-not-at-top
   from data import synthetic  # pylint: disable=g-import-not-at-top
@@ -194,7 +196,8 @@ def _setup(s, devices_available):
   mesh = sharding.make_mesh(*tcfg.mesh, devices=devices_available[:s['devices']])
   state, step_fn, _, _, _ = training.setup(cfg, tcfg, mesh)
   data = synthetic.SyntheticCaptions(seed=s['seed'], resolution=cfg.image_resolution).batches(
-      s['batch'], context_length=cfg.context_length)
+      s['batch'], tokenize=functools.partial(clip.get_tokenizer(cfg), truncate=True),
+      preprocess=cfg.preprocess)
   batch = training.global_batch(mesh, next(data))
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()

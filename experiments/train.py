@@ -13,13 +13,17 @@ weighted mixture of several sources ('a/*.tar:0.7,b/*.tfrecord:0.3').
   # two hosts: the same command on each, with --num-processes 2 --process-id {0,1}
   #            --coordinator host0:1234
 
-Writes into `--workdir` (default results/train/<config>): metrics.jsonl, loss.png, checkpoints/,
-eval.json, and with --export-torch a torch state dict of the final weights. Rerunning with the same
-workdir resumes from the newest checkpoint (params, optimizer, step, rng and data position).
+Writes into `--workdir` (default results/train/<config>): model_config.json (the architecture, the
+tokenizer and the image preprocessing the data was read with, a SentencePiece model copied beside
+it), metrics.jsonl, loss.png, checkpoints/, eval.json, and with --export-torch a torch state dict
+of the final weights. Rerunning with the same workdir resumes from the newest checkpoint (params,
+optimizer, step, rng and data position), with the same tokenizer and preprocessing.
 """
 import argparse
 import collections
 import dataclasses
+import filecmp
+import functools
 import importlib
 import json
 import logging
@@ -27,7 +31,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 
 def parse_args(argv):
@@ -242,20 +245,50 @@ def check_resume(meta, run, tcfg, ckpt_dir):
           'learning-rate schedule follows the new length from here')
 
 
+def check_processing(workdir, cfg):
+  """A workdir resumes with the tokenizer and image preprocessing it was trained with (its
+  `model_config.json`; one written before those were saved is taken as it comes): tokens or
+  pixels of another kind would continue the run on other inputs (ValueError)."""
+  from clip import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    saved = checkpoint.load_model_config(workdir)
+  except FileNotFoundError:
+    return
+  if saved.preprocess != cfg.preprocess:
+    raise ValueError(f'{workdir} was trained with preprocessing {saved.preprocess}, this run\'s '
+                     f'model has {cfg.preprocess}: use another --workdir (or the same model)')
+  if not _same_tokenizer(saved.tokenizer, cfg.tokenizer):
+    raise ValueError(f'{workdir} was trained with tokenizer {saved.tokenizer}, this run\'s model '
+                     f'has {cfg.tokenizer}: use another --workdir (or the same model)')
+
+
+def _same_tokenizer(a, b):
+  """Equal settings and model files of equal bytes (the workdir holds a copy of the file)."""
+  if dataclasses.replace(a, model_file=None) != dataclasses.replace(b, model_file=None):
+    return False
+  if a.model_file is None or b.model_file is None:
+    return a.model_file == b.model_file
+  return filecmp.cmp(a.model_file, b.model_file, shallow=False)
+
+
 def make_data(config, cfg, tcfg, data_state):
-  """(iterator of this process's share of each global batch, pipeline or None). `data_state` is
+  """(iterator of this process's share of each global batch, pipeline or None), tokenised and
+  preprocessed as the model says (`clip.get_tokenizer(cfg)`, `cfg.preprocess`). `data_state` is
   where a resumed run's data continues: the step for the synthetic set (a function of it), the
   shard pipeline's (or mixture's) own state otherwise."""
+  import clip  # pylint: disable=g-import-not-at-top
+  tokenize = functools.partial(clip.get_tokenizer(cfg), truncate=True)
   if config.run.data == 'synthetic':
     from data import synthetic  # pylint: disable=g-import-not-at-top
     ds = synthetic.SyntheticCaptions(seed=tcfg.seed, resolution=cfg.image_resolution)
-    return ds.batches(tcfg.batch_size, start_step=data_state['step'],
-                      process_index=jax.process_index(), process_count=jax.process_count(),
-                      context_length=cfg.context_length), None
+    return ds.batches(tcfg.batch_size, tokenize=tokenize, preprocess=cfg.preprocess,
+                      start_step=data_state['step'], process_index=jax.process_index(),
+                      process_count=jax.process_count()), None
   from data import mixture  # pylint: disable=g-import-not-at-top
   pipeline = mixture.make_pipeline(config.run.data, global_batch_size=tcfg.batch_size,
                                    resolution=cfg.image_resolution, train=True, seed=tcfg.seed,
-                                   context_length=cfg.context_length, keep=config.run.keep,
+                                   tokenize=tokenize, preprocess=cfg.preprocess,
+                                   keep=config.run.keep,
                                    resume=data_state if data_state['step'] else None)
   return iter(pipeline), pipeline
 
@@ -285,7 +318,9 @@ def main(argv=None):
     state, meta = checkpoint.restore(ckpt_dir, jax.eval_shape(lambda: state), shardings)
     start, data_state = meta['step'], meta['data']
     check_resume(meta, run, tcfg, ckpt_dir)
+    check_processing(workdir, cfg)
     print(f'resumed from {ckpt_dir} at step {start}')
+  checkpoint.save_model_config(workdir, cfg)  # the workdir names its tokenizer and preprocessing
   accumulation = (f' ({tcfg.accumulation}: {tcfg.accumulation_steps} x '
                   f'{tcfg.micro_batch_size} per update)' if tcfg.accumulation_steps > 1 else '')
   print(f'{args.config}: {training.param_count(state["params"]) / 1e6:.2f}M parameters, '
@@ -299,6 +334,9 @@ def main(argv=None):
       f.writelines(json.dumps(r) + '\n' for r in kept)
   log = MetricsLog(log_path)
   data_iter, pipeline = make_data(config, cfg, tcfg, data_state)
+  if run.eval_examples:  # its tokenizer errors now, not after training
+    from data import synthetic_eval  # pylint: disable=g-import-not-at-top
+    synthetic_eval.model_tokenizer(cfg)
   bar = tqdm.tqdm(initial=start, total=tcfg.total_steps, desc='train', unit='step',
                   disable=jax.process_index() != 0)
   progress = CompletedSteps(bar)

@@ -1,11 +1,16 @@
 """Zero-shot classification of a folder of images with a CLIP model and a list of class names.
 
 Prints the top-k classes of every image with their probabilities and writes them to
-`results/zero_shot/predictions.json` (and to a CSV on request).
+`results/zero_shot/predictions.json` (and to a CSV on request). The class prompts go through the
+model's own tokenizer and the images through its own preprocessing (`cfg.tokenizer`,
+`cfg.preprocess`: what `clip.load` read beside the weights, or a training workdir's
+`model_config.json`); a model whose tokenizer is unknown is refused, never run on OpenAI's.
 
   python -m experiments.zero_shot --model ViT-B/32 --images photos/ --classes cat,dog,car
   python -m experiments.zero_shot --model ckpt.pt --images photos/ --classes classes.txt \
       --templates imagenet --top-k 3 --csv predictions.csv
+  python -m experiments.zero_shot --model results/train/siglip_small --images photos/ \
+      --classes cat,dog
 """
 import argparse
 import csv
@@ -16,14 +21,18 @@ import numpy as np
 from tqdm import tqdm
 
 import clip
-from clip import preprocess
 from clip import zero_shot
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
 
 
 def load_model(model):
-  """A checkpoint path, or an official name (from the cache or downloaded) -> (params, cfg)."""
+  """A checkpoint path, a training workdir of `experiments/train.py` (its newest checkpoint and
+  saved model config: `experiments.evaluate.load_model`), or an official name (from the cache or
+  downloaded) -> (params, cfg)."""
+  if os.path.isdir(os.path.join(model, 'checkpoints')):
+    from experiments import evaluate  # pylint: disable=g-import-not-at-top
+    return evaluate.load_model(model)
   if os.path.exists(model):
     return clip.load(model)
   if model in clip.MODELS:
@@ -64,13 +73,14 @@ def read_classes(arg):
 
 
 def predict(params, cfg, paths, weights, k, batch_size):
-  """Top-k class indices and probabilities of every image, preprocessed a batch at a time.
-  The last batch is padded to full size: one compiled shape for the whole folder."""
+  """Top-k class indices and probabilities of every image, preprocessed a batch at a time by the
+  model's own transform (`clip.preprocess_images(paths, cfg)`). The last batch is padded to full
+  size: one compiled shape for the whole folder."""
   size = min(batch_size, len(paths))
   indices, probs = [], []
   for start in tqdm(range(0, len(paths), size), desc='images', unit='batch',
                     disable=len(paths) <= size):
-    images = preprocess.preprocess(paths[start:start + size], cfg.image_resolution)
+    images = clip.preprocess_images(paths[start:start + size], cfg)
     n = len(images)
     images = np.concatenate([images, np.repeat(images[:1], size - n, axis=0)])
     idx, p = zero_shot.classify(params, cfg, images, weights, k=k, batch_size=size)
@@ -108,7 +118,8 @@ def write_csv(path, predictions):
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model', required=True,
-                      help=f'checkpoint file, or an official name: {", ".join(clip.MODELS)}')
+                      help='checkpoint file, training workdir, or an official name: '
+                      f'{", ".join(clip.MODELS)}')
   parser.add_argument('--images', required=True, help='folder of images')
   parser.add_argument('--classes', required=True,
                       help='comma-separated class names, or a file with one per line')
@@ -130,6 +141,7 @@ def main(argv=None):
     classnames = read_classes(args.classes)
     paths, skipped = list_images(args.images)
     params, cfg = load_model(args.model)
+    clip.get_tokenizer(cfg)  # the model's own, or clip.TokenizerError saying how to give it
   except (ValueError, OSError, KeyError) as e:
     raise SystemExit(f'zero_shot: error: {e}') from e
   if skipped:

@@ -336,9 +336,17 @@ def pil_rgb(data):
   return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
 
 
+def processing():
+  """The tiny model's tokenizer and preprocessing (OpenAI's), as the main jobs hand them."""
+  cfg = tiny.get_config().model
+  return {'tokenize': functools.partial(clip.get_tokenizer(cfg), truncate=True),
+          'preprocess': cfg.preprocess}
+
+
 def read_all(files, **kwargs):
   pipeline = shards.Pipeline(files, global_batch_size=4, resolution=SIZE, train=False,
-                             image_dtype='uint8', process_index=0, process_count=1, **kwargs)
+                             image_dtype='uint8', process_index=0, process_count=1,
+                             **processing(), **kwargs)
   batches = list(pipeline)
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}, pipeline
 
@@ -458,7 +466,7 @@ def test_pipeline_raises_on_an_epoch_without_a_usable_record(made, unusable, kin
   n = len(successes(made, 'tfrecord-jpg')) if kind.startswith('garbage') else 0
   for train in (False, True):
     pipeline = shards.Pipeline(unusable[kind], global_batch_size=2, resolution=SIZE,
-                               train=train, process_index=0, process_count=1)
+                               train=train, process_index=0, process_count=1, **processing())
     with pytest.raises(shards.EmptyEpochError, match='yielded no batch'):
       next(iter(pipeline))
     assert pipeline.stats.skipped == ({'undecodable_image': n} if n else {})

@@ -10,6 +10,9 @@ import pytest
 from data import mixture
 from data import shards
 from data import tfrecords
+from tests.test_data_tfrecords import EXACT
+from tests.test_data_tfrecords import OPENAI
+from tests.test_data_tfrecords import SIGLIP
 from tests.test_data_tfrecords import fake_tokenize
 from tests.test_data_tfrecords import smooth_image
 from tests.test_data_webdataset import RES
@@ -86,7 +89,8 @@ def sources(tmp_path_factory):
 
 def make(data, **kwargs):
   kwargs = {'global_batch_size': 8, 'resolution': RES, 'tokenize': fake_tokenize,
-            'process_index': 0, 'process_count': 1, 'fields': ('key',), 'shuffle_buffer': 8,
+            'preprocess': OPENAI, 'process_index': 0, 'process_count': 1, 'fields': ('key',),
+            'shuffle_buffer': 8,
             'image_dtype': 'uint8', 'scale': (1.0, 1.0), 'ratio': (1.0, 1.0), **kwargs}
   return mixture.make_pipeline(data, **kwargs)
 
@@ -155,6 +159,26 @@ def test_make_pipeline_one_source_or_several(sources):
   assert type(make(f'{b}:0.3', train=True)) is shards.Pipeline
   assert type(make([a], train=True)) is shards.Pipeline
   assert type(make(f'{a}:1,{b}:1')) is mixture.Mixture
+
+
+def test_every_source_is_read_with_the_models_processing(sources):
+  """A mixture's sources all get the model's tokenizer and preprocessing (here SigLIP's mean and
+  std 0.5; whole-image crops at the stored size keep the pixels); neither has a default."""
+  a, b, written = sources
+  tokenize = lambda texts: fake_tokenize(texts)[:, :5] + 1000
+  batch = take(make(f'{a}:0.5,{b}:0.5', tokenize=tokenize, preprocess=SIGLIP,
+                    image_dtype='float32'), 1)[0]
+  keys = keys_of(batch)
+  images = np.stack([written[k][0] for k in keys]).astype(np.float32) / 255
+  chex.assert_trees_all_close(batch['image'], (images - 0.5) / 0.5, atol=EXACT)
+  np.testing.assert_array_equal(batch['tokens'], tokenize([written[k][1] for k in keys]))
+  for data in (f'{a}:0.5,{b}:0.5', a):
+    for missing in ('tokenize', 'preprocess'):
+      kwargs = {'global_batch_size': 8, 'resolution': RES, 'train': True, 'process_index': 0,
+                'process_count': 1, 'tokenize': fake_tokenize, 'preprocess': OPENAI}
+      del kwargs[missing]
+      with pytest.raises(TypeError, match=missing):
+        mixture.make_pipeline(data, **kwargs)
 
 
 def test_a_mixture_of_finite_sources_ends_with_the_first(sources):

@@ -1,4 +1,8 @@
-"""The built-in captioned shapes: determinism, what the pixels show, held-out pairs, export."""
+"""The built-in captioned shapes: determinism, what the pixels show, held-out pairs, export, and
+model batches in the model's own processing."""
+# pylint: disable=redefined-outer-name
+import dataclasses
+
 import chex
 import numpy as np
 import pytest
@@ -7,6 +11,9 @@ from scipy import ndimage
 import clip
 from data import synthetic
 from data.synthetic import SyntheticCaptions
+from tests.test_data_tfrecords import OPENAI
+from tests.test_data_tfrecords import model_tokenize
+from tests.test_data_tfrecords import siglip_cfg  # pylint: disable=unused-import
 
 # Object colours are drawn within +-12 of their palette entry per channel.
 COLOUR_TOLERANCE = 13
@@ -89,9 +96,9 @@ def fake_tokenize(texts):
 
 def test_model_batches_are_the_same_global_batch_on_any_process_count():
   ds = SyntheticCaptions(3, 32)
-  whole = next(ds.batches(8, start_step=5, tokenize=fake_tokenize))
+  whole = next(ds.batches(8, start_step=5, tokenize=fake_tokenize, preprocess=OPENAI))
   halves = [next(ds.batches(8, start_step=5, process_index=p, process_count=2,
-                            tokenize=fake_tokenize)) for p in range(2)]
+                            tokenize=fake_tokenize, preprocess=OPENAI)) for p in range(2)]
   chex.assert_trees_all_equal(whole, {k: np.concatenate([h[k] for h in halves])
                                       for k in whole})
   raw = ds.batch(8, step=5)
@@ -100,7 +107,43 @@ def test_model_batches_are_the_same_global_batch_on_any_process_count():
       atol=1e-6)
   np.testing.assert_array_equal(whole['tokens'], fake_tokenize(raw['caption']))
   with pytest.raises(ValueError, match='multiple of the process count'):
-    next(ds.batches(9, process_count=2, tokenize=fake_tokenize))
+    next(ds.batches(9, process_count=2, tokenize=fake_tokenize, preprocess=OPENAI))
+
+
+def test_model_batches_are_the_models_own_tokens_and_pixels(siglip_cfg):
+  """A SigLIP model's batches: its SentencePiece tokens (`clip.get_tokenizer(cfg)`), its pixels
+  (`clip.preprocess_images`: at the model's size only the mean and std 0.5 apply). Without the
+  model's tokenizer or preprocessing, a TypeError names the missing one."""
+  ds = SyntheticCaptions(3, siglip_cfg.image_resolution)
+  batch = next(ds.batches(4, start_step=2, tokenize=model_tokenize(siglip_cfg),
+                          preprocess=siglip_cfg.preprocess))
+  raw = ds.batch(4, step=2)
+  np.testing.assert_array_equal(batch['tokens'],
+                                clip.get_tokenizer(siglip_cfg)(raw['caption'], truncate=True))
+  chex.assert_trees_all_close(batch['image'], clip.preprocess_images(raw['image'], siglip_cfg),
+                              atol=1e-6)
+  for missing in ('tokenize', 'preprocess'):
+    given = {'tokenize': fake_tokenize, 'preprocess': OPENAI}
+    del given[missing]
+    with pytest.raises(TypeError, match=missing):
+      next(ds.batches(4, **given))
+  with pytest.raises(TypeError, match=r'cfg\.preprocess\), got CLIPConfig'):
+    next(ds.batches(4, tokenize=fake_tokenize, preprocess=siglip_cfg))
+
+
+def test_synthetic_eval_refuses_a_captioner_without_a_start_token(siglip_cfg):
+  """Generation and generative scores start from the tokenizer's start token: SentencePiece has
+  none, and the evaluation says so before any work (OpenAI's has one)."""
+  from data import synthetic_eval  # pylint: disable=g-import-not-at-top
+  from experiments.configs import cappa_small  # pylint: disable=g-import-not-at-top
+  captioner = cappa_small.get_config().model
+  assert synthetic_eval.model_tokenizer(captioner).sot_id == clip.tokenizer.SOT
+  decoder = dataclasses.replace(captioner.decoder, vocab_size=siglip_cfg.text.vocab_size,
+                                eot_token_id=siglip_cfg.text.eot_id, output_ids=None)
+  sentencepiece_captioner = dataclasses.replace(captioner, decoder=decoder,
+                                                tokenizer=siglip_cfg.tokenizer)
+  with pytest.raises(clip.TokenizerError, match='start-of-text token'):
+    synthetic_eval.evaluate(None, sentencepiece_captioner, 8, 1)
 
 
 def test_bad_arguments():
@@ -128,7 +171,7 @@ def test_tfrecord_export_round_trips_through_the_reader(tmp_path):
   assert filters.MetadataFilter(min_image_size=32).kept_keys(paths[1]) == [
       '000010000', '000010001', '000010002']  # from img2dataset's parquet beside the shard
   p = shards.Pipeline(str(tmp_path), global_batch_size=4, resolution=32, train=False,
-                      tokenize=fake_tokenize, image_dtype='uint8',
+                      tokenize=fake_tokenize, preprocess=OPENAI, image_dtype='uint8',
                       fields={'caption': None, 'sample_index': 'int', 'shape': 'int',
                               'colour': 'int'}, process_index=0, process_count=1)
   got = list(p)
@@ -164,7 +207,7 @@ def test_webdataset_export_round_trips_through_the_reader(tmp_path):
   assert first['sha256'] == hashlib.sha256(members[0]['png']).hexdigest()
   assert (first['status'], first['error_message'], first['exif']) == ('success', None, None)
   p = shards.Pipeline(str(tmp_path), global_batch_size=4, resolution=32, train=False,
-                      tokenize=fake_tokenize, image_dtype='uint8',
+                      tokenize=fake_tokenize, preprocess=OPENAI, image_dtype='uint8',
                       fields={'key': None, 'caption': None, 'url': 'bytes', 'width': 'int',
                               'sample_index': 'int', 'shape': 'int', 'colour': 'int'},
                       process_index=0, process_count=1)

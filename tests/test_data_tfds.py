@@ -1,15 +1,18 @@
-"""The tensorflow-datasets adapter, on a small dataset prepared offline in a temporary data_dir."""
+"""The tensorflow-datasets adapter, on a small dataset prepared offline in a temporary data_dir:
+each model's own preprocessing (OpenAI's, SigLIP's), process shares, training batches, errors."""
 import chex
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import clip
 from clip import preprocess
 from data import tfds as data_tfds
 from data.synthetic import SyntheticCaptions
+from tests.test_data_tfrecords import EXACT
+from tests.test_data_tfrecords import OPENAI
+from tests.test_data_tfrecords import SIGLIP
+from tests.test_data_tfrecords import one_level
 
-ONE_LEVEL = 1.0 / 255 / min(clip.IMAGE_STD) + 1e-5
 NAMES = ['red_circle', 'blue_square', 'green_triangle']
 
 
@@ -45,20 +48,23 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def test_eval_batches_match_openai_preprocess(data_dir):
+@pytest.mark.parametrize('config', [OPENAI, SIGLIP], ids=['openai', 'siglip'])
+def test_eval_batches_match_the_models_pil_preprocess(data_dir, config):
+  """OpenAI's resize and centre crop, SigLIP's squash with mean and std 0.5: each equals
+  `clip.preprocess` (PIL) of the stored image within one uint8 level."""
   data = data_tfds.TFDSClassification('tiny_shapes', 'test', data_dir=data_dir, process_index=0,
                                       process_count=1)
   assert data.classnames == ['red circle', 'blue square', 'green triangle']
   assert data.num_examples == 7 and data.num_classes == 3
-  batches = list(data.batches(4, resolution=32))
+  batches = list(data.batches(4, resolution=32, preprocess=config))
   assert [len(b['label']) for b in batches] == [4, 3]
   got = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   # tfds stores examples in its own order: match them to the originals by content.
   originals = images(100, 7)
-  references = np.stack([preprocess.preprocess_image(image, 32) for image in originals])
+  references = np.stack([preprocess.preprocess_image(image, 32, config) for image in originals])
   for image, label in zip(got['image'], got['label']):
     match = int(np.argmin(np.abs(references - image).reshape(7, -1).max(-1)))
-    chex.assert_trees_all_close(image, references[match], atol=ONE_LEVEL)
+    chex.assert_trees_all_close(image, references[match], atol=one_level(config))
     assert label == (100 + match) % 3
   assert len({int(np.argmin(np.abs(references - image).reshape(7, -1).max(-1)))
               for image in got['image']}) == 7
@@ -68,10 +74,14 @@ def test_process_shares_and_training_batches(data_dir):
   shares = [data_tfds.TFDSClassification('tiny_shapes', 'train', data_dir=data_dir,
                                          process_index=p, process_count=2) for p in range(2)]
   assert [s.num_examples for s in shares] == [6, 6]
-  first = list(shares[0].batches(4, 24, train=True, seed=1, num_epochs=2))
-  again = list(shares[0].batches(4, 24, train=True, seed=1, num_epochs=2))
+  first = list(shares[0].batches(4, 24, preprocess=SIGLIP, train=True, seed=1, num_epochs=2))
+  again = list(shares[0].batches(4, 24, preprocess=SIGLIP, train=True, seed=1, num_epochs=2))
   assert len(first) == 3 and all(b['image'].shape == (4, 24, 24, 3) for b in first)
   chex.assert_trees_all_equal(first, again)
+  raw = list(shares[0].batches(4, 24, preprocess=SIGLIP, train=True, seed=1, num_epochs=2,
+                               image_dtype='uint8'))
+  chex.assert_trees_all_close(first[0]['image'],
+                              (raw[0]['image'] / np.float32(255) - 0.5) / 0.5, atol=EXACT)
 
 
 def test_missing_data_and_unknown_names_explain_themselves(data_dir, tmp_path):
@@ -92,8 +102,8 @@ def test_missing_data_and_unknown_names_explain_themselves(data_dir, tmp_path):
 def test_arrays_are_the_batches_in_order_and_an_empty_share_raises(data_dir):
   data = data_tfds.TFDSClassification('tiny_shapes', 'test', data_dir=data_dir, process_index=0,
                                       process_count=1)
-  images, labels = data.arrays(3, 32)
-  batches = list(data.batches(3, 32))
+  images, labels = data.arrays(3, 32, preprocess=SIGLIP)
+  batches = list(data.batches(3, 32, preprocess=SIGLIP))
   np.testing.assert_array_equal(images, np.concatenate([b['image'] for b in batches]))
   np.testing.assert_array_equal(labels, np.concatenate([b['label'] for b in batches]))
   assert len(labels) == 7
@@ -102,4 +112,16 @@ def test_arrays_are_the_batches_in_order_and_an_empty_share_raises(data_dir):
   empty = [s for s in shares if s.num_examples == 0]
   assert empty, 'expected an empty share: 7 examples over 8 processes'
   with pytest.raises(ValueError, match="tiny_shapes test: this process's share holds no example"):
-    empty[0].arrays(3, 32)
+    empty[0].arrays(3, 32, preprocess=OPENAI)
+
+
+def test_preprocess_is_required(data_dir):
+  """No OpenAI default: the model's preprocessing is named, or the call is a TypeError."""
+  data = data_tfds.TFDSClassification('tiny_shapes', 'test', data_dir=data_dir, process_index=0,
+                                      process_count=1)
+  with pytest.raises(TypeError, match='preprocess'):
+    data.batches(3, 32)
+  with pytest.raises(TypeError, match='preprocess'):
+    data.arrays(3, 32)
+  with pytest.raises(TypeError, match=r'cfg\.preprocess\), got str'):
+    data.batches(3, 32, preprocess='openai')

@@ -1,9 +1,14 @@
-"""The img2dataset tfrecord reader: schema round trip, corrupt input, sharding, determinism, resume.
+"""The img2dataset tfrecord reader: schema round trip, corrupt input, sharding, determinism, resume,
+and a model's own processing (a SigLIP model's tokens and pixels, not OpenAI's).
 
 Shards are written here with `tf.train.Example` directly, in img2dataset's schema, so the reader
 is checked against the format and not against our own writer. Images are compared with
-`clip.preprocess` (OpenAI's PIL preprocessing) as the independent reference.
+`clip.preprocess` (PIL preprocessing: OpenAI's, and the other resize modes) as the independent
+reference.
 """
+# pylint: disable=redefined-outer-name
+import dataclasses
+import functools
 import io
 import os
 
@@ -11,17 +16,53 @@ import chex
 import numpy as np
 from PIL import Image
 import pytest
+import sentencepiece
 import tensorflow as tf
 
 import clip
 from clip import preprocess
 from data import shards
 from data import tfrecords
+from experiments.configs import siglip_small
+from tests.test_siglip_tokenizer import SIGLIP_SPEC
+from tests.test_siglip_tokenizer import training_texts
 
 CONTEXT = 16
-# One uint8 level after normalisation: PIL and tf's resize may round one level apart.
-ONE_LEVEL = 1.0 / 255 / min(clip.IMAGE_STD) + 1e-5
+OPENAI = clip.PreprocessConfig()
+SIGLIP = clip.PreprocessConfig((0.5,) * 3, (0.5,) * 3, 'squash')
 EXACT = 1e-5
+
+
+def one_level(config):
+  """One uint8 level after normalisation with `config`'s std: PIL and tf's resize may round one
+  level apart."""
+  return 1.0 / 255 / min(config.std) + 1e-5
+
+
+ONE_LEVEL = one_level(OPENAI)
+
+
+@pytest.fixture(scope='module')
+def siglip_cfg(tmp_path_factory):
+  """`siglip_small`'s model as SigLIP reads: a SentencePiece tokenizer with SigLIP's conventions
+  (a tiny one, tests/test_siglip_tokenizer.py's `SIGLIP_SPEC`: `</s>` = 1 ends and pads), pooled
+  at the last position, images squashed and normalised with mean and std 0.5."""
+  folder = tmp_path_factory.mktemp('spm')
+  (folder / 'corpus.txt').write_text('\n'.join(training_texts(600)), encoding='utf-8')
+  sentencepiece.SentencePieceTrainer.train(
+      input=str(folder / 'corpus.txt'), model_prefix=str(folder / 'siglip'),
+      character_coverage=0.995, minloglevel=2, **SIGLIP_SPEC)
+  base = siglip_small.get_config().model
+  text = dataclasses.replace(base.text, vocab_size=SIGLIP_SPEC['vocab_size'],
+                             eot_token_id=SIGLIP_SPEC['eos_id'], pool='last', mask_padding=False)
+  return dataclasses.replace(
+      base, text=text, preprocess=SIGLIP,
+      tokenizer=clip.TokenizerConfig('siglip', model_file=str(folder / 'siglip.model')))
+
+
+def model_tokenize(cfg):
+  """What a job hands the pipelines: the model's tokenizer, truncating."""
+  return functools.partial(clip.get_tokenizer(cfg), truncate=True)
 
 
 def fake_tokenize(texts):
@@ -92,8 +133,8 @@ def read_all(pipeline):
 
 
 def pipeline(files, **kwargs):
-  kwargs = {'global_batch_size': 4, 'resolution': 24, 'train': False,
-            'tokenize': fake_tokenize, 'process_index': 0, 'process_count': 1, **kwargs}
+  kwargs = {'global_batch_size': 4, 'resolution': 24, 'train': False, 'tokenize': fake_tokenize,
+            'preprocess': OPENAI, 'process_index': 0, 'process_count': 1, **kwargs}
   return shards.Pipeline(files, **kwargs)
 
 
@@ -122,14 +163,20 @@ def test_png_round_trip_is_exact(png_dir):
   np.testing.assert_array_equal(got['original_height'], 48)
 
 
-def test_jpeg_eval_transform_matches_openai_preprocess(tmp_path):
-  """JPEGs of assorted sizes, resized and centre-cropped in tf.data, equal OpenAI's PIL
+@pytest.mark.parametrize('config', [
+    OPENAI, SIGLIP, clip.PreprocessConfig((0.4, 0.5, 0.6), (0.2, 0.3, 0.25), 'longest',
+                                          'bilinear', fill_color=114)],
+                         ids=['openai', 'siglip_squash', 'longest_bilinear'])
+def test_jpeg_eval_transform_matches_pil_preprocess(tmp_path, config):
+  """JPEGs of assorted sizes, resized as `config` says in tf.data (OpenAI's resize and centre
+  crop; SigLIP's squash; the long side and padding, bilinear), equal `clip.preprocess`'s PIL
   preprocessing of the same bytes within one uint8 level."""
   samples = write_shards(str(tmp_path), num_shards=2, per_shard=4, fmt='jpg', size=None)
-  got = read_all(pipeline(str(tmp_path), resolution=32, fields=('key',)))
+  got = read_all(pipeline(str(tmp_path), resolution=32, preprocess=config, fields=('key',)))
   for key, image in zip(got['key'], got['image']):
-    reference = preprocess.preprocess_image(Image.open(io.BytesIO(samples[key.decode()][2])), 32)
-    chex.assert_trees_all_close(image, reference, atol=ONE_LEVEL)
+    reference = preprocess.preprocess_image(Image.open(io.BytesIO(samples[key.decode()][2])), 32,
+                                            config)
+    chex.assert_trees_all_close(image, reference, atol=one_level(config))
 
 
 def test_writer_writes_img2dataset_schema():
@@ -259,12 +306,73 @@ def test_uint8_output_and_custom_metadata(tmp_path):
   assert got['colour'][0] == 5 and got['score'][0] == np.float32(0.25)
 
 
-def test_with_the_real_tokenizer(png_dir):
-  """The default tokenizer is clip.tokenizer.tokenize(truncate=True)."""
-  tokenizer = pytest.importorskip('clip.tokenizer')
+def test_transparency_as_the_models_processor(tmp_path):
+  """A Hugging Face model's preprocessing (`convert_first`: transparency onto white before the
+  resize, `crop_rounding='floor'`) on RGBA PNG records: evaluation equals `clip.preprocess`
+  within one uint8 level; a training crop of the whole image is the image on white."""
+  rng = np.random.default_rng(5)
+  alpha = np.linspace(0, 255, 24)[None, :, None] * np.ones((24, 1, 1))
+  rgba = np.concatenate([smooth_image(rng, 24, 24), alpha.astype(np.uint8)], -1)
+  buffer = io.BytesIO()
+  Image.fromarray(rgba, 'RGBA').save(buffer, 'PNG')
+  with tf.io.TFRecordWriter(str(tmp_path / '00000.tfrecord')) as writer:
+    for i in range(2):
+      writer.write(img2dataset_example(f'{i:09d}', buffer.getvalue(), b'a cat'))
+  config = clip.PreprocessConfig(convert_first=True, crop_rounding='floor')
+  image = Image.open(io.BytesIO(buffer.getvalue()))
+  got = read_all(pipeline(str(tmp_path), resolution=15, preprocess=config))['image']
+  chex.assert_trees_all_close(got[0], preprocess.preprocess_image(image, 15, config),
+                              atol=one_level(config))
+  whole = next(iter(pipeline(str(tmp_path), global_batch_size=2, train=True, preprocess=config,
+                             image_dtype='uint8', scale=(1.0, 1.0), ratio=(1.0, 1.0))))['image']
+  np.testing.assert_array_equal(whole[0], np.asarray(preprocess.rgb_on_white(image)))
+
+
+def test_tokenize_and_preprocess_are_the_models_and_required(png_dir):
+  """No OpenAI default: a pipeline without the model's tokenizer or preprocessing is a TypeError
+  naming it; with an OpenAI model's, its tokens are `clip.tokenize(truncate=True)`."""
   out, _ = png_dir
-  got = read_all(shards.Pipeline(out, global_batch_size=8, resolution=24, train=False,
-                                    fields=('caption',), process_index=0,
-                                    process_count=1))
+  kwargs = dict(global_batch_size=8, resolution=24, train=False, process_index=0,
+                process_count=1)
+  for missing in ('tokenize', 'preprocess'):
+    given = {'tokenize': fake_tokenize, 'preprocess': OPENAI}
+    del given[missing]
+    with pytest.raises(TypeError, match=missing):
+      shards.Pipeline(out, **kwargs, **given)
+  cfg = siglip_small.get_config().model  # OpenAI's tokenizer and preprocessing by default
+  with pytest.raises(TypeError, match=r'cfg\.preprocess'):
+    shards.Pipeline(out, **kwargs, tokenize=fake_tokenize, preprocess=cfg)
+  with pytest.raises(TypeError, match='get_tokenizer'):
+    shards.Pipeline(out, **kwargs, tokenize=None, preprocess=OPENAI)
+  got = read_all(shards.Pipeline(out, **kwargs, tokenize=model_tokenize(cfg),
+                                 preprocess=cfg.preprocess, fields=('caption',)))
   captions = [c.decode() for c in got['caption']]
-  np.testing.assert_array_equal(got['tokens'], tokenizer.tokenize(captions, truncate=True))
+  np.testing.assert_array_equal(got['tokens'],
+                                clip.tokenize(captions, cfg.context_length, truncate=True))
+
+
+def test_a_siglip_model_gets_its_own_tokens_and_pixels(tmp_path, siglip_cfg):
+  """A SigLIP model's pipeline: its SentencePiece tokens (`clip.get_tokenizer(cfg)`), its
+  squashed pixels normalised with mean and std 0.5 (`clip.preprocess_images` of the decoded
+  JPEGs, within one uint8 level), not OpenAI's; training crops normalise with its mean and std."""
+  samples = write_shards(str(tmp_path), num_shards=2, per_shard=3, fmt='jpg', size=None)
+  res = siglip_cfg.image_resolution
+  p = pipeline(str(tmp_path), resolution=res, tokenize=model_tokenize(siglip_cfg),
+               preprocess=siglip_cfg.preprocess, fields=('key',))
+  got = read_all(p)
+  keys = [k.decode() for k in got['key']]
+  assert sorted(keys) == sorted(samples) and p.context_length == siglip_cfg.context_length
+  np.testing.assert_array_equal(got['tokens'], clip.get_tokenizer(siglip_cfg)(
+      [samples[k][1] for k in keys], truncate=True))
+  assert p.stats.full_captions == 0  # `</s>` pads: a padded row is not a full one
+  decoded = [Image.open(io.BytesIO(samples[k][2])) for k in keys]
+  own = clip.preprocess_images(decoded, siglip_cfg)
+  chex.assert_trees_all_close(got['image'], own, atol=one_level(SIGLIP))
+  openai = preprocess.preprocess(decoded, res)
+  assert np.abs(got['image'] - openai).max() > 0.5  # another crop and normalisation
+  train = {dtype: next(iter(pipeline(str(tmp_path), resolution=res, train=True, seed=1,
+                                     tokenize=model_tokenize(siglip_cfg), preprocess=SIGLIP,
+                                     image_dtype=dtype)))['image']
+           for dtype in ('float32', 'uint8')}
+  chex.assert_trees_all_close(train['float32'], clip.processing.normalize(
+      train['uint8'].astype(np.float32) / 255, siglip_cfg), atol=EXACT)

@@ -1,5 +1,6 @@
 """The webdataset tar reader (img2dataset's `output_format="webdataset"`): round trip, agreement
-with the tfrecord format, sharding, determinism, resume, corrupt and truncated tars, file kinds.
+with the tfrecord format, sharding, determinism, resume, corrupt and truncated tars, file kinds,
+and a SigLIP model's own tokens and pixels.
 
 Tars are written in img2dataset's layout (`{key}.png|jpg|webp`, `{key}.txt`, `{key}.json`);
 corrupt ones member by member with the standard library's `tarfile`, so the reader is checked
@@ -21,8 +22,12 @@ from data import shards
 from data import tfrecords
 from data import webdataset_tars
 from tests.test_data_tfrecords import EXACT
+from tests.test_data_tfrecords import OPENAI
 from tests.test_data_tfrecords import fake_tokenize
+from tests.test_data_tfrecords import model_tokenize
+from tests.test_data_tfrecords import one_level
 from tests.test_data_tfrecords import read_all
+from tests.test_data_tfrecords import siglip_cfg  # pylint: disable=unused-import
 from tests.test_data_tfrecords import smooth_image
 
 RES = 24
@@ -82,8 +87,8 @@ def sample_members(key, caption=b'fine', images=('png',), meta=None, rng=None):
 
 
 def pipeline(files, **kwargs):
-  kwargs = {'global_batch_size': 4, 'resolution': RES, 'train': False,
-            'tokenize': fake_tokenize, 'process_index': 0, 'process_count': 1, **kwargs}
+  kwargs = {'global_batch_size': 4, 'resolution': RES, 'train': False, 'tokenize': fake_tokenize,
+            'preprocess': OPENAI, 'process_index': 0, 'process_count': 1, **kwargs}
   return shards.Pipeline(files, **kwargs)
 
 
@@ -138,6 +143,29 @@ def test_lossy_formats_decode_like_pil(tmp_path, fmt):
     data = written[key][1][fmt]
     np.testing.assert_array_equal(image, np.asarray(Image.open(io.BytesIO(data)).convert('RGB')))
     assert not np.array_equal(image, written[key][0])  # lossy: PIL is the reference, not the input
+
+
+def test_a_siglip_model_gets_its_own_tokens_and_pixels(tmp_path, siglip_cfg):
+  """Tars of JPEGs of assorted shapes read for a SigLIP model: its SentencePiece tokens
+  (`clip.get_tokenizer(cfg)`) and its squashed pixels normalised with mean and std 0.5
+  (`clip.preprocess_images` of the decoded bytes, within one uint8 level)."""
+  rng = np.random.default_rng(3)
+  samples = [img2dataset_sample(f'00000000{i}', smooth_image(rng, *rng.integers(20, 90, 2)),
+                                f'a {i} picture of snow', 'jpg') for i in range(5)]
+  webdataset_tars.write_tar(webdataset_tars.shard_path(str(tmp_path), 0), samples)
+  with pytest.raises(TypeError, match='preprocess'):
+    shards.Pipeline(str(tmp_path), global_batch_size=4, resolution=RES, train=False,
+                    tokenize=fake_tokenize, process_index=0, process_count=1)
+  got = read_all(pipeline(str(tmp_path), resolution=siglip_cfg.image_resolution,
+                          tokenize=model_tokenize(siglip_cfg), preprocess=siglip_cfg.preprocess,
+                          fields=('key',)))
+  by_key = {s['__key__']: s for s in samples}
+  ordered = [by_key[k] for k in keys_of(got)]
+  assert len(ordered) == 5
+  np.testing.assert_array_equal(got['tokens'], clip.get_tokenizer(siglip_cfg)(
+      [s['txt'] for s in ordered], truncate=True))
+  own = clip.preprocess_images([Image.open(io.BytesIO(s['jpg'])) for s in ordered], siglip_cfg)
+  chex.assert_trees_all_close(got['image'], own, atol=one_level(siglip_cfg.preprocess))
 
 
 def write_tfrecords_like(tar_dir, out_dir, written):

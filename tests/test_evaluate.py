@@ -1,6 +1,7 @@
 """experiments/evaluate.py: its metrics equal a direct computation (non-finite scores refused, as
 the linear probe refuses non-finite features) and its JSON has clip_benchmark's format, for
-checkpoint files and training workdirs."""
+checkpoint files and training workdirs (a workdir's saved model config is its model)."""
+import dataclasses
 import json
 
 import chex
@@ -161,3 +162,35 @@ def test_a_stacked_sigmoid_workdir_loads_with_its_config(tmp_path):
   chex.assert_trees_all_equal(loaded, jax.device_get(params))
   with pytest.raises(weights.CheckpointError, match='missing'):  # shapes alone: OpenAI's blocks
     evaluate.load_model(str(tmp_path))
+
+
+def test_a_workdirs_model_config_is_its_model(params, tmp_path):
+  """A workdir holding the `model_config.json` its run saved loads as that model, preprocessing
+  included, without --config; a --config of the same architecture loads it too; one of another
+  architecture is refused, naming each difference."""
+  cfg = dataclasses.replace(CFG, preprocess=clip.PreprocessConfig((0.5,) * 3, (0.5,) * 3,
+                                                                  'squash'))
+  checkpoint.save(str(tmp_path / 'checkpoints'), 1, {'params': params, 'batch_stats': {}})
+  checkpoint.save_model_config(str(tmp_path), cfg)
+  loaded_params, loaded = evaluate.load_model(str(tmp_path))
+  assert loaded == cfg
+  chex.assert_trees_all_equal(loaded_params, jax.device_get(params))
+  assert evaluate.load_model(str(tmp_path), 'tiny')[1] == cfg  # not tiny's OpenAI preprocessing
+  with pytest.raises(ValueError, match=r"--config small is not the model .* trained: embed_dim: "
+                     r"--config says 128, the workdir's model_config.json says 32; vision.width: "
+                     r"--config says 128, the workdir's model_config.json says 64; .*Leave "
+                     r"--config out"):
+    evaluate.load_model(str(tmp_path), 'small')
+
+
+def test_architecture_differences_leave_out_how_a_model_runs_and_reads():
+  runs = dataclasses.replace(CFG, dtype='bfloat16', remat='block', scan=True,
+                             init_logit_scale=1.0, tokenizer=clip.TokenizerConfig('siglip'),
+                             preprocess=clip.PreprocessConfig(resize_mode='squash'))
+  assert evaluate.architecture_differences(runs, CFG) == []
+  other = dataclasses.replace(CFG, logit_bias=True,
+                              text=dataclasses.replace(CFG.text, pool='last', causal=False))
+  assert evaluate.architecture_differences(other, CFG) == [
+      "text.pool: --config says 'last', the workdir's model_config.json says 'eot'",
+      "text.causal: --config says False, the workdir's model_config.json says True",
+      "logit_bias: --config says True, the workdir's model_config.json says False"]

@@ -20,6 +20,7 @@ from data import synthetic
 from experiments.configs import tiny
 
 CFG = tiny.get_config().model
+TOKENIZE = clip.get_tokenizer(CFG)  # OpenAI's BPE: tiny's tokenizer
 MESH = (4, 2, 1)
 
 
@@ -44,7 +45,7 @@ def pretrained():
                               mesh=MESH)
   mesh, state, step = make(tcfg, None)
   ds = synthetic.SyntheticCaptions(seed=0, resolution=CFG.image_resolution)
-  for batch in ds.batches(64, num_steps=60, context_length=CFG.context_length):
+  for batch in ds.batches(64, num_steps=60, tokenize=TOKENIZE, preprocess=CFG.preprocess):
     state, _ = step(state, training.global_batch(mesh, batch))
   return jax.device_get(state['params'])
 
@@ -91,7 +92,7 @@ def test_lit_leaves_the_image_tower_bit_identical(pretrained):
                               lock_image_tower=True, mesh=MESH)
   mesh, state, step = make(tcfg, lambda key: pretrained)
   ds = synthetic.SyntheticCaptions(seed=1, resolution=CFG.image_resolution)
-  for batch in ds.batches(32, num_steps=3, context_length=CFG.context_length):
+  for batch in ds.batches(32, num_steps=3, tokenize=TOKENIZE, preprocess=CFG.preprocess):
     state, _ = step(state, training.global_batch(mesh, batch))
   after = jax.device_get(state['params'])
   chex.assert_trees_all_equal(after['visual'], pretrained['visual'])
@@ -125,7 +126,7 @@ def test_frozen_parameters_get_no_update_not_even_weight_decay():
   params = clip.init(jax.random.PRNGKey(3), CFG)
   mesh, state, step = make(tcfg, lambda key: params)
   ds = synthetic.SyntheticCaptions(seed=2, resolution=CFG.image_resolution)
-  for batch in ds.batches(16, num_steps=2, context_length=CFG.context_length):
+  for batch in ds.batches(16, num_steps=2, tokenize=TOKENIZE, preprocess=CFG.preprocess):
     state, _ = step(state, training.global_batch(mesh, batch))
   after = jax.device_get(state['params'])
   chex.assert_trees_all_equal(after['visual']['transformer'], params['visual']['transformer'])

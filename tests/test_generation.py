@@ -3,6 +3,7 @@ greedy decoding against the argmax of `decoder.apply` over its own output, beam 
 plain-Python search, against greedy and against brute force over every caption of a tiny
 vocabulary, caption scores against float64 log-softmax sums, a vocabulary shortlist, and
 generative zero-shot classification on a decoder trained to caption its images."""
+import dataclasses
 import itertools
 
 import chex
@@ -393,3 +394,17 @@ def test_bad_inputs_raise_naming_the_values(call, message):
   params, cfg, image = tiny_model(0)
   with pytest.raises(ValueError, match=message):
     call(params, cfg, image)
+
+
+def test_the_start_token_is_the_models_tokenizers():
+  """`start_token_id` of a whole model: its tokenizer's start-of-text id, OpenAI's 49406 for the
+  captioning configs (OpenAI's BPE); a model without a decoder, or not a CLIPConfig, is refused
+  (a tokenizer without a start token: tests/test_processing_paths.py)."""
+  from experiments.configs import cappa_small  # pylint: disable=g-import-not-at-top
+  captioner = cappa_small.get_config().model
+  assert generation.start_token_id(captioner) == 49406
+  with pytest.raises(ValueError, match='no captioning decoder'):
+    generation.start_token_id(dataclasses.replace(captioner, decoder=None,
+                                                  text=configs.TextConfig(128, 1, 2, 32)))
+  with pytest.raises(TypeError, match='expected a clip.CLIPConfig.*got DecoderConfig'):
+    generation.start_token_id(captioner.decoder)

@@ -1,6 +1,9 @@
 """The main job as users run it, in subprocesses: a killed run resumes bit-identically, and two
-processes with four devices each train exactly as one process with eight."""
+processes with four devices each train exactly as one process with eight. Its data is read as the
+model reads (its tokenizer and preprocessing), which its workdir names."""
+# pylint: disable=redefined-outer-name
 import dataclasses
+import shutil
 import json
 import os
 import re
@@ -13,6 +16,9 @@ import time
 import chex
 import numpy as np
 import pytest
+
+import clip
+from tests.test_data_tfrecords import siglip_cfg  # pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
@@ -81,6 +87,9 @@ def test_killed_run_resumes_bit_identically(tmp_path, data):
     proc.kill()
   assert not (killed / 'checkpoints' / 'step_00000024').exists(), 'killed too late to test'
   run(train_cmd(killed, *extra), devices=8)
+  from clip import checkpoint  # pylint: disable=g-import-not-at-top
+  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
+  assert checkpoint.load_model_config(str(killed)) == tiny.get_config().model
   straight, resumed = final_state(tmp_path / 'straight'), final_state(killed)
   assert straight.keys() == resumed.keys()
   for k in straight:
@@ -141,3 +150,62 @@ def test_a_workdir_resumes_only_on_its_own_data(capsys):
                        'w/checkpoints')
   train.check_resume({**meta, 'total_steps': 40}, config.run, config.train, 'w/checkpoints')
   assert 'resuming a run of 40 steps as one of 50' in capsys.readouterr().out
+
+
+def test_the_data_is_read_as_the_model_reads(siglip_cfg, tmp_path):
+  """`make_data` hands both sources the model's tokenizer and preprocessing: a SigLIP model's
+  synthetic batches are its SentencePiece tokens and `clip.preprocess_images`' pixels, its shard
+  batches hold rows of its tokenizer and pixels normalised with mean and std 0.5."""
+  from data import synthetic  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  config = train.load_config(train.parse_args(['--config', 'tiny', '--batch-size', '8']))
+  tcfg = config.train
+  batches, pipeline = train.make_data(config, siglip_cfg, tcfg, {'step': 3})
+  raw = synthetic.SyntheticCaptions(tcfg.seed, siglip_cfg.image_resolution).batch(8, step=3)
+  batch = next(batches)
+  assert pipeline is None
+  np.testing.assert_array_equal(batch['tokens'],
+                                clip.get_tokenizer(siglip_cfg)(raw['caption'], truncate=True))
+  chex.assert_trees_all_close(batch['image'], clip.preprocess_images(raw['image'], siglip_cfg),
+                              atol=1e-6)
+  ds = synthetic.SyntheticCaptions(seed=3, resolution=40)
+  ds.write_webdataset(str(tmp_path), 16, 2)
+  shards = dataclasses.replace(config, run=dataclasses.replace(config.run,
+                                                               data=str(tmp_path / '*.tar')))
+  batches, pipeline = train.make_data(shards, siglip_cfg, tcfg, {'step': 0})
+  batch = next(batches)
+  captions = ds.get(np.arange(16))['caption']
+  rows = {tuple(r) for r in clip.get_tokenizer(siglip_cfg)(captions, truncate=True)}
+  assert {tuple(r) for r in batch['tokens']} <= rows
+  assert batch['image'].shape == (8, 64, 64, 3)
+  assert batch['image'].min() >= -1 and batch['image'].max() <= 1  # (x - 0.5) / 0.5
+  assert pipeline.preprocess == siglip_cfg.preprocess
+
+
+def test_a_workdir_resumes_only_with_its_own_processing(siglip_cfg, tmp_path):
+  """The workdir's `model_config.json` names the tokenizer (its SentencePiece file copied in)
+  and the preprocessing; a resume with others is refused, one without the file (older
+  workdirs) goes on."""
+  from clip import checkpoint  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  train.check_processing(workdir, siglip_cfg)  # nothing saved: an older workdir resumes
+  checkpoint.save_model_config(workdir, siglip_cfg)
+  saved = checkpoint.load_model_config(workdir)
+  assert saved.tokenizer.model_file == os.path.join(workdir, checkpoint.TOKENIZER_FILE)
+  train.check_processing(workdir, siglip_cfg)
+  moved = tmp_path / 'elsewhere.model'
+  shutil.copy(siglip_cfg.tokenizer.model_file, moved)  # the same file under another name
+  train.check_processing(workdir, dataclasses.replace(
+      siglip_cfg, tokenizer=dataclasses.replace(siglip_cfg.tokenizer, model_file=str(moved))))
+  moved.write_bytes(b'another vocabulary')
+  others = {
+      'tokenizer': dataclasses.replace(siglip_cfg.tokenizer, model_file=str(moved)),
+      'preprocess': dataclasses.replace(siglip_cfg.preprocess, resize_mode='shortest'),
+  }
+  for name, other in others.items():
+    with pytest.raises(ValueError, match=f'trained with {name}.*another --workdir'):
+      train.check_processing(workdir, dataclasses.replace(siglip_cfg, **{name: other}))
+  with pytest.raises(ValueError, match='trained with tokenizer'):
+    train.check_processing(workdir, dataclasses.replace(
+        siglip_cfg, tokenizer=dataclasses.replace(siglip_cfg.tokenizer, clean='lower')))
