@@ -40,9 +40,9 @@ class ExportWarning(UserWarning):
 
 
 def _warn_pixels(target, differences):
-  if differences:
+  if differences:  # stacklevel: the user's save_hf / save_open_clip call
     warnings.warn(f'{target} prepares some images differently from this model: '
-                  + '; '.join(differences), ExportWarning, stacklevel=3)
+                  + '; '.join(differences), ExportWarning, stacklevel=4)
 
 
 def _flat_numpy(params):
@@ -247,13 +247,13 @@ def hf_preprocessor_config(cfg, model_type):
                       'CLIPImageProcessor nor SiglipImageProcessor does')
   _warn_pixels('Hugging Face', [what for what in (
       not pp.convert_first and 'it converts to RGB on white before resizing, where this model '
-      'resizes in the image\'s own mode and drops transparency after (images with an alpha band '
-      'or a transparent colour differ)',
+      'resizes in the image\'s own mode and converts after (images with transparency, palette, '
+      '1-bit and 16-bit images differ; CMYK by a level or two)',
       pp.crop_rounding == 'round' and pp.resize_mode == 'shortest' and 'its CLIPImageProcessor '
       'centre-crops at the floor of half the overhang where this model rounds it (one pixel '
       'apart when the overhang is 3 modulo 4)') if what])
-  # do_convert_rgb=False would not run this model's conversion either: a palette image would
-  # reach the model as its indices. Converting first is the nearest transformers does.
+  # do_convert_rgb=False would not run this model's conversion either (transformers then refuses
+  # images that are not RGB): converting first is the nearest transformers does.
   out = {'do_resize': True, 'resample': _HF_RESAMPLE[pp.interpolation], 'do_rescale': True,
          'rescale_factor': 1 / 255, 'do_normalize': True, 'image_mean': list(pp.mean),
          'image_std': list(pp.std), 'do_convert_rgb': True}

@@ -347,11 +347,12 @@ def _hf_preprocess(info, image_size, default):
   if resample not in _HF_RESAMPLE:
     raise ValueError(f'{where}: resample {resample} is not bilinear (2) or bicubic (3)')
   # transformers' processors convert to RGB first (transparency on white; `do_convert_rgb`,
-  # True in transformers 5's CLIP and SigLIP processors) and crop at the floor of the overhang.
+  # True by default in transformers 5's CLIP and SigLIP processors; a stored null converts
+  # nothing) and crop at the floor of the overhang.
   return configs.PreprocessConfig(
       mean=tuple(pp.get('image_mean', default.mean)), std=tuple(pp.get('image_std', default.std)),
       resize_mode=mode, interpolation=_HF_RESAMPLE[resample],
-      convert_first=pp.get('do_convert_rgb', True) is not False, crop_rounding='floor')
+      convert_first=pp.get('do_convert_rgb', True) is True, crop_rounding='floor')
 
 
 def processing(family, info, cfg):
@@ -394,6 +395,5 @@ def processing(family, info, cfg):
     return _hf_tokenizer(info, family, vocab), _hf_preprocess(info, image_size, default), assumed
   # big_vision's .npz: no files beside it; its own resize is TensorFlow's bilinear.
   return (configs.TokenizerConfig(_kind_from_vocab(vocab)), SIGLIP_PREPROCESS,
-          [('preprocess', 'SigLIP\'s preprocessing as Hugging Face ports it (squash, PIL '
-            'bicubic, mean and std 0.5; big_vision itself resizes with TensorFlow\'s '
-            'bilinear)')])
+          [('preprocess', 'SigLIP\'s preprocessing as open_clip runs it (squash, PIL bicubic, '
+            'mean and std 0.5; big_vision itself resizes with TensorFlow\'s bilinear)')])

@@ -45,17 +45,12 @@ def evaluate(params, cfg, n, seed):
 
 def model_tokenizer(cfg):
   """The model's tokenizer as `evaluate` uses it, or the error `evaluate` would raise (a job
-  calls it before training). A decoder generates and scores after a start token: a tokenizer
-  without one has no row to start from (its first text token would be taken as given)."""
+  calls it before training): a captioner's needs a start token (`generation.start_token_id`)."""
+  from clip import generation  # pylint: disable=g-import-not-at-top
   from clip import processing  # pylint: disable=g-import-not-at-top
-  tokenizer = processing.get_tokenizer(cfg)
-  if cfg.decoder is not None and tokenizer.sot_id is None:
-    raise processing.TokenizerError(
-        f'this model\'s decoder is evaluated from a start-of-text token, but its tokenizer '
-        f'({tokenizer.config}) has none (SentencePiece rows start with the text): the built-in '
-        'evaluation\'s captions and generative scores need a tokenizer with one (the main '
-        'job runs without it with --eval-examples 0)')
-  return tokenizer
+  if cfg.decoder is not None:
+    generation.start_token_id(cfg)
+  return processing.get_tokenizer(cfg)
 
 
 def _contrastive(params, cfg, tokenizer, ds, sample, images, split):

@@ -23,6 +23,9 @@ from tests import openai_reference as reference
 
 RTOL = 1e-4  # fp32, relative error of features and logits
 ATOL = 1e-5
+# transformers' conventions (RGB on white before the resize, the crop at the floor of the
+# overhang), which clip.load records for a Hugging Face folder's image processor.
+HF = {'convert_first': True, 'crop_rounding': 'floor'}
 
 
 @pytest.fixture(scope='module')
@@ -172,6 +175,7 @@ def test_hugging_face_gelu_clip_folder_and_lone_file(tmp_path):
     warnings.simplefilter('error')
     params, cfg = clip.load(tmp_path)  # config.json beside the weights says gelu, 1 head of 80
   assert (cfg.vision.mlp, cfg.vision.heads, cfg.vision.hidden_dim) == ('gelu', 1, 200)
+  assert cfg.preprocess == clip.PreprocessConfig(**HF)
   _assert_hf_equal(hf, params, cfg)
   params, cfg = clip.load(tmp_path / 'model.safetensors')  # a lone file reads it too
   _assert_hf_equal(hf, params, cfg)
@@ -204,7 +208,7 @@ def test_hugging_face_siglip_folder_exact_and_lone_file_warns(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     params, cfg = clip.load(tmp_path)
-  assert cfg == _siglip_cfg()
+  assert cfg == _siglip_cfg(preprocess=dataclasses.replace(families.SIGLIP_PREPROCESS, **HF))
   _assert_hf_equal(hf, params, cfg, siglip=True)
   lone = tmp_path / 'lone'
   lone.mkdir()
@@ -253,7 +257,9 @@ def test_export_open_clip_folder_loads_in_open_clip(oc, tmp_path):
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False, seed=5)
   cfg = open_clip_configs.config_from_open_clip(model_cfg)
   params = weights.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
-  export.save_open_clip(params, cfg, tmp_path)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', export.ExportWarning)  # open_clip's own preprocessing
+    export.save_open_clip(params, cfg, tmp_path)
   theirs = oc.create_model(f'local-dir:{tmp_path}').eval()
   _assert_open_clip_equal(theirs, params, cfg)
   again, again_cfg = clip.load(tmp_path)
@@ -268,7 +274,9 @@ def test_export_hugging_face_folder_loads_strictly(tmp_path, family):
   save_image_processor(tmp_path / 'source', siglip=family == 'siglip', size=32)
   spm = checkpoint_families.tiny_sentencepiece(str(tmp_path)) if family == 'siglip' else None
   params, cfg = clip.load(tmp_path / 'source', tokenizer=spm)
-  export.save_hf(params, cfg, tmp_path / 'out')
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', export.ExportWarning)  # its processing is transformers'
+    export.save_hf(params, cfg, tmp_path / 'out')
   cls = transformers.CLIPModel if family == 'clip' else transformers.SiglipModel
   theirs, info = cls.from_pretrained(tmp_path / 'out', output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'], info

@@ -1,5 +1,7 @@
 """OpenAI's preprocessing (`clip.preprocess`) against an independent PIL + numpy reimplementation
-and against torchvision's own transforms (OpenAI's `_transform`), for many image sizes and modes."""
+and against torchvision's own transforms (OpenAI's `_transform`), for many image sizes and modes;
+transformers' two conventions (`PreprocessConfig.convert_first`: transparency composited onto
+white before the resize; `crop_rounding='floor'`) against the same reimplementation."""
 import importlib
 import importlib.machinery
 import importlib.util
@@ -8,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+import dataclasses
 
 import chex
 import numpy as np
@@ -34,15 +38,43 @@ def random_image(rng, width, height, mode):
   return image if mode == 'RGBA' else image.convert(mode)
 
 
-def reference(image, n):
+def transparent_image(rng, width, height, mode):
+  """A palette image with an alpha per entry, or a grey / RGB image in 4 levels a channel with
+  one transparent level or colour, the centre pixel's (as PNG's transparency chunk gives them)."""
+  image = random_image(rng, width, height, 'RGB').convert(mode)
+  if mode == 'P':
+    image.info['transparency'] = bytes(rng.integers(0, 256, 256, dtype=np.uint8))
+  else:
+    image = Image.fromarray(np.asarray(image) // 64 * 64, mode)
+    image.info['transparency'] = image.getpixel((width // 2, height // 2))
+  return image
+
+
+def on_white(image):
+  """RGB uint8 of `image`, over white where it says it is transparent (an alpha band or
+  `info['transparency']`; not a palette's own alphas, as transformers' `convert_to_rgb`), in
+  numpy: c * a + 255 * (1 - a), rounded (alpha from PIL's RGBA conversion, which turns a
+  transparent colour or palette entry into alpha)."""
+  if 'A' not in image.getbands() and 'transparency' not in image.info:
+    return np.asarray(image.convert('RGB'))
+  rgba = np.asarray(image.convert('RGBA'), np.float64)
+  alpha = rgba[..., 3:] / 255
+  return np.round(rgba[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+
+
+def reference(image, n, convert_first=False, floor=False):
   """Short side to n with integer floor for the long side, bicubic in the image's own mode,
-  then RGB, crop by numpy slicing at round-half-even offsets, [0, 1], normalise (float64)."""
+  then RGB, crop by numpy slicing at round-half-even offsets, [0, 1], normalise (float64).
+  `convert_first`: RGB over white first (`on_white`), then the rest; `floor`: crop at the floor of
+  half the overhang."""
+  if convert_first:
+    image = Image.fromarray(on_white(image), 'RGB')
   w, h = image.size
   size = (n, n * h // w) if w <= h else (n * w // h, n)
   if size != image.size:
     image = image.resize(size, Image.BICUBIC)
   x = np.asarray(image.convert('RGB'), np.float64) / 255
-  top, left = (int(np.round((d - n) / 2)) for d in x.shape[:2])
+  top, left = ((d - n) // 2 if floor else int(np.round((d - n) / 2)) for d in x.shape[:2])
   x = x[top:top + n, left:left + n]
   return (x - np.array(clip.IMAGE_MEAN)) / np.array(clip.IMAGE_STD)
 
@@ -57,6 +89,60 @@ def test_matches_reference(mode, n):
     assert ours.dtype == np.float32
     chex.assert_shape(ours, (n, n, 3))
     chex.assert_trees_all_close(ours, reference(image, n).astype(np.float32), atol=TOL, rtol=0)
+
+
+HF = clip.PreprocessConfig(convert_first=True, crop_rounding='floor')  # transformers' conventions
+
+
+# PIL's note when OpenAI's order converts a palette with an alpha per entry to RGB, dropping it.
+@pytest.mark.filterwarnings('ignore:Palette images with Transparency:UserWarning')
+@pytest.mark.parametrize('mode', MODES + ['LA', '1', 'P+alpha', 'L+alpha', 'RGB+alpha'])
+@pytest.mark.parametrize('n', [32, 31])
+def test_convert_first_and_floor_match_reference(mode, n):
+  """Converted to RGB over white before the resize, cropped at the floor: the reference with both
+  settings; a setting alone changes what it says it changes (the crop one pixel along the long
+  side where the overhang is 3 mod 4; the pixels of transparent images)."""
+  rng = np.random.default_rng(n)
+  shifted = transparent = 0
+  for width, height in SIZES:
+    if mode.endswith('+alpha'):
+      image = transparent_image(rng, width, height, mode.split('+')[0])
+    else:
+      image = random_image(rng, width, height, mode)
+    ours = preprocess.preprocess_image(image, n, HF)
+    chex.assert_trees_all_close(ours, reference(image, n, True, True).astype(np.float32),
+                                atol=TOL, rtol=0)
+    floor_only = dataclasses.replace(HF, convert_first=False)
+    chex.assert_trees_all_close(preprocess.preprocess_image(image, n, floor_only),
+                                reference(image, n, False, True).astype(np.float32),
+                                atol=TOL, rtol=0)
+    convert_only = dataclasses.replace(HF, crop_rounding='round')
+    chex.assert_trees_all_close(preprocess.preprocess_image(image, n, convert_only),
+                                reference(image, n, True, False).astype(np.float32),
+                                atol=TOL, rtol=0)
+    overhang = max(preprocess.resized_size(width, height, n)) - n
+    shifted += overhang % 4 == 3
+    transparent += np.abs(ours - preprocess.preprocess_image(image, n, floor_only)).max() > TOL
+  assert shifted > 0  # the sizes exercise both crop placements
+  if mode in ('RGBA', 'LA') or mode.endswith('+alpha'):
+    assert transparent == len(SIZES)
+
+
+@pytest.mark.parametrize('mode', MODES + ['LA', '1', 'I;16', 'CMYK'])
+def test_rgb_on_white_is_plain_conversion_without_transparency(mode):
+  """Opaque images are `convert('RGB')` (a palette image from RGBA keeps its alphas in an RGBA
+  palette, which transformers ignores too); those with alpha are composited onto white
+  (`on_white`)."""
+  rng = np.random.default_rng(3)
+  if mode == 'I;16':
+    image = Image.fromarray(rng.integers(0, 700, (9, 11), dtype=np.uint16))
+  else:
+    image = random_image(rng, 11, 9, mode)
+  rgb = preprocess.rgb_on_white(image)
+  assert rgb.mode == 'RGB'
+  np.testing.assert_array_equal(np.asarray(rgb), on_white(image))
+  if 'A' not in image.getbands():
+    np.testing.assert_array_equal(np.asarray(rgb), np.asarray(image.convert('RGB')))
 
 
 def test_full_resolution_and_batch():

@@ -3,7 +3,8 @@
 - `clip.preprocess_images` against open_clip's eval transform (`image_transform`: every resize
   mode and interpolation) and transformers' `CLIPImageProcessor` / `SiglipImageProcessor`, on
   image files of odd sizes and modes (1x1, 7x300, RGBA, LA, palette, 1-bit, CMYK JPEG, 16-bit
-  PNG, WebP), PIL images and uint8 arrays;
+  PNG, WebP, PNG transparency chunks on palette, grey and RGB images), PIL images and uint8
+  arrays;
 - `clip.get_tokenizer(cfg)` against transformers' `SiglipTokenizer` / `Siglip2Tokenizer`,
   open_clip's `HFTokenizer(clean='canonicalize')` and `tokenize`, on prompts built from the
   zero-shot templates and class names with capitals, accents and punctuation;
@@ -15,10 +16,12 @@
   (widths 64, 2 layers, every parameter perturbed) whose vocabularies are tiny SentencePiece
   models trained like SigLIP's and SigLIP 2's (`tests/test_siglip_tokenizer.py`).
 
-transformers' image processors differ from open_clip's (and OpenAI's) by design in two ways,
-which `clip.PreprocessConfig` does not express: they convert an image to RGB (compositing
-transparency on white) before resizing it, and `CLIPImageProcessor` rounds its centre-crop
-offset down. The tests below pin both down exactly instead of loosening a tolerance.
+transformers' image processors differ from open_clip's (and OpenAI's) by design in two ways:
+they convert an image to RGB (compositing transparency on white) before resizing it, and
+`CLIPImageProcessor` rounds its centre-crop offset down. `clip.PreprocessConfig` states both
+(`convert_first=True`, `crop_rounding='floor'`) and `clip.load` records them for Hugging Face
+folders, whose own PIL processors then give our pixels bit for bit on every file; OpenAI's default
+stays bit for bit open_clip's.
 """
 # pylint: disable=redefined-outer-name
 import dataclasses
@@ -49,6 +52,10 @@ from tests.test_siglip_tokenizer import model_files  # pylint: disable=unused-im
 from tests.test_siglip_tokenizer import references  # pylint: disable=unused-import
 from tests.test_siglip_tokenizer import siglip2_folder  # pylint: disable=unused-import
 
+# PIL's note when OpenAI's order (open_clip's, and our default) converts a palette image with an
+# alpha per entry to RGB, dropping the alpha as they do.
+pytestmark = pytest.mark.filterwarnings('ignore:Palette images with Transparency:UserWarning')
+
 R = 32  # every model's image resolution
 LEVEL = 1 / 255  # one uint8 level, in pixel units of [0, 1]
 FLOAT_SLACK = 1e-6  # float32 rounding of the same pixels normalised two ways
@@ -57,18 +64,18 @@ PROB_ATOL = 1e-4  # zero-shot probabilities, end to end (measured: under 1e-6)
 # ---------------------------------------------------------------- image files
 
 SIZES = [(1, 1), (7, 300), (300, 7), (257, 129), (33, 33), (40, 29)]  # (width, height)
+# (mode, extension); '+tRNS': a PNG transparency chunk (an alpha per palette entry, or one grey
+# level or colour that is transparent), which PIL reads into `info['transparency']`.
 FORMATS = [('RGB', 'png'), ('RGB', 'jpg'), ('RGB', 'webp'), ('L', 'png'), ('CMYK', 'jpg'),
-           ('RGBA', 'png'), ('LA', 'png'), ('P', 'png'), ('1', 'png'), ('I;16', 'png')]
-# Modes whose conversion to RGB commutes with resizing, so transformers' order (convert, then
-# resize) and open_clip's (resize, then convert) agree: see
-# test_transformers_convert_to_rgb_before_resizing.
-OPAQUE = ('RGB', 'L', 'CMYK')
+           ('RGBA', 'png'), ('LA', 'png'), ('P', 'png'), ('1', 'png'), ('I;16', 'png'),
+           ('P+tRNS', 'png'), ('L+tRNS', 'png'), ('RGB+tRNS', 'png')]
 
 
 class ImageFile(typing.NamedTuple):
   path: str
   mode: str  # as PIL reads the file back
   size: tuple[int, int]
+  transparent: bool  # an alpha band or a transparency chunk
 
 
 def _pixels(rng, width, height):
@@ -91,6 +98,17 @@ def _image(rng, width, height, mode):
   return rgba.convert('RGB').convert(mode)
 
 
+def _transparent_image(rng, width, height, mode):
+  """(image, its PNG transparency chunk): a 32-colour palette whose alphas ramp from 0 to 255, or
+  grey levels / colours in steps of 64, the centre pixel's transparent (an area, in every crop)."""
+  rgb = Image.fromarray(_pixels(rng, width, height)[..., :3])
+  if mode == 'P':
+    return rgb.quantize(32), bytes(np.linspace(0, 255, 32).round().astype(np.uint8))
+  image = Image.fromarray(np.asarray(rgb.convert(mode)) // 64 * 64)
+  centre = np.asarray(image)[height // 2, width // 2]
+  return image, int(centre) if mode == 'L' else tuple(int(c) for c in centre)
+
+
 @pytest.fixture(scope='module')
 def image_files(tmp_path_factory):
   """Every size in every mode and format, written by PIL and read back."""
@@ -98,12 +116,19 @@ def image_files(tmp_path_factory):
   rng = np.random.default_rng(0)
   files = []
   for width, height in SIZES:
-    for mode, ext in FORMATS:
-      path = str(folder / f'{width}x{height}_{mode.replace(";", "")}.{ext}')
-      _image(rng, width, height, mode).save(path)
+    for name, ext in FORMATS:
+      path = str(folder / f'{width}x{height}_{name.replace(";", "")}.{ext}')
+      mode, chunk = name.split('+')[0], name.endswith('+tRNS')
+      if chunk:
+        image, transparency = _transparent_image(rng, width, height, mode)
+        image.save(path, transparency=transparency)
+      else:
+        _image(rng, width, height, mode).save(path)
       with Image.open(path) as image:
-        files.append(ImageFile(path, image.mode, image.size))
-  assert {f.mode for f in files} == {m for m, _ in FORMATS}
+        files.append(ImageFile(path, image.mode, image.size,
+                               'A' in image.getbands() or 'transparency' in image.info))
+  assert {(f.mode, f.transparent) for f in files} == {
+      (name.split('+')[0], name.endswith('+tRNS') or 'A' in name) for name, _ in FORMATS}
   return files
 
 
@@ -180,15 +205,33 @@ def test_pil_images_and_uint8_arrays_equal_open_clip(name, oc, image_files):
 
 # ---------------------------------------------------------------- transformers' processors
 
-def _pil_processor(family):
-  """transformers' PIL image processor for `family` at R, and the PreprocessConfig that
-  `clip.load` records for it (tested in test_load_*)."""
-  from transformers import CLIPImageProcessorPil  # pylint: disable=g-import-not-at-top
-  from transformers import SiglipImageProcessorPil  # pylint: disable=g-import-not-at-top
-  if family == 'clip':
-    return (CLIPImageProcessorPil(size={'shortest_edge': R}, crop_size={'height': R, 'width': R}),
-            clip.PreprocessConfig())
-  return SiglipImageProcessorPil(size={'height': R, 'width': R}), families.SIGLIP_PREPROCESS
+# transformers' conventions, which `clip.load` records for a Hugging Face folder's processor.
+HF = {'convert_first': True, 'crop_rounding': 'floor'}
+HF_ATOL = FLOAT_SLACK  # ours against transformers' PIL processors (measured: 0, bit for bit)
+# {name: (processor class, its settings at R, the PreprocessConfig stating them)}
+HF_PROCESSORS = {
+    'clip': ('CLIPImageProcessorPil', {'size': {'shortest_edge': R},
+                                       'crop_size': {'height': R, 'width': R}},
+             clip.PreprocessConfig(**HF)),
+    'clip_bilinear': ('CLIPImageProcessorPil', {
+        'size': {'shortest_edge': R}, 'crop_size': {'height': R, 'width': R}, 'resample': 2,
+        'image_mean': [0.4, 0.5, 0.6], 'image_std': [0.2, 0.3, 0.4]},
+                      clip.PreprocessConfig((0.4, 0.5, 0.6), (0.2, 0.3, 0.4),
+                                            interpolation='bilinear', **HF)),
+    'siglip': ('SiglipImageProcessorPil', {'size': {'height': R, 'width': R}},
+               dataclasses.replace(families.SIGLIP_PREPROCESS, **HF)),
+    'siglip_bilinear': ('SiglipImageProcessorPil', {'size': {'height': R, 'width': R},
+                                                    'resample': 2},
+                        dataclasses.replace(families.SIGLIP_PREPROCESS, interpolation='bilinear',
+                                            **HF)),
+}
+
+
+def _pil_processor(name):
+  """transformers' PIL image processor `name` of HF_PROCESSORS, and its PreprocessConfig."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  cls, settings, config = HF_PROCESSORS[name]
+  return getattr(transformers, cls)(**settings), config
 
 
 def _hf_nhwc(processor, images, **kwargs):
@@ -198,8 +241,13 @@ def _hf_nhwc(processor, images, **kwargs):
   return np.asarray(pixels).transpose(0, 2, 3, 1)
 
 
-def _atol(levels, config):
-  return levels * LEVEL / min(config.std) + FLOAT_SLACK
+def _assert_hf_equal(ours, theirs):
+  np.testing.assert_allclose(ours, theirs, atol=HF_ATOL, rtol=0)
+
+
+def _levels(ours, theirs, config):
+  """Per image, the largest difference in uint8 levels."""
+  return np.abs(ours - theirs).max(axis=(1, 2, 3)) * min(config.std) / LEVEL
 
 
 def _crops_alike(size):
@@ -208,73 +256,46 @@ def _crops_alike(size):
   return (max(preprocess.resized_size(*size, R)) - R) % 4 != 3
 
 
-def _hf_files(image_files, family, modes):
-  return [f for f in image_files if f.mode in modes and (family == 'siglip' or
-                                                         _crops_alike(f.size))]
+@pytest.mark.parametrize('name', sorted(HF_PROCESSORS))
+def test_transformers_image_processors_equal_on_every_file(name, image_files):
+  """`convert_first=True, crop_rounding='floor'` is transformers' PIL processor with the same
+  settings (`CLIPImageProcessorPil`, `SiglipImageProcessorPil`: what a folder loaded with
+  backend='pil' runs) on every file: transparent, palette, 1-bit, 16-bit and CMYK ones, and
+  the sizes whose crops torchvision places a pixel further; on PIL images in modes no file holds
+  (palette with alpha, premultiplied alpha, a palette of RGBA colours, whose alphas both ignore)
+  and on uint8 arrays."""
+  processor, config = _pil_processor(name)
+  ours = clip.preprocess_images([f.path for f in image_files], _config(config))
+  _assert_hf_equal(ours, _hf_nhwc(processor, [_read(f.path) for f in image_files]))
+  rgba = [_read(f.path) for f in image_files if f.mode == 'RGBA']
+  images = [image.convert(mode) for image in rgba for mode in ('PA', 'RGBa', 'P')]
+  _assert_hf_equal(clip.preprocess_images(images, _config(config)), _hf_nhwc(processor, images))
+  arrays = [np.asarray(_read(f.path)) for f in image_files if f.mode == 'RGB']
+  _assert_hf_equal(clip.preprocess_images(arrays, _config(config)),
+                   _hf_nhwc(processor, arrays, input_data_format='channels_last'))
 
 
-@pytest.mark.parametrize('family', ['clip', 'siglip'])
-def test_transformers_image_processors_equal_on_opaque_images(family, image_files):
-  """transformers' PIL processors (`CLIPImageProcessorPil`, `SiglipImageProcessorPil`; the
-  `SiglipImageProcessor` of a folder loaded with backend='pil'): within one level on RGB, grey
-  and CMYK files (exact but for CMYK, whose conversion rounds before or after the resize), PIL
-  images and uint8 arrays; for CLIP at the sizes where the crops agree (see
-  test_transformers_clip_crop_offset_rounds_down)."""
-  processor, config = _pil_processor(family)
-  files = _hf_files(image_files, family, OPAQUE)
-  assert len(files) >= 9
-  ours = clip.preprocess_images([f.path for f in files], _config(config))
-  theirs = _hf_nhwc(processor, [_read(f.path) for f in files])
-  chex.assert_trees_all_close(ours, theirs, atol=_atol(1, config), rtol=0)
-  exact = np.array([f.mode != 'CMYK' for f in files])
-  np.testing.assert_allclose(ours[exact], theirs[exact], atol=FLOAT_SLACK, rtol=0)
-  arrays = [np.asarray(_read(f.path)) for f in files if f.mode == 'RGB']
-  chex.assert_trees_all_close(
-      clip.preprocess_images(arrays, _config(config)),
-      _hf_nhwc(processor, arrays, input_data_format='channels_last'), atol=FLOAT_SLACK, rtol=0)
-
-
-@pytest.mark.parametrize('family', ['clip', 'siglip'])
-def test_transformers_convert_to_rgb_before_resizing(family, image_files):
-  """transformers converts every image to RGB first, compositing transparency on white
-  (`image_transforms.convert_to_rgb`), then resizes; OpenAI, open_clip and this package resize
-  in the image's own mode (a palette or 1-bit image with nearest neighbours, alpha premultiplied,
-  16 bits) and convert after, dropping alpha. For every mode, transformers' pixels are ours on
-  its RGB conversion; on the image itself they differ where alpha, palette, 1-bit or 16-bit
-  modes meet the resize: a Hugging Face folder's own processor gives other pixels there than
-  `clip.preprocess_images` (which follows open_clip; PreprocessConfig has no setting for it)."""
-  from transformers.image_transforms import convert_to_rgb  # pylint: disable=g-import-not-at-top
-  processor, config = _pil_processor(family)
-  files = _hf_files(image_files, family, {f.mode for f in image_files})
-  images = [_read(f.path) for f in files]
-  theirs = _hf_nhwc(processor, images)
-  their_rgb = [convert_to_rgb(image, return_numpy=True) for image in images]
-  chex.assert_trees_all_close(clip.preprocess_images(their_rgb, _config(config)), theirs,
-                              atol=_atol(1, config), rtol=0)
-  ours = clip.preprocess_images([f.path for f in files], _config(config))
-  levels = np.abs(ours - theirs).max(axis=(1, 2, 3)) * min(config.std) / LEVEL
-  by_mode = {}
-  for f, n in zip(files, levels):
-    by_mode[f.mode] = max(by_mode.get(f.mode, 0), n)
-  assert max(by_mode[m] for m in OPAQUE) < 1.001, by_mode
-  assert min(by_mode[m] for m in ('RGBA', 'LA', 'P')) > 50, by_mode
-
-
-def test_transformers_clip_crop_offset_rounds_down(image_files):
-  """Where the resized long side overhangs the crop by d = 3 mod 4 (7x300, 300x7, 257x129 at
-  32), `CLIPImageProcessor` crops from d // 2, torchvision's `CenterCrop` (OpenAI's, open_clip's,
-  ours) from round(d / 2) = d // 2 + 1: its pixels are ours shifted by one along the long side."""
-  processor, config = _pil_processor('clip')
-  files = [f for f in image_files if f.mode == 'RGB' and not _crops_alike(f.size)]
-  assert {f.size for f in files} == {(7, 300), (300, 7), (257, 129)}
-  ours = clip.preprocess_images([f.path for f in files], _config(config))
-  theirs = _hf_nhwc(processor, [_read(f.path) for f in files])
-  for f, ours_HxWx3, theirs_HxWx3 in zip(files, ours, theirs):
-    axis = 1 if f.size[0] > f.size[1] else 0  # the long side: columns of a wide image
-    shifted = np.take(ours_HxWx3, range(R - 1), axis)
-    np.testing.assert_allclose(np.take(theirs_HxWx3, range(1, R), axis), shifted,
-                               atol=FLOAT_SLACK, rtol=0)
-    assert np.abs(theirs_HxWx3 - ours_HxWx3).max() > _atol(1, config)
+@pytest.mark.parametrize('name', ['clip', 'siglip'])
+def test_transformers_differs_where_open_clip_order_and_crop_would(name, image_files):
+  """Each setting is needed: with `convert_first=False` (resize in the image's own mode, then
+  drop alpha) the transparent files differ by far, and the RGB and grey ones do not; with
+  `crop_rounding='round'` exactly the files whose crop overhang is 3 mod 4 differ (none when
+  squashing)."""
+  processor, config = _pil_processor(name)
+  paths = [f.path for f in image_files]
+  theirs = _hf_nhwc(processor, [_read(p) for p in paths])
+  late = dataclasses.replace(config, convert_first=False)
+  levels = _levels(clip.preprocess_images(paths, _config(late)), theirs, late)
+  transparent = np.array([f.transparent for f in image_files])
+  opaque_rgb_or_grey = np.array([f.mode in ('RGB', 'L') and not f.transparent
+                                 for f in image_files])
+  assert levels[transparent].min() > 50, levels[transparent]
+  assert levels[opaque_rgb_or_grey].max() < FLOAT_SLACK
+  rounded = dataclasses.replace(config, crop_rounding='round')
+  levels = _levels(clip.preprocess_images(paths, _config(rounded)), theirs, rounded)
+  shifted = {f.size for f, n in zip(image_files, levels) if n > FLOAT_SLACK}
+  assert shifted == ({size for size in SIZES if not _crops_alike(size)} if name == 'clip'
+                     else set())
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -446,7 +467,11 @@ def hf_siglip_folders(model_files, siglip2_folder, tmp_path_factory):
 
 @pytest.mark.parametrize('kind', ['siglip', 'siglip2'])
 def test_load_hugging_face_siglip_folder_records_its_processing(kind, hf_siglip_folders,
-                                                                tmp_path):
+                                                                image_files, tmp_path):
+  """The tokenizer, and transformers' conventions with SigLIP's settings: the folder's own
+  processor (transformers 5's processor_config.json, PIL backend) gives our pixels on every
+  file."""
+  import transformers  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders[kind]
   if kind == 'siglip2':  # a Gemma tokenizer does not lower-case: said, and done as SigLIP 2's
     with pytest.warns(clip.CheckpointWarning, match='lower-cased text for its GemmaTokenizer'):
@@ -457,7 +482,10 @@ def test_load_hugging_face_siglip_folder_records_its_processing(kind, hf_siglip_
       _, cfg = clip.load(folder)
   assert cfg.tokenizer == clip.TokenizerConfig(kind, str(folder / SENTENCEPIECE_FILE[kind]),
                                                {'siglip': 'siglip', 'siglip2': 'lower'}[kind])
-  assert cfg.preprocess == families.SIGLIP_PREPROCESS
+  assert cfg.preprocess == dataclasses.replace(families.SIGLIP_PREPROCESS, **HF)
+  processor = transformers.AutoImageProcessor.from_pretrained(folder, backend='pil')
+  _assert_hf_equal(clip.preprocess_images([f.path for f in image_files], cfg),
+                   _hf_nhwc(processor, [_read(f.path) for f in image_files]))
   if kind == 'siglip2':  # hub folders saved by transformers 4 name the fast class
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
     tokenizer_config = json.loads((tmp_path / 'tokenizer_config.json').read_text())
@@ -473,7 +501,8 @@ def test_load_hugging_face_siglip_folder_records_its_processing(kind, hf_siglip_
 def test_load_reads_transformers_4_preprocessor_config(hf_siglip_folders, image_files, tmp_path):
   """A hub folder saved by transformers 4 holds the image processor's settings in
   `preprocessor_config.json`; other settings than SigLIP's are read, and the pixels are that
-  processor's."""
+  processor's on every file. `do_convert_rgb: false` is read as `convert_first=False` (transformers
+  then takes RGB images only, and those are the same either way)."""
   from transformers import SiglipImageProcessorPil  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders['siglip']
   for name in ('config.json', 'model.safetensors', 'spiece.model', 'tokenizer_config.json'):
@@ -486,11 +515,20 @@ def test_load_reads_transformers_4_preprocessor_config(hf_siglip_folders, image_
     warnings.simplefilter('error')
     _, cfg = clip.load(tmp_path)
   assert cfg.preprocess == clip.PreprocessConfig((0.4, 0.5, 0.6), (0.2, 0.3, 0.4), 'squash',
-                                                 'bilinear')
-  files = [f for f in image_files if f.mode in OPAQUE]
-  chex.assert_trees_all_close(clip.preprocess_images([f.path for f in files], cfg),
-                              _hf_nhwc(processor, [_read(f.path) for f in files]),
-                              atol=_atol(1, cfg.preprocess), rtol=0)
+                                                 'bilinear', **HF)
+  _assert_hf_equal(clip.preprocess_images([f.path for f in image_files], cfg),
+                   _hf_nhwc(processor, [_read(f.path) for f in image_files]))
+  settings = json.loads((tmp_path / 'preprocessor_config.json').read_text())
+  (tmp_path / 'preprocessor_config.json').write_text(json.dumps({**settings,
+                                                                 'do_convert_rgb': False}))
+  _, cfg = clip.load(tmp_path)
+  assert cfg.preprocess == clip.PreprocessConfig((0.4, 0.5, 0.6), (0.2, 0.3, 0.4), 'squash',
+                                                 'bilinear', convert_first=False,
+                                                 crop_rounding='floor')
+  rgb = [f.path for f in image_files if f.mode == 'RGB' and not f.transparent]
+  processor = SiglipImageProcessorPil.from_pretrained(tmp_path)
+  assert processor.do_convert_rgb is False
+  _assert_hf_equal(clip.preprocess_images(rgb, cfg), _hf_nhwc(processor, map(_read, rgb)))
 
 
 def test_lone_siglip_file_needs_its_tokenizer(hf_siglip_folders, model_files, references,
@@ -541,10 +579,12 @@ def _save_clip_tokenizer(folder, vocab, merges):
 
 
 @pytest.mark.parametrize('files', ['vocab.json', 'tokenizer.json'])
-def test_load_hugging_face_clip_folder_with_openai_tokenizer(files, tmp_path):
+def test_load_hugging_face_clip_folder_with_openai_tokenizer(files, image_files, tmp_path):
   """OpenAI's vocabulary and merges (from OpenAI's own tokenizer; in vocab.json, or only in
-  tokenizer.json as transformers 5 saves it) and a `CLIPImageProcessor`: OpenAI's tokenizer and
-  preprocessing, whose tokens are `clip.tokenize`'s."""
+  tokenizer.json as transformers 5 saves it) and a `CLIPImageProcessor`: OpenAI's tokenizer,
+  whose tokens are `clip.tokenize`'s, and OpenAI's settings with transformers' conventions, whose
+  pixels are the folder's own processor's on every file."""
+  from transformers import AutoImageProcessor  # pylint: disable=g-import-not-at-top
   from transformers import CLIPImageProcessorPil  # pylint: disable=g-import-not-at-top
   _hf_clip(49408).save_pretrained(tmp_path)
   CLIPImageProcessorPil(size={'shortest_edge': R},
@@ -558,9 +598,12 @@ def test_load_hugging_face_clip_folder_with_openai_tokenizer(files, tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     _, cfg = clip.load(tmp_path)
-  assert (cfg.tokenizer, cfg.preprocess) == (clip.TokenizerConfig(), clip.PreprocessConfig())
+  assert (cfg.tokenizer, cfg.preprocess) == (clip.TokenizerConfig(), clip.PreprocessConfig(**HF))
   np.testing.assert_array_equal(clip.get_tokenizer(cfg)(PROMPTS, truncate=True),
                                 clip.tokenize(PROMPTS, truncate=True))
+  processor = AutoImageProcessor.from_pretrained(tmp_path, backend='pil')
+  _assert_hf_equal(clip.preprocess_images([f.path for f in image_files], cfg),
+                   _hf_nhwc(processor, [_read(f.path) for f in image_files]))
 
 
 @pytest.mark.parametrize('files', ['vocab.json', 'tokenizer.json'])
@@ -718,25 +761,26 @@ def _assert_probabilities_close(ours, theirs):
 def test_zero_shot_equals_transformers_pipeline(kind, hf_siglip_folders, image_files):
   """The folder's own pipeline as SigLIP's model cards run it: `AutoProcessor` (its image
   processor in PIL) with `padding='max_length', max_length=64`, the model,
-  sigmoid(logits_per_image). Images in the modes where transformers' RGB-first conversion
-  agrees with open_clip's order (see test_transformers_convert_to_rgb_before_resizing)."""
+  sigmoid(logits_per_image); on every file, whose pixels are ours."""
   import transformers  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders[kind]
   processor = transformers.AutoProcessor.from_pretrained(folder, backend='pil')
   model = transformers.SiglipModel.from_pretrained(folder).eval()
-  files = [f for f in image_files if f.mode in OPAQUE]
+  paths = [f.path for f in image_files]
   texts = [TEMPLATE.format(c) for c in CLASSES]
   if kind == 'siglip2':  # SigLIP 2 read lower-cased text; transformers' docs ask the caller to
     texts = [t.lower() for t in texts]  # lower-case it, as Gemma's tokenizer keeps case
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
-    inputs = processor(text=texts, images=[_read(f.path) for f in files], padding='max_length',
+    inputs = processor(text=texts, images=[_read(p) for p in paths], padding='max_length',
                        max_length=64, truncation=True, return_tensors='pt')
   assert set(inputs) == {'input_ids', 'pixel_values'}
   with torch.no_grad():
     theirs = torch.sigmoid(model(**inputs).logits_per_image).numpy()
   params, cfg = clip.load(folder)
-  _assert_probabilities_close(_zero_shot(params, cfg, [f.path for f in files], CLASSES), theirs)
+  _assert_hf_equal(clip.preprocess_images(paths, cfg),
+                   inputs['pixel_values'].numpy().transpose(0, 2, 3, 1))
+  _assert_probabilities_close(_zero_shot(params, cfg, paths, CLASSES), theirs)
 
 
 @pytest.mark.parametrize('kind', ['siglip', 'siglip2'])
