@@ -822,3 +822,48 @@ def test_zero_shot_equals_open_clip_clip_pipeline(oc, open_clip_vit_folder, imag
     theirs = (img_NxD @ txt_CxD.T * model.logit_scale.exp()).softmax(dim=-1).numpy()
   params, cfg = clip.load(open_clip_vit_folder)
   _assert_probabilities_close(_zero_shot(params, cfg, paths, CLASSES), theirs)
+
+
+def test_zero_shot_cli_equals_transformers_pipeline(hf_siglip_folders, image_files, tmp_path):
+  """`python -m experiments.zero_shot` on a Hugging Face SigLIP folder and a folder of image
+  files: its probabilities are transformers' own pipeline's (processor in PIL, the model), with
+  the CLI's 7 templates ensembled as OpenAI's notebook does (mean of the normalised text
+  features, normalised) and SigLIP's sigmoid(exp(t) cos + b)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from experiments import zero_shot as cli  # pylint: disable=g-import-not-at-top
+  folder, _ = hf_siglip_folders['siglip']
+  images = tmp_path / 'images'
+  images.mkdir()
+  for f in image_files:
+    shutil.copy(f.path, images / os.path.basename(f.path))
+  classes = CLASSES[:5]
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # PIL's note on palette transparency
+    predictions = cli.main(['--model', str(folder), '--images', str(images), '--classes',
+                            ','.join(classes), '--top-k', str(len(classes)), '--out',
+                            str(tmp_path / 'out')])
+  paths, _ = cli.list_images(str(images))
+  ours = np.zeros((len(paths), len(classes)), np.float32)
+  for i, row in enumerate(predictions):
+    assert row['image'] == os.path.basename(paths[i])
+    for top in row['top']:
+      ours[i, classes.index(top['class'])] = top['probability']
+  processor = transformers.AutoProcessor.from_pretrained(folder, backend='pil')
+  model = transformers.SiglipModel.from_pretrained(folder).eval()
+  templates = clip.zero_shot.DEFAULT_TEMPLATES
+  with torch.no_grad(), warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    pixels = processor(images=[_read(p) for p in paths], return_tensors='pt')['pixel_values']
+    # transformers 5's get_*_features return the tower's output; the features are its pooled one
+    img_NxD = torch.nn.functional.normalize(
+        model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    weights = []
+    for c in classes:
+      ids = processor(text=[t.format(c) for t in templates], padding='max_length', max_length=64,
+                      truncation=True, return_tensors='pt')['input_ids']
+      txt_TxD = torch.nn.functional.normalize(
+          model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+      weights.append(torch.nn.functional.normalize(txt_TxD.mean(0), dim=-1))
+    logits = img_NxD @ torch.stack(weights).T * model.logit_scale.exp() + model.logit_bias
+    theirs = torch.sigmoid(logits).numpy()
+  _assert_probabilities_close(ours, theirs)
