@@ -614,16 +614,22 @@ def get_config(name):
 
 
 def normalize_image(images):
-  """NHWC images in [0, 1] -> normalised with OpenAI's mean and std."""
+  """NHWC images in [0, 1] -> normalised with OpenAI's mean and std (a model's own:
+  `clip.processing.normalize(images, cfg)`)."""
+  return normalize_with(images, IMAGE_MEAN, IMAGE_STD, 'normalize_image')
+
+
+def normalize_with(images, mean, std, caller='normalize'):
+  """NHWC float images in [0, 1] -> `(images - mean) / std` per RGB channel, in their dtype."""
   images = np.asarray(images) if not hasattr(images, 'dtype') else images
   if images.ndim < 1 or images.shape[-1] != 3:
-    raise ValueError(f'normalize_image expects images (..., H, W, 3), got shape {images.shape}')
+    raise ValueError(f'{caller} expects images (..., H, W, 3), got shape {images.shape}')
   if not np.issubdtype(images.dtype, np.floating):
-    raise TypeError(f'normalize_image expects float images in [0, 1], got dtype {images.dtype}; '
+    raise TypeError(f'{caller} expects float images in [0, 1], got dtype {images.dtype}; '
                     'divide uint8 images by 255 first')
-  mean = np.asarray(IMAGE_MEAN, np.float32)
-  std = np.asarray(IMAGE_STD, np.float32)
-  return (images - mean.astype(images.dtype)) / std.astype(images.dtype)
+  mean = np.asarray(mean, np.float32).astype(images.dtype)
+  std = np.asarray(std, np.float32).astype(images.dtype)
+  return (images - mean) / std
 
 
 # ---------------------------------------------------------------- to and from JSON-ready dicts

@@ -163,12 +163,4 @@ def normalize(images, cfg):
   (`cfg.preprocess`); `clip.normalize_image` is OpenAI's constants alone."""
   if not isinstance(cfg, configs.CLIPConfig):
     raise TypeError(f'expected a clip.CLIPConfig, got {type(cfg).__name__}')
-  images = np.asarray(images) if not hasattr(images, 'dtype') else images
-  if images.ndim < 1 or images.shape[-1] != 3:
-    raise ValueError(f'normalize expects images (..., H, W, 3), got shape {images.shape}')
-  if not np.issubdtype(images.dtype, np.floating):
-    raise TypeError(f'normalize expects float images in [0, 1], got dtype {images.dtype}; '
-                    'divide uint8 images by 255 first')
-  mean = np.asarray(cfg.preprocess.mean, np.float32).astype(images.dtype)
-  std = np.asarray(cfg.preprocess.std, np.float32).astype(images.dtype)
-  return (images - mean) / std
+  return configs.normalize_with(images, cfg.preprocess.mean, cfg.preprocess.std)
