@@ -555,6 +555,17 @@ class CLIPConfig:
     """The towers' `Execution`: this config's dtype, remat and scan."""
     return Execution(self.dtype, self.remat, self.scan)
 
+  @property
+  def logit_scale_range(self):
+    """`(low, high)`, the range training clamps `logit_scale` to after each update, or None for
+    none; it is the model family's. CLIP (OpenAI, open_clip): [0, ln 100], their
+    `logit_scale.clamp(0, ln 100)`. SigLIP (`logit_bias=True`): none, as big_vision trains it
+    (`big_vision/models/proj/image_text/two_towers.py` uses `exp(t)` of the raw parameter; its
+    released checkpoints hold t of about ln 110 to ln 118, kornia#3481), so a SigLIP
+    checkpoint is not pulled to ln 100 by fine-tuning. (open_clip's trainer clamps every model,
+    its SigLIP ones included.) A frozen logit scale is never clamped (`clip.freezing`)."""
+    return None if self.logit_bias else (0.0, float(np.log(100.0)))
+
 
 def openai_config(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                   context_length, vocab_size, transformer_width, transformer_heads,

@@ -3,7 +3,8 @@
 - Image classifier (the counterpart of Hugging Face's `CLIPVisionModelForImageClassification`):
   the image tower and a linear `head` on its L2-normalised features, the head initialised from
   zero-shot classifier weights (times the logit scale), so that step 0 *is* the zero-shot
-  classifier. Full fine-tuning, or LP-FT (`TrainConfig(freeze=(r'visual\\..*',))` first, then
+  classifier. Full fine-tuning, or LP-FT (`TrainConfig(freeze=(r'visual\\..*',))` first: the
+  tower's weights and a ResNet's BatchNorm statistics stay bit-identical, `clip.freezing`; then
   everything), with layer-wise learning-rate decay (`TrainConfig(layer_decay=0.75)`).
 - WiSE-FT (`wise_ft`): the weight-space interpolation of zero-shot and fine-tuned parameters.
 - LiT: `TrainConfig(lock_image_tower=True)` with the CLIP objective: the text tower learns, the

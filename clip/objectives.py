@@ -56,8 +56,8 @@ def image_outputs(params, batch_stats, images, cfg, tcfg, key):
   """The image tower as the CLIP objective runs it: `(features (N, embed_dim) or None without a
   text tower, the tokens a decoder reads or None without one, batch_stats)`. FLIP's patch
   dropout draws from `key` folded with `PATCH_DROPOUT_STREAM`; a ResNet trains its BatchNorm
-  statistics; under LiT (`tcfg.lock_image_tower`) the tower runs in inference mode and its
-  outputs carry no gradient."""
+  statistics (the train step keeps those a freeze pattern names, `clip.freezing`); under LiT
+  (`tcfg.lock_image_tower`) the tower runs in inference mode and its outputs carry no gradient."""
   dropout_key = jax.random.fold_in(key, PATCH_DROPOUT_STREAM)
   image_tokens = None
   if cfg.decoder is None:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clip import freezing
 from clip import sharding
 
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')
@@ -73,15 +74,17 @@ def schedule(learning_rate, warmup_steps, total_steps, end_fraction=0.0, kind='c
 _schedule = schedule  # make_optimizer's `schedule` argument hides the function
 
 
-def path_mask(patterns):
-  """params -> bool tree: True where the '.'-joined path fully matches one of the regexes."""
-  compiled = [re.compile(p) for p in patterns]
+def _zero_frozen(patterns):
+  """An optax transformation setting the updates of what `patterns` freeze to zero: whole
+  leaves, or the frozen layers of a stacked leaf (`freezing.leaf_masks`). The masks follow the
+  tree it is given, so a pattern that names only BatchNorm buffers matches nothing here;
+  `training.setup` checks every pattern against the parameters and the buffers together."""
+  freezing.compile_patterns(patterns)
 
-  def mask(params):
-    def matches(key_path, _):
-      return any(c.fullmatch(sharding.dotted_path(key_path)) for c in compiled)
-    return jax.tree_util.tree_map_with_path(matches, params)
-  return mask
+  def update(updates, state, params=None):
+    del params
+    return freezing.zero(freezing.leaf_masks(patterns, updates), updates), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def layer_depth(path, num_layers):
@@ -146,8 +149,9 @@ def make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps,
                    layer_decay=1.0, schedule='cosine'):
   """(optimizer, lr schedule). AdamW defaults are OpenAI's (b2=0.98, eps=1e-6); `clip_norm=None`
   turns clipping off; `accumulation_steps > 1` sums gradients over that many calls before one
-  update (optax.MultiSteps). Parameters whose path matches a `freeze` regex get zero gradients
-  (not counted by clipping) and zero updates (no weight decay either): they stay bit-identical.
+  update (optax.MultiSteps). What the `freeze` regexes name (`clip.freezing`: per-layer torch
+  keys, so single layers of stacked blocks too) gets zero gradients (not counted by clipping,
+  never in the moments) and zero updates (no weight decay either): it stays bit-identical.
   `layer_decay < 1` scales the image tower's updates by depth (`scale_by_layer_decay`).
   `schedule` is what follows the warmup: one of `SCHEDULES` (see `schedule()`).
 
@@ -174,9 +178,8 @@ def make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps,
     opt = optax.chain(opt, scale_by_layer_decay(layer_decay))
   if clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
-  if freeze:
-    frozen = optax.masked(optax.set_to_zero(), path_mask(freeze))
-    opt = optax.chain(frozen, opt, frozen)
+  if freeze:  # before clipping and the moments (frozen gradients count for nothing), and after
+    opt = optax.chain(_zero_frozen(freeze), opt, _zero_frozen(freeze))
   if accumulation_steps > 1:
     opt = optax.MultiSteps(opt, accumulation_steps)
   return opt, lr

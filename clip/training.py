@@ -18,13 +18,13 @@ from jax.sharding import PartitionSpec as P
 
 import losses
 from clip import captioning
+from clip import freezing
 from clip import grad_cache
 from clip import model
 from clip import objectives
 from clip import optim
 from clip import sharding
 
-MAX_LOGIT_SCALE = float(np.log(100.0))  # OpenAI clamps exp(logit_scale) to 100
 ACCUMULATIONS = ('multisteps', 'grad_cache')
 
 
@@ -51,7 +51,7 @@ class TrainConfig:
   accumulation: str = 'multisteps'
   mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the rest
   seed: int = 0
-  freeze: tuple[str, ...] = ()  # regexes on parameter paths kept bit-identical
+  freeze: tuple[str, ...] = ()  # regexes on per-layer torch keys kept bit-identical (`frozen`)
   layer_decay: float = 1.0      # < 1: layer-wise learning-rate decay in the image tower
   lock_image_tower: bool = False  # LiT: the image tower frozen and run without gradients
   # Captioning (a model with a decoder): total loss = contrastive + caption_weight * captioning
@@ -94,12 +94,15 @@ class TrainConfig:
       raise ValueError(f'mesh must be (data, fsdp, tensor), got {self.mesh!r}')
     if isinstance(self.freeze, str) or not all(isinstance(f, str) for f in self.freeze):
       raise ValueError(f'freeze must be a tuple of regexes, got {self.freeze!r}')
+    freezing.compile_patterns(self.freeze)
     if not 0 < self.layer_decay <= 1:
       raise ValueError(f'layer_decay must be in (0, 1], got {self.layer_decay}')
 
   @property
   def frozen(self):
-    """Regexes of the parameters the optimizer leaves untouched."""
+    """The regexes of what training leaves bit-identical (`clip.freezing`): parameters and
+    BatchNorm buffers, named by their per-layer torch keys in every layout; LiT adds the image
+    tower. Each must match something (`setup` raises before compiling)."""
     return tuple(self.freeze) + ((r'visual\..*',) if self.lock_image_tower else ())
 
   @property
@@ -152,13 +155,14 @@ def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=('ima
 
 
 def check_init_logit_scale(cfg):
-  """A random init's logit scale starts inside the range each step clamps it to, [0, ln 100]
-  (OpenAI's and open_clip's clamp): a start outside it would be moved there silently by the
-  first step. Raises ValueError naming the start and the range."""
-  start = cfg.init_logit_scale
-  if start is not None and not 0.0 <= start <= MAX_LOGIT_SCALE:
-    raise ValueError(f'init_logit_scale={start} is outside [0, ln 100 = {MAX_LOGIT_SCALE:.4f}], '
-                     'the range training clamps the logit scale to')
+  """A random init's logit scale starts inside the range each step clamps it to,
+  `cfg.logit_scale_range` ([0, ln 100] for CLIP, none for SigLIP): a start outside it would be
+  moved there silently by the first step. Raises ValueError naming the start and the range."""
+  start, bounds = cfg.init_logit_scale, cfg.logit_scale_range
+  if start is not None and bounds is not None and not bounds[0] <= start <= bounds[1]:
+    raise ValueError(f'init_logit_scale={start} is outside [{bounds[0]:g}, '
+                     f'ln {np.exp(bounds[1]):.0f} = {bounds[1]:.4f}], the range training clamps '
+                     'this model family\'s logit scale to (CLIPConfig.logit_scale_range)')
 
 
 def make_optimizer(tcfg):
@@ -200,7 +204,11 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
   minimised (`key`: a fresh PRNG key each step, from the state's `rng`):
   by default `objectives.clip_objective`; fine-tuning passes its own (`clip.finetune`) with its
   `batch_keys`. Metrics add the grad norm, the learning rate and, where the params have them, the
-  logit scale (clamped to ln 100 after each update) and bias."""
+  logit scale (clamped after each update to the model family's `cfg.logit_scale_range`) and bias.
+
+  What `tcfg.frozen` names (`clip.freezing`) leaves the step bit-identical: its gradients and
+  updates are zeroed by the optimizer, and its old values are kept after the update, the clamp and
+  the BatchNorm statistics (a frozen ResNet layer's running buffers stay as they were)."""
   tcfg.check_mesh(mesh)
   if tcfg.grad_cache:
     if objective is not None:
@@ -212,15 +220,20 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
   def train_step(state, batch):
+    frozen_params, frozen_stats = freezing.masks(tcfg.frozen, state['params'],
+                                                 state['batch_stats'])
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see sharding.constrain_batch
       (loss, (new_stats, aux)), grads = value_and_grad(
           state['params'], state['batch_stats'], batch, state['rng'])
     updates, opt = optimizer.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    if 'logit_scale' in params and cfg.logit_scale_range is not None:
+      params['logit_scale'] = jnp.clip(params['logit_scale'], *cfg.logit_scale_range)
+    params = freezing.keep(frozen_params, state['params'], params)
+    new_stats = freezing.keep(frozen_stats, state['batch_stats'], new_stats)
     metrics = {'loss': loss, **aux, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(_optimizer_step(opt, state['step']))}
     if 'logit_scale' in params:
-      params['logit_scale'] = jnp.clip(params['logit_scale'], 0.0, MAX_LOGIT_SCALE)
       metrics['logit_scale'] = jnp.exp(params['logit_scale'])
     if 'logit_bias' in params:
       metrics['logit_bias'] = params['logit_bias']
@@ -253,6 +266,7 @@ def create_state(cfg, tcfg, mesh, optimizer, rules=sharding.DEFAULT_RULES, init_
             'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(key, 2)}
   key = jax.random.PRNGKey(tcfg.seed)
   abstract = jax.eval_shape(init, key)
+  freezing.check(tcfg.frozen, abstract['params'], abstract['batch_stats'])
   shardings = state_shardings(mesh, abstract, optimizer, rules)
   state = jax.jit(init, out_shardings=shardings,
                   compiler_options={'xla_backend_optimization_level': 0})(key)

@@ -45,7 +45,9 @@ def parse_args(argv):
                       help='synthetic[/<task>] or tfds/<name> (classifier, text-classifier)')
   parser.add_argument('--data-dir', default=None)
   parser.add_argument('--steps', type=int, default=200)
-  parser.add_argument('--lp-steps', type=int, default=0, help='LP-FT: head-only steps first')
+  parser.add_argument('--lp-steps', type=int, default=0,
+                      help='LP-FT: head-only steps first (the image tower frozen, a ResNet\'s '
+                           'BatchNorm statistics included)')
   parser.add_argument('--batch-size', type=int, default=64)
   parser.add_argument('--learning-rate', type=float, default=1e-4)
   parser.add_argument('--layer-decay', type=float, default=1.0)

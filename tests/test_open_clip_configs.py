@@ -166,7 +166,9 @@ def check_own_towers(oc, model_cfg):
   assert (model.attn_mask is not None) == t.causal
   # CLIP.encode_text passes this attn_mask only: without it every position is attended.
   assert t.causal or not t.mask_padding
-  assert {'argmax': 'eot'}.get(model.text_pool_type, model.text_pool_type) == t.pool
+  assert {'argmax': 'eot', 'eos': 'eot'}.get(model.text_pool_type, model.text_pool_type) == t.pool
+  if model.text_pool_type == 'eos':  # the first `eos_id` of each row, as our eot pooling
+    assert t.eot_id == model.text_eos_id
   assert (model.logit_bias is not None) == cfg.logit_bias
 
 
@@ -295,7 +297,6 @@ REFUSED = {
     'norm arguments': (_set('vision_cfg', 'norm_kwargs', {'elementwise_affine': False}),
                        'norm_kwargs'),
     'non-square images': (_set('vision_cfg', 'image_size', [224, 256]), 'image_size'),
-    'eos pool': (_set('text_cfg', 'pool_type', 'eos'), 'pool_type'),
     'mlp text projection': (_set('text_cfg', 'proj_type', 'mlp'), 'proj_type'),
     'bidirectional eot pool': (_set('text_cfg', 'no_causal_mask', True), 'no_causal_mask'),
     'causal first pool': (_set('text_cfg', 'pool_type', 'first'), 'pool_type'),

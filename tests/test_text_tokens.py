@@ -158,8 +158,9 @@ def test_hugging_face_export_writes_the_end_of_text_id(tmp_path):
     export.hf_config(two)
 
 
+# A vocabulary other than OpenAI's gets its end-of-text id stated (99), not left to the rule.
 @pytest.mark.parametrize('eos, vocab, eot', [(2, 49408, None), (49407, 49408, None),
-                                             (49407, 49410, 49407), (99, 100, None)])
+                                             (49407, 49410, 49407), (99, 100, 99), (2, 100, 99)])
 def test_hugging_face_eos_token_id_maps_to_the_end_of_text_id(eos, vocab, eot):
   from clip import families  # pylint: disable=g-import-not-at-top
   t = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,

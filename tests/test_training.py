@@ -179,8 +179,11 @@ def test_custom_architecture_trains_the_same_on_every_strategy():
 
 @pytest.mark.parametrize('start', [-0.5, 4.7])
 def test_a_logit_scale_start_outside_the_clamp_is_refused(start):
+  """The CLIP family's clamp range, [0, ln 100]; SigLIP's temperature has none (big_vision), so
+  any start is a SigLIP model's own (its checkpoints hold about ln 110 to ln 118)."""
   cfg = dataclasses.replace(TINY, init_logit_scale=start)
   tcfg = training.TrainConfig(batch_size=8, total_steps=2, warmup_steps=0, mesh=(1, 1, 1))
   with pytest.raises(ValueError, match=rf'init_logit_scale={start} is outside \[0, ln 100'):
     training.setup(cfg, tcfg, single_device_mesh())
   training.check_init_logit_scale(dataclasses.replace(TINY, init_logit_scale=0.0))  # the edge
+  training.check_init_logit_scale(dataclasses.replace(cfg, logit_bias=True))
