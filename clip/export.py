@@ -189,11 +189,15 @@ _OPEN_CLIP_SENTENCEPIECE = {
 # transformers' own SigLIP tokenizers, their cleaning built in: `SiglipTokenizer` ('siglip': lower
 # case, punctuation removed) and `Siglip2Tokenizer` (Gemma behind a Lowercase normalizer, set up
 # as SigLIP 2 was trained: no BOS, EOS appended, right padding).
+# `model_input_names=['input_ids']` as the released hub folders have it: with an attention mask
+# transformers' SiglipModel would mask the padding, which SigLIP attends to (and was trained so).
 _HF_SENTENCEPIECE = {
-    'siglip': ('siglip', 'spiece.model', {'tokenizer_class': 'SiglipTokenizer'}),
+    'siglip': ('siglip', 'spiece.model', {'tokenizer_class': 'SiglipTokenizer',
+                                          'model_input_names': ['input_ids']}),
     'siglip2': ('lower', 'tokenizer.model', {'tokenizer_class': 'Siglip2Tokenizer',
                                              'add_bos_token': False, 'add_eos_token': True,
-                                             'padding_side': 'right'}),
+                                             'padding_side': 'right',
+                                             'model_input_names': ['input_ids']}),
 }
 
 
@@ -352,6 +356,18 @@ def _hf_tower(tower, eps_default):
           'hidden_act': _ACT_TO_HF[tower.mlp], 'layer_norm_eps': eps}
 
 
+def _siglip_text_ids(cfg):
+  """A SigLIP text config's end and padding ids, its tokenizer's (transformers' defaults,
+  OpenAI's 49407 / 49406, lie outside a SentencePiece vocabulary); none where it is not known."""
+  try:
+    tok = processing.get_tokenizer(cfg)
+  except (ValueError, OSError):
+    return {}
+  if tok.config.kind == 'openai':
+    return {}
+  return {'eos_token_id': tok.eot_id, 'pad_token_id': tok.pad_id, 'bos_token_id': None}
+
+
 def hf_config(cfg):
   """Our CLIPConfig -> a Hugging Face `config.json` dict (`CLIPModel` for OpenAI's ViT
   architecture, `SiglipModel` for SigLIP's)."""
@@ -362,14 +378,15 @@ def hf_config(cfg):
   for tower in (v, t):
     _default_block(tower, target, tuple(_ACT_TO_HF))
   if cfg.logit_bias:
-    siglip = dataclasses.replace(
-        v, pool='map', ln_pre=False, patch_bias=True, projection=False, pos_embedding='learned',
-        registers=0, pool_heads=None)
-    _require(v == siglip, 'a SigLIP image tower other than HF SiglipVisionModel\'s', target)
+    siglip = dict(pool='map', ln_pre=False, patch_bias=True, projection=False,
+                  pos_embedding='learned', registers=0, pool_heads=None)
+    other = {k: getattr(v, k) for k, want in siglip.items() if getattr(v, k) != want}
+    _require(not other, f'a SigLIP image tower other than HF SiglipVisionModel\'s ({other}; it '
+             f'has {siglip})', target)
     _require(t.pool == 'last' and not t.causal and not t.mask_padding and t.projection_bias
              and t.pos_embedding == 'learned', 'a SigLIP text tower other than HF\'s', target)
     text = dict(_hf_tower(t, 1e-5), max_position_embeddings=t.context_length,
-                vocab_size=t.vocab_size, projection_size=cfg.embed_dim)
+                vocab_size=t.vocab_size, projection_size=cfg.embed_dim, **_siglip_text_ids(cfg))
     vision = dict(_hf_tower(v, 1e-5), image_size=v.image_resolution, patch_size=v.patch_size,
                   vision_use_head=True)
     return {'model_type': 'siglip', 'architectures': ['SiglipModel'], 'text_config': text,

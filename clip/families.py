@@ -227,6 +227,30 @@ def tokenizer_from_file(model_file, clean=None):
   return configs.TokenizerConfig(kind, os.path.abspath(model_file), clean)
 
 
+_HF_TOKENIZER_KINDS = {'SiglipTokenizer': 'siglip', 'GemmaTokenizer': 'siglip2',
+                       'GemmaTokenizerFast': 'siglip2', 'Siglip2Tokenizer': 'siglip2'}
+
+
+def given_tokenizer(model_file, family, info):
+  """The TokenizerConfig of a SentencePiece file given for a checkpoint (`clip.load(...,
+  tokenizer=path)`): its kind read from the file, the family's cleaning (open_clip's
+  'canonicalize' for its folders, transformers' rule otherwise). A file that contradicts what the
+  checkpoint's files state (the tokenizer class of `tokenizer_config.json`, the text
+  `eos_token_id` of `config.json`) is a ValueError naming both."""
+  kind = siglip_tokenizer.kind_of(model_file)
+  stated = _HF_TOKENIZER_KINDS.get((info.get('tokenizer_config') or {}).get('tokenizer_class'))
+  if stated and stated != kind:
+    raise ValueError(f'tokenizer={os.fspath(model_file)!r} is a {kind} vocabulary, but the '
+                     f'folder\'s tokenizer_config.json states a {stated} one')
+  eos = ((info.get('hf_config') or {}).get('text_config') or {}).get('eos_token_id')
+  sp = siglip_tokenizer.cached_tokenizer(model_file, kind)
+  if family in (HF_SIGLIP, HF_SIGLIP2) and eos is not None and eos != sp.eos_id:
+    raise ValueError(f'tokenizer={os.fspath(model_file)!r} ends sequences with id {sp.eos_id}, '
+                     f'but config.json states eos_token_id={eos}: not this model\'s tokenizer')
+  clean = 'canonicalize' if family in (OPENAI, OPEN_CLIP_TIMM) else None
+  return configs.TokenizerConfig(kind, os.path.abspath(model_file), clean)
+
+
 def _open_clip_tokenizer(text_cfg, folder, vocab_size):
   """open_clip's `get_tokenizer` rule: `hf_tokenizer_name` -> its `HFTokenizer` over the files in
   the folder with `tokenizer_kwargs` (clean 'whitespace' by default), else OpenAI's BPE."""
@@ -271,11 +295,10 @@ def _hf_tokenizer(info, family, vocab_size):
     return configs.TokenizerConfig()
   model_file = _sentencepiece_in(folder) if folder else None
   if cls:
-    kinds = {'SiglipTokenizer': 'siglip', 'GemmaTokenizer': 'siglip2',
-             'GemmaTokenizerFast': 'siglip2', 'Siglip2Tokenizer': 'siglip2'}
-    if cls not in kinds:
+    if cls not in _HF_TOKENIZER_KINDS:
       return configs.TokenizerConfig('unknown', name=f'transformers {cls}')
-    return configs.TokenizerConfig(kinds[cls], model_file and os.path.abspath(model_file))
+    return configs.TokenizerConfig(_HF_TOKENIZER_KINDS[cls],
+                                   model_file and os.path.abspath(model_file))
   if model_file:
     return tokenizer_from_file(model_file)
   return configs.TokenizerConfig(_kind_from_vocab(vocab_size))
@@ -387,7 +410,12 @@ def processing(family, info, cfg):
     assumed = [] if _hf_image_processor(info)[0] is not None else [
         ('preprocess', f'{"OpenAI" if family == HF_CLIP else "SigLIP"}\'s image preprocessing '
          '(no preprocessor_config.json or processor_config.json beside the weights)')]
-    cls = (info.get('tokenizer_config') or {}).get('tokenizer_class') or ''
+    tok_cfg = info.get('tokenizer_config') or {}
+    cls = tok_cfg.get('tokenizer_class') or ''
+    if family == HF_SIGLIP and cls and tok_cfg.get('model_input_names') != ['input_ids']:
+      assumed.append(('tokenizer', f'no padding mask, as SigLIP was trained (its {cls} returns '
+                      'an attention_mask, with which transformers\' SiglipModel masks the '
+                      'padding; released folders state model_input_names=["input_ids"])'))
     if cls.startswith('GemmaTokenizer'):
       assumed.append(('tokenizer', f'lower-cased text for its {cls}, which does not lower-case '
                       '(SigLIP 2 was trained on lower-cased text: big_vision, and transformers\' '

@@ -418,8 +418,10 @@ def with_processing(config, family, info, tokenizer=None, preprocess=None):
   if tokenizer is None:
     tokenizer = stated_tok
   elif isinstance(tokenizer, (str, os.PathLike)):
-    clean = stated_tok.clean if stated_tok.kind in ('siglip', 'siglip2') else None
-    tokenizer = families.tokenizer_from_file(tokenizer, clean)
+    try:
+      tokenizer = families.given_tokenizer(tokenizer, family, info)
+    except (ValueError, OSError) as e:
+      raise CheckpointError(f'{info["path"]}: {e}') from None
   elif not isinstance(tokenizer, configs.TokenizerConfig):
     raise TypeError(f'tokenizer must be a clip.TokenizerConfig or the path of a SentencePiece '
                     f'.model file, got {type(tokenizer).__name__}')

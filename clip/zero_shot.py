@@ -122,16 +122,18 @@ def classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size=256):
   return np.concatenate(out).T
 
 
-def classifier_weights(params, cfg, classnames, templates=DEFAULT_TEMPLATES, batch_size=256):
+def classifier_weights(params, cfg, classnames, templates=DEFAULT_TEMPLATES, batch_size=256,
+                       truncate=False):
   """Class names -> `(embed_dim, len(classnames))` zero-shot classifier weights by prompt
   ensembling over `templates` (strings with one `{}`; `IMAGENET_TEMPLATES` for OpenAI's 80).
   Prompts are tokenised with the model's own tokenizer (`clip.get_tokenizer(cfg)`: OpenAI's BPE,
-  SigLIP's SentencePiece, ...) at its context length, never truncated; a model whose tokenizer
+  SigLIP's SentencePiece, ...) at its context length; a prompt too long for it raises unless
+  `truncate=True` (open_clip and transformers truncate without a word); a model whose tokenizer
   is unknown raises `clip.TokenizerError`."""
   if isinstance(classnames, str) or not classnames:
     raise ValueError(f'classnames must be a non-empty list of strings, got {classnames!r}')
   texts = prompts(classnames, templates)
-  tokens = processing.get_tokenizer(cfg)(texts)
+  tokens = processing.get_tokenizer(cfg)(texts, truncate=truncate)
   tokens_CxTxL = np.asarray(tokens).reshape(len(classnames), len(templates), -1)
   return classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size)
 

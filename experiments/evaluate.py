@@ -53,6 +53,9 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model', required=True)
   parser.add_argument('--config', default=None, help='a file in experiments/configs/')
+  parser.add_argument('--tokenizer', default=None,
+                      help='the SentencePiece .model of a checkpoint that ships none (a lone '
+                      'SigLIP weights file, a big_vision .npz)')
   parser.add_argument('--dataset', default='synthetic/colour_shape')
   parser.add_argument('--task', default='zeroshot_classification', choices=TASKS)
   parser.add_argument('--split', default=None, help='default: test (tfds); synthetic: heldout, '
@@ -132,21 +135,27 @@ def _workdir_config(workdir, cfg, config_name, has_bias):
   return dataclasses.replace(saved, dtype=cfg.dtype, remat=cfg.remat, scan=cfg.scan)
 
 
-def load_model(spec, config_name=None):
+def load_model(spec, config_name=None, tokenizer=None):
   """(params, cfg) from an official name, a checkpoint file or a training workdir; `cfg` carries
   the model's tokenizer and preprocessing (a workdir's from its `model_config.json`, a file's from
-  what `clip.load` reads beside it). ValueError when --config contradicts a workdir's saved
+  what `clip.load` reads beside it, or `tokenizer`: a SentencePiece `.model` for a checkpoint file
+  that ships none, `--tokenizer`). ValueError when --config contradicts a workdir's saved
   architecture, naming each difference."""
   import clip  # pylint: disable=g-import-not-at-top
   from clip import weights  # pylint: disable=g-import-not-at-top
   cfg = _model_config(config_name)
-  if os.path.isdir(spec) and os.path.isdir(os.path.join(spec, 'checkpoints')):
+  is_workdir = os.path.isdir(spec) and os.path.isdir(os.path.join(spec, 'checkpoints'))
+  if tokenizer is not None and (is_workdir or not os.path.exists(spec)):
+    raise ValueError(f'--tokenizer gives the tokenizer of a checkpoint file or folder that ships '
+                     f'none; {spec!r} is a training workdir or an official model, which name '
+                     'their own')
+  if is_workdir:
     # Stacked (scan-layout) blocks are checked under their per-layer torch keys.
     flat = weights.flatten(clip.unstack_layers(weights.nest(_workdir_params(spec))))
     return weights.from_state_dict(flat, _workdir_config(spec, cfg, config_name,
                                                          'logit_bias' in flat))
   if os.path.exists(spec):
-    return clip.load(spec, config=cfg)
+    return clip.load(spec, config=cfg, tokenizer=tokenizer)
   if spec in clip.MODELS:
     return clip.load_model_vars(spec)
   raise ValueError(f'--model must be an official model ({", ".join(clip.MODELS)}), a checkpoint '
@@ -298,7 +307,7 @@ def _templates(path_or_name):
 
 def evaluate(args):
   """(clip_benchmark's metrics, the templates the class prompts were built from or None)."""
-  params, cfg = load_model(args.model, args.config)
+  params, cfg = load_model(args.model, args.config, args.tokenizer)
   if cfg.text is None and args.task in ('zeroshot_classification', 'zeroshot_retrieval'):
     raise ValueError(f'--task {args.task} compares images with a text tower, and this model has '
                      'none (a captioner): use --task generative_classification or linear_probe')

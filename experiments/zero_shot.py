@@ -22,23 +22,9 @@ from tqdm import tqdm
 
 import clip
 from clip import zero_shot
+from experiments import evaluate
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
-
-
-def load_model(model):
-  """A checkpoint path, a training workdir of `experiments/train.py` (its newest checkpoint and
-  saved model config: `experiments.evaluate.load_model`), or an official name (from the cache or
-  downloaded) -> (params, cfg)."""
-  if os.path.isdir(os.path.join(model, 'checkpoints')):
-    from experiments import evaluate  # pylint: disable=g-import-not-at-top
-    return evaluate.load_model(model)
-  if os.path.exists(model):
-    return clip.load(model)
-  if model in clip.MODELS:
-    return clip.load_model_vars(model)
-  raise ValueError(f'--model {model!r} is neither a checkpoint file nor an official model name; '
-                   f'official names: {", ".join(clip.MODELS)}')
 
 
 def list_images(folder):
@@ -120,6 +106,9 @@ def parse_args(argv):
   parser.add_argument('--model', required=True,
                       help='checkpoint file, training workdir, or an official name: '
                       f'{", ".join(clip.MODELS)}')
+  parser.add_argument('--tokenizer', default=None,
+                      help='the SentencePiece .model of a checkpoint that ships none (a lone '
+                      'SigLIP weights file, a big_vision .npz)')
   parser.add_argument('--images', required=True, help='folder of images')
   parser.add_argument('--classes', required=True,
                       help='comma-separated class names, or a file with one per line')
@@ -140,7 +129,7 @@ def main(argv=None):
   try:
     classnames = read_classes(args.classes)
     paths, skipped = list_images(args.images)
-    params, cfg = load_model(args.model)
+    params, cfg = evaluate.load_model(args.model, tokenizer=args.tokenizer)
     clip.get_tokenizer(cfg)  # the model's own, or clip.TokenizerError saying how to give it
   except (ValueError, OSError, KeyError) as e:
     raise SystemExit(f'zero_shot: error: {e}') from e

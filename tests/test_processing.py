@@ -867,3 +867,93 @@ def test_zero_shot_cli_equals_transformers_pipeline(hf_siglip_folders, image_fil
     logits = img_NxD @ torch.stack(weights).T * model.logit_scale.exp() + model.logit_bias
     theirs = torch.sigmoid(logits).numpy()
   _assert_probabilities_close(ours, theirs)
+
+
+# ---------------------------------------------------------------- from a fresh user's trial
+
+def test_siglip_export_runs_in_transformers_standard_pipeline(hf_siglip_folders, image_files,
+                                                              tmp_path):
+  """`save_hf` of a SigLIP model: `AutoProcessor` returns no attention mask (SigLIP attends to
+  its padding, as released folders state with model_input_names), so
+  `model(**processor(text=..., images=...))` gives our probabilities; config.json's text ids are
+  the tokenizer's."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  folder, _ = hf_siglip_folders['siglip']
+  params, cfg = clip.load(folder)
+  clip.save_hf(params, cfg, tmp_path / 'out')
+  text_config = json.loads((tmp_path / 'out' / 'config.json').read_text())['text_config']
+  tok = clip.get_tokenizer(cfg)
+  assert (text_config['eos_token_id'], text_config['pad_token_id']) == (tok.eot_id, tok.pad_id)
+  processor = transformers.AutoProcessor.from_pretrained(tmp_path / 'out', backend='pil')
+  model = transformers.SiglipModel.from_pretrained(tmp_path / 'out').eval()
+  paths = [f.path for f in image_files]
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    inputs = processor(text=[TEMPLATE.format(c) for c in CLASSES],
+                       images=[_read(p) for p in paths], padding='max_length', max_length=64,
+                       truncation=True, return_tensors='pt')
+  assert set(inputs) == {'input_ids', 'pixel_values'}
+  with torch.no_grad():
+    theirs = torch.sigmoid(model(**inputs).logits_per_image).numpy()
+  _assert_probabilities_close(_zero_shot(params, cfg, paths, CLASSES), theirs)
+
+
+def test_a_folder_whose_tokenizer_returns_a_mask_warns(hf_siglip_folders, tmp_path):
+  """transformers' SiglipModel masks the padding when the folder's tokenizer returns an attention
+  mask; SigLIP (and we) attend to it: said on load."""
+  folder, _ = hf_siglip_folders['siglip']
+  shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+  tokenizer_config = json.loads((tmp_path / 'tokenizer_config.json').read_text())
+  tokenizer_config.pop('model_input_names', None)
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config))
+  with pytest.warns(clip.CheckpointWarning, match='no padding mask, as SigLIP was trained'):
+    clip.load(tmp_path)
+
+
+def test_a_given_tokenizer_file_that_contradicts_the_folder_is_refused(
+    hf_siglip_folders, model_files, tmp_path):
+  """`tokenizer=<path>` is held against what the folder states: its tokenizer class's kind, and
+  config.json's text eos_token_id."""
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  folder, _ = hf_siglip_folders['siglip']
+  with pytest.raises(clip.CheckpointError, match='is a siglip2 vocabulary, but the folder.s '
+                     'tokenizer_config.json states a siglip one'):
+    clip.load(folder, tokenizer=model_files['siglip2'])
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text('\n'.join(PROMPTS))
+  sentencepiece.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=str(tmp_path / 'eos2'), model_type='unigram',
+      vocab_size=90, pad_id=0, eos_id=2, unk_id=1, bos_id=-1, minloglevel=2,
+      character_coverage=0.99)
+  with pytest.raises(clip.CheckpointError, match='ends sequences with id 2, but config.json '
+                     'states eos_token_id=1'):
+    clip.load(folder, tokenizer=str(tmp_path / 'eos2.model'))
+
+
+def test_classifier_weights_truncate_long_prompts_on_request(hf_siglip_folders):
+  folder, _ = hf_siglip_folders['siglip']
+  params, cfg = clip.load(folder)
+  long = [LONG]
+  with pytest.raises(ValueError, match='pass truncate=True'):
+    clip.zero_shot.classifier_weights(params, cfg, long, ['{}'])
+  weights = clip.zero_shot.classifier_weights(params, cfg, long, ['{}'], truncate=True)
+  tokens = clip.get_tokenizer(cfg)(long, truncate=True)
+  chex.assert_trees_all_close(
+      weights, clip.zero_shot.classifier_weights_from_tokens(params, cfg, tokens[:, None]))
+
+
+def test_zero_shot_cli_takes_the_tokenizer_of_a_lone_file(hf_siglip_folders, model_files,
+                                                          image_files, tmp_path):
+  from experiments import zero_shot as cli  # pylint: disable=g-import-not-at-top
+  folder, _ = hf_siglip_folders['siglip']
+  shutil.copy(folder / 'model.safetensors', tmp_path / 'siglip.safetensors')
+  images = tmp_path / 'images'
+  images.mkdir()
+  shutil.copy(image_files[0].path, images / os.path.basename(image_files[0].path))
+  args = ['--model', str(tmp_path / 'siglip.safetensors'), '--images', str(images),
+          '--classes', 'cat,dog', '--out', str(tmp_path / 'out')]
+  with pytest.warns(clip.CheckpointWarning), pytest.raises(SystemExit, match='did not come'):
+    cli.main(args)
+  with pytest.warns(clip.CheckpointWarning):
+    predictions = cli.main(args + ['--tokenizer', model_files['siglip']])
+  assert len(predictions) == 1

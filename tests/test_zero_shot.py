@@ -317,7 +317,7 @@ def test_cli_errors(cli_case, tmp_path):
       (['--model', model, '--images', str(tmp_path / 'text_only')], 'no images in'),
       (['--model', model, '--images', str(tmp_path / 'nowhere')], 'is not a folder'),
       (['--model', 'ViT-Z/99', '--images', str(folder / 'images')],
-       "'ViT-Z/99' is neither a checkpoint file nor an official model name"),
+       "--model must be an official model .* got 'ViT-Z/99'"),
       (['--model', model, '--images', str(tmp_path / 'broken')], "bad.png' as an image"),
   ]
   for args, message in cases:
