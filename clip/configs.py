@@ -229,8 +229,9 @@ class TextConfig(BlockOptions):
   OpenAI's vocabulary); set it for a vocabulary with tokens added after it. `pool` 'eot' pools at
   the first occurrence of `eot_token_id` in each row (a row without it is an error, as is an id
   outside [0, vocab_size), wherever the tokens are concrete), 'first' (needs bidirectional
-  attention), 'last' (the last position, whatever the tokens: SigLIP, whose text is padded to the
-  full context) or 'map'; `pos_embedding` learned or rotary (RoPE on queries and keys,
+  attention), 'last' (the last position: SigLIP, whose text is padded to the full context; a tower
+  that reads the padding takes rows of exactly `context_length`, `clip.text.reads_padding`) or
+  'map'; `pos_embedding` learned or rotary (RoPE on queries and keys,
   `rope_theta`); `causal=False` attends in both directions, with the padding after the (first)
   end-of-text token masked out unless `mask_padding=False` (SigLIP attends to every position);
   `projection_bias=True` makes the projection a biased linear layer,

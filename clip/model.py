@@ -110,12 +110,17 @@ def check_images(images, cfg):
 
 
 def check_tokens(tokens, cfg):
-  """Raises unless `tokens` is an integer (N, L) batch with L <= context_length; when they are
-  concrete (not traced inside a jit) their values are checked too (`check_token_values`)."""
+  """Raises unless `tokens` is an integer (N, L) batch with L <= context_length, and L equal to
+  it for a text tower that reads the padding (`clip.text.reads_padding`: pool 'last', or no
+  padding mask; a shorter row would get another feature than the tokenizer's padded row). A shape
+  check, so it holds under jit too; when the tokens are concrete (not traced inside a jit) their
+  values are checked too (`check_token_values`)."""
   shape = getattr(tokens, 'shape', None)
   if shape is None or len(shape) != 2:
     raise ValueError(f'tokens must have shape (N, L), L <= {cfg.context_length}; got {shape}')
-  if shape[1] > cfg.context_length:
+  if cfg.text is not None:
+    text.check_length(shape[1], cfg.text)
+  elif shape[1] > cfg.context_length:
     raise ValueError(f'tokens have length {shape[1]}, longer than the context length '
                      f'{cfg.context_length} of this model')
   if not jnp.issubdtype(tokens.dtype, jnp.integer):

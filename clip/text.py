@@ -35,13 +35,40 @@ def eot_positions(tokens_NxL, cfg):
   return jnp.argmax(tokens_NxL == cfg.eot_id, axis=-1)
 
 
+def reads_padding(cfg):
+  """Whether the feature of a row depends on the positions after its end-of-text token: pooling
+  the last position, or attention / map pooling over every position (`mask_padding=False` where
+  the end-of-text token would be the bound). Such a tower gives a row shorter than the context
+  another feature than the same row padded by its tokenizer, so it takes full rows only
+  (`check_length`); the others read nothing past the end-of-text token."""
+  return cfg.pool == 'last' or not cfg.uses_eot
+
+
+def check_length(length, cfg):
+  """Raises ValueError unless rows of `length` tokens give the features of the model's own
+  (padded) rows: at most the context length, and exactly it for a tower that `reads_padding`."""
+  if length > cfg.context_length:
+    raise ValueError(f'tokens have length {length}, longer than the context length '
+                     f'{cfg.context_length} of this model')
+  if length != cfg.context_length and reads_padding(cfg):
+    reads = ('pools the last position' if cfg.pool == 'last' else
+             f'{"pools" if cfg.pool == "map" else "attends to"} every position')
+    raise ValueError(f'tokens have length {length}, but this text tower (pool={cfg.pool!r}, '
+                     f'causal={cfg.causal}, mask_padding={cfg.mask_padding}) {reads}, padding '
+                     f'included: it takes rows of exactly its context length '
+                     f'{cfg.context_length}, padded as its tokenizer pads them '
+                     '(clip.get_tokenizer(cfg) returns such rows); a shorter row would get '
+                     'another feature than the same text padded')
+
+
 def apply(params, tokens_NxL, cfg, execution=configs.Execution()):
   """int tokens (N, L<=context) -> (N, embed_dim). The end-of-text position of a row is the first
   occurrence of `cfg.eot_id`; what follows it is padding (masked out of bidirectional attention
   and map pooling unless `cfg.mask_padding` is False). `pool='last'` pools position L - 1 of the
-  given tokens. Token values are not checked here (`clip.model.check_token_values` does, outside
-  jit): an id outside the vocabulary is clamped by the gather, a row without `cfg.eot_id` pools
-  at position 0."""
+  given tokens, so the public entry points (`clip.model.check_tokens`, `check_length`) give a
+  tower that `reads_padding` full rows only. Token values are not checked here
+  (`clip.model.check_token_values` does, outside jit): an id outside the vocabulary is clamped by
+  the gather, a row without `cfg.eot_id` pools at position 0."""
   length = tokens_NxL.shape[1]
   dtype, remat, scan = jnp.dtype(execution.dtype), execution.remat, execution.scan
   # The lookup reads a gathered table (as FSDP gathers every weight it uses): a gather from the

@@ -85,7 +85,8 @@ class Mixture:
       `shards.Pipeline` takes them (required: every source is read as the model reads).
     seed: each source's pipeline gets its own seed from it; the in-batch shuffle uses it too.
     resume: a `state()` dict to continue from exactly.
-    **pipeline_kwargs: passed to every source's `shards.Pipeline` (resolution, fields, ...);
+    **pipeline_kwargs: passed to every source's `shards.Pipeline` (resolution, fields,
+      `resampled` for sources whose file count the process count does not divide, ...);
       `train` must be True (a mixture has no single epoch to evaluate on); with `num_epochs`,
       the mixture ends when its first source does.
 

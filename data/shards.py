@@ -1,7 +1,8 @@
 """The training and evaluation pipeline over img2dataset shards: tfrecord or webdataset tars.
 
   files (glob, folder or list of `.tfrecord` or `.tar`; this process's share:
-         files[process_index::process_count])
+         files[process_index::process_count], or with `resampled=True` files drawn with
+         replacement from all of them, seeded by process and epoch)
     -> interleaved reads (`data.tfrecords` / `data.webdataset_tars`: every sample becomes a record
        of img2dataset's tfrecord schema; a truncated or corrupt file ends early and is reported)
     -> shuffle (training) -> decode, crop, resize, normalise (the model's eval resize and mean /
@@ -15,6 +16,12 @@ resumes exactly from `state()` (a record position, so even with another batch si
 records are counted in `stats`, logged at the end of each epoch, and raise instead when
 `on_error='raise'`. An epoch that yields no batch raises `EmptyEpochError`: a source whose every
 record is bad never turns into an endless loop of empty epochs.
+
+Training cycles each process's own files, so the processes must share them evenly: a file count
+the process count does not divide would have the processes with fewer files see their examples
+more often (webdataset#434); it is refused with the numbers, unless `resampled=True` draws each
+process's files with replacement from all of them (webdataset's `resampled=True`, open_clip's
+`--dataset-resampled`: every example equally likely in every process), its draws counted.
 """
 import collections
 import dataclasses
@@ -67,6 +74,7 @@ class Stats:
   skipped: dict = dataclasses.field(default_factory=dict)   # reason -> count
   examples: dict = dataclasses.field(default_factory=dict)  # reason -> first keys / paths
   truncated_files: list = dataclasses.field(default_factory=list)
+  drawn: dict = dataclasses.field(default_factory=dict)     # resampled: file -> times drawn
   filtered: int = 0            # records the `keep` filter left out (not errors)
   remainder_dropped: int = 0   # samples of an incomplete last batch in training
   full_captions: int = 0       # captions that filled the context (truncated, or exactly full)
@@ -85,6 +93,11 @@ class Stats:
       if len(keys) < MAX_EXAMPLES:
         keys.append(example)
 
+  def draw(self, paths):
+    with self._lock:
+      for path in paths:
+        self.drawn[path] = self.drawn.get(path, 0) + 1
+
   def truncated(self, path, detail):
     with self._lock:
       self.truncated_files.append(f'{path} ({detail})')
@@ -97,6 +110,9 @@ class Stats:
 
   def summary(self):
     lines = [f'{self.samples} samples in {self.batches} batches from {self.files_read} files']
+    if self.drawn:
+      lines.append(f'resampled: {sum(self.drawn.values())} draws of {len(self.drawn)} distinct '
+                   f'files, at most {max(self.drawn.values())} of one')
     for reason, count in sorted(self.skipped.items()):
       lines.append(f'skipped {count} x {reason}, e.g. {", ".join(self.examples[reason][:3])}')
     if self.filtered:
@@ -157,14 +173,41 @@ def _one_format(paths):
   return paths
 
 
-def process_files(files, process_index, process_count):
-  """This process's share of the files: every `process_count`-th one from `process_index`."""
+def process_files(files, process_index, process_count, train=False):
+  """This process's share of the files: every `process_count`-th one from `process_index`. In
+  training (endless epochs, each process cycling its own share) the shares must be equal: a
+  process with fewer files would see each of its examples more often (ValueError)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index must be in [0, {process_count}), got {process_index}')
   if len(files) < process_count:
     raise ValueError(f'{len(files)} files cannot feed {process_count} processes: each process '
-                     'reads whole files; write at least one shard per process')
+                     'reads whole files; write at least one shard per process, or draw them '
+                     'with resampled=True (--data-resampled)')
+  more = len(files) % process_count
+  if train and more:
+    fewer = len(files) // process_count
+    raise ValueError(
+        f'{len(files)} files cannot be shared evenly by {process_count} processes: '
+        f'{_processes(0, more - 1)} would read {fewer + 1} files, '
+        f'{_processes(more, process_count - 1)} {fewer}; as each process cycles its own files in '
+        f'training, the examples of the latter would be seen {(fewer + 1) / fewer:.2f}x as often '
+        '(for files of equal size). Write a multiple of the process count in shards, or pass '
+        'resampled=True (--data-resampled) to draw each process\'s files with replacement '
+        'from all of them')
   return files[process_index::process_count]
+
+
+def _processes(first, last):
+  return f'process {first}' if first == last else f'processes {first}..{last}'
+
+
+def resampled_files(files, seed, epoch, process_index, process_count):
+  """A resampled epoch of one process: ceil(len(files) / process_count) files drawn uniformly with
+  replacement from all `files`, a function of (seed, epoch, process_index), so that the
+  processes' epochs draw about as many files as there are, each file equally likely in each."""
+  rng = np.random.default_rng([seed, epoch, process_index, 0x5A3D])
+  draws = -(-len(files) // process_count)
+  return [files[i] for i in rng.integers(len(files), size=draws)]
 
 
 # --------------------------------------------------------------------------------- metadata
@@ -255,10 +298,18 @@ class Pipeline:
       applied from the `.parquet` img2dataset writes beside each shard; left-out records are
       counted in `stats.filtered`.
     on_error: 'skip' counts bad records in `stats` and goes on; 'raise' raises CorruptDataError.
-    process_index, process_count: default `jax.process_index()`, `jax.process_count()`.
+    process_index, process_count: default `jax.process_index()`, `jax.process_count()`. In
+      training, a file count the process count does not divide is refused (ValueError naming
+      the counts; the processes with fewer files would see their examples more often) unless
+      `resampled`.
+    resampled: training only: each epoch of each process reads ceil(files / processes) files
+      drawn with replacement from all of them, seeded by (seed, epoch, process_index), as
+      webdataset's `resampled=True` and open_clip's `--dataset-resampled`; any file count feeds
+      any process count, every example equally likely in every process. Draws are counted in
+      `stats.drawn` and the epoch log.
     num_epochs: default endless in training, 1 in evaluation.
     resume: a `state()` dict to continue from exactly; start_step: continue after that many
-      batches (exact when no record was skipped before it; else use `resume`).
+      batches (exact when no record was skipped before it; else use `resume`; not resampled).
     name: how the epoch log names this source (default: the files argument).
 
   Raises:
@@ -268,9 +319,9 @@ class Pipeline:
 
   def __init__(self, files, *, global_batch_size, resolution, train, tokenize, preprocess,
                seed=0, fields=(), image_dtype='float32', on_error='skip', keep=None,
-               shuffle_buffer=10_000, process_index=None, process_count=None, num_epochs=None,
-               resume=None, start_step=0, num_parallel_reads=8, scale=transforms.TRAIN_SCALE,
-               ratio=transforms.TRAIN_RATIO, name=None):
+               shuffle_buffer=10_000, process_index=None, process_count=None, resampled=False,
+               num_epochs=None, resume=None, start_step=0, num_parallel_reads=8,
+               scale=transforms.TRAIN_SCALE, ratio=transforms.TRAIN_RATIO, name=None):
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
       process_index, process_count = jax.process_index(), jax.process_count()
@@ -283,12 +334,18 @@ class Pipeline:
       raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
       raise ValueError(f'resolution must be a positive int, got {resolution!r}')
+    if resampled and not train:
+      raise ValueError('resampled=True draws training files with replacement; an evaluation '
+                       '(train=False) reads each file once')
     self.preprocess = transforms.check_preprocess(preprocess)
     all_files = expand_files(files)
     self.name = name or (os.fspath(files) if isinstance(files, (str, os.PathLike))
                          else f'{len(files)} file patterns')
     self.reader = READERS[_suffix(all_files[0])]
-    self.files = process_files(all_files, process_index, process_count)
+    self.resampled = resampled
+    self.process_index, self.process_count = process_index, process_count
+    self.files = all_files if resampled else process_files(all_files, process_index,
+                                                           process_count, train)
     self.batch_size = global_batch_size // process_count
     self.resolution, self.train, self.seed, self.on_error = resolution, train, seed, on_error
     self.image_dtype = tf.as_dtype(image_dtype)
@@ -436,11 +493,22 @@ class Pipeline:
     out.update({output_name(name): batch[output_name(name)] for name in self.metadata})
     return out
 
-  def dataset(self, epoch, start_record=0):
-    """The tf.data pipeline of one epoch, from record `start_record` of its (shuffled) order."""
+  def epoch_files(self, epoch):
+    """The files epoch `epoch` reads, in order: this process's share (shuffled by the seed and
+    the epoch in training), or its draws when resampled."""
     files = list(self.files)
+    if self.resampled:
+      return resampled_files(files, self.seed, epoch, self.process_index, self.process_count)
     if self.train:
       files = [files[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(files))]
+    return files
+
+  def dataset(self, epoch, start_record=0):
+    """The tf.data pipeline of one epoch, from record `start_record` of its (shuffled) order."""
+    files = self.epoch_files(epoch)
+    if self.resampled:
+      for stats in (self.stats, self.epoch_stats):
+        stats.draw(files)
     ds = tf.data.Dataset.from_tensor_slices(files).interleave(
         self._file_records, cycle_length=min(self.num_parallel_reads, len(files)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -466,7 +534,8 @@ class Pipeline:
 
   @functools.cached_property
   def records_per_epoch(self):
-    """Readable records in this process's files (one pass over them, no decoding)."""
+    """Readable records in this process's files, all of them when resampled (one pass over
+    them, no decoding)."""
     ds = tf.data.Dataset.from_tensor_slices(self.files).flat_map(
         lambda p: self._file_records(p, _ignore))
     return int(ds.reduce(np.int64(0), lambda n, x: n + tf.cast(tf.logical_not(x[2]),
@@ -477,6 +546,9 @@ class Pipeline:
       raise ValueError(f'start_step must be >= 0, got {step}')
     if step == 0:
       return {'epoch': 0, 'record': 0, 'step': 0}
+    if self.resampled:
+      raise ValueError('start_step with resampled=True: its epochs differ in length; resume from '
+                       'state() instead')
     per_epoch = self.records_per_epoch // self.batch_size if self.train else None
     if not per_epoch:
       raise ValueError('start_step needs training mode with at least one full batch per epoch')

@@ -7,10 +7,11 @@ dotted, speckled) of a random muted colour. Its caption says so in one of severa
 some of which leave attributes out, as alt-text does.
 
 Everything about sample `i` is a hash of (seed, split, i): any sample can be drawn on its own, a
-global batch is the same whatever the number of processes, and resuming at a step needs nothing
-but the step. Six (shape, colour) pairs never occur in the 'train' split; the 'heldout' split
-holds only them, so zero-shot accuracy on it measures composition, not memory. `classnames` and
-`prompts` give the classification views (e.g. "a photo of a red triangle.").
+global batch is the same whatever the number of processes, and resuming needs nothing but the
+index of the next sample (at any batch size). Six (shape, colour) pairs never occur in the
+'train' split; the 'heldout' split holds only them, so zero-shot accuracy on it measures
+composition, not memory. `classnames` and `prompts` give the classification views (e.g. "a photo
+of a red triangle.").
 
   ds = SyntheticCaptions(seed=0, resolution=cfg.image_resolution)
   b = ds.batch(256, step=0)       # {'image': uint8 (256, R, R, 3), 'caption': [...], ...}
@@ -241,11 +242,14 @@ class SyntheticCaptions:
       raise ValueError(f'need batch_size >= 1 and step >= 0, got {batch_size}, {step}')
     return self.get(np.arange(step * batch_size, (step + 1) * batch_size))
 
-  def batches(self, global_batch_size, *, tokenize, preprocess, start_step=0, num_steps=None,
-              process_index=0, process_count=1, image_dtype='float32'):
+  def batches(self, global_batch_size, *, tokenize, preprocess, start_step=0, start_example=None,
+              num_steps=None, process_index=0, process_count=1, image_dtype='float32'):
     """Model-ready batches, this process's share of each global batch:
     {'image': float32 normalised (or uint8) (B, H, W, 3), 'tokens': int32 (B, L)}. Endless unless
-    `num_steps`; step s holds samples [s * global_batch_size, (s + 1) * global_batch_size).
+    `num_steps`. The k-th batch yielded holds samples [first + k * global_batch_size,
+    first + (k + 1) * global_batch_size), where `first` is `start_example`, or else
+    `start_step * global_batch_size`: a run resumed at another batch size continues at the next
+    unseen sample when given that sample's index (`start_example`).
 
     `tokenize` is the model's tokenizer, texts -> int (N, L) (e.g.
     `functools.partial(clip.get_tokenizer(cfg), truncate=True)`), `preprocess` its
@@ -264,13 +268,17 @@ class SyntheticCaptions:
                        f'{process_count}, got {global_batch_size}')
     if image_dtype not in ('float32', 'uint8'):
       raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
+    if start_step < 0 or (start_example is not None and (start_step or start_example < 0)):
+      raise ValueError('give start_step >= 0 or start_example >= 0 (not both), got start_step='
+                       f'{start_step}, start_example={start_example}')
     mean = np.asarray(preprocess.mean, np.float32)
     std = np.asarray(preprocess.std, np.float32)
     local = global_batch_size // process_count
-    step = start_step
-    while num_steps is None or step < start_step + num_steps:
-      first = step * global_batch_size + process_index * local
-      sample = self.get(np.arange(first, first + local))
+    first = start_step * global_batch_size if start_example is None else start_example
+    step = 0
+    while num_steps is None or step < num_steps:
+      start = first + step * global_batch_size + process_index * local
+      sample = self.get(np.arange(start, start + local))
       image = sample['image']
       if image_dtype == 'float32':
         image = (image.astype(np.float32) / np.float32(255) - mean) / std

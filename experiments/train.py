@@ -17,7 +17,9 @@ Writes into `--workdir` (default results/train/<config>): model_config.json (the
 tokenizer and the image preprocessing the data was read with, a SentencePiece model copied beside
 it), metrics.jsonl, loss.png, checkpoints/, eval.json, and with --export-torch a torch state dict
 of the final weights. Rerunning with the same workdir resumes from the newest checkpoint (params,
-optimizer, step, rng and data position), with the same tokenizer and preprocessing.
+optimizer, step, rng and data position), with the same tokenizer and preprocessing; the data
+position is the next unseen example (the shards' next record), so a resume at another
+--batch-size sees each example once.
 """
 import argparse
 import collections
@@ -46,6 +48,11 @@ def parse_args(argv):
   parser.add_argument('--data', default=None,
                       help='"synthetic", a glob of img2dataset shards (.tar or .tfrecord), or a '
                            'weighted mixture "a/*.tar:0.7,b/*.tfrecord:0.3"')
+  parser.add_argument('--data-resampled', action='store_true', default=None,
+                      help='each process draws its shards with replacement from all of them '
+                           '(webdataset\'s resampled=True, open_clip\'s --dataset-resampled): '
+                           'for a shard count the process count does not divide, which is '
+                           'refused otherwise')
   parser.add_argument('--keep-uids', default=None,
                       help='DataComp-style subset: a .npy of uids (dtype u8,u8 as DataComp writes '
                            'them, or strings) or a text file, matched against the parquet beside '
@@ -74,8 +81,8 @@ def parse_args(argv):
 # The hand-mapped flags, each an alias of `--set <field>=<value>`.
 ALIASES = {'loss': 'train.loss', 'optimizer': 'train.optimizer', 'schedule': 'train.schedule',
            'steps': 'train.total_steps', 'batch_size': 'train.batch_size', 'mesh': 'train.mesh',
-           'data': 'run.data', 'checkpoint_every': 'run.checkpoint_every',
-           'eval_examples': 'run.eval_examples'}
+           'data': 'run.data', 'data_resampled': 'run.data_resampled',
+           'checkpoint_every': 'run.checkpoint_every', 'eval_examples': 'run.eval_examples'}
 
 
 def _assignments(args):
@@ -123,6 +130,9 @@ def load_config(args):
   if not run.data:
     raise ValueError(f'config {name!r} has no default data: pass --data with a glob of '
                      'img2dataset shards (output_format "webdataset" or "tfrecord")')
+  if run.data == 'synthetic' and run.data_resampled:
+    raise ValueError('--data-resampled draws img2dataset shards with replacement; the built-in '
+                     'synthetic data has no files (every process reads its own samples)')
   if args.keep_uids or args.min_image_size:
     if run.data == 'synthetic':
       raise ValueError('--keep-uids / --min-image-size filter img2dataset shards, not the '
@@ -234,12 +244,28 @@ class CompletedSteps:
 
 
 def check_resume(meta, run, tcfg, ckpt_dir):
-  """A workdir resumes on the data it was trained on: its position means nothing in another
-  source (ValueError). Another length of run is allowed (to extend one) and said."""
+  """A workdir resumes on the data it was trained on, read as it was: its position means nothing
+  in another source, or in the draws of another resampling (ValueError). Another length of run
+  is allowed (to extend one) and said, as is another batch size (the data continues at the next
+  unseen example: `resume_example`, or the shard pipeline's record positions)."""
   source = meta.get('data_source', run.data)
   if source != run.data:
     raise ValueError(f'{ckpt_dir} was trained on --data {source!r}; its data position does not '
                      f'apply to {run.data!r}: use another --workdir (or the same data)')
+  resampled = meta.get('data_resampled', False)
+  if resampled != run.data_resampled:
+    raise ValueError(f'{ckpt_dir} was trained with data_resampled={resampled}; its data position '
+                     f'does not apply to data_resampled={run.data_resampled}: use another '
+                     '--workdir (or the same setting)')
+  batch = meta.get('batch_size')
+  if batch is not None and batch != tcfg.batch_size:
+    where = (f'example {resume_example(meta["data"], batch)}' if run.data == 'synthetic' else
+             'each source\'s next record')
+    print(f'resuming a run of global batch {batch} at batch {tcfg.batch_size}: the data '
+          f'continues at {where}, each example seen once')
+  elif batch is None and run.data == 'synthetic' and 'example' not in meta['data']:
+    print(f'{ckpt_dir} holds its data position as a step ({meta["data"]["step"]}), not an '
+          f'example: assumed trained at this batch size, {tcfg.batch_size}')
   if meta.get('total_steps', tcfg.total_steps) != tcfg.total_steps:
     print(f'resuming a run of {meta["total_steps"]} steps as one of {tcfg.total_steps}: the '
           'learning-rate schedule follows the new length from here')
@@ -271,25 +297,45 @@ def _same_tokenizer(a, b):
   return filecmp.cmp(a.model_file, b.model_file, shallow=False)
 
 
+def resume_example(data_state, batch_size):
+  """The synthetic set's next unseen example at a checkpoint's data position: its
+  `{'example': n}`, or for a checkpoint written before positions were examples, `{'step': s}`,
+  s * `batch_size` (assumed trained at this batch size: such a checkpoint does not say)."""
+  if data_state is None:
+    return 0
+  return data_state['example'] if 'example' in data_state else data_state['step'] * batch_size
+
+
+def data_position(pipeline, start_example, steps, batch_size):
+  """The data position a checkpoint stores after `steps` batches of `batch_size` read from
+  `start_example` on: the shard pipeline's (or mixture's) own state, record positions whatever
+  the batch, or the synthetic set's next unseen example `{'example': n}`."""
+  if pipeline is not None:
+    return pipeline.state()
+  return {'example': start_example + steps * batch_size}
+
+
 def make_data(config, cfg, tcfg, data_state):
   """(iterator of this process's share of each global batch, pipeline or None), tokenised and
   preprocessed as the model says (`clip.get_tokenizer(cfg)`, `cfg.preprocess`). `data_state` is
-  where a resumed run's data continues: the step for the synthetic set (a function of it), the
-  shard pipeline's (or mixture's) own state otherwise."""
+  where a resumed run's data continues (None: from the start): for the synthetic set the next
+  unseen example (`resume_example`; its samples are functions of their index, so any batch size
+  continues exactly), the shard pipeline's (or mixture's) own record state otherwise."""
   import clip  # pylint: disable=g-import-not-at-top
   tokenize = functools.partial(clip.get_tokenizer(cfg), truncate=True)
   if config.run.data == 'synthetic':
     from data import synthetic  # pylint: disable=g-import-not-at-top
     ds = synthetic.SyntheticCaptions(seed=tcfg.seed, resolution=cfg.image_resolution)
     return ds.batches(tcfg.batch_size, tokenize=tokenize, preprocess=cfg.preprocess,
-                      start_step=data_state['step'], process_index=jax.process_index(),
+                      start_example=resume_example(data_state, tcfg.batch_size),
+                      process_index=jax.process_index(),
                       process_count=jax.process_count()), None
   from data import mixture  # pylint: disable=g-import-not-at-top
   pipeline = mixture.make_pipeline(config.run.data, global_batch_size=tcfg.batch_size,
                                    resolution=cfg.image_resolution, train=True, seed=tcfg.seed,
                                    tokenize=tokenize, preprocess=cfg.preprocess,
-                                   keep=config.run.keep,
-                                   resume=data_state if data_state['step'] else None)
+                                   keep=config.run.keep, resampled=config.run.data_resampled,
+                                   resume=data_state)
   return iter(pipeline), pipeline
 
 
@@ -313,7 +359,7 @@ def main(argv=None):
 
   mesh = sharding.make_mesh(*tcfg.mesh)
   state, train_step, shardings, _, _ = training.setup(cfg, tcfg, mesh)
-  start, data_state = 0, {'step': 0}
+  start, data_state = 0, None
   if checkpoint.steps(ckpt_dir):
     state, meta = checkpoint.restore(ckpt_dir, jax.eval_shape(lambda: state), shardings)
     start, data_state = meta['step'], meta['data']
@@ -334,6 +380,7 @@ def main(argv=None):
       f.writelines(json.dumps(r) + '\n' for r in kept)
   log = MetricsLog(log_path)
   data_iter, pipeline = make_data(config, cfg, tcfg, data_state)
+  start_example = None if pipeline else resume_example(data_state, tcfg.batch_size)
   if run.eval_examples:  # its tokenizer errors now, not after training
     from data import synthetic_eval  # pylint: disable=g-import-not-at-top
     synthetic_eval.model_tokenizer(cfg)
@@ -355,8 +402,10 @@ def main(argv=None):
         bar.set_postfix(loss=f'{metrics["loss"]:.3f}',
                         images_per_s=f'{metrics["images_per_s"]:.0f}')
       if done % run.checkpoint_every == 0 or done == tcfg.total_steps:
-        data_state = pipeline.state() if pipeline else {'step': done}
+        data_state = data_position(pipeline, start_example, done - start, tcfg.batch_size)
         checkpoint.save(ckpt_dir, done, state, {'data': data_state, 'data_source': run.data,
+                                                 'data_resampled': run.data_resampled,
+                                                 'batch_size': tcfg.batch_size,
                                                  'total_steps': tcfg.total_steps},
                         keep=run.keep_checkpoints)
     progress.finish()

@@ -1,5 +1,5 @@
 """Weighted mixtures of shard sources: the `--data` spec, per-batch counts, stratified batches of
-a tar and a tfrecord source, determinism, resume, errors."""
+a tar and a tfrecord source, determinism, resume, resampling, errors."""
 import json
 import os
 
@@ -186,3 +186,15 @@ def test_a_mixture_of_finite_sources_ends_with_the_first(sources):
   a, b, _ = sources
   batches = list(make(f'{a}:0.7,{b}:0.3', num_epochs=1))
   assert len(batches) == 2 and all(len(x['key']) == 8 for x in batches)
+
+
+def test_resampling_reaches_every_source(sources):
+  """3 tars and 2 tfrecords over 2 processes: the tars cannot be shared evenly (refused, with
+  the counts); resampled=True has every source draw its files per process, counted per source."""
+  a, b, _ = sources
+  with pytest.raises(ValueError, match='3 files cannot be shared evenly by 2 processes'):
+    make(f'{a}:0.5,{b}:0.5', process_index=1, process_count=2)
+  m = make(f'{a}:0.5,{b}:0.5', process_index=1, process_count=2, resampled=True)
+  assert [p.resampled for p in m.pipelines] == [True, True]
+  assert len(take(m, 1)[0]['key']) == 4
+  assert m.stats.summary().count('resampled: ') == 2

@@ -110,6 +110,33 @@ def test_model_batches_are_the_same_global_batch_on_any_process_count():
     next(ds.batches(9, process_count=2, tokenize=fake_tokenize, preprocess=OPENAI))
 
 
+def sample_indices(ds, batches, upto=64):
+  """The sample index of every image of `batches` (uint8), found among samples [0, upto)."""
+  raw = ds.get(np.arange(upto))
+  index = {image.tobytes(): i for i, image in enumerate(raw['image'])}
+  return [index[image.tobytes()] for batch in batches for image in batch['image']]
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_model_batches_start_at_any_example(process_count):
+  """`start_example`: the k-th global batch holds samples [first + k * batch, ...), whatever
+  batch size read the samples before it, on any process count; `start_step=s` is
+  `start_example=s * batch`."""
+  ds = SyntheticCaptions(3, 32)
+  kwargs = dict(tokenize=fake_tokenize, preprocess=OPENAI, image_dtype='uint8',
+                process_count=process_count)
+  def global_batches(batch_size, num_steps, **start):
+    shares = [ds.batches(batch_size, num_steps=num_steps, process_index=p, **start, **kwargs)
+              for p in range(process_count)]
+    return [{'image': np.concatenate([b['image'] for b in parts])} for parts in zip(*shares)]
+  assert sample_indices(ds, global_batches(4, 3, start_example=14)) == list(range(14, 26))
+  assert sample_indices(ds, global_batches(6, 2, start_example=7)) == list(range(7, 19))
+  chex.assert_trees_all_equal(global_batches(4, 2, start_step=3),
+                              global_batches(4, 2, start_example=12))
+  with pytest.raises(ValueError, match='not both'):
+    next(ds.batches(4, start_step=1, start_example=4, **kwargs))
+
+
 def test_model_batches_are_the_models_own_tokens_and_pixels(siglip_cfg):
   """A SigLIP model's batches: its SentencePiece tokens (`clip.get_tokenizer(cfg)`), its pixels
   (`clip.preprocess_images`: at the model's size only the mean and std 0.5 apply). Without the

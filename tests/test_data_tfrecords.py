@@ -248,6 +248,96 @@ def test_process_shares_are_disjoint_and_complete(tmp_path):
   assert sum(len(s) for s in shares) == len(samples)
 
 
+@pytest.mark.parametrize('num_files, processes', [(3, 2), (5, 4)])
+def test_training_refuses_files_the_processes_cannot_share_evenly(tmp_path, num_files, processes):
+  """Each process cycles its own files in training: with 3 files and 2 processes, process 1's
+  examples would be seen twice as often as process 0's (webdataset#434). Every process refuses,
+  naming the counts and the way out; evaluation (one pass) still shares them."""
+  write_shards(str(tmp_path), num_shards=num_files, per_shard=2)
+  shares = {(3, 2): r'process 0 would read 2 files, process 1 1; ',
+            (5, 4): r'process 0 would read 2 files, processes 1\.\.3 1; '}
+  message = (rf'{num_files} files cannot be shared evenly by {processes} processes: '
+             rf'{shares[num_files, processes]}.* seen 2\.00x as often'
+             r'.*resampled=True \(--data-resampled\)')
+  for index in range(processes):
+    with pytest.raises(ValueError, match=message):
+      pipeline(str(tmp_path), train=True, global_batch_size=processes, process_index=index,
+               process_count=processes)
+    assert pipeline(str(tmp_path), global_batch_size=processes, process_index=index,
+                    process_count=processes).files == shards.expand_files(str(tmp_path))[
+                        index::processes]
+
+
+@pytest.mark.parametrize('num_files, processes', [(4, 2)])
+def test_processes_sharing_files_evenly_see_each_example_equally_often(tmp_path, num_files,
+                                                                      processes):
+  """The divisible case as before: each process cycles files[index::processes]; over the same
+  steps (two epochs each) every example is seen exactly twice."""
+  samples = write_shards(str(tmp_path), num_shards=num_files, per_shard=2)
+  seen = []
+  for index in range(processes):
+    p = pipeline(str(tmp_path), train=True, global_batch_size=2 * processes,
+                 process_index=index, process_count=processes, fields=('key',), seed=index)
+    assert p.files == shards.expand_files(str(tmp_path))[index::processes]
+    it = iter(p)
+    seen += [k.decode() for _ in range(2 * num_files // processes) for k in next(it)['key']]
+  assert sorted(seen) == sorted(list(samples) * 2)
+
+
+@pytest.mark.parametrize('num_files, processes', [(3, 2), (5, 4), (2, 3)])
+def test_resampled_processes_draw_every_file_equally_often(tmp_path, num_files, processes):
+  """resampled=True (webdataset's, open_clip's --dataset-resampled): any file count feeds any
+  process count. Each process's epoch draws ceil(files / processes) files with replacement from
+  all of them, seeded by (seed, epoch, process): over many epochs every file is drawn equally
+  often in every process."""
+  write_shards(str(tmp_path), num_shards=num_files, per_shard=1)
+  everything = shards.expand_files(str(tmp_path))
+  draws, epochs = -(-num_files // processes), 2000
+  counts = np.zeros((processes, num_files))
+  for index in range(processes):
+    p = pipeline(str(tmp_path), train=True, resampled=True, global_batch_size=processes,
+                 process_index=index, process_count=processes, seed=1)
+    assert p.files == everything
+    for epoch in range(epochs):
+      files = p.epoch_files(epoch)
+      assert len(files) == draws
+      np.add.at(counts[index], [everything.index(f) for f in files], 1)
+  expected = epochs * draws / num_files
+  np.testing.assert_allclose(counts, expected, rtol=0.1)
+  np.testing.assert_allclose(counts.sum(0), expected * processes, rtol=0.05)
+
+
+def test_resampled_draws_are_read_counted_reported_and_resumed(tmp_path, caplog):
+  """A resampled process reads the files it drew (3 files, 2 processes: 2 draws an epoch), the
+  draws counted in the stats and the epoch log; a resumed pipeline continues the same draws."""
+  write_shards(str(tmp_path), num_shards=3, per_shard=2)
+  kwargs = dict(train=True, resampled=True, global_batch_size=2, process_index=1,
+                process_count=2, fields=('key',), seed=1)
+  p = pipeline(str(tmp_path), **kwargs)
+  assert p.epoch_files(0) != pipeline(str(tmp_path), **{**kwargs, 'process_index': 0}
+                                      ).epoch_files(0)
+  it = iter(p)
+  with caplog.at_level('INFO', logger='data.shards'):
+    batches = [next(it) for _ in range(9)]  # 2 epochs of 4 batches of 1, and one more
+  drawn = p.epoch_files(0) + p.epoch_files(1)
+  keys = [k.decode() for b in batches[:8] for k in b['key']]
+  assert sorted(keys) == sorted(f'{os.path.basename(f)[:5]}{i:04d}' for f in drawn
+                                for i in range(2))
+  assert sum(p.last_epoch_stats.drawn.values()) == 2
+  assert sum(p.stats.drawn.values()) == 6  # the third epoch begun
+  assert 'resampled: 6 draws' in p.stats.summary() and 'resampled: 2 draws' in caplog.text
+  resumed = pipeline(str(tmp_path), **kwargs, resume=p.state())
+  chex.assert_trees_all_equal(next(iter(resumed)), next(it))
+
+
+def test_resampling_is_for_training(png_dir):
+  out, _ = png_dir
+  with pytest.raises(ValueError, match='resampled=True draws training files'):
+    pipeline(out, resampled=True)
+  with pytest.raises(ValueError, match='resume from state'):
+    pipeline(out, train=True, resampled=True, start_step=3)
+
+
 def train_batches(files, n, **kwargs):
   p = pipeline(files, train=True, shuffle_buffer=8, fields=('key',), **kwargs)
   it = iter(p)

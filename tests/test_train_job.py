@@ -1,6 +1,7 @@
 """The main job as users run it, in subprocesses: a killed run resumes bit-identically, and two
 processes with four devices each train exactly as one process with eight. Its data is read as the
-model reads (its tokenizer and preprocessing), which its workdir names."""
+model reads (its tokenizer and preprocessing), which its workdir names; its data position is the
+next unseen example, so a run resumed at another batch size sees each example once."""
 # pylint: disable=redefined-outer-name
 import dataclasses
 import shutil
@@ -172,7 +173,7 @@ def test_the_data_is_read_as_the_model_reads(siglip_cfg, tmp_path):
   ds.write_webdataset(str(tmp_path), 16, 2)
   shards = dataclasses.replace(config, run=dataclasses.replace(config.run,
                                                                data=str(tmp_path / '*.tar')))
-  batches, pipeline = train.make_data(shards, siglip_cfg, tcfg, {'step': 0})
+  batches, pipeline = train.make_data(shards, siglip_cfg, tcfg, None)
   batch = next(batches)
   captions = ds.get(np.arange(16))['caption']
   rows = {tuple(r) for r in clip.get_tokenizer(siglip_cfg)(captions, truncate=True)}
@@ -209,3 +210,86 @@ def test_a_workdir_resumes_only_with_its_own_processing(siglip_cfg, tmp_path):
   with pytest.raises(ValueError, match='trained with tokenizer'):
     train.check_processing(workdir, dataclasses.replace(
         siglip_cfg, tokenizer=dataclasses.replace(siglip_cfg.tokenizer, clean='lower')))
+
+
+def _recorded_samples(monkeypatch):
+  """The synthetic set's sample indices, in the order the batches draw them."""
+  from data import synthetic  # pylint: disable=g-import-not-at-top
+  seen, get = [], synthetic.SyntheticCaptions.get
+  def recording(self, indices):
+    seen.extend(np.asarray(indices).reshape(-1).tolist())
+    return get(self, indices)
+  monkeypatch.setattr(synthetic.SyntheticCaptions, 'get', recording)
+  return seen
+
+
+def _train_data(batch_size, steps, data_state):
+  """What the main job does with its data for `steps` steps from `data_state` (a checkpoint's
+  position, None: the start): the batches read, and the position its next checkpoint stores."""
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  config = train.load_config(train.parse_args(['--config', 'tiny', '--batch-size',
+                                               str(batch_size)]))
+  batches, pipeline = train.make_data(config, config.model, config.train, data_state)
+  for _ in range(steps):
+    next(batches)
+  start = train.resume_example(data_state, batch_size)
+  return train.data_position(pipeline, start, steps, batch_size), config
+
+
+@pytest.mark.parametrize('batch_size', [4, 12])
+def test_a_run_resumed_at_another_batch_size_sees_each_example_once(monkeypatch, capsys,
+                                                                    batch_size):
+  """3 steps at batch 8, resumed for 4 at `batch_size`, then for 2 at 8 again: the checkpoints
+  hold the next unseen example (24, ...), so the run draws samples 0, 1, 2, ... each once, in
+  order (a step position would resume at 3 x 4 = 12, repeating 12..23, or at 3 x 12 = 36,
+  skipping 24..35)."""
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  seen = _recorded_samples(monkeypatch)
+  state, _ = _train_data(8, 3, None)
+  assert state == {'example': 24}
+  _, config = _train_data(batch_size, 0, state)
+  capsys.readouterr()
+  meta = {'step': 3, 'data': state, 'data_source': 'synthetic', 'batch_size': 8,
+          'total_steps': 50}
+  train.check_resume(meta, config.run, config.train, 'w/checkpoints')
+  assert (f'resuming a run of global batch 8 at batch {batch_size}: the data continues at '
+          'example 24') in capsys.readouterr().out
+  state, _ = _train_data(batch_size, 4, state)
+  state, _ = _train_data(8, 2, state)
+  total = 24 + 4 * batch_size + 16
+  assert state == {'example': total}
+  assert seen == list(range(total))
+
+
+def test_a_checkpoint_holding_a_step_resumes_at_its_batch_size(monkeypatch, capsys):
+  """Checkpoints written before positions were examples hold {'step': s} and no batch size:
+  they resume at example s x batch, assuming the batch is the one they were trained at (said)."""
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  seen = _recorded_samples(monkeypatch)
+  state, config = _train_data(8, 2, {'step': 3})
+  assert state == {'example': 40} and seen == list(range(24, 40))
+  train.check_resume({'step': 3, 'data': {'step': 3}, 'data_source': 'synthetic'}, config.run,
+                     config.train, 'w/checkpoints')
+  assert ('holds its data position as a step (3), not an example: assumed trained at this batch '
+          'size, 8') in capsys.readouterr().out
+
+
+def test_resampled_shards_are_a_run_setting(tmp_path):
+  """--data-resampled reaches the shard pipeline (files drawn with replacement per process); the
+  synthetic set has no files to draw; a workdir resumes only with the setting it was trained
+  with (its data position is a place in those draws)."""
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  from data import synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.SyntheticCaptions(seed=3, resolution=32).write_webdataset(str(tmp_path), 12, 3)
+  data = str(tmp_path / '*.tar')
+  for flags, resampled in (([], False), (['--data-resampled'], True)):
+    config = train.load_config(train.parse_args(['--config', 'tiny', '--data', data, *flags]))
+    assert config.run.data_resampled is resampled
+    _, pipeline = train.make_data(config, config.model, config.train, None)
+    assert pipeline.resampled is resampled
+    meta = {'step': 3, 'data': pipeline.state(), 'data_source': data,
+            'data_resampled': not resampled}
+    with pytest.raises(ValueError, match=f'trained with data_resampled={not resampled}'):
+      train.check_resume(meta, config.run, config.train, 'w/checkpoints')
+  with pytest.raises(ValueError, match='--data-resampled draws img2dataset shards'):
+    train.load_config(train.parse_args(['--config', 'tiny', '--data-resampled']))

@@ -17,6 +17,7 @@ from clip import training
 class RunConfig:
   """What the main job does besides the model and the optimisation."""
   data: str | None = 'synthetic'  # 'synthetic', a glob of img2dataset shards, or 'a:0.7,b:0.3'
+  data_resampled: bool = False    # shards drawn with replacement per process (any shard count)
   log_every: int = 25             # steps between metrics.jsonl lines
   checkpoint_every: int = 500     # steps between checkpoints (and at the end)
   keep_checkpoints: int = 2
