@@ -242,9 +242,13 @@ def given_tokenizer(model_file, family, info):
   if stated and stated != kind:
     raise ValueError(f'tokenizer={os.fspath(model_file)!r} is a {kind} vocabulary, but the '
                      f'folder\'s tokenizer_config.json states a {stated} one')
-  eos = ((info.get('hf_config') or {}).get('text_config') or {}).get('eos_token_id')
+  text_config = (info.get('hf_config') or {}).get('text_config') or {}
+  eos, vocab = text_config.get('eos_token_id'), text_config.get('vocab_size', 0)
   sp = siglip_tokenizer.cached_tokenizer(model_file, kind)
-  if family in (HF_SIGLIP, HF_SIGLIP2) and eos is not None and eos != sp.eos_id:
+  # transformers writes SiglipTextConfig's default eos (49407, OpenAI's) into every config.json:
+  # an id outside the vocabulary states nothing.
+  stated_eos = eos is not None and 0 <= eos < vocab
+  if family in (HF_SIGLIP, HF_SIGLIP2) and stated_eos and eos != sp.eos_id:
     raise ValueError(f'tokenizer={os.fspath(model_file)!r} ends sequences with id {sp.eos_id}, '
                      f'but config.json states eos_token_id={eos}: not this model\'s tokenizer')
   clean = 'canonicalize' if family in (OPENAI, OPEN_CLIP_TIMM) else None
