@@ -141,12 +141,12 @@ def save_model_config(workdir, cfg):
   if model_file is not None:
     target = os.path.join(workdir, TOKENIZER_FILE)
     if os.path.abspath(model_file) != os.path.abspath(target):
-      _atomic(target, lambda tmp: shutil.copyfile(model_file, tmp))
+      atomic_write(target, lambda tmp: shutil.copyfile(model_file, tmp))
     values['tokenizer']['model_file'] = TOKENIZER_FILE
   def write(tmp):
     with open(tmp, 'w') as f:
       json.dump(values, f, indent=2)
-  _atomic(os.path.join(workdir, MODEL_CONFIG), write)
+  atomic_write(os.path.join(workdir, MODEL_CONFIG), write)
 
 
 def load_model_config(workdir):
@@ -167,7 +167,10 @@ def load_model_config(workdir):
     raise ValueError(f'{path}: {e}') from None
 
 
-def _atomic(path, write):
+def atomic_write(path, write):
+  """`write(tmp)` into a temporary file beside `path`, then renamed onto it: never half a file
+  (its folder is made if missing). Also the writer of `clip.export`."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix='.part')
   os.close(fd)
   try:

@@ -15,13 +15,13 @@ import gzip
 import json
 import os
 import shutil
-import tempfile
 import warnings
 
 import jax
 import numpy as np
 import sentencepiece
 
+from clip import checkpoint
 from clip import convert
 from clip import model
 from clip import processing
@@ -50,34 +50,22 @@ def _flat_numpy(params):
           for k, v in weights.flatten(model.unstack_layers(params)).items()}
 
 
-def _atomic_write(path, write):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix='.part')
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _write_json(path, obj):
   def write(tmp):
     with open(tmp, 'w', encoding='utf-8') as f:
       json.dump(obj, f, indent=2)
-  _atomic_write(path, write)
+  checkpoint.atomic_write(path, write)
 
 
 def _write_text(path, text):
   def write(tmp):
     with open(tmp, 'w', encoding='utf-8') as f:
       f.write(text)
-  _atomic_write(path, write)
+  checkpoint.atomic_write(path, write)
 
 
 def _copy(src, path):
-  _atomic_write(path, lambda tmp: shutil.copyfile(src, tmp))
+  checkpoint.atomic_write(path, lambda tmp: shutil.copyfile(src, tmp))
 
 
 # The files transformers' AutoTokenizer reads; an export writes its own and removes the others,
@@ -105,7 +93,7 @@ def _write_processing_files(folder, files):
 
 def _write_safetensors(path, flat):
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  _atomic_write(path, lambda tmp: st_numpy.save_file(flat, tmp))
+  checkpoint.atomic_write(path, lambda tmp: st_numpy.save_file(flat, tmp))
 
 
 def _require(ok, what, target):
