@@ -11,9 +11,9 @@ DATA = ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9', 'importlib_resources
 TEST = TORCH + DATA + [
     'pytest>=8',
     'pytest-xdist>=3.5',
-    'scikit-learn>=1.3',  # clip_benchmark's metrics (experiments/clip_benchmark_reference.py)
+    'scikit-learn>=1.3',  # clip_benchmark's metrics (experiments/references/clip_benchmark.py)
     'transformers>=4.40',
-    # The real img2dataset writes the shards the data tests read (tests/test_data_img2dataset.py);
+    # The real img2dataset writes the shards the data tests read (tests/data/test_img2dataset.py);
     # its tfrecord writer imports tensorflow_io (0.37's file-system plugins do not load beside
     # tensorflow 2.21, which the local files it writes do not need).
     'img2dataset==1.47.0',

@@ -564,7 +564,7 @@ class CLIPConfig:
     (`big_vision/models/proj/image_text/two_towers.py` uses `exp(t)` of the raw parameter; its
     released checkpoints hold t of about ln 110 to ln 118, kornia#3481), so a SigLIP
     checkpoint is not pulled to ln 100 by fine-tuning. (open_clip's trainer clamps every model,
-    its SigLIP ones included.) A frozen logit scale is never clamped (`clip.freezing`)."""
+    its SigLIP ones included.) A frozen logit scale is never clamped (`clip.train.freezing`)."""
     return None if self.logit_bias else (0.0, float(np.log(100.0)))
 
 

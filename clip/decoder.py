@@ -18,7 +18,7 @@ input of CapPa's parallel prediction: masked positions see it instead of their t
 
 Two ways to run it, equal up to fp32 rounding (tests/test_decoder.py):
 `apply` runs whole captions (teacher forcing, training, scoring); `init_cache` + `step` decode
-one position at a time with the self-attention keys and values cached (`clip/generation.py`).
+one position at a time with the self-attention keys and values cached (`clip/eval/generation.py`).
 """
 import typing
 

@@ -125,7 +125,7 @@ def run_blocks(p, x_NxLxD, run, execution, depth=None):
   their stacked weights (per-layer weights are stacked on the fly): one block to compile. `remat`
   checkpoints each block ('block': keep its input; 'dots': also the weight matmuls). Remat needs
   the scan: in an unrolled loop XLA is free to schedule every recomputation early, and on the CPU
-  it does, so the temporaries do not shrink at all (tests/test_training.py checks
+  it does, so the temporaries do not shrink at all (tests/train/test_training.py checks
   `memory_analysis`)."""
   blocks = p['resblocks']
   stacked = is_stacked(blocks)

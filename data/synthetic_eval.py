@@ -46,7 +46,7 @@ def evaluate(params, cfg, n, seed):
 def model_tokenizer(cfg):
   """The model's tokenizer as `evaluate` uses it, or the error `evaluate` would raise (a job
   calls it before training): a captioner's needs a start token (`generation.start_token_id`)."""
-  from clip import generation  # pylint: disable=g-import-not-at-top
+  from clip.eval import generation  # pylint: disable=g-import-not-at-top
   from clip import processing  # pylint: disable=g-import-not-at-top
   if cfg.decoder is not None:
     generation.start_token_id(cfg)
@@ -55,7 +55,7 @@ def model_tokenizer(cfg):
 
 def _contrastive(params, cfg, tokenizer, ds, sample, images, split):
   import clip  # pylint: disable=g-import-not-at-top
-  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   results = {}
   for task in TASKS:
     tokens = tokenizer(ds.prompts(task))[:, None]
@@ -73,7 +73,7 @@ def _contrastive(params, cfg, tokenizer, ds, sample, images, split):
 
 def _captioning(params, cfg, tokenizer, ds, sample, images, split, batch_size=256):
   from clip import batching  # pylint: disable=g-import-not-at-top
-  from clip import generation  # pylint: disable=g-import-not-at-top
+  from clip.eval import generation  # pylint: disable=g-import-not-at-top
   from clip import model  # pylint: disable=g-import-not-at-top
   results, decoder, dec = {}, params['text_decoder'], cfg.decoder
   in_batches = lambda fn, x, desc: batching.map_batches(fn, x, batch_size, desc, 'images')

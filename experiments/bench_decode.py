@@ -54,7 +54,7 @@ def start_id(cfg):
   """The start token of `cappa_small`'s model with decoder `cfg`: its own tokenizer's (OpenAI's
   BPE, whose 49408 ids the decoder reads), as `generation.start_token_id` gives it."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from clip import generation  # pylint: disable=g-import-not-at-top
+  from clip.eval import generation  # pylint: disable=g-import-not-at-top
   from experiments.configs import cappa_small  # pylint: disable=g-import-not-at-top
   model = dataclasses.replace(cappa_small.get_config().model, decoder=cfg)
   return generation.start_token_id(model)
@@ -79,7 +79,7 @@ def decode_fn(method, params, image, cfg, args, cache):
   """`() -> (tokens, ..., last position decoded)`: generation's jitted loops, which also return
   how far they ran (the public functions return the captions only)."""
   from clip import configs  # pylint: disable=g-import-not-at-top
-  from clip import generation  # pylint: disable=g-import-not-at-top
+  from clip.eval import generation  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
   execution, start = configs.Execution(args.dtype), start_id(cfg)
   if method == 'greedy':

@@ -1,7 +1,7 @@
 """CPU collectives between two processes (gloo): all-reduce time before and after a small
 reduce-scatter, and whether each result is right.
 
-Why: the two-process CPU training run (tests/test_train_job.py) takes ~14 s a step where one
+Why: the two-process CPU training run (tests/experiments/test_train_job.py) takes ~14 s a step where one
 process with the same eight devices takes ~0.1 s. The cause is below our code, in jaxlib's gloo
 collectives: after a process has run a small reduce-scatter (like the backward of an all-gather
 loss on the embeddings), its large all-reduces (like the gradient of a replicated token

@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 import clip
-from clip import weights
-from tests import openai_reference
+from clip.formats import weights
+from experiments.references import openai as openai_reference
 
 def seconds(fn):
   start = time.perf_counter()

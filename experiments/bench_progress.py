@@ -45,7 +45,7 @@ class _Dispatched:
 def time_loop(mode, train_step, state, batches, mesh):
   """Seconds for `len(batches)` steps with the bar of `mode`, to the last loss ready."""
   import tqdm  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   state = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), state))  # the step donates it
@@ -67,7 +67,7 @@ def main(argv=None):
   args = parse_args(argv)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   config = train.load_config(train.parse_args(['--config', args.config]))
   cfg, tcfg = config.model, config.train

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from clip import tokenizer
-from tests import openai_reference
+from experiments.references import openai as openai_reference
 
 NOUNS = ('dog cat man woman child car bus bicycle house tree street beach mountain river table '
          'chair plate pizza sandwich cake phone laptop book bird horse cow sheep boat train plane '

@@ -40,7 +40,7 @@ def parse_args(argv):
   parser.add_argument('--scan', default='off', help='off,on: unrolled blocks and/or lax.scan')
   parser.add_argument('--grad-cache', default='1',
                       help='two-pass accumulation steps k to compare at the same global batch, '
-                           'e.g. 1,2,4,8 (clip/grad_cache.py)')
+                           'e.g. 1,2,4,8 (clip/train/grad_cache.py)')
   parser.add_argument('--patch-dropout', default='0',
                       help="FLIP's patch dropout fractions to compare, e.g. 0,0.5,0.75 (ViTs)")
   parser.add_argument('--devices', type=int, default=8, help='simulated CPU devices')
@@ -68,8 +68,8 @@ def bench_one(cfg, tcfg, repeats):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
-  from tests import openai_reference  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
+  from experiments.references import openai as openai_reference  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   if -1 not in tcfg.mesh:  # e.g. 1,1,1: the single-device baseline in the same run
     devices = devices[:int(np.prod(tcfg.mesh))]
@@ -107,7 +107,7 @@ def main(argv=None):
   simulated_devices.simulate_cpu_devices(args.devices, who='bench_train')
   import jax  # pylint: disable=g-import-not-at-top
   import losses  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   rows = []
   variants = [(scan, remat, float(drop), int(k)) for scan in args.scan.split(',')
               for remat in args.remat.split(',') for drop in args.patch_dropout.split(',')

@@ -8,7 +8,7 @@ Every row is loaded and run, not typed: 'exact' (no CheckpointWarning and the la
 error of image features, text features and logits below 1e-4), 'warns' (a CheckpointWarning: its
 text in the note, the error of what loaded in the error column), 'refused' (CheckpointError:
 its first line in the note), 'WRONG' (loaded silently with a larger error: a bug to fix) or
-'error: ...' (the measurement itself failed). Export rows save with `clip.export` and load into
+'error: ...' (the measurement itself failed). Export rows save with `clip.formats.export` and load into
 the peer library. Writes checkpoint_families.json and checkpoint_families.md into --out.
 """
 import argparse
@@ -43,7 +43,7 @@ def _normalize(x):
 
 
 def _inputs(cfg, siglip, n=3, seed=0):
-  from tests import openai_reference  # pylint: disable=g-import-not-at-top
+  from experiments.references import openai as openai_reference  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   r = cfg.image_resolution
   images = rng.normal(size=(n, r, r, 3)).astype(np.float32)
@@ -139,7 +139,7 @@ def measure_load(path, ref, config=None, siglip=False, normalized=False):
 # ---------------------------------------------------------------- open_clip models
 
 def _perturb(m, seed):
-  from tests import openai_reference  # pylint: disable=g-import-not-at-top
+  from experiments.references import openai as openai_reference  # pylint: disable=g-import-not-at-top
   return openai_reference.perturb(m.eval(), seed)
 
 
@@ -164,7 +164,7 @@ def _save_dir(tmp, name):
 
 def open_clip_gelu(oc, tmp, with_config):
   import torch  # pylint: disable=g-import-not-at-top
-  from clip import open_clip_configs  # pylint: disable=g-import-not-at-top
+  from clip.formats import open_clip_configs  # pylint: disable=g-import-not-at-top
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False)
   path = os.path.join(_save_dir(tmp, f'gelu_{with_config}'), 'model.pt')
   torch.save(m.state_dict(), path)
@@ -400,9 +400,9 @@ def _peer_row(missing, unexpected, err):
 
 
 def export_open_clip(oc, tmp):
-  from clip import export  # pylint: disable=g-import-not-at-top
-  from clip import open_clip_configs  # pylint: disable=g-import-not-at-top
-  from clip import weights  # pylint: disable=g-import-not-at-top
+  from clip.formats import export  # pylint: disable=g-import-not-at-top
+  from clip.formats import open_clip_configs  # pylint: disable=g-import-not-at-top
+  from clip.formats import weights  # pylint: disable=g-import-not-at-top
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False, seed=6)
   cfg = open_clip_configs.config_from_open_clip(model_cfg)
   params = weights.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
@@ -429,7 +429,7 @@ def tiny_sentencepiece(folder, vocab_size=43):
 def export_hf(tmp, siglip):
   import clip  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from clip import export  # pylint: disable=g-import-not-at-top
+  from clip.formats import export  # pylint: disable=g-import-not-at-top
   hf = hf_siglip(seed=7) if siglip else _hf_clip(seed=7)
   source, out = _save_dir(tmp, f'export_hf_src_{siglip}'), _save_dir(tmp, f'export_hf_{siglip}')
   hf.save_pretrained(source)
@@ -507,7 +507,7 @@ def table(results):
 
 def main(argv=None):
   args = parse_args(argv)
-  from experiments import open_clip_reference  # pylint: disable=g-import-not-at-top
+  from experiments.references import open_clip as open_clip_reference  # pylint: disable=g-import-not-at-top
   oc = open_clip_reference.import_open_clip()
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:

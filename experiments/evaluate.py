@@ -85,8 +85,8 @@ def _model_config(name):
 def _workdir_params(workdir):
   """The newest checkpoint of a training workdir -> flat {torch key: array} of its params (and
   BatchNorm buffers)."""
-  from clip import checkpoint  # pylint: disable=g-import-not-at-top
-  from clip import weights  # pylint: disable=g-import-not-at-top
+  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from clip.formats import weights  # pylint: disable=g-import-not-at-top
   state, _ = checkpoint.read(os.path.join(workdir, 'checkpoints'), ('params', 'batch_stats'))
   return {**weights.flatten(state['params']), **weights.flatten(state.get('batch_stats', {}))}
 
@@ -117,7 +117,7 @@ def _workdir_config(workdir, cfg, config_name, has_bias):
   """The config of a training workdir: its saved `model_config.json` (architecture, tokenizer,
   preprocessing) when there is one, run with --config's dtype, remat and scan if given, which must
   have its architecture; else --config's (None: inferred from the shapes)."""
-  from clip import checkpoint  # pylint: disable=g-import-not-at-top
+  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
   if cfg is not None and has_bias != cfg.logit_bias:
     # `--loss sigmoid` on a config without the bias trains one (experiments/train.py)
     print(f'{workdir}: logit_bias={has_bias} as in its checkpoint, not the config\'s')
@@ -142,7 +142,7 @@ def load_model(spec, config_name=None, tokenizer=None):
   that ships none, `--tokenizer`). ValueError when --config contradicts a workdir's saved
   architecture, naming each difference."""
   import clip  # pylint: disable=g-import-not-at-top
-  from clip import weights  # pylint: disable=g-import-not-at-top
+  from clip.formats import weights  # pylint: disable=g-import-not-at-top
   cfg = _model_config(config_name)
   is_workdir = os.path.isdir(spec) and os.path.isdir(os.path.join(spec, 'checkpoints'))
   if tokenizer is not None and (is_workdir or not os.path.exists(spec)):
@@ -237,7 +237,7 @@ def linear_probe_metrics(scores_NxC, labels_N, classnames=None):
 
 
 def _checked_scores(scores_NxC, labels_N):
-  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   scores, labels = zero_shot.check_finite(scores_NxC, 'scores'), np.asarray(labels_N)
   if scores.ndim != 2 or labels.shape != scores.shape[:1]:
     raise ValueError(f'need scores (N, C) and labels (N,), got {scores.shape} and {labels.shape}')
@@ -248,7 +248,7 @@ def _checked_scores(scores_NxC, labels_N):
 
 
 def _metrics(scores, labels, classnames, with_acc5):
-  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   top = zero_shot.top_k(scores, min(5, scores.shape[1]))
   acc1 = float(np.mean(top[:, 0] == labels))
   acc5 = float(np.mean((top == labels[:, None]).any(1))) if with_acc5 else float('nan')
@@ -262,9 +262,9 @@ def zero_shot_scores(params, cfg, images, class_prompts, batch_size):
   """Cosine similarities (N, C) of the images with the prompt-ensembled class embeddings;
   `class_prompts` holds the same number of prompts for every class, tokenised by the model's own
   tokenizer (`clip.get_tokenizer(cfg)`)."""
-  from clip import linear_probe  # pylint: disable=g-import-not-at-top
+  from clip.eval import linear_probe  # pylint: disable=g-import-not-at-top
   from clip import processing  # pylint: disable=g-import-not-at-top
-  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   c, t = len(class_prompts), len(class_prompts[0])
   tokens = processing.get_tokenizer(cfg)([p for ps in class_prompts for p in ps])
   weights = zero_shot.classifier_weights_from_tokens(params, cfg, tokens.reshape(c, t, -1))
@@ -278,7 +278,7 @@ def generative_scores(params, cfg, images, class_prompts, batch_size):
   of the model's own tokenizer, which must start them with its start token
   (`generation.start_token_id`: a tokenizer without one raises `clip.TokenizerError`)."""
   from clip import batching  # pylint: disable=g-import-not-at-top
-  from clip import generation  # pylint: disable=g-import-not-at-top
+  from clip.eval import generation  # pylint: disable=g-import-not-at-top
   from clip import model  # pylint: disable=g-import-not-at-top
   from clip import processing  # pylint: disable=g-import-not-at-top
   if cfg.decoder is None:
@@ -298,7 +298,7 @@ def generative_scores(params, cfg, images, class_prompts, batch_size):
 
 
 def _templates(path_or_name):
-  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   if path_or_name in zero_shot.TEMPLATES:
     return list(zero_shot.TEMPLATES[path_or_name])
   with open(path_or_name) as f:
@@ -313,8 +313,8 @@ def evaluate(args):
                      'none (a captioner): use --task generative_classification or linear_probe')
   if args.task == 'zeroshot_retrieval':
     from clip import model  # pylint: disable=g-import-not-at-top
-    from clip import zero_shot  # pylint: disable=g-import-not-at-top
-    from clip import linear_probe  # pylint: disable=g-import-not-at-top
+    from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
+    from clip.eval import linear_probe  # pylint: disable=g-import-not-at-top
     images, tokens = retrieval_data(args, cfg)
     image_features = linear_probe.image_features(params, cfg, images, args.batch_size)
     text_features = np.concatenate([np.asarray(model.encode_text(params, tokens[i:i + 256], cfg))
@@ -327,7 +327,7 @@ def evaluate(args):
     return metrics, None
   images, labels, classnames, class_prompts = classification_data(args, cfg, args.split)
   if args.task in ('zeroshot_classification', 'generative_classification'):
-    from clip import zero_shot  # pylint: disable=g-import-not-at-top
+    from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
     templates = None
     if class_prompts is None:
       templates = _templates(args.templates)
@@ -336,7 +336,7 @@ def evaluate(args):
     score = zero_shot_scores if args.task == 'zeroshot_classification' else generative_scores
     scores = score(params, cfg, images, class_prompts, args.batch_size)
     return classification_metrics(scores, labels, classnames), templates
-  from clip import linear_probe  # pylint: disable=g-import-not-at-top
+  from clip.eval import linear_probe  # pylint: disable=g-import-not-at-top
   train_images, train_labels, _, _ = classification_data(args, cfg, args.train_split, fit=True)
   feats = linear_probe.image_features(params, cfg, train_images, args.batch_size)
   n_val = max(len(feats) // 5, 1)  # the last fifth of the training split validates the sweep

@@ -1,4 +1,4 @@
-"""Fine-tune a CLIP model downstream with the pre-training train step (`clip.finetune`).
+"""Fine-tune a CLIP model downstream with the pre-training train step (`clip.train.finetune`).
 
 Modes:
   classifier       image tower + linear head initialised from zero-shot weights; full fine-tuning
@@ -90,7 +90,7 @@ def labelled_batches(args, cfg):
   if kind == 'tfds':
     from data import tfds  # pylint: disable=g-import-not-at-top
     data = tfds.TFDSClassification(name, 'train', data_dir=args.data_dir)
-    from clip import zero_shot  # pylint: disable=g-import-not-at-top
+    from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
     batches = data.batches(args.batch_size, cfg.image_resolution, preprocess=cfg.preprocess,
                            train=True, seed=args.seed)
     prompts = [zero_shot.DEFAULT_TEMPLATES[0].format(c) for c in data.classnames]
@@ -129,7 +129,7 @@ def _run(cfg, tcfg, init_params, objective, batch_keys, batches, to_batch):
   import tqdm  # pylint: disable=g-import-not-at-top
   from clip import model  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(*tcfg.mesh)
   state, step, _, _, _ = training.setup(cfg, tcfg, mesh, init_params=init_params,
                                         objective=objective, batch_keys=batch_keys)
@@ -144,8 +144,8 @@ def _run(cfg, tcfg, init_params, objective, batch_keys, batches, to_batch):
 
 def classifier(args, params, cfg, tcfg):
   import clip  # pylint: disable=g-import-not-at-top
-  from clip import finetune  # pylint: disable=g-import-not-at-top
-  from clip import zero_shot  # pylint: disable=g-import-not-at-top
+  from clip.train import finetune  # pylint: disable=g-import-not-at-top
+  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   batches, prompts = labelled_batches(args, cfg)
   weights = zero_shot.classifier_weights_from_tokens(params, cfg,
                                                      clip.get_tokenizer(cfg)(prompts)[:, None])
@@ -197,7 +197,7 @@ def lit(args, params, cfg, tcfg):
 def text_classifier(args, params, cfg, tcfg):
   import clip  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from clip import finetune  # pylint: disable=g-import-not-at-top
+  from clip.train import finetune  # pylint: disable=g-import-not-at-top
   if not args.dataset.startswith('synthetic'):
     raise ValueError('text-classifier needs labelled captions: --dataset synthetic/<task>')
   tokenize = clip.get_tokenizer(cfg)
@@ -230,8 +230,8 @@ def plot_wise_ft(accuracy, path):
 
 def main(argv=None):
   args = parse_args(argv)
-  from clip import checkpoint  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   from experiments import evaluate  # pylint: disable=g-import-not-at-top
   if args.lp_steps and args.mode != 'classifier':
     raise ValueError('--lp-steps applies to --mode classifier only')

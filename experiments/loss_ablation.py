@@ -181,7 +181,7 @@ def _setup(s, devices_available):
   seed), the first global batch and the train step compiled for it (with its compile time)."""
   import clip  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   from data import synthetic  # pylint: disable=g-import-not-at-top
   cfg = model_config(s['loss'], s['init_logit_bias'], s['init_logit_scale'])
   steps = s['steps']
@@ -208,7 +208,7 @@ def train_one(s):
   """One run of spec `s`: its learning curve (mean training loss of each logged interval, the
   scale exp(t') and bias b at its end), evaluation, step time and per-device temp memory."""
   import jax  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   from data import synthetic_eval  # pylint: disable=g-import-not-at-top
   wall = time.perf_counter()
   cfg, mesh, state, data, batch, compiled, compile_s = _setup(s, jax.devices())
@@ -413,7 +413,7 @@ def learning_rate_sum(batch, steps, args):
   moves a parameter by about the learning rate per step at most (Kingma & Ba 2015, section 2.1:
   when 1 - b1 <= sqrt(1 - b2), as with b1 0.9, b2 0.98), so a scalar such as the log temperature
   t' can move by about this much in the whole run and no more."""
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   tcfg = training.TrainConfig(batch_size=batch, total_steps=steps, warmup_steps=steps // 10,
                               learning_rate=rule_lr(batch, args))
   _, schedule = training.make_optimizer(tcfg)

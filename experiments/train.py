@@ -100,7 +100,7 @@ def _apply(experiment, assignments):
   """The assignments, with what they imply made explicit and printed: a shorter run shortens the
   warmup to a tenth of it (unless it is set too), and the model's SigLIP bias follows the loss
   (unless it is set too)."""
-  from clip import objectives  # pylint: disable=g-import-not-at-top
+  from clip.train import objectives  # pylint: disable=g-import-not-at-top
   from experiments import configs  # pylint: disable=g-import-not-at-top
   given = dict(assignments)
   if 'train.total_steps' in given and 'train.warmup_steps' not in given:
@@ -121,7 +121,7 @@ def _apply(experiment, assignments):
 def load_config(args):
   """The `Experiment` of `--config name[:arg]` with `--set` and the flags applied (each implied
   change printed), validated before anything compiles."""
-  from clip import objectives  # pylint: disable=g-import-not-at-top
+  from clip.train import objectives  # pylint: disable=g-import-not-at-top
   name, _, arg = args.config.partition(':')
   experiment = importlib.import_module(f'experiments.configs.{name}').get_config(arg or None)
   experiment = _apply(experiment, _assignments(args))
@@ -275,7 +275,7 @@ def check_processing(workdir, cfg):
   """A workdir resumes with the tokenizer and image preprocessing it was trained with (its
   `model_config.json`; one written before those were saved is taken as it comes): tokens or
   pixels of another kind would continue the run on other inputs (ValueError)."""
-  from clip import checkpoint  # pylint: disable=g-import-not-at-top
+  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
   try:
     saved = checkpoint.load_model_config(workdir)
   except FileNotFoundError:
@@ -348,10 +348,10 @@ def main(argv=None):
   import tqdm  # pylint: disable=g-import-not-at-top
   from tqdm.contrib.logging import logging_redirect_tqdm  # pylint: disable=g-import-not-at-top
   import clip  # pylint: disable=g-import-not-at-top
-  from clip import checkpoint  # pylint: disable=g-import-not-at-top
+  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
   from clip import model  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   cfg, tcfg, run = config.model, config.train, config.run
   workdir = args.workdir or os.path.join('results', 'train', args.config)
   ckpt_dir = os.path.join(workdir, 'checkpoints')

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import clip
-from clip import zero_shot
+from clip.eval import zero_shot
 from experiments import evaluate
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')

@@ -16,7 +16,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
-from tests import openai_reference as reference
+from experiments.references import openai as reference
 
 
 @pytest.fixture(scope='session')

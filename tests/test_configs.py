@@ -10,7 +10,7 @@ import torch
 
 import clip
 from clip import configs
-from clip import weights
+from clip.formats import weights
 from tests.numpy_reference import TEXT
 from tests.numpy_reference import VISION
 
@@ -142,7 +142,7 @@ def test_normalize_image():
                                   'vit_b32_datacomp', 'vit_b16_datacomp'])
 def test_experiment_configs_build_and_every_parameter_has_a_sharding_rule(name):
   import importlib  # pylint: disable=g-import-not-at-top
-  from clip import optim  # pylint: disable=g-import-not-at-top
+  from clip.train import optim  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'experiments.configs.{name}').get_config()
   cfg, tcfg = config.model, config.train

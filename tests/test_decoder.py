@@ -15,14 +15,14 @@ import torch
 from jax.sharding import PartitionSpec as P
 
 import clip
-from clip import captioning
+from clip.train import captioning
 from clip import configs
 from clip import decoder
 from clip import layers
 from clip import model
 from clip import sharding
 from clip import vit
-from clip import weights
+from clip.formats import weights
 from tests.numpy_reference import BLOCK_OPTIONS
 from tests.numpy_reference import MUST_DIFFER
 from tests.numpy_reference import RTOL

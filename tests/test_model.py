@@ -13,8 +13,8 @@ import torch
 
 import clip
 from clip import configs
-from clip import weights
-from tests import openai_reference as reference
+from clip.formats import weights
+from experiments.references import openai as reference
 from tests.numpy_reference import MUST_DIFFER
 from tests.numpy_reference import RTOL
 from tests.numpy_reference import TEXT

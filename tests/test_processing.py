@@ -39,11 +39,11 @@ import torch
 from PIL import Image
 
 import clip
-from clip import families
-from clip import open_clip_configs
+from clip.formats import families
+from clip.formats import open_clip_configs
 from clip import preprocess
-from experiments import open_clip_reference
-from tests import openai_reference as reference
+from experiments.references import open_clip as open_clip_reference
+from experiments.references import openai as reference
 from tests.test_siglip_tokenizer import SIGLIP2_SETTINGS
 from tests.test_siglip_tokenizer import hf_tokenize
 # Fixtures: the tiny SentencePiece models, transformers' tokenizers on them, and a folder

@@ -17,14 +17,14 @@ import sentencepiece
 from PIL import Image
 
 import clip
-from clip import checkpoint
-from clip import generation
-from clip import linear_probe
+from clip.train import checkpoint
+from clip.eval import generation
+from clip.eval import linear_probe
 from clip import model
 from clip import preprocess
 from clip import siglip_tokenizer
 from clip import tokenizer as openai_tokenizer
-from clip import zero_shot
+from clip.eval import zero_shot
 from data import synthetic
 from experiments import evaluate
 from experiments.configs import siglip_small
@@ -300,7 +300,7 @@ def test_zero_shot_cli_on_an_image_folder(workdir, own_tokens, seen, tmp_path):
 @pytest.mark.slow  # three train steps to compile
 def test_finetune_script_every_mode(workdir, own_tokens, seen, tmp_path, monkeypatch):
   """Each mode's training batches and evaluation inputs are the model's own."""
-  from clip import training  # pylint: disable=g-import-not-at-top
+  from clip.train import training  # pylint: disable=g-import-not-at-top
   from experiments import finetune as cli  # pylint: disable=g-import-not-at-top
   batches, original = [], training.global_batch
   monkeypatch.setattr(training, 'global_batch',

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 import clip
-from clip import weights
-from tests import openai_reference as reference
+from clip.formats import weights
+from experiments.references import openai as reference
 
 CFG = clip.CLIPConfig(24, clip.VisionConfig('resnet', 8, (1, 2, 1, 1), 4, 64),
                       clip.TextConfig(32, 1, 4, 8, 50))

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import clip
 from clip import sharding
-from clip import weights
+from clip.formats import weights
 from tests.test_model import SCAN_CASE
 
 TINY = clip.CLIPConfig(32, clip.VisionConfig('vit', 64, 2, 2, 32, 8),

@@ -28,8 +28,8 @@ import pytest
 import sentencepiece
 
 from clip import siglip_tokenizer
-from experiments import open_clip_reference
-from experiments import reference_packages
+from experiments.references import open_clip as open_clip_reference
+from experiments.references import packages as reference_packages
 
 SEED = 0
 NUM_RANDOM_TEXTS = 1500

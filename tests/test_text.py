@@ -16,7 +16,7 @@ import pytest
 import clip
 from clip import configs
 from clip import text
-from clip import zero_shot
+from clip.eval import zero_shot
 from tests.numpy_reference import BLOCK_OPTIONS
 from tests.numpy_reference import MUST_DIFFER
 from tests.numpy_reference import RTOL

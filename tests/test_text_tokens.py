@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import clip
-from clip import export
+from clip.formats import export
 from clip import model
-from clip import zero_shot
-from tests import openai_reference as reference
+from clip.eval import zero_shot
+from experiments.references import openai as reference
 
 RTOL = 1e-4  # fp32 against transformers, relative to the largest feature
 SOT, EOT, ADDED = 49406, 49407, 49408
@@ -162,7 +162,7 @@ def test_hugging_face_export_writes_the_end_of_text_id(tmp_path):
 @pytest.mark.parametrize('eos, vocab, eot', [(2, 49408, None), (49407, 49408, None),
                                              (49407, 49410, 49407), (99, 100, 99), (2, 100, 99)])
 def test_hugging_face_eos_token_id_maps_to_the_end_of_text_id(eos, vocab, eot):
-  from clip import families  # pylint: disable=g-import-not-at-top
+  from clip.formats import families  # pylint: disable=g-import-not-at-top
   t = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
            vocab_size=vocab, eos_token_id=eos)
   v = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)

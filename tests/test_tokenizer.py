@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from clip import tokenizer
-from tests import openai_reference
+from experiments.references import openai as openai_reference
 
 SEED = 0
 NUM_RANDOM_TEXTS = 1500

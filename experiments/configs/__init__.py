@@ -10,7 +10,7 @@ import dataclasses
 import types
 
 from clip import configs
-from clip import training
+from clip.train import training
 
 
 @dataclasses.dataclass(frozen=True)

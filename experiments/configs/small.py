@@ -12,7 +12,7 @@ its own `batch` (`optax.MultiSteps`), so the run makes `steps x 8` calls.
 """
 import losses
 from clip import configs
-from clip import training
+from clip.train import training
 from experiments.configs import Experiment
 from experiments.configs import RunConfig
 from experiments.configs import parse_arg

@@ -7,7 +7,7 @@ Arguments (`--config tiny:key=value,...`): loss, batch, steps.
 """
 import losses
 from clip import configs
-from clip import training
+from clip.train import training
 from experiments.configs import Experiment
 from experiments.configs import RunConfig
 from experiments.configs import parse_arg

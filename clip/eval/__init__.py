@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot, retrieval and classification metrics, linear probe, generation."""

@@ -1,0 +1,515 @@
+"""open_clip model configs -> CLIPConfig: the converter and a bundled table of open_clip's names.
+
+`config_from_open_clip` reads the schema of open_clip's `model_configs/*.json` (also what an
+`open_clip_config.json` holds under "model_cfg"), key by key, as open-clip-torch 3.3.0's
+`CLIP` / `CustomTextCLIP` and timm 1.0.31 build it. A key is either represented exactly, or
+ignored by the tower open_clip builds (e.g. `mlp_ratio` for a ResNet, `pad_id` without a pad
+mask), or free of any effect on the parameters and the forward (tokenizer keys, init values);
+anything else raises a ValueError naming the key and its value.
+
+`MODEL_CFGS` copies open_clip's configs for the standard names, `PRETRAINED_TAGS` the pretrained
+tags of those names and whether open_clip's `pretrained.py` marks them `quick_gelu=True`; both are
+held against the installed open-clip-torch by tests/formats/test_open_clip_configs.py. Nothing here
+imports torch, open_clip or timm.
+"""
+from clip import configs
+
+# ------------------------------------------------------------------ what each key does
+
+# open_clip's CLIPVisionCfg / CLIPTextCfg fields, and the keyword arguments `create_model` passes
+# to the model class besides them.
+_VISION_KEYS = frozenset((
+    'layers', 'width', 'head_width', 'mlp_ratio', 'patch_size', 'image_size', 'ls_init_value',
+    'patch_dropout', 'attentional_pool', 'attn_pooler_queries', 'attn_pooler_heads', 'no_ln_pre',
+    'pos_embed_type', 'final_ln_after_pool', 'pool_type', 'output_tokens', 'act_kwargs',
+    'norm_kwargs', 'block_type', 'qk_norm', 'scaled_cosine_attn', 'scale_heads',
+    'scale_attn_inner', 'scale_attn', 'scale_fc', 'timm_model_name', 'timm_model_pretrained',
+    'timm_pool', 'timm_proj', 'timm_proj_bias', 'timm_drop', 'timm_drop_path'))
+_TEXT_KEYS = frozenset((
+    'context_length', 'vocab_size', 'hf_tokenizer_name', 'tokenizer_mode', 'tokenizer_kwargs',
+    'width', 'heads', 'layers', 'mlp_ratio', 'ls_init_value', 'embed_cls', 'pad_id', 'eos_id',
+    'no_causal_mask', 'final_ln_after_pool', 'pool_type', 'proj_bias', 'proj_type',
+    'output_tokens', 'act_kwargs', 'norm_kwargs', 'block_type', 'qk_norm', 'scaled_cosine_attn',
+    'scale_heads', 'scale_attn_inner', 'scale_attn', 'scale_fc', 'hf_model_name',
+    'hf_model_pretrained', 'hf_proj_type', 'hf_pooler_type'))
+_TOP_KEYS = frozenset((
+    'embed_dim', 'vision_cfg', 'text_cfg', 'quick_gelu', 'init_logit_scale', 'init_logit_bias',
+    'nonscalar_logit_scale', 'output_dict', 'custom_text', 'multimodal_cfg'))
+
+# open_clip's defaults for the keys read here.
+_VISION_DEFAULTS = {'layers': 12, 'width': 768, 'head_width': 64, 'mlp_ratio': 4.0,
+                    'patch_size': 16, 'image_size': 224, 'no_ln_pre': False, 'pool_type': 'tok',
+                    'final_ln_after_pool': False, 'timm_pool': 'avg', 'timm_proj': 'linear',
+                    'timm_proj_bias': False}
+_TEXT_DEFAULTS = {'context_length': 77, 'vocab_size': 49408, 'width': 512, 'heads': 8,
+                  'layers': 12, 'mlp_ratio': 4.0, 'no_causal_mask': False, 'pool_type': 'argmax',
+                  'proj_bias': False, 'proj_type': 'linear', 'eos_id': 2}
+
+# Options our towers lack: {key: (the values that keep open_clip's default model, why not)}.
+_UNSUPPORTED_BLOCK = {
+    'ls_init_value': ((None,), 'layer scale is not supported'),
+    'block_type': ((None, 'default'), "only open_clip's default residual block is supported"),
+    'qk_norm': ((False,), "open_clip's custom-block qk_norm is not supported"),
+    'scaled_cosine_attn': ((False,), 'scaled cosine attention is not supported'),
+    'scale_heads': ((False,), 'per-head attention scales are not supported'),
+    'scale_attn_inner': ((False,), 'the norm inside attention is not supported'),
+    'scale_attn': ((False,), 'the norm after attention is not supported'),
+    'scale_fc': ((False,), 'the norm inside the MLP is not supported'),
+}
+_UNSUPPORTED_VIT = {
+    **_UNSUPPORTED_BLOCK,
+    'attentional_pool': ((False,), "CoCa's attentional pooler is not supported"),
+    'pos_embed_type': (('learnable',), 'only learned position embeddings are supported'),
+    'patch_dropout': ((0, 0.0), 'patch dropout (training only) is not supported; set it to 0'),
+}
+_UNSUPPORTED_TIMM = {
+    'patch_dropout': _UNSUPPORTED_VIT['patch_dropout'],
+    'timm_drop': ((0, 0.0), 'head dropout (training only) is not supported; set it to 0'),
+    'timm_drop_path': ((None, 0, 0.0), 'stochastic depth (training only) is not supported'),
+    'timm_proj_bias': ((False,), 'a biased vision projection is not supported'),
+}
+_UNSUPPORTED_TEXT = {
+    **_UNSUPPORTED_BLOCK,
+    'hf_model_name': ((None,), 'Hugging Face text towers are not supported'),
+    'embed_cls': ((False,), "CoCa's appended class token is not supported"),
+}
+_UNSUPPORTED_TOP = {
+    'multimodal_cfg': ((None,), 'CoCa models are not supported'),
+    'nonscalar_logit_scale': ((False,), 'a logit scale of shape (1,) is not supported'),
+}
+
+_TEXT_POOLS = {'argmax': 'eot', 'eos': 'eot', 'last': 'last', 'first': 'first'}
+
+# timm VisionTransformers that open_clip uses as SigLIP trunks, as timm 1.0.31 defines them
+# (vision_transformer.py): width, depth, heads, mlp_ratio, patch, resolution (the input_size of
+# their pretrained cfg), MLP activation (timm's default nn.GELU unless act_layer='gelu_tanh').
+# All have a patch bias, no class token, no pre-norm, LayerNorm eps 1e-6 and a MAP head with
+# the tower's heads, MLP ratio and activation. vit_so400m_patch14_siglip_384 is absent: 384 is no
+# multiple of 14 and timm's conv drops the last 6 pixel rows and columns.
+_TIMM_TRUNKS = {
+    'vit_base_patch32_siglip_256': (768, 12, 12, 4.0, 32, 256, 'gelu_tanh'),
+    'vit_base_patch16_siglip_224': (768, 12, 12, 4.0, 16, 224, 'gelu'),
+    'vit_base_patch16_siglip_256': (768, 12, 12, 4.0, 16, 256, 'gelu'),
+    'vit_base_patch16_siglip_384': (768, 12, 12, 4.0, 16, 384, 'gelu'),
+    'vit_base_patch16_siglip_512': (768, 12, 12, 4.0, 16, 512, 'gelu'),
+    'vit_large_patch16_siglip_256': (1024, 24, 16, 4.0, 16, 256, 'gelu'),
+    'vit_large_patch16_siglip_384': (1024, 24, 16, 4.0, 16, 384, 'gelu'),
+    'vit_large_patch16_siglip_512': (1024, 24, 16, 4.0, 16, 512, 'gelu_tanh'),
+    'vit_so400m_patch14_siglip_224': (1152, 27, 16, 3.7362, 14, 224, 'gelu'),
+    'vit_so400m_patch14_siglip_378': (1152, 27, 16, 3.7362, 14, 378, 'gelu'),
+    'vit_so400m_patch16_siglip_256': (1152, 27, 16, 3.7362, 16, 256, 'gelu_tanh'),
+    'vit_so400m_patch16_siglip_384': (1152, 27, 16, 3.7362, 16, 384, 'gelu_tanh'),
+    'vit_so400m_patch16_siglip_512': (1152, 27, 16, 3.7362, 16, 512, 'gelu_tanh'),
+    'vit_giantopt_patch16_siglip_256': (1536, 40, 16, 4.0, 16, 256, 'gelu_tanh'),
+    'vit_giantopt_patch16_siglip_384': (1536, 40, 16, 4.0, 16, 384, 'gelu_tanh'),
+}
+_TIMM_EPS = 1e-6
+_TORCH_EPS = 1e-5  # nn.LayerNorm's, our norm_eps=None
+
+
+# ------------------------------------------------------------------ the converter
+
+def _refuse(where, key, value, why):
+  raise ValueError(f'open_clip {where}[{key!r}]={value!r}: {why}')
+
+
+def _check_known(where, cfg, known):
+  unknown = sorted(set(cfg) - known)
+  if unknown:
+    raise ValueError(f'open_clip {where} has unknown keys {unknown}; known keys: {sorted(known)}')
+
+
+def _check_unsupported(where, cfg, table):
+  for key, (allowed, why) in table.items():
+    if key in cfg and cfg[key] not in allowed:
+      _refuse(where, key, cfg[key], why)
+
+
+def _valid(where, config_class, *args, **options):
+  """`config_class(*args, **options)`, its ValueError said to come from the open_clip section."""
+  try:
+    return config_class(*args, **options)
+  except ValueError as e:
+    raise ValueError(f'open_clip {where} gives no valid {config_class.__name__}: {e}') from None
+
+
+def _hidden_dim(where, width, mlp_ratio):
+  """`mlp_dim` for torch's `int(width * mlp_ratio)` hidden units (None: our 4 x width)."""
+  if not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
+    _refuse(where, 'mlp_ratio', mlp_ratio, 'expected a number > 0')
+  hidden = int(width * mlp_ratio)
+  return None if hidden == 4 * width else hidden
+
+
+def _norm_eps(where, norm_kwargs):
+  """norm_eps from the LayerNorm keyword arguments (None: torch's 1e-5)."""
+  extra = sorted(set(norm_kwargs or {}) - {'eps'})
+  if extra:
+    _refuse(where, 'norm_kwargs', norm_kwargs, f'only eps is supported, not {extra}')
+  eps = (norm_kwargs or {}).get('eps', _TORCH_EPS)
+  return None if eps == _TORCH_EPS else eps
+
+
+def _activation(where, quick_gelu, act_kwargs):
+  """The MLP activation of open_clip's own towers: QuickGELU, or nn.GELU(**act_kwargs)."""
+  if quick_gelu:
+    if act_kwargs:
+      _refuse(where, 'act_kwargs', act_kwargs, 'QuickGELU takes no arguments')
+    return 'quick_gelu'
+  kwargs = dict(act_kwargs or {})
+  approximate = kwargs.pop('approximate', 'none')
+  if kwargs or approximate not in ('none', 'tanh'):
+    _refuse(where, 'act_kwargs', act_kwargs, "nn.GELU takes approximate='none' or 'tanh' only")
+  return 'gelu' if approximate == 'none' else 'gelu_tanh'
+
+
+def _resolution(where, image_size):
+  if isinstance(image_size, (list, tuple)):
+    if len(image_size) != 2 or image_size[0] != image_size[1]:
+      _refuse(where, 'image_size', image_size, 'only square images are supported')
+    image_size = image_size[0]
+  return image_size
+
+
+def _timm_vision(cfg, embed_dim):
+  """A timm SigLIP trunk: `TimmModel(timm_model_name, pool=timm_pool, proj=timm_proj)`."""
+  where = 'vision_cfg'
+  name = cfg['timm_model_name']
+  if name not in _TIMM_TRUNKS:
+    _refuse(where, 'timm_model_name', name,
+            f'unknown timm trunk; supported: {sorted(_TIMM_TRUNKS)}')
+  _check_unsupported(where, cfg, _UNSUPPORTED_TIMM)
+  width, depth, heads, mlp_ratio, patch, resolution, act = _TIMM_TRUNKS[name]
+  get = lambda key: cfg.get(key, _VISION_DEFAULTS[key])
+  if get('timm_pool') != 'map':
+    _refuse(where, 'timm_pool', get('timm_pool'),
+            f"{name} is supported with its MAP head only ('map')")
+  if get('timm_proj') not in ('none', 'linear'):
+    _refuse(where, 'timm_proj', get('timm_proj'), "expected 'none' or 'linear'")
+  # TimmModel does not pass image_size to timm: the trunk keeps its own resolution.
+  if _resolution(where, get('image_size')) != resolution:
+    _refuse(where, 'image_size', get('image_size'), f'{name} takes {resolution}px images')
+  projection = get('timm_proj') == 'linear'
+  if not projection and embed_dim != width:
+    _refuse(where, 'timm_proj', 'none', f'embed_dim {embed_dim} must equal the width {width} '
+            f'of {name} when the trunk is not projected')
+  return configs.VisionConfig(
+      'vit', width, depth, heads, resolution, patch, pool='map', ln_pre=False, patch_bias=True,
+      mlp=act, mlp_dim=_hidden_dim(where, width, mlp_ratio), norm_eps=_TIMM_EPS,
+      projection=projection)
+
+
+def _resnet_vision(cfg):
+  """open_clip's ModifiedResNet: reads layers, width, head_width and image_size only."""
+  get = lambda key: cfg.get(key, _VISION_DEFAULTS[key])
+  width = get('width')
+  return _valid('vision_cfg', configs.VisionConfig, 'resnet', width, tuple(get('layers')),
+                width * 32 // get('head_width'), _resolution('vision_cfg', get('image_size')))
+
+
+def _vit_vision(cfg, quick_gelu):
+  """open_clip's VisionTransformer (OpenAI's, with its options)."""
+  where = 'vision_cfg'
+  _check_unsupported(where, cfg, _UNSUPPORTED_VIT)
+  get = lambda key: cfg.get(key, _VISION_DEFAULTS[key])
+  if get('pool_type') != 'tok':
+    # 'avg' keeps the class token in the attention but pools the patches: we have no such pool.
+    _refuse(where, 'pool_type', get('pool_type'), "only class-token pooling ('tok') is supported")
+  # final_ln_after_pool needs no check: LayerNorm acts per token, so with 'tok' pooling the
+  # norm after the pool equals the norm before it.
+  width = get('width')
+  options = dict(ln_pre=not get('no_ln_pre'),
+                 mlp=_activation(where, quick_gelu, cfg.get('act_kwargs')),
+                 mlp_dim=_hidden_dim(where, width, get('mlp_ratio')),
+                 norm_eps=_norm_eps(where, cfg.get('norm_kwargs')))
+  return _valid(where, configs.VisionConfig, 'vit', width, get('layers'),
+                width // get('head_width'), _resolution(where, get('image_size')),
+                get('patch_size'), **options)
+
+
+def _vision(cfg, embed_dim, quick_gelu):
+  _check_known('vision_cfg', cfg, _VISION_KEYS)
+  if cfg.get('timm_model_name'):
+    return _timm_vision(cfg, embed_dim)  # timm trunks ignore quick_gelu
+  if isinstance(cfg.get('layers'), (list, tuple)):
+    return _resnet_vision(cfg)
+  return _vit_vision(cfg, quick_gelu)
+
+
+def _text(cfg, embed_dim, quick_gelu):
+  """open_clip's TextTransformer (pad_id, eos_id and final_ln_after_pool do not act in it with
+  the pools supported here; tokenizer keys do not touch the model)."""
+  where = 'text_cfg'
+  _check_known(where, cfg, _TEXT_KEYS)
+  _check_unsupported(where, cfg, _UNSUPPORTED_TEXT)
+  get = lambda key: cfg.get(key, _TEXT_DEFAULTS[key])
+  if get('pool_type') not in _TEXT_POOLS:
+    _refuse(where, 'pool_type', get('pool_type'), f'supported: {sorted(_TEXT_POOLS)}')
+  if get('proj_type') not in ('linear', 'none'):
+    _refuse(where, 'proj_type', get('proj_type'), "expected 'linear' or 'none'")
+  width, projection = get('width'), get('proj_type') == 'linear'
+  if not projection and embed_dim != width:
+    _refuse(where, 'proj_type', 'none', f'embed_dim {embed_dim} must equal the text width {width}')
+  bidirectional = bool(get('no_causal_mask'))
+  if bidirectional and get('pool_type') in ('argmax', 'eos'):
+    _refuse(where, 'no_causal_mask', True, f"with pool_type {get('pool_type')!r} open_clip's "
+            'pooled token attends to the padding after it, which our bidirectional eot pooling '
+            'masks')
+  if not bidirectional and get('pool_type') == 'first':
+    _refuse(where, 'pool_type', 'first', 'the first token of causal attention sees only itself; '
+            'supported with no_causal_mask=True')
+  options = dict(
+      pool=_TEXT_POOLS[get('pool_type')], causal=not bidirectional,
+      # open_clip's bidirectional text attends to every position, padding included.
+      mask_padding=not bidirectional, projection=projection,
+      projection_bias=projection and bool(get('proj_bias')),
+      mlp=_activation(where, quick_gelu, cfg.get('act_kwargs')),
+      mlp_dim=_hidden_dim(where, width, get('mlp_ratio')),
+      norm_eps=_norm_eps(where, cfg.get('norm_kwargs')))
+  vocab = get('vocab_size')
+  if get('pool_type') == 'eos':  # the first `eos_id` of each row, as ours
+    options['eot_token_id'] = get('eos_id')
+  elif options['pool'] == 'eot' and vocab != configs.OPENAI_VOCAB_SIZE:
+    # open_clip's 'argmax' pools at each row's largest id: its vocabulary's last, stated so.
+    options['eot_token_id'] = vocab - 1
+  return _valid(where, configs.TextConfig, width, get('layers'), get('heads'),
+                get('context_length'), vocab, **options)
+
+
+def config_from_open_clip(model_cfg):
+  """An open_clip model config dict -> the CLIPConfig of the same model.
+
+  `model_cfg` follows open_clip's `model_configs/*.json` (an `open_clip_config.json` dict is
+  read under its "model_cfg"). Supported: open_clip's own ViT and ModifiedResNet towers and text
+  transformer (head_width, mlp_ratio, quick_gelu, act_kwargs approximate, norm_kwargs eps,
+  no_ln_pre, no_causal_mask, pool_type argmax / last / first, proj_bias, proj_type),
+  `init_logit_scale` and `init_logit_bias` (-> logit_bias=True; without `init_logit_scale` the
+  scale then starts at ln 10, as open_clip's training script sets it for a sigmoid loss; the
+  model class alone would start it at ln(1/0.07)), and timm's SigLIP ViTs that open_clip uses
+  (vit_{base,large,so400m,giantopt}_patch{14,16,32}_siglip_<resolution>, not the patch-14
+  384px one) with timm_pool 'map' and timm_proj 'none' (no vision projection) or 'linear'. Like
+  open_clip,
+  `quick_gelu` does not reach a timm trunk and a ResNet reads only layers, width, head_width
+  and image_size. `custom_text` only moves the text keys under `text.`: the forward is the same.
+
+  Raises TypeError for a non-dict, ValueError naming the key and value of anything not
+  represented exactly (layer scale, custom blocks, attentional / average pooling, CoCa, HF text
+  towers, unknown timm trunks, training-only dropout, unknown keys, ...).
+  """
+  if isinstance(model_cfg, dict):
+    model_cfg = model_cfg.get('model_cfg', model_cfg)
+  if not isinstance(model_cfg, dict):
+    raise TypeError(f'config_from_open_clip expects a dict, got {type(model_cfg).__name__}')
+  missing = [k for k in ('embed_dim', 'vision_cfg', 'text_cfg') if k not in model_cfg]
+  if missing:
+    raise ValueError(f'open_clip model_cfg lacks {missing}; it has {sorted(model_cfg)}')
+  _check_known('model_cfg', model_cfg, _TOP_KEYS)
+  _check_unsupported('model_cfg', model_cfg, _UNSUPPORTED_TOP)
+  for key in ('vision_cfg', 'text_cfg'):
+    if not isinstance(model_cfg[key], dict):
+      _refuse('model_cfg', key, model_cfg[key], 'expected a dict')
+  embed_dim, quick_gelu = model_cfg['embed_dim'], bool(model_cfg.get('quick_gelu', False))
+  return configs.CLIPConfig(
+      embed_dim, _vision(model_cfg['vision_cfg'], embed_dim, quick_gelu),
+      _text(model_cfg['text_cfg'], embed_dim, quick_gelu),
+      logit_bias=model_cfg.get('init_logit_bias') is not None,
+      init_logit_scale=model_cfg.get('init_logit_scale'),
+      init_logit_bias=model_cfg.get('init_logit_bias'))
+
+
+# ------------------------------------------------------------------ open_clip's names
+
+def _clip(embed_dim, vision, text_width, text_heads, text_layers):
+  text = {'context_length': 77, 'vocab_size': 49408, 'width': text_width, 'heads': text_heads,
+          'layers': text_layers}
+  return {'embed_dim': embed_dim, 'vision_cfg': vision, 'text_cfg': text}
+
+
+def _rn(image_size, layers, width):
+  return {'image_size': image_size, 'layers': layers, 'width': width, 'patch_size': None}
+
+
+def _vit(image_size, layers, width, patch_size, **options):
+  return {'image_size': image_size, 'layers': layers, 'width': width, **options,
+          'patch_size': patch_size}
+
+
+def _siglip(embed_dim, image_size, trunk, text):
+  vision = {'image_size': image_size, 'timm_model_name': trunk, 'timm_model_pretrained': False,
+            'timm_pool': 'map', 'timm_proj': 'none'}
+  return {'embed_dim': embed_dim, 'init_logit_bias': -10, 'custom_text': True,
+          'vision_cfg': vision, 'text_cfg': text}
+
+
+def _siglip_text(size, vocab_size, tokenizer, context_length=64, **options):
+  """SigLIP's text tower in open_clip; `size` 'B', 'L' or 'SO400M'."""
+  shape = {'B': {'width': 768, 'heads': 12, 'layers': 12},
+           'L': {'width': 1024, 'heads': 16, 'layers': 24},
+           'SO400M': {'width': 1152, 'heads': 16, 'layers': 27, 'mlp_ratio': 3.7362}}[size]
+  return {'context_length': context_length, 'vocab_size': vocab_size,
+          'hf_tokenizer_name': f'timm/{tokenizer}', 'tokenizer_kwargs': {'clean': 'canonicalize'},
+          **shape, 'no_causal_mask': True, 'proj_bias': True, 'pool_type': 'last',
+          'norm_kwargs': {'eps': 1e-06}, **options}
+
+
+def _siglip2_text(size, tokenizer):
+  return _siglip_text(size, 256000, tokenizer, act_kwargs={'approximate': 'tanh'})
+
+
+_SIGLIP_B = _siglip_text('B', 32000, 'ViT-B-16-SigLIP')
+_SIGLIP_L = _siglip_text('L', 32000, 'ViT-B-16-SigLIP')
+_SIGLIP_SO400M = _siglip_text('SO400M', 32000, 'ViT-B-16-SigLIP')
+_SO400M_I18N = {k: v for k, v in _siglip_text('SO400M', 250000, 'ViT-B-16-SigLIP-i18n-256',
+                                              proj_type='none').items() if k != 'proj_bias'}
+
+_OPENAI_NAMES = {
+    'RN50': _clip(1024, _rn(224, [3, 4, 6, 3], 64), 512, 8, 12),
+    'RN101': _clip(512, _rn(224, [3, 4, 23, 3], 64), 512, 8, 12),
+    'RN50x4': _clip(640, _rn(288, [4, 6, 10, 6], 80), 640, 10, 12),
+    'RN50x16': _clip(768, _rn(384, [6, 8, 18, 8], 96), 768, 12, 12),
+    'RN50x64': _clip(1024, _rn(448, [3, 15, 36, 10], 128), 1024, 16, 12),
+    'ViT-B-32': _clip(512, _vit(224, 12, 768, 32), 512, 8, 12),
+    'ViT-B-16': _clip(512, _vit(224, 12, 768, 16), 512, 8, 12),
+    'ViT-L-14': _clip(768, _vit(224, 24, 1024, 14), 768, 12, 12),
+    'ViT-L-14-336': _clip(768, _vit(336, 24, 1024, 14), 768, 12, 12),
+    'ViT-H-14': _clip(1024, _vit(224, 32, 1280, 14, head_width=80), 1024, 16, 24),
+    'ViT-g-14': _clip(1024, _vit(224, 40, 1408, 14, head_width=88, mlp_ratio=4.3637),
+                      1024, 16, 24),
+    'ViT-bigG-14': _clip(1280, _vit(224, 48, 1664, 14, head_width=104, mlp_ratio=4.9231),
+                         1280, 20, 32),
+}
+# open_clip ships a `-quickgelu` config for each of these (not for ViT-g-14; its factory makes
+# no `-quickgelu` name of its own, so neither do we).
+_QUICKGELU_NAMES = ('RN50', 'RN101', 'RN50x4', 'RN50x16', 'RN50x64', 'ViT-B-32', 'ViT-B-16',
+                    'ViT-L-14', 'ViT-L-14-336', 'ViT-H-14', 'ViT-bigG-14')
+
+_SIGLIP_NAMES = {
+    'ViT-B-16-SigLIP': _siglip(768, 224, 'vit_base_patch16_siglip_224', _SIGLIP_B),
+    'ViT-B-16-SigLIP-256': _siglip(768, 256, 'vit_base_patch16_siglip_256', _SIGLIP_B),
+    'ViT-B-16-SigLIP-i18n-256': _siglip(
+        768, 256, 'vit_base_patch16_siglip_256',
+        _siglip_text('B', 250000, 'ViT-B-16-SigLIP-i18n-256')),
+    'ViT-B-16-SigLIP-384': _siglip(768, 384, 'vit_base_patch16_siglip_384', _SIGLIP_B),
+    'ViT-B-16-SigLIP-512': _siglip(768, 512, 'vit_base_patch16_siglip_512', _SIGLIP_B),
+    'ViT-L-16-SigLIP-256': _siglip(1024, 256, 'vit_large_patch16_siglip_256', _SIGLIP_L),
+    'ViT-L-16-SigLIP-384': _siglip(1024, 384, 'vit_large_patch16_siglip_384', _SIGLIP_L),
+    'ViT-SO400M-14-SigLIP': _siglip(
+        1152, 224, 'vit_so400m_patch14_siglip_224',
+        _siglip_text('SO400M', 32000, 'ViT-B-16-SigLIP', context_length=16)),
+    'ViT-SO400M-14-SigLIP-378': _siglip(1152, 378, 'vit_so400m_patch14_siglip_378',
+                                        _SIGLIP_SO400M),
+    'ViT-SO400M-16-SigLIP-i18n-256': _siglip(1152, 256, 'vit_so400m_patch16_siglip_256',
+                                             _SO400M_I18N),
+    'ViT-B-32-SigLIP2-256': _siglip(768, 256, 'vit_base_patch32_siglip_256',
+                                    _siglip2_text('B', 'ViT-B-32-SigLIP2-256')),
+    'ViT-B-16-SigLIP2': _siglip(768, 224, 'vit_base_patch16_siglip_224',
+                                _siglip2_text('B', 'ViT-B-16-SigLIP2')),
+    **{f'ViT-B-16-SigLIP2-{r}': _siglip(768, r, f'vit_base_patch16_siglip_{r}',
+                                        _siglip2_text('B', f'ViT-B-16-SigLIP2-{r}'))
+       for r in (256, 384, 512)},
+    **{f'ViT-L-16-SigLIP2-{r}': _siglip(1024, r, f'vit_large_patch16_siglip_{r}',
+                                        _siglip2_text('L', f'ViT-L-16-SigLIP2-{r}'))
+       for r in (256, 384, 512)},
+    'ViT-SO400M-14-SigLIP2': _siglip(1152, 224, 'vit_so400m_patch14_siglip_224',
+                                     _siglip2_text('SO400M', 'ViT-SO400M-14-SigLIP2')),
+    'ViT-SO400M-14-SigLIP2-378': _siglip(1152, 378, 'vit_so400m_patch14_siglip_378',
+                                         _siglip2_text('SO400M', 'ViT-SO400M-14-SigLIP2-378')),
+    **{f'ViT-SO400M-16-SigLIP2-{r}': _siglip(1152, r, f'vit_so400m_patch16_siglip_{r}',
+                                             _siglip2_text('SO400M', f'ViT-SO400M-16-SigLIP2-{r}'))
+       for r in (256, 384, 512)},
+    **{f'ViT-gopt-16-SigLIP2-{r}': _siglip(1536, r, f'vit_giantopt_patch16_siglip_{r}',
+                                           _siglip2_text('SO400M', f'ViT-gopt-16-SigLIP2-{r}'))
+       for r in (256, 384)},
+}
+
+# {name: open_clip model_cfg}, equal to open-clip-torch 3.3.0's model_configs/<name>.json.
+MODEL_CFGS = {
+    **_OPENAI_NAMES,
+    **{f'{n}-quickgelu': {**_OPENAI_NAMES[n], 'quick_gelu': True} for n in _QUICKGELU_NAMES},
+    **_SIGLIP_NAMES,
+}
+
+# The pretrained tags open_clip lists for the names above, split by the activation their weights
+# were trained with (pretrained.py's quick_gelu=True: QuickGELU).
+_QUICKGELU_TAGS = {
+    'RN50': ('openai', 'yfcc15m', 'cc12m'),
+    'RN101': ('openai', 'yfcc15m'),
+    'RN50x4': ('openai',), 'RN50x16': ('openai',), 'RN50x64': ('openai',),
+    'ViT-B-32': ('openai', 'laion400m_e31', 'laion400m_e32', 'metaclip_400m', 'metaclip_fullcc'),
+    'ViT-B-16': ('openai', 'dfn2b', 'metaclip_400m', 'metaclip_fullcc'),
+    'ViT-L-14': ('openai', 'metaclip_400m', 'metaclip_fullcc', 'dfn2b'),
+    'ViT-L-14-336': ('openai',),
+    'ViT-H-14': ('metaclip_fullcc', 'dfn5b'),
+    'ViT-bigG-14': ('metaclip_fullcc',),
+}
+_GELU_TAGS = {
+    'ViT-B-32': ('laion2b_e16', 'laion2b_s34b_b79k', 'datacomp_xl_s13b_b90k',
+                 'datacomp_m_s128m_b4k', 'commonpool_m_clip_s128m_b4k',
+                 'commonpool_m_laion_s128m_b4k', 'commonpool_m_image_s128m_b4k',
+                 'commonpool_m_text_s128m_b4k', 'commonpool_m_basic_s128m_b4k',
+                 'commonpool_m_s128m_b4k', 'datacomp_s_s13m_b4k', 'commonpool_s_clip_s13m_b4k',
+                 'commonpool_s_laion_s13m_b4k', 'commonpool_s_image_s13m_b4k',
+                 'commonpool_s_text_s13m_b4k', 'commonpool_s_basic_s13m_b4k',
+                 'commonpool_s_s13m_b4k'),
+    'ViT-B-16': ('laion400m_e31', 'laion400m_e32', 'laion2b_s34b_b88k', 'datacomp_xl_s13b_b90k',
+                 'datacomp_l_s1b_b8k', 'commonpool_l_clip_s1b_b8k', 'commonpool_l_laion_s1b_b8k',
+                 'commonpool_l_image_s1b_b8k', 'commonpool_l_text_s1b_b8k',
+                 'commonpool_l_basic_s1b_b8k', 'commonpool_l_s1b_b8k'),
+    'ViT-L-14': ('laion400m_e31', 'laion400m_e32', 'laion2b_s32b_b82k', 'datacomp_xl_s13b_b90k',
+                 'commonpool_xl_clip_s13b_b90k', 'commonpool_xl_laion_s13b_b90k',
+                 'commonpool_xl_s13b_b90k', 'dfn2b_s39b'),
+    'ViT-H-14': ('laion2b_s32b_b79k', 'metaclip_altogether'),
+    'ViT-g-14': ('laion2b_s12b_b42k', 'laion2b_s34b_b88k'),
+    'ViT-bigG-14': ('laion2b_s39b_b160k',),
+    **{name: ('webli',) for name in _SIGLIP_NAMES},
+}
+
+# {name: {tag: trained with QuickGELU}}; as open_clip, a `-quickgelu` name lists the QuickGELU
+# tags of its base name only.
+PRETRAINED_TAGS = {
+    **{name: {**{t: False for t in _GELU_TAGS.get(name, ())},
+              **{t: True for t in _QUICKGELU_TAGS.get(name, ())}}
+       for name in (*_OPENAI_NAMES, *_SIGLIP_NAMES)},
+    **{f'{n}-quickgelu': {t: True for t in _QUICKGELU_TAGS[n]} for n in _QUICKGELU_NAMES},
+}
+
+
+def _clean_tag(tag):
+  """open_clip's tag normalisation (pretrained.py's `_clean_tag`)."""
+  return tag.lower().replace('-', '_')
+
+
+def _split_name(name, pretrained):
+  if not isinstance(name, str):
+    raise TypeError(f'open_clip_config expects a model name str, got {type(name).__name__}')
+  if '/' in name:
+    if pretrained is not None:
+      raise ValueError(f'give the pretrained tag once: in the name {name!r} or as '
+                       f'pretrained={pretrained!r}, not both')
+    name, pretrained = name.split('/', 1)
+  return name, pretrained
+
+
+def open_clip_config(name, pretrained=None):
+  """The CLIPConfig of an open_clip model name, e.g. 'ViT-B-32', 'ViT-H-14/dfn5b'.
+
+  `pretrained` (or a `/tag` suffix of `name`) is one of the name's open_clip tags; a tag whose
+  weights were trained with QuickGELU switches it on (for ViT-B-32 'openai' as for
+  ViT-B-32-quickgelu 'openai'). open_clip's own `create_model` keeps nn.GELU there and only
+  warns; we return the activation the weights need. Raises KeyError for an unknown name or tag,
+  listing the known ones.
+  """
+  name, pretrained = _split_name(name, pretrained)
+  if name not in MODEL_CFGS:
+    raise KeyError(f'unknown open_clip model {name!r} (open_clip names use "-": ViT-B-32, not '
+                   f'ViT-B/32; a tag follows a "/"); known models: {sorted(MODEL_CFGS)}')
+  model_cfg = MODEL_CFGS[name]
+  if pretrained is not None:
+    tags = PRETRAINED_TAGS[name]
+    tag = _clean_tag(pretrained)
+    if tag not in tags:
+      raise KeyError(f'unknown pretrained tag {pretrained!r} for open_clip model {name!r}; '
+                     f'known tags: {sorted(tags)}')
+    if tags[tag]:
+      model_cfg = {**model_cfg, 'quick_gelu': True}
+  return config_from_open_clip(model_cfg)

@@ -1,0 +1,1 @@
+"""Training: set-up, train-state store, objectives, optimisers, accumulation, the loop."""
