@@ -55,6 +55,16 @@ def _warn_assumed_eot(owner, tower):
                   'end-of-text token needs it).', ConfigWarning, stacklevel=4)
 
 
+DEFAULT_MLP_RATIO = 4  # an MLP's hidden width when mlp_dim is None: 4 x the tower's width (OpenAI's)
+
+
+def mlp_dim_field(width, hidden):
+  """The `mlp_dim` a config states for an MLP `hidden` wide in a tower `width` wide: None where
+  `hidden` is the default 4 x width (so configs compare equal to OpenAI's), else `hidden`. The one
+  place this rule is written; every checkpoint family's config reader uses it."""
+  return None if hidden == DEFAULT_MLP_RATIO * width else hidden
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockOptions:
   """Transformer options shared by the ViT and the text tower (keyword-only; OpenAI's choices by
@@ -96,7 +106,7 @@ class BlockOptions:
 
   def hidden_dim_for(self, width):
     """The MLP's hidden width in a tower `width` wide: `mlp_dim`, or 4 x width."""
-    return self.mlp_dim or 4 * width
+    return self.mlp_dim or DEFAULT_MLP_RATIO * width
 
   def map_heads_for(self, heads):
     """The MAP head's attention heads in a tower with `heads` heads: `pool_heads`, or `heads`."""
