@@ -125,6 +125,11 @@ class Execution(typing.NamedTuple):
   scan: bool = False
 
 
+# What a CLIPConfig holds besides the architecture its weights compute: how it runs (Execution's
+# fields, also CLIPConfig's) and how its inputs are prepared. Loaders compare configs without them.
+NON_ARCHITECTURE_FIELDS = Execution._fields + ('tokenizer', 'preprocess')
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class VisionConfig(BlockOptions):
@@ -564,7 +569,7 @@ class CLIPConfig:
   @property
   def execution(self):
     """The towers' `Execution`: this config's dtype, remat and scan."""
-    return Execution(self.dtype, self.remat, self.scan)
+    return Execution(*(getattr(self, name) for name in Execution._fields))
 
   @property
   def logit_scale_range(self):

@@ -122,16 +122,16 @@ def _workdir_config(workdir, cfg, config_name, has_bias):
     # `--loss sigmoid` on a config without the bias trains one (experiments/train.py)
     print(f'{workdir}: logit_bias={has_bias} as in its checkpoint, not the config\'s')
     cfg = dataclasses.replace(cfg, logit_bias=has_bias)
-  if not os.path.isfile(os.path.join(workdir, checkpoint.MODEL_CONFIG)):
+  if not os.path.isfile(os.path.join(workdir, workdirs.MODEL_CONFIG)):
     return cfg
-  saved = checkpoint.load_model_config(workdir)
+  saved = workdirs.load_model_config(workdir)
   if cfg is None:
     return saved
   differences = architecture_differences(cfg, saved)
   if differences:
     raise ValueError(f'--config {config_name} is not the model {workdir} trained: '
                      + '; '.join(differences) + '. Leave --config out to use the workdir\'s '
-                     f'{checkpoint.MODEL_CONFIG}')
+                     f'{workdirs.MODEL_CONFIG}')
   return dataclasses.replace(saved, dtype=cfg.dtype, remat=cfg.remat, scan=cfg.scan)
 
 

@@ -277,7 +277,7 @@ def check_processing(workdir, cfg):
   pixels of another kind would continue the run on other inputs (ValueError)."""
   from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
   try:
-    saved = checkpoint.load_model_config(workdir)
+    saved = workdirs.load_model_config(workdir)
   except FileNotFoundError:
     return
   if saved.preprocess != cfg.preprocess:
@@ -366,7 +366,7 @@ def main(argv=None):
     check_resume(meta, run, tcfg, ckpt_dir)
     check_processing(workdir, cfg)
     print(f'resumed from {ckpt_dir} at step {start}')
-  checkpoint.save_model_config(workdir, cfg)  # the workdir names its tokenizer and preprocessing
+  workdirs.save_model_config(workdir, cfg)  # the workdir names its tokenizer and preprocessing
   accumulation = (f' ({tcfg.accumulation}: {tcfg.accumulation_steps} x '
                   f'{tcfg.micro_batch_size} per update)' if tcfg.accumulation_steps > 1 else '')
   print(f'{args.config}: {training.param_count(state["params"]) / 1e6:.2f}M parameters, '

@@ -17,6 +17,7 @@ import sentencepiece
 from PIL import Image
 
 import clip
+from clip.formats import workdirs
 from clip.train import checkpoint
 from clip.eval import generation
 from clip.eval import linear_probe
@@ -76,7 +77,7 @@ def params(cfg):
 
 def _workdir(path, params, cfg):
   checkpoint.save(str(path / 'checkpoints'), 1, {'params': params, 'batch_stats': {}})
-  checkpoint.save_model_config(str(path), cfg)
+  workdirs.save_model_config(str(path), cfg)
   return str(path)
 
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import sentencepiece
 
-from clip.train import checkpoint
+from clip.formats import files
 from clip.formats import convert
 from clip import model
 from clip import processing
@@ -54,18 +54,18 @@ def _write_json(path, obj):
   def write(tmp):
     with open(tmp, 'w', encoding='utf-8') as f:
       json.dump(obj, f, indent=2)
-  checkpoint.atomic_write(path, write)
+  files.atomic_write(path, write)
 
 
 def _write_text(path, text):
   def write(tmp):
     with open(tmp, 'w', encoding='utf-8') as f:
       f.write(text)
-  checkpoint.atomic_write(path, write)
+  files.atomic_write(path, write)
 
 
 def _copy(src, path):
-  checkpoint.atomic_write(path, lambda tmp: shutil.copyfile(src, tmp))
+  files.atomic_write(path, lambda tmp: shutil.copyfile(src, tmp))
 
 
 # The files transformers' AutoTokenizer reads; an export writes its own and removes the others,
@@ -93,7 +93,7 @@ def _write_processing_files(folder, files):
 
 def _write_safetensors(path, flat):
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  checkpoint.atomic_write(path, lambda tmp: st_numpy.save_file(flat, tmp))
+  files.atomic_write(path, lambda tmp: st_numpy.save_file(flat, tmp))
 
 
 def _require(ok, what, target):

@@ -446,16 +446,11 @@ class CheckpointWarning(UserWarning):
   and how to state it with `config=`)."""
 
 
-# How to run a model, not what its weights compute; and its processing, which `load` takes from
-# the files (or `tokenizer=` / `preprocess=`), not from `config=`.
-_RUNTIME_FIELDS = ('dtype', 'remat', 'scan', 'tokenizer', 'preprocess')
-
-
 def _differences(given, stated, prefix=''):
   out = []
   for field in dataclasses.fields(given):
     a, b = getattr(given, field.name), getattr(stated, field.name)
-    if field.name in _RUNTIME_FIELDS:
+    if field.name in configs.NON_ARCHITECTURE_FIELDS:
       continue
     if dataclasses.is_dataclass(a):
       out += _differences(a, b, f'{prefix}{field.name}.')

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import clip
+from clip.formats import workdirs
 from clip.train import checkpoint
 from clip.eval import linear_probe
 from clip.formats import weights
@@ -171,7 +172,7 @@ def test_a_workdirs_model_config_is_its_model(params, tmp_path):
   cfg = dataclasses.replace(CFG, preprocess=clip.PreprocessConfig((0.5,) * 3, (0.5,) * 3,
                                                                   'squash'))
   checkpoint.save(str(tmp_path / 'checkpoints'), 1, {'params': params, 'batch_stats': {}})
-  checkpoint.save_model_config(str(tmp_path), cfg)
+  workdirs.save_model_config(str(tmp_path), cfg)
   loaded_params, loaded = evaluate.load_model(str(tmp_path))
   assert loaded == cfg
   chex.assert_trees_all_equal(loaded_params, jax.device_get(params))

@@ -90,7 +90,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, data):
   run(train_cmd(killed, *extra), devices=8)
   from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
   from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
-  assert checkpoint.load_model_config(str(killed)) == tiny.get_config().model
+  assert workdirs.load_model_config(str(killed)) == tiny.get_config().model
   straight, resumed = final_state(tmp_path / 'straight'), final_state(killed)
   assert straight.keys() == resumed.keys()
   for k in straight:
@@ -191,9 +191,9 @@ def test_a_workdir_resumes_only_with_its_own_processing(siglip_cfg, tmp_path):
   from experiments import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   train.check_processing(workdir, siglip_cfg)  # nothing saved: an older workdir resumes
-  checkpoint.save_model_config(workdir, siglip_cfg)
-  saved = checkpoint.load_model_config(workdir)
-  assert saved.tokenizer.model_file == os.path.join(workdir, checkpoint.TOKENIZER_FILE)
+  workdirs.save_model_config(workdir, siglip_cfg)
+  saved = workdirs.load_model_config(workdir)
+  assert saved.tokenizer.model_file == os.path.join(workdir, workdirs.TOKENIZER_FILE)
   train.check_processing(workdir, siglip_cfg)
   moved = tmp_path / 'elsewhere.model'
   shutil.copy(siglip_cfg.tokenizer.model_file, moved)  # the same file under another name

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 import clip
+from clip.formats import workdirs
 from clip.train import checkpoint
 from clip import configs
 from clip import sharding
@@ -58,20 +59,20 @@ def test_model_config_round_trips_with_its_tokenizer_file(tmp_path):
   for i, cfg in enumerate([clip.MODELS['RN50'], clip.MODELS['ViT-L/14@336px'],
                            cappa_small.get_config().model, _siglip_tokenized(str(spm))]):
     workdir = tmp_path / f'w{i}'
-    checkpoint.save_model_config(workdir, cfg)
-    again = checkpoint.load_model_config(workdir)
+    workdirs.save_model_config(workdir, cfg)
+    again = workdirs.load_model_config(workdir)
     if cfg.tokenizer.model_file:  # copied into the workdir, which is a model on its own
-      assert again.tokenizer.model_file == str(workdir / checkpoint.TOKENIZER_FILE)
-      assert (workdir / checkpoint.TOKENIZER_FILE).read_bytes() == spm.read_bytes()
+      assert again.tokenizer.model_file == str(workdir / workdirs.TOKENIZER_FILE)
+      assert (workdir / workdirs.TOKENIZER_FILE).read_bytes() == spm.read_bytes()
       again = dataclasses.replace(again, tokenizer=cfg.tokenizer)
     assert again == cfg
 
 
 def test_model_config_refuses_unknown_fields_and_a_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match='no model_config.json'):
-    checkpoint.load_model_config(tmp_path)
+    workdirs.load_model_config(tmp_path)
   values = configs.to_dict(clip.MODELS['RN50'])
   values['vision']['depth'] = 3
-  (tmp_path / checkpoint.MODEL_CONFIG).write_text(json.dumps(values))
+  (tmp_path / workdirs.MODEL_CONFIG).write_text(json.dumps(values))
   with pytest.raises(ValueError, match=r"config.vision: VisionConfig has no fields \['depth'\]"):
-    checkpoint.load_model_config(tmp_path)
+    workdirs.load_model_config(tmp_path)
