@@ -13,9 +13,9 @@ import torch
 
 import clip
 from clip.formats import export
-from clip.formats import families
-from clip.formats import open_clip_configs
-from clip.formats import weights
+from clip.formats import openai
+from clip.formats.open_clip import config_from_open_clip
+from clip.formats.siglip import SIGLIP_PREPROCESS
 from experiments import checkpoint_families
 from experiments.checkpoint_families import save_image_processor
 from experiments.references import open_clip as open_clip_reference
@@ -76,7 +76,7 @@ def test_open_clip_gelu_state_dict_warns_and_config_makes_it_exact(oc, tmp_path)
   with pytest.warns(clip.CheckpointWarning, match='QuickGELU'):
     _, wrong_cfg = clip.load(tmp_path / 'model.pt')
   assert wrong_cfg.vision.mlp == 'quick_gelu' and wrong_cfg.vision.hidden_dim == 558
-  cfg = open_clip_configs.config_from_open_clip(model_cfg)
+  cfg = config_from_open_clip(model_cfg)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     params, cfg = clip.load(tmp_path / 'model.pt', config=cfg)
@@ -115,7 +115,7 @@ def test_config_that_contradicts_the_config_file_raises_with_both_values(oc, tmp
   m, model_cfg = _open_clip_vit(oc, quick_gelu=True)
   torch.save(m.state_dict(), tmp_path / 'open_clip_pytorch_model.bin')
   (tmp_path / 'open_clip_config.json').write_text(json.dumps({'model_cfg': model_cfg}))
-  cfg = open_clip_configs.config_from_open_clip(dict(model_cfg, quick_gelu=False))
+  cfg = config_from_open_clip(dict(model_cfg, quick_gelu=False))
   with pytest.raises(clip.CheckpointError, match="mlp: config= says 'gelu', the file says "
                      "'quick_gelu'"):
     clip.load(tmp_path, config=cfg)
@@ -191,7 +191,7 @@ def test_hugging_face_gelu_clip_folder_and_lone_file(tmp_path):
 # ---------------------------------------------------------------- SigLIP
 
 def _siglip_cfg(act_vision='gelu_tanh', act_text='gelu_tanh', heads=(2, 4),
-                tokenizer=clip.TokenizerConfig('siglip'), preprocess=families.SIGLIP_PREPROCESS):
+                tokenizer=clip.TokenizerConfig('siglip'), preprocess=SIGLIP_PREPROCESS):
   vision = clip.VisionConfig('vit', 64, 2, heads[0], 32, 8, pool='map', ln_pre=False,
                              patch_bias=True, projection=False, mlp=act_vision, norm_eps=1e-6,
                              mlp_dim=112)
@@ -208,7 +208,7 @@ def test_hugging_face_siglip_folder_exact_and_lone_file_warns(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     params, cfg = clip.load(tmp_path)
-  assert cfg == _siglip_cfg(preprocess=dataclasses.replace(families.SIGLIP_PREPROCESS, **HF))
+  assert cfg == _siglip_cfg(preprocess=dataclasses.replace(SIGLIP_PREPROCESS, **HF))
   _assert_hf_equal(hf, params, cfg, siglip=True)
   lone = tmp_path / 'lone'
   lone.mkdir()
@@ -255,11 +255,11 @@ def test_open_clip_timm_siglip_equals_open_clip(oc, tmp_path):
 
 def test_export_open_clip_folder_loads_in_open_clip(oc, tmp_path):
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False, seed=5)
-  cfg = open_clip_configs.config_from_open_clip(model_cfg)
-  params = weights.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
+  cfg = config_from_open_clip(model_cfg)
+  params = openai.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
   with warnings.catch_warnings():
     warnings.simplefilter('error', export.ExportWarning)  # open_clip's own preprocessing
-    export.save_open_clip(params, cfg, tmp_path)
+    clip.save_open_clip(params, cfg, tmp_path)
   theirs = oc.create_model(f'local-dir:{tmp_path}').eval()
   _assert_open_clip_equal(theirs, params, cfg)
   again, again_cfg = clip.load(tmp_path)
@@ -276,7 +276,7 @@ def test_export_hugging_face_folder_loads_strictly(tmp_path, family):
   params, cfg = clip.load(tmp_path / 'source', tokenizer=spm)
   with warnings.catch_warnings():
     warnings.simplefilter('error', export.ExportWarning)  # its processing is transformers'
-    export.save_hf(params, cfg, tmp_path / 'out')
+    clip.save_hf(params, cfg, tmp_path / 'out')
   cls = transformers.CLIPModel if family == 'clip' else transformers.SiglipModel
   theirs, info = cls.from_pretrained(tmp_path / 'out', output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'], info
@@ -299,9 +299,9 @@ def test_siglip_user_flow_load_tokenize_zero_shot(tmp_path):
   save_image_processor(tmp_path / 'model', siglip=True, size=32)
   params, cfg = clip.load(tmp_path / 'model', tokenizer=spm)
   tokens = clip.get_tokenizer(cfg)(classes)
-  weights_DxC = clip.zero_shot.classifier_weights_from_tokens(params, cfg, tokens[:, None])
+  weights_DxC = clip.zero_shot.classifier_weights_from_tokens(params, tokens[:, None], cfg)
   images, _ = _inputs(cfg, n=6, seed=8)
-  top, _ = clip.zero_shot.classify(params, cfg, images, weights_DxC, k=1)
+  top, _ = clip.zero_shot.classify(params, images, weights_DxC, cfg, k=1)
   with torch.no_grad():
     out = hf(input_ids=torch.from_numpy(tokens).long(),
              pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -322,7 +322,7 @@ def test_hugging_face_siglip2_naflex_at_its_grid(tmp_path):
   hf.save_pretrained(tmp_path)
   with pytest.warns(clip.CheckpointWarning, match='NaFlex model.s images squashed to its square'):
     params, cfg = clip.load(tmp_path)
-  assert cfg == _siglip_cfg(preprocess=dataclasses.replace(families.SIGLIP_PREPROCESS,
+  assert cfg == _siglip_cfg(preprocess=dataclasses.replace(SIGLIP_PREPROCESS,
                                                           interpolation='bilinear'))
   images, _ = _inputs(cfg)
   tokens = np.random.default_rng(10).integers(0, 100, (3, 16), np.int32)

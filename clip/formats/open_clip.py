@@ -1,18 +1,21 @@
-"""open_clip model configs -> CLIPConfig: the converter and a bundled table of open_clip's names.
+"""open_clip's model configs <-> CLIPConfig, in both directions.
 
 `config_from_open_clip` reads the schema of open_clip's `model_configs/*.json` (also what an
 `open_clip_config.json` holds under "model_cfg"), key by key, as open-clip-torch 3.3.0's
 `CLIP` / `CustomTextCLIP` and timm 1.0.31 build it. A key is either represented exactly, or
 ignored by the tower open_clip builds (e.g. `mlp_ratio` for a ResNet, `pad_id` without a pad
 mask), or free of any effect on the parameters and the forward (tokenizer keys, init values);
-anything else raises a ValueError naming the key and its value.
+anything else raises a ValueError naming the key and its value. `open_clip_model_cfg` is its
+inverse for the models open_clip runs exactly.
 
-`MODEL_CFGS` copies open_clip's configs for the standard names, `PRETRAINED_TAGS` the pretrained
-tags of those names and whether open_clip's `pretrained.py` marks them `quick_gelu=True`; both are
-held against the installed open-clip-torch by tests/formats/test_open_clip_configs.py. Nothing here
-imports torch, open_clip or timm.
+Its names and pretrained tags are `open_clip_names`', its folders (keys, tokenizer, preprocessing,
+`save_open_clip`) `open_clip_folder`'s. Nothing here imports torch, open_clip or timm.
 """
+import numpy as np
+
 from clip import configs
+from clip.formats import export
+from clip.formats.export import require
 
 # ------------------------------------------------------------------ what each key does
 
@@ -137,8 +140,7 @@ def _hidden_dim(where, width, mlp_ratio):
   """`mlp_dim` for torch's `int(width * mlp_ratio)` hidden units (None: our 4 x width)."""
   if not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
     _refuse(where, 'mlp_ratio', mlp_ratio, 'expected a number > 0')
-  hidden = int(width * mlp_ratio)
-  return None if hidden == 4 * width else hidden
+  return configs.mlp_dim_field(width, int(width * mlp_ratio))
 
 
 def _norm_eps(where, norm_kwargs):
@@ -317,199 +319,47 @@ def config_from_open_clip(model_cfg):
       init_logit_bias=model_cfg.get('init_logit_bias'))
 
 
-# ------------------------------------------------------------------ open_clip's names
+# ------------------------------------------------------------------ ours -> open_clip
 
-def _clip(embed_dim, vision, text_width, text_heads, text_layers):
-  text = {'context_length': 77, 'vocab_size': 49408, 'width': text_width, 'heads': text_heads,
-          'layers': text_layers}
-  return {'embed_dim': embed_dim, 'vision_cfg': vision, 'text_cfg': text}
-
-
-def _rn(image_size, layers, width):
-  return {'image_size': image_size, 'layers': layers, 'width': width, 'patch_size': None}
+def _mlp_ratio(width, hidden):
+  """A float that open_clip's `int(width * mlp_ratio)` turns back into `hidden`."""
+  ratio = hidden / width
+  while int(width * ratio) < hidden:
+    ratio = np.nextafter(ratio, np.inf)
+  return float(ratio)
 
 
-def _vit(image_size, layers, width, patch_size, **options):
-  return {'image_size': image_size, 'layers': layers, 'width': width, **options,
-          'patch_size': patch_size}
-
-
-def _siglip(embed_dim, image_size, trunk, text):
-  vision = {'image_size': image_size, 'timm_model_name': trunk, 'timm_model_pretrained': False,
-            'timm_pool': 'map', 'timm_proj': 'none'}
-  return {'embed_dim': embed_dim, 'init_logit_bias': -10, 'custom_text': True,
-          'vision_cfg': vision, 'text_cfg': text}
-
-
-def _siglip_text(size, vocab_size, tokenizer, context_length=64, **options):
-  """SigLIP's text tower in open_clip; `size` 'B', 'L' or 'SO400M'."""
-  shape = {'B': {'width': 768, 'heads': 12, 'layers': 12},
-           'L': {'width': 1024, 'heads': 16, 'layers': 24},
-           'SO400M': {'width': 1152, 'heads': 16, 'layers': 27, 'mlp_ratio': 3.7362}}[size]
-  return {'context_length': context_length, 'vocab_size': vocab_size,
-          'hf_tokenizer_name': f'timm/{tokenizer}', 'tokenizer_kwargs': {'clean': 'canonicalize'},
-          **shape, 'no_causal_mask': True, 'proj_bias': True, 'pool_type': 'last',
-          'norm_kwargs': {'eps': 1e-06}, **options}
-
-
-def _siglip2_text(size, tokenizer):
-  return _siglip_text(size, 256000, tokenizer, act_kwargs={'approximate': 'tanh'})
-
-
-_SIGLIP_B = _siglip_text('B', 32000, 'ViT-B-16-SigLIP')
-_SIGLIP_L = _siglip_text('L', 32000, 'ViT-B-16-SigLIP')
-_SIGLIP_SO400M = _siglip_text('SO400M', 32000, 'ViT-B-16-SigLIP')
-_SO400M_I18N = {k: v for k, v in _siglip_text('SO400M', 250000, 'ViT-B-16-SigLIP-i18n-256',
-                                              proj_type='none').items() if k != 'proj_bias'}
-
-_OPENAI_NAMES = {
-    'RN50': _clip(1024, _rn(224, [3, 4, 6, 3], 64), 512, 8, 12),
-    'RN101': _clip(512, _rn(224, [3, 4, 23, 3], 64), 512, 8, 12),
-    'RN50x4': _clip(640, _rn(288, [4, 6, 10, 6], 80), 640, 10, 12),
-    'RN50x16': _clip(768, _rn(384, [6, 8, 18, 8], 96), 768, 12, 12),
-    'RN50x64': _clip(1024, _rn(448, [3, 15, 36, 10], 128), 1024, 16, 12),
-    'ViT-B-32': _clip(512, _vit(224, 12, 768, 32), 512, 8, 12),
-    'ViT-B-16': _clip(512, _vit(224, 12, 768, 16), 512, 8, 12),
-    'ViT-L-14': _clip(768, _vit(224, 24, 1024, 14), 768, 12, 12),
-    'ViT-L-14-336': _clip(768, _vit(336, 24, 1024, 14), 768, 12, 12),
-    'ViT-H-14': _clip(1024, _vit(224, 32, 1280, 14, head_width=80), 1024, 16, 24),
-    'ViT-g-14': _clip(1024, _vit(224, 40, 1408, 14, head_width=88, mlp_ratio=4.3637),
-                      1024, 16, 24),
-    'ViT-bigG-14': _clip(1280, _vit(224, 48, 1664, 14, head_width=104, mlp_ratio=4.9231),
-                         1280, 20, 32),
-}
-# open_clip ships a `-quickgelu` config for each of these (not for ViT-g-14; its factory makes
-# no `-quickgelu` name of its own, so neither do we).
-_QUICKGELU_NAMES = ('RN50', 'RN101', 'RN50x4', 'RN50x16', 'RN50x64', 'ViT-B-32', 'ViT-B-16',
-                    'ViT-L-14', 'ViT-L-14-336', 'ViT-H-14', 'ViT-bigG-14')
-
-_SIGLIP_NAMES = {
-    'ViT-B-16-SigLIP': _siglip(768, 224, 'vit_base_patch16_siglip_224', _SIGLIP_B),
-    'ViT-B-16-SigLIP-256': _siglip(768, 256, 'vit_base_patch16_siglip_256', _SIGLIP_B),
-    'ViT-B-16-SigLIP-i18n-256': _siglip(
-        768, 256, 'vit_base_patch16_siglip_256',
-        _siglip_text('B', 250000, 'ViT-B-16-SigLIP-i18n-256')),
-    'ViT-B-16-SigLIP-384': _siglip(768, 384, 'vit_base_patch16_siglip_384', _SIGLIP_B),
-    'ViT-B-16-SigLIP-512': _siglip(768, 512, 'vit_base_patch16_siglip_512', _SIGLIP_B),
-    'ViT-L-16-SigLIP-256': _siglip(1024, 256, 'vit_large_patch16_siglip_256', _SIGLIP_L),
-    'ViT-L-16-SigLIP-384': _siglip(1024, 384, 'vit_large_patch16_siglip_384', _SIGLIP_L),
-    'ViT-SO400M-14-SigLIP': _siglip(
-        1152, 224, 'vit_so400m_patch14_siglip_224',
-        _siglip_text('SO400M', 32000, 'ViT-B-16-SigLIP', context_length=16)),
-    'ViT-SO400M-14-SigLIP-378': _siglip(1152, 378, 'vit_so400m_patch14_siglip_378',
-                                        _SIGLIP_SO400M),
-    'ViT-SO400M-16-SigLIP-i18n-256': _siglip(1152, 256, 'vit_so400m_patch16_siglip_256',
-                                             _SO400M_I18N),
-    'ViT-B-32-SigLIP2-256': _siglip(768, 256, 'vit_base_patch32_siglip_256',
-                                    _siglip2_text('B', 'ViT-B-32-SigLIP2-256')),
-    'ViT-B-16-SigLIP2': _siglip(768, 224, 'vit_base_patch16_siglip_224',
-                                _siglip2_text('B', 'ViT-B-16-SigLIP2')),
-    **{f'ViT-B-16-SigLIP2-{r}': _siglip(768, r, f'vit_base_patch16_siglip_{r}',
-                                        _siglip2_text('B', f'ViT-B-16-SigLIP2-{r}'))
-       for r in (256, 384, 512)},
-    **{f'ViT-L-16-SigLIP2-{r}': _siglip(1024, r, f'vit_large_patch16_siglip_{r}',
-                                        _siglip2_text('L', f'ViT-L-16-SigLIP2-{r}'))
-       for r in (256, 384, 512)},
-    'ViT-SO400M-14-SigLIP2': _siglip(1152, 224, 'vit_so400m_patch14_siglip_224',
-                                     _siglip2_text('SO400M', 'ViT-SO400M-14-SigLIP2')),
-    'ViT-SO400M-14-SigLIP2-378': _siglip(1152, 378, 'vit_so400m_patch14_siglip_378',
-                                         _siglip2_text('SO400M', 'ViT-SO400M-14-SigLIP2-378')),
-    **{f'ViT-SO400M-16-SigLIP2-{r}': _siglip(1152, r, f'vit_so400m_patch16_siglip_{r}',
-                                             _siglip2_text('SO400M', f'ViT-SO400M-16-SigLIP2-{r}'))
-       for r in (256, 384, 512)},
-    **{f'ViT-gopt-16-SigLIP2-{r}': _siglip(1536, r, f'vit_giantopt_patch16_siglip_{r}',
-                                           _siglip2_text('SO400M', f'ViT-gopt-16-SigLIP2-{r}'))
-       for r in (256, 384)},
-}
-
-# {name: open_clip model_cfg}, equal to open-clip-torch 3.3.0's model_configs/<name>.json.
-MODEL_CFGS = {
-    **_OPENAI_NAMES,
-    **{f'{n}-quickgelu': {**_OPENAI_NAMES[n], 'quick_gelu': True} for n in _QUICKGELU_NAMES},
-    **_SIGLIP_NAMES,
-}
-
-# The pretrained tags open_clip lists for the names above, split by the activation their weights
-# were trained with (pretrained.py's quick_gelu=True: QuickGELU).
-_QUICKGELU_TAGS = {
-    'RN50': ('openai', 'yfcc15m', 'cc12m'),
-    'RN101': ('openai', 'yfcc15m'),
-    'RN50x4': ('openai',), 'RN50x16': ('openai',), 'RN50x64': ('openai',),
-    'ViT-B-32': ('openai', 'laion400m_e31', 'laion400m_e32', 'metaclip_400m', 'metaclip_fullcc'),
-    'ViT-B-16': ('openai', 'dfn2b', 'metaclip_400m', 'metaclip_fullcc'),
-    'ViT-L-14': ('openai', 'metaclip_400m', 'metaclip_fullcc', 'dfn2b'),
-    'ViT-L-14-336': ('openai',),
-    'ViT-H-14': ('metaclip_fullcc', 'dfn5b'),
-    'ViT-bigG-14': ('metaclip_fullcc',),
-}
-_GELU_TAGS = {
-    'ViT-B-32': ('laion2b_e16', 'laion2b_s34b_b79k', 'datacomp_xl_s13b_b90k',
-                 'datacomp_m_s128m_b4k', 'commonpool_m_clip_s128m_b4k',
-                 'commonpool_m_laion_s128m_b4k', 'commonpool_m_image_s128m_b4k',
-                 'commonpool_m_text_s128m_b4k', 'commonpool_m_basic_s128m_b4k',
-                 'commonpool_m_s128m_b4k', 'datacomp_s_s13m_b4k', 'commonpool_s_clip_s13m_b4k',
-                 'commonpool_s_laion_s13m_b4k', 'commonpool_s_image_s13m_b4k',
-                 'commonpool_s_text_s13m_b4k', 'commonpool_s_basic_s13m_b4k',
-                 'commonpool_s_s13m_b4k'),
-    'ViT-B-16': ('laion400m_e31', 'laion400m_e32', 'laion2b_s34b_b88k', 'datacomp_xl_s13b_b90k',
-                 'datacomp_l_s1b_b8k', 'commonpool_l_clip_s1b_b8k', 'commonpool_l_laion_s1b_b8k',
-                 'commonpool_l_image_s1b_b8k', 'commonpool_l_text_s1b_b8k',
-                 'commonpool_l_basic_s1b_b8k', 'commonpool_l_s1b_b8k'),
-    'ViT-L-14': ('laion400m_e31', 'laion400m_e32', 'laion2b_s32b_b82k', 'datacomp_xl_s13b_b90k',
-                 'commonpool_xl_clip_s13b_b90k', 'commonpool_xl_laion_s13b_b90k',
-                 'commonpool_xl_s13b_b90k', 'dfn2b_s39b'),
-    'ViT-H-14': ('laion2b_s32b_b79k', 'metaclip_altogether'),
-    'ViT-g-14': ('laion2b_s12b_b42k', 'laion2b_s34b_b88k'),
-    'ViT-bigG-14': ('laion2b_s39b_b160k',),
-    **{name: ('webli',) for name in _SIGLIP_NAMES},
-}
-
-# {name: {tag: trained with QuickGELU}}; as open_clip, a `-quickgelu` name lists the QuickGELU
-# tags of its base name only.
-PRETRAINED_TAGS = {
-    **{name: {**{t: False for t in _GELU_TAGS.get(name, ())},
-              **{t: True for t in _QUICKGELU_TAGS.get(name, ())}}
-       for name in (*_OPENAI_NAMES, *_SIGLIP_NAMES)},
-    **{f'{n}-quickgelu': {t: True for t in _QUICKGELU_TAGS[n]} for n in _QUICKGELU_NAMES},
-}
-
-
-def _clean_tag(tag):
-  """open_clip's tag normalisation (pretrained.py's `_clean_tag`)."""
-  return tag.lower().replace('-', '_')
-
-
-def _split_name(name, pretrained):
-  if not isinstance(name, str):
-    raise TypeError(f'open_clip_config expects a model name str, got {type(name).__name__}')
-  if '/' in name:
-    if pretrained is not None:
-      raise ValueError(f'give the pretrained tag once: in the name {name!r} or as '
-                       f'pretrained={pretrained!r}, not both')
-    name, pretrained = name.split('/', 1)
-  return name, pretrained
-
-
-def open_clip_config(name, pretrained=None):
-  """The CLIPConfig of an open_clip model name, e.g. 'ViT-B-32', 'ViT-H-14/dfn5b'.
-
-  `pretrained` (or a `/tag` suffix of `name`) is one of the name's open_clip tags; a tag whose
-  weights were trained with QuickGELU switches it on (for ViT-B-32 'openai' as for
-  ViT-B-32-quickgelu 'openai'). open_clip's own `create_model` keeps nn.GELU there and only
-  warns; we return the activation the weights need. Raises KeyError for an unknown name or tag,
-  listing the known ones.
-  """
-  name, pretrained = _split_name(name, pretrained)
-  if name not in MODEL_CFGS:
-    raise KeyError(f'unknown open_clip model {name!r} (open_clip names use "-": ViT-B-32, not '
-                   f'ViT-B/32; a tag follows a "/"); known models: {sorted(MODEL_CFGS)}')
-  model_cfg = MODEL_CFGS[name]
-  if pretrained is not None:
-    tags = PRETRAINED_TAGS[name]
-    tag = _clean_tag(pretrained)
-    if tag not in tags:
-      raise KeyError(f'unknown pretrained tag {pretrained!r} for open_clip model {name!r}; '
-                     f'known tags: {sorted(tags)}')
-    if tags[tag]:
-      model_cfg = {**model_cfg, 'quick_gelu': True}
-  return config_from_open_clip(model_cfg)
+def open_clip_model_cfg(cfg):
+  """Our CLIPConfig -> open_clip's `model_cfg` dict (OpenAI-architecture towers, QuickGELU or
+  exact GELU in both, any head width and MLP ratio; pooled at the end-of-text id, open_clip's
+  `pool_type='eos'` where that is not the vocabulary's last id). The tokenizer keys are
+  `save_open_clip`'s."""
+  v, t = cfg.vision, cfg.text
+  target = 'open_clip'
+  export.require_two_towers(cfg, target)
+  export.default_block(t, target, ('quick_gelu', 'gelu'))
+  require(t.pool == 'eot' and t.causal and t.pos_embedding == 'learned' and t.projection
+          and not t.projection_bias and t.norm_eps is None, 'a non-OpenAI text tower', target)
+  require(not cfg.logit_bias, 'a logit bias on an OpenAI-architecture CLIP', target)
+  vision_cfg = {'image_size': v.image_resolution, 'layers': v.layers, 'width': v.width}
+  if v.arch == 'vit':
+    export.default_block(v, target, (t.mlp,))
+    require(v.pool == 'cls' and v.pos_embedding == 'learned' and not v.registers and v.ln_pre
+            and not v.patch_bias and v.projection and v.norm_eps is None,
+            'ViT options outside OpenAI\'s architecture', target)
+    vision_cfg.update(patch_size=v.patch_size, head_width=v.width // v.heads,
+                      mlp_ratio=_mlp_ratio(v.width, v.hidden_dim))
+  else:
+    require(v.heads == v.width * 32 // 64, f'{v.heads} attention-pool heads (open_clip '
+            'derives width * 32 // 64)', target)
+    vision_cfg.update(layers=list(v.layers), patch_size=None)
+  text_cfg = {'context_length': t.context_length, 'vocab_size': t.vocab_size, 'width': t.width,
+              'heads': t.heads, 'layers': t.layers, 'mlp_ratio': _mlp_ratio(t.width, t.hidden_dim)}
+  if t.eot_id != t.vocab_size - 1:
+    # open_clip's default 'argmax' pools at each row's largest id; 'eos' at the first `eos_id`,
+    # as ours (a SentencePiece vocabulary ends rows with id 1).
+    text_cfg.update(pool_type='eos', eos_id=t.eot_id)
+  out = {'embed_dim': cfg.embed_dim, 'vision_cfg': vision_cfg, 'text_cfg': text_cfg}
+  if t.mlp == 'quick_gelu':
+    out['quick_gelu'] = True
+  return out

@@ -1,8 +1,7 @@
-"""open_clip configs: our bundled table equals the configs open-clip-torch ships, our tags carry
-its quick_gelu flags, and every converted config has the parameters (keys, shapes) and the
-hyper-parameters (heads, MLP width, activation, norm eps, pooling, masking) of the torch model
-open_clip builds from the same model_cfg, built full size on the meta device (no memory).
-What we cannot represent raises a ValueError naming the key."""
+"""open_clip configs (clip/formats/open_clip.py): every converted config has the parameters (keys,
+shapes) and the hyper-parameters (heads, MLP width, activation, norm eps, pooling, masking) of the
+torch model open_clip builds from the same model_cfg, built full size on the meta device (no
+memory). What we cannot represent raises a ValueError naming the key."""
 import copy
 import dataclasses
 import functools
@@ -15,14 +14,15 @@ import torch
 import torch.nn.functional as F
 
 import clip
-from clip.formats import open_clip_configs as occ
-from clip.formats import weights
+from clip.formats import open_clip as occ
+from clip.formats import open_clip_names as names
+from clip.formats import openai
 from experiments.references import open_clip as open_clip_reference
 
 STANDARD = ('RN50', 'RN101', 'RN50x4', 'RN50x16', 'RN50x64', 'ViT-B-32', 'ViT-B-16', 'ViT-L-14',
             'ViT-L-14-336', 'ViT-H-14', 'ViT-g-14', 'ViT-bigG-14')
-TIMM_NAMES = sorted(n for n, c in occ.MODEL_CFGS.items() if 'timm_model_name' in c['vision_cfg'])
-OWN_NAMES = sorted(set(occ.MODEL_CFGS) - set(TIMM_NAMES))
+TIMM_NAMES = sorted(n for n, c in names.MODEL_CFGS.items() if 'timm_model_name' in c['vision_cfg'])
+OWN_NAMES = sorted(set(names.MODEL_CFGS) - set(TIMM_NAMES))
 # One SigLIP name per timm trunk, these also covering every text tower of the table.
 SIGLIP_BUILDS = ('ViT-B-32-SigLIP2-256', 'ViT-B-16-SigLIP', 'ViT-B-16-SigLIP2-256',
                  'ViT-B-16-SigLIP-i18n-256', 'ViT-B-16-SigLIP-384', 'ViT-B-16-SigLIP2-512',
@@ -82,53 +82,10 @@ def shapes(state_dict, prefix=''):
 
 
 def expected(cfg):
-  return {k: shape for k, (shape, _) in weights.expected_shapes(cfg).items()}
+  return {k: shape for k, (shape, _) in openai.expected_shapes(cfg).items()}
 
 
-# ------------------------------------------------------------------ the tables
-
-@pytest.mark.parametrize('name', sorted(occ.MODEL_CFGS))
-def test_bundled_model_cfg_equals_open_clips(oc, name):
-  assert occ.MODEL_CFGS[name] == oc.get_model_config(name)
-
-
-def test_table_holds_open_clips_standard_and_siglip_names(oc):
-  for base in STANDARD:
-    for name in (base, f'{base}-quickgelu'):
-      assert (name in occ.MODEL_CFGS) == (name in oc.list_models()), name
-  assert 'ViT-g-14-quickgelu' not in occ.MODEL_CFGS  # open_clip has no such config or name rule
-  siglip = {n for n in oc.list_models() if 'SigLIP' in n}
-  assert siglip - set(occ.MODEL_CFGS) == {'ViT-SO400M-14-SigLIP-384'}
-  with pytest.raises(ValueError, match="timm_model_name.*'vit_so400m_patch14_siglip_384'"):
-    occ.config_from_open_clip(oc.get_model_config('ViT-SO400M-14-SigLIP-384'))
-
-
-@pytest.mark.parametrize('name', sorted(occ.PRETRAINED_TAGS))
-def test_tags_and_their_quick_gelu_are_open_clips(oc, name):
-  tags = occ.PRETRAINED_TAGS[name]
-  assert set(tags) == set(oc.pretrained.list_pretrained_tags_by_model(name))
-  assert tags == {t: oc.get_pretrained_cfg(name, t).get('quick_gelu', False) for t in tags}
-
-
-def test_every_name_has_tags():
-  assert set(occ.PRETRAINED_TAGS) == set(occ.MODEL_CFGS)
-
-
-def test_a_quick_gelu_tag_switches_quick_gelu_on():
-  for base, tags in occ.PRETRAINED_TAGS.items():
-    for tag, quick in tags.items():
-      want = occ.open_clip_config(f'{base.removesuffix("-quickgelu")}-quickgelu' if quick
-                                  else base)
-      assert occ.open_clip_config(base, tag) == want, (base, tag)
-      assert occ.open_clip_config(f'{base}/{tag.upper().replace("_", "-")}') == want, (base, tag)
-
-
-@pytest.mark.parametrize('openai_name', sorted(OPENAI_NAMES))
-def test_openai_tags_give_our_openai_configs(openai_name):
-  name = OPENAI_NAMES[openai_name]
-  assert occ.open_clip_config(name, 'openai') == clip.MODELS[openai_name]
-  assert occ.open_clip_config(f'{name}-quickgelu') == clip.MODELS[openai_name]
-
+# ------------------------------------------------------------------ the converter
 
 def test_keys_and_defaults_are_open_clips(oc):
   """Our key lists name every field open_clip's configs have, and our defaults are its."""
@@ -145,7 +102,7 @@ def test_keys_and_defaults_are_open_clips(oc):
 def test_a_config_of_every_default_is_read(oc):
   model_cfg = {'embed_dim': 512, 'vision_cfg': dataclasses.asdict(oc.CLIPVisionCfg()),
                'text_cfg': dataclasses.asdict(oc.CLIPTextCfg())}
-  assert occ.config_from_open_clip(model_cfg) == occ.open_clip_config('ViT-B-16')
+  assert occ.config_from_open_clip(model_cfg) == names.open_clip_config('ViT-B-16')
   check_own_towers(oc, model_cfg)
 
 
@@ -176,7 +133,7 @@ def check_own_towers(oc, model_cfg):
 # case of OPTIONS below covers that switch, so the full-size builds skip those names.
 @pytest.mark.parametrize('name', [n for n in OWN_NAMES if not n.endswith('-quickgelu')])
 def test_open_clips_model_has_our_parameters(oc, name):
-  check_own_towers(oc, occ.MODEL_CFGS[name])
+  check_own_towers(oc, names.MODEL_CFGS[name])
 
 
 def _small(**changes):
@@ -223,7 +180,7 @@ def test_every_open_clip_config_converts_exactly_or_names_the_key(oc):
     except ValueError as e:
       assert str(e).startswith('open_clip ') and "['" in str(e), (name, str(e))
       continue
-    if (name.removesuffix('-quickgelu') not in occ.MODEL_CFGS
+    if (name.removesuffix('-quickgelu') not in names.MODEL_CFGS
         and 'timm_model_name' not in model_cfg['vision_cfg']):
       check_own_towers(oc, model_cfg)
 
@@ -247,16 +204,16 @@ def timm_numbers(model):
 
 
 def test_siglip_builds_cover_every_trunk_and_text_tower():
-  trunk = lambda n: occ.MODEL_CFGS[n]['vision_cfg']['timm_model_name']
+  trunk = lambda n: names.MODEL_CFGS[n]['vision_cfg']['timm_model_name']
   assert {trunk(n) for n in SIGLIP_BUILDS} == {trunk(n) for n in TIMM_NAMES}
-  text = lambda n: occ.open_clip_config(n).text
+  text = lambda n: names.open_clip_config(n).text
   assert {text(n) for n in SIGLIP_BUILDS} == {text(n) for n in TIMM_NAMES}
 
 
 @pytest.mark.parametrize('name', SIGLIP_BUILDS)
 def test_open_clips_siglip_model_has_our_numbers(oc, name):
-  cfg = occ.open_clip_config(name)
-  model = build(oc, occ.MODEL_CFGS[name])
+  cfg = names.open_clip_config(name)
+  model = build(oc, names.MODEL_CFGS[name])
   numbers = timm_numbers(model)
   assert numbers == {k: getattr(cfg.vision, k) for k in numbers}
   ours_flat = expected(cfg)
@@ -276,7 +233,7 @@ def test_open_clips_siglip_model_has_our_numbers(oc, name):
 # ------------------------------------------------------------------ refusals
 
 def _set(section, key, value, base='ViT-B-32'):
-  model_cfg = copy.deepcopy(occ.MODEL_CFGS[base])
+  model_cfg = copy.deepcopy(names.MODEL_CFGS[base])
   (model_cfg[section] if section else model_cfg)[key] = value
   return model_cfg
 
@@ -333,13 +290,13 @@ def test_keys_without_effect_are_accepted():
   model_cfg.update(output_dict=True)  # init_logit_scale now has an effect: tested above
   model_cfg['vision_cfg'].update(output_tokens=True, timm_proj='mlp', final_ln_after_pool=True)
   model_cfg['text_cfg'].update(pad_id=1, eos_id=3, hf_tokenizer_name='x')
-  assert occ.config_from_open_clip(model_cfg) == occ.open_clip_config('ViT-B-32')
+  assert occ.config_from_open_clip(model_cfg) == names.open_clip_config('ViT-B-32')
 
 
 def test_open_clip_config_json_is_read_under_model_cfg():
-  model_cfg = occ.MODEL_CFGS['ViT-B-16-SigLIP']
+  model_cfg = names.MODEL_CFGS['ViT-B-16-SigLIP']
   assert occ.config_from_open_clip({'model_cfg': model_cfg, 'preprocess_cfg': {}}) == (
-      occ.open_clip_config('ViT-B-16-SigLIP'))
+      names.open_clip_config('ViT-B-16-SigLIP'))
 
 
 def test_bad_inputs_raise():
@@ -348,13 +305,13 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match='text_cfg'):
     occ.config_from_open_clip({'embed_dim': 512, 'vision_cfg': {}})
   with pytest.raises(KeyError, match='ViT-B-32'):
-    occ.open_clip_config('ViT-B/32')
+    names.open_clip_config('ViT-B/32')
   with pytest.raises(KeyError, match="known tags: \\['laion2b_s12b_b42k'"):
-    occ.open_clip_config('ViT-g-14', 'openai')
+    names.open_clip_config('ViT-g-14', 'openai')
   with pytest.raises(KeyError, match='known tags'):
-    occ.open_clip_config('ViT-B-32-quickgelu/laion2b_s34b_b79k')  # a GELU tag
+    names.open_clip_config('ViT-B-32-quickgelu/laion2b_s34b_b79k')  # a GELU tag
   with pytest.raises(ValueError, match='not both'):
-    occ.open_clip_config('ViT-B-32/openai', pretrained='openai')
+    names.open_clip_config('ViT-B-32/openai', pretrained='openai')
 
 
 @pytest.mark.parametrize('top', [{}, {'init_logit_bias': -5.0, 'init_logit_scale': 1.5},

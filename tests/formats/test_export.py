@@ -27,8 +27,9 @@ from PIL import Image
 
 import clip
 from clip.formats import export
-from clip.formats import families
-from clip.formats import open_clip_configs
+from clip.formats.hf import config_from_hf
+from clip.formats.open_clip import config_from_open_clip
+from clip.formats.siglip import SIGLIP_PREPROCESS
 from clip import preprocess
 from clip import tokenizer as openai_tokenizer
 from experiments.references import open_clip as open_clip_reference
@@ -47,7 +48,7 @@ RESOLUTION = 28
 # transformers' conventions (RGB on white before the resize, the crop at the floor of the
 # overhang), which clip.load records for a Hugging Face folder's image processor.
 HF = {'convert_first': True, 'crop_rounding': 'floor'}
-HF_SIGLIP = dataclasses.replace(families.SIGLIP_PREPROCESS, **HF)
+HF_SIGLIP = dataclasses.replace(SIGLIP_PREPROCESS, **HF)
 
 PROMPTS = ['a photo of a cat.', 'A photo of the BIG dog, isn\'t it?', 'a bad photo of a ZEBRA',
            'Café Über 123 ok', 'wow!!! great!', 'a  photo   of\ta\ncat', 'snake_case & more',
@@ -158,7 +159,7 @@ def _open_clip_cfg(vocab, context, eot, tokenizer, pp):
                                                'head_width': 32, 'patch_size': 14},
                'text_cfg': {'context_length': context, 'vocab_size': vocab, 'width': 32,
                             'heads': 2, 'layers': 1}}
-  cfg = open_clip_configs.config_from_open_clip(model_cfg)
+  cfg = config_from_open_clip(model_cfg)
   return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, eot_token_id=eot),
                              tokenizer=tokenizer, preprocess=pp)
 
@@ -170,7 +171,7 @@ def _hf_cfg(model_type, vocab, context, tokenizer, pp):
     text['eos_token_id'] = openai_tokenizer.EOT
   vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 image_size=RESOLUTION, patch_size=14)
-  cfg = families.config_from_hf({'model_type': model_type, 'text_config': text,
+  cfg = config_from_hf({'model_type': model_type, 'text_config': text,
                                  'vision_config': vision, 'projection_dim': 32})
   return dataclasses.replace(cfg, tokenizer=tokenizer, preprocess=pp)
 
@@ -210,7 +211,7 @@ def _assert_loads_back(folder, cfg):
 OPEN_CLIP_CASES = {
     # kind: (vocab, context, eot id, preprocessing)
     'openai': (49408, 77, None, clip.PreprocessConfig()),
-    'siglip': (400, 16, 1, families.SIGLIP_PREPROCESS),
+    'siglip': (400, 16, 1, SIGLIP_PREPROCESS),
     'siglip2': (700, 16, 1, clip.PreprocessConfig(
         mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25), resize_mode='longest',
         interpolation='bilinear', fill_color=7)),
@@ -231,7 +232,7 @@ def test_open_clip_peer_tokenises_and_preprocesses_as_we_do(oc, model_files, ima
   params = _params(cfg)
   with warnings.catch_warnings():
     warnings.simplefilter('error', export.ExportWarning)
-    export.save_open_clip(params, cfg, tmp_path)
+    clip.save_open_clip(params, cfg, tmp_path)
 
   theirs, _, transform = oc.create_model_and_transforms(f'local-dir:{tmp_path}')
   tokens = oc.get_tokenizer(f'local-dir:{tmp_path}')(PROMPTS).numpy()
@@ -251,7 +252,7 @@ def test_open_clip_peer_tokenises_and_preprocesses_as_we_do(oc, model_files, ima
 
 @pytest.mark.parametrize('pp, differences', [
     (clip.PreprocessConfig(**HF), ('transparency', 'centre crop')),
-    (dataclasses.replace(families.SIGLIP_PREPROCESS, convert_first=True), ('transparency',)),
+    (dataclasses.replace(SIGLIP_PREPROCESS, convert_first=True), ('transparency',)),
 ])
 def test_open_clip_export_of_transformers_conventions_warns(oc, image_files, tmp_path, pp,
                                                             differences):
@@ -263,7 +264,7 @@ def test_open_clip_export_of_transformers_conventions_warns(oc, image_files, tmp
   messages = {'transparency': r'drops transparency after',
               'centre crop': r'centre crop rounds half the overhang'}
   with pytest.warns(export.ExportWarning, match='open_clip prepares some images') as record:
-    export.save_open_clip(_params(cfg), cfg, tmp_path)
+    clip.save_open_clip(_params(cfg), cfg, tmp_path)
   message = ' '.join(str(w.message) for w in record if w.category is export.ExportWarning)
   for what, pattern in messages.items():
     assert bool(re.search(pattern, message)) == (what in differences), (what, message)
@@ -287,7 +288,7 @@ HF_CASES = {
     'siglip': ('siglip', 'siglip', 'siglip', 400, 16,
                HF_SIGLIP, 'SiglipImageProcessor'),
     'siglip2': ('siglip', 'siglip2', 'lower', 700, 16,
-                dataclasses.replace(families.SIGLIP_PREPROCESS, resize_mode='shortest',
+                dataclasses.replace(SIGLIP_PREPROCESS, resize_mode='shortest',
                                     interpolation='bilinear', **HF), 'CLIPImageProcessor'),
 }
 
@@ -315,7 +316,7 @@ def test_transformers_peer_tokenises_and_preprocesses_as_we_do(model_files, imag
   params = _params(cfg)
   with warnings.catch_warnings():
     warnings.simplefilter('error', export.ExportWarning)
-    export.save_hf(params, cfg, tmp_path)
+    clip.save_hf(params, cfg, tmp_path)
 
   peer = transformers.AutoProcessor.from_pretrained(tmp_path, backend='pil')
   assert type(peer.image_processor).__name__.startswith(processor)
@@ -380,7 +381,7 @@ def test_hugging_face_folder_round_trips_through_save_hf(model_files, image_file
   assert (cfg.preprocess.convert_first, cfg.preprocess.crop_rounding) == (True, 'floor')
   with warnings.catch_warnings():
     warnings.simplefilter('error', export.ExportWarning)
-    export.save_hf(params, cfg, tmp_path / 'out')
+    clip.save_hf(params, cfg, tmp_path / 'out')
   ours = clip.preprocess_images(image_files, cfg)
   for folder in (tmp_path / 'out', source):
     levels = _levels(_hf_pixels(folder, image_files), ours, cfg)
@@ -390,7 +391,7 @@ def test_hugging_face_folder_round_trips_through_save_hf(model_files, image_file
 
 @pytest.mark.parametrize('pp, differences', [
     (clip.PreprocessConfig(), ('transparency', 'centre crop')),
-    (families.SIGLIP_PREPROCESS, ('transparency',)),
+    (SIGLIP_PREPROCESS, ('transparency',)),
 ])
 def test_hugging_face_export_of_open_clip_conventions_warns(image_files, tmp_path, pp,
                                                             differences):
@@ -402,7 +403,7 @@ def test_hugging_face_export_of_open_clip_conventions_warns(image_files, tmp_pat
   messages = {'transparency': r'converts to RGB on white before resizing',
               'centre crop': r'centre-crops at the floor of half the overhang'}
   with pytest.warns(export.ExportWarning, match='Hugging Face prepares some images') as record:
-    export.save_hf(_params(cfg), cfg, tmp_path)
+    clip.save_hf(_params(cfg), cfg, tmp_path)
   message = ' '.join(str(w.message) for w in record if w.category is export.ExportWarning)
   for what, pattern in messages.items():
     assert bool(re.search(pattern, message)) == (what in differences), (what, message)
@@ -418,7 +419,7 @@ def test_transformers_clip_padding_does_not_change_the_text_features(tmp_path):
   import transformers  # pylint: disable=g-import-not-at-top
   cfg = _hf_cfg('clip', 49408, 77, clip.TokenizerConfig(), clip.PreprocessConfig(**HF))
   params = _params(cfg, seed=1)
-  export.save_hf(params, cfg, tmp_path)
+  clip.save_hf(params, cfg, tmp_path)
   peer = transformers.AutoTokenizer.from_pretrained(tmp_path)
   inputs = peer(PROMPTS, padding='max_length', max_length=77, truncation=True, return_tensors='pt')
   with torch.no_grad():
@@ -439,7 +440,7 @@ def _refused(save, cfg, folder, match):
 def test_open_clip_refuses_a_cleaning_open_clip_does_not_run(model_files, tmp_path):
   cfg = _open_clip_cfg(400, 16, 1, _tokenizer('siglip', model_files, 'siglip'),
                        clip.PreprocessConfig())
-  _refused(export.save_open_clip, cfg, tmp_path / 'out', "clean='siglip'.*canonicalize")
+  _refused(clip.save_open_clip, cfg, tmp_path / 'out', "clean='siglip'.*canonicalize")
 
 
 @pytest.mark.parametrize('kind, clean', [('siglip', 'canonicalize'), ('siglip2', 'canonicalize'),
@@ -448,13 +449,13 @@ def test_hugging_face_refuses_a_cleaning_its_tokenizer_does_not_run(model_files,
                                                                     clean):
   cfg = _hf_cfg('siglip', 700, 16, _tokenizer(kind, model_files, clean),
                 HF_SIGLIP)
-  _refused(export.save_hf, cfg, tmp_path / 'out', f"clean='{clean}'")
+  _refused(clip.save_hf, cfg, tmp_path / 'out', f"clean='{clean}'")
 
 
 def test_hugging_face_refuses_the_longest_side_resize(tmp_path):
   cfg = _hf_cfg('clip', 49408, 77, clip.TokenizerConfig(),
                 clip.PreprocessConfig(resize_mode='longest'))
-  _refused(export.save_hf, cfg, tmp_path / 'out', 'longest')
+  _refused(clip.save_hf, cfg, tmp_path / 'out', 'longest')
 
 
 @pytest.mark.parametrize('tokenizer, match', [
@@ -463,17 +464,17 @@ def test_hugging_face_refuses_the_longest_side_resize(tmp_path):
 ])
 def test_exports_refuse_a_tokenizer_they_cannot_write(tmp_path, tokenizer, match):
   oc_cfg = _open_clip_cfg(400, 16, 1, tokenizer, clip.PreprocessConfig())
-  _refused(export.save_open_clip, oc_cfg, tmp_path / 'open_clip', match)
+  _refused(clip.save_open_clip, oc_cfg, tmp_path / 'open_clip', match)
   hf_cfg = _hf_cfg('siglip', 400, 16, tokenizer, HF_SIGLIP)
-  _refused(export.save_hf, hf_cfg, tmp_path / 'hf', match)
+  _refused(clip.save_hf, hf_cfg, tmp_path / 'hf', match)
 
 
 def test_an_export_replaces_the_tokenizer_files_in_its_folder(model_files, tmp_path):
   siglip = _hf_cfg('siglip', 400, 16, _tokenizer('siglip', model_files, 'siglip'),
                    HF_SIGLIP)
-  export.save_hf(_params(siglip), siglip, tmp_path)
+  clip.save_hf(_params(siglip), siglip, tmp_path)
   (tmp_path / 'tokenizer.json').write_text('{}')  # as a save_pretrained folder holds
   openai = _hf_cfg('clip', 49408, 77, clip.TokenizerConfig(), clip.PreprocessConfig(**HF))
-  export.save_hf(_params(openai), openai, tmp_path)
+  clip.save_hf(_params(openai), openai, tmp_path)
   assert not any((tmp_path / name).exists() for name in ('spiece.model', 'tokenizer.json'))
   assert clip.load(tmp_path)[1].tokenizer == clip.TokenizerConfig()

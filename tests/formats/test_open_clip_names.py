@@ -1,0 +1,53 @@
+"""open_clip's names (clip/formats/open_clip_names.py): our bundled table equals the configs
+open-clip-torch ships, and our tags carry its quick_gelu flags."""
+import pytest
+
+import clip
+from clip.formats import open_clip as occ
+from clip.formats import open_clip_names as names
+from tests.formats.test_open_clip import OPENAI_NAMES
+from tests.formats.test_open_clip import STANDARD
+from tests.formats.test_open_clip import oc  # pylint: disable=unused-import
+
+
+@pytest.mark.parametrize('name', sorted(names.MODEL_CFGS))
+def test_bundled_model_cfg_equals_open_clips(oc, name):
+  assert names.MODEL_CFGS[name] == oc.get_model_config(name)
+
+
+def test_table_holds_open_clips_standard_and_siglip_names(oc):
+  for base in STANDARD:
+    for name in (base, f'{base}-quickgelu'):
+      assert (name in names.MODEL_CFGS) == (name in oc.list_models()), name
+  assert 'ViT-g-14-quickgelu' not in names.MODEL_CFGS  # open_clip has no such config or name rule
+  siglip = {n for n in oc.list_models() if 'SigLIP' in n}
+  assert siglip - set(names.MODEL_CFGS) == {'ViT-SO400M-14-SigLIP-384'}
+  with pytest.raises(ValueError, match="timm_model_name.*'vit_so400m_patch14_siglip_384'"):
+    occ.config_from_open_clip(oc.get_model_config('ViT-SO400M-14-SigLIP-384'))
+
+
+@pytest.mark.parametrize('name', sorted(names.PRETRAINED_TAGS))
+def test_tags_and_their_quick_gelu_are_open_clips(oc, name):
+  tags = names.PRETRAINED_TAGS[name]
+  assert set(tags) == set(oc.pretrained.list_pretrained_tags_by_model(name))
+  assert tags == {t: oc.get_pretrained_cfg(name, t).get('quick_gelu', False) for t in tags}
+
+
+def test_every_name_has_tags():
+  assert set(names.PRETRAINED_TAGS) == set(names.MODEL_CFGS)
+
+
+def test_a_quick_gelu_tag_switches_quick_gelu_on():
+  for base, tags in names.PRETRAINED_TAGS.items():
+    for tag, quick in tags.items():
+      want = names.open_clip_config(f'{base.removesuffix("-quickgelu")}-quickgelu' if quick
+                                  else base)
+      assert names.open_clip_config(base, tag) == want, (base, tag)
+      assert names.open_clip_config(f'{base}/{tag.upper().replace("_", "-")}') == want, (base, tag)
+
+
+@pytest.mark.parametrize('openai_name', sorted(OPENAI_NAMES))
+def test_openai_tags_give_our_openai_configs(openai_name):
+  name = OPENAI_NAMES[openai_name]
+  assert names.open_clip_config(name, 'openai') == clip.MODELS[openai_name]
+  assert names.open_clip_config(f'{name}-quickgelu') == clip.MODELS[openai_name]
