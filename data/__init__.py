@@ -1,8 +1,12 @@
 """Input pipelines: img2dataset shards (`data.shards`: webdataset tars and tfrecords, each format's
-writer and record reader in `data.webdataset_tars` / `data.tfrecords`, parquet filtering in
+writer and record reader in `data.webdataset_tars` / `data.tfrecords`, which files a source names
+in `data.shard_files`, what a pipeline counts in `data.pipeline_stats`, parquet filtering in
 `data.filters`, weighted sources in `data.mixture`), tensorflow-datasets classification sets
-(`data.tfds`), the built-in captioned shapes (`data.synthetic`, numpy only) and the image
-transforms they share (`data.transforms`). Every model-ready batch is the model's own: its
-tokenizer (`tokenize=`, e.g. `functools.partial(clip.get_tokenizer(cfg), truncate=True)`) and its
-`clip.PreprocessConfig` (`preprocess=cfg.preprocess`) are required, with no OpenAI default. Import
-the module you need: only `synthetic` works without tensorflow."""
+(`data.tfds`), the built-in captioned shapes (`data.synthetic`, numpy only; written as shards by
+`data.synthetic_shards`, evaluated by `data.synthetic_eval`) and the image transforms they share
+(`data.transforms`). How the processes share batches and files is `data.processes`. Every
+model-ready batch is the model's own: its tokenizer (`tokenize=`, e.g.
+`functools.partial(clip.get_tokenizer(cfg), truncate=True)`) and its `clip.PreprocessConfig`
+(`preprocess=cfg.preprocess`) are required, with no OpenAI default (`data.model_inputs` checks
+them). Import the module you need: only `synthetic`, `processes`, `model_inputs` and
+`synthetic_eval` work without tensorflow."""

@@ -19,6 +19,7 @@ import io
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import tensorflow as tf
 
 UID_DTYPE = np.dtype('u8,u8')
@@ -81,7 +82,6 @@ class MetadataFilter:
   def kept_keys(self, shard_path):
     """The keys of the shard's samples that pass, from its parquet (FileNotFoundError if absent,
     ValueError naming a missing column)."""
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     path = parquet_path(shard_path)
     if not tf.io.gfile.exists(path):
       raise FileNotFoundError(f'filtering needs img2dataset\'s metadata beside each shard: no '

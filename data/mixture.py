@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 
+from data import processes
 from data import shards
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def batch_counts(weights, batch_size):
 
 
 class MixtureStats:
-  """The sources' `shards.Stats` under one face: `num_skipped`, `summary()` (per source)."""
+  """The sources' `pipeline_stats.Stats` under one face: `num_skipped`, `summary()` (per source)."""
 
   def __init__(self, mixture):
     self._mixture = mixture
@@ -101,13 +102,9 @@ class Mixture:
     if not pipeline_kwargs.get('train', True):
       raise ValueError('a mixture is for training (train=True); evaluate each source on its own')
     pipeline_kwargs['train'] = True
-    if process_index is None or process_count is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      process_index, process_count = jax.process_index(), jax.process_count()
-    if global_batch_size < 1 or global_batch_size % process_count:
-      raise ValueError(f'global_batch_size must be a positive multiple of the process count '
-                       f'{process_count}, got {global_batch_size}')
-    self.batch_size, self.seed = global_batch_size // process_count, seed
+    process_index, process_count = processes.process_share(process_index, process_count)
+    self.batch_size = processes.local_batch_size(global_batch_size, process_count)
+    self.seed = seed
     weights = [w for _, w in sources]
     self.counts = batch_counts(weights, self.batch_size)
     empty = [files for (files, _), n in zip(sources, self.counts) if n == 0]

@@ -17,30 +17,24 @@ records are counted in `stats`, logged at the end of each epoch, and raise inste
 `on_error='raise'`. An epoch that yields no batch raises `EmptyEpochError`: a source whose every
 record is bad never turns into an endless loop of empty epochs.
 
-Training cycles each process's own files, so the processes must share them evenly: a file count
-the process count does not divide would have the processes with fewer files see their examples
-more often (webdataset#434); it is refused with the numbers, unless `resampled=True` draws each
-process's files with replacement from all of them (webdataset's `resampled=True`, open_clip's
-`--dataset-resampled`: every example equally likely in every process), its draws counted.
+Training cycles each process's own files, which the processes must share evenly, unless
+`resampled=True` draws them with replacement (`data.processes` says why), its draws counted.
 """
-import collections
-import dataclasses
 import functools
 import logging
 import os
-import threading
 
-import braceexpand
 import numpy as np
 import tensorflow as tf
 
+from data import model_inputs
+from data import pipeline_stats
+from data import processes
+from data import shard_files
 from data import tfrecords
 from data import transforms
-from data import webdataset_tars
 
 ON_ERROR = ('skip', 'raise')
-# File suffix -> the module that reads such a file's records.
-READERS = {'.tfrecord': tfrecords, '.tar': webdataset_tars}
 # Why a record was not used; the status a record carries through the pipeline is its index.
 REASONS = ('ok', 'missing_image', 'several_images', 'empty_caption', 'invalid_utf8_caption',
            'undecodable_image', 'unparseable_record', 'filtered')
@@ -49,7 +43,6 @@ REASONS = ('ok', 'missing_image', 'several_images', 'empty_caption', 'invalid_ut
 # The pipeline's own outputs: metadata of these names come back as 'metadata_<name>'.
 OUTPUTS = ('image', 'tokens')
 METADATA_PREFIX = 'metadata_'
-MAX_EXAMPLES = 10  # keys kept per skip reason, for the summary
 
 log = logging.getLogger(__name__)
 
@@ -62,207 +55,10 @@ class EmptyEpochError(CorruptDataError):
   """A whole epoch yielded no batch: every record was bad, filtered, or too few for one batch."""
 
 
-# ------------------------------------------------------------------------------------ stats
-
-
-@dataclasses.dataclass
-class Stats:
-  """What the pipeline yielded and skipped. tf.data's threads update it (under the lock)."""
-  samples: int = 0
-  batches: int = 0
-  files_read: int = 0
-  skipped: dict = dataclasses.field(default_factory=dict)   # reason -> count
-  examples: dict = dataclasses.field(default_factory=dict)  # reason -> first keys / paths
-  truncated_files: list = dataclasses.field(default_factory=list)
-  drawn: dict = dataclasses.field(default_factory=dict)     # resampled: file -> times drawn
-  filtered: int = 0            # records the `keep` filter left out (not errors)
-  remainder_dropped: int = 0   # samples of an incomplete last batch in training
-  full_captions: int = 0       # captions that filled the context (truncated, or exactly full)
-  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False,
-                                            compare=False)
-
-  def add(self, **counts):
-    with self._lock:
-      for name, n in counts.items():
-        setattr(self, name, getattr(self, name) + n)
-
-  def skip(self, reason, example):
-    with self._lock:
-      self.skipped[reason] = self.skipped.get(reason, 0) + 1
-      keys = self.examples.setdefault(reason, [])
-      if len(keys) < MAX_EXAMPLES:
-        keys.append(example)
-
-  def draw(self, paths):
-    with self._lock:
-      for path in paths:
-        self.drawn[path] = self.drawn.get(path, 0) + 1
-
-  def truncated(self, path, detail):
-    with self._lock:
-      self.truncated_files.append(f'{path} ({detail})')
-    self.skip('truncated_file', f'{path} ({detail})')
-
-  @property
-  def num_skipped(self):
-    """Records skipped (truncated files count once each: what followed the break is unknown)."""
-    return sum(self.skipped.values())
-
-  def summary(self):
-    lines = [f'{self.samples} samples in {self.batches} batches from {self.files_read} files']
-    if self.drawn:
-      lines.append(f'resampled: {sum(self.drawn.values())} draws of {len(self.drawn)} distinct '
-                   f'files, at most {max(self.drawn.values())} of one')
-    for reason, count in sorted(self.skipped.items()):
-      lines.append(f'skipped {count} x {reason}, e.g. {", ".join(self.examples[reason][:3])}')
-    if self.filtered:
-      lines.append(f'{self.filtered} records left out by the filter')
-    if self.remainder_dropped:
-      lines.append(f'{self.remainder_dropped} samples of incomplete last batches dropped')
-    if self.full_captions:
-      lines.append(f'{self.full_captions} captions filled the context (truncated or exactly full)')
-    return '; '.join(lines)
-
-
-# ------------------------------------------------------------------------------------ files
-
-
-def _suffix(path):
-  return os.path.splitext(path)[1].lower()
-
-
-def expand_files(files):
-  """A glob, a folder (its `*.tfrecord` and `*.tar`) or a list of them -> sorted unique paths of
-  one format (tf.io.gfile: gs:// works). Brace ranges are expanded first, as webdataset and
-  open_clip write them (`shards/{00000..00099}.tar`). Anything else matched is an error naming
-  what it is."""
-  if isinstance(files, (str, os.PathLike)):
-    files = [files]
-  if not isinstance(files, (list, tuple)) or not files:
-    raise ValueError('files must be a glob, a directory or a non-empty list of them, got '
-                     f'{files!r}')
-  paths = set()
-  patterns = [p for f in map(os.fspath, files) for p in braceexpand.braceexpand(f)]
-  for pattern in patterns:
-    if tf.io.gfile.isdir(pattern):
-      matched = [p for suffix in READERS for p in tf.io.gfile.glob(os.path.join(pattern,
-                                                                               '*' + suffix))]
-      if not matched:
-        found = collections.Counter(_suffix(p) or p for p in tf.io.gfile.listdir(pattern))
-        raise FileNotFoundError(f'folder {pattern!r} holds no {" or ".join(READERS)} shard; '
-                                f'found {dict(found) or "nothing"}')
-    else:
-      matched = tf.io.gfile.glob(pattern)
-      if not matched:
-        raise FileNotFoundError(f'no file matches {pattern!r}')
-    paths.update(matched)
-  return _one_format(sorted(paths))
-
-
-def _one_format(paths):
-  kinds = collections.Counter(_suffix(p) for p in paths)
-  wrong = {k or '(no suffix)': n for k, n in kinds.items() if k not in READERS}
-  if wrong:
-    examples = [p for p in paths if _suffix(p) not in READERS][:3]
-    raise ValueError(f'expected img2dataset shards ({" or ".join(READERS)} files), but the '
-                     f'pattern also matched {wrong}, e.g. {examples}: point it at the shards '
-                     'only (e.g. "<dir>/*.tar")')
-  if len(kinds) > 1:
-    raise ValueError(f'one source reads one format, got {dict(kinds)}: give them as a mixture '
-                     '(data.mixture, --data "a/*.tar:0.5,b/*.tfrecord:0.5")')
-  return paths
-
-
-def process_files(files, process_index, process_count, train=False):
-  """This process's share of the files: every `process_count`-th one from `process_index`. In
-  training (endless epochs, each process cycling its own share) the shares must be equal: a
-  process with fewer files would see each of its examples more often (ValueError)."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index must be in [0, {process_count}), got {process_index}')
-  if len(files) < process_count:
-    raise ValueError(f'{len(files)} files cannot feed {process_count} processes: each process '
-                     'reads whole files; write at least one shard per process, or draw them '
-                     'with resampled=True (--data-resampled)')
-  more = len(files) % process_count
-  if train and more:
-    fewer = len(files) // process_count
-    raise ValueError(
-        f'{len(files)} files cannot be shared evenly by {process_count} processes: '
-        f'{_processes(0, more - 1)} would read {fewer + 1} files, '
-        f'{_processes(more, process_count - 1)} {fewer}; as each process cycles its own files in '
-        f'training, the examples of the latter would be seen {(fewer + 1) / fewer:.2f}x as often '
-        '(for files of equal size). Write a multiple of the process count in shards, or pass '
-        'resampled=True (--data-resampled) to draw each process\'s files with replacement '
-        'from all of them')
-  return files[process_index::process_count]
-
-
-def _processes(first, last):
-  return f'process {first}' if first == last else f'processes {first}..{last}'
-
-
-def resampled_files(files, seed, epoch, process_index, process_count):
-  """A resampled epoch of one process: ceil(len(files) / process_count) files drawn uniformly with
-  replacement from all `files`, a function of (seed, epoch, process_index), so that the
-  processes' epochs draw about as many files as there are, each file equally likely in each."""
-  rng = np.random.default_rng([seed, epoch, process_index, 0x5A3D])
-  draws = -(-len(files) // process_count)
-  return [files[i] for i in rng.integers(len(files), size=draws)]
-
-
-# --------------------------------------------------------------------------------- metadata
-
-
-def metadata_spec(metadata):
-  """('width', 'url') or {'name': 'int' | 'float' | 'bytes'} -> {name: tf dtype}."""
-  if isinstance(metadata, dict):
-    items = metadata.items()
-  else:
-    unknown = [m for m in metadata if m not in tfrecords.METADATA_TYPES]
-    if unknown:
-      raise ValueError(f'unknown metadata {unknown}: img2dataset\'s fields are '
-                       f'{sorted(tfrecords.METADATA_TYPES)}; give others as a dict name -> '
-                       'int/float/bytes')
-    items = [(m, tfrecords.METADATA_TYPES[m]) for m in metadata]
-  spec = {}
-  for name, kind in items:
-    if kind not in tfrecords.FEATURE_TYPES:
-      raise ValueError(f'metadata {name!r}: type must be one of '
-                       f'{sorted(tfrecords.FEATURE_TYPES)}, got {kind!r}')
-    if name in ('txt', *tfrecords.IMAGE_FORMATS):
-      raise ValueError(f'{name!r} is the schema\'s own {"caption" if name == "txt" else "image"}'
-                       ", not metadata: ask for fields=('caption',) or use the 'image' output")
-    spec[name] = tfrecords.FEATURE_TYPES[kind]
-  return spec
-
-
 def output_name(name):
   """The batch key of a metadata field: its name, or 'metadata_<name>' where the pipeline's
   own outputs (or its internal '_' names) already use it."""
   return METADATA_PREFIX + name if name in OUTPUTS or name.startswith('_') else name
-
-
-def _check_tokenize(tokenize):
-  """Calls `tokenize`, so that a wrong one fails here and not inside tf.data. Returns its context
-  length (the width of what it returns) and its padding `(pad, pad_ends)`: the id after an empty
-  text's tokens, and whether it also ends rows (SigLIP's `</s>` does both, OpenAI's 0 only pads)."""
-  if not callable(tokenize):
-    raise TypeError('tokenize must be the model\'s tokenizer, a callable texts -> int (N, L), e.g. '
-                    f'functools.partial(clip.get_tokenizer(cfg), truncate=True); got {tokenize!r}')
-  tokens = np.asarray(tokenize(['a photo of a cat', 'a dog', '']))
-  if tokens.ndim != 2 or tokens.shape[0] != 3 or not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError('tokenize(list of 3 str) must return int (3, context_length), got '
-                     f'{tokens.dtype} {tokens.shape}')
-  empty = tokens[2]
-  return tokens.shape[1], (int(empty[-1]), bool(np.all(empty == empty[-1])))
-
-
-def _filled(tokens_NxL, pad, pad_ends):
-  """Rows whose text reached the end of the context (truncated, or exactly full)."""
-  full = tokens_NxL[:, -1] != pad
-  if not pad_ends or tokens_NxL.shape[1] < 2:
-    return full
-  return full | (tokens_NxL[:, -2] != pad)
 
 
 def _ignore(reason, example):
@@ -322,14 +118,9 @@ class Pipeline:
                shuffle_buffer=10_000, process_index=None, process_count=None, resampled=False,
                num_epochs=None, resume=None, start_step=0, num_parallel_reads=8,
                scale=transforms.TRAIN_SCALE, ratio=transforms.TRAIN_RATIO, name=None):
-    if process_index is None or process_count is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      process_index, process_count = jax.process_index(), jax.process_count()
-    if global_batch_size < 1 or global_batch_size % process_count:
-      raise ValueError(f'global_batch_size must be a positive multiple of the process count '
-                       f'{process_count}, got {global_batch_size}')
-    if image_dtype not in ('float32', 'uint8'):
-      raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
+    process_index, process_count = processes.process_share(process_index, process_count)
+    self.batch_size = processes.local_batch_size(global_batch_size, process_count)
+    model_inputs.check_image_dtype(image_dtype)
     if on_error not in ON_ERROR:
       raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
@@ -337,29 +128,29 @@ class Pipeline:
     if resampled and not train:
       raise ValueError('resampled=True draws training files with replacement; an evaluation '
                        '(train=False) reads each file once')
-    self.preprocess = transforms.check_preprocess(preprocess)
-    all_files = expand_files(files)
+    self.preprocess = model_inputs.check_preprocess(preprocess)
+    all_files = shard_files.expand_files(files)
     self.name = name or (os.fspath(files) if isinstance(files, (str, os.PathLike))
                          else f'{len(files)} file patterns')
-    self.reader = READERS[_suffix(all_files[0])]
+    self.reader = shard_files.reader_for(all_files[0])
     self.resampled = resampled
     self.process_index, self.process_count = process_index, process_count
-    self.files = all_files if resampled else process_files(all_files, process_index,
-                                                           process_count, train)
-    self.batch_size = global_batch_size // process_count
+    self.files = all_files if resampled else processes.process_files(all_files, process_index,
+                                                                     process_count, train)
     self.resolution, self.train, self.seed, self.on_error = resolution, train, seed, on_error
     self.image_dtype = tf.as_dtype(image_dtype)
     self.shuffle_buffer, self.num_parallel_reads = shuffle_buffer, num_parallel_reads
     self.scale, self.ratio = scale, ratio
     self.num_epochs = num_epochs if num_epochs is not None or train else 1
     self.extra = [f for f in ('key', 'caption') if f in fields]
-    self.metadata = metadata_spec({k: fields[k] for k in fields if k not in self.extra}
+    self.metadata = tfrecords.metadata_spec({k: fields[k] for k in fields if k not in self.extra}
                                   if isinstance(fields, dict)
                                   else [f for f in fields if f not in self.extra])
     self.kept = keep.table(self.files) if keep is not None else None
     self.tokenize = tokenize
-    self.context_length, self._padding = _check_tokenize(tokenize)
-    self.stats, self.epoch_stats, self.last_epoch_stats = Stats(), Stats(), None
+    self.context_length, self._padding = model_inputs.tokenizer_layout(tokenize)
+    self.stats, self.epoch_stats = pipeline_stats.Stats(), pipeline_stats.Stats()
+    self.last_epoch_stats = None
     self._state = dict(resume) if resume else self._state_at_step(start_step)
 
   # ------------------------------------------------------------------ the tf.data graph
@@ -480,7 +271,7 @@ class Pipeline:
   def _tokenize(self, captions_B):
     texts = [c.decode('utf-8') for c in captions_B]
     tokens = np.asarray(self.tokenize(texts), np.int32)
-    full = int(np.count_nonzero(_filled(tokens, *self._padding)))
+    full = int(np.count_nonzero(model_inputs.filled_rows(tokens, *self._padding)))
     for stats in (self.stats, self.epoch_stats):
       stats.add(full_captions=full)
     return tokens
@@ -498,7 +289,8 @@ class Pipeline:
     the epoch in training), or its draws when resampled."""
     files = list(self.files)
     if self.resampled:
-      return resampled_files(files, self.seed, epoch, self.process_index, self.process_count)
+      return processes.resampled_files(files, self.seed, epoch, self.process_index,
+                                       self.process_count)
     if self.train:
       files = [files[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(files))]
     return files
@@ -580,7 +372,7 @@ class Pipeline:
     stats = self.epoch_stats
     level = logging.WARNING if stats.skipped else logging.INFO
     log.log(level, '%s epoch %d: %s', self.name, epoch, stats.summary())
-    self.last_epoch_stats, self.epoch_stats = stats, Stats()
+    self.last_epoch_stats, self.epoch_stats = stats, pipeline_stats.Stats()
     self._state = {'epoch': epoch + 1, 'record': 0, 'step': self._state['step']}
     if whole and not stats.batches:
       files = ', '.join(self.files[:3]) + (f' and {len(self.files) - 3} more'

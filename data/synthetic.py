@@ -21,13 +21,10 @@ of a red triangle.").
   ds.write_tfrecords('shards/', num_examples=10_000, num_shards=8)   # img2dataset's shards
   ds.write_webdataset('shards/', num_examples=10_000, num_shards=8)   # ... or its tars
 """
-import hashlib
-import os
-
 import numpy as np
-from tqdm import tqdm
 
-from clip import configs
+from data import model_inputs
+from data import processes
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross', 'hexagon')
 SHAPES_PLURAL = ('circles', 'squares', 'triangles', 'diamonds', 'crosses', 'hexagons')
@@ -256,24 +253,15 @@ class SyntheticCaptions:
     `clip.PreprocessConfig` (`cfg.preprocess`). The images are drawn at the set's resolution,
     the model's, so only its mean and std apply: its resize mode and interpolation do not (every
     mode leaves an image already at the model's size as it is)."""
-    if not callable(tokenize):
-      raise TypeError('tokenize must be the model\'s tokenizer, a callable texts -> int (N, L), '
-                      'e.g. functools.partial(clip.get_tokenizer(cfg), truncate=True); got '
-                      f'{tokenize!r}')
-    if not isinstance(preprocess, configs.PreprocessConfig):
-      raise TypeError('preprocess must be the model\'s clip.PreprocessConfig (cfg.preprocess), '
-                      f'got {type(preprocess).__name__}')
-    if global_batch_size < 1 or global_batch_size % process_count:
-      raise ValueError(f'global_batch_size must be a positive multiple of the process count '
-                       f'{process_count}, got {global_batch_size}')
-    if image_dtype not in ('float32', 'uint8'):
-      raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
+    model_inputs.check_tokenize(tokenize)
+    model_inputs.check_preprocess(preprocess)
+    local = processes.local_batch_size(global_batch_size, process_count)
+    model_inputs.check_image_dtype(image_dtype)
     if start_step < 0 or (start_example is not None and (start_step or start_example < 0)):
       raise ValueError('give start_step >= 0 or start_example >= 0 (not both), got start_step='
                        f'{start_step}, start_example={start_example}')
     mean = np.asarray(preprocess.mean, np.float32)
     std = np.asarray(preprocess.std, np.float32)
-    local = global_batch_size // process_count
     first = start_step * global_batch_size if start_example is None else start_example
     step = 0
     while num_steps is None or step < num_steps:
@@ -355,89 +343,22 @@ class SyntheticCaptions:
                       start=0, batch_size=256):
     """Samples [start, start + num_examples) as img2dataset tfrecord shards `00000.tfrecord`...
     with img2dataset's metadata and the attribute labels as int64 features, and its `.parquet`
-    beside each shard; returns the shard paths."""
-    from data import tfrecords  # pylint: disable=g-import-not-at-top
-    paths = []
-    for shard, samples in self._shards(out_dir, num_examples, num_shards, image_format, quality,
-                                       start, batch_size, 'tfrecords'):
-      paths.append(tfrecords.shard_path(out_dir, shard))
-      tfrecords.write_tfrecord(paths[-1], [
-          tfrecords.serialize_example(key, image, caption, image_format, **meta)
-          for key, image, caption, meta in samples])
-      _write_parquet(paths[-1], samples)
-    return paths
+    beside each shard; returns the shard paths (`data.synthetic_shards`, needs tensorflow)."""
+    # Local: it needs tensorflow, which this module does not, and it imports this module.
+    from data import synthetic_shards  # pylint: disable=g-import-not-at-top
+    return synthetic_shards.write_tfrecords(self, out_dir, num_examples, num_shards, image_format,
+                                            quality, start, batch_size)
 
   def write_webdataset(self, out_dir, num_examples, num_shards, image_format='jpg', quality=95,
                        start=0, batch_size=256):
     """Samples [start, start + num_examples) as img2dataset webdataset shards `00000.tar`...:
     `{key}.{image_format}`, `{key}.txt` and `{key}.json` (img2dataset's metadata and the attribute
-    labels), and its `.parquet` beside each shard; returns the tar paths."""
-    from data import webdataset_tars  # pylint: disable=g-import-not-at-top
-    paths = []
-    for shard, samples in self._shards(out_dir, num_examples, num_shards, image_format, quality,
-                                       start, batch_size, 'tars'):
-      paths.append(webdataset_tars.shard_path(out_dir, shard))
-      webdataset_tars.write_tar(paths[-1], [
-          {'__key__': key, image_format: image, 'txt': caption,
-           'json': webdataset_tars.encode_json(_row(key, meta))}
-          for key, image, caption, meta in samples])
-      _write_parquet(paths[-1], samples)
-    return paths
-
-  def _shards(self, out_dir, num_examples, num_shards, image_format, quality, start, batch_size,
-              what):
-    """Per shard: (shard id, its samples as `_img2dataset_samples` gives them)."""
-    from data import tfrecords  # pylint: disable=g-import-not-at-top
-    if num_shards < 1 or num_examples < num_shards:
-      raise ValueError(f'need 1 <= num_shards <= num_examples, got {num_shards}, {num_examples}')
-    if image_format not in tfrecords.IMAGE_FORMATS:
-      raise ValueError(f'image_format must be one of {tfrecords.IMAGE_FORMATS}, got '
-                       f'{image_format!r}')
-    os.makedirs(out_dir, exist_ok=True)
-    bounds = np.linspace(0, num_examples, num_shards + 1).astype(int)
-    digits = max(4, len(str(int(np.diff(bounds).max()))))
-    with tqdm(total=num_examples, desc=f'writing {what}', disable=num_examples < 4096) as bar:
-      for shard in range(num_shards):
-        samples = list(self._img2dataset_samples(start + bounds[shard], start + bounds[shard + 1],
-                                                 shard, digits, image_format, quality, batch_size))
-        bar.update(len(samples))
-        yield shard, samples
-
-  def _img2dataset_samples(self, lo, hi, shard, digits, image_format, quality, batch_size):
-    """Samples [lo, hi), shard `shard`'s, as img2dataset stores them: (key, encoded image,
-    caption, metadata), the metadata img2dataset's fields then the labels (not the key)."""
-    from data import tfrecords  # pylint: disable=g-import-not-at-top
-    for first in range(lo, hi, batch_size):
-      sample = self.get(np.arange(first, min(first + batch_size, hi)))
-      for j, index in enumerate(sample['index']):
-        image = tfrecords.encode_image(sample['image'][j], image_format, quality)
-        meta = {'url': f'synthetic://{self.split}/{self.seed}/{int(index)}',
-                'caption': sample['caption'][j], 'width': self.resolution,
-                'height': self.resolution, 'original_width': self.resolution,
-                'original_height': self.resolution, 'sha256': hashlib.sha256(image).hexdigest(),
-                'status': 'success', 'error_message': None, 'exif': None,
-                'sample_index': int(index)}
-        meta.update({name: int(sample[name][j]) for name in ATTRIBUTES})
-        key = tfrecords.sample_key(shard, first + j - lo, index_digits=digits)
-        yield key, image, sample['caption'][j], meta
-
-
-def _row(key, meta):
-  """img2dataset's metadata of one sample, as its `.json` member and its parquet row hold it."""
-  return {'key': key, **meta}
-
-
-def _write_parquet(shard_path, samples):
-  """img2dataset's `.parquet` beside a shard: one row per sample, its columns typed as
-  img2dataset's (sizes int32, the rest strings; null where absent), the labels int64."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  from data import filters  # pylint: disable=g-import-not-at-top
-  rows = [_row(key, meta) for key, _, _, meta in samples]
-  types = {name: pa.int32() for name in ('width', 'height', 'original_width', 'original_height')}
-  types.update({name: pa.int64() for name in ('sample_index', *ATTRIBUTES)})
-  schema = pa.schema([(name, types.get(name, pa.string())) for name in rows[0]])
-  pq.write_table(pa.Table.from_pylist(rows, schema), filters.parquet_path(shard_path))
+    labels), and its `.parquet` beside each shard; returns the tar paths
+    (`data.synthetic_shards`, needs tensorflow)."""
+    # Local: it needs tensorflow, which this module does not, and it imports this module.
+    from data import synthetic_shards  # pylint: disable=g-import-not-at-top
+    return synthetic_shards.write_webdataset(self, out_dir, num_examples, num_shards,
+                                             image_format, quality, start, batch_size)
 
 
 def caption_token_ids(tokenize, eot_id):

@@ -9,6 +9,13 @@ after: unseen images of the (shape, colour) pairs training saw ('train' split, f
 """
 import numpy as np
 
+import clip
+from clip import batching
+from clip import model
+from clip import processing
+from clip.eval import generation
+from clip.eval import retrieval
+from clip.eval import zero_shot
 from data import synthetic
 
 SPLIT_STARTS = (('train', synthetic.UNSEEN_START), ('heldout', 0))
@@ -28,7 +35,6 @@ def evaluate(params, cfg, n, seed):
   its mean and std (`cfg.preprocess`; they are drawn at its resolution, so nothing is resized).
   Generation and generative scores start each row with the tokenizer's start token: a captioner
   whose tokenizer has none (SentencePiece) raises `clip.TokenizerError` (a ValueError)."""
-  from clip import processing  # pylint: disable=g-import-not-at-top
   tokenizer = model_tokenizer(cfg)
   results = {}
   for split, start in SPLIT_STARTS:
@@ -46,25 +52,21 @@ def evaluate(params, cfg, n, seed):
 def model_tokenizer(cfg):
   """The model's tokenizer as `evaluate` uses it, or the error `evaluate` would raise (a job
   calls it before training): a captioner's needs a start token (`generation.start_token_id`)."""
-  from clip.eval import generation  # pylint: disable=g-import-not-at-top
-  from clip import processing  # pylint: disable=g-import-not-at-top
   if cfg.decoder is not None:
     generation.start_token_id(cfg)
   return processing.get_tokenizer(cfg)
 
 
 def _contrastive(params, cfg, tokenizer, ds, sample, images, split):
-  import clip  # pylint: disable=g-import-not-at-top
-  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   results = {}
   for task in TASKS:
     tokens = tokenizer(ds.prompts(task))[:, None]
-    weights = zero_shot.classifier_weights_from_tokens(params, cfg, tokens)
-    top, _ = zero_shot.classify(params, cfg, images, weights, k=1)
+    weights = zero_shot.classifier_weights_from_tokens(params, tokens, cfg)
+    top, _ = zero_shot.classify(params, images, weights, cfg, k=1)
     accuracy = float(np.mean(np.asarray(top)[:, 0] == ds.labels(sample, task)))
     results[f'{split}/{task}_top1'] = accuracy
     results[f'{split}/{task}_chance'] = 1 / len(ds.classnames(task))
-  recall = zero_shot.retrieval_metrics(
+  recall = retrieval.retrieval_metrics(
       clip.encode_image(params, images, cfg),
       clip.encode_text(params, tokenizer(sample['caption']), cfg))
   results.update({f'{split}/{k}': float(v) for k, v in recall.items()})
@@ -72,9 +74,6 @@ def _contrastive(params, cfg, tokenizer, ds, sample, images, split):
 
 
 def _captioning(params, cfg, tokenizer, ds, sample, images, split, batch_size=256):
-  from clip import batching  # pylint: disable=g-import-not-at-top
-  from clip.eval import generation  # pylint: disable=g-import-not-at-top
-  from clip import model  # pylint: disable=g-import-not-at-top
   results, decoder, dec = {}, params['text_decoder'], cfg.decoder
   in_batches = lambda fn, x, desc: batching.map_batches(fn, x, batch_size, desc, 'images')
   image_tokens = in_batches(lambda x: model.image_features_and_tokens(params, x, cfg)[1], images,

@@ -20,6 +20,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds_lib
 
+from data import model_inputs
+from data import processes
 from data import transforms
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,7 @@ class TFDSClassification:
 
   def __init__(self, name, split='test', *, data_dir=None, classnames=None, process_index=None,
                process_count=None):
-    if process_index is None or process_count is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      process_index, process_count = jax.process_index(), jax.process_count()
+    process_index, process_count = processes.process_share(process_index, process_count)
     data_dir = os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR',
                                                              '~/tensorflow_datasets'))
     try:
@@ -92,12 +92,11 @@ class TFDSClassification:
     last batch, training drops it (and repeats `num_epochs` times, None = endless). `preprocess`
     is the model's `clip.PreprocessConfig`: its eval resize and interpolation (training uses the
     random resized crop), and the mean and std of a float32 image."""
-    transforms.check_preprocess(preprocess)
+    model_inputs.check_preprocess(preprocess)
     if not self.num_examples:
       raise ValueError(f'{self.name} {self.split}: this process\'s share holds no example '
                        '(more processes than examples)')
-    if image_dtype not in ('float32', 'uint8'):
-      raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
+    model_inputs.check_image_dtype(image_dtype)
     ds = self.builder.as_dataset(
         split=self.process_split, shuffle_files=train,
         decoders={self.image_key: tfds_lib.decode.SkipDecoding()},

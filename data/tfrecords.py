@@ -15,6 +15,7 @@ import io
 import os
 
 import numpy as np
+from PIL import Image
 import tensorflow as tf
 
 from data import transforms
@@ -28,6 +29,29 @@ METADATA_TYPES = {
 }
 FEATURE_TYPES = {'int': tf.int64, 'float': tf.float32, 'bytes': tf.string}
 TFRECORD_OVERHEAD = 16  # bytes around each record: length (8), its crc (4), the data's crc (4)
+
+
+def metadata_spec(metadata):
+  """('width', 'url') or {'name': 'int' | 'float' | 'bytes'} -> {name: tf dtype}."""
+  if isinstance(metadata, dict):
+    items = metadata.items()
+  else:
+    unknown = [m for m in metadata if m not in METADATA_TYPES]
+    if unknown:
+      raise ValueError(f'unknown metadata {unknown}: img2dataset\'s fields are '
+                       f'{sorted(METADATA_TYPES)}; give others as a dict name -> '
+                       'int/float/bytes')
+    items = [(m, METADATA_TYPES[m]) for m in metadata]
+  spec = {}
+  for name, kind in items:
+    if kind not in FEATURE_TYPES:
+      raise ValueError(f'metadata {name!r}: type must be one of '
+                       f'{sorted(FEATURE_TYPES)}, got {kind!r}')
+    if name in ('txt', *IMAGE_FORMATS):
+      raise ValueError(f'{name!r} is the schema\'s own {"caption" if name == "txt" else "image"}'
+                       ", not metadata: ask for fields=('caption',) or use the 'image' output")
+    spec[name] = FEATURE_TYPES[kind]
+  return spec
 
 
 # ----------------------------------------------------------------------------------- writer
@@ -76,7 +100,6 @@ def example_bytes(key, images, txt, metadata):
 
 def encode_image(image_HxWx3, image_format='jpg', quality=95):
   """uint8 (H, W, 3) RGB -> encoded bytes (PIL), as img2dataset stores them."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   image = np.asarray(image_HxWx3)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'encode_image expects uint8 (H, W, 3), got {image.dtype} {image.shape}')

@@ -13,7 +13,6 @@ its seed, whatever thread computes it. Normalisation uses the model's mean and s
 """
 import tensorflow as tf
 
-from clip import configs
 
 # tf.data runs on the host: keep a GPU build of TensorFlow off the accelerators JAX uses (it would
 # reserve their memory). Too late only if TensorFlow already initialised them on purpose.
@@ -58,14 +57,6 @@ def _on_white(rgba_u8):
   shift = tf.bitwise.right_shift
   total = 128 * (x[..., :3] * alpha + 255 * (255 - alpha)) + (0x80 << 7)
   return tf.cast(shift(shift(shift(total, 8) + total, 8), 7), tf.uint8)
-
-
-def check_preprocess(preprocess):
-  """`preprocess` if it is a `clip.PreprocessConfig`, else TypeError saying what to pass."""
-  if not isinstance(preprocess, configs.PreprocessConfig):
-    raise TypeError('preprocess must be the model\'s clip.PreprocessConfig (cfg.preprocess), got '
-                    f'{type(preprocess).__name__}')
-  return preprocess
 
 
 def _resize_pass(image_HxWx3, size_hw, method):

@@ -8,8 +8,9 @@ Every row is loaded and run, not typed: 'exact' (no CheckpointWarning and the la
 error of image features, text features and logits below 1e-4), 'warns' (a CheckpointWarning: its
 text in the note, the error of what loaded in the error column), 'refused' (CheckpointError:
 its first line in the note), 'WRONG' (loaded silently with a larger error: a bug to fix) or
-'error: ...' (the measurement itself failed). Export rows save with `clip.formats.export` and load into
-the peer library. Writes checkpoint_families.json and checkpoint_families.md into --out.
+'error: ...' (the measurement itself failed). Export rows save with `clip.save_open_clip` /
+`clip.save_hf` and load into the peer library. Writes checkpoint_families.json and
+checkpoint_families.md into --out.
 """
 import argparse
 import json
@@ -19,6 +20,8 @@ import time
 import warnings
 
 import numpy as np
+
+from experiments.siglip_to_big_vision import big_vision_npz
 
 TOL = 1e-4  # fp32: relative error of features and logits
 
@@ -164,11 +167,11 @@ def _save_dir(tmp, name):
 
 def open_clip_gelu(oc, tmp, with_config):
   import torch  # pylint: disable=g-import-not-at-top
-  from clip.formats import open_clip_configs  # pylint: disable=g-import-not-at-top
+  from clip.formats import open_clip  # pylint: disable=g-import-not-at-top
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False)
   path = os.path.join(_save_dir(tmp, f'gelu_{with_config}'), 'model.pt')
   torch.save(m.state_dict(), path)
-  config = open_clip_configs.config_from_open_clip(model_cfg) if with_config else None
+  config = open_clip.config_from_open_clip(model_cfg) if with_config else None
   return measure_load(path, _open_clip_ref(m), config)
 
 
@@ -306,68 +309,6 @@ def hf_folder(tmp, siglip, lone):
   return measure_load(path, _hf_ref(hf), siglip=siglip, normalized=True)
 
 
-def _big_vision_block(out, sd, hf_prefix, bv_prefix, heads):
-  attn = f'{bv_prefix}/MultiHeadDotProductAttention_0'
-  for i in (0, 1):
-    out[f'{bv_prefix}/LayerNorm_{i}/scale'] = sd[f'{hf_prefix}.layer_norm{i + 1}.weight']
-    out[f'{bv_prefix}/LayerNorm_{i}/bias'] = sd[f'{hf_prefix}.layer_norm{i + 1}.bias']
-    out[f'{bv_prefix}/MlpBlock_0/Dense_{i}/kernel'] = sd[f'{hf_prefix}.mlp.fc{i + 1}.weight'].T
-    out[f'{bv_prefix}/MlpBlock_0/Dense_{i}/bias'] = sd[f'{hf_prefix}.mlp.fc{i + 1}.bias']
-  for c, name in zip('qkv', ('query', 'key', 'value')):
-    w_HDxD = sd[f'{hf_prefix}.self_attn.{c}_proj.weight']
-    out[f'{attn}/{name}/kernel'] = w_HDxD.T.reshape(w_HDxD.shape[1], heads, -1)
-    out[f'{attn}/{name}/bias'] = sd[f'{hf_prefix}.self_attn.{c}_proj.bias'].reshape(heads, -1)
-  w_DxHD = sd[f'{hf_prefix}.self_attn.out_proj.weight']
-  out[f'{attn}/out/kernel'] = w_DxHD.T.reshape(heads, -1, w_DxHD.shape[0])
-  out[f'{attn}/out/bias'] = sd[f'{hf_prefix}.self_attn.out_proj.bias']
-
-
-def _big_vision_map_head(out, sd, heads):
-  head, bv = 'vision_model.head', 'img/MAPHead_0'
-  out[f'{bv}/probe'] = sd[f'{head}.probe']
-  out[f'{bv}/LayerNorm_0/scale'] = sd[f'{head}.layernorm.weight']
-  out[f'{bv}/LayerNorm_0/bias'] = sd[f'{head}.layernorm.bias']
-  for i in (0, 1):
-    out[f'{bv}/MlpBlock_0/Dense_{i}/kernel'] = sd[f'{head}.mlp.fc{i + 1}.weight'].T
-    out[f'{bv}/MlpBlock_0/Dense_{i}/bias'] = sd[f'{head}.mlp.fc{i + 1}.bias']
-  ws = np.split(sd[f'{head}.attention.in_proj_weight'], 3)
-  bs = np.split(sd[f'{head}.attention.in_proj_bias'], 3)
-  for w, b, name in zip(ws, bs, ('query', 'key', 'value')):
-    out[f'{bv}/MultiHeadDotProductAttention_0/{name}/kernel'] = w.T.reshape(w.shape[1], heads, -1)
-    out[f'{bv}/MultiHeadDotProductAttention_0/{name}/bias'] = b.reshape(heads, -1)
-  w = sd[f'{head}.attention.out_proj.weight']
-  out[f'{bv}/MultiHeadDotProductAttention_0/out/kernel'] = w.T.reshape(heads, -1, w.shape[0])
-  out[f'{bv}/MultiHeadDotProductAttention_0/out/bias'] = sd[f'{head}.attention.out_proj.bias']
-
-
-def big_vision_npz(hf, path):
-  """big_vision's names and flax layouts for `hf`'s weights: the inverse of transformers'
-  convert_siglip_to_hf.py (kernels (in, out), attention (D, heads, head_dim) and
-  (heads, head_dim, D), patch kernel HWIO, `t`/`b` of shape (1,))."""
-  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-  v, t = hf.config.vision_config, hf.config.text_config
-  emb, txt = 'vision_model.embeddings', 'text_model'
-  out = {'img/embedding/kernel': sd[f'{emb}.patch_embedding.weight'].transpose(2, 3, 1, 0),
-         'img/embedding/bias': sd[f'{emb}.patch_embedding.bias'],
-         'img/pos_embedding': sd[f'{emb}.position_embedding.weight'][None],
-         'img/Transformer/encoder_norm/scale': sd['vision_model.post_layernorm.weight'],
-         'img/Transformer/encoder_norm/bias': sd['vision_model.post_layernorm.bias'],
-         'txt/Embed_0/embedding': sd[f'{txt}.embeddings.token_embedding.weight'],
-         'txt/pos_embedding': sd[f'{txt}.embeddings.position_embedding.weight'][None],
-         'txt/Encoder_0/encoder_norm/scale': sd[f'{txt}.final_layer_norm.weight'],
-         'txt/Encoder_0/encoder_norm/bias': sd[f'{txt}.final_layer_norm.bias'],
-         'txt/head/kernel': sd[f'{txt}.head.weight'].T, 'txt/head/bias': sd[f'{txt}.head.bias'],
-         't': sd['logit_scale'], 'b': sd['logit_bias']}
-  for i in range(v.num_hidden_layers):
-    _big_vision_block(out, sd, f'vision_model.encoder.layers.{i}',
-                      f'img/Transformer/encoderblock_{i}', v.num_attention_heads)
-  for i in range(t.num_hidden_layers):
-    _big_vision_block(out, sd, f'{txt}.encoder.layers.{i}', f'txt/Encoder_0/encoderblock_{i}',
-                      t.num_attention_heads)
-  _big_vision_map_head(out, sd, v.num_attention_heads)
-  np.savez(path, **{f'params/{k}': a for k, a in out.items()})
-
-
 def big_vision(tmp):
   hf = hf_siglip(seed=5)
   path = os.path.join(_save_dir(tmp, 'big_vision'), 'siglip.npz')
@@ -400,14 +341,14 @@ def _peer_row(missing, unexpected, err):
 
 
 def export_open_clip(oc, tmp):
-  from clip.formats import export  # pylint: disable=g-import-not-at-top
-  from clip.formats import open_clip_configs  # pylint: disable=g-import-not-at-top
-  from clip.formats import weights  # pylint: disable=g-import-not-at-top
+  from clip.formats import open_clip  # pylint: disable=g-import-not-at-top
+  from clip.formats import open_clip_folder  # pylint: disable=g-import-not-at-top
+  from clip.formats import openai  # pylint: disable=g-import-not-at-top
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False, seed=6)
-  cfg = open_clip_configs.config_from_open_clip(model_cfg)
-  params = weights.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
+  cfg = open_clip.config_from_open_clip(model_cfg)
+  params = openai.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
   folder = _save_dir(tmp, 'export_open_clip')
-  export.save_open_clip(params, cfg, folder)
+  open_clip_folder.save_open_clip(params, cfg, folder)
   theirs = oc.create_model(f'local-dir:{folder}').eval()  # open_clip loads strictly
   return _peer_row((), (), compare(params, cfg, _open_clip_ref(theirs)))
 
@@ -429,7 +370,7 @@ def tiny_sentencepiece(folder, vocab_size=43):
 def export_hf(tmp, siglip):
   import clip  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from clip.formats import export  # pylint: disable=g-import-not-at-top
+  from clip.formats.hf import save_hf  # pylint: disable=g-import-not-at-top
   hf = hf_siglip(seed=7) if siglip else _hf_clip(seed=7)
   source, out = _save_dir(tmp, f'export_hf_src_{siglip}'), _save_dir(tmp, f'export_hf_{siglip}')
   hf.save_pretrained(source)
@@ -437,7 +378,7 @@ def export_hf(tmp, siglip):
   # A SigLIP export writes its tokenizer's files: the source folder needs one.
   tokenizer = tiny_sentencepiece(_save_dir(tmp, 'export_hf_spm')) if siglip else None
   params, cfg = clip.load(source, tokenizer=tokenizer)
-  export.save_hf(params, cfg, out)
+  save_hf(params, cfg, out)
   cls = transformers.SiglipModel if siglip else transformers.CLIPModel
   theirs, info = cls.from_pretrained(out, output_loading_info=True)
   err = compare(params, cfg, _hf_ref(theirs.eval()), siglip, normalized=True)

@@ -1,6 +1,8 @@
-"""Configs: the nine OpenAI models have the reference's exact parameter tree; bad configs raise, and
-so do bad combinations of the custom-architecture options."""
+"""The model config: the nine OpenAI models have the reference's exact parameter tree; bad
+CLIPConfigs raise; a config survives JSON. (The towers' configs: `test_tower_configs.py`; the
+tokenizer's and preprocessing's: `test_processing_configs.py`.)"""
 import dataclasses
+import json
 
 import chex
 import jax
@@ -10,7 +12,8 @@ import torch
 
 import clip
 from clip import configs
-from clip.formats import weights
+from clip.formats import files
+from clip.formats import openai
 from tests.numpy_reference import TEXT
 from tests.numpy_reference import VISION
 
@@ -28,10 +31,10 @@ def reference_shapes(openai_model, cfg):
 def test_init_has_the_reference_state_dict(openai_model, name):
   cfg = clip.MODELS[name]
   abstract = jax.eval_shape(clip.init, jax.random.PRNGKey(0), cfg)
-  ours = {k: tuple(v.shape) for k, v in weights.flatten(abstract).items()}
+  ours = {k: tuple(v.shape) for k, v in files.flatten(abstract).items()}
   assert ours == reference_shapes(openai_model, cfg)
   # and the config is recovered from the shapes alone
-  assert weights.infer_config(weights.flatten(abstract)) == cfg
+  assert openai.infer_config(files.flatten(abstract)) == cfg
 
 
 def test_init_params_composes_inside_jit():
@@ -74,13 +77,6 @@ def test_init_is_deterministic_and_keyed():
 
 
 @pytest.mark.parametrize('make, message', [
-    (lambda: clip.VisionConfig('vit', 64, 2, 3, 224, 32), 'not divisible by heads'),
-    (lambda: clip.VisionConfig('vit', 64, 2, 2, 224, 30), 'not a multiple of patch_size'),
-    (lambda: clip.VisionConfig('vit', 64, 2, 2, 224), 'patch_size'),
-    (lambda: clip.VisionConfig('resnet', 64, (3, 4, 6), 32, 224), '4 positive block counts'),
-    (lambda: clip.VisionConfig('resnet', 64, (3, 4, 6, 3), 32, 200), 'multiple of 32'),
-    (lambda: clip.VisionConfig('convnext', 64, 2, 2, 224, 32), 'arch'),
-    (lambda: clip.TextConfig(512, 12, 0), 'heads must be > 0'),
     (lambda: clip.CLIPConfig(0, clip.MODELS['RN50'].vision, clip.MODELS['RN50'].text), 'embed_dim'),
     (lambda: dataclasses.replace(clip.MODELS['RN50'], dtype='int8'), 'dtype'),
 ])
@@ -90,28 +86,6 @@ def test_bad_configs_raise(make, message):
 
 
 @pytest.mark.parametrize('make, message', [
-    (lambda: configs.VisionConfig(**VISION, pool='map', pool_heads=0), 'pool_heads'),
-    (lambda: configs.VisionConfig(**VISION, pool='map', pool_heads=3), 'map-pooling heads'),
-    (lambda: configs.VisionConfig(**VISION, pool='avg'), "pool must be one of"),
-    (lambda: configs.VisionConfig(**{**VISION, 'width': 30, 'heads': 3}, pos_embedding='sincos2d'),
-     'divisible by 4'),
-    (lambda: configs.VisionConfig(**VISION, registers=2, pool_registers=True), 'pool_registers'),
-    (lambda: configs.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 64, norm='rmsnorm'),
-     'not to a ResNet'),
-    (lambda: configs.TextConfig(**{**TEXT, 'width': 24, 'heads': 8}, pos_embedding='rope'),
-     'must be even'),
-    (lambda: configs.TextConfig(**TEXT, pool='first'), 'first token only'),
-    (lambda: configs.TextConfig(**TEXT, mlp='relu'), 'mlp must be one of'),
-    (lambda: configs.TextConfig(**TEXT, norm='batchnorm'), 'norm must be one of'),
-    (lambda: configs.TextConfig(**TEXT, causal=False, mask_padding=False),
-     'mask_padding=False would let'),
-    (lambda: configs.TextConfig(**TEXT, projection=False, projection_bias=True),
-     'projection_bias=True needs projection=True'),
-    (lambda: configs.TextConfig(**TEXT, norm_eps=0.0), 'norm_eps must be None'),
-    (lambda: configs.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 64, ln_pre=False),
-     r"not to a ResNet: \['ln_pre=False'\]"),
-    (lambda: configs.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 64, patch_bias=True),
-     r"not to a ResNet: \['patch_bias=True'\]"),
     (lambda: configs.CLIPConfig(16, configs.VisionConfig(**VISION, projection=False),
                                 configs.TextConfig(**TEXT)), 'projection=False'),
     (lambda: configs.CLIPConfig(32, configs.VisionConfig(**VISION), configs.TextConfig(**TEXT),
@@ -127,84 +101,20 @@ def test_unknown_model_name():
     clip.get_config('ViT-H/14')
 
 
-def test_normalize_image():
-  images = np.random.default_rng(0).random((2, 4, 4, 3), dtype=np.float32)
-  expected = (images - np.array(clip.IMAGE_MEAN)) / np.array(clip.IMAGE_STD)
-  np.testing.assert_allclose(clip.normalize_image(images), expected, atol=1e-6)
-  np.testing.assert_allclose(clip.normalize_image(jax.numpy.asarray(images)), expected, atol=1e-6)
-  with pytest.raises(TypeError, match='uint8'):
-    clip.normalize_image((images * 255).astype(np.uint8))
-  with pytest.raises(ValueError, match='3'):
-    clip.normalize_image(images[..., :2])
-
-
-@pytest.mark.parametrize('name', ['tiny', 'small', 'siglip_small', 'registers_small',
-                                  'vit_b32_datacomp', 'vit_b16_datacomp'])
-def test_experiment_configs_build_and_every_parameter_has_a_sharding_rule(name):
-  import importlib  # pylint: disable=g-import-not-at-top
-  from clip.train import optim  # pylint: disable=g-import-not-at-top
-  from clip import sharding  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f'experiments.configs.{name}').get_config()
-  cfg, tcfg = config.model, config.train
-  abstract = jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg)
-  sharding.param_specs(abstract)  # raises on an uncovered parameter
-  decays = jax.tree.leaves(optim.decay_mask(abstract))
-  assert any(decays) and not all(decays)
-
-
-# ------------------------------------------------------------------ experiment configs
-
-
-def test_experiment_config_arguments_are_honoured():
-  """`--config name:key=value,...` reaches the config's fields, the model's SigLIP bias
-  following the loss; the defaults give the config unchanged."""
-  from experiments.configs import small  # pylint: disable=g-import-not-at-top
-  default = small.get_config()
-  assert default == small.get_config('')
-  changed = small.get_config('loss=sigmoid,batch=256,steps=400')
-  assert (changed.train.loss, changed.train.batch_size, changed.train.total_steps) == (
-      'sigmoid', 256, 400)
-  assert changed.model.logit_bias and not default.model.logit_bias
-  assert changed.train.warmup_steps == 40 and default.train.warmup_steps == 50
-  accumulated = small.get_config('batch=1024,accum=8').train
-  assert (accumulated.accumulation, accumulated.micro_batch_size, accumulated.total_steps) == (
-      'grad_cache', 128, 1000)
-  multisteps = small.get_config('accum=8,accumulation=multisteps').train
-  assert (multisteps.micro_batch_size, multisteps.total_steps, multisteps.warmup_steps) == (
-      128, 8000, 400)  # steps count updates: 8 calls each
-  with pytest.raises(ValueError, match="key one of \\['accum', 'accumulation', 'batch', 'loss', "
-                                       "'steps'\\]"):
-    small.get_config('lr=3')
-  with pytest.raises(ValueError, match='batch takes int'):
-    small.get_config('batch=big')
-
-
-def test_set_reaches_any_field_and_validates():
-  from experiments import configs as experiment_configs  # pylint: disable=g-import-not-at-top
-  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
-  base = tiny.get_config()
-  changed = experiment_configs.override(base, 'model.vision.layers=3')
-  assert changed.model.vision.layers == 3 and base.model.vision.layers == 2
-  changed = experiment_configs.set_fields(base, {'train.total_steps': 4, 'train.warmup_steps': 1})
-  assert (changed.train.total_steps, changed.train.warmup_steps) == (4, 1)
-  assert experiment_configs.override(base, 'train.learning_rate=3').train.learning_rate == 3.0
-  with pytest.raises(ValueError, match="no field 'lr'"):
-    experiment_configs.override(base, 'train.lr=1')
-  with pytest.raises(ValueError, match='section.field=value'):
-    experiment_configs.override(base, 'layers=3')
-  with pytest.raises(ValueError, match='warmup_steps must be'):
-    experiment_configs.override(base, 'train.warmup_steps=50')
-  with pytest.raises(ValueError, match='run.log_every must be'):
-    experiment_configs.override(base, 'run.log_every=0')
-
-
-def test_main_job_flags_are_aliases_and_implied_changes_are_printed(capsys):
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  load = lambda *argv: train.load_config(train.parse_args(['--config', 'tiny', *argv]))
-  assert load('--steps', '20') == load('--set', 'train.total_steps=20')
-  assert 'train.warmup_steps 5 -> 2' in capsys.readouterr().out
-  config = load('--loss', 'sigmoid', '--mesh', '2,2,2', '--set', 'run.log_every=10')
-  assert 'model.logit_bias False -> True' in capsys.readouterr().out
-  assert config.model.logit_bias and config.train.mesh == (2, 2, 2) and config.run.log_every == 10
-  with pytest.raises(ValueError, match='takes no logit_bias'):
-    load('--set', 'model.logit_bias=True')
+def test_a_config_survives_json_and_unknown_fields_are_named():
+  cfg = dataclasses.replace(
+      clip.MODELS['ViT-B/32'], logit_bias=True, remat='dots',
+      decoder=configs.DecoderConfig(512, 2, 8, output_ids=(3, 5, 49407)),
+      text=dataclasses.replace(clip.MODELS['ViT-B/32'].text, pool='last', mlp='swiglu'),
+      tokenizer=configs.TokenizerConfig('siglip', 'spm.model'),
+      preprocess=configs.PreprocessConfig((0.5,) * 3, (0.5,) * 3, 'squash'))
+  values = json.loads(json.dumps(configs.to_dict(cfg)))
+  assert values['decoder']['output_ids'] == [3, 5, 49407]
+  assert values['text']['mlp'] == 'swiglu' and values['tokenizer']['model_file'] == 'spm.model'
+  assert configs.from_dict(values) == cfg
+  rn50 = json.loads(json.dumps(configs.to_dict(clip.MODELS['RN50'])))
+  assert rn50['vision']['layers'] == [3, 4, 6, 3] and configs.from_dict(rn50) == clip.MODELS['RN50']
+  with pytest.raises(ValueError, match=r"config.text: TextConfig has no fields \['depth'\]"):
+    configs.from_dict({**values, 'text': {**values['text'], 'depth': 3}})
+  with pytest.raises(TypeError, match='to_dict takes a CLIPConfig, got dict'):
+    configs.to_dict(values)

@@ -9,8 +9,8 @@ import pytest
 
 from data import filters
 from data import shards
-from tests.data.test_webdataset import pipeline
-from tests.data.test_webdataset import write_shards
+from tests.data.test_webdataset_tars import pipeline
+from tests.data.test_webdataset_tars import write_shards
 
 # Per shard: the (original_width, original_height) of its six samples, as the parquet says.
 SIZES = ([(300, 250), (200, 500), (199, 400), (640, 480), (150, 150), (800, 600)],

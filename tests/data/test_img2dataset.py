@@ -10,6 +10,7 @@ ends on every format and stops with `EmptyEpochError` where no record is usable;
 reads the shards for retrieval.
 """
 import contextlib
+import csv
 import fcntl
 import functools
 import glob
@@ -24,6 +25,7 @@ import sys
 import tarfile
 import threading
 
+import jax
 import numpy as np
 from PIL import Image
 import pyarrow.parquet as pq
@@ -31,8 +33,8 @@ import pytest
 import tensorflow as tf
 
 import clip
-from clip.formats import weights
-from clip.eval import zero_shot
+from clip.formats import files
+from clip.eval import retrieval
 from data import filters
 from data import shards
 from experiments import evaluate
@@ -163,7 +165,6 @@ def http_server(directory):
 
 
 def write_url_list(path, base, rows):
-  import csv  # pylint: disable=g-import-not-at-top
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(['url', 'caption', 'uid'])
@@ -506,15 +507,14 @@ def test_training_on_unusable_shards_stops_with_empty_epoch_error(unusable, tmp_
 @pytest.fixture(scope='module')
 def model_file(tmp_path_factory):
   """A random tiny model as a flat .npz checkpoint (biases perturbed: OpenAI's init zeroes them)."""
-  import jax  # pylint: disable=g-import-not-at-top
   cfg = tiny.get_config().model
-  flat = weights.flatten(clip.init(jax.random.PRNGKey(0), cfg))
+  flat = files.flatten(clip.init(jax.random.PRNGKey(0), cfg))
   rng = np.random.default_rng(0)
   flat = {k: np.asarray(v) + (0.1 * rng.standard_normal(v.shape).astype(np.float32)
                               if v.ndim == 1 else 0) for k, v in flat.items()}
   path = tmp_path_factory.mktemp('model') / 'tiny.npz'
   np.savez(path, **flat)
-  return str(path), weights.nest(flat), cfg
+  return str(path), files.nest(flat), cfg
 
 
 def test_retrieval_evaluation_on_png_tfrecords(made, model_file, tmp_path):
@@ -528,7 +528,7 @@ def test_retrieval_evaluation_on_png_tfrecords(made, model_file, tmp_path):
   rows, images = successes(made, fmt), stored_images(made, fmt)
   keys = sorted(rows)
   pixels = np.stack([pil_rgb(images[k]) for k in keys]).astype(np.float32) / 255
-  recall = zero_shot.retrieval_metrics(
+  recall = retrieval.retrieval_metrics(
       clip.encode_image(params, clip.normalize_image(pixels), cfg),
       clip.encode_text(params, clip.tokenize([rows[k]['caption'] for k in keys],
                                              cfg.context_length), cfg))

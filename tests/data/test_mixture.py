@@ -15,8 +15,8 @@ from tests.data.test_tfrecords import OPENAI
 from tests.data.test_tfrecords import SIGLIP
 from tests.data.test_tfrecords import fake_tokenize
 from tests.data.test_tfrecords import smooth_image
-from tests.data.test_webdataset import RES
-from tests.data.test_webdataset import write_shards as write_tars
+from tests.data.test_webdataset_tars import RES
+from tests.data.test_webdataset_tars import write_shards as write_tars
 
 
 # ----------------------------------------------------------------------------- the spec

@@ -100,9 +100,3 @@ def test_normalize_image_is_the_models_normalisation():
   got = transforms.normalize_image(tf.constant(image), cfg.preprocess.mean, cfg.preprocess.std)
   chex.assert_trees_all_close(got.numpy(), clip.processing.normalize(image / np.float32(255), cfg),
                               atol=1e-6)
-
-
-def test_check_preprocess_names_what_to_pass():
-  assert transforms.check_preprocess(configs.PreprocessConfig()) == configs.PreprocessConfig()
-  with pytest.raises(TypeError, match=r'cfg\.preprocess\), got NoneType'):
-    transforms.check_preprocess(None)
