@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 import clip
-from clip.formats import weights
+from clip.formats import files
 from experiments.references import openai as openai_reference
 
 def seconds(fn):
@@ -70,7 +70,7 @@ def bench_model(openai_model, name, batch_sizes, rounds, repeats, warmup):
   import torch  # pylint: disable=g-import-not-at-top
   cfg = clip.get_config(name)
   m = openai_reference.perturb(openai_reference.build(openai_model, cfg), scale=0.02)
-  params = jax.device_put(weights.nest({k: v.numpy() for k, v in m.state_dict().items()}))
+  params = jax.device_put(files.nest({k: v.numpy() for k, v in m.state_dict().items()}))
   rng = np.random.default_rng(0)
   r = cfg.image_resolution
   rows = []

@@ -2,7 +2,7 @@
 bars, interleaved in one run so the machine's state is shared.
 
 - `dispatched`: the bar advances when a step is dispatched (no wait; races ahead, then stalls).
-- `completed`: `experiments.train.CompletedSteps` (the main job's bar), which waits on the loss
+- `completed`: `clip.train.loop.CompletedSteps` (the main job's bar), which waits on the loss
   of the step two dispatches back.
 - `sync`: waits on every step's own loss (lag 0), the per-step host sync the main job avoids.
 
@@ -46,13 +46,13 @@ def time_loop(mode, train_step, state, batches, mesh):
   """Seconds for `len(batches)` steps with the bar of `mode`, to the last loss ready."""
   import tqdm  # pylint: disable=g-import-not-at-top
   from clip.train import training  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from clip.train import loop  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   state = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), state))  # the step donates it
   bar = tqdm.tqdm(total=len(batches), desc=mode, unit='step', leave=False)
   progress = {'dispatched': lambda: _Dispatched(bar),
-              'completed': lambda: train.CompletedSteps(bar),
-              'sync': lambda: train.CompletedSteps(bar, lag=0)}[mode]()
+              'completed': lambda: loop.CompletedSteps(bar),
+              'sync': lambda: loop.CompletedSteps(bar, lag=0)}[mode]()
   start = time.perf_counter()
   for batch in batches:
     state, metrics = train_step(state, training.global_batch(mesh, batch))

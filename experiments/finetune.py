@@ -27,10 +27,23 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
+import tqdm
 
+import clip
+from clip import model
+from clip import processing
+from clip import sharding
+from clip.eval import zero_shot
+from clip.formats import workdirs
+from clip.train import finetune
+from clip.train import loop
+from clip.train import state_store
+from clip.train import training
 from data import synthetic
 from data import synthetic_eval
+from experiments import configs
 
 MODES = ('classifier', 'lit', 'text-classifier')
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -67,7 +80,6 @@ def _synthetic(cfg, split, seed=0):
 def _normalised(images_u8, cfg):
   """The built-in set's uint8 images, drawn at the model's resolution -> normalised with the
   model's mean and std (the only step of its preprocessing they need)."""
-  from clip import processing  # pylint: disable=g-import-not-at-top
   return processing.normalize(images_u8.astype(np.float32) / 255, cfg)
 
 
@@ -90,7 +102,6 @@ def labelled_batches(args, cfg):
   if kind == 'tfds':
     from data import tfds  # pylint: disable=g-import-not-at-top
     data = tfds.TFDSClassification(name, 'train', data_dir=args.data_dir)
-    from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
     batches = data.batches(args.batch_size, cfg.image_resolution, preprocess=cfg.preprocess,
                            train=True, seed=args.seed)
     prompts = [zero_shot.DEFAULT_TEMPLATES[0].format(c) for c in data.classnames]
@@ -124,31 +135,26 @@ def _accuracy(logits, labels):
 
 
 def _run(cfg, tcfg, init_params, objective, batch_keys, batches, to_batch):
-  """Trains with the pre-training step; returns the final params and the metrics log."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import tqdm  # pylint: disable=g-import-not-at-top
-  from clip import model  # pylint: disable=g-import-not-at-top
-  from clip import sharding  # pylint: disable=g-import-not-at-top
-  from clip.train import training  # pylint: disable=g-import-not-at-top
+  """Trains with the pre-training step (`clip.train.loop`); returns the final params and the
+  metrics logged every 10 steps and at the last."""
   mesh = sharding.make_mesh(*tcfg.mesh)
-  state, step, _, _, _ = training.setup(cfg, tcfg, mesh, init_params=init_params,
-                                        objective=objective, batch_keys=batch_keys)
+  setup = training.setup(cfg, tcfg, mesh, init_params=init_params, objective=objective,
+                         batch_keys=batch_keys)
   log = []
-  for i in tqdm.trange(tcfg.total_steps, desc='fine-tune'):
-    state, metrics = step(state, training.global_batch(mesh, to_batch(next(batches))))
-    if (i + 1) % 10 == 0 or i + 1 == tcfg.total_steps:
-      log.append({'step': i + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}})
+  bar = tqdm.tqdm(total=tcfg.total_steps, desc='fine-tune', unit='step')
+  state = loop.train(setup.state, setup.train_step,
+                     (training.global_batch(mesh, to_batch(b)) for b in batches),
+                     steps=tcfg.total_steps,
+                     hooks=[loop.progress(bar),
+                            loop.log_metrics(lambda step, m: log.append({'step': step, **m}), 10)])
   return model.update_batch_stats(jax.device_get(state['params']),
                                   jax.device_get(state['batch_stats'])), log
 
 
 def classifier(args, params, cfg, tcfg):
-  import clip  # pylint: disable=g-import-not-at-top
-  from clip.train import finetune  # pylint: disable=g-import-not-at-top
-  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   batches, prompts = labelled_batches(args, cfg)
-  weights = zero_shot.classifier_weights_from_tokens(params, cfg,
-                                                     clip.get_tokenizer(cfg)(prompts)[:, None])
+  weights = zero_shot.classifier_weights_from_tokens(params,
+                                                     clip.get_tokenizer(cfg)(prompts)[:, None], cfg)
   zs = finetune.image_classifier_params(params, weights)
   tests = test_sets(args, cfg)
   objective = finetune.image_classification_objective(cfg)
@@ -172,8 +178,6 @@ def classifier(args, params, cfg, tcfg):
 
 
 def lit(args, params, cfg, tcfg):
-  import clip  # pylint: disable=g-import-not-at-top
-  import losses  # pylint: disable=g-import-not-at-top
   tokenize = clip.get_tokenizer(cfg)  # before anything runs: the model's own, or TokenizerError
   before = synthetic_eval.evaluate(params, cfg, args.eval_examples, args.seed + 1)
   ds = _synthetic(cfg, 'train', args.seed)
@@ -181,8 +185,7 @@ def lit(args, params, cfg, tcfg):
                        preprocess=cfg.preprocess)
   tcfg = dataclasses.replace(tcfg, lock_image_tower=True, loss=args.loss)
   init = dict(params)
-  if losses.takes_bias(args.loss) != cfg.logit_bias:  # the model follows the loss
-    from clip import model  # pylint: disable=g-import-not-at-top
+  if tcfg.trains_logit_bias != cfg.logit_bias:  # the model follows the loss
     print(f'--loss {args.loss}: LiT trains with logit_bias={not cfg.logit_bias}')
     cfg = dataclasses.replace(cfg, logit_bias=not cfg.logit_bias)
     init = model.add_logit_bias(init) if cfg.logit_bias else {
@@ -195,9 +198,6 @@ def lit(args, params, cfg, tcfg):
 
 
 def text_classifier(args, params, cfg, tcfg):
-  import clip  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from clip.train import finetune  # pylint: disable=g-import-not-at-top
   if not args.dataset.startswith('synthetic'):
     raise ValueError('text-classifier needs labelled captions: --dataset synthetic/<task>')
   tokenize = clip.get_tokenizer(cfg)
@@ -230,21 +230,19 @@ def plot_wise_ft(accuracy, path):
 
 def main(argv=None):
   args = parse_args(argv)
-  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
-  from clip.train import training  # pylint: disable=g-import-not-at-top
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
   if args.lp_steps and args.mode != 'classifier':
     raise ValueError('--lp-steps applies to --mode classifier only')
   tcfg = training.TrainConfig(batch_size=args.batch_size, total_steps=args.steps,
                               warmup_steps=args.steps // 10, learning_rate=args.learning_rate,
                               weight_decay=args.weight_decay, layer_decay=args.layer_decay,
                               mesh=tuple(int(s) for s in args.mesh.split(',')), seed=args.seed)
-  params, cfg = evaluate.load_model(args.model, args.config)
+  params, cfg = workdirs.load_model(args.model, configs.model_config(args.config),
+                                    config_name=args.config)
   run = {'classifier': classifier, 'lit': lit, 'text-classifier': text_classifier}[args.mode]
   tuned, results = run(args, params, cfg, tcfg)
   out = args.out or os.path.join('results', 'finetune', args.mode)
   os.makedirs(out, exist_ok=True)
-  checkpoint.save(os.path.join(out, 'checkpoints'), args.steps, {'params': tuned}, keep=1)
+  state_store.save(os.path.join(out, workdirs.CHECKPOINTS), args.steps, {'params': tuned}, keep=1)
   results = {'mode': args.mode, 'model': args.model, 'dataset': args.dataset, **results}
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)

@@ -4,8 +4,8 @@
   the image tower and a linear `head` on its L2-normalised features, the head initialised from
   zero-shot classifier weights (times the logit scale), so that step 0 *is* the zero-shot
   classifier. Full fine-tuning, or LP-FT (`TrainConfig(freeze=(r'visual\\..*',))` first: the
-  tower's weights and a ResNet's BatchNorm statistics stay bit-identical, `clip.train.freezing`; then
-  everything), with layer-wise learning-rate decay (`TrainConfig(layer_decay=0.75)`).
+  tower's weights and a ResNet's BatchNorm statistics stay bit-identical, `clip.train.freezing`;
+  then everything), with layer-wise learning-rate decay (`TrainConfig(layer_decay=0.75)`).
 - WiSE-FT (`wise_ft`): the weight-space interpolation of zero-shot and fine-tuned parameters.
 - LiT: `TrainConfig(lock_image_tower=True)` with the CLIP objective: the text tower learns, the
   image tower stays bit-identical and runs without gradients.
@@ -18,7 +18,7 @@ texts by its tokenizer (`clip.get_tokenizer(cfg)`), zero-shot weights from promp
 The parameter dicts keep torch's keys: `{'visual': ..., 'head': {'weight': (C, D), 'bias': (C,)}}`
 for images, the text tower's top-level keys plus `head` for text.
 
-  zero_shot_weights = zero_shot.classifier_weights(clip_params, cfg, classnames)
+  zero_shot_weights = zero_shot.classifier_weights(clip_params, classnames, cfg)
   params = finetune.image_classifier_params(clip_params, zero_shot_weights)
   run = training.setup(cfg, tcfg, mesh, init_params=lambda key: params,
                        objective=finetune.image_classification_objective(cfg),

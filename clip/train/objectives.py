@@ -14,11 +14,6 @@ NO_CONTRASTIVE = 'none'  # TrainConfig.loss of a captioning-only run (CapPa)
 PATCH_DROPOUT_STREAM = 7  # fold_in of the step's key that draws FLIP's kept patches
 
 
-def takes_bias(loss):
-  """`losses.takes_bias`, and False for `'none'` (no contrastive loss)."""
-  return loss != NO_CONTRASTIVE and losses.takes_bias(loss)
-
-
 def check_objective(cfg, tcfg):
   """The model config and the losses agree: `check_logit_bias`, a contrastive loss needs a text
   tower, and a decoder is there exactly when the captioning loss has a weight. Raises
@@ -34,9 +29,10 @@ def check_objective(cfg, tcfg):
 
 
 def check_logit_bias(cfg, tcfg):
-  """The model config and the loss agree on SigLIP's bias (`losses.takes_bias`): the sigmoid
-  losses train `logit_bias`, the others must not carry one. Raises ValueError naming both."""
-  takes = takes_bias(tcfg.loss)
+  """The model config and the loss agree on SigLIP's bias (`TrainConfig.trains_logit_bias`): the
+  sigmoid losses train `logit_bias`, the others must not carry one. Raises ValueError naming
+  both."""
+  takes = tcfg.trains_logit_bias
   if takes != cfg.logit_bias:
     raise ValueError(f'loss {tcfg.loss!r} {"takes" if takes else "takes no"} logit_bias, but the '
                      f'model config has logit_bias={cfg.logit_bias}: use '
@@ -78,16 +74,18 @@ def normalised_pair(params, img, tokens, cfg):
 
 
 def loss_scalars(params, loss):
-  """What loss `loss` takes after the embeddings: the logit scale, and the bias if it takes one."""
-  return (params['logit_scale'],) + ((params['logit_bias'],) if takes_bias(loss) else ())
+  """What contrastive loss `loss` takes after the embeddings: the logit scale, and the bias if it
+  takes one (`losses.takes_bias`)."""
+  return (params['logit_scale'],) + ((params['logit_bias'],) if losses.takes_bias(loss) else ())
 
 
 def clip_objective(cfg, tcfg, mesh):
   """The image-text objective: `(params, batch_stats, batch, key) -> (loss, (batch_stats,
   metrics))` with `batch = {'image', 'tokens'}`: the contrastive loss `tcfg.loss` as a shard_map
   program, plus `tcfg.caption_weight` times the captioning loss of a model with a decoder
-  (`clip.train.captioning`; `key` draws its parallel-prediction masks, and a fold of it the patches a
-  ViT with `patch_dropout` keeps). The image tower runs once for both (`image_outputs`)."""
+  (`clip.train.captioning`; `key` draws its parallel-prediction masks, and a fold of it the
+  patches a ViT with `patch_dropout` keeps). The image tower runs once for both
+  (`image_outputs`)."""
   check_objective(cfg, tcfg)
   contrastive = tcfg.loss != NO_CONTRASTIVE
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES) if contrastive else None

@@ -71,9 +71,6 @@ def schedule(learning_rate, warmup_steps, total_steps, end_fraction=0.0, kind='c
                               [warmup_steps])
 
 
-_schedule = schedule  # make_optimizer's `schedule` argument hides the function
-
-
 def _zero_frozen(patterns):
   """An optax transformation setting the updates of what `patterns` freeze to zero: whole
   leaves, or the frozen layers of a stacked leaf (`freezing.leaf_masks`). The masks follow the
@@ -144,42 +141,47 @@ def _muon(lr, weight_decay, b1, b2, eps):
       optax.scale_by_learning_rate(lr))
 
 
-def make_optimizer(name, learning_rate, weight_decay, warmup_steps, total_steps, b1=0.9,
-                   b2=0.98, eps=1e-6, clip_norm=1.0, accumulation_steps=1, freeze=(),
-                   layer_decay=1.0, schedule='cosine'):
-  """(optimizer, lr schedule). AdamW defaults are OpenAI's (b2=0.98, eps=1e-6); `clip_norm=None`
-  turns clipping off; `accumulation_steps > 1` sums gradients over that many calls before one
-  update (optax.MultiSteps). What the `freeze` regexes name (`clip.train.freezing`: per-layer torch
-  keys, so single layers of stacked blocks too) gets zero gradients (not counted by clipping,
-  never in the moments) and zero updates (no weight decay either): it stays bit-identical.
-  `layer_decay < 1` scales the image tower's updates by depth (`scale_by_layer_decay`).
-  `schedule` is what follows the warmup: one of `SCHEDULES` (see `schedule()`).
+def make_optimizer(tcfg):
+  """(optimizer, lr schedule) of a `TrainConfig`: its optimizer with its learning rate under its
+  schedule (`schedule()`), weight decay, AdamW betas and eps (OpenAI's defaults, b2=0.98,
+  eps=1e-6), gradient clipping at `clip_norm` (None: none), freezing and layer-wise decay.
 
-  `muon` orthogonalises the momentum of the matrices (`muon_dimension_numbers`), scaled to
-  AdamW's RMS (`MUON_RMS`), and trains the other leaves with Adam (b1, b2, eps; Nesterov, as
-  optax's Muon). Every optimizer decays the leaves `decay_mask` selects, by lr * weight_decay."""
-  if name not in OPTIMIZERS:
-    raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}')
-  if accumulation_steps < 1:
-    raise ValueError(f'accumulation_steps must be >= 1, got {accumulation_steps}')
-  lr = _schedule(learning_rate, warmup_steps, total_steps, kind=schedule)
-  if name == 'adamw':
-    opt = optax.adamw(lr, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
-  elif name == 'lion':
-    opt = optax.lion(lr, b1, b2, weight_decay=weight_decay, mask=decay_mask)
-  elif name == 'adafactor':
-    opt = optax.adafactor(lr, weight_decay_rate=weight_decay or None,
-                          weight_decay_mask=decay_mask)
-  else:
-    opt = _muon(lr, weight_decay, b1, b2, eps)
-  if not 0 < layer_decay <= 1:
-    raise ValueError(f'layer_decay must be in (0, 1], got {layer_decay}')
-  if layer_decay < 1:
-    opt = optax.chain(opt, scale_by_layer_decay(layer_decay))
-  if clip_norm is not None:
-    opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
-  if freeze:  # before clipping and the moments (frozen gradients count for nothing), and after
-    opt = optax.chain(_zero_frozen(freeze), opt, _zero_frozen(freeze))
-  if accumulation_steps > 1:
-    opt = optax.MultiSteps(opt, accumulation_steps)
+  What `tcfg.frozen` names (`clip.train.freezing`: per-layer torch keys, so single layers of
+  stacked blocks too) gets zero gradients (not counted by clipping, never in the moments) and
+  zero updates (no weight decay either): it stays bit-identical. `layer_decay < 1` scales the
+  image tower's updates by depth (`scale_by_layer_decay`). `muon` orthogonalises the momentum of
+  the matrices (`muon_dimension_numbers`), scaled to AdamW's RMS (`MUON_RMS`), and trains the
+  other leaves with Adam (b1, b2, eps; Nesterov, as optax's Muon). Every optimizer decays the
+  leaves `decay_mask` selects, by lr * weight_decay.
+
+  `total_steps` and `warmup_steps` count calls of the step. Under `accumulation='multisteps'`
+  with k > 1 (optax.MultiSteps) gradients are summed over k calls before one update, so the
+  schedule runs over total_steps / k updates (warmup_steps / k of them warming up); grad_cache
+  accumulates inside one call and updates every call."""
+  k = 1 if tcfg.accumulation == 'grad_cache' else tcfg.accumulation_steps
+  lr = schedule(tcfg.learning_rate, tcfg.warmup_steps // k, tcfg.total_steps // k,
+                kind=tcfg.schedule)
+  opt = _base_optimizer(tcfg, lr)
+  if tcfg.layer_decay < 1:
+    opt = optax.chain(opt, scale_by_layer_decay(tcfg.layer_decay))
+  if tcfg.clip_norm is not None:
+    opt = optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), opt)
+  if tcfg.frozen:  # before clipping and the moments (frozen gradients count for nothing), and after
+    opt = optax.chain(_zero_frozen(tcfg.frozen), opt, _zero_frozen(tcfg.frozen))
+  if k > 1:
+    opt = optax.MultiSteps(opt, k)
   return opt, lr
+
+
+def _base_optimizer(tcfg, lr):
+  """`tcfg.optimizer` at learning rate `lr`, decaying what `decay_mask` selects."""
+  name, wd, b1, b2, eps = tcfg.optimizer, tcfg.weight_decay, tcfg.b1, tcfg.b2, tcfg.eps
+  if name == 'adamw':
+    return optax.adamw(lr, b1, b2, eps, weight_decay=wd, mask=decay_mask)
+  if name == 'lion':
+    return optax.lion(lr, b1, b2, weight_decay=wd, mask=decay_mask)
+  if name == 'adafactor':
+    return optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
+  if name == 'muon':
+    return _muon(lr, wd, b1, b2, eps)
+  raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}')

@@ -1,4 +1,5 @@
-"""Train-state checkpoints: atomic, pickle-free, the last K kept, restored into their shardings.
+"""The train-state store: checkpoints of a run's state, atomic, pickle-free, the last K kept,
+restored into their shardings.
 
 A checkpoint is a folder `step_00001234/` holding `state.npz` (every leaf under its pytree path,
 saved with `allow_pickle=False`) and `meta.json` (the step and whatever the caller adds, e.g. the

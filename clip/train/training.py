@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import losses
 from clip.train import captioning
@@ -45,8 +44,8 @@ class TrainConfig:
   clip_norm: float | None = 1.0
   # k > 1 accumulates k micro-batches per optimizer step. 'multisteps' (optax.MultiSteps): each
   # call of the step is one micro-batch of batch_size, seeing only its own negatives.
-  # 'grad_cache' (clip/train/grad_cache.py): each call takes the global batch of batch_size and runs it
-  # as k micro-batches of batch_size / k in two passes, every negative kept.
+  # 'grad_cache' (clip/train/grad_cache.py): each call takes the global batch of batch_size and
+  # runs it as k micro-batches of batch_size / k in two passes, every negative kept.
   accumulation_steps: int = 1
   accumulation: str = 'multisteps'
   mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the rest
@@ -106,6 +105,12 @@ class TrainConfig:
     return tuple(self.freeze) + ((r'visual\..*',) if self.lock_image_tower else ())
 
   @property
+  def trains_logit_bias(self):
+    """Whether the loss trains SigLIP's `logit_bias` (`losses.takes_bias`; no contrastive loss,
+    `loss='none'`, trains none): the model config carries one exactly then."""
+    return self.loss != objectives.NO_CONTRASTIVE and losses.takes_bias(self.loss)
+
+  @property
   def grad_cache(self):
     """Whether the step runs two-pass accumulation (`accumulation='grad_cache'`, k > 1)."""
     return self.accumulation == 'grad_cache' and self.accumulation_steps > 1
@@ -129,7 +134,7 @@ class TrainSetup(typing.NamedTuple):
   """What `setup` builds for a training loop."""
   state: dict                # {'params', 'batch_stats', 'opt', 'step', 'rng'}, sharded
   train_step: typing.Callable  # (state, batch) -> (state, metrics), jitted, state donated
-  shardings: dict            # the state's NamedShardings (checkpoint.restore takes them)
+  shardings: dict            # the state's NamedShardings (state_store.restore takes them)
   schedule: typing.Callable  # optimizer step -> learning rate
   optimizer: optax.GradientTransformation
 
@@ -147,7 +152,7 @@ def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=('ima
     objectives.check_objective(cfg, tcfg)
   if init_params is None:
     check_init_logit_scale(cfg)
-  optimizer, schedule = make_optimizer(tcfg)
+  optimizer, schedule = optim.make_optimizer(tcfg)
   state, shardings = create_state(cfg, tcfg, mesh, optimizer, rules, init_params)
   train_step = make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective,
                                batch_keys)
@@ -163,17 +168,6 @@ def check_init_logit_scale(cfg):
     raise ValueError(f'init_logit_scale={start} is outside [{bounds[0]:g}, '
                      f'ln {np.exp(bounds[1]):.0f} = {bounds[1]:.4f}], the range training clamps '
                      'this model family\'s logit scale to (CLIPConfig.logit_scale_range)')
-
-
-def make_optimizer(tcfg):
-  """(optimizer, schedule). `total_steps` and `warmup_steps` count calls of the step; under
-  MultiSteps the optimizer updates once per k calls, so its schedule runs over total_steps / k
-  updates (warmup_steps / k of them warming up)."""
-  k = 1 if tcfg.accumulation == 'grad_cache' else tcfg.accumulation_steps
-  return optim.make_optimizer(tcfg.optimizer, tcfg.learning_rate, tcfg.weight_decay,
-                              tcfg.warmup_steps // k, tcfg.total_steps // k, tcfg.b1, tcfg.b2,
-                              tcfg.eps, tcfg.clip_norm, k, tcfg.frozen, tcfg.layer_decay,
-                              tcfg.schedule)
 
 
 def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULES):
@@ -202,9 +196,10 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
 
   `objective(params, batch_stats, batch, key) -> (loss, (batch_stats, metrics))` is what is
   minimised (`key`: a fresh PRNG key each step, from the state's `rng`):
-  by default `objectives.clip_objective`; fine-tuning passes its own (`clip.train.finetune`) with its
-  `batch_keys`. Metrics add the grad norm, the learning rate and, where the params have them, the
-  logit scale (clamped after each update to the model family's `cfg.logit_scale_range`) and bias.
+  by default `objectives.clip_objective`; fine-tuning passes its own (`clip.train.finetune`)
+  with its `batch_keys`. Metrics add the grad norm, the learning rate and, where the params have
+  them, the logit scale (clamped after each update to the model family's
+  `cfg.logit_scale_range`) and bias.
 
   What `tcfg.frozen` names (`clip.train.freezing`) leaves the step bit-identical: its gradients and
   updates are zeroed by the optimizer, and its old values are kept after the update, the clamp and

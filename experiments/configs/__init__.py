@@ -7,6 +7,7 @@ then be set with `override` (`--set train.learning_rate=3e-4 --set model.vision.
 """
 import ast
 import dataclasses
+import importlib
 import types
 
 from clip import configs
@@ -122,3 +123,11 @@ def _replace(obj, items):
   for name, items_below in nested.items():
     changes[name] = _replace(getattr(obj, name), items_below)
   return dataclasses.replace(obj, **changes)
+
+
+def model_config(name):
+  """The model config of the experiment file `experiments/configs/<name>.py` (None for None): what
+  the scripts' --config names where a checkpoint does not state its architecture."""
+  if name is None:
+    return None
+  return importlib.import_module(f'experiments.configs.{name}').get_config().model

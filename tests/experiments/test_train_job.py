@@ -4,7 +4,6 @@ model reads (its tokenizer and preprocessing), which its workdir names; its data
 next unseen example, so a run resumed at another batch size sees each example once."""
 # pylint: disable=redefined-outer-name
 import dataclasses
-import shutil
 import json
 import os
 import re
@@ -19,6 +18,12 @@ import numpy as np
 import pytest
 
 import clip
+from clip.formats import files
+from clip.formats import workdirs
+from clip.train import resume
+from data import synthetic
+from experiments import train
+from experiments.configs import tiny
 from tests.data.test_tfrecords import siglip_cfg  # pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +60,6 @@ def losses(workdir):
 def write_shards(directory, data):
   """256 built-in samples as img2dataset shards of `data`'s format (tfrecords or webdataset
   tars): 24 steps of 32 cross three epoch ends."""
-  from data import synthetic  # pylint: disable=g-import-not-at-top
   ds = synthetic.SyntheticCaptions(seed=3, resolution=40)
   if data == 'tfrecords':
     ds.write_tfrecords(directory, 256, 4)
@@ -88,8 +92,6 @@ def test_killed_run_resumes_bit_identically(tmp_path, data):
     proc.kill()
   assert not (killed / 'checkpoints' / 'step_00000024').exists(), 'killed too late to test'
   run(train_cmd(killed, *extra), devices=8)
-  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
-  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
   assert workdirs.load_model_config(str(killed)) == tiny.get_config().model
   straight, resumed = final_state(tmp_path / 'straight'), final_state(killed)
   assert straight.keys() == resumed.keys()
@@ -97,11 +99,10 @@ def test_killed_run_resumes_bit_identically(tmp_path, data):
     np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
   assert losses(killed) == losses(tmp_path / 'straight')
   # --export-torch wrote the final weights as a torch state dict that loads back exactly.
-  from clip.formats import weights  # pylint: disable=g-import-not-at-top
-  exported, _ = weights.load(str(tmp_path / 'final.pt'))
+  exported, _ = clip.load(str(tmp_path / 'final.pt'))
   trained = {'.'.join(re.findall(r"\['([^']+)'\]", k)[1:]): v for k, v in straight.items()
              if k.startswith("['params']")}
-  chex.assert_trees_all_equal(weights.flatten(exported), trained)
+  chex.assert_trees_all_equal(files.flatten(exported), trained)
 
 
 def free_port():
@@ -115,7 +116,8 @@ def test_two_processes_train_as_one(tmp_path):
   # 10 steps (losses logged at 5 and 10). The ring loss, whose collectives are ppermutes: the
   # all-gather loss's small reduce-scatter makes gloo's later large all-reduces ~100x slower
   # (experiments/bench_gloo.py), ~12 s a step; ring and all-gather losses are checked against
-  # each other in one process (tests/experiments/test_loss_ablation.py, tests/train/test_training.py).
+  # each other in one process (tests/experiments/test_loss_ablation.py,
+  # tests/train/test_training.py).
   loss = ('--loss', 'ring_contrastive')
   run(train_cmd(tmp_path / 'one', '--mesh=4,2,1', *loss, steps=10), devices=8)
   port = free_port()
@@ -136,29 +138,10 @@ def test_two_processes_train_as_one(tmp_path):
   np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
 
 
-def test_a_workdir_resumes_only_on_its_own_data(capsys):
-  """The saved data position belongs to the source it was read from: another --data is refused;
-  another run length is allowed and said."""
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  config = train.load_config(train.parse_args(['--config', 'tiny', '--data', 'a/*.tar']))
-  capsys.readouterr()
-  meta = {'step': 3, 'data': {'epoch': 0, 'record': 96, 'step': 3}, 'data_source': 'a/*.tar',
-          'total_steps': 50}
-  train.check_resume(meta, config.run, config.train, 'w/checkpoints')
-  assert capsys.readouterr().out == ''
-  with pytest.raises(ValueError, match="trained on --data 'a/\\*.tar'.*'b/\\*.tar'"):
-    train.check_resume(meta, dataclasses.replace(config.run, data='b/*.tar'), config.train,
-                       'w/checkpoints')
-  train.check_resume({**meta, 'total_steps': 40}, config.run, config.train, 'w/checkpoints')
-  assert 'resuming a run of 40 steps as one of 50' in capsys.readouterr().out
-
-
 def test_the_data_is_read_as_the_model_reads(siglip_cfg, tmp_path):
   """`make_data` hands both sources the model's tokenizer and preprocessing: a SigLIP model's
   synthetic batches are its SentencePiece tokens and `clip.preprocess_images`' pixels, its shard
   batches hold rows of its tokenizer and pixels normalised with mean and std 0.5."""
-  from data import synthetic  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
   config = train.load_config(train.parse_args(['--config', 'tiny', '--batch-size', '8']))
   tcfg = config.train
   batches, pipeline = train.make_data(config, siglip_cfg, tcfg, {'step': 3})
@@ -183,38 +166,8 @@ def test_the_data_is_read_as_the_model_reads(siglip_cfg, tmp_path):
   assert pipeline.preprocess == siglip_cfg.preprocess
 
 
-def test_a_workdir_resumes_only_with_its_own_processing(siglip_cfg, tmp_path):
-  """The workdir's `model_config.json` names the tokenizer (its SentencePiece file copied in)
-  and the preprocessing; a resume with others is refused, one without the file (older
-  workdirs) goes on."""
-  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path / 'run')
-  train.check_processing(workdir, siglip_cfg)  # nothing saved: an older workdir resumes
-  workdirs.save_model_config(workdir, siglip_cfg)
-  saved = workdirs.load_model_config(workdir)
-  assert saved.tokenizer.model_file == os.path.join(workdir, workdirs.TOKENIZER_FILE)
-  train.check_processing(workdir, siglip_cfg)
-  moved = tmp_path / 'elsewhere.model'
-  shutil.copy(siglip_cfg.tokenizer.model_file, moved)  # the same file under another name
-  train.check_processing(workdir, dataclasses.replace(
-      siglip_cfg, tokenizer=dataclasses.replace(siglip_cfg.tokenizer, model_file=str(moved))))
-  moved.write_bytes(b'another vocabulary')
-  others = {
-      'tokenizer': dataclasses.replace(siglip_cfg.tokenizer, model_file=str(moved)),
-      'preprocess': dataclasses.replace(siglip_cfg.preprocess, resize_mode='shortest'),
-  }
-  for name, other in others.items():
-    with pytest.raises(ValueError, match=f'trained with {name}.*another --workdir'):
-      train.check_processing(workdir, dataclasses.replace(siglip_cfg, **{name: other}))
-  with pytest.raises(ValueError, match='trained with tokenizer'):
-    train.check_processing(workdir, dataclasses.replace(
-        siglip_cfg, tokenizer=dataclasses.replace(siglip_cfg.tokenizer, clean='lower')))
-
-
 def _recorded_samples(monkeypatch):
   """The synthetic set's sample indices, in the order the batches draw them."""
-  from data import synthetic  # pylint: disable=g-import-not-at-top
   seen, get = [], synthetic.SyntheticCaptions.get
   def recording(self, indices):
     seen.extend(np.asarray(indices).reshape(-1).tolist())
@@ -226,14 +179,13 @@ def _recorded_samples(monkeypatch):
 def _train_data(batch_size, steps, data_state):
   """What the main job does with its data for `steps` steps from `data_state` (a checkpoint's
   position, None: the start): the batches read, and the position its next checkpoint stores."""
-  from experiments import train  # pylint: disable=g-import-not-at-top
   config = train.load_config(train.parse_args(['--config', 'tiny', '--batch-size',
                                                str(batch_size)]))
   batches, pipeline = train.make_data(config, config.model, config.train, data_state)
   for _ in range(steps):
     next(batches)
-  start = train.resume_example(data_state, batch_size)
-  return train.data_position(pipeline, start, steps, batch_size), config
+  start = resume.resume_example(data_state, batch_size)
+  return resume.data_position(pipeline, start, steps, batch_size), config
 
 
 @pytest.mark.parametrize('batch_size', [4, 12])
@@ -243,7 +195,6 @@ def test_a_run_resumed_at_another_batch_size_sees_each_example_once(monkeypatch,
   hold the next unseen example (24, ...), so the run draws samples 0, 1, 2, ... each once, in
   order (a step position would resume at 3 x 4 = 12, repeating 12..23, or at 3 x 12 = 36,
   skipping 24..35)."""
-  from experiments import train  # pylint: disable=g-import-not-at-top
   seen = _recorded_samples(monkeypatch)
   state, _ = _train_data(8, 3, None)
   assert state == {'example': 24}
@@ -251,7 +202,7 @@ def test_a_run_resumed_at_another_batch_size_sees_each_example_once(monkeypatch,
   capsys.readouterr()
   meta = {'step': 3, 'data': state, 'data_source': 'synthetic', 'batch_size': 8,
           'total_steps': 50}
-  train.check_resume(meta, config.run, config.train, 'w/checkpoints')
+  resume.check_resume(meta, config.run, config.train, 'w/checkpoints')
   assert (f'resuming a run of global batch 8 at batch {batch_size}: the data continues at '
           'example 24') in capsys.readouterr().out
   state, _ = _train_data(batch_size, 4, state)
@@ -264,11 +215,10 @@ def test_a_run_resumed_at_another_batch_size_sees_each_example_once(monkeypatch,
 def test_a_checkpoint_holding_a_step_resumes_at_its_batch_size(monkeypatch, capsys):
   """Checkpoints written before positions were examples hold {'step': s} and no batch size:
   they resume at example s x batch, assuming the batch is the one they were trained at (said)."""
-  from experiments import train  # pylint: disable=g-import-not-at-top
   seen = _recorded_samples(monkeypatch)
   state, config = _train_data(8, 2, {'step': 3})
   assert state == {'example': 40} and seen == list(range(24, 40))
-  train.check_resume({'step': 3, 'data': {'step': 3}, 'data_source': 'synthetic'}, config.run,
+  resume.check_resume({'step': 3, 'data': {'step': 3}, 'data_source': 'synthetic'}, config.run,
                      config.train, 'w/checkpoints')
   assert ('holds its data position as a step (3), not an example: assumed trained at this batch '
           'size, 8') in capsys.readouterr().out
@@ -278,8 +228,6 @@ def test_resampled_shards_are_a_run_setting(tmp_path):
   """--data-resampled reaches the shard pipeline (files drawn with replacement per process); the
   synthetic set has no files to draw; a workdir resumes only with the setting it was trained
   with (its data position is a place in those draws)."""
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  from data import synthetic  # pylint: disable=g-import-not-at-top
   synthetic.SyntheticCaptions(seed=3, resolution=32).write_webdataset(str(tmp_path), 12, 3)
   data = str(tmp_path / '*.tar')
   for flags, resampled in (([], False), (['--data-resampled'], True)):
@@ -290,6 +238,6 @@ def test_resampled_shards_are_a_run_setting(tmp_path):
     meta = {'step': 3, 'data': pipeline.state(), 'data_source': data,
             'data_resampled': not resampled}
     with pytest.raises(ValueError, match=f'trained with data_resampled={not resampled}'):
-      train.check_resume(meta, config.run, config.train, 'w/checkpoints')
+      resume.check_resume(meta, config.run, config.train, 'w/checkpoints')
   with pytest.raises(ValueError, match='--data-resampled draws img2dataset shards'):
     train.load_config(train.parse_args(['--config', 'tiny', '--data-resampled']))

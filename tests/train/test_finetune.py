@@ -14,9 +14,10 @@ from clip.train import finetune
 from clip.train import optim
 from clip import sharding
 from clip.train import training
-from clip.formats import weights
+from clip.formats import files
 from clip.eval import zero_shot
 from data import synthetic
+from experiments import finetune as cli
 from experiments.configs import tiny
 
 CFG = tiny.get_config().model
@@ -58,11 +59,11 @@ def accuracy(params, images, labels):
 def test_finetuning_beats_zero_shot_and_wise_ft_interpolates(pretrained):
   classnames = synthetic.SyntheticCaptions.prompts('colour')
   w = zero_shot.classifier_weights_from_tokens(
-      pretrained, CFG, clip.tokenize(classnames, CFG.context_length)[:, None])
+      pretrained, clip.tokenize(classnames, CFG.context_length)[:, None], CFG)
   zs_params = finetune.image_classifier_params(pretrained, w)
   test_x, test_y, _ = images_and_labels('heldout', 512)
   # The initial head is the zero-shot classifier: the same top-1 as zero_shot.classify.
-  top, _ = zero_shot.classify(pretrained, CFG, test_x, w, k=1)
+  top, _ = zero_shot.classify(pretrained, test_x, w, CFG, k=1)
   zs_accuracy = accuracy(zs_params, test_x, test_y)
   np.testing.assert_allclose(zs_accuracy, np.mean(top[:, 0] == test_y))
 
@@ -109,7 +110,7 @@ def test_layer_decay_scales_updates_by_depth():
   shapes = jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), CFG)
   ones = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes)
   scaled, _ = optim.scale_by_layer_decay(0.5).update(ones, None)
-  flat = weights.flatten(scaled)
+  flat = files.flatten(scaled)
   layers = CFG.vision.layers  # 2 blocks: depths 0 (embedding), 1, 2, then 3
   expected = {'visual.conv1.weight': 0.5 ** 3, 'visual.class_embedding': 0.5 ** 3,
               'visual.transformer.resblocks.0.attn.in_proj_weight': 0.5 ** 2,
@@ -154,9 +155,8 @@ def test_text_classifier_learns_the_colour_word(pretrained):
 
 @pytest.mark.slow
 def test_finetune_cli_runs_every_mode(pretrained, tmp_path):
-  from experiments import finetune as cli  # pylint: disable=g-import-not-at-top
   model = tmp_path / 'model.npz'
-  np.savez(model, **weights.flatten(pretrained))
+  np.savez(model, **files.flatten(pretrained))
   common = ['--model', str(model), '--config', 'tiny', '--batch-size', '32', '--eval-examples',
             '64', '--mesh', '8,1,1']
   res = cli.main(common + ['--mode', 'classifier', '--dataset', 'synthetic/colour', '--steps', '4',
@@ -183,7 +183,8 @@ def test_finetune_cli_runs_every_mode(pretrained, tmp_path):
 @pytest.mark.parametrize('vision', [
     clip.VisionConfig('vit', 32, 1, 2, 16, 8),
     clip.VisionConfig('vit', 24, 1, 2, 16, 8, pool='gap', projection=False),
-    clip.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 32)], ids=['vit', 'vit-no-projection', 'resnet'])
+    clip.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 32)],
+    ids=['vit', 'vit-no-projection', 'resnet'])
 def test_classifier_heads_fit_the_towers_output(vision):
   cfg = clip.CLIPConfig(24, vision, clip.TextConfig(24, 1, 2, context_length=8, vocab_size=64,
                                                     projection=False))

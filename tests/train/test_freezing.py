@@ -5,7 +5,7 @@ statistics; a frozen logit scale is never clamped and SigLIP's is not clamped at
 that matches nothing is an error.
 
 The references are independent of `clip.train.freezing`: expected masks are written by hand per leaf
-(optimiser tests), or come from the patterns matched against `weights.flatten(unstack_layers(.))`
+(optimiser tests), or come from the patterns matched against `files.flatten(unstack_layers(.))`
 (train-step tests). Compiling a train step dominates the time, so three module-scoped runs each
 freeze several things at once and the tests below read them, one kind per test."""
 import dataclasses
@@ -24,7 +24,7 @@ from clip.train import freezing
 from clip import model
 from clip.train import optim
 from clip.train import training
-from clip.formats import weights
+from clip.formats import files
 from tests.train import test_training
 
 LR, WD = 0.1, 0.5
@@ -59,7 +59,7 @@ def hand_mask(path, shape):
 
 def random_tree(seed):
   rng = np.random.default_rng(seed)
-  return weights.nest({k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return files.nest({k: jnp.asarray(rng.standard_normal(s), jnp.float32)
                        for k, s in SHAPES.items()})
 
 
@@ -69,12 +69,14 @@ def test_every_optimizer_leaves_frozen_elements_bit_identical(name, accumulation
   """Each update equals the same optimiser's without freezing, fed gradients zeroed where frozen,
   then zeroed there (so clipping and the moments never see frozen gradients); frozen elements,
   a single layer of a stacked leaf included, never move despite weight decay."""
-  kwargs = dict(b1=0.8, b2=0.9, eps=1e-3, clip_norm=1.0,
-                accumulation_steps=accumulation_steps, schedule='constant')
-  frozen_opt, _ = optim.make_optimizer(name, LR, WD, 0, 10, freeze=OPT_FREEZE, **kwargs)
-  plain_opt, _ = optim.make_optimizer(name, LR, WD, 0, 10, **kwargs)
+  plain = training.TrainConfig(optimizer=name, learning_rate=LR, weight_decay=WD, warmup_steps=0,
+                               total_steps=10 * accumulation_steps, b1=0.8, b2=0.9, eps=1e-3,
+                               clip_norm=1.0, accumulation_steps=accumulation_steps,
+                               schedule='constant')
+  frozen_opt, _ = optim.make_optimizer(dataclasses.replace(plain, freeze=OPT_FREEZE))
+  plain_opt, _ = optim.make_optimizer(plain)
   params = start = random_tree(0)
-  mask = weights.nest({k: hand_mask(k, s) for k, s in SHAPES.items()})
+  mask = files.nest({k: hand_mask(k, s) for k, s in SHAPES.items()})
   state, plain_state = frozen_opt.init(params), plain_opt.init(params)
   frozen_update, plain_update = jax.jit(frozen_opt.update), jax.jit(plain_opt.update)
   for step in range(2 * accumulation_steps):
@@ -86,8 +88,8 @@ def test_every_optimizer_leaves_frozen_elements_bit_identical(name, accumulation
     chex.assert_trees_all_close(updates, jax.tree.map(lambda u, m: jnp.where(m, 0.0, u),
                                                       plain, mask), rtol=1e-5, atol=1e-7)
     params = optax.apply_updates(params, updates)
-  for path, before in weights.flatten(start).items():
-    after, frozen = np.asarray(weights.flatten(params)[path]), hand_mask(path, before.shape)
+  for path, before in files.flatten(start).items():
+    after, frozen = np.asarray(files.flatten(params)[path]), hand_mask(path, before.shape)
     np.testing.assert_array_equal(after[frozen], np.asarray(before)[frozen], err_msg=path)
     if not frozen.all():
       assert not np.array_equal(after[~frozen], np.asarray(before)[~frozen]), path
@@ -104,7 +106,7 @@ def test_masks_follow_per_layer_names_in_both_layouts():
       f.reshape(f.shape + (1,) * (x.ndim - f.ndim)), x.shape), m, like)
   chex.assert_trees_all_equal(as_arrays(stacked, clip.stack_layers(per_layer)),
                               clip.stack_layers(as_arrays(unstacked, per_layer)))
-  flat = weights.flatten(unstacked)
+  flat = files.flatten(unstacked)
   assert {k for k, v in flat.items() if v} == {
       k for k in flat if any(re.fullmatch(p, k) for p in patterns)}
   assert flat['transformer.resblocks.1.attn.in_proj_weight']
@@ -141,7 +143,7 @@ def test_lit_freezes_the_whole_image_tower_batchnorm_buffers_included():
   frozen = training.TrainConfig(lock_image_tower=True).frozen
   param_mask, stats_mask = freezing.masks(frozen, params, stats)
   assert all(jax.tree.leaves(stats_mask))
-  flat = weights.flatten(param_mask)
+  flat = files.flatten(param_mask)
   assert {k for k, v in flat.items() if v} == {k for k in flat if k.startswith('visual.')}
 
 
@@ -196,7 +198,7 @@ def make_batches(spec, n):
 
 
 def per_layer(params, batch_stats):
-  return weights.flatten(model.unstack_layers(model.update_batch_stats(params, batch_stats)))
+  return files.flatten(model.unstack_layers(model.update_batch_stats(params, batch_stats)))
 
 
 @pytest.fixture(scope='module', params=list(RUNS))
@@ -212,7 +214,7 @@ def run(request):
                                         batch_keys=spec['batch_keys'])
   for batch in make_batches(spec, tcfg.total_steps):
     state, _ = step(state, training.global_batch(mesh, batch))
-  before = weights.flatten(model.unstack_layers(jax.device_get(start)))
+  before = files.flatten(model.unstack_layers(jax.device_get(start)))
   after = per_layer(*jax.device_get((state['params'], state['batch_stats'])))
   assert before.keys() == after.keys()
   frozen = {k for k in before if any(re.fullmatch(p, k) for p in tcfg.frozen)}

@@ -1,6 +1,7 @@
-"""clip/train/grad_cache.py: two-pass accumulation equals one step on the whole batch (loss and every
-parameter gradient, every loss, meshes (8,), (2,4) and (2,2,2)), its temporary memory is that of
-a micro-batch step plus the embeddings, and bad settings are errors before anything compiles."""
+"""clip/train/grad_cache.py: two-pass accumulation equals one step on the whole batch (loss and
+every parameter gradient, every loss, meshes (8,), (2,4) and (2,2,2)), its temporary memory is
+that of a micro-batch step plus the embeddings, and bad settings are errors before anything
+compiles."""
 import dataclasses
 
 import chex

@@ -13,7 +13,7 @@ import clip
 from clip.train import optim
 from clip import sharding
 from clip.train import training
-from clip.formats import weights
+from clip.formats import files
 from tests.train import test_training
 
 LR, WD = 0.1, 0.5
@@ -38,6 +38,13 @@ SHAPES = {
     'logit_scale': (),
 }
 STACKED = 'visual.transformer.resblocks.attn.in_proj_weight'
+
+
+def optimizer_config(name, weight_decay):
+  """`name` at LR, B1, B2, EPS and a constant schedule, unclipped."""
+  return training.TrainConfig(optimizer=name, learning_rate=LR, weight_decay=weight_decay,
+                              warmup_steps=0, total_steps=10, b1=B1, b2=B2, eps=EPS,
+                              clip_norm=None, schedule='constant')
 MATRICES = ('visual.proj', 'transformer.resblocks.0.mlp.c_fc.weight')
 MUON = (STACKED,) + MATRICES
 DECAYED = MUON + ('visual.conv1.weight',)
@@ -48,7 +55,7 @@ def random_tree(seed, stacked_scales=None):
   flat = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
   if stacked_scales is not None:
     flat[STACKED] *= stacked_scales[:, None, None].astype(np.float32)
-  return weights.nest({k: jnp.asarray(v) for k, v in flat.items()})
+  return files.nest({k: jnp.asarray(v) for k, v in flat.items()})
 
 
 def unit_muon_step(update, shape):
@@ -92,7 +99,7 @@ def test_schedule_keeps_its_positional_signature_and_reaches_the_optimizer():
   np.testing.assert_allclose(optim.schedule(LR, 10, 110, 0.5)(60), LR * 0.75, rtol=1e-5)
   tcfg = training.TrainConfig(total_steps=110, warmup_steps=10, learning_rate=LR,
                               schedule='linear')
-  _, lr = training.make_optimizer(tcfg)
+  _, lr = optim.make_optimizer(tcfg)
   np.testing.assert_allclose([lr(5), lr(60), lr(110)], [LR / 2, LR / 2, 0.0], rtol=1e-5, atol=1e-8)
 
 
@@ -111,7 +118,7 @@ def test_optim_rejects_unknown_names():
   with pytest.raises(ValueError, match=r"schedule must be one of .*, got 'exp'"):
     optim.schedule(LR, 0, 10, kind='exp')
   with pytest.raises(ValueError, match=r"optimizer must be one of .*, got 'sgd'"):
-    optim.make_optimizer('sgd', LR, WD, 0, 10)
+    optim.make_optimizer(dataclasses.replace(training.TrainConfig(), optimizer='sgd'))
 
 
 def test_weight_decay_mask_of_a_captioning_decoder():
@@ -122,8 +129,8 @@ def test_weight_decay_mask_of_a_captioning_decoder():
                                context_length=t.context_length, vocab_size=t.vocab_size,
                                tie_embedding=False)
   cfg = dataclasses.replace(test_training.TINY, decoder=decoder)
-  shapes = weights.flatten(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
-  mask = weights.flatten(optim.decay_mask(shapes))
+  shapes = files.flatten(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
+  mask = files.flatten(optim.decay_mask(shapes))
   expected = {k: len(v.shape) >= 2 and 'embedding' not in k for k, v in shapes.items()}
   assert mask == expected, {k: v for k, v in mask.items() if v != expected[k]}
   assert not mask['text_decoder.mask_embedding'] and mask['text_decoder.head.weight']
@@ -143,7 +150,7 @@ def test_muon_takes_the_hidden_matrices_of_a_real_model(vision, stacked):
         blocks = [tower['resblocks'][k] for k in sorted(tower['resblocks'])]
         tower['resblocks'] = jax.tree.map(
             lambda *x: jax.ShapeDtypeStruct((len(x),) + x[0].shape, x[0].dtype), *blocks)
-  flat = weights.flatten(optim.muon_dimension_numbers(params))
+  flat = files.flatten(optim.muon_dimension_numbers(params))
   linear = ('attn.in_proj_weight', 'attn.out_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight',
             'attnpool.q_proj.weight', 'attnpool.k_proj.weight', 'attnpool.v_proj.weight',
             'attnpool.c_proj.weight')
@@ -158,8 +165,7 @@ def test_muon_takes_the_hidden_matrices_of_a_real_model(vision, stacked):
 
 
 def test_muon_orthogonalises_matrices_per_layer_and_adamw_trains_the_rest():
-  opt, _ = optim.make_optimizer('muon', LR, 0.0, 0, 10, B1, B2, EPS, clip_norm=None,
-                                schedule='constant')
+  opt, _ = optim.make_optimizer(optimizer_config('muon', 0.0))
   adamw = optax.adamw(LR, B1, B2, EPS, weight_decay=0.0, nesterov=True)  # optax Muon's Adam
   params = random_tree(0)
   grads = [random_tree(1, LAYER_SCALES), random_tree(2, LAYER_SCALES)]
@@ -167,7 +173,7 @@ def test_muon_orthogonalises_matrices_per_layer_and_adamw_trains_the_rest():
   for step, g in enumerate(grads):
     updates, state = opt.update(g, state, params)
     adam_updates, adam_state = adamw.update(g, adam_state, params)
-    flat, adam_flat, g_flat = (weights.flatten(t) for t in (updates, adam_updates, g))
+    flat, adam_flat, g_flat = (files.flatten(t) for t in (updates, adam_updates, g))
     for path in SHAPES:
       if path not in MUON:
         np.testing.assert_allclose(flat[path], adam_flat[path], rtol=1e-6, atol=1e-9,
@@ -193,12 +199,11 @@ def test_muon_orthogonalises_matrices_per_layer_and_adamw_trains_the_rest():
 
 @pytest.mark.parametrize('name', ['adamw', 'lion', 'muon'])
 def test_weight_decay_moves_only_the_decayed_leaves(name):
-  opt, _ = optim.make_optimizer(name, LR, WD, 0, 10, B1, B2, EPS, clip_norm=None,
-                                schedule='constant')
+  opt, _ = optim.make_optimizer(optimizer_config(name, WD))
   params = random_tree(0)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = opt.update(zeros, opt.init(params), params)
-  flat, p_flat = weights.flatten(updates), weights.flatten(params)
+  flat, p_flat = files.flatten(updates), files.flatten(params)
   for path in SHAPES:
     expected = -LR * WD * np.asarray(p_flat[path]) if path in DECAYED else np.zeros(SHAPES[path])
     np.testing.assert_allclose(flat[path], expected, rtol=1e-6, atol=1e-9, err_msg=path)
@@ -235,9 +240,21 @@ def test_weight_decay_mask_follows_openai(vision):
   """Decay exactly the matrices and kernels (ndim >= 2) that are not embeddings: never biases
   (in_proj_bias included), LayerNorm / BatchNorm gains, embeddings or the logit scale."""
   cfg = dataclasses.replace(test_training.TINY, vision=vision)
-  trainable, _ = clip.split_batch_stats(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
-  shapes = weights.flatten(trainable)
-  mask = weights.flatten(optim.decay_mask(shapes))
+  trainable, _ = clip.split_batch_stats(
+      jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
+  shapes = files.flatten(trainable)
+  mask = files.flatten(optim.decay_mask(shapes))
   expected = {k: len(v.shape) >= 2 and 'embedding' not in k for k, v in shapes.items()}
   assert mask == expected, {k: v for k, v in mask.items() if v != expected[k]}
   assert not mask['transformer.resblocks.0.attn.in_proj_bias']
+
+
+def test_multisteps_schedule_spans_the_updates_not_the_calls():
+  """100 calls with k = 4 are 25 updates: warmup over the first 10 / 4 = 2, cosine to 0 at 25;
+  a count that is not a multiple of k is an error."""
+  tcfg = training.TrainConfig(total_steps=100, warmup_steps=10, accumulation_steps=4)
+  _, schedule = optim.make_optimizer(tcfg)
+  assert float(schedule(2)) == pytest.approx(tcfg.learning_rate)
+  assert float(schedule(25)) == pytest.approx(0.0, abs=1e-12)
+  with pytest.raises(ValueError, match='must be a multiple of it'):
+    training.TrainConfig(total_steps=10, warmup_steps=1, accumulation_steps=4)

@@ -1,0 +1,116 @@
+"""The training loop: `train_step` run from a start step to the last, with hooks between steps.
+
+The main job (`experiments/train.py`), fine-tuning (`experiments/finetune.py`) and the loss
+ablation run their steps through `train`; what each does besides stepping (log metrics, evaluate,
+save the state, advance a progress bar) is a `Hook`:
+
+  state = loop.train(state, run.train_step, batches, steps=tcfg.total_steps, start_step=start,
+                     hooks=[loop.progress(bar), loop.log_metrics(write, every=25),
+                            loop.save_state(ckpt_dir, 500, meta), evaluation_hook])
+"""
+import collections
+import time
+import typing
+
+import jax
+
+from clip.train import state_store
+
+
+class Hook(typing.NamedTuple):
+  """What the loop does between steps: `run(step, state, metrics)` after every step `every`
+  divides (`step` counts the steps done, 1 after the first) and, where `final`, after the loop's
+  last step whatever `every`; then `close()` once after the loop (None: nothing to close).
+  `metrics` are the step's own, still on the device."""
+  run: typing.Callable[[int, typing.Any, dict], None]
+  every: int = 1
+  final: bool = True
+  close: typing.Callable[[], None] | None = None
+
+
+def train(state, train_step, batches, *, steps, start_step=0, hooks=()):
+  """Runs `state, metrics = train_step(state, batch)` for steps `start_step + 1` .. `steps`, one
+  batch from the iterator `batches` each, the `hooks` in their order after each step; returns the
+  final state. A loop that makes no progress (`start_step >= steps`), a hook with `every < 1` and
+  batches that end before the last step raise ValueError."""
+  if not 0 <= start_step < steps:
+    raise ValueError(f'a loop from step {start_step} to {steps} makes no progress: need '
+                     f'0 <= start_step < steps')
+  for hook in hooks:
+    if not isinstance(hook.every, int) or hook.every < 1:
+      raise ValueError(f'a hook runs every int >= 1 steps, got every={hook.every!r}')
+  for step in range(start_step + 1, steps + 1):
+    try:
+      batch = next(batches)
+    except StopIteration:
+      raise ValueError(f'the batches ended after {step - 1 - start_step} of the '
+                       f'{steps - start_step} steps from step {start_step}') from None
+    state, metrics = train_step(state, batch)
+    for hook in hooks:
+      if step % hook.every == 0 or (hook.final and step == steps):
+        hook.run(step, state, metrics)
+  for hook in hooks:
+    if hook.close is not None:
+      hook.close()
+  return state
+
+
+class CompletedSteps:
+  """Advances a progress bar by the steps the device has finished, not those dispatched (JAX
+  dispatches ahead, so a bar of dispatched steps races on and then stalls at every log step).
+
+  It waits on the loss of the step `lag` dispatches back: `lag` steps stay queued on the device,
+  so the wait is for work already done and costs no throughput (docs/training.md, measured by
+  `python -m experiments.bench_progress`)."""
+
+  def __init__(self, bar, lag=2):
+    self.bar, self.lag, self.queue = bar, lag, collections.deque()
+
+  def dispatched(self, loss):
+    self.queue.append(loss)
+    if len(self.queue) > self.lag:
+      self.queue.popleft().block_until_ready()
+      self.bar.update(1)
+
+  def finish(self):
+    while self.queue:
+      self.queue.popleft().block_until_ready()
+      self.bar.update(1)
+
+
+def progress(bar, lag=2):
+  """A hook advancing the tqdm `bar` by completed steps (`CompletedSteps`, waiting on the
+  `'loss'` metric `lag` steps back), then finishing and closing it after the loop."""
+  completed = CompletedSteps(bar, lag)
+
+  def close():
+    completed.finish()
+    bar.close()
+  return Hook(lambda step, state, metrics: completed.dispatched(metrics['loss']), close=close)
+
+
+def log_metrics(write, every, batch_size=None, start_step=0):
+  """A hook calling `write(step, metrics)` every `every` steps and after the last, with the
+  step's metrics fetched as floats; given the global `batch_size`, plus `images_per_s`: the images
+  of the steps since the previous call (or since `start_step`, when this hook was made) over the
+  seconds they took."""
+  last = {'time': time.perf_counter(), 'step': start_step}
+
+  def run(step, state, metrics):
+    del state
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if batch_size is not None:
+      now = time.perf_counter()
+      metrics['images_per_s'] = (step - last['step']) * batch_size / (now - last['time'])
+      last.update(time=now, step=step)
+    write(step, metrics)
+  return Hook(run, every)
+
+
+def save_state(directory, every, meta=None, keep=3):
+  """A hook saving the train state to `directory` (`state_store.save`) every `every` steps and
+  after the last, with `meta(step)`'s entries (e.g. the data position) in its meta.json."""
+  def run(step, state, metrics):
+    del metrics
+    state_store.save(directory, step, state, meta(step) if meta else None, keep=keep)
+  return Hook(run, every)

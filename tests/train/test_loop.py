@@ -1,0 +1,113 @@
+"""The training loop (`clip/train/loop.py`): hooks run after the steps their `every` divides and
+after the last, in order, then close; a resumed loop starts after its start step; the progress
+bar counts completed steps; the real train step run by the loop, straight or resumed from a
+checkpoint its hook saved, equals a hand-rolled loop bit for bit."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip.train import loop
+from clip.train import state_store
+from clip.train import training
+from tests.train.test_training import TINY
+from tests.train.test_training import batches
+from tests.train.test_training import single_device_mesh
+
+
+def add_step(state, batch):
+  """A toy step: the state sums the batches; its loss is the new sum."""
+  state = state + batch
+  return state, {'loss': state}
+
+
+def recorder(calls, name, every=1, final=True):
+  return loop.Hook(lambda step, state, metrics: calls.append((name, step, float(state))),
+                   every, final, close=lambda: calls.append((name, 'close', None)))
+
+
+@pytest.mark.parametrize('start', [0, 4])
+def test_hooks_run_at_their_steps_in_order_then_close(start):
+  calls = []
+  hooks = [recorder(calls, 'each'), recorder(calls, 'three', 3),
+           recorder(calls, 'not_final', 3, final=False)]
+  sums = {s: s * (s + 1) / 2 for s in range(11)}  # the state after step s sums 1 .. s
+  state = loop.train(jnp.float32(sums[start]), add_step, iter(range(start + 1, 11)), steps=10,
+                     start_step=start, hooks=hooks)
+  assert float(state) == sums[10]
+  expected = []
+  for s in range(start + 1, 11):
+    expected.append(('each', s, sums[s]))
+    if s % 3 == 0 or s == 10:
+      expected.append(('three', s, sums[s]))
+    if s % 3 == 0:
+      expected.append(('not_final', s, sums[s]))
+  expected += [('each', 'close', None), ('three', 'close', None), ('not_final', 'close', None)]
+  assert calls == expected
+
+
+def test_a_loop_without_progress_or_batches_is_an_error():
+  with pytest.raises(ValueError, match='makes no progress'):
+    loop.train(jnp.float32(0), add_step, iter(range(5)), steps=3, start_step=3)
+  with pytest.raises(ValueError, match='the batches ended after 2 of the 3 steps'):
+    loop.train(jnp.float32(0), add_step, iter(range(2)), steps=3)
+  with pytest.raises(ValueError, match='every int >= 1'):
+    loop.train(jnp.float32(0), add_step, iter(range(3)), steps=3,
+               hooks=[loop.Hook(lambda *a: None, every=0)])
+
+
+class Bar:
+  """tqdm's part the progress hook uses."""
+
+  def __init__(self):
+    self.n, self.closed = 0, False
+
+  def update(self, n):
+    self.n += n
+
+  def close(self):
+    self.closed = True
+
+
+def test_the_bar_counts_completed_steps_lag_behind_then_all():
+  bar, seen = Bar(), []
+  hooks = [loop.progress(bar, lag=2), loop.Hook(lambda step, state, metrics: seen.append(bar.n))]
+  loop.train(jnp.float32(0), add_step, iter(range(5)), steps=5, hooks=hooks)
+  assert seen == [0, 0, 1, 2, 3]  # waits on the loss two dispatches back
+  assert bar.n == 5 and bar.closed
+
+
+def test_logged_metrics_are_floats_with_the_throughput_since_the_last_line():
+  lines = []
+  hook = loop.log_metrics(lambda step, metrics: lines.append((step, metrics)), every=2,
+                          batch_size=8, start_step=1)
+  loop.train(jnp.float32(0), add_step, iter(range(1, 6)), steps=6, start_step=1, hooks=[hook])
+  assert [step for step, _ in lines] == [2, 4, 6]
+  assert [m['loss'] for _, m in lines] == [1.0, 6.0, 15.0]
+  assert all(type(m['loss']) is float and m['images_per_s'] > 0 for _, m in lines)
+
+
+def copy(state):
+  return jax.tree.map(lambda x: x.copy(), state)  # the step donates its state
+
+
+def test_the_train_step_in_the_loop_equals_a_hand_rolled_loop_straight_and_resumed(tmp_path):
+  """4 steps of the real step: through `train` with a checkpoint every 2 steps, by hand, and
+  resumed from the step-2 checkpoint for steps 3..4: the same state, bit for bit."""
+  tcfg = training.TrainConfig(batch_size=16, total_steps=4, warmup_steps=1)
+  mesh = single_device_mesh()
+  run = training.setup(TINY, tcfg, mesh)
+  data = [training.global_batch(mesh, b) for b in batches(TINY, 16, 4)]
+  start = copy(run.state)
+  by_hand = copy(start)
+  for batch in data:
+    by_hand, _ = run.train_step(by_hand, batch)
+  save = loop.save_state(str(tmp_path), 2, meta=lambda step: {'next': step}, keep=5)
+  looped = loop.train(copy(start), run.train_step, iter(data), steps=4, hooks=[save])
+  assert state_store.steps(str(tmp_path)) == [2, 4]
+  halfway, meta = state_store.restore(str(tmp_path), jax.eval_shape(lambda: start),
+                                      run.shardings, step=2)
+  assert meta == {'step': 2, 'next': 2}
+  resumed = loop.train(halfway, run.train_step, iter(data[2:]), steps=4, start_step=2)
+  for state in (looped, resumed):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(by_hand))
