@@ -36,14 +36,24 @@ tensorflow-datasets classification set (`--data-dir`); for retrieval also `--cap
 img2dataset shards (webdataset tars or tfrecords).
 """
 import argparse
-import dataclasses
 import functools
-import importlib
 import json
 import os
 import re
 
 import numpy as np
+
+import clip
+from clip import batching
+from clip import processing
+from clip.eval import generation
+from clip.eval import linear_probe
+from clip.eval import metrics as eval_metrics
+from clip.eval import retrieval
+from clip.eval import zero_shot
+from clip.formats import workdirs
+from data import synthetic
+from experiments import configs
 
 TASKS = ('zeroshot_classification', 'generative_classification', 'linear_probe',
          'zeroshot_retrieval')
@@ -64,7 +74,8 @@ def parse_args(argv):
                       help='linear probe: what to fit on; default train (tfds), all (synthetic)')
   parser.add_argument('--examples', type=int, default=2048, help='synthetic examples per split')
   parser.add_argument('--data-dir', default=None, help='tensorflow-datasets data_dir')
-  parser.add_argument('--captions', default=None, help='retrieval: img2dataset shards (.tar or .tfrecord glob)')
+  parser.add_argument('--captions', default=None,
+                      help='retrieval: img2dataset shards (.tar or .tfrecord glob)')
   parser.add_argument('--templates', default='default',
                       help='tfds prompts: default (7 ImageNet-selected) | imagenet (80) | a file '
                       'of templates, one a line, with {} or {c} (clip_benchmark) for the class')
@@ -76,90 +87,10 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------------------------- model
 
-def _model_config(name):
-  if name is None:
-    return None
-  return importlib.import_module(f'experiments.configs.{name}').get_config().model
-
-
-def _workdir_params(workdir):
-  """The newest checkpoint of a training workdir -> flat {torch key: array} of its params (and
-  BatchNorm buffers)."""
-  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
-  from clip.formats import weights  # pylint: disable=g-import-not-at-top
-  state, _ = checkpoint.read(os.path.join(workdir, 'checkpoints'), ('params', 'batch_stats'))
-  return {**weights.flatten(state['params']), **weights.flatten(state.get('batch_stats', {}))}
-
-
-# How a model is run, and (set apart) how its inputs are made: not what its weights compute.
-_NOT_ARCHITECTURE = ('dtype', 'remat', 'scan', 'init_logit_scale', 'init_logit_bias',
-                     'tokenizer', 'preprocess')
-
-
-def architecture_differences(given, saved, prefix=''):
-  """'<field>: --config says .., the workdir's model_config.json says ..' for every field of the
-  two configs that changes what the weights compute (every field of the towers and decoder; not
-  the dtype, remat, scan, logit inits, tokenizer or preprocessing)."""
-  out = []
-  for field in dataclasses.fields(given):
-    a, b = getattr(given, field.name), getattr(saved, field.name)
-    if not prefix and field.name in _NOT_ARCHITECTURE:
-      continue
-    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
-      out += architecture_differences(a, b, f'{prefix}{field.name}.')
-    elif a != b:
-      out.append(f'{prefix}{field.name}: --config says {a!r}, the workdir\'s model_config.json '
-                 f'says {b!r}')
-  return out
-
-
-def _workdir_config(workdir, cfg, config_name, has_bias):
-  """The config of a training workdir: its saved `model_config.json` (architecture, tokenizer,
-  preprocessing) when there is one, run with --config's dtype, remat and scan if given, which must
-  have its architecture; else --config's (None: inferred from the shapes)."""
-  from clip.train import checkpoint  # pylint: disable=g-import-not-at-top
-  if cfg is not None and has_bias != cfg.logit_bias:
-    # `--loss sigmoid` on a config without the bias trains one (experiments/train.py)
-    print(f'{workdir}: logit_bias={has_bias} as in its checkpoint, not the config\'s')
-    cfg = dataclasses.replace(cfg, logit_bias=has_bias)
-  if not os.path.isfile(os.path.join(workdir, workdirs.MODEL_CONFIG)):
-    return cfg
-  saved = workdirs.load_model_config(workdir)
-  if cfg is None:
-    return saved
-  differences = architecture_differences(cfg, saved)
-  if differences:
-    raise ValueError(f'--config {config_name} is not the model {workdir} trained: '
-                     + '; '.join(differences) + '. Leave --config out to use the workdir\'s '
-                     f'{workdirs.MODEL_CONFIG}')
-  return dataclasses.replace(saved, dtype=cfg.dtype, remat=cfg.remat, scan=cfg.scan)
-
-
 def load_model(spec, config_name=None, tokenizer=None):
-  """(params, cfg) from an official name, a checkpoint file or a training workdir; `cfg` carries
-  the model's tokenizer and preprocessing (a workdir's from its `model_config.json`, a file's from
-  what `clip.load` reads beside it, or `tokenizer`: a SentencePiece `.model` for a checkpoint file
-  that ships none, `--tokenizer`). ValueError when --config contradicts a workdir's saved
-  architecture, naming each difference."""
-  import clip  # pylint: disable=g-import-not-at-top
-  from clip.formats import weights  # pylint: disable=g-import-not-at-top
-  cfg = _model_config(config_name)
-  is_workdir = os.path.isdir(spec) and os.path.isdir(os.path.join(spec, 'checkpoints'))
-  if tokenizer is not None and (is_workdir or not os.path.exists(spec)):
-    raise ValueError(f'--tokenizer gives the tokenizer of a checkpoint file or folder that ships '
-                     f'none; {spec!r} is a training workdir or an official model, which name '
-                     'their own')
-  if is_workdir:
-    # Stacked (scan-layout) blocks are checked under their per-layer torch keys.
-    flat = weights.flatten(clip.unstack_layers(weights.nest(_workdir_params(spec))))
-    return weights.from_state_dict(flat, _workdir_config(spec, cfg, config_name,
-                                                         'logit_bias' in flat))
-  if os.path.exists(spec):
-    return clip.load(spec, config=cfg, tokenizer=tokenizer)
-  if spec in clip.MODELS:
-    return clip.load_model_vars(spec)
-  raise ValueError(f'--model must be an official model ({", ".join(clip.MODELS)}), a checkpoint '
-                   f'file or a training workdir, got {spec!r}')
+  """(params, cfg) of --model (`workdirs.load_model`), --config naming the file in
+  `experiments/configs/` whose model config to use where the checkpoint does not state it."""
+  return workdirs.load_model(spec, configs.model_config(config_name), tokenizer, config_name)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -170,10 +101,8 @@ def classification_data(args, cfg, split, fit=False):
   get `--templates`). `fit`: the examples a linear probe is fitted on (other indices of the
   built-in set than evaluation's). The built-in set is drawn at the model's resolution, so its
   images need only the model's normalisation (`clip.processing.normalize`)."""
-  from clip import processing  # pylint: disable=g-import-not-at-top
   kind, _, name = args.dataset.partition('/')
   if kind == 'synthetic':
-    from data import synthetic  # pylint: disable=g-import-not-at-top
     task = name or 'colour_shape'
     split = split or ('all' if args.task == 'linear_probe' else 'heldout')
     ds = synthetic.SyntheticCaptions(seed=args.seed, resolution=cfg.image_resolution,
@@ -196,7 +125,6 @@ def retrieval_data(args, cfg):
   """(images (N, R, R, 3), tokens int32 (N, L)): one caption per image, the images by the model's
   preprocessing, the captions by its tokenizer (`--captions` truncated to its context, as
   training reads them; the built-in captions fit it)."""
-  from clip import processing  # pylint: disable=g-import-not-at-top
   tokenizer = processing.get_tokenizer(cfg)
   if args.captions:
     from data import shards  # pylint: disable=g-import-not-at-top
@@ -210,7 +138,6 @@ def retrieval_data(args, cfg):
             np.concatenate([b['tokens'] for b in batches]))
   if not args.dataset.startswith('synthetic'):
     raise ValueError('zeroshot_retrieval needs captions: --dataset synthetic or --captions GLOB')
-  from data import synthetic  # pylint: disable=g-import-not-at-top
   ds = synthetic.SyntheticCaptions(seed=args.seed, resolution=cfg.image_resolution,
                                    split=args.split or 'heldout')
   sample = ds.get(np.arange(args.examples))
@@ -220,67 +147,22 @@ def retrieval_data(args, cfg):
 
 # -------------------------------------------------------------------------------- metrics
 
-def classification_metrics(scores_NxC, labels_N, classnames=None):
-  """clip_benchmark's zero-shot top-1, top-5 (nan under 5 classes) and mean per-class recall,
-  plus the top-1 accuracy of every class present (`per_class_acc1`, keyed by class name when
-  given). Ranks by `zero_shot.top_k` (the lower class first among equal scores)."""
-  scores, labels = _checked_scores(scores_NxC, labels_N)
-  return _metrics(scores, labels, classnames, with_acc5=scores.shape[1] >= 5)
-
-
-def linear_probe_metrics(scores_NxC, labels_N, classnames=None):
-  """clip_benchmark's linear-probe metrics (`lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`,
-  and `lp_per_class_acc1`); like clip_benchmark, top-5 is nan unless a label >= 5 occurs."""
-  scores, labels = _checked_scores(scores_NxC, labels_N)
-  metrics = _metrics(scores, labels, classnames, with_acc5=labels.max() >= 5)
-  return {f'lp_{k}': v for k, v in metrics.items()}
-
-
-def _checked_scores(scores_NxC, labels_N):
-  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
-  scores, labels = zero_shot.check_finite(scores_NxC, 'scores'), np.asarray(labels_N)
-  if scores.ndim != 2 or labels.shape != scores.shape[:1]:
-    raise ValueError(f'need scores (N, C) and labels (N,), got {scores.shape} and {labels.shape}')
-  if labels.min() < 0 or labels.max() >= scores.shape[1]:
-    raise ValueError(f'labels must lie in [0, {scores.shape[1]}), got [{labels.min()}, '
-                     f'{labels.max()}]')
-  return scores, labels
-
-
-def _metrics(scores, labels, classnames, with_acc5):
-  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
-  top = zero_shot.top_k(scores, min(5, scores.shape[1]))
-  acc1 = float(np.mean(top[:, 0] == labels))
-  acc5 = float(np.mean((top == labels[:, None]).any(1))) if with_acc5 else float('nan')
-  per_class = {int(c): float(np.mean(top[labels == c, 0] == c)) for c in np.unique(labels)}
-  names = classnames or [str(c) for c in range(scores.shape[1])]
-  return {'acc1': acc1, 'acc5': acc5, 'mean_per_class_recall': float(np.mean(list(
-      per_class.values()))), 'per_class_acc1': {names[c]: v for c, v in per_class.items()}}
-
-
-def zero_shot_scores(params, cfg, images, class_prompts, batch_size):
+def zero_shot_scores(params, images, class_prompts, cfg, batch_size):
   """Cosine similarities (N, C) of the images with the prompt-ensembled class embeddings;
   `class_prompts` holds the same number of prompts for every class, tokenised by the model's own
   tokenizer (`clip.get_tokenizer(cfg)`)."""
-  from clip.eval import linear_probe  # pylint: disable=g-import-not-at-top
-  from clip import processing  # pylint: disable=g-import-not-at-top
-  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   c, t = len(class_prompts), len(class_prompts[0])
   tokens = processing.get_tokenizer(cfg)([p for ps in class_prompts for p in ps])
-  weights = zero_shot.classifier_weights_from_tokens(params, cfg, tokens.reshape(c, t, -1))
-  feats = linear_probe.image_features(params, cfg, images, batch_size)
+  weights = zero_shot.classifier_weights_from_tokens(params, tokens.reshape(c, t, -1), cfg)
+  feats = linear_probe.image_features(params, images, cfg, batch_size)
   return (feats / np.linalg.norm(feats, axis=-1, keepdims=True)) @ weights
 
 
-def generative_scores(params, cfg, images, class_prompts, batch_size):
+def generative_scores(params, images, class_prompts, cfg, batch_size):
   """Log-likelihoods (N, C) of each class's prompts given each image under the captioning
   decoder, averaged over the class's prompts (CapPa's generative zero-shot). The prompts are rows
   of the model's own tokenizer, which must start them with its start token
   (`generation.start_token_id`: a tokenizer without one raises `clip.TokenizerError`)."""
-  from clip import batching  # pylint: disable=g-import-not-at-top
-  from clip.eval import generation  # pylint: disable=g-import-not-at-top
-  from clip import model  # pylint: disable=g-import-not-at-top
-  from clip import processing  # pylint: disable=g-import-not-at-top
   if cfg.decoder is None:
     raise ValueError('--task generative_classification needs a model with a captioning decoder '
                      '(e.g. --config cappa_small); this config has none')
@@ -289,7 +171,7 @@ def generative_scores(params, cfg, images, class_prompts, batch_size):
   tokens = processing.get_tokenizer(cfg)([p for ps in class_prompts for p in ps])
 
   def scores(images_BxRxRx3):
-    image_tokens = model.image_features_and_tokens(params, images_BxRxRx3, cfg)[1]
+    image_tokens = clip.model.image_features_and_tokens(params, images_BxRxRx3, cfg)[1]
     return generation.generative_zero_shot_scores(params['text_decoder'], image_tokens, tokens,
                                                   cfg.decoder)
 
@@ -298,7 +180,6 @@ def generative_scores(params, cfg, images, class_prompts, batch_size):
 
 
 def _templates(path_or_name):
-  from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
   if path_or_name in zero_shot.TEMPLATES:
     return list(zero_shot.TEMPLATES[path_or_name])
   with open(path_or_name) as f:
@@ -312,47 +193,55 @@ def evaluate(args):
     raise ValueError(f'--task {args.task} compares images with a text tower, and this model has '
                      'none (a captioner): use --task generative_classification or linear_probe')
   if args.task == 'zeroshot_retrieval':
-    from clip import model  # pylint: disable=g-import-not-at-top
-    from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
-    from clip.eval import linear_probe  # pylint: disable=g-import-not-at-top
-    images, tokens = retrieval_data(args, cfg)
-    image_features = linear_probe.image_features(params, cfg, images, args.batch_size)
-    text_features = np.concatenate([np.asarray(model.encode_text(params, tokens[i:i + 256], cfg))
-                                    for i in range(0, len(tokens), 256)])
-    recall = zero_shot.retrieval_metrics(image_features, text_features)
-    metrics = {}
-    for k in (1, 5, 10):
-      metrics[f'image_retrieval_recall@{k}'] = float(recall[f'text_to_image_R@{k}'])
-      metrics[f'text_retrieval_recall@{k}'] = float(recall[f'image_to_text_R@{k}'])
-    return metrics, None
-  images, labels, classnames, class_prompts = classification_data(args, cfg, args.split)
+    return _retrieval(params, cfg, args), None
   if args.task in ('zeroshot_classification', 'generative_classification'):
-    from clip.eval import zero_shot  # pylint: disable=g-import-not-at-top
-    templates = None
-    if class_prompts is None:
-      templates = _templates(args.templates)
-      flat = zero_shot.prompts(classnames, templates)
-      class_prompts = [flat[i:i + len(templates)] for i in range(0, len(flat), len(templates))]
-    score = zero_shot_scores if args.task == 'zeroshot_classification' else generative_scores
-    scores = score(params, cfg, images, class_prompts, args.batch_size)
-    return classification_metrics(scores, labels, classnames), templates
-  from clip.eval import linear_probe  # pylint: disable=g-import-not-at-top
+    return _classification(params, cfg, args)
+  return _linear_probe(params, cfg, args), None
+
+
+def _retrieval(params, cfg, args):
+  images, tokens = retrieval_data(args, cfg)
+  image_features = linear_probe.image_features(params, images, cfg, args.batch_size)
+  text_features = np.concatenate([np.asarray(clip.encode_text(params, tokens[i:i + 256], cfg))
+                                  for i in range(0, len(tokens), 256)])
+  recall = retrieval.retrieval_metrics(image_features, text_features)
+  metrics = {}
+  for k in (1, 5, 10):
+    metrics[f'image_retrieval_recall@{k}'] = float(recall[f'text_to_image_R@{k}'])
+    metrics[f'text_retrieval_recall@{k}'] = float(recall[f'image_to_text_R@{k}'])
+  return metrics
+
+
+def _classification(params, cfg, args):
+  images, labels, classnames, class_prompts = classification_data(args, cfg, args.split)
+  templates = None
+  if class_prompts is None:
+    templates = _templates(args.templates)
+    flat = zero_shot.prompts(classnames, templates)
+    class_prompts = [flat[i:i + len(templates)] for i in range(0, len(flat), len(templates))]
+  score = zero_shot_scores if args.task == 'zeroshot_classification' else generative_scores
+  scores = score(params, images, class_prompts, cfg, args.batch_size)
+  return eval_metrics.classification_metrics(scores, labels, classnames), templates
+
+
+def _linear_probe(params, cfg, args):
+  images, labels, classnames, _ = classification_data(args, cfg, args.split)
   train_images, train_labels, _, _ = classification_data(args, cfg, args.train_split, fit=True)
-  feats = linear_probe.image_features(params, cfg, train_images, args.batch_size)
+  feats = linear_probe.image_features(params, train_images, cfg, args.batch_size)
   n_val = max(len(feats) // 5, 1)  # the last fifth of the training split validates the sweep
   probe = linear_probe.sweep(feats[:-n_val], train_labels[:-n_val], feats[-n_val:],
                              train_labels[-n_val:], len(classnames))
-  test_feats = linear_probe.image_features(params, cfg, images, args.batch_size)
-  metrics = linear_probe_metrics(linear_probe.predict(probe, test_feats), labels, classnames)
+  test_feats = linear_probe.image_features(params, images, cfg, args.batch_size)
+  metrics = eval_metrics.linear_probe_metrics(linear_probe.predict(probe, test_feats), labels,
+                                              classnames)
   metrics.update({'lp_l2': probe['l2'],
                   'lp_l2_sweep': {str(k): v for k, v in probe['sweep'].items()}})
-  return metrics, None
+  return metrics
 
 
 def model_name(spec, config_name=None):
   """clip_benchmark's (`model`, `pretrained`): an official name as open_clip spells it
   (`ViT-B-32`, `openai`); a file or workdir as its `--config` (else its basename) and its path."""
-  import clip  # pylint: disable=g-import-not-at-top
   if spec in clip.MODELS and not os.path.exists(spec):
     return spec.replace('/', '-'), 'openai'
   return config_name or os.path.basename(os.path.normpath(spec)), spec

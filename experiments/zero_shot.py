@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import clip
 from clip.eval import zero_shot
-from experiments import evaluate
+from clip.formats import workdirs
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
 
@@ -58,7 +58,7 @@ def read_classes(arg):
   return names
 
 
-def predict(params, cfg, paths, weights, k, batch_size):
+def predict(params, paths, weights_DxC, cfg, k, batch_size):
   """Top-k class indices and probabilities of every image, preprocessed a batch at a time by the
   model's own transform (`clip.preprocess_images(paths, cfg)`). The last batch is padded to full
   size: one compiled shape for the whole folder."""
@@ -69,7 +69,7 @@ def predict(params, cfg, paths, weights, k, batch_size):
     images = clip.preprocess_images(paths[start:start + size], cfg)
     n = len(images)
     images = np.concatenate([images, np.repeat(images[:1], size - n, axis=0)])
-    idx, p = zero_shot.classify(params, cfg, images, weights, k=k, batch_size=size)
+    idx, p = zero_shot.classify(params, images, weights_DxC, cfg, k=k, batch_size=size)
     indices.append(idx[:n])
     probs.append(p[:n])
   return np.concatenate(indices), np.concatenate(probs)
@@ -129,7 +129,7 @@ def main(argv=None):
   try:
     classnames = read_classes(args.classes)
     paths, skipped = list_images(args.images)
-    params, cfg = evaluate.load_model(args.model, tokenizer=args.tokenizer)
+    params, cfg = workdirs.load_model(args.model, tokenizer=args.tokenizer)
     clip.get_tokenizer(cfg)  # the model's own, or clip.TokenizerError saying how to give it
   except (ValueError, OSError, KeyError) as e:
     raise SystemExit(f'zero_shot: error: {e}') from e
@@ -140,9 +140,9 @@ def main(argv=None):
   if k < args.top_k:
     print(f'--top-k {args.top_k} > {len(classnames)} classes: showing {k}')
   templates = zero_shot.TEMPLATES[args.templates]
-  weights = zero_shot.classifier_weights(params, cfg, classnames, templates, args.batch_size)
+  weights = zero_shot.classifier_weights(params, classnames, cfg, templates, args.batch_size)
   try:
-    indices, probs = predict(params, cfg, paths, weights, k, args.batch_size)
+    indices, probs = predict(params, paths, weights, cfg, k, args.batch_size)
   except (ValueError, OSError) as e:
     raise SystemExit(f'zero_shot: error: {e}') from e
   predictions = rows(paths, classnames, indices, probs)

@@ -22,7 +22,8 @@ from clip import layers
 from clip import model
 from clip import sharding
 from clip import vit
-from clip.formats import weights
+from clip.formats import files
+from clip.formats import openai
 from tests.numpy_reference import BLOCK_OPTIONS
 from tests.numpy_reference import MUST_DIFFER
 from tests.numpy_reference import RTOL
@@ -208,7 +209,7 @@ def test_decoder_in_a_full_model(name):
   assert np.isfinite(value) and 0 < value < 2 * np.log(64)
   chex.assert_tree_all_finite(grads)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
-  flat = weights.flatten(clip.unstack_layers(grads))
+  flat = files.flatten(clip.unstack_layers(grads))
   for key, g in flat.items():
     pooling_head = key.startswith(('visual.proj', 'visual.attn_pool.'))
     assert (np.abs(g).max() > 0) != pooling_head, key
@@ -228,7 +229,7 @@ def test_every_decoder_parameter_has_a_sharding_rule():
                                decoder=decoder_config(name))
       abstract = jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg)
       sharding.param_shardings(mesh, abstract)  # covered, and divisible
-      specs = weights.flatten(sharding.param_specs(abstract)['text_decoder'])
+      specs = files.flatten(sharding.param_specs(abstract)['text_decoder'])
       block = 'transformer.resblocks.' + ('' if scan else '0.')
       layer = (None,) if scan else ()
       assert specs[block + 'cross_attn.in_proj_weight'] == P(*layer, 'tensor', 'fsdp')
@@ -251,7 +252,7 @@ EXPORT = configs.CLIPConfig(32, configs.VisionConfig(**VISION), None,
 def torch_round_trip(params, path):
   torch.save(clip.to_torch_state_dict(params), path)
   loaded = torch.load(path, weights_only=True)
-  return loaded, weights.nest({k: v.numpy() for k, v in loaded.items()})
+  return loaded, files.nest({k: v.numpy() for k, v in loaded.items()})
 
 
 def test_decoder_weights_round_trip_through_torch(tmp_path):
@@ -362,9 +363,9 @@ def test_a_decoder_checkpoint_needs_its_config():
                                                     projection=False), None,
                            decoder=configs.DecoderConfig(width=16, layers=1, heads=2,
                                                          context_length=6, vocab_size=20))
-  flat = weights.flatten(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
-  with pytest.raises(weights.CheckpointError, match='pass config='):
-    weights.infer_config(flat)
+  flat = files.flatten(jax.eval_shape(clip.init_params, jax.random.PRNGKey(0), cfg))
+  with pytest.raises(files.CheckpointError, match='pass config='):
+    openai.infer_config(flat)
 
 
 def test_a_step_past_the_context_raises():

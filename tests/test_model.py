@@ -13,7 +13,6 @@ import torch
 
 import clip
 from clip import configs
-from clip.formats import weights
 from experiments.references import openai as reference
 from tests.numpy_reference import MUST_DIFFER
 from tests.numpy_reference import RTOL

@@ -39,8 +39,8 @@ import torch
 from PIL import Image
 
 import clip
-from clip.formats import families
-from clip.formats import open_clip_configs
+from clip.formats import open_clip
+from clip.formats import siglip
 from clip import preprocess
 from experiments.references import open_clip as open_clip_reference
 from experiments.references import openai as reference
@@ -153,9 +153,9 @@ def oc():
 
 PREPROCESS = {  # open_clip's options; 'openai' is open_clip's default eval transform
     'openai': clip.PreprocessConfig(),
-    'siglip': families.SIGLIP_PREPROCESS,
+    'siglip': siglip.SIGLIP_PREPROCESS,
     'shortest_bilinear': clip.PreprocessConfig(interpolation='bilinear'),
-    'squash_bilinear': dataclasses.replace(families.SIGLIP_PREPROCESS, interpolation='bilinear'),
+    'squash_bilinear': dataclasses.replace(siglip.SIGLIP_PREPROCESS, interpolation='bilinear'),
     'longest_fill': clip.PreprocessConfig(resize_mode='longest', fill_color=128),
     'longest_bilinear': clip.PreprocessConfig(mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4),
                                               resize_mode='longest', interpolation='bilinear'),
@@ -219,10 +219,10 @@ HF_PROCESSORS = {
                       clip.PreprocessConfig((0.4, 0.5, 0.6), (0.2, 0.3, 0.4),
                                             interpolation='bilinear', **HF)),
     'siglip': ('SiglipImageProcessorPil', {'size': {'height': R, 'width': R}},
-               dataclasses.replace(families.SIGLIP_PREPROCESS, **HF)),
+               dataclasses.replace(siglip.SIGLIP_PREPROCESS, **HF)),
     'siglip_bilinear': ('SiglipImageProcessorPil', {'size': {'height': R, 'width': R},
                                                     'resample': 2},
-                        dataclasses.replace(families.SIGLIP_PREPROCESS, interpolation='bilinear',
+                        dataclasses.replace(siglip.SIGLIP_PREPROCESS, interpolation='bilinear',
                                             **HF)),
 }
 
@@ -408,7 +408,7 @@ def test_openai_bpe_on_a_small_vocabulary_raises():
                      match=r"49408 ids, but the model's vocabulary holds 100 .*unknown"):
     clip.get_tokenizer(config)
   with pytest.raises(clip.TokenizerError, match='49408 ids'):
-    clip.zero_shot.classifier_weights({}, config, ['cat'], [TEMPLATE])
+    clip.zero_shot.classifier_weights({}, ['cat'], config, [TEMPLATE])
 
 
 # ---------------------------------------------------------------- Hugging Face folders
@@ -482,7 +482,7 @@ def test_load_hugging_face_siglip_folder_records_its_processing(kind, hf_siglip_
       _, cfg = clip.load(folder)
   assert cfg.tokenizer == clip.TokenizerConfig(kind, str(folder / SENTENCEPIECE_FILE[kind]),
                                                {'siglip': 'siglip', 'siglip2': 'lower'}[kind])
-  assert cfg.preprocess == dataclasses.replace(families.SIGLIP_PREPROCESS, **HF)
+  assert cfg.preprocess == dataclasses.replace(siglip.SIGLIP_PREPROCESS, **HF)
   processor = transformers.AutoImageProcessor.from_pretrained(folder, backend='pil')
   _assert_hf_equal(clip.preprocess_images([f.path for f in image_files], cfg),
                    _hf_nhwc(processor, [_read(f.path) for f in image_files]))
@@ -546,7 +546,7 @@ def test_lone_siglip_file_needs_its_tokenizer(hf_siglip_folders, model_files, re
   with pytest.raises(clip.TokenizerError, match=how):
     clip.get_tokenizer(cfg)
   with pytest.raises(clip.TokenizerError, match=how):
-    clip.zero_shot.classifier_weights(params, cfg, CLASSES, [TEMPLATE])
+    clip.zero_shot.classifier_weights(params, CLASSES, cfg, [TEMPLATE])
   with pytest.warns(clip.CheckpointWarning):
     _, cfg = clip.load(lone, tokenizer=model_files['siglip'])
   assert cfg.tokenizer == clip.TokenizerConfig('siglip', os.path.abspath(model_files['siglip']),
@@ -660,7 +660,7 @@ def small_timm_trunk(oc):
   import timm  # pylint: disable=g-import-not-at-top
   if not timm.is_model(TRUNK):
     timm.models.register_model(vit_test_patch8_siglip_32)
-  trunks = open_clip_configs._TIMM_TRUNKS  # pylint: disable=protected-access
+  trunks = open_clip._TIMM_TRUNKS  # pylint: disable=protected-access
   with pytest.MonkeyPatch.context() as patch:
     patch.setitem(trunks, TRUNK, TRUNK_SHAPES)
     yield TRUNK
@@ -744,8 +744,8 @@ def _zero_shot(params, cfg, paths, classes):
   """Our pipeline: image files -> `preprocess_images`; class names -> `classifier_weights` with
   one template; -> `classify`'s probabilities of every class, (N, C)."""
   images = clip.preprocess_images(paths, cfg)
-  weights_DxC = clip.zero_shot.classifier_weights(params, cfg, classes, templates=[TEMPLATE])
-  idx_NxC, probs_NxC = clip.zero_shot.classify(params, cfg, images, weights_DxC,
+  weights_DxC = clip.zero_shot.classifier_weights(params, classes, cfg, templates=[TEMPLATE])
+  idx_NxC, probs_NxC = clip.zero_shot.classify(params, images, weights_DxC, cfg,
                                                k=len(classes))
   out_NxC = np.zeros(probs_NxC.shape, np.float32)
   np.put_along_axis(out_NxC, np.asarray(idx_NxC), np.asarray(probs_NxC), axis=1)
@@ -805,7 +805,7 @@ def test_zero_shot_equals_open_clip_siglip_pipeline(kind, oc, open_clip_siglip_f
     params, cfg = clip.load(folder)
   assert cfg.tokenizer == clip.TokenizerConfig(
       kind, os.path.join(folder, SENTENCEPIECE_FILE[kind]), 'canonicalize')
-  assert cfg.preprocess == families.SIGLIP_PREPROCESS
+  assert cfg.preprocess == siglip.SIGLIP_PREPROCESS
   _assert_probabilities_close(_zero_shot(params, cfg, paths, CLASSES), theirs)
 
 
@@ -935,11 +935,11 @@ def test_classifier_weights_truncate_long_prompts_on_request(hf_siglip_folders):
   params, cfg = clip.load(folder)
   long = [LONG]
   with pytest.raises(ValueError, match='pass truncate=True'):
-    clip.zero_shot.classifier_weights(params, cfg, long, ['{}'])
-  weights = clip.zero_shot.classifier_weights(params, cfg, long, ['{}'], truncate=True)
+    clip.zero_shot.classifier_weights(params, long, cfg, ['{}'])
+  weights = clip.zero_shot.classifier_weights(params, long, cfg, ['{}'], truncate=True)
   tokens = clip.get_tokenizer(cfg)(long, truncate=True)
   chex.assert_trees_all_close(
-      weights, clip.zero_shot.classifier_weights_from_tokens(params, cfg, tokens[:, None]))
+      weights, clip.zero_shot.classifier_weights_from_tokens(params, tokens[:, None], cfg))
 
 
 def test_zero_shot_cli_takes_the_tokenizer_of_a_lone_file(hf_siglip_folders, model_files,

@@ -18,7 +18,7 @@ from PIL import Image
 
 import clip
 from clip.formats import workdirs
-from clip.train import checkpoint
+from clip.train import state_store
 from clip.eval import generation
 from clip.eval import linear_probe
 from clip import model
@@ -76,7 +76,7 @@ def params(cfg):
 
 
 def _workdir(path, params, cfg):
-  checkpoint.save(str(path / 'checkpoints'), 1, {'params': params, 'batch_stats': {}})
+  state_store.save(str(path / 'checkpoints'), 1, {'params': params, 'batch_stats': {}})
   workdirs.save_model_config(str(path), cfg)
   return str(path)
 
@@ -151,9 +151,9 @@ def seen(monkeypatch):
       return original(*args, **kwargs)
     monkeypatch.setattr(owner, name, recorded)
 
-  spy(zero_shot, 'classifier_weights_from_tokens', 'class_tokens', 2)
-  spy(zero_shot, 'classify', 'classified', 2)
-  spy(linear_probe, 'image_features', 'probed', 2)
+  spy(zero_shot, 'classifier_weights_from_tokens', 'class_tokens', 1)
+  spy(zero_shot, 'classify', 'classified', 1)
+  spy(linear_probe, 'image_features', 'probed', 1)
   for owner in (model, clip):
     spy(owner, 'encode_text', 'text_tokens', 1)
   return record
@@ -176,7 +176,7 @@ def _cosines(params, cfg, pixels, tokens):
 
 def test_zero_shot_weights_and_classify_use_the_models_processing(params, cfg, own_tokens, seen):
   names, templates = ['red circle', 'blue square', 'green star'], ('a photo of a {}.', 'art: {}!')
-  weights = zero_shot.classifier_weights(params, cfg, names, templates)
+  weights = zero_shot.classifier_weights(params, names, cfg, templates)
   expected = own_tokens(zero_shot.prompts(names, templates)).reshape(3, 2, -1)
   np.testing.assert_array_equal(seen['class_tokens'][-1], expected)
   rng = np.random.default_rng(0)
@@ -184,7 +184,7 @@ def test_zero_shot_weights_and_classify_use_the_models_processing(params, cfg, o
             for h, w in ((40, 90), (64, 64), (100, 30))]
   pixels = clip.preprocess_images(images, cfg)
   np.testing.assert_allclose(pixels, own_pixels(images), atol=PIXEL_ATOL)
-  idx, probs = zero_shot.classify(params, cfg, pixels, weights, k=3)
+  idx, probs = zero_shot.classify(params, pixels, weights, cfg, k=3)
   logits = np.exp(float(params['logit_scale'])) * np.asarray(
       model.l2_normalize(clip.encode_image(params, own_pixels(images), cfg))) @ weights
   sigmoid = 1 / (1 + np.exp(-(logits + float(params['logit_bias']))))  # SigLIP's, not softmax
@@ -199,7 +199,7 @@ def test_evaluate_data_and_scores_are_the_models(params, cfg, own_tokens, seen):
   ds, sample = _sample('heldout', 16)
   np.testing.assert_allclose(images, own_pixels(sample['image']), atol=PIXEL_ATOL)
   np.testing.assert_array_equal(labels, ds.labels(sample, 'colour'))
-  scores = evaluate.zero_shot_scores(params, cfg, images, prompts, 8)
+  scores = evaluate.zero_shot_scores(params, images, prompts, cfg, 8)
   tokens = own_tokens([p for ps in prompts for p in ps])
   np.testing.assert_array_equal(seen['class_tokens'][-1][:, 0], tokens)
   np.testing.assert_allclose(scores, _cosines(params, cfg, own_pixels(sample['image']), tokens),
@@ -248,7 +248,7 @@ def test_generative_scores_need_a_start_token(cfg):
   with pytest.raises(clip.TokenizerError, match='no start-of-text token'):
     generation.start_token_id(captioner)
   with pytest.raises(clip.TokenizerError, match='no start-of-text token'):
-    evaluate.generative_scores(None, captioner, None, [['a red circle']], 8)
+    evaluate.generative_scores(None, None, [['a red circle']], captioner, 8)
 
 
 # ---------------------------------------------------------------- the scripts
@@ -357,10 +357,10 @@ def test_an_unknown_tokenizer_is_refused_at_every_entry_point(params, unknown_cf
   how = 'model_file'  # the message says how to give the SentencePiece file
   raises = lambda: pytest.raises(clip.TokenizerError, match=how)
   with raises():
-    zero_shot.classifier_weights(params, unknown_cfg, ['red circle'])
+    zero_shot.classifier_weights(params, ['red circle'], unknown_cfg)
   images = own_pixels(synthetic.SyntheticCaptions(resolution=RESOLUTION).get(np.arange(2))['image'])
   with raises():
-    evaluate.zero_shot_scores(params, unknown_cfg, images, [['a'], ['b']], 8)
+    evaluate.zero_shot_scores(params, images, [['a'], ['b']], unknown_cfg, 8)
   with raises():
     evaluate.retrieval_data(evaluate.parse_args(['--model', 'x', '--task', 'zeroshot_retrieval',
                                                  '--examples', '2']), unknown_cfg)

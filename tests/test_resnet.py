@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import clip
-from clip.formats import weights
+from clip.formats import files
 from experiments.references import openai as reference
 
 CFG = clip.CLIPConfig(24, clip.VisionConfig('resnet', 8, (1, 2, 1, 1), 4, 64),
@@ -17,7 +17,7 @@ CFG = clip.CLIPConfig(24, clip.VisionConfig('resnet', 8, (1, 2, 1, 1), 4, 64),
 def test_train_mode_matches_torch(openai_model):
   torch.manual_seed(0)
   m = reference.perturb(reference.build(openai_model, CFG))
-  params = weights.nest({k: v.numpy().copy() for k, v in m.state_dict().items()})
+  params = files.nest({k: v.numpy().copy() for k, v in m.state_dict().items()})
   images = np.random.default_rng(0).standard_normal((4, 64, 64, 3)).astype(np.float32)
   m.visual.train()
   with torch.no_grad():
@@ -28,20 +28,20 @@ def test_train_mode_matches_torch(openai_model):
   assert np.abs(features - expected).max() / np.abs(expected).max() < 1e-4
   updated = clip.update_batch_stats(params, batch_stats)
   torch_after = {k: v.numpy() for k, v in m.state_dict().items()}
-  ours_after = weights.flatten(updated)
+  ours_after = files.flatten(updated)
   assert ours_after.keys() == torch_after.keys()
   for key in torch_after:
     np.testing.assert_allclose(ours_after[key], torch_after[key], rtol=1e-5, atol=1e-6, err_msg=key)
   # the update touched every BN buffer and nothing else
-  changed = {k for k in torch_after if not np.array_equal(ours_after[k], weights.flatten(params)[k])}
+  changed = {k for k in torch_after if not np.array_equal(ours_after[k], files.flatten(params)[k])}
   assert changed == {k for k in torch_after if k.endswith(clip.model.BATCH_STAT_KEYS)}
 
 
 def test_gradients_flow_in_train_mode():
   params = clip.init(jax.random.PRNGKey(0), CFG)
   trainable, stats = clip.split_batch_stats(params)
-  assert all(k.endswith(clip.model.BATCH_STAT_KEYS) for k in weights.flatten(stats))
-  assert not any(k.endswith(clip.model.BATCH_STAT_KEYS) for k in weights.flatten(trainable))
+  assert all(k.endswith(clip.model.BATCH_STAT_KEYS) for k in files.flatten(stats))
+  assert not any(k.endswith(clip.model.BATCH_STAT_KEYS) for k in files.flatten(trainable))
   chex.assert_trees_all_equal(clip.update_batch_stats(trainable, stats), params)
   images = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
 

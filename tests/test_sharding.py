@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import clip
 from clip import sharding
-from clip.formats import weights
+from clip.formats import files
 from tests.test_model import SCAN_CASE
 
 TINY = clip.CLIPConfig(32, clip.VisionConfig('vit', 64, 2, 2, 32, 8),
@@ -23,7 +23,7 @@ def abstract(cfg):
 
 @pytest.mark.parametrize('name', sorted(clip.MODELS))
 def test_rules_cover_every_official_model(name):
-  specs = weights.flatten(sharding.param_specs(abstract(clip.MODELS[name])))
+  specs = files.flatten(sharding.param_specs(abstract(clip.MODELS[name])))
   assert specs['transformer.resblocks.0.mlp.c_fc.weight'] == P('tensor', 'fsdp')
   assert specs['logit_scale'] == P()
   sharding.check_divisible(sharding.make_mesh(2, 2, 2), abstract(clip.MODELS[name]),
@@ -35,7 +35,7 @@ def test_uncovered_parameter_is_an_error_naming_it():
   with pytest.raises(sharding.ShardingError, match=r'my_adapter\.weight'):
     sharding.param_specs(params)
   rules = ((r'my_adapter\..*', P('fsdp')),) + sharding.DEFAULT_RULES
-  assert weights.flatten(sharding.param_specs(params, rules))['my_adapter.weight'] == P('fsdp')
+  assert files.flatten(sharding.param_specs(params, rules))['my_adapter.weight'] == P('fsdp')
 
 
 def test_indivisible_dimension_is_an_error():

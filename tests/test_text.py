@@ -160,7 +160,7 @@ def test_towers_that_read_the_padding_refuse_rows_shorter_than_the_context(name)
     with pytest.raises(ValueError, match=refusal):
       jax.jit(lambda p, t: clip.encode_text(p, t, cfg))(params, short)
     with pytest.raises(ValueError, match=refusal):
-      zero_shot.classifier_weights_from_tokens(params, cfg, short.reshape(2, 2, length))
+      zero_shot.classifier_weights_from_tokens(params, short.reshape(2, 2, length), cfg)
   chex.assert_shape(clip.encode_text(params, full, cfg), (4, 32))
 
 
@@ -178,6 +178,6 @@ def test_towers_that_stop_at_the_end_of_text_token_take_shorter_rows(name):
   chex.assert_trees_all_close(clip.apply(params, images, full[:, :6], cfg),
                               clip.apply(params, images, full, cfg), rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(
-      zero_shot.classifier_weights_from_tokens(params, cfg, full[:, :6].reshape(2, 2, 6)),
-      zero_shot.classifier_weights_from_tokens(params, cfg, full.reshape(2, 2, 12)),
+      zero_shot.classifier_weights_from_tokens(params, full[:, :6].reshape(2, 2, 6), cfg),
+      zero_shot.classifier_weights_from_tokens(params, full.reshape(2, 2, 12), cfg),
       rtol=1e-5, atol=1e-5)

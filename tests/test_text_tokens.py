@@ -11,6 +11,9 @@ import torch
 
 import clip
 from clip.formats import export
+from clip.formats.hf import config_from_hf
+from clip.formats.hf import hf_config
+from clip.formats.hf import save_hf
 from clip import model
 from clip.eval import zero_shot
 from experiments.references import openai as reference
@@ -56,7 +59,7 @@ def test_encode_text_and_apply_name_the_row_and_the_id(params, bad_id):
 def test_classifier_weights_from_tokens_names_class_and_template(params, bad_id):
   tokens = np.array([[GOOD, GOOD], [GOOD, _row(SOT, 320, bad_id, EOT)]], np.int32)
   with pytest.raises(ValueError, match=rf'token id {bad_id} at row \(1, 1\), position 2'):
-    zero_shot.classifier_weights_from_tokens(params, CFG, tokens)
+    zero_shot.classifier_weights_from_tokens(params, tokens, CFG)
 
 
 def test_rows_without_the_end_of_text_token_raise(params):
@@ -64,7 +67,7 @@ def test_rows_without_the_end_of_text_token_raise(params):
   with pytest.raises(ValueError, match='row 2 has no end-of-text token 49407'):
     clip.encode_text(params, tokens, CFG)
   with pytest.raises(ValueError, match=r'row \(0, 1\) has no end-of-text token'):
-    zero_shot.classifier_weights_from_tokens(params, CFG, tokens[None, 1:])
+    zero_shot.classifier_weights_from_tokens(params, tokens[None, 1:], CFG)
 
 
 def test_towers_that_never_read_the_end_of_text_token_do_not_need_it():
@@ -146,27 +149,26 @@ def test_hugging_face_export_writes_the_end_of_text_id(tmp_path):
   hf = _hf_clip(EOT)
   hf.save_pretrained(tmp_path / 'in')
   params, cfg = clip.load(tmp_path / 'in')
-  export.save_hf(params, cfg, tmp_path / 'out')
+  save_hf(params, cfg, tmp_path / 'out')
   back = transformers.CLIPModel.from_pretrained(tmp_path / 'out').eval()
   assert back.config.text_config.eos_token_id == EOT
   want = _features(_hf_text(back, ADDED_ROWS))
   assert _rel_err(clip.encode_text(params, ADDED_ROWS, cfg), want) < RTOL
   openai = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, eot_token_id=None))
-  assert export.hf_config(openai)['text_config']['eos_token_id'] == 49409  # vocab_size - 1
+  assert hf_config(openai)['text_config']['eos_token_id'] == 49409  # vocab_size - 1
   two = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, eot_token_id=2))
   with pytest.raises(export.ExportError, match='end-of-text id of 2'):
-    export.hf_config(two)
+    hf_config(two)
 
 
 # A vocabulary other than OpenAI's gets its end-of-text id stated (99), not left to the rule.
 @pytest.mark.parametrize('eos, vocab, eot', [(2, 49408, None), (49407, 49408, None),
                                              (49407, 49410, 49407), (99, 100, 99), (2, 100, 99)])
 def test_hugging_face_eos_token_id_maps_to_the_end_of_text_id(eos, vocab, eot):
-  from clip.formats import families  # pylint: disable=g-import-not-at-top
   t = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
            vocab_size=vocab, eos_token_id=eos)
   v = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
-  cfg = families.config_from_hf({'model_type': 'clip', 'text_config': t, 'vision_config': v})
+  cfg = config_from_hf({'model_type': 'clip', 'text_config': t, 'vision_config': v})
   assert cfg.text.eot_token_id == eot
 
 

@@ -3,7 +3,7 @@ paper (section 3.2): features of the image tower, a multinomial logistic regress
 convergence with L-BFGS (optax), the regularisation strength chosen on a validation split by a
 sweep, then refitted on train + validation and scored on the test split.
 
-  feats = linear_probe.image_features(params, cfg, images)         # (N, embed_dim), batched
+  feats = linear_probe.image_features(params, images, cfg)         # (N, embed_dim), batched
   probe = linear_probe.sweep(train_x, train_y, val_x, val_y, num_classes)
   accuracy = linear_probe.accuracy(probe['weights'], test_x, test_y)
 """
@@ -16,13 +16,13 @@ import optax
 
 from clip import batching
 from clip import model
-from clip.eval import zero_shot
+from clip.eval.metrics import check_finite
 
 # The CLIP paper sweeps lambda over [1e-6, 1e6] on a log scale; this grid spans it.
 DEFAULT_L2 = tuple(10.0 ** e for e in range(-6, 7))
 
 
-def image_features(params, cfg, images, batch_size=256):
+def image_features(params, images, cfg, batch_size=256):
   """Images `(N, R, R, 3)` prepared by the model's own preprocessing (`clip.preprocess_images(
   images, cfg)`; `clip.processing.normalize(images01, cfg)` for [0, 1] images already at its
   resolution) -> image features `(N, embed_dim)` float32 (not normalised), in fixed-size jitted
@@ -70,7 +70,7 @@ def _fit(x_NxD, y_N, l2, num_classes, max_steps, tol):
 def fit(train_x, train_y, num_classes, l2, max_steps=1000, tol=1e-5):
   """Fits the probe: `{'weights': (D + 1, C) on standardised features, 'mean', 'std', 'l2',
   'grad_norm' (of the objective at the solution), 'steps'}`."""
-  x = jnp.asarray(zero_shot.check_finite(train_x, 'training features'), jnp.float32)
+  x = jnp.asarray(check_finite(train_x, 'training features'), jnp.float32)
   y = jnp.asarray(train_y, jnp.int32)
   if x.ndim != 2 or y.shape != (x.shape[0],):
     raise ValueError(f'need features (N, D) and labels (N,), got {x.shape} and {y.shape}')
@@ -85,22 +85,22 @@ def fit(train_x, train_y, num_classes, l2, max_steps=1000, tol=1e-5):
 
 def predict(probe, x):
   """Class scores (N, C) of features `x` (N, D)."""
-  x = jnp.asarray(zero_shot.check_finite(x, 'features'), jnp.float32)
+  x = jnp.asarray(check_finite(x, 'features'), jnp.float32)
   x = (x - probe['mean']) / probe['std']
   x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
-  return zero_shot.check_finite(np.asarray(x @ probe['weights']), 'probe scores')
+  return check_finite(np.asarray(x @ probe['weights']), 'probe scores')
 
 
 def accuracy(probe, x, y):
-  """Top-1 accuracy; `argmax` takes the lower class among equal scores, as `zero_shot.top_k`."""
+  """Top-1 accuracy; `argmax` takes the lower class among equal scores, as `metrics.top_k`."""
   return float(np.mean(predict(probe, x).argmax(-1) == np.asarray(y)))
 
 
 def sweep(train_x, train_y, val_x, val_y, num_classes, l2_values=DEFAULT_L2, max_steps=1000):
   """Chooses the L2 strength with the best validation accuracy (the larger on ties), then refits
   on train + validation. Returns the refitted probe with `'sweep': {l2: val accuracy}`."""
-  zero_shot.check_finite(train_x, 'training features')
-  zero_shot.check_finite(val_x, 'validation features')
+  check_finite(train_x, 'training features')
+  check_finite(val_x, 'validation features')
   scores = {}
   for l2 in l2_values:
     scores[float(l2)] = accuracy(fit(train_x, train_y, num_classes, l2, max_steps), val_x, val_y)

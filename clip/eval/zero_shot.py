@@ -1,4 +1,4 @@
-"""Zero-shot classification and image-text retrieval with a CLIP model.
+"""Zero-shot classification with a CLIP model (retrieval: `clip/eval/retrieval.py`).
 
 Classifier weights come from prompt ensembling as in OpenAI's notebook
 `Prompt_Engineering_for_ImageNet.ipynb`: every class name is put into each template, the text
@@ -6,9 +6,11 @@ features are L2-normalised, averaged over the templates and normalised again. Pr
 tokenised by the model's own tokenizer (`clip.get_tokenizer(cfg)`) and images are expected
 prepared by its own preprocessing (`clip.preprocess_images(images, cfg)`). Images are then
 classified by the softmax of `exp(logit_scale) * cosine` against those weights (a SigLIP model's
-sigmoid with its bias). All the model
-work runs jitted in fixed-size batches (the last one padded, so nothing recompiles), with a
-progress bar when there is more than one batch.
+sigmoid with its bias). All the model work runs jitted in fixed-size batches (the last one
+padded, so nothing recompiles), with a progress bar when there is more than one batch.
+
+  weights_DxC = classifier_weights(params, classnames, cfg, templates)
+  indices_NxK, probs_NxK = classify(params, images_NxRxRx3, weights_DxC, cfg, k=5)
 """
 import functools
 
@@ -19,6 +21,7 @@ import numpy as np
 from clip import batching
 from clip import model
 from clip import processing
+from clip.eval.metrics import check_finite
 
 # OpenAI's 80 ImageNet prompt templates, in the notebook's order.
 IMAGENET_TEMPLATES = (
@@ -56,24 +59,6 @@ DEFAULT_TEMPLATES = (
 TEMPLATES = {'default': DEFAULT_TEMPLATES, 'imagenet': IMAGENET_TEMPLATES}
 
 
-def check_finite(x, what):
-  """`x` as a numpy array, or a ValueError naming `what` when any value is NaN or infinite."""
-  x = np.asarray(x)
-  bad = ~np.isfinite(x)
-  if bad.any():
-    first = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f'{what} must be finite, got {int(bad.sum())} non-finite values of '
-                     f'{x.size} (first at index {first}: {x[first]})')
-  return x
-
-
-def top_k(scores_NxC, k):
-  """Indices `(N, k)` of the k highest scores per row, best first, the lower index first among
-  equal scores: the one ranking rule of this module (`jax.lax.top_k`'s order), which is also
-  clip_benchmark's `torch.topk` wherever no tie straddles the k-th place."""
-  return np.argsort(-np.asarray(scores_NxC), axis=1, kind='stable')[:, :k]
-
-
 # ---------------------------------------------------------------- classifier weights
 
 def prompts(classnames, templates):
@@ -101,7 +86,7 @@ def _class_embeddings(params, tokens_BxTxL, cfg):
   return model.l2_normalize(model.l2_normalize(txt_BxTxD).mean(axis=1))
 
 
-def classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size=256):
+def classifier_weights_from_tokens(params, tokens_CxTxL, cfg, batch_size=256):
   """Tokenised prompts, `(classes, templates, L)` -> `(embed_dim, classes)` zero-shot weights:
   per class the mean of the L2-normalised text features, normalised again. `batch_size` is the
   number of prompts per pass through the text tower, rounded down to whole classes (at least
@@ -122,7 +107,7 @@ def classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size=256):
   return np.concatenate(out).T
 
 
-def classifier_weights(params, cfg, classnames, templates=DEFAULT_TEMPLATES, batch_size=256,
+def classifier_weights(params, classnames, cfg, templates=DEFAULT_TEMPLATES, batch_size=256,
                        truncate=False):
   """Class names -> `(embed_dim, len(classnames))` zero-shot classifier weights by prompt
   ensembling over `templates` (strings with one `{}`; `IMAGENET_TEMPLATES` for OpenAI's 80).
@@ -135,7 +120,7 @@ def classifier_weights(params, cfg, classnames, templates=DEFAULT_TEMPLATES, bat
   texts = prompts(classnames, templates)
   tokens = processing.get_tokenizer(cfg)(texts, truncate=truncate)
   tokens_CxTxL = np.asarray(tokens).reshape(len(classnames), len(templates), -1)
-  return classifier_weights_from_tokens(params, cfg, tokens_CxTxL, batch_size)
+  return classifier_weights_from_tokens(params, tokens_CxTxL, cfg, batch_size)
 
 
 # ---------------------------------------------------------------- classification
@@ -152,15 +137,16 @@ def _classify_batch(params, images_BxHxWx3, weights_DxC, cfg, k):
   return idx_BxK, probs_BxK
 
 
-def classify(params, cfg, images, weights, k=5, batch_size=32):
-  """Preprocessed images `(N, R, R, 3)` (`clip.preprocess_images`) and classifier `weights
-  (embed_dim, C)` -> `(indices (N, k) int32, probabilities (N, k) float32)`, best first: the
+def classify(params, images, weights_DxC, cfg, k=5, batch_size=32):
+  """Preprocessed images `(N, R, R, 3)` (`clip.preprocess_images`) and classifier weights
+  `(embed_dim, C)` -> `(indices (N, k) int32, probabilities (N, k) float32)`, best first: the
   top-k of `softmax(exp(logit_scale) * cosine(image, class))`, as OpenAI's zero-shot evaluation;
   for a model with SigLIP's logit bias, `sigmoid(exp(logit_scale) * cosine + logit_bias)`, each
   class's own probability, as SigLIP's model cards and open_clip compute it (the ranking is the
   same). Each class's weight column is L2-normalised here, so the scores are cosines whatever its
-  norm."""
-  weights = np.asarray(weights, np.float32)
+  norm. ValueError for weights of another shape, zero or non-finite columns, images not of the
+  model's resolution or not finite, or k outside [1, C]."""
+  weights = np.asarray(weights_DxC, np.float32)
   if weights.ndim != 2 or weights.shape[0] != cfg.embed_dim:
     raise ValueError(f'weights must be (embed_dim={cfg.embed_dim}, classes), got {weights.shape}')
   weights = jnp.asarray(_unit_columns(check_finite(weights, 'classifier weights')))
@@ -187,78 +173,3 @@ def _unit_columns(weights_DxC):
     raise ValueError(f'every class weight column needs a non-zero norm; columns '
                      f'{np.flatnonzero(norms_C == 0).tolist()} are zero')
   return weights_DxC / norms_C
-
-
-# ---------------------------------------------------------------- retrieval
-
-@functools.partial(jax.jit, static_argnames=('k',))
-def _first_hit(queries_BxD, query_ids_B, keys_NxD, key_ids_N, k):
-  """Per query, the place (0..k-1) of its first positive key among its `jax.lax.top_k` k best
-  keys by cosine (the lower index first among equal scores), or k when none is there."""
-  sim_BxN = jnp.einsum('bd,nd->bn', queries_BxD, keys_NxD)
-  _, top_BxK = jax.lax.top_k(sim_BxN, k)
-  hit_BxK = key_ids_N[top_BxK] == query_ids_B[:, None]
-  return jnp.where(hit_BxK.any(axis=1), jnp.argmax(hit_BxK, axis=1), k)
-
-
-def _first_hits(queries_NxD, query_ids_N, keys_MxD, key_ids_M, k, batch_size, desc):
-  n = queries_NxD.shape[0]
-  size = min(batch_size, n)  # checked by the caller
-  out = []
-  for start, stop in batching.batches(n, batch_size, desc):
-    q = batching.padded(queries_NxD[start:stop], size)
-    ids = batching.padded(query_ids_N[start:stop], size)
-    out.append(np.asarray(_first_hit(q, ids, keys_MxD, key_ids_M, k)[:stop - start]))
-  return np.concatenate(out)
-
-
-def retrieval_metrics(image_features, text_features, text_to_image=None, ks=(1, 5, 10),
-                      batch_size=1024):
-  """Recall@k of image->text and text->image retrieval by cosine similarity.
-
-  `text_to_image[j]` is the image that text `j` describes (default: text i describes image i), so
-  an image may have several captions: image->text counts a hit when any of its captions is in
-  the top k, text->image when its image is. Features need not be normalised. Returns
-  `{'image_to_text_R@1': ..., 'text_to_image_R@1': ..., ...}`. The top k are clip_benchmark's
-  (`torch.topk` of the scores, a hit when any positive is among them), equal scores ranked by
-  lower index (`top_k`): 50 identical images with 5 captions each give text->image R@1 0.02.
-  """
-  img_NxD = model.l2_normalize(jnp.asarray(check_finite(image_features, 'image features'),
-                                        jnp.float32))
-  txt_MxD = model.l2_normalize(jnp.asarray(check_finite(text_features, 'text features'),
-                                        jnp.float32))
-  if img_NxD.ndim != 2 or txt_MxD.ndim != 2 or img_NxD.shape[1] != txt_MxD.shape[1]:
-    raise ValueError('image and text features must be (N, D) and (M, D) with the same D, got '
-                     f'{img_NxD.shape} and {txt_MxD.shape}')
-  n, m = img_NxD.shape[0], txt_MxD.shape[0]
-  batching.check_batch(n, batch_size, 'images')
-  batching.check_batch(m, batch_size, 'texts')
-  if text_to_image is None:
-    if n != m:
-      raise ValueError(f'{n} images and {m} texts: give text_to_image (the image of each text) '
-                       'unless text i describes image i')
-    text_to_image = np.arange(m)
-  text_to_image = np.asarray(text_to_image)
-  if text_to_image.shape != (m,) or not np.issubdtype(text_to_image.dtype, np.integer):
-    raise ValueError(f'text_to_image must be {m} integer image indices (one per text), got '
-                     f'shape {text_to_image.shape} dtype {text_to_image.dtype}')
-  if text_to_image.min() < 0 or text_to_image.max() >= n:
-    raise ValueError(f'text_to_image holds indices outside [0, {n}): '
-                     f'{text_to_image.min()}..{text_to_image.max()}')
-  uncaptioned = np.setdiff1d(np.arange(n), text_to_image)
-  if uncaptioned.size:
-    raise ValueError(f'{uncaptioned.size} images have no text (first: {uncaptioned[:5]}); every '
-                     'image needs at least one caption for image->text recall')
-  ks = tuple(ks)
-  if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
-    raise ValueError(f'ks must be positive ints, got {ks}')
-  check_finite(img_NxD, 'normalised image features (a zero feature?)')
-  check_finite(txt_MxD, 'normalised text features (a zero feature?)')
-  t2i, ids = jnp.asarray(text_to_image, jnp.int32), jnp.arange(n, dtype=jnp.int32)
-  i2t = _first_hits(img_NxD, ids, txt_MxD, t2i, min(max(ks), m), batch_size, 'image->text')
-  t2i = _first_hits(txt_MxD, t2i, img_NxD, ids, min(max(ks), n), batch_size, 'text->image')
-  metrics = {}
-  for name, first in (('image_to_text', i2t), ('text_to_image', t2i)):
-    for k in ks:
-      metrics[f'{name}_R@{k}'] = float(np.mean(first < k))
-  return metrics

@@ -10,11 +10,12 @@ import sklearn.metrics
 import torch
 
 import clip
-from clip.formats import weights
-from clip.eval import zero_shot
+from clip.formats import resize
+from clip.eval import metrics
+from clip.eval import retrieval
 from data import synthetic
 from experiments.references import clip_benchmark as clip_benchmark_reference
-from experiments import evaluate
+from experiments.references import open_clip as open_clip_reference
 
 ATOL = 1e-6  # means of 0/1 hits; clip_benchmark takes them in float32
 
@@ -87,7 +88,7 @@ def check_retrieval(cb, img, txt, text_to_image, ks_free_of_ties=(1, 5, 10)):
   """Ours against clip_benchmark's `evaluate` at the k whose top k no tie straddles (or whose
   hits do not depend on how it is broken), and against its `recall_at_k` with ties broken by
   index at every k."""
-  ours = zero_shot.retrieval_metrics(img, txt, text_to_image, ks=(1, 5, 10), batch_size=64)
+  ours = retrieval.retrieval_metrics(img, txt, text_to_image, ks=(1, 5, 10), batch_size=64)
   ref = cb_retrieval_ties_by_index(cb, img, txt, text_to_image)
   for k in (1, 5, 10):
     for key in (f'image_retrieval_recall@{k}', f'text_retrieval_recall@{k}'):
@@ -166,7 +167,7 @@ def test_zero_shot_metrics(cb, classes):
   labels = rng.integers(0, classes, 200)
   img = txt[labels].mean(1) + 1.2 * rng.standard_normal((200, 16))
   weights_DxC = normalize(normalize(txt).mean(1)).T  # the prompt ensemble, as ours
-  ours = evaluate.classification_metrics(normalize(img) @ weights_DxC, labels)
+  ours = metrics.classification_metrics(normalize(img) @ weights_DxC, labels)
   ref = cb_zero_shot(cb, img, txt, labels)
   assert ours['acc1'] == pytest.approx(ref['acc1'], abs=ATOL)
   assert ours['mean_per_class_recall'] == pytest.approx(ref['mean_per_class_recall'], abs=ATOL)
@@ -184,7 +185,7 @@ def test_linear_probe_metrics_and_names(cb, classes):
   rng = np.random.default_rng(classes)
   labels = rng.integers(0, classes, 300)
   logits = rng.standard_normal((300, classes)) + 1.5 * np.eye(classes)[labels]
-  ours = evaluate.linear_probe_metrics(logits, labels)
+  ours = metrics.linear_probe_metrics(logits, labels)
   target, scores = torch.as_tensor(labels).float(), torch.as_tensor(logits).float()
   if labels.max() >= 5:
     acc1, acc5 = cb['probe'].accuracy(scores, target, topk=(1, 5))
@@ -202,7 +203,6 @@ def test_linear_probe_metrics_and_names(cb, classes):
 def test_position_embedding_resize_matches_open_clip():
   """`interpolate_pos_embed` against open_clip's `resize_pos_embed` (bicubic, antialias), up and
   down, class token kept."""
-  from experiments.references import open_clip as open_clip_reference  # pylint: disable=g-import-not-at-top
   open_clip_reference.import_open_clip()
   from open_clip import model as oc_model  # pylint: disable=g-import-not-at-top
   cfg = clip.CLIPConfig(32, clip.VisionConfig('vit', 40, 1, 2, 8, 8),
@@ -212,7 +212,7 @@ def test_position_embedding_resize_matches_open_clip():
   pos = rng.standard_normal(params['visual']['positional_embedding'].shape).astype(np.float32)
   params = dict(params, visual=dict(params['visual'], positional_embedding=pos))
   for resolution in (24, 32, 56, 96):  # grids 3, 4, 7, 12
-    got, new_cfg = weights.interpolate_pos_embed(params, cfg, resolution)
+    got, new_cfg = resize.interpolate_pos_embed(params, cfg, resolution)
     target = type('Model', (), {'visual': type('Visual', (), {
         'grid_size': (new_cfg.vision.grid_size,) * 2})})
     state = {'visual.positional_embedding': torch.from_numpy(pos)}

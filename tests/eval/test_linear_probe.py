@@ -1,6 +1,6 @@
-"""clip/eval/linear_probe.py: the probe solves its convex problem (against scipy's L-BFGS on the same
-objective), the sweep picks the regularisation, and on a random tower's frozen features it beats
-chance by far."""
+"""clip/eval/linear_probe.py: the probe solves its convex problem (against scipy's L-BFGS on the
+same objective), the sweep picks the regularisation, non-finite features are refused, and on a
+random tower's frozen features it beats chance by far."""
 import chex
 import numpy as np
 import pytest
@@ -51,11 +51,22 @@ def test_sweep_prefers_weak_regularisation_on_separable_data_and_rejects_bad_lab
     linear_probe.fit(x, y + 1, 2, 1.0)
 
 
+def test_probe_refuses_non_finite_features():
+  x, y = np.ones((4, 3), np.float32), np.array([0, 1, 0, 1])
+  with pytest.raises(ValueError, match='training features must be finite'):
+    linear_probe.fit(np.where(x > 0, np.inf, x), y, 2, 1.0)
+  probe = linear_probe.fit(x, y, 2, 1.0)
+  with pytest.raises(ValueError, match='features must be finite'):
+    linear_probe.accuracy(probe, x * np.nan, y)
+  with pytest.raises(ValueError, match='validation features must be finite'):
+    linear_probe.sweep(x, y, x * np.nan, y, 2)
+
+
 def test_probe_on_frozen_features_beats_chance_by_far(params):
   ds = synthetic.SyntheticCaptions(seed=0, resolution=CFG.image_resolution)
   sample = ds.get(np.arange(600))
   images = clip.normalize_image(sample['image'].astype(np.float32) / 255)
-  feats = linear_probe.image_features(params, CFG, images, batch_size=128)
+  feats = linear_probe.image_features(params, images, CFG, batch_size=128)
   chex.assert_trees_all_close(feats[:3], np.asarray(clip.encode_image(params, images[:3], CFG)),
                               rtol=1e-5, atol=1e-6)
   y = ds.labels(sample, 'colour')
