@@ -54,7 +54,7 @@ def to_torch_state_dict(params):
 # ---------------------------------------------------------------- shapes -> config
 
 def count_layers(flat, pattern):
-  """How many blocks `flat` holds under `pattern`: the distinct indices its group 1 matches
+  r"""How many blocks `flat` holds under `pattern`: the distinct indices its group 1 matches
   (`r'transformer\.resblocks\.(\d+)\.'`). The one place layers are counted from keys."""
   return len({m.group(1) for k in flat for m in [re.match(pattern, k)] if m})
 
