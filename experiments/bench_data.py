@@ -24,8 +24,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
 
 import clip
+from data import shards
 from data import synthetic
 
 VITS = {  # name -> (width, layers, heads, patch)
@@ -68,19 +70,18 @@ TOKENIZE = functools.partial(clip.tokenize, context_length=77, truncate=True)
 PREPROCESS = clip.PreprocessConfig()
 
 
-def write_shards(out_dir, kind, fmt, n, shards):
+def write_shards(out_dir, kind, fmt, n, num_shards):
   """The same n JPEGs in either format: the shard paths and their bytes per image."""
   ds = (NoisySynthetic if kind == 'noisy' else synthetic.SyntheticCaptions)(seed=0,
                                                                             resolution=256)
   write = ds.write_tfrecords if fmt == 'tfrecord' else ds.write_webdataset
-  paths = write(out_dir, num_examples=n, num_shards=shards, image_format='jpg', quality=95)
+  paths = write(out_dir, num_examples=n, num_shards=num_shards, image_format='jpg', quality=95)
   return paths, sum(os.path.getsize(p) for p in paths) / n
 
 
 def bench_pipeline(files, train, batch, max_batches, shuffle_buffer):
   """Images/s and process CPU ms per image of one pass, after the first batch (graph build,
   shuffle buffer fill)."""
-  from data import shards  # pylint: disable=g-import-not-at-top
   p = shards.Pipeline(files, global_batch_size=batch, resolution=224, train=train,
                       tokenize=TOKENIZE, preprocess=PREPROCESS, shuffle_buffer=shuffle_buffer,
                       num_epochs=1, process_index=0, process_count=1)
@@ -166,7 +167,6 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(argv)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   load = os.getloadavg()
   rows = bench_synthetic((64, 128, 224), n=1024)
   shard_bytes = {}

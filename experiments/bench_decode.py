@@ -15,9 +15,18 @@ one compiling call. `--shortlists 0,55` adds a decoder scoring 55 ids (`output_i
   python -m experiments.bench_decode --batch-sizes 1,32 --repeats 5 --shortlists 0,55
 """
 import argparse
+import dataclasses
 import json
 import os
 import time
+
+import jax
+import numpy as np
+
+from clip import configs
+from clip import decoder
+from clip.eval import generation
+from experiments.configs import cappa_small
 
 IMAGE_TOKENS, IMAGE_WIDTH = 16, 128
 
@@ -43,7 +52,6 @@ def parse_args(argv):
 def decoder_config(shortlist):
   """`small`'s text-tower shape as a captioning decoder; `shortlist` > 0 scores that many ids
   (the end-of-text id among them)."""
-  from clip import configs  # pylint: disable=g-import-not-at-top
   vocab = 49408
   ids = None if not shortlist else tuple(range(shortlist - 1)) + (vocab - 1,)
   return configs.DecoderConfig(width=128, layers=3, heads=2, context_length=32, vocab_size=vocab,
@@ -53,17 +61,12 @@ def decoder_config(shortlist):
 def start_id(cfg):
   """The start token of `cappa_small`'s model with decoder `cfg`: its own tokenizer's (OpenAI's
   BPE, whose 49408 ids the decoder reads), as `generation.start_token_id` gives it."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from clip.eval import generation  # pylint: disable=g-import-not-at-top
-  from experiments.configs import cappa_small  # pylint: disable=g-import-not-at-top
   model = dataclasses.replace(cappa_small.get_config().model, decoder=cfg)
   return generation.start_token_id(model)
 
 
 def bench_one(decode, repeats):
   """`decode() -> (..., last position)`: (compile + first call s, median s, positions)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   out = jax.block_until_ready(decode())
   compile_s = time.perf_counter() - start
@@ -78,8 +81,6 @@ def bench_one(decode, repeats):
 def decode_fn(method, params, image, cfg, args, cache):
   """`() -> (tokens, ..., last position decoded)`: generation's jitted loops, which also return
   how far they ran (the public functions return the captions only)."""
-  from clip import configs  # pylint: disable=g-import-not-at-top
-  from clip.eval import generation  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
   execution, start = configs.Execution(args.dtype), start_id(cfg)
   if method == 'greedy':
@@ -91,8 +92,6 @@ def decode_fn(method, params, image, cfg, args, cache):
 
 def bench_decoder(cfg, batch_sizes, args):
   """Rows for greedy and beam search, each with and without the cache, at every batch size."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from clip import decoder  # pylint: disable=g-import-not-at-top
   params = jax.jit(decoder.init, static_argnums=(1, 2))(jax.random.PRNGKey(0), cfg, IMAGE_WIDTH)
   rows = []
   for batch in batch_sizes:
@@ -129,7 +128,6 @@ def markdown(rows):
 
 def main(argv=None):
   args = parse_args(argv)
-  import jax  # pylint: disable=g-import-not-at-top
   batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
   rows = []
   for shortlist in [int(s) for s in args.shortlists.split(',')]:

@@ -27,9 +27,13 @@ import subprocess
 import sys
 import time
 
+import matplotlib
 import numpy as np
 
 from experiments import simulated_devices
+
+matplotlib.use('Agg')  # files only, no display; set before pyplot is imported
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PHASES = ('all_reduce_fresh', 'reduce_scatter', 'all_reduce_after')
 
@@ -65,6 +69,7 @@ def parse_args(argv):
 def run_worker(args):
   """One of the two processes: times and checks the collectives, writes its rows as JSON."""
   simulated_devices.simulate_cpu_devices(args.local_devices, who='bench_gloo worker')
+  # jax only now: XLA reads the device count at import.
   # pylint: disable=g-import-not-at-top
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -163,9 +168,6 @@ def format_table(rows, sizes):
 
 
 def plot(rows, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for phase, label in (('all_reduce_fresh', 'all-reduce before'),
                        ('all_reduce_after', 'all-reduce after a small reduce-scatter')):
@@ -191,6 +193,7 @@ def main(argv=None):
     return
   rows = run_workers(args)
   print(format_table(rows, args.sizes))
+  # Local: jax must not be imported before a worker's run_worker sets its device count.
   import jax  # pylint: disable=g-import-not-at-top
   result = {'rows': rows, 'local_devices': args.local_devices, 'processes': 2,
             'repeats': args.repeats, 'jax': jax.__version__, 'cpu_count': os.cpu_count(),

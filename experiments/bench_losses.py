@@ -28,6 +28,7 @@ import platform
 import time
 
 import jax
+import matplotlib
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -35,6 +36,9 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import losses
+
+matplotlib.use('Agg')  # files only, no display; set before pyplot is imported
+from matplotlib import pyplot as plt
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 NAMES = ('contrastive', 'ring_contrastive', 'sigmoid', 'ring_sigmoid')
@@ -100,9 +104,6 @@ def format_table(rows):
 
 
 def plot(rows, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   batches = sorted({r['local_batch'] for r in rows})
   fig, axes = plt.subplots(2, len(batches), figsize=(4.5 * len(batches), 7), squeeze=False)
   for col, b in enumerate(batches):

@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+import torch
 
 import clip
 from clip.formats import files
@@ -48,7 +49,6 @@ def bench_tower(tower, jax_fn, torch_fn, batch, rounds, repeats, warmup):
   OpenMP workers spin for a while after each call, so alternating single calls would charge
   their spinning to whichever runs next.
   """
-  import torch  # pylint: disable=g-import-not-at-top
   sync_jax = lambda: jax_fn().block_until_ready()
   with torch.no_grad():
     ours, ref = np.asarray(jax_fn()), torch_fn().numpy()  # jax compiles here
@@ -67,7 +67,6 @@ def bench_tower(tower, jax_fn, torch_fn, batch, rounds, repeats, warmup):
 
 
 def bench_model(openai_model, name, batch_sizes, rounds, repeats, warmup):
-  import torch  # pylint: disable=g-import-not-at-top
   cfg = clip.get_config(name)
   m = openai_reference.perturb(openai_reference.build(openai_model, cfg), scale=0.02)
   params = jax.device_put(files.nest({k: v.numpy() for k, v in m.state_dict().items()}))
@@ -119,7 +118,6 @@ def parse_args(argv):
 
 
 def main(argv=None):
-  import torch  # pylint: disable=g-import-not-at-top
   args = parse_args(argv)
   openai_model = openai_reference.load_module('model')
   batch_sizes = [int(b) for b in args.batch_sizes.split(',')]

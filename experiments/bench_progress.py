@@ -16,6 +16,15 @@ import json
 import os
 import time
 
+import jax
+import numpy as np
+import tqdm
+
+from clip import sharding
+from clip.train import loop
+from clip.train import training
+from experiments import train
+
 MODES = ('dispatched', 'completed', 'sync')
 
 
@@ -44,10 +53,6 @@ class _Dispatched:
 
 def time_loop(mode, train_step, state, batches, mesh):
   """Seconds for `len(batches)` steps with the bar of `mode`, to the last loss ready."""
-  import tqdm  # pylint: disable=g-import-not-at-top
-  from clip.train import training  # pylint: disable=g-import-not-at-top
-  from clip.train import loop  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   state = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), state))  # the step donates it
   bar = tqdm.tqdm(total=len(batches), desc=mode, unit='step', leave=False)
   progress = {'dispatched': lambda: _Dispatched(bar),
@@ -65,10 +70,6 @@ def time_loop(mode, train_step, state, batches, mesh):
 
 def main(argv=None):
   args = parse_args(argv)
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from clip import sharding  # pylint: disable=g-import-not-at-top
-  from clip.train import training  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
   config = train.load_config(train.parse_args(['--config', args.config]))
   cfg, tcfg = config.model, config.train
   mesh = sharding.make_mesh(*tcfg.mesh)

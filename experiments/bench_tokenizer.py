@@ -12,6 +12,8 @@ when `transformers` can build it; it normalises text without ftfy, so its match 
   python -m experiments.bench_tokenizer --quick
 """
 import argparse
+import gzip
+import inspect
 import json
 import os
 import platform
@@ -91,8 +93,7 @@ def hf_fast_tokenizer(vocab_path):
   """Hugging Face's CLIPTokenizerFast from the bundled merges, padding with id 0 as OpenAI, or
   None when transformers cannot build it offline (or builds one that fails a one-line check)."""
   try:
-    import gzip  # pylint: disable=g-import-not-at-top
-    import inspect  # pylint: disable=g-import-not-at-top
+    # Local, inside the try: transformers is optional (an extra column when it is installed).
     from transformers import CLIPTokenizerFast  # pylint: disable=g-import-not-at-top
     ours = tokenizer.Tokenizer(vocab_path)
     with gzip.open(vocab_path, 'rt', encoding='utf-8') as f:

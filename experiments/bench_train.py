@@ -20,11 +20,15 @@ into model FLOPs utilisation (H100 SXM dense bf16: 989).
 """
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import time
 
+import numpy as np
+
 from experiments import simulated_devices
+from experiments.references import openai as openai_reference
 
 
 def parse_args(argv):
@@ -55,7 +59,7 @@ def parse_args(argv):
 
 
 def model_config(name, dtype, remat, scan):
-  import importlib  # pylint: disable=g-import-not-at-top
+  # Local: jax (and clip, losses, ... which import it) only after main sets XLA_FLAGS.
   import clip  # pylint: disable=g-import-not-at-top
   if name in clip.MODELS:
     cfg = clip.MODELS[name]
@@ -65,11 +69,10 @@ def model_config(name, dtype, remat, scan):
 
 
 def bench_one(cfg, tcfg, repeats):
+  # Local: jax (and what imports it) only after main sets XLA_FLAGS.
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
   from clip.train import training  # pylint: disable=g-import-not-at-top
-  from experiments.references import openai as openai_reference  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   if -1 not in tcfg.mesh:  # e.g. 1,1,1: the single-device baseline in the same run
     devices = devices[:int(np.prod(tcfg.mesh))]
@@ -105,6 +108,7 @@ def bench_one(cfg, tcfg, repeats):
 def main(argv=None):
   args = parse_args(argv)
   simulated_devices.simulate_cpu_devices(args.devices, who='bench_train')
+  # jax, and everything that imports it, only now: XLA reads the device count at import.
   import jax  # pylint: disable=g-import-not-at-top
   import losses  # pylint: disable=g-import-not-at-top
   from clip.train import training  # pylint: disable=g-import-not-at-top

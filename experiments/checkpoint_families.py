@@ -20,7 +20,19 @@ import time
 import warnings
 
 import numpy as np
+import sentencepiece
+import torch
+import transformers
+from safetensors.torch import save_file
 
+import clip
+from clip import model
+from clip.formats import open_clip
+from clip.formats import open_clip_folder
+from clip.formats import openai
+from clip.formats.hf import save_hf
+from experiments.references import open_clip as open_clip_reference
+from experiments.references import openai as openai_reference
 from experiments.siglip_to_big_vision import big_vision_npz
 
 TOL = 1e-4  # fp32: relative error of features and logits
@@ -46,7 +58,6 @@ def _normalize(x):
 
 
 def _inputs(cfg, siglip, n=3, seed=0):
-  from experiments.references import openai as openai_reference  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   r = cfg.image_resolution
   images = rng.normal(size=(n, r, r, 3)).astype(np.float32)
@@ -56,8 +67,6 @@ def _inputs(cfg, siglip, n=3, seed=0):
 
 
 def _ours(params, cfg, images, tokens, normalized):
-  import clip  # pylint: disable=g-import-not-at-top
-  from clip import model  # pylint: disable=g-import-not-at-top
   img, txt = clip.encode_image(params, images, cfg), clip.encode_text(params, tokens, cfg)
   logits = model.logits(params, img, txt)[0]  # not clip.apply: that compiles both towers again
   if normalized:
@@ -69,7 +78,6 @@ def _ours(params, cfg, images, tokens, normalized):
 
 def _open_clip_ref(m):
   """open_clip's outputs: unnormalised features, logits with its scale (and bias)."""
-  import torch  # pylint: disable=g-import-not-at-top
   def ref(images, tokens):
     with torch.no_grad():
       x, t = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long()
@@ -81,7 +89,6 @@ def _open_clip_ref(m):
 
 def _hf_ref(hf):
   """transformers' outputs: normalised embeddings and logits_per_image."""
-  import torch  # pylint: disable=g-import-not-at-top
   def ref(images, tokens):
     with torch.no_grad():
       out = hf(input_ids=torch.from_numpy(tokens).long(),
@@ -94,7 +101,6 @@ def _hf_ref(hf):
 def _hf_naflex_ref(hf, patch):
   """transformers' Siglip2Model outputs at its table's grid: pixels patchified in the
   processor's (row, col, channel) order, every patch real."""
-  import torch  # pylint: disable=g-import-not-at-top
   def ref(images, tokens):
     n, r = images.shape[:2]
     grid = r // patch
@@ -123,7 +129,6 @@ def _without_path(message, path):
 
 def measure_load(path, ref, config=None, siglip=False, normalized=False):
   """clip.load(path, config) classified by the rules of the module docstring."""
-  import clip  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     try:
@@ -142,14 +147,12 @@ def measure_load(path, ref, config=None, siglip=False, normalized=False):
 # ---------------------------------------------------------------- open_clip models
 
 def _perturb(m, seed):
-  from experiments.references import openai as openai_reference  # pylint: disable=g-import-not-at-top
   return openai_reference.perturb(m.eval(), seed)
 
 
 def _open_clip_vit(oc, quick_gelu, seed=0):
   """A small open_clip ViT CLIP (ViT-g-14's MLP ratio; 64-wide heads, which the shapes imply,
   so that a load without config= errs only in the activation)."""
-  import torch  # pylint: disable=g-import-not-at-top
   model_cfg = {'embed_dim': 48, 'quick_gelu': quick_gelu,
                'vision_cfg': {'image_size': 28, 'layers': 2, 'width': 128, 'head_width': 64,
                               'mlp_ratio': 4.3637, 'patch_size': 14},
@@ -166,8 +169,6 @@ def _save_dir(tmp, name):
 
 
 def open_clip_gelu(oc, tmp, with_config):
-  import torch  # pylint: disable=g-import-not-at-top
-  from clip.formats import open_clip  # pylint: disable=g-import-not-at-top
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False)
   path = os.path.join(_save_dir(tmp, f'gelu_{with_config}'), 'model.pt')
   torch.save(m.state_dict(), path)
@@ -181,7 +182,6 @@ def _write_open_clip_config(folder, model_cfg):
 
 
 def open_clip_hub_folder(oc, tmp):
-  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
   m, model_cfg = _open_clip_vit(oc, quick_gelu=True, seed=1)
   folder = _save_dir(tmp, 'hub')
   save_file({k: v.contiguous() for k, v in m.state_dict().items()},
@@ -191,7 +191,6 @@ def open_clip_hub_folder(oc, tmp):
 
 
 def open_clip_training_checkpoint(oc, tmp):
-  import torch  # pylint: disable=g-import-not-at-top
   m, model_cfg = _open_clip_vit(oc, quick_gelu=True, seed=2)
   folder = _save_dir(tmp, 'ddp_compiled')
   state = {'module._orig_mod.' + k: v for k, v in m.state_dict().items()}
@@ -204,8 +203,8 @@ def open_clip_training_checkpoint(oc, tmp):
 def _timm_siglip(oc):
   """open_clip's ViT-B-16-SigLIP classes (a timm MAP-pooled ViT trunk, the custom text tower),
   small."""
+  # Local: timm is optional (open-clip-torch brings it), and only this row needs it.
   import timm  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   model_cfg = oc.get_model_config('ViT-B-16-SigLIP')
   model_cfg['embed_dim'] = 64
   del model_cfg['custom_text']
@@ -221,7 +220,6 @@ def _timm_siglip(oc):
 
 def _siglip_cfg(act):
   """The small SigLIP's config, stated by hand (as a user reading the model card would)."""
-  import clip  # pylint: disable=g-import-not-at-top
   vision = clip.VisionConfig('vit', 64, 2, 2, 32, 8, pool='map', ln_pre=False, patch_bias=True,
                              projection=False, mlp=act, norm_eps=1e-6, mlp_dim=112)
   text = clip.TextConfig(64, 2, 4, 16, 100, pool='last', causal=False, mask_padding=False,
@@ -230,7 +228,6 @@ def _siglip_cfg(act):
 
 
 def open_clip_timm_siglip(oc, tmp, with_config):
-  import torch  # pylint: disable=g-import-not-at-top
   m = _timm_siglip(oc)
   path = os.path.join(_save_dir(tmp, f'timm_siglip_{with_config}'), 'siglip.pt')
   torch.save(m.state_dict(), path)
@@ -239,7 +236,6 @@ def open_clip_timm_siglip(oc, tmp, with_config):
 
 
 def open_clip_convnext(oc, tmp):
-  import torch  # pylint: disable=g-import-not-at-top
   vision_cfg = {'timm_model_name': 'convnext_atto', 'timm_model_pretrained': False,
                 'timm_pool': '', 'timm_proj': 'linear', 'image_size': 32}
   text_cfg = {'context_length': 12, 'vocab_size': 300, 'width': 64, 'heads': 1, 'layers': 1}
@@ -253,8 +249,6 @@ def open_clip_convnext(oc, tmp):
 
 def _hf_clip(seed=0):
   """A small CLIPModel with exact GELU and 64-wide heads (what OpenAI's shape rules assume)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.CLIPConfig(
       text_config=dict(hidden_size=128, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=2, vocab_size=100, max_position_embeddings=16,
@@ -268,8 +262,6 @@ def _hf_clip(seed=0):
 
 def hf_siglip(seed=0):
   """A small transformers SiglipModel, every parameter perturbed (also used by the tests)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.SiglipConfig(
       text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
@@ -286,7 +278,6 @@ def hf_siglip(seed=0):
 def save_image_processor(folder, siglip, size):
   """The `preprocessor_config.json` a hub folder holds beside the weights (transformers'
   `CLIPImageProcessor` / `SiglipImageProcessor` at the model's size)."""
-  import transformers  # pylint: disable=g-import-not-at-top
   if siglip:
     processor = transformers.SiglipImageProcessor(size={'height': size, 'width': size})
   else:
@@ -317,8 +308,6 @@ def big_vision(tmp):
 
 
 def hf_siglip2(tmp):
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.Siglip2Config(
       text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
@@ -341,9 +330,6 @@ def _peer_row(missing, unexpected, err):
 
 
 def export_open_clip(oc, tmp):
-  from clip.formats import open_clip  # pylint: disable=g-import-not-at-top
-  from clip.formats import open_clip_folder  # pylint: disable=g-import-not-at-top
-  from clip.formats import openai  # pylint: disable=g-import-not-at-top
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False, seed=6)
   cfg = open_clip.config_from_open_clip(model_cfg)
   params = openai.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
@@ -356,7 +342,6 @@ def export_open_clip(oc, tmp):
 def tiny_sentencepiece(folder, vocab_size=43):
   """A SigLIP-style (T5 conventions: `<pad>` 0, `</s>` 1, `<unk>` 2) SentencePiece model of
   `vocab_size` pieces trained on a few prompts, for the small SigLIP models' vocabularies."""
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   corpus = os.path.join(folder, 'corpus.txt')
   with open(corpus, 'w') as f:
     f.write('\n'.join(f'a photo of a {c} number {i}' for i in range(50)
@@ -368,9 +353,6 @@ def tiny_sentencepiece(folder, vocab_size=43):
 
 
 def export_hf(tmp, siglip):
-  import clip  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from clip.formats.hf import save_hf  # pylint: disable=g-import-not-at-top
   hf = hf_siglip(seed=7) if siglip else _hf_clip(seed=7)
   source, out = _save_dir(tmp, f'export_hf_src_{siglip}'), _save_dir(tmp, f'export_hf_{siglip}')
   hf.save_pretrained(source)
@@ -448,7 +430,6 @@ def table(results):
 
 def main(argv=None):
   args = parse_args(argv)
-  from experiments.references import open_clip as open_clip_reference  # pylint: disable=g-import-not-at-top
   oc = open_clip_reference.import_open_clip()
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:

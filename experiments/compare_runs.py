@@ -10,6 +10,11 @@ import argparse
 import json
 import os
 
+import matplotlib
+
+matplotlib.use('Agg')  # files only, no display; set before pyplot is imported
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 COLUMNS = (('heldout/colour_shape_top1', 'held-out colour+shape'),
            ('heldout/shape_top1', 'held-out shape'),
            ('train/colour_shape_top1', 'trained colour+shape'),
@@ -67,9 +72,6 @@ def table(rows, window):
 
 
 def plot(runs, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for run in runs:
     steps, losses = zip(*run['curve'])

@@ -35,13 +35,23 @@ import warnings
 import chex
 import numpy as np
 import pytest
+import safetensors.torch
+import sentencepiece
 import torch
+import transformers
 from PIL import Image
+from transformers import AutoImageProcessor
+from transformers import CLIPImageProcessorPil
+from transformers import CLIPTokenizer
+from transformers import GemmaTokenizerFast
+from transformers import SiglipImageProcessorPil
+from transformers import T5TokenizerFast
 
 import clip
 from clip.formats import open_clip
 from clip.formats import siglip
 from clip import preprocess
+from experiments import zero_shot as zero_shot_cli
 from experiments.references import open_clip as open_clip_reference
 from experiments.references import openai as reference
 from tests.test_siglip_tokenizer import SIGLIP2_SETTINGS
@@ -229,7 +239,6 @@ HF_PROCESSORS = {
 
 def _pil_processor(name):
   """transformers' PIL image processor `name` of HF_PROCESSORS, and its PreprocessConfig."""
-  import transformers  # pylint: disable=g-import-not-at-top
   cls, settings, config = HF_PROCESSORS[name]
   return getattr(transformers, cls)(**settings), config
 
@@ -347,8 +356,6 @@ def _save_open_clip_tokenizer(kind, model_file, folder):
   open_clip's hub folders hold them. (open_clip 3.3 passes the file as the first argument, which
   transformers 5 takes as the vocabulary itself; `from_pretrained` on a folder holding the file
   builds the same tokenizer.)"""
-  from transformers import GemmaTokenizerFast  # pylint: disable=g-import-not-at-top
-  from transformers import T5TokenizerFast  # pylint: disable=g-import-not-at-top
   source = os.path.join(folder, 'source')
   os.makedirs(source)
   shutil.copy(model_file, os.path.join(source, SENTENCEPIECE_FILE[kind]))
@@ -422,7 +429,6 @@ def _hf_siglip(kind, seed):
   """A transformers SiglipModel (widths 64, 2 layers, experiments.checkpoint_families.hf_siglip's
   shapes) reading the tiny vocabulary of `kind` at SigLIP's 64 tokens, every parameter perturbed;
   logit scale 10 and bias 0, so that its probabilities spread over (0, 1)."""
-  import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.SiglipConfig(
       text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, vocab_size=VOCAB[kind], max_position_embeddings=64,
@@ -445,7 +451,6 @@ def hf_siglip_folders(model_files, siglip2_folder, tmp_path_factory):
   tokenizer without BOS, with EOS, padding right, and its tokenizer.model beside (transformers 5
   saves only tokenizer.json). Both tokenizers return no attention mask, as transformers' own
   conversion scripts save them (SigLIP was trained without one)."""
-  import transformers  # pylint: disable=g-import-not-at-top
   folders = {}
   for seed, kind in enumerate(VOCAB):
     folder = tmp_path_factory.mktemp(f'hf_{kind}')
@@ -471,7 +476,6 @@ def test_load_hugging_face_siglip_folder_records_its_processing(kind, hf_siglip_
   """The tokenizer, and transformers' conventions with SigLIP's settings: the folder's own
   processor (transformers 5's processor_config.json, PIL backend) gives our pixels on every
   file."""
-  import transformers  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders[kind]
   if kind == 'siglip2':  # a Gemma tokenizer does not lower-case: said, and done as SigLIP 2's
     with pytest.warns(clip.CheckpointWarning, match='lower-cased text for its GemmaTokenizer'):
@@ -503,7 +507,6 @@ def test_load_reads_transformers_4_preprocessor_config(hf_siglip_folders, image_
   `preprocessor_config.json`; other settings than SigLIP's are read, and the pixels are that
   processor's on every file. `do_convert_rgb: false` is read as `convert_first=False` (transformers
   then takes RGB images only, and those are the same either way)."""
-  from transformers import SiglipImageProcessorPil  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders['siglip']
   for name in ('config.json', 'model.safetensors', 'spiece.model', 'tokenizer_config.json'):
     shutil.copy(folder / name, tmp_path)
@@ -556,7 +559,6 @@ def test_lone_siglip_file_needs_its_tokenizer(hf_siglip_folders, model_files, re
 
 
 def _hf_clip(vocab_size, seed=0):
-  import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.CLIPConfig(
       text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                        num_attention_heads=4, vocab_size=vocab_size, max_position_embeddings=77,
@@ -571,7 +573,6 @@ def _hf_clip(vocab_size, seed=0):
 def _save_clip_tokenizer(folder, vocab, merges):
   """vocab.json and merges.txt, as hub folders hold them, and `CLIPTokenizer`'s own files (all
   that transformers 5 saves: tokenizer.json, tokenizer_config.json)."""
-  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   (folder / 'vocab.json').write_text(json.dumps(vocab), encoding='utf-8')
   (folder / 'merges.txt').write_text('#version: 0.2\n' + ''.join(f'{m}\n' for m in merges),
                                      encoding='utf-8')
@@ -584,8 +585,6 @@ def test_load_hugging_face_clip_folder_with_openai_tokenizer(files, image_files,
   tokenizer.json as transformers 5 saves it) and a `CLIPImageProcessor`: OpenAI's tokenizer,
   whose tokens are `clip.tokenize`'s, and OpenAI's settings with transformers' conventions, whose
   pixels are the folder's own processor's on every file."""
-  from transformers import AutoImageProcessor  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPImageProcessorPil  # pylint: disable=g-import-not-at-top
   _hf_clip(49408).save_pretrained(tmp_path)
   CLIPImageProcessorPil(size={'shortest_edge': R},
                         crop_size={'height': R, 'width': R}).save_pretrained(tmp_path)
@@ -640,6 +639,7 @@ TRUNK_SHAPES = (64, 2, 2, 1.75, 8, R, 'gelu')  # width, depth, heads, mlp ratio,
 
 def vit_test_patch8_siglip_32(pretrained=False, **kwargs):
   """timm's model function for the small trunk (timm registers it under its name)."""
+  # Local: timm comes with open_clip's reference, installed on first use (the `oc` fixture).
   import timm  # pylint: disable=g-import-not-at-top
   del pretrained
   kwargs = {k: v for k, v in kwargs.items() if k not in ('pretrained_cfg',
@@ -657,6 +657,7 @@ TRUNK = vit_test_patch8_siglip_32.__name__
 @pytest.fixture(scope='module')
 def small_timm_trunk(oc):
   del oc  # timm comes with open_clip's reference
+  # Local: timm is importable only once the `oc` fixture has installed open_clip's reference.
   import timm  # pylint: disable=g-import-not-at-top
   if not timm.is_model(TRUNK):
     timm.models.register_model(vit_test_patch8_siglip_32)
@@ -667,7 +668,6 @@ def small_timm_trunk(oc):
 
 
 def _save_open_clip_folder(folder, model, model_cfg, preprocess_cfg):
-  import safetensors.torch  # pylint: disable=g-import-not-at-top
   with open(os.path.join(folder, 'open_clip_config.json'), 'w', encoding='utf-8') as f:
     json.dump({'model_cfg': model_cfg, 'preprocess_cfg': preprocess_cfg}, f)
   safetensors.torch.save_file(model.state_dict(),
@@ -762,7 +762,6 @@ def test_zero_shot_equals_transformers_pipeline(kind, hf_siglip_folders, image_f
   """The folder's own pipeline as SigLIP's model cards run it: `AutoProcessor` (its image
   processor in PIL) with `padding='max_length', max_length=64`, the model,
   sigmoid(logits_per_image); on every file, whose pixels are ours."""
-  import transformers  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders[kind]
   processor = transformers.AutoProcessor.from_pretrained(folder, backend='pil')
   model = transformers.SiglipModel.from_pretrained(folder).eval()
@@ -829,8 +828,6 @@ def test_zero_shot_cli_equals_transformers_pipeline(hf_siglip_folders, image_fil
   files: its probabilities are transformers' own pipeline's (processor in PIL, the model), with
   the CLI's 7 templates ensembled as OpenAI's notebook does (mean of the normalised text
   features, normalised) and SigLIP's sigmoid(exp(t) cos + b)."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  from experiments import zero_shot as cli  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders['siglip']
   images = tmp_path / 'images'
   images.mkdir()
@@ -839,10 +836,10 @@ def test_zero_shot_cli_equals_transformers_pipeline(hf_siglip_folders, image_fil
   classes = CLASSES[:5]
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # PIL's note on palette transparency
-    predictions = cli.main(['--model', str(folder), '--images', str(images), '--classes',
+    predictions = zero_shot_cli.main(['--model', str(folder), '--images', str(images), '--classes',
                             ','.join(classes), '--top-k', str(len(classes)), '--out',
                             str(tmp_path / 'out')])
-  paths, _ = cli.list_images(str(images))
+  paths, _ = zero_shot_cli.list_images(str(images))
   ours = np.zeros((len(paths), len(classes)), np.float32)
   for i, row in enumerate(predictions):
     assert row['image'] == os.path.basename(paths[i])
@@ -877,7 +874,6 @@ def test_siglip_export_runs_in_transformers_standard_pipeline(hf_siglip_folders,
   its padding, as released folders state with model_input_names), so
   `model(**processor(text=..., images=...))` gives our probabilities; config.json's text ids are
   the tokenizer's."""
-  import transformers  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders['siglip']
   params, cfg = clip.load(folder)
   clip.save_hf(params, cfg, tmp_path / 'out')
@@ -914,7 +910,6 @@ def test_a_given_tokenizer_file_that_contradicts_the_folder_is_refused(
     hf_siglip_folders, model_files, tmp_path):
   """`tokenizer=<path>` is held against what the folder states: its tokenizer class's kind, and
   config.json's text eos_token_id."""
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders['siglip']
   with pytest.raises(clip.CheckpointError, match='is a siglip2 vocabulary, but the folder.s '
                      'tokenizer_config.json states a siglip one'):
@@ -944,7 +939,6 @@ def test_classifier_weights_truncate_long_prompts_on_request(hf_siglip_folders):
 
 def test_zero_shot_cli_takes_the_tokenizer_of_a_lone_file(hf_siglip_folders, model_files,
                                                           image_files, tmp_path):
-  from experiments import zero_shot as cli  # pylint: disable=g-import-not-at-top
   folder, _ = hf_siglip_folders['siglip']
   shutil.copy(folder / 'model.safetensors', tmp_path / 'siglip.safetensors')
   images = tmp_path / 'images'
@@ -953,7 +947,7 @@ def test_zero_shot_cli_takes_the_tokenizer_of_a_lone_file(hf_siglip_folders, mod
   args = ['--model', str(tmp_path / 'siglip.safetensors'), '--images', str(images),
           '--classes', 'cat,dog', '--out', str(tmp_path / 'out')]
   with pytest.warns(clip.CheckpointWarning), pytest.raises(SystemExit, match='did not come'):
-    cli.main(args)
+    zero_shot_cli.main(args)
   with pytest.warns(clip.CheckpointWarning):
-    predictions = cli.main(args + ['--tokenizer', model_files['siglip']])
+    predictions = zero_shot_cli.main(args + ['--tokenizer', model_files['siglip']])
   assert len(predictions) == 1

@@ -19,6 +19,7 @@ from PIL import Image
 import clip
 from clip.formats import workdirs
 from clip.train import state_store
+from clip.train import training
 from clip.eval import generation
 from clip.eval import linear_probe
 from clip import model
@@ -27,7 +28,10 @@ from clip import siglip_tokenizer
 from clip import tokenizer as openai_tokenizer
 from clip.eval import zero_shot
 from data import synthetic
+from data import synthetic_eval
 from experiments import evaluate
+from experiments import finetune
+from experiments import zero_shot as zero_shot_cli
 from experiments.configs import siglip_small
 from tests.test_siglip_tokenizer import SIGLIP_SPEC
 from tests.test_siglip_tokenizer import training_texts
@@ -217,6 +221,7 @@ def test_retrieval_shards_are_read_with_the_models_processing(cfg, own_tokens, t
   """img2dataset shards (`--captions`): captions truncated to the context by the model's
   tokenizer, images (lossless PNGs at the model's resolution) normalised with its mean and std
   (the tf transform is within one uint8 level of PIL's)."""
+  # Local: data.transforms imports tensorflow, which no other test here needs.
   from data import transforms  # pylint: disable=g-import-not-at-top
   original = transforms.normalize_image
 
@@ -282,7 +287,6 @@ def test_evaluate_main_on_a_siglip_workdir(params, cfg, workdir, own_tokens, see
 
 
 def test_zero_shot_cli_on_an_image_folder(workdir, own_tokens, seen, tmp_path):
-  from experiments import zero_shot as cli  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   (tmp_path / 'images').mkdir()
   images = []
@@ -290,8 +294,8 @@ def test_zero_shot_cli_on_an_image_folder(workdir, own_tokens, seen, tmp_path):
     images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)))
     images[-1].save(tmp_path / 'images' / f'{i}.png')
   classes = ['red circle', 'green square']
-  predictions = cli.main(['--model', workdir, '--images', str(tmp_path / 'images'), '--classes',
-                          ','.join(classes), '--out', str(tmp_path / 'out')])
+  predictions = zero_shot_cli.main(['--model', workdir, '--images', str(tmp_path / 'images'),
+                                    '--classes', ','.join(classes), '--out', str(tmp_path / 'out')])
   assert [p['image'] for p in predictions] == ['0.png', '1.png', '2.png']
   expected = own_tokens(zero_shot.prompts(classes, zero_shot.DEFAULT_TEMPLATES))
   np.testing.assert_array_equal(seen['class_tokens'][-1], expected.reshape(2, 7, -1))
@@ -301,8 +305,6 @@ def test_zero_shot_cli_on_an_image_folder(workdir, own_tokens, seen, tmp_path):
 @pytest.mark.slow  # three train steps to compile
 def test_finetune_script_every_mode(workdir, own_tokens, seen, tmp_path, monkeypatch):
   """Each mode's training batches and evaluation inputs are the model's own."""
-  from clip.train import training  # pylint: disable=g-import-not-at-top
-  from experiments import finetune as cli  # pylint: disable=g-import-not-at-top
   batches, original = [], training.global_batch
   monkeypatch.setattr(training, 'global_batch',
                       lambda mesh, b: batches.append(dict(b)) or original(mesh, b))
@@ -312,7 +314,7 @@ def test_finetune_script_every_mode(workdir, own_tokens, seen, tmp_path, monkeyp
   first = train.get(np.arange(synthetic.UNSEEN_START, synthetic.UNSEEN_START + 8))
   _, heldout = _sample('heldout', 8)
 
-  res = cli.main(common + ['--mode', 'classifier', '--dataset', 'synthetic/colour', '--out',
+  res = finetune.main(common + ['--mode', 'classifier', '--dataset', 'synthetic/colour', '--out',
                            str(tmp_path / 'c')])
   prompts = synthetic.SyntheticCaptions.prompts('colour')
   np.testing.assert_array_equal(seen['class_tokens'][0][:, 0], own_tokens(prompts))
@@ -320,13 +322,13 @@ def test_finetune_script_every_mode(workdir, own_tokens, seen, tmp_path, monkeyp
   assert set(res['finetuned_accuracy']) == {'train', 'heldout'}
 
   seen['text_tokens'].clear()
-  res = cli.main(common + ['--mode', 'text-classifier', '--dataset', 'synthetic/colour',
+  res = finetune.main(common + ['--mode', 'text-classifier', '--dataset', 'synthetic/colour',
                            '--out', str(tmp_path / 't')])
   np.testing.assert_array_equal(batches[-1]['tokens'], own_tokens(first['caption']))
   np.testing.assert_array_equal(seen['text_tokens'][-1], own_tokens(heldout['caption']))
   assert set(res['accuracy']) == {'train', 'heldout'}
 
-  res = cli.main(common + ['--mode', 'lit', '--loss', 'sigmoid', '--out', str(tmp_path / 'l')])
+  res = finetune.main(common + ['--mode', 'lit', '--loss', 'sigmoid', '--out', str(tmp_path / 'l')])
   lit = train.get(np.arange(8) + synthetic.LIT_START_STEP * 8)
   np.testing.assert_array_equal(batches[-1]['tokens'], own_tokens(lit['caption']))
   np.testing.assert_allclose(batches[-1]['image'], own_pixels(lit['image']), atol=PIXEL_ATOL)
@@ -334,7 +336,6 @@ def test_finetune_script_every_mode(workdir, own_tokens, seen, tmp_path, monkeyp
 
 
 def test_synthetic_eval(params, cfg, own_tokens, seen):
-  from data import synthetic_eval  # pylint: disable=g-import-not-at-top
   results = synthetic_eval.evaluate(params, cfg, 8, 1)
   ds, sample = _sample('heldout', 8)
   got = {tuple(t[:, 0].shape) for t in seen['class_tokens']}
@@ -351,9 +352,6 @@ def test_synthetic_eval(params, cfg, own_tokens, seen):
 
 def test_an_unknown_tokenizer_is_refused_at_every_entry_point(params, unknown_cfg,
                                                               unknown_workdir, tmp_path):
-  from data import synthetic_eval  # pylint: disable=g-import-not-at-top
-  from experiments import finetune  # pylint: disable=g-import-not-at-top
-  from experiments import zero_shot as zero_shot_cli  # pylint: disable=g-import-not-at-top
   how = 'model_file'  # the message says how to give the SentencePiece file
   raises = lambda: pytest.raises(clip.TokenizerError, match=how)
   with raises():

@@ -26,6 +26,9 @@ import chex
 import numpy as np
 import pytest
 import sentencepiece
+from transformers import GemmaTokenizer
+from transformers import Siglip2Tokenizer
+from transformers import SiglipTokenizer
 
 from clip import siglip_tokenizer
 from experiments.references import open_clip as open_clip_reference
@@ -166,8 +169,6 @@ def references(model_files, siglip2_folder):
   `Siglip2Tokenizer` with `SIGLIP2_SETTINGS`. `_split` ones read special tokens' strings in the
   text as text (`split_special_tokens=True`).
   """
-  from transformers import SiglipTokenizer  # pylint: disable=g-import-not-at-top
-  from transformers import Siglip2Tokenizer  # pylint: disable=g-import-not-at-top
   siglip2 = functools.partial(Siglip2Tokenizer.from_pretrained, siglip2_folder,
                               **SIGLIP2_SETTINGS)
   return {
@@ -268,7 +269,6 @@ def test_siglip2_equals_open_clip(corpus, tokenizers, siglip2_folder, tmp_path):
   """open_clip's SigLIP 2 pipeline (its `HFTokenizer` with `clean='canonicalize'`, over the
   Gemma tokenizer its `SigLipTokenizer` builds and saves) is this tokenizer after open_clip's own
   cleaning."""
-  from transformers import GemmaTokenizer  # pylint: disable=g-import-not-at-top
   reference_packages.install(open_clip_reference.PACKAGES, open_clip_reference.FOLDER, 'open_clip')
   spec = importlib.util.spec_from_file_location(  # the module alone: no torchvision, no timm
       'open_clip_tokenizer', os.path.join(open_clip_reference.FOLDER, 'open_clip', 'tokenizer.py'))

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import clip
 from clip.formats import export
@@ -102,7 +103,6 @@ def test_text_config_rejects_an_end_of_text_id_outside_the_vocabulary():
 # ---------------------------------------------------------------- pooling at the first EOT
 
 def _hf_clip(eos, vocab=49410, seed=0):
-  import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.CLIPConfig(
       text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, vocab_size=vocab, max_position_embeddings=8,
@@ -145,7 +145,6 @@ def test_added_tokens_pool_at_the_first_end_of_text_token_as_transformers(tmp_pa
 
 
 def test_hugging_face_export_writes_the_end_of_text_id(tmp_path):
-  import transformers  # pylint: disable=g-import-not-at-top
   hf = _hf_clip(EOT)
   hf.save_pretrained(tmp_path / 'in')
   params, cfg = clip.load(tmp_path / 'in')

@@ -10,6 +10,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import transformers
+from safetensors.torch import save_file
 
 import clip
 from clip.formats import export
@@ -100,7 +102,6 @@ def test_open_clip_hub_folders_and_wrappers_load_exactly_without_warning(oc, tmp
   if wrap == 'training_checkpoint':
     torch.save({'epoch': 3, 'state_dict': state}, tmp_path / 'open_clip_pytorch_model.bin')
   else:
-    from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
     save_file({k: v.contiguous() for k, v in state.items()},
               str(tmp_path / 'open_clip_model.safetensors'))
   (tmp_path / 'open_clip_config.json').write_text(json.dumps({'model_cfg': model_cfg}))
@@ -141,7 +142,6 @@ def test_missing_keys_error_names_the_tower_the_file_holds(oc, tmp_path):
 # ---------------------------------------------------------------- Hugging Face CLIPModel
 
 def _hf_clip(act, seed=0):
-  import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.CLIPConfig(
       text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, vocab_size=100, max_position_embeddings=16,
@@ -229,6 +229,7 @@ def test_big_vision_npz_equals_hugging_face_siglip(tmp_path):
 def test_open_clip_timm_siglip_equals_open_clip(oc, tmp_path):
   """open_clip's ViT-B-16-SigLIP classes (timm's VisionTransformer with MAP pooling as the trunk,
   the custom text tower), small."""
+  # Local: timm is importable only once the `oc` fixture has installed open_clip's reference.
   import timm  # pylint: disable=g-import-not-at-top
   model_cfg = oc.get_model_config('ViT-B-16-SigLIP')
   model_cfg['embed_dim'] = 64
@@ -268,7 +269,6 @@ def test_export_open_clip_folder_loads_in_open_clip(oc, tmp_path):
 
 @pytest.mark.parametrize('family', ['clip', 'siglip'])
 def test_export_hugging_face_folder_loads_strictly(tmp_path, family):
-  import transformers  # pylint: disable=g-import-not-at-top
   hf = _hf_clip('gelu') if family == 'clip' else checkpoint_families.hf_siglip(seed=6)
   hf.save_pretrained(tmp_path / 'source')
   save_image_processor(tmp_path / 'source', siglip=family == 'siglip', size=32)
@@ -311,7 +311,6 @@ def test_siglip_user_flow_load_tokenize_zero_shot(tmp_path):
 def test_hugging_face_siglip2_naflex_at_its_grid(tmp_path):
   """Siglip2Model takes patchified pixels (row, col, channel order) and resizes its position
   table to each image's grid; at the table's own grid it is our SigLIP tower."""
-  import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.Siglip2Config(
       text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, vocab_size=100, max_position_embeddings=16),

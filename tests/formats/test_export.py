@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import sentencepiece
 import torch
+import transformers
 from PIL import Image
 
 import clip
@@ -135,6 +136,16 @@ def _assert_differ_where_said(levels, paths, cfg, differences):
   shifted = np.array([_opaque(i) and not _crops_alike(i, cfg) for i in images])
   assert shifted.any() == ('centre crop' in differences)
   assert levels[shifted].min(initial=np.inf) > LEVEL, levels
+
+
+def _assert_export_warns(save, cfg, folder, match, messages, differences):
+  """`save(params, cfg, folder)` warns with an ExportWarning matching `match` whose text names
+  exactly `differences` among `messages` ({difference: pattern})."""
+  with pytest.warns(export.ExportWarning, match=match) as record:
+    save(_params(cfg), cfg, folder)
+  message = ' '.join(str(w.message) for w in record if w.category is export.ExportWarning)
+  for what, pattern in messages.items():
+    assert bool(re.search(pattern, message)) == (what in differences), (what, message)
 
 
 def _crop_excess(image, cfg):
@@ -263,11 +274,8 @@ def test_open_clip_export_of_transformers_conventions_warns(oc, image_files, tmp
   cfg = _open_clip_cfg(49408, 77, None, clip.TokenizerConfig(), pp)
   messages = {'transparency': r'drops transparency after',
               'centre crop': r'centre crop rounds half the overhang'}
-  with pytest.warns(export.ExportWarning, match='open_clip prepares some images') as record:
-    clip.save_open_clip(_params(cfg), cfg, tmp_path)
-  message = ' '.join(str(w.message) for w in record if w.category is export.ExportWarning)
-  for what, pattern in messages.items():
-    assert bool(re.search(pattern, message)) == (what in differences), (what, message)
+  _assert_export_warns(clip.save_open_clip, cfg, tmp_path, 'open_clip prepares some images',
+                       messages, differences)
   _, _, transform = oc.create_model_and_transforms(f'local-dir:{tmp_path}')
   levels = _levels(_open_clip_pixels(transform, image_files),
                    clip.preprocess_images(image_files, cfg), cfg)
@@ -296,7 +304,6 @@ HF_CASES = {
 def _hf_pixels(folder, paths):
   """transformers' `AutoImageProcessor` of `folder` (PIL backend: it resizes PIL images as we
   do; the default torchvision backend resizes tensors, antialiased, a level or more off)."""
-  import transformers  # pylint: disable=g-import-not-at-top
   processor = transformers.AutoImageProcessor.from_pretrained(folder, backend='pil')
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # transformers' deprecation notes
@@ -310,7 +317,6 @@ def test_transformers_peer_tokenises_and_preprocesses_as_we_do(model_files, imag
   """transformers' conventions (no ExportWarning): its `AutoProcessor` gives our token ids and
   our pixels on every file, transparent ones and crops that torchvision would place a pixel
   further included."""
-  import transformers  # pylint: disable=g-import-not-at-top
   model_type, kind, clean, vocab, context, pp, processor = HF_CASES[name]
   cfg = _hf_cfg(model_type, vocab, context, _tokenizer(kind, model_files, clean), pp)
   params = _params(cfg)
@@ -343,7 +349,6 @@ def _hf_folder(folder, family, model_files):
   """A transformers model saved with its image processor, as a hub folder holds them: a CLIPModel
   with `CLIPImageProcessorPil` (no tokenizer files: OpenAI's BPE), or a SiglipModel with
   `SiglipImageProcessorPil` (bilinear, its own mean and std) and SigLIP's spiece.model."""
-  import transformers  # pylint: disable=g-import-not-at-top
   text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
   vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 image_size=RESOLUTION, patch_size=14)
@@ -402,11 +407,8 @@ def test_hugging_face_export_of_open_clip_conventions_warns(image_files, tmp_pat
   cfg = _hf_cfg('clip', 49408, 77, clip.TokenizerConfig(), pp)
   messages = {'transparency': r'converts to RGB on white before resizing',
               'centre crop': r'centre-crops at the floor of half the overhang'}
-  with pytest.warns(export.ExportWarning, match='Hugging Face prepares some images') as record:
-    clip.save_hf(_params(cfg), cfg, tmp_path)
-  message = ' '.join(str(w.message) for w in record if w.category is export.ExportWarning)
-  for what, pattern in messages.items():
-    assert bool(re.search(pattern, message)) == (what in differences), (what, message)
+  _assert_export_warns(clip.save_hf, cfg, tmp_path, 'Hugging Face prepares some images',
+                       messages, differences)
   levels = _levels(_hf_pixels(tmp_path, image_files), clip.preprocess_images(image_files, cfg),
                    cfg)
   _assert_differ_where_said(levels, image_files, cfg, differences)
@@ -416,7 +418,6 @@ def test_hugging_face_export_of_open_clip_conventions_warns(image_files, tmp_pat
 def test_transformers_clip_padding_does_not_change_the_text_features(tmp_path):
   """transformers' CLIP rows pad with the end-of-text id, ours with 0: its model's features of
   its rows are ours of ours (both pool at the first end-of-text token; causal attention)."""
-  import transformers  # pylint: disable=g-import-not-at-top
   cfg = _hf_cfg('clip', 49408, 77, clip.TokenizerConfig(), clip.PreprocessConfig(**HF))
   params = _params(cfg, seed=1)
   clip.save_hf(params, cfg, tmp_path)
