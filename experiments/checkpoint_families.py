@@ -396,11 +396,11 @@ def rows():
        lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=False)),
       ('big_vision SigLIP', '.npz', 'no', 'warns', lambda oc, tmp: big_vision(tmp)),
       ('open_clip ConvNeXt trunk', 'state dict .pt', 'no', 'refused', open_clip_convnext),
-      ('export: clip.export.save_open_clip', "open_clip create_model('local-dir:...')", '-',
+      ('export: clip.save_open_clip', "open_clip create_model('local-dir:...')", '-',
        'exact', export_open_clip),
-      ('export: clip.export.save_hf (CLIP)', 'CLIPModel.from_pretrained, strict', '-', 'exact',
+      ('export: clip.save_hf (CLIP)', 'CLIPModel.from_pretrained, strict', '-', 'exact',
        lambda oc, tmp: export_hf(tmp, siglip=False)),
-      ('export: clip.export.save_hf (SigLIP)', 'SiglipModel.from_pretrained, strict', '-',
+      ('export: clip.save_hf (SigLIP)', 'SiglipModel.from_pretrained, strict', '-',
        'exact', lambda oc, tmp: export_hf(tmp, siglip=True)),
   ]
 
