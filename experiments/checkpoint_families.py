@@ -200,7 +200,7 @@ def open_clip_training_checkpoint(oc, tmp):
   return measure_load(path, _open_clip_ref(m))
 
 
-def _timm_siglip(oc):
+def timm_siglip(oc):
   """open_clip's ViT-B-16-SigLIP classes (a timm MAP-pooled ViT trunk, the custom text tower),
   small."""
   # Local: timm is optional (open-clip-torch brings it), and only this row needs it.
@@ -228,7 +228,7 @@ def _siglip_cfg(act):
 
 
 def open_clip_timm_siglip(oc, tmp, with_config):
-  m = _timm_siglip(oc)
+  m = timm_siglip(oc)
   path = os.path.join(_save_dir(tmp, f'timm_siglip_{with_config}'), 'siglip.pt')
   torch.save(m.state_dict(), path)
   config = _siglip_cfg('gelu') if with_config else None

@@ -9,7 +9,9 @@
   open_clip's `HFTokenizer(clean='canonicalize')` and `tokenize`, on prompts built from the
   zero-shot templates and class names with capitals, accents and punctuation;
 - `clip.load` recording each family's tokenizer and preprocessing from the files beside the
-  weights, and refusing tokenizers that are unknown or not the model's;
+  weights, and refusing tokenizers that are unknown or not the model's (Hugging Face folders:
+  tests/formats/test_hf_processing.py; open_clip folders: tests/formats/test_open_clip_folder.py;
+  a given tokenizer file: tests/formats/test_families.py);
 - zero-shot probabilities end to end, from image files and class names through our
   `preprocess_images`, `zero_shot.classifier_weights` and `zero_shot.classify`, against each
   peer's whole pipeline (its processor or transforms, its tokenizer, its model), for small models
@@ -27,7 +29,6 @@ stays bit for bit open_clip's.
 import dataclasses
 import json
 import os
-import re
 import shutil
 import typing
 import warnings
@@ -36,13 +37,10 @@ import chex
 import numpy as np
 import pytest
 import safetensors.torch
-import sentencepiece
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoImageProcessor
 from transformers import CLIPImageProcessorPil
-from transformers import CLIPTokenizer
 from transformers import GemmaTokenizerFast
 from transformers import SiglipImageProcessorPil
 from transformers import T5TokenizerFast
@@ -470,70 +468,6 @@ def hf_siglip_folders(model_files, siglip2_folder, tmp_path_factory):
   return folders
 
 
-@pytest.mark.parametrize('kind', ['siglip', 'siglip2'])
-def test_load_hugging_face_siglip_folder_records_its_processing(kind, hf_siglip_folders,
-                                                                image_files, tmp_path):
-  """The tokenizer, and transformers' conventions with SigLIP's settings: the folder's own
-  processor (transformers 5's processor_config.json, PIL backend) gives our pixels on every
-  file."""
-  folder, _ = hf_siglip_folders[kind]
-  if kind == 'siglip2':  # a Gemma tokenizer does not lower-case: said, and done as SigLIP 2's
-    with pytest.warns(clip.CheckpointWarning, match='lower-cased text for its GemmaTokenizer'):
-      _, cfg = clip.load(folder)
-  else:
-    with warnings.catch_warnings():
-      warnings.simplefilter('error')
-      _, cfg = clip.load(folder)
-  assert cfg.tokenizer == clip.TokenizerConfig(kind, str(folder / SENTENCEPIECE_FILE[kind]),
-                                               {'siglip': 'siglip', 'siglip2': 'lower'}[kind])
-  assert cfg.preprocess == dataclasses.replace(siglip.SIGLIP_PREPROCESS, **HF)
-  processor = transformers.AutoImageProcessor.from_pretrained(folder, backend='pil')
-  _assert_hf_equal(clip.preprocess_images([f.path for f in image_files], cfg),
-                   _hf_nhwc(processor, [_read(f.path) for f in image_files]))
-  if kind == 'siglip2':  # hub folders saved by transformers 4 name the fast class
-    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
-    tokenizer_config = json.loads((tmp_path / 'tokenizer_config.json').read_text())
-    assert tokenizer_config['tokenizer_class'] == 'GemmaTokenizer'
-    tokenizer_config['tokenizer_class'] = 'GemmaTokenizerFast'
-    (tmp_path / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config))
-    with pytest.warns(clip.CheckpointWarning, match='GemmaTokenizerFast'):
-      loaded = clip.load(tmp_path)[1]
-    assert loaded.tokenizer == dataclasses.replace(
-        cfg.tokenizer, model_file=str(tmp_path / 'tokenizer.model'))
-
-
-def test_load_reads_transformers_4_preprocessor_config(hf_siglip_folders, image_files, tmp_path):
-  """A hub folder saved by transformers 4 holds the image processor's settings in
-  `preprocessor_config.json`; other settings than SigLIP's are read, and the pixels are that
-  processor's on every file. `do_convert_rgb: false` is read as `convert_first=False` (transformers
-  then takes RGB images only, and those are the same either way)."""
-  folder, _ = hf_siglip_folders['siglip']
-  for name in ('config.json', 'model.safetensors', 'spiece.model', 'tokenizer_config.json'):
-    shutil.copy(folder / name, tmp_path)
-  processor = SiglipImageProcessorPil(size={'height': R, 'width': R}, resample=2,
-                                      image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4])
-  processor.save_pretrained(tmp_path)
-  assert (tmp_path / 'preprocessor_config.json').exists()
-  with warnings.catch_warnings():
-    warnings.simplefilter('error')
-    _, cfg = clip.load(tmp_path)
-  assert cfg.preprocess == clip.PreprocessConfig((0.4, 0.5, 0.6), (0.2, 0.3, 0.4), 'squash',
-                                                 'bilinear', **HF)
-  _assert_hf_equal(clip.preprocess_images([f.path for f in image_files], cfg),
-                   _hf_nhwc(processor, [_read(f.path) for f in image_files]))
-  settings = json.loads((tmp_path / 'preprocessor_config.json').read_text())
-  (tmp_path / 'preprocessor_config.json').write_text(json.dumps({**settings,
-                                                                 'do_convert_rgb': False}))
-  _, cfg = clip.load(tmp_path)
-  assert cfg.preprocess == clip.PreprocessConfig((0.4, 0.5, 0.6), (0.2, 0.3, 0.4), 'squash',
-                                                 'bilinear', convert_first=False,
-                                                 crop_rounding='floor')
-  rgb = [f.path for f in image_files if f.mode == 'RGB' and not f.transparent]
-  processor = SiglipImageProcessorPil.from_pretrained(tmp_path)
-  assert processor.do_convert_rgb is False
-  _assert_hf_equal(clip.preprocess_images(rgb, cfg), _hf_nhwc(processor, map(_read, rgb)))
-
-
 def test_lone_siglip_file_needs_its_tokenizer(hf_siglip_folders, model_files, references,
                                               tmp_path):
   """A lone weights file ships no tokenizer: loading works, tokenising raises saying how to give
@@ -556,78 +490,6 @@ def test_lone_siglip_file_needs_its_tokenizer(hf_siglip_folders, model_files, re
                                                'siglip')
   np.testing.assert_array_equal(clip.get_tokenizer(cfg)(PROMPTS, truncate=True),
                                 hf_tokenize(references['siglip'], PROMPTS))
-
-
-def _hf_clip(vocab_size, seed=0):
-  config = transformers.CLIPConfig(
-      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                       num_attention_heads=4, vocab_size=vocab_size, max_position_embeddings=77,
-                       bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=0),
-      vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                         num_attention_heads=2, image_size=R, patch_size=8),
-      projection_dim=32)
-  torch.manual_seed(seed)
-  return reference.perturb(transformers.CLIPModel(config).eval(), seed)
-
-
-def _save_clip_tokenizer(folder, vocab, merges):
-  """vocab.json and merges.txt, as hub folders hold them, and `CLIPTokenizer`'s own files (all
-  that transformers 5 saves: tokenizer.json, tokenizer_config.json)."""
-  (folder / 'vocab.json').write_text(json.dumps(vocab), encoding='utf-8')
-  (folder / 'merges.txt').write_text('#version: 0.2\n' + ''.join(f'{m}\n' for m in merges),
-                                     encoding='utf-8')
-  CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
-
-
-@pytest.mark.parametrize('files', ['vocab.json', 'tokenizer.json'])
-def test_load_hugging_face_clip_folder_with_openai_tokenizer(files, image_files, tmp_path):
-  """OpenAI's vocabulary and merges (from OpenAI's own tokenizer; in vocab.json, or only in
-  tokenizer.json as transformers 5 saves it) and a `CLIPImageProcessor`: OpenAI's tokenizer,
-  whose tokens are `clip.tokenize`'s, and OpenAI's settings with transformers' conventions, whose
-  pixels are the folder's own processor's on every file."""
-  _hf_clip(49408).save_pretrained(tmp_path)
-  CLIPImageProcessorPil(size={'shortest_edge': R},
-                        crop_size={'height': R, 'width': R}).save_pretrained(tmp_path)
-  openai = reference.load_module('simple_tokenizer').SimpleTokenizer()
-  merges = sorted(openai.bpe_ranks, key=openai.bpe_ranks.get)
-  _save_clip_tokenizer(tmp_path, openai.encoder, [' '.join(pair) for pair in merges])
-  if files == 'tokenizer.json':
-    os.remove(tmp_path / 'vocab.json')
-    os.remove(tmp_path / 'merges.txt')
-  with warnings.catch_warnings():
-    warnings.simplefilter('error')
-    _, cfg = clip.load(tmp_path)
-  assert (cfg.tokenizer, cfg.preprocess) == (clip.TokenizerConfig(), clip.PreprocessConfig(**HF))
-  np.testing.assert_array_equal(clip.get_tokenizer(cfg)(PROMPTS, truncate=True),
-                                clip.tokenize(PROMPTS, truncate=True))
-  processor = AutoImageProcessor.from_pretrained(tmp_path, backend='pil')
-  _assert_hf_equal(clip.preprocess_images([f.path for f in image_files], cfg),
-                   _hf_nhwc(processor, [_read(f.path) for f in image_files]))
-
-
-@pytest.mark.parametrize('files', ['vocab.json', 'tokenizer.json'])
-def test_load_hugging_face_clip_folder_with_another_vocabulary(files, tmp_path):
-  """A CLIP folder whose BPE vocabulary is not OpenAI's (in vocab.json, or only in
-  tokenizer.json as transformers 5 saves it): kind 'unknown', and tokenising raises naming it;
-  OpenAI's BPE stated instead raises because its ids do not fit."""
-  words = [f'{w}</w>' for w in ('a', 'photo', 'of', 'cat', 'dog')] + list('abcdefghijklmnop')
-  _save_clip_tokenizer(tmp_path, {w: i for i, w in enumerate(words)}, [])
-  if files == 'tokenizer.json':
-    os.remove(tmp_path / 'vocab.json')
-    os.remove(tmp_path / 'merges.txt')
-  _hf_clip(100).save_pretrained(tmp_path)
-  no_processor = 'assumed OpenAI.s image preprocessing'
-  with pytest.warns(clip.CheckpointWarning, match=no_processor):
-    _, cfg = clip.load(tmp_path)
-  path = str(tmp_path / files)
-  assert cfg.tokenizer == clip.TokenizerConfig(
-      'unknown', name=f'a BPE vocabulary other than OpenAI\'s ({path})')
-  with pytest.raises(clip.TokenizerError, match=re.escape(path)):
-    clip.get_tokenizer(cfg)
-  with pytest.warns(clip.CheckpointWarning, match=no_processor):
-    _, cfg = clip.load(tmp_path, tokenizer=clip.TokenizerConfig())
-  with pytest.raises(clip.TokenizerError, match="49408 ids, but the model's vocabulary holds 100"):
-    clip.get_tokenizer(cfg)
 
 
 # ---------------------------------------------------------------- open_clip folders
@@ -723,19 +585,6 @@ def open_clip_vit_folder(oc, tmp_path_factory):
     model.logit_scale.fill_(np.log(100.0))  # OpenAI's trained scale: the softmax spreads
   _save_open_clip_folder(folder, model, model_cfg, OPEN_CLIP_PREPROCESS)
   return folder
-
-
-def test_load_open_clip_folder_records_its_preprocess_cfg(oc, open_clip_vit_folder, image_files):
-  with warnings.catch_warnings():
-    warnings.simplefilter('error')
-    _, cfg = clip.load(open_clip_vit_folder)
-  assert cfg.tokenizer == clip.TokenizerConfig()
-  assert cfg.preprocess == clip.PreprocessConfig(**{
-      k: tuple(v) if isinstance(v, list) else v for k, v in OPEN_CLIP_PREPROCESS.items()})
-  _, _, transform = oc.create_model_and_transforms(f'local-dir:{open_clip_vit_folder}')
-  paths = [f.path for f in image_files]
-  np.testing.assert_array_equal(clip.preprocess_images(paths, cfg),
-                                _nhwc(transform, map(_read, paths)))
 
 
 # ---------------------------------------------------------------- zero-shot, end to end
@@ -892,37 +741,6 @@ def test_siglip_export_runs_in_transformers_standard_pipeline(hf_siglip_folders,
   with torch.no_grad():
     theirs = torch.sigmoid(model(**inputs).logits_per_image).numpy()
   _assert_probabilities_close(_zero_shot(params, cfg, paths, CLASSES), theirs)
-
-
-def test_a_folder_whose_tokenizer_returns_a_mask_warns(hf_siglip_folders, tmp_path):
-  """transformers' SiglipModel masks the padding when the folder's tokenizer returns an attention
-  mask; SigLIP (and we) attend to it: said on load."""
-  folder, _ = hf_siglip_folders['siglip']
-  shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
-  tokenizer_config = json.loads((tmp_path / 'tokenizer_config.json').read_text())
-  tokenizer_config.pop('model_input_names', None)
-  (tmp_path / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config))
-  with pytest.warns(clip.CheckpointWarning, match='no padding mask, as SigLIP was trained'):
-    clip.load(tmp_path)
-
-
-def test_a_given_tokenizer_file_that_contradicts_the_folder_is_refused(
-    hf_siglip_folders, model_files, tmp_path):
-  """`tokenizer=<path>` is held against what the folder states: its tokenizer class's kind, and
-  config.json's text eos_token_id."""
-  folder, _ = hf_siglip_folders['siglip']
-  with pytest.raises(clip.CheckpointError, match='is a siglip2 vocabulary, but the folder.s '
-                     'tokenizer_config.json states a siglip one'):
-    clip.load(folder, tokenizer=model_files['siglip2'])
-  corpus = tmp_path / 'corpus.txt'
-  corpus.write_text('\n'.join(PROMPTS))
-  sentencepiece.SentencePieceTrainer.train(
-      input=str(corpus), model_prefix=str(tmp_path / 'eos2'), model_type='unigram',
-      vocab_size=90, pad_id=0, eos_id=2, unk_id=1, bos_id=-1, minloglevel=2,
-      character_coverage=0.99)
-  with pytest.raises(clip.CheckpointError, match='ends sequences with id 2, but config.json '
-                     'states eos_token_id=1'):
-    clip.load(folder, tokenizer=str(tmp_path / 'eos2.model'))
 
 
 def test_classifier_weights_truncate_long_prompts_on_request(hf_siglip_folders):

@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from experiments import bench_losses
 import losses
 
 LOCAL_BATCH, DIM = 256, 64
@@ -66,7 +67,6 @@ def test_ring_is_stable_at_large_logits(name):
 
 
 def test_bench_losses_writes_table_json_and_plot(tmp_path):
-  from experiments import bench_losses  # pylint: disable=g-import-not-at-top
   bench_losses.main(['--devices', '1,2', '--batch-sizes', '8', '--dim', '16', '--repeats', '1',
                      '--out', str(tmp_path)])
   with open(tmp_path / 'bench_losses.json') as f:

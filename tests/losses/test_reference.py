@@ -1,7 +1,8 @@
-"""losses/reference.py, allgather.py and ring.py: the references against float64 numpy (values,
-finite-difference gradients, stability; with and without jit), then each shard_map body,
-differentiated per device inside shard_map, against its reference. Every registered loss through
-`make_loss` on every mesh: tests/losses/test_make_loss.py."""
+"""losses/reference.py: the single-device references against float64 numpy (values,
+finite-difference gradients, stability; with and without jit), closed forms and input checks, and
+the helpers the other loss tests share. Each shard_map body against its reference:
+tests/losses/test_allgather.py; every registered loss through `make_loss` on every mesh:
+tests/losses/test_make.py."""
 import functools
 
 import chex
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 import losses
 
@@ -132,30 +132,6 @@ def reference_value_and_grad(name, args):
 
 def loss_args(name, img, txt):
   return (img, txt, LOG_SCALE, BIAS) if name in SIGMOID else (img, txt, LOG_SCALE)
-
-
-@pytest.mark.parametrize('name', sorted(losses.LOSSES))
-def test_gradient_taken_inside_shard_map(name):
-  """Called as a shard_map body with a str axis name, differentiated per device: each device's
-  gradient is its slice of the reference's (the loss is replicated, the gathers transpose)."""
-  mesh, _ = mesh_of('8')
-  body = {'contrastive': losses.allgather_contrastive_loss,
-          'sigmoid': losses.allgather_sigmoid_loss,
-          'ring_contrastive': losses.ring_contrastive_loss,
-          'ring_sigmoid': losses.ring_sigmoid_loss}[name]
-  args = loss_args(name, *pairs('random'))
-
-  def per_device(*a):
-    value, grads = jax.value_and_grad(lambda *x: body(*x, axis_name='data'), argnums=(0, 1))(*a)
-    return value, grads
-
-  scalars = (P(),) * (len(args) - 2)
-  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P('data'), P('data'), *scalars),
-                             out_specs=(P(), (P('data'), P('data')))))
-  value, grads = fn(*args)
-  ref_value, ref_grads = reference_value_and_grad(name, args)
-  assert rel_err(value, ref_value) < FP32_RTOL
-  assert_rel_close(grads, ref_grads[:2], FP32_RTOL)
 
 
 def test_references_reject_bad_input():

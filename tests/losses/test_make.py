@@ -10,16 +10,16 @@ import jax.numpy as jnp
 import pytest
 
 import losses
-from tests.losses.test_losses import FP32_RTOL
-from tests.losses.test_losses import LOG_SCALE
-from tests.losses.test_losses import MESHES
-from tests.losses.test_losses import SIGMOID
-from tests.losses.test_losses import assert_rel_close
-from tests.losses.test_losses import loss_args
-from tests.losses.test_losses import mesh_of
-from tests.losses.test_losses import pairs
-from tests.losses.test_losses import reference_value_and_grad
-from tests.losses.test_losses import rel_err
+from tests.losses.test_reference import FP32_RTOL
+from tests.losses.test_reference import LOG_SCALE
+from tests.losses.test_reference import MESHES
+from tests.losses.test_reference import SIGMOID
+from tests.losses.test_reference import assert_rel_close
+from tests.losses.test_reference import loss_args
+from tests.losses.test_reference import mesh_of
+from tests.losses.test_reference import pairs
+from tests.losses.test_reference import reference_value_and_grad
+from tests.losses.test_reference import rel_err
 
 BF16_VALUE_RTOL = 1e-5  # bf16 products are exact in the fp32 accumulation: only sum order differs
 BF16_GRAD_RTOL = 1e-2  # embedding gradients are returned in bf16 (8 mantissa bits)
