@@ -307,14 +307,20 @@ def big_vision(tmp):
   return measure_load(path, _hf_ref(hf), siglip=True, normalized=True)
 
 
-def hf_siglip2(tmp):
+def hf_siglip2_model(seed=0):
+  """A small transformers Siglip2Model (NaFlex, a 4 x 4 grid of 8 px patches), every parameter
+  perturbed (also used by the tests)."""
   config = transformers.Siglip2Config(
       text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
       vision_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                          num_attention_heads=2, num_patches=16, patch_size=8))
-  torch.manual_seed(8)
-  hf = _perturb(transformers.Siglip2Model(config).eval(), 8)
+  torch.manual_seed(seed)
+  return _perturb(transformers.Siglip2Model(config).eval(), seed)
+
+
+def hf_siglip2(tmp):
+  hf = hf_siglip2_model(seed=8)
   folder = _save_dir(tmp, 'hf_siglip2')
   hf.save_pretrained(folder)
   return measure_load(folder, _hf_naflex_ref(hf, 8), siglip=True, normalized=True)

@@ -262,13 +262,7 @@ def test_siglip_user_flow_load_tokenize_zero_shot(tmp_path):
 def test_hugging_face_siglip2_naflex_at_its_grid(tmp_path):
   """Siglip2Model takes patchified pixels (row, col, channel order) and resizes its position
   table to each image's grid; at the table's own grid it is our SigLIP tower."""
-  config = transformers.Siglip2Config(
-      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
-      vision_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                         num_attention_heads=2, num_patches=16, patch_size=8))
-  torch.manual_seed(9)
-  hf = reference.perturb(transformers.Siglip2Model(config).eval(), 9)
+  hf = checkpoint_families.hf_siglip2_model(seed=9)
   hf.save_pretrained(tmp_path)
   with pytest.warns(clip.CheckpointWarning, match='NaFlex model.s images squashed to its square'):
     params, cfg = clip.load(tmp_path)
