@@ -51,6 +51,7 @@ from clip.eval import linear_probe
 from clip.eval import metrics as eval_metrics
 from clip.eval import retrieval
 from clip.eval import zero_shot
+from clip.formats import files
 from clip.formats import workdirs
 from data import synthetic
 from experiments import configs
@@ -270,11 +271,10 @@ def main(argv=None):
   print(json.dumps(result, indent=2))
   output = args.output or os.path.join(
       'results', 'evaluate', f'{re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)}_{args.task}.json')
-  os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
-  tmp = output + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, output)
+  def write(tmp):
+    with open(tmp, 'w') as f:
+      json.dump(result, f, indent=2)
+  files.atomic_write(output, write)
   print(f'wrote {output}')
   return result
 

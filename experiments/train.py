@@ -36,6 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import clip
 from clip import model
 from clip import sharding
+from clip.formats import files
 from clip.formats import workdirs
 from clip.train import loop
 from clip.train import metrics_log
@@ -240,9 +241,8 @@ def report(args, config, workdir, params):
       os.path.join(workdir, 'loss.png'), f'{args.config} ({tcfg.loss})')
   if args.export_torch:
     import torch  # pylint: disable=g-import-not-at-top  # optional: the [torch] extra
-    tmp = args.export_torch + '.tmp'
-    torch.save(clip.to_torch_state_dict(params), tmp)
-    os.replace(tmp, args.export_torch)
+    state_dict = clip.to_torch_state_dict(params)
+    files.atomic_write(args.export_torch, lambda tmp: torch.save(state_dict, tmp))
   if run.eval_examples:
     results = synthetic_eval.evaluate(params, cfg, run.eval_examples, tcfg.seed + 1)
     print(json.dumps(results, indent=2))
