@@ -88,6 +88,9 @@ def test_a_workdirs_model_config_is_its_model(params, tmp_path):
                      r"--config says 128, the workdir's model_config.json says 64; .*Leave "
                      r"--config out"):
     workdirs.load_model(str(tmp_path), small.get_config().model, config_name='small')
+  for named in (str(tmp_path), 'ViT-B/32'):  # each names its own tokenizer
+    with pytest.raises(ValueError, match='is a training workdir or an official model'):
+      workdirs.load_model(named, tokenizer='spiece.model')
 
 
 def test_architecture_differences_leave_out_how_a_model_runs_and_reads():
