@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 
 import losses
 from clip.train import captioning
+from clip.train import ema
 from clip.train import freezing
 from clip.train import grad_cache
 from clip import model
@@ -59,6 +60,10 @@ class TrainConfig:
   caption_weight: float = 0.0
   caption_parallel: float = 0.75
   caption_mask_ratio: float = 1.0
+  # An EMA of the parameters (`clip.train.ema`), state['ema'], when ema_decay is set (in (0, 1),
+  # e.g. 0.9999); ema_warmup: the power of timm's decay warmup (2/3 or 3/4), None for none.
+  ema_decay: float | None = None
+  ema_warmup: float | None = None
 
   def __post_init__(self):
     none = objectives.NO_CONTRASTIVE
@@ -96,6 +101,7 @@ class TrainConfig:
     freezing.compile_patterns(self.freeze)
     if not 0 < self.layer_decay <= 1:
       raise ValueError(f'layer_decay must be in (0, 1], got {self.layer_decay}')
+    ema.check(self.ema_decay, self.ema_warmup)
 
   @property
   def frozen(self):
@@ -132,7 +138,7 @@ class TrainConfig:
 
 class TrainSetup(typing.NamedTuple):
   """What `setup` builds for a training loop."""
-  state: dict                # {'params', 'batch_stats', 'opt', 'step', 'rng'}, sharded
+  state: dict                # {'params', 'batch_stats', 'opt', 'step', 'rng'} (+ 'ema'), sharded
   train_step: typing.Callable  # (state, batch) -> (state, metrics), jitted, state donated
   shardings: dict            # the state's NamedShardings (state_store.restore takes them)
   schedule: typing.Callable  # optimizer step -> learning rate
@@ -172,7 +178,8 @@ def check_init_logit_scale(cfg):
 
 def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULES):
   """NamedShardings for every leaf of the state: params and BN buffers by the partition rules,
-  optimizer moments like their parameters, counters and the rng replicated."""
+  optimizer moments and the parameters' EMA (where the state has one) like their parameters,
+  counters and the rng replicated."""
   param_sh = sharding.param_shardings(mesh, abstract_state['params'], rules)
   stats_sh = sharding.param_shardings(mesh, abstract_state['batch_stats'], rules)
   repl = sharding.replicated(mesh)
@@ -186,7 +193,9 @@ def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULE
       lambda leaf, s: s if sharding.divides(s.mesh, np.shape(leaf), s.spec) else repl,
       abstract_state['opt'], opt_sh,
       is_leaf=lambda x: isinstance(x, NamedSharding))
-  return {'params': param_sh, 'batch_stats': stats_sh, 'opt': opt_sh, 'step': repl, 'rng': repl}
+  ema_sh = {'ema': param_sh} if 'ema' in abstract_state else {}
+  return {'params': param_sh, 'batch_stats': stats_sh, 'opt': opt_sh, 'step': repl, 'rng': repl,
+          **ema_sh}
 
 
 def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=None,
@@ -203,7 +212,10 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
 
   What `tcfg.frozen` names (`clip.train.freezing`) leaves the step bit-identical: its gradients and
   updates are zeroed by the optimizer, and its old values are kept after the update, the clamp and
-  the BatchNorm statistics (a frozen ResNet layer's running buffers stay as they were)."""
+  the BatchNorm statistics (a frozen ResNet layer's running buffers stay as they were).
+
+  With `tcfg.ema_decay`, the state's `'ema'` moves towards the updated parameters after each
+  optimizer update (`clip.train.ema.after_step`; not on MultiSteps' accumulating calls)."""
   tcfg.check_mesh(mesh)
   if tcfg.grad_cache:
     if objective is not None:
@@ -234,6 +246,9 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
       metrics['logit_bias'] = params['logit_bias']
     new_state = {'params': params, 'batch_stats': new_stats, 'opt': opt,
                  'step': state['step'] + 1, 'rng': jax.random.fold_in(state['rng'], 1)}
+    if tcfg.ema_decay is not None:
+      new_state['ema'] = ema.after_step(state['ema'], params, opt, state['step'], tcfg.ema_decay,
+                                        tcfg.ema_warmup)
     return new_state, metrics
 
   batch_sh = sharding.batch_sharding(mesh)
@@ -253,12 +268,14 @@ def create_state(cfg, tcfg, mesh, optimizer, rules=sharding.DEFAULT_RULES, init_
   shardings from `jax.eval_shape` first, then one jitted init straight into them).
 
   `init_params(key) -> params` (BatchNorm buffers included) replaces the random CLIP init, e.g.
-  to start from pretrained weights (`lambda key: params`) or from a fine-tuning model."""
+  to start from pretrained weights (`lambda key: params`) or from a fine-tuning model. With
+  `tcfg.ema_decay` the state has `'ema'`, the initial params in float32 (`clip.train.ema.init`)."""
   def init(key):
     params = model.init_params(key, cfg) if init_params is None else init_params(key)
     params, batch_stats = model.split_batch_stats(params)
-    return {'params': params, 'batch_stats': batch_stats, 'opt': optimizer.init(params),
-            'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(key, 2)}
+    state = {'params': params, 'batch_stats': batch_stats, 'opt': optimizer.init(params),
+             'step': jnp.zeros((), jnp.int32), 'rng': jax.random.fold_in(key, 2)}
+    return state if tcfg.ema_decay is None else {**state, 'ema': ema.init(params)}
   key = jax.random.PRNGKey(tcfg.seed)
   abstract = jax.eval_shape(init, key)
   freezing.check(tcfg.frozen, abstract['params'], abstract['batch_stats'])

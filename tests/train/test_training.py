@@ -46,7 +46,8 @@ def test_strategies_follow_the_single_device_trajectory(loss):
   tcfg = training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1, loss=loss)
   cfg = dataclasses.replace(TINY, logit_bias=losses.takes_bias(loss))
   data = batches(cfg, 16, STEPS)
-  _, reference = run(cfg, tcfg, single_device_mesh(), data)
+  state, reference = run(cfg, tcfg, single_device_mesh(), data)
+  assert set(state) == {'params', 'batch_stats', 'opt', 'step', 'rng'}  # no 'ema' unless asked
   for sizes in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
     _, history = run(cfg, tcfg, sharding.make_mesh(*sizes), data)
     for key in ('loss', 'grad_norm', 'logit_scale'):
