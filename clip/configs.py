@@ -21,6 +21,7 @@ from clip.processing_configs import RESIZE_MODES
 from clip.processing_configs import TokenizerConfig
 from clip.processing_configs import normalize_image
 from clip.processing_configs import normalize_with
+from clip.tower_configs import ATTENTIONS
 from clip.tower_configs import BlockOptions
 from clip.tower_configs import DEFAULT_MLP_RATIO
 from clip.tower_configs import DTYPES
@@ -50,6 +51,8 @@ class CLIPConfig:
   mean 'block'/'none'. `logit_bias=True` adds SigLIP's learnable bias. `init_logit_scale` is the
   logit scale's start, a log temperature (None: CLIP's ln(1/0.07), or SigLIP's ln 10 with a bias),
   `init_logit_bias` the bias's start (None: SigLIP's -10); open_clip's names for both.
+  `attention` is how every attention runs: 'xla' (`jax.nn.dot_product_attention`), 'cudnn'
+  (its cuDNN flash-attention kernel, NVIDIA GPUs, fp16/bf16) or 'einsum' (`Execution`).
 
   `decoder` adds a captioning text decoder (`clip/decoder.py`) over the image tower's tokens
   (SigLIP 2 / CoCa with a text tower; CapPa with `text=None`, which has no text tower, no
@@ -73,6 +76,7 @@ class CLIPConfig:
   init_logit_bias: float | None = None
   tokenizer: TokenizerConfig = TokenizerConfig()
   preprocess: PreprocessConfig = PreprocessConfig()
+  attention: str = 'xla'
 
   def __post_init__(self):
     require(isinstance(self.tokenizer, TokenizerConfig),
@@ -84,6 +88,7 @@ class CLIPConfig:
     if isinstance(self.remat, bool):
       object.__setattr__(self, 'remat', 'block' if self.remat else 'none')
     one_of(self.remat, REMATS, 'CLIPConfig.remat')
+    one_of(self.attention, ATTENTIONS, 'CLIPConfig.attention')
     require(self.text is not None or self.decoder is not None,
             'a CLIPConfig needs a text tower, a decoder, or both; got text=None, decoder=None')
     require(self.text is not None or not self.logit_bias,
@@ -134,7 +139,7 @@ class CLIPConfig:
 
   @property
   def execution(self):
-    """The towers' `Execution`: this config's dtype, remat and scan."""
+    """The towers' `Execution`: this config's dtype, remat, scan and attention."""
     return Execution(*(getattr(self, name) for name in Execution._fields))
 
   @property

@@ -90,18 +90,20 @@ def embed(params, tokens_NxL, cfg, dtype, mask_NxL=None, offset=0):
   return x_NxLxD + positions.astype(dtype)
 
 
-def _cross(p, x_NxLxD, memory_NxTxD, cfg):
+def _cross(p, x_NxLxD, memory_NxTxD, cfg, implementation):
   h_NxLxD = layers.norm(p['ln_cross'], x_NxLxD, cfg.norm, cfg.norm_eps)
   return x_NxLxD + layers.multi_head_attention(p['cross_attn'], h_NxLxD, cfg.heads, None,
-                                               memory_NxTxD, cfg.norm, norm_eps=cfg.norm_eps)
+                                               memory_NxTxD, cfg.norm, norm_eps=cfg.norm_eps,
+                                               implementation=implementation)
 
 
-def block(p, x_NxLxD, memory_NxTxD, cfg, mask):
-  """Pre-norm self-attention (under `mask`, True = attend), cross-attention to the image
-  memory, MLP; each with a residual."""
+def block(p, x_NxLxD, memory_NxTxD, cfg, mask, implementation='xla'):
+  """Pre-norm self-attention (under `mask`, a `layers.Mask` or booleans, True = attend),
+  cross-attention to the image memory, MLP; each with a residual; the attention runs as
+  `implementation` (`layers.attention_heads`)."""
   h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm, cfg.norm_eps)
-  x_NxLxD = x_NxLxD + transformer.attention(p, h_NxLxD, cfg, mask)
-  x_NxLxD = _cross(p, x_NxLxD, memory_NxTxD, cfg)
+  x_NxLxD = x_NxLxD + transformer.attention(p, h_NxLxD, cfg, mask, implementation=implementation)
+  x_NxLxD = _cross(p, x_NxLxD, memory_NxTxD, cfg, implementation)
   return x_NxLxD + transformer.mlp(p, x_NxLxD, cfg)
 
 
@@ -137,11 +139,12 @@ def output_token(index, cfg):
 
 
 def self_attention_mask(length, bidirectional_N=None, valid_NxL=None):
-  """True = attend: causal (L, L); with `bidirectional_N` (N,) those rows attend to every valid
-  key instead (`valid_NxL`, True = a caption position, not padding): (N, 1, L, L)."""
-  causal_LxL = jnp.tril(jnp.ones((length, length), bool))
+  """Causal (`layers.Mask(causal=True)`); with `bidirectional_N` (N,) those rows attend to every
+  valid key instead (`valid_NxL`, True = a caption position, not padding): booleans (N, 1, L, L),
+  True = attend."""
   if bidirectional_N is None:
-    return causal_LxL
+    return layers.Mask(causal=True)
+  causal_LxL = jnp.tril(jnp.ones((length, length), bool))
   full_NxLxL = jnp.broadcast_to(valid_NxL[:, None, :], (valid_NxL.shape[0], length, length))
   return jnp.where(bidirectional_N[:, None, None], full_NxLxL, causal_LxL)[:, None]
 
@@ -162,7 +165,8 @@ def apply(params, image_NxTxW, tokens_NxL, cfg, execution=configs.Execution(), m
   memory_NxTxD = image_memory(params, image_NxTxW, cfg, execution)
   x_NxLxD = embed(params, tokens_NxL, cfg, dtype, mask_NxL)
   mask = self_attention_mask(length, bidirectional_N, valid_NxL)
-  run = lambda p, x: sharding.constrain_batch(block(p, x, memory_NxTxD, cfg, mask))
+  run = lambda p, x: sharding.constrain_batch(block(p, x, memory_NxTxD, cfg, mask,
+                                                    execution.attention))
   x_NxLxD = transformer.run_blocks(params['transformer'], x_NxLxD, run, execution)
   return logits(params, x_NxLxD, cfg)
 
@@ -192,10 +196,11 @@ def init_cache(params, image_NxTxW, cfg, execution=configs.Execution()):
   return Cache(zeros, zeros, jnp.stack([k for k, _ in cross]), jnp.stack([v for _, v in cross]))
 
 
-def step(params, cache, tokens_N, position, cfg):
+def step(params, cache, tokens_N, position, cfg, execution=configs.Execution()):
   """Decodes one position for every row: `tokens_N` (N,) at `position` (a scalar, traced
   allowed) -> (scores (N, S) fp32 for position + 1, the cache with this position's keys and
-  values). Equal to `apply(...)[:, position]` fed the same prefix (causal rows). A concrete
+  values), in the cache's dtype, the attention as `execution.attention`. Equal to
+  `apply(...)[:, position]` fed the same prefix (causal rows). A concrete
   position outside [0, context_length) raises (under jit the caller bounds it: a traced one
   past the end would be clamped by the cache update)."""
   if not isinstance(position, jax.core.Tracer) and not 0 <= int(position) < cfg.context_length:
@@ -203,7 +208,8 @@ def step(params, cache, tokens_N, position, cfg):
                      f'[0, {cfg.context_length})')
   dtype = cache.cross_keys.dtype
   x_Nx1xD = embed(params, tokens_N[:, None], cfg, dtype, offset=position)
-  visible_1xC = (jnp.arange(cfg.context_length) <= position)[None]
+  impl = execution.attention
+  visible = layers.Mask(kv_lengths_N=jnp.full(tokens_N.shape, position + 1, jnp.int32))
   keys, values = [], []
   for i in range(cfg.layers):
     p = transformer.layer(params['transformer'], i)
@@ -212,14 +218,14 @@ def step(params, cache, tokens_N, position, cfg):
     keys.append(jax.lax.dynamic_update_slice_in_dim(cache.keys[i], k, position, axis=1))
     values.append(jax.lax.dynamic_update_slice_in_dim(cache.values[i], v, position, axis=1))
     out = layers.attention_output(p['attn'],
-                                  layers.attention_heads(q, keys[i], values[i], visible_1xC))
+                                  layers.attention_heads(q, keys[i], values[i], visible, impl))
     if 'ln_attn' in p:
       out = layers.norm(p['ln_attn'], out, cfg.norm, cfg.norm_eps)
     x_Nx1xD = x_Nx1xD + out
     h_Nx1xD = layers.norm(p['ln_cross'], x_Nx1xD, cfg.norm, cfg.norm_eps)
     q = layers.attention_projections(p['cross_attn'], h_Nx1xD, cfg.heads, cfg.norm, cfg.norm_eps,
                                      kv_NxKxD=h_Nx1xD)[0]
-    out = layers.attention_heads(q, cache.cross_keys[i], cache.cross_values[i])
+    out = layers.attention_heads(q, cache.cross_keys[i], cache.cross_values[i], None, impl)
     x_Nx1xD = x_Nx1xD + layers.attention_output(p['cross_attn'], out)
     x_Nx1xD = x_Nx1xD + transformer.mlp(p, x_Nx1xD, cfg)
   cache = Cache(jnp.stack(keys), jnp.stack(values), cache.cross_keys, cache.cross_values)

@@ -3,11 +3,15 @@
 Shapes live in names: `x_NxLxD` is (batch, length, width), `w_OxI` a torch Linear weight.
 Initialisers mirror torch's defaults so a model trained from scratch starts like OpenAI's.
 """
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from clip.config_checks import one_of
+from clip.tower_configs import ATTENTIONS
 
 
 # ---------------------------------------------------------------- initialisers (torch defaults)
@@ -219,9 +223,36 @@ def split_heads(x_NxLxD, heads):
   return x_NxLxD.reshape(*x_NxLxD.shape[:-1], heads, x_NxLxD.shape[-1] // heads)
 
 
-def attention_heads(q_NxQxHxd, k_NxKxHxd, v_NxKxHxd, mask_QxK=None):
-  """Scaled dot-product attention on per-head arrays; softmax in fp32. mask: True = attend,
-  broadcast against (N, H, Q, K)."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=('kv_lengths_N', 'dense'),
+                   meta_fields=('causal',))
+@dataclasses.dataclass(frozen=True)
+class Mask:
+  """Which keys each query attends to: a key is attended when every part given allows it.
+
+  `causal`: query i attends to keys 0..i (self-attention, Q == K); `kv_lengths_N` (N,) ints: row
+  n attends to its first `kv_lengths_N[n]` keys (key padding after them); `dense` booleans, True
+  = attend, broadcast against (N, H, Q, K). The structured parts reach
+  `jax.nn.dot_product_attention` as `is_causal` and `key_value_seq_lengths`, which cuDNN's kernel
+  applies without a mask in memory (a dense mask it adds as a bias, which its backward pass
+  takes only for even lengths). A pytree whose `causal` is static: it can cross `jit`."""
+  causal: bool = False
+  kv_lengths_N: jax.Array | None = None
+  dense: jax.Array | None = None
+
+  def to_dense(self, q_len, k_len):
+    """The mask as booleans broadcast against (N, H, Q, K); None where nothing is masked."""
+    parts = [] if self.dense is None else [jnp.asarray(self.dense, bool)]
+    if self.causal:
+      parts.append(jnp.tril(jnp.ones((q_len, k_len), bool)))
+    if self.kv_lengths_N is not None:
+      parts.append((jnp.arange(k_len) < self.kv_lengths_N[:, None])[:, None, None, :])
+    return functools.reduce(jnp.logical_and, parts) if parts else None
+
+
+def einsum_attention(q_NxQxHxd, k_NxKxHxd, v_NxKxHxd, mask_QxK=None):
+  """Scaled dot-product attention as an explicit einsum, softmax, einsum (softmax in fp32);
+  `mask_QxK` booleans, True = attend, broadcast against (N, H, Q, K). The reference of
+  `attention_heads`'s other implementations."""
   scale = q_NxQxHxd.shape[-1] ** -0.5
   logits_NxHxQxK = jnp.einsum('nqhd,nkhd->nhqk', q_NxQxHxd * scale, k_NxKxHxd)
   logits_NxHxQxK = logits_NxHxQxK.astype(jnp.float32)
@@ -231,10 +262,31 @@ def attention_heads(q_NxQxHxd, k_NxKxHxd, v_NxKxHxd, mask_QxK=None):
   return jnp.einsum('nhqk,nkhd->nqhd', probs_NxHxQxK, v_NxKxHxd)
 
 
-def attention(q_NxQxD, k_NxKxD, v_NxKxD, heads, mask_QxK=None):
-  """Scaled dot-product attention over `heads` heads of packed (N, L, D) arrays."""
+def attention_heads(q_NxQxHxd, k_NxKxHxd, v_NxKxHxd, mask=None, implementation='xla'):
+  """Scaled dot-product attention softmax(q k^T / sqrt(d)) v on per-head arrays (one dtype)
+  -> (N, Q, H, d), the softmax in fp32 (Vaswani et al. 2017).
+
+  `mask`: None, a `Mask`, or booleans (True = attend) broadcast against (N, H, Q, K).
+  `implementation` (`clip.tower_configs.ATTENTIONS`, see `Execution`): 'xla' or 'cudnn' run
+  `jax.nn.dot_product_attention` with that implementation, 'einsum' runs `einsum_attention`.
+  Raises ValueError for another implementation."""
+  one_of(implementation, ATTENTIONS, 'the attention implementation')
+  mask = mask if isinstance(mask, Mask) else Mask(dense=mask)
+  if implementation == 'einsum':
+    return einsum_attention(q_NxQxHxd, k_NxKxHxd, v_NxKxHxd,
+                            mask.to_dense(q_NxQxHxd.shape[1], k_NxKxHxd.shape[1]))
+  dense = None if mask.dense is None else jnp.asarray(mask.dense, bool)
+  lengths_N = None if mask.kv_lengths_N is None else mask.kv_lengths_N.astype(jnp.int32)
+  return jax.nn.dot_product_attention(q_NxQxHxd, k_NxKxHxd, v_NxKxHxd, mask=dense,
+                                      is_causal=mask.causal, key_value_seq_lengths=lengths_N,
+                                      implementation=implementation)
+
+
+def attention(q_NxQxD, k_NxKxD, v_NxKxD, heads, mask=None, implementation='xla'):
+  """Scaled dot-product attention over `heads` heads of packed (N, L, D) arrays
+  (`attention_heads`)."""
   out_NxQxHxd = attention_heads(split_heads(q_NxQxD, heads), split_heads(k_NxKxD, heads),
-                                split_heads(v_NxKxD, heads), mask_QxK)
+                                split_heads(v_NxKxD, heads), mask, implementation)
   return out_NxQxHxd.reshape(q_NxQxD.shape)
 
 
@@ -285,12 +337,14 @@ def attention_output(p, out_NxQxHxd):
   return linear(p['out_proj'], out_NxQxHxd.reshape(*out_NxQxHxd.shape[:2], -1))
 
 
-def multi_head_attention(p, x_NxQxD, heads, mask_QxK=None, kv_NxKxD=None, norm_kind='layernorm',
-                         q_pos=None, k_pos=None, rope_theta=10000.0, norm_eps=None):
+def multi_head_attention(p, x_NxQxD, heads, mask=None, kv_NxKxD=None, norm_kind='layernorm',
+                         q_pos=None, k_pos=None, rope_theta=10000.0, norm_eps=None,
+                         implementation='xla'):
   """nn.MultiheadAttention with the packed `in_proj_weight (3D, D)`: self-attention, or queries
   from `x` and keys/values from `kv`. Optional parts, present by their parameters: query-key
-  normalisation (`q_norm`, `k_norm`), NormFormer's `head_scale`; RoPE when positions are given."""
+  normalisation (`q_norm`, `k_norm`), NormFormer's `head_scale`; RoPE when positions are given.
+  `mask` and `implementation` as `attention_heads`'."""
   q, k, v = attention_projections(p, x_NxQxD, heads, norm_kind, norm_eps, kv_NxKxD)
   if q_pos is not None:
     q, k = rope(q, q_pos, rope_theta), rope(k, k_pos, rope_theta)
-  return attention_output(p, attention_heads(q, k, v, mask_QxK))
+  return attention_output(p, attention_heads(q, k, v, mask, implementation))

@@ -204,7 +204,7 @@ def image_features_and_tokens(params, images, cfg, dropout_key=None):
   x = vit.tokens(params['visual'], images, cfg.vision, cfg.execution, dropout_key)
   features = None
   if cfg.text is not None:
-    features = vit.pool(params['visual'], x, cfg.vision).astype(jnp.float32)
+    features = vit.pool(params['visual'], x, cfg.vision, cfg.execution).astype(jnp.float32)
   return features, vit.decoder_tokens(params['visual'], x, cfg.vision)
 
 

@@ -23,13 +23,15 @@ def init(key, cfg):
   }
 
 
-def apply(p, x_NxLxD, cfg, mask_NxL=None):
-  """(N, L, D) tokens -> (N, D); `mask_NxL` (True = a real token) hides padding from the probe."""
+def apply(p, x_NxLxD, cfg, mask_NxL=None, implementation='xla'):
+  """(N, L, D) tokens -> (N, D); `mask_NxL` (True = a real token) hides padding from the probe;
+  the attention runs as `implementation` (`layers.attention_heads`)."""
   n, _, d = x_NxLxD.shape
   probe_Nx1xD = jnp.broadcast_to(p['probe'].astype(x_NxLxD.dtype), (n, 1, d))
   mask = None if mask_NxL is None else mask_NxL[:, None, None, :]
   y_Nx1xD = layers.multi_head_attention(p['attn'], probe_Nx1xD, cfg.map_heads, mask, x_NxLxD,
-                                        cfg.norm, norm_eps=cfg.norm_eps)
+                                        cfg.norm, norm_eps=cfg.norm_eps,
+                                        implementation=implementation)
   h_Nx1xD = layers.norm(p['ln_2'], y_Nx1xD, cfg.norm, cfg.norm_eps)
   y_Nx1xD = y_Nx1xD + layers.mlp(p['mlp'], h_Nx1xD, cfg.mlp, cfg.norm, cfg.norm_eps)
   return y_Nx1xD[:, 0]

@@ -98,7 +98,7 @@ def _bottleneck(p, x, stride, train):
   return jax.nn.relu(out + identity), s.tree
 
 
-def _attnpool(p, x_NxHxWxC, heads):
+def _attnpool(p, x_NxHxWxC, heads, implementation):
   n, h, w, c = x_NxHxWxC.shape
   x_NxLxC = x_NxHxWxC.reshape(n, h * w, c)
   x_NxLxC = jnp.concatenate([x_NxLxC.mean(1, keepdims=True), x_NxLxC], axis=1)
@@ -106,7 +106,7 @@ def _attnpool(p, x_NxHxWxC, heads):
   q = layers.linear(p['q_proj'], x_NxLxC[:, :1])
   k = layers.linear(p['k_proj'], x_NxLxC)
   v = layers.linear(p['v_proj'], x_NxLxC)
-  return layers.linear(p['c_proj'], layers.attention(q, k, v, heads))[:, 0]
+  return layers.linear(p['c_proj'], layers.attention(q, k, v, heads, None, implementation))[:, 0]
 
 
 def _remat_stage(p, x, blocks, stride, train):
@@ -157,4 +157,4 @@ def _forward(params, images_NxHxWx3, cfg, execution, train):
         x, stats = _bottleneck(params[name][str(b)], x, stride if b == 0 else 1, train)
         if train:
           s.tree.setdefault(name, {})[str(b)] = stats
-  return _attnpool(params['attnpool'], x, cfg.heads), s.tree
+  return _attnpool(params['attnpool'], x, cfg.heads, execution.attention), s.tree

@@ -70,7 +70,7 @@ def apply(params, tokens_NxL, cfg, execution=configs.Execution()):
   (`clip.model.check_token_values` does, outside jit): an id outside the vocabulary is clamped by
   the gather, a row without `cfg.eot_id` pools at position 0."""
   length = tokens_NxL.shape[1]
-  dtype, remat, scan = jnp.dtype(execution.dtype), execution.remat, execution.scan
+  dtype = jnp.dtype(execution.dtype)
   # The lookup reads a gathered table (as FSDP gathers every weight it uses): a gather from the
   # sharded table would come out split along the width, not the batch.
   table_VxD = sharding.constrain(params['token_embedding']['weight'].astype(dtype), P())
@@ -82,20 +82,21 @@ def apply(params, tokens_NxL, cfg, execution=configs.Execution()):
   masked = cfg.mask_padding and eot_N is not None
   valid_NxL = (jnp.arange(length) <= eot_N[:, None]) if masked else None
   if cfg.causal:
-    mask = jnp.tril(jnp.ones((length, length), bool))
+    mask = layers.Mask(causal=True)
   else:
-    mask = None if valid_NxL is None else valid_NxL[:, None, None, :]
-  run = lambda x, depth=None: transformer.apply(params['transformer'], x, cfg, mask, depth, remat,
-                                                scan, positions_L)
+    mask = None if valid_NxL is None else layers.Mask(kv_lengths_N=eot_N + 1)
+  run = lambda x, depth=None: transformer.apply(params['transformer'], x, cfg, mask, depth,
+                                                execution, positions_L)
   if cfg.pool == 'eot' and cfg.causal:
     # Only the EOT position is pooled and ln_final is per token, so the last block runs there alone.
     x_NxLxD = run(x_NxLxD, cfg.layers - 1)
     last = transformer.layer(params['transformer'], cfg.layers - 1)
-    x_NxD = transformer.causal_block_at(last, x_NxLxD, eot_N, cfg, positions_L)
+    x_NxD = transformer.causal_block_at(last, x_NxLxD, eot_N, cfg, positions_L,
+                                        execution.attention)
     x_NxD = layers.norm(params['ln_final'], x_NxD, cfg.norm, cfg.norm_eps)
   elif cfg.pool == 'map':
     x_NxLxD = layers.norm(params['ln_final'], run(x_NxLxD), cfg.norm, cfg.norm_eps)
-    x_NxD = pooling.apply(params['attn_pool'], x_NxLxD, cfg, valid_NxL)
+    x_NxD = pooling.apply(params['attn_pool'], x_NxLxD, cfg, valid_NxL, execution.attention)
   else:
     x_NxLxD = run(x_NxLxD)
     pos_N = eot_N if cfg.pool == 'eot' else jnp.full(

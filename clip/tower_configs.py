@@ -15,6 +15,7 @@ from clip.config_checks import require
 ARCHS = ('vit', 'resnet')
 DTYPES = ('float32', 'bfloat16', 'float16')
 REMATS = ('none', 'block', 'dots')
+ATTENTIONS = ('xla', 'cudnn', 'einsum')
 NORMS = ('layernorm', 'rmsnorm')
 NORM_PLACEMENTS = ('pre', 'normformer')
 MLPS = ('quick_gelu', 'gelu', 'gelu_tanh', 'geglu', 'swiglu')
@@ -90,11 +91,22 @@ _DEFAULT_BLOCK = BlockOptions()
 
 class Execution(typing.NamedTuple):
   """How a tower runs, not what it computes: the forward pass's compute dtype, rematerialisation
-  ('none', 'block', 'dots') and scanned blocks. Every tower's `apply` takes one, from
-  `CLIPConfig.execution`; each casts its inputs and weights to `dtype` itself."""
+  ('none', 'block', 'dots'), scanned blocks and the attention's implementation. Every tower's
+  `apply` takes one, from `CLIPConfig.execution`; each casts its inputs and weights to `dtype`
+  itself.
+
+  `attention` (one of `ATTENTIONS`) picks how every attention of every tower runs (the blocks,
+  the decoder's self- and cross-attention and its KV-cache step, the MAP and ResNet attention
+  pools); all compute the same function, softmax in fp32 (`clip.layers.attention_heads`):
+  'xla' is `jax.nn.dot_product_attention` lowered by XLA, on any device (the default); 'cudnn'
+  the same call through cuDNN's fused flash-attention kernel, on NVIDIA GPUs only, for fp16 /
+  bf16 and head dimensions that are multiples of 8 up to 128 (256 from Hopper on): JAX raises
+  (RuntimeError on a machine without cuDNN, NotImplementedError for shapes the kernel lacks),
+  it never falls back; 'einsum' the explicit einsum-softmax-einsum, the tests' reference."""
   dtype: str = 'float32'
   remat: str = 'none'
   scan: bool = False
+  attention: str = 'xla'
 
 
 class EndOfText:

@@ -77,11 +77,13 @@ def layer(p, i):
 
 # ---------------------------------------------------------------- apply
 
-def attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None):
+def attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None, implementation='xla'):
+  """A block's attention (`layers.multi_head_attention`: `mask` a `layers.Mask` or booleans,
+  True = attend), then NormFormer's norm when the block has one."""
   # Positions come only from a tower with `pos_embedding='rope'` (the text tower's option).
   rope_theta = None if q_pos is None else cfg.rope_theta
   out = layers.multi_head_attention(p['attn'], h_NxQxD, cfg.heads, mask, kv_NxKxD, cfg.norm,
-                                    q_pos, k_pos, rope_theta, cfg.norm_eps)
+                                    q_pos, k_pos, rope_theta, cfg.norm_eps, implementation)
   return layers.norm(p['ln_attn'], out, cfg.norm, cfg.norm_eps) if 'ln_attn' in p else out
 
 
@@ -90,32 +92,38 @@ def mlp(p, x, cfg):
                     cfg.norm_eps)
 
 
-def block(p, x_NxLxD, cfg, mask=None, positions=None):
-  """Pre-norm residual block; `positions` (L,) turn on RoPE."""
+def block(p, x_NxLxD, cfg, mask=None, positions=None, implementation='xla'):
+  """Pre-norm residual block; `positions` (L,) turn on RoPE; `mask` (a `layers.Mask` or booleans,
+  True = attend) and the attention's `implementation` as `layers.attention_heads`'."""
   h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm, cfg.norm_eps)
-  x_NxLxD = x_NxLxD + attention(p, h_NxLxD, cfg, mask, q_pos=positions, k_pos=positions)
+  x_NxLxD = x_NxLxD + attention(p, h_NxLxD, cfg, mask, q_pos=positions, k_pos=positions,
+                                implementation=implementation)
   return x_NxLxD + mlp(p, x_NxLxD, cfg)
 
 
-def causal_block_at(p, x_NxLxD, pos_N, cfg, positions=None):
+def causal_block_at(p, x_NxLxD, pos_N, cfg, positions=None, implementation='xla'):
   """`block` with a causal mask, evaluated only at one position per row: (N, D).
 
   Equal to `block(p, x, cfg, causal)[arange(N), pos_N]`, but the queries, the attention output
-  and the MLP run on N rows instead of N*L; the keys and values still see every position <= pos.
+  and the MLP run on N rows instead of N*L; the keys and values still see every position <= pos
+  (the first pos + 1 keys of each row: a key-length mask).
   """
   h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm, cfg.norm_eps)
   take = lambda t: jnp.take_along_axis(t, pos_N[:, None, None], axis=1)  # (N, 1, D)
-  mask_Nx1x1xL = (jnp.arange(x_NxLxD.shape[1]) <= pos_N[:, None])[:, None, None, :]
+  mask = layers.Mask(kv_lengths_N=pos_N + 1)
   q_pos = None if positions is None else pos_N[:, None]
-  out_Nx1xD = attention(p, take(h_NxLxD), cfg, mask_Nx1x1xL, h_NxLxD, q_pos, positions)
+  out_Nx1xD = attention(p, take(h_NxLxD), cfg, mask, h_NxLxD, q_pos, positions, implementation)
   x_NxD = (take(x_NxLxD) + out_Nx1xD)[:, 0]
   return x_NxD + mlp(p, x_NxD, cfg)
 
 
-def apply(p, x_NxLxD, cfg, mask=None, depth=None, remat='none', scan=False, positions=None):
-  """The first `depth` blocks (all by default); see `run_blocks` for `remat` and `scan`."""
-  run = lambda bp, x: sharding.constrain_batch(block(bp, x, cfg, mask, positions))
-  return run_blocks(p, x_NxLxD, run, configs.Execution(remat=remat, scan=scan), depth)
+def apply(p, x_NxLxD, cfg, mask=None, depth=None, execution=configs.Execution(), positions=None):
+  """The first `depth` blocks (all by default); see `run_blocks` for `execution.remat` and
+  `execution.scan`; the attention runs as `execution.attention` says. `execution.dtype` is the
+  caller's to apply (the tower casts `x` and the weights)."""
+  run = lambda bp, x: sharding.constrain_batch(block(bp, x, cfg, mask, positions,
+                                                     execution.attention))
+  return run_blocks(p, x_NxLxD, run, execution, depth)
 
 
 def run_blocks(p, x_NxLxD, run, execution, depth=None):

@@ -86,13 +86,13 @@ def tokens(params, images_NxHxWx3, cfg, execution=configs.Execution(), dropout_k
     x_NxLxD = jnp.concatenate([x_NxLxD[:, :c], regs_NxRxD, x_NxLxD[:, c:]], axis=1)
   if 'ln_pre' in params:
     x_NxLxD = layers.norm(params['ln_pre'], x_NxLxD, cfg.norm, cfg.norm_eps)
-  return transformer.apply(params['transformer'], x_NxLxD, cfg, remat=execution.remat,
-                           scan=execution.scan)
+  return transformer.apply(params['transformer'], x_NxLxD, cfg, execution=execution)
 
 
-def pool(params, x_NxLxD, cfg):
+def pool(params, x_NxLxD, cfg, execution=configs.Execution()):
   """The last block's tokens -> (N, embed_dim): ln_post per token, then the class token, the
-  mean of the patches (and registers if pooled) or the MAP head; then the projection."""
+  mean of the patches (and registers if pooled) or the MAP head (its attention as
+  `execution.attention`); then the projection."""
   if cfg.pool == 'cls':
     x_NxD = layers.norm(params['ln_post'], x_NxLxD[:, 0], cfg.norm, cfg.norm_eps)
   else:
@@ -101,7 +101,8 @@ def pool(params, x_NxLxD, cfg):
     if cfg.pool == 'gap':
       x_NxD = tokens_NxTxD.mean(axis=1)
     else:
-      x_NxD = pooling.apply(params['attn_pool'], tokens_NxTxD, cfg)
+      x_NxD = pooling.apply(params['attn_pool'], tokens_NxTxD, cfg,
+                            implementation=execution.attention)
   return x_NxD @ params['proj'].astype(x_NxD.dtype) if 'proj' in params else x_NxD
 
 
@@ -118,4 +119,5 @@ def decoder_tokens(params, x_NxLxD, cfg):
 def apply(params, images_NxHxWx3, cfg, execution=configs.Execution(), dropout_key=None):
   """Normalised NHWC images -> (N, embed_dim) features, in `execution.dtype`; `dropout_key`
   turns on the training-time patch dropout of `cfg.patch_dropout` (see `tokens`)."""
-  return pool(params, tokens(params, images_NxHxWx3, cfg, execution, dropout_key), cfg)
+  return pool(params, tokens(params, images_NxHxWx3, cfg, execution, dropout_key), cfg,
+              execution)

@@ -1,6 +1,9 @@
 """clip/layers.py against float64 numpy: RMSNorm, RoPE (with and without jit), the sin-cos table,
-tanh GELU, the norm epsilon; conv2d on both of its formulations."""
+tanh GELU, the norm epsilon; conv2d on both of its formulations; attention through
+`jax.nn.dot_product_attention` against the einsum reference for every mask kind, fp32 and bf16,
+values and gradients, with and without jit."""
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -156,3 +159,127 @@ def test_norm_epsilon_matters_on_small_variance_rows():
     assert rel_err(np_norm(p, x64, kind, 1e-6), np_norm(p, x64, kind, 1e-5)) > MUST_DIFFER
   p = perturbed(layers.init_norm(16))
   assert rel_err(layers.norm(p, x), np_norm(p, x64, 'layernorm', 1e-6)) > MUST_DIFFER  # 1e-5
+
+
+# ---------------------------------------------------------------- attention implementations
+
+ATT_N, ATT_HEADS, ATT_DIM, ATT_LEN = 3, 4, 16, 7
+KV_LENGTHS = np.array([7, 4, 1])
+ATT_RTOL = 1e-5  # dot_product_attention against the einsum, both fp32
+# bf16 keeps 8 significant bits (2^-8 = 0.4% per rounding) and the softmax amplifies the logits'
+# rounding: measured up to 1.6% of the largest output over 20 seeds, at these shapes.
+BF16_RTOL = 3e-2
+_CAUSAL = np.tril(np.ones((ATT_LEN, ATT_LEN), bool))
+_PADDED = (np.arange(ATT_LEN) < KV_LENGTHS[:, None])[:, None, None, :]
+_DENSE = np.random.default_rng(5).random((ATT_N, 1, ATT_LEN, ATT_LEN)) < 0.5
+_DENSE[..., 0] = True  # every query sees a key, also under a causal and a padding mask
+
+# name: (query length, the mask as attention_heads takes it, the same as numpy booleans or None)
+ATTENTION_MASKS = {
+    'none': (ATT_LEN, None, None),
+    'causal': (ATT_LEN, layers.Mask(causal=True), _CAUSAL),
+    'key-padding': (ATT_LEN, layers.Mask(kv_lengths_N=KV_LENGTHS), _PADDED),
+    'causal-and-padding': (ATT_LEN, layers.Mask(causal=True, kv_lengths_N=KV_LENGTHS),
+                           _CAUSAL & _PADDED),
+    'dense-booleans': (ATT_LEN, _DENSE, _DENSE),
+    'all-three-cross': (3, layers.Mask(True, KV_LENGTHS, _DENSE[:, :, :3]),
+                        _CAUSAL[:3] & _PADDED & _DENSE[:, :, :3]),
+}
+
+
+def np_attention(q, k, v, mask):
+  """softmax(q k^T / sqrt(d)) v per head in float64, masked keys at -inf."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  scores = np.einsum('nqhd,nkhd->nhqk', q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    scores = np.where(mask, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  return np.einsum('nhqk,nkhd->nqhd', probs / probs.sum(-1, keepdims=True), v)
+
+
+def attention_inputs(q_len, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = lambda length: (ATT_N, length, ATT_HEADS, ATT_DIM)
+  return tuple(rng.standard_normal(shape(length)).astype(np.float32)
+               for length in (q_len, ATT_LEN, ATT_LEN))
+
+
+attention_jit = jax.jit(layers.attention_heads, static_argnames='implementation')
+
+
+@functools.cache
+def attention_results():
+  """`{mask kind: {(implementation, dtype): (output, gradients of <output, cotangent> for q, k
+  and v, or None in bf16)}}` of 'einsum' and 'xla', from one jitted function."""
+  def run(inputs, cotangents):
+    results = {name: {} for name in ATTENTION_MASKS}
+    for name, (_, mask, _) in ATTENTION_MASKS.items():
+      qkv = inputs[name]
+      for impl in ('einsum', 'xla'):
+        attend = lambda *t, impl=impl, mask=mask: layers.attention_heads(*t, mask, impl)
+        out, vjp = jax.vjp(attend, *qkv)
+        results[name][impl, 'float32'] = out, vjp(cotangents[name])
+        results[name][impl, 'bfloat16'] = attend(*(t.astype(jnp.bfloat16) for t in qkv)), None
+    return results
+
+  inputs = {name: attention_inputs(q_len) for name, (q_len, _, _) in ATTENTION_MASKS.items()}
+  cotangents = {name: np.random.default_rng(1).standard_normal(qkv[0].shape).astype(np.float32)
+                for name, qkv in inputs.items()}
+  return jax.jit(run)(inputs, cotangents)
+
+
+@pytest.mark.parametrize('name', sorted(ATTENTION_MASKS))
+def test_dot_product_attention_equals_the_einsum_reference_in_fp32(name):
+  """The einsum against float64 numpy (and the mask matters), then XLA's dot_product_attention
+  against the einsum, jitted: values, and gradients for q, k and v."""
+  q_len, _, np_mask = ATTENTION_MASKS[name]
+  q, k, v = attention_inputs(q_len)
+  results = attention_results()[name]
+  reference, reference_grads = results['einsum', 'float32']
+  assert rel_err(reference, np_attention(q, k, v, np_mask)) < RTOL
+  if np_mask is not None:
+    assert rel_err(reference, np_attention(q, k, v, None)) > MUST_DIFFER
+  out, grads = results['xla', 'float32']
+  assert out.dtype == jnp.float32 and out.shape == q.shape
+  assert rel_err(out, np.asarray(reference, np.float64)) < ATT_RTOL
+  for got, want in zip(grads, reference_grads):
+    assert rel_err(got, np.asarray(want, np.float64)) < ATT_RTOL
+
+
+def test_dot_product_attention_without_jit_equals_the_einsum():
+  q_len, mask, _ = ATTENTION_MASKS['causal-and-padding']
+  reference = attention_results()['causal-and-padding']['einsum', 'float32'][0]
+  out = layers.attention_heads(*attention_inputs(q_len), mask, 'xla')
+  assert rel_err(out, np.asarray(reference, np.float64)) < ATT_RTOL
+
+
+@pytest.mark.parametrize('name', sorted(ATTENTION_MASKS))
+def test_bf16_attention_is_within_bf16_tolerance_of_the_references(name):
+  """In bf16 both implementations stay within `BF16_RTOL` of the fp32 einsum and of each other,
+  and return bf16."""
+  results = attention_results()[name]
+  reference = np.asarray(results['einsum', 'float32'][0], np.float64)
+  outs = {impl: results[impl, 'bfloat16'][0] for impl in ('einsum', 'xla')}
+  for out in outs.values():
+    assert out.dtype == jnp.bfloat16 and rel_err(out, reference) < BF16_RTOL
+  assert rel_err(outs['xla'], np.asarray(outs['einsum'], np.float64)) < BF16_RTOL
+
+
+def test_cudnn_attention_runs_on_a_cuda_gpu_and_is_an_error_elsewhere():
+  """'cudnn' never falls back: off a CUDA GPU JAX raises; on one it equals the einsum in bf16."""
+  qkv = [jnp.asarray(t, jnp.bfloat16) for t in attention_inputs(ATT_LEN, seed=3)]
+  masks = [None, layers.Mask(causal=True), layers.Mask(causal=True, kv_lengths_N=KV_LENGTHS)]
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(RuntimeError, match='cuDNN'):
+      attention_jit(*qkv, masks[1], implementation='cudnn')
+    return
+  for mask in masks:
+    reference = np.asarray(attention_jit(*qkv, mask, implementation='einsum'), np.float64)
+    assert rel_err(attention_jit(*qkv, mask, implementation='cudnn'), reference) < BF16_RTOL
+
+
+def test_an_unknown_attention_implementation_is_an_error():
+  q, k, v = attention_inputs(ATT_LEN)
+  with pytest.raises(ValueError, match=r"the attention implementation must be one of "
+                                       r"\('xla', 'cudnn', 'einsum'\), got 'flash'"):
+    layers.attention_heads(q, k, v, None, 'flash')

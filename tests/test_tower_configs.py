@@ -1,10 +1,14 @@
 """The towers' configs: bad values and bad combinations of the custom-architecture options raise
-when built, naming them; the MLP width, MAP heads and end-of-text id each tower derives."""
+when built, naming them; the MLP width, MAP heads and end-of-text id each tower derives; how a
+tower runs (`Execution`, its attention implementation included)."""
+import dataclasses
+import json
 import warnings
 
 import pytest
 
 from clip import config_checks
+from clip import configs
 from clip import tower_configs
 from tests.numpy_reference import TEXT
 from tests.numpy_reference import VISION
@@ -78,5 +82,23 @@ def test_end_of_text_id_is_stated_or_openai_s_with_a_warning_elsewhere():
 
 
 def test_execution_is_how_a_tower_runs():
-  assert tower_configs.Execution() == ('float32', 'none', False)
-  assert tower_configs.Execution._fields == ('dtype', 'remat', 'scan')
+  assert tower_configs.Execution() == ('float32', 'none', False, 'xla')
+  assert tower_configs.Execution._fields == ('dtype', 'remat', 'scan', 'attention')
+  assert tower_configs.ATTENTIONS == ('xla', 'cudnn', 'einsum')
+
+
+def test_the_attention_implementation_travels_with_the_config_not_its_architecture():
+  """`CLIPConfig.attention` is validated, reaches `execution`, survives the JSON round trip (a
+  config written before the field loads with the default), and is no architecture field."""
+  base = configs.CLIPConfig(16, tower_configs.VisionConfig(**VISION),
+                            tower_configs.TextConfig(**TEXT, eot_token_id=63))
+  cfg = dataclasses.replace(base, attention='einsum')
+  assert cfg.execution == ('float32', 'none', False, 'einsum') and base.attention == 'xla'
+  values = json.loads(json.dumps(configs.to_dict(cfg)))
+  assert values['attention'] == 'einsum' and configs.from_dict(values) == cfg
+  del values['attention']
+  assert configs.from_dict(values) == base
+  assert 'attention' in configs.NON_ARCHITECTURE_FIELDS
+  with pytest.raises(ValueError, match=r"CLIPConfig.attention must be one of \('xla', 'cudnn', "
+                                       r"'einsum'\), got 'flash'"):
+    dataclasses.replace(base, attention='flash')

@@ -165,7 +165,8 @@ def _scorer(params, image_RxTxW, cfg, execution, use_cache):
   buffer (state `()`), whose causal mask keeps positions after i out of the scores read."""
   if use_cache:
     cache = decoder.init_cache(params, image_RxTxW, cfg, execution)
-    return cache, lambda tokens_RxL, i, cache: decoder.step(params, cache, tokens_RxL[:, i], i, cfg)
+    return cache, lambda tokens_RxL, i, cache: decoder.step(params, cache, tokens_RxL[:, i], i, cfg,
+                                                            execution)
   scores_at = lambda tokens_RxL, i, state: (
       decoder.apply(params, image_RxTxW, tokens_RxL, cfg, execution)[:, i], state)
   return (), scores_at
