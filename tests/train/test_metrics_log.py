@@ -1,9 +1,13 @@
 """A run's metrics log (`clip/train/metrics_log.py`): one JSON line per logged step, read back up
-to a step; reopened at a resumed run's step it drops what a killed run logged after it; the
+to a step; reopened at a resumed run's step it drops what a killed run logged after it; the same
+values in TensorBoard event files, read back by TensorFlow's reader, from process 0 only; the
 plot is a PNG."""
 import json
+import os
 
+import jax
 import numpy as np
+import pytest
 
 from clip.train import metrics_log
 
@@ -31,3 +35,80 @@ def test_the_plot_is_a_png(tmp_path):
   records = [{'step': s, 'loss': 1 / s, 'accuracy': s / 10} for s in range(1, 10)]
   metrics_log.plot_losses(records, str(tmp_path / 'loss.png'), 'tiny')
   assert (tmp_path / 'loss.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def tensorboard_events(folder):
+  """The event files in `folder`, in name order (TensorBoard's reading order), each as a list of
+  (step, {tag: value} | 'purge'), read by TensorFlow's own reader; the file-version header
+  skipped."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # the [test] extra's reader
+  files = []
+  for name in sorted(os.listdir(folder)):
+    events = []
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
+      if event.HasField('summary'):
+        events.append((event.step, {v.tag: v.simple_value for v in event.summary.value}))
+      elif event.HasField('session_log'):
+        assert event.session_log.status == event.session_log.START
+        events.append((event.step, 'purge'))
+    files.append(events)
+  return files
+
+
+def f32(x):
+  return float(np.float32(x))  # an event's simple_value is a float32
+
+
+def test_tensorboard_holds_the_logged_values_and_a_resume_purges_after_its_step(tmp_path):
+  """Training scalars as train/<name>, evaluations as eval/<evaluator>/<name> (also in the
+  JSON lines); a resumed run's new file first tells TensorBoard to drop steps after the resumed
+  one (tensorboardX's purge marker; TensorBoard 2.21's EventAccumulator then shows the first
+  run up to step 10 and the resumed run after it, checked by hand: docs/training.md)."""
+  path = str(tmp_path / 'metrics.jsonl')
+  log = metrics_log.MetricsLog(path)
+  log.write(5, {'loss': np.float32(0.3), 'accuracy': 0.5})
+  log.write(10, {'loss': 0.2, 'accuracy': 0.625})
+  log.write_eval(10, 'zeroshot', {'top1': 0.25, 'heldout/top5': 0.75})
+  log.write(15, {'loss': 0.1, 'accuracy': 0.875})  # killed after this; resumed from step 10
+  log = metrics_log.MetricsLog(path, start_step=10)
+  log.write(15, {'loss': 0.15, 'accuracy': 0.75})
+  log.close()
+  log.close()
+  first, resumed = tensorboard_events(str(tmp_path / metrics_log.TENSORBOARD))
+  assert first == [(1, 'purge'),
+                   (5, {'train/loss': f32(0.3), 'train/accuracy': 0.5}),
+                   (10, {'train/loss': f32(0.2), 'train/accuracy': 0.625}),
+                   (10, {'eval/zeroshot/top1': 0.25, 'eval/zeroshot/heldout/top5': 0.75}),
+                   (15, {'train/loss': f32(0.1), 'train/accuracy': 0.875})]
+  assert resumed == [(11, 'purge'), (15, {'train/loss': f32(0.15), 'train/accuracy': 0.75})]
+  assert metrics_log.read_metrics(path, 100) == [
+      {'step': 5, 'loss': f32(0.3), 'accuracy': 0.5}, {'step': 10, 'loss': 0.2, 'accuracy': 0.625},
+      {'step': 10, 'eval/zeroshot/top1': 0.25, 'eval/zeroshot/heldout/top5': 0.75},
+      {'step': 15, 'loss': 0.15, 'accuracy': 0.75}]
+  with pytest.raises(ValueError, match='is closed: step 20 was not written'):
+    log.write(20, {'loss': 0.1})
+
+
+def test_only_process_0_writes(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  log = metrics_log.MetricsLog(str(tmp_path / 'metrics.jsonl'))
+  log.write(5, {'loss': 0.5})
+  log.write_eval(5, 'zeroshot', {'top1': 0.5})
+  log.close()
+  assert not os.listdir(tmp_path)
+
+
+def test_bad_metrics_and_tags_are_named(tmp_path):
+  log = metrics_log.MetricsLog(str(tmp_path / 'metrics.jsonl'))
+  with pytest.raises(TypeError, match=r"metric 'loss' must be a scalar number, got list \[1, 2\]"):
+    log.write(5, {'loss': [1, 2]})
+  with pytest.raises(ValueError, match="non-empty evaluator name, got ''"):
+    log.write_eval(5, '', {'top1': 0.5})
+  with pytest.warns(UserWarning, match=r"metrics \['eval/retrieval/R@1'\] are tags "
+                     r"\['eval/retrieval/R_1'\] there"):
+    log.write_eval(5, 'retrieval', {'R@1': 0.5})
+  log.close()
+  [[purge, event]] = tensorboard_events(str(tmp_path / metrics_log.TENSORBOARD))
+  assert purge == (1, 'purge') and event == (5, {'eval/retrieval/R_1': 0.5})
+  assert metrics_log.read_metrics(str(tmp_path / 'metrics.jsonl'), 5) == [
+      {'step': 5, 'eval/retrieval/R@1': 0.5}]
