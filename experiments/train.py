@@ -13,13 +13,21 @@ weighted mixture of several sources ('a/*.tar:0.7,b/*.tfrecord:0.3').
   # two hosts: the same command on each, with --num-processes 2 --process-id {0,1}
   #            --coordinator host0:1234
 
+  # evaluators during training, an EMA of the weights, a profile of steps 20..25:
+  python -m experiments.train --eval-every 100 --evaluator synthetic \
+      --evaluator 'zero_shot:tfds=cifar10,data_dir=~/tensorflow_datasets' --ema-decay 0.999 \
+      --profile 20,25
+
 Writes into `--workdir` (default results/train/<config>): model_config.json (the architecture, the
 tokenizer and the image preprocessing the data was read with, a SentencePiece model copied beside
-it), metrics.jsonl, loss.png, checkpoints/, eval.json, and with --export-torch a torch state dict
-of the final weights. Rerunning with the same workdir resumes from the newest checkpoint (params,
-optimizer, step, rng and data position), with the same tokenizer and preprocessing; the data
-position is the next unseen example (the shards' next record), so a resume at another
---batch-size sees each example once.
+it), metrics.jsonl and tensorboard/ (training and evaluator metrics), loss.png, checkpoints/
+(orbax's, written asynchronously; `--checkpoint-dir` puts them elsewhere, gs:// included),
+eval_best.json (the evaluators' last and best), eval.json (the built-in final evaluation),
+profile/, and with --export-torch a torch state dict of the final weights (the EMA when kept).
+Rerunning with the same workdir resumes from the newest checkpoint (params, optimizer, EMA, step,
+rng and data position) on whatever mesh and process count, with the same model, tokenizer and
+preprocessing; the data position is the next unseen example (the shards' next record), so a
+resume at another --batch-size sees each example once. `clip.load(workdir)` loads the result.
 """
 import argparse
 import dataclasses
@@ -36,6 +44,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import clip
 from clip import model
 from clip import sharding
+from clip.eval import evaluators
 from clip.formats import files
 from clip.formats import workdirs
 from clip.train import loop
@@ -47,6 +56,9 @@ from clip.train import training
 from data import synthetic
 from data import synthetic_eval
 from experiments import configs
+
+
+EVAL_BEST = 'eval_best.json'  # the evaluators' last and best metrics, in the workdir
 
 
 def parse_args(argv):
@@ -82,10 +94,24 @@ def parse_args(argv):
   parser.add_argument('--batch-size', type=int, default=None)
   parser.add_argument('--mesh', default=None, help='data,fsdp,tensor sizes, e.g. 2,2,2 or -1,1,1')
   parser.add_argument('--checkpoint-every', type=int, default=None)
+  parser.add_argument('--ema-decay', type=float, default=None,
+                      help='keep an EMA of the parameters with this decay in (0, 1), e.g. 0.9999; '
+                           'it is what the run evaluates and exports')
+  parser.add_argument('--checkpoint-dir', default=None,
+                      help='where checkpoints go, any path orbax takes (gs://bucket/run); '
+                           'default: <workdir>/checkpoints')
   parser.add_argument('--eval-examples', type=int, default=None,
                       help='synthetic examples per split for the final zero-shot evaluation (0: '
                       'none; default: the config\'s with the synthetic data, none with shards)')
+  parser.add_argument('--eval-every', type=int, default=None,
+                      help='run the evaluators every N steps and after the last (default: 0, '
+                           'never); metrics.jsonl, TensorBoard and eval_best.json keep them')
+  parser.add_argument('--evaluator', action='append', default=None, metavar='SPEC',
+                      help='an evaluator (repeatable): ' + '; '.join(evaluators.FORMS))
   parser.add_argument('--export-torch', default=None, help='write the final weights here (.pt)')
+  parser.add_argument('--profile', default=None, metavar='START,STOP',
+                      help='write a jax.profiler trace of steps START..STOP (inclusive, from 1) '
+                           'to <workdir>/profile (TensorBoard\'s profile plugin or XProf read it)')
   parser.add_argument('--num-processes', type=int, default=1)
   parser.add_argument('--process-id', type=int, default=0)
   parser.add_argument('--coordinator', default=None, help='host:port of process 0')
@@ -96,7 +122,9 @@ def parse_args(argv):
 ALIASES = {'loss': 'train.loss', 'optimizer': 'train.optimizer', 'schedule': 'train.schedule',
            'steps': 'train.total_steps', 'batch_size': 'train.batch_size', 'mesh': 'train.mesh',
            'data': 'run.data', 'data_resampled': 'run.data_resampled',
-           'checkpoint_every': 'run.checkpoint_every', 'eval_examples': 'run.eval_examples'}
+           'checkpoint_every': 'run.checkpoint_every', 'checkpoint_dir': 'run.checkpoint_dir',
+           'eval_examples': 'run.eval_examples', 'ema_decay': 'train.ema_decay',
+           'eval_every': 'run.eval_every', 'evaluator': 'run.evaluators'}
 
 
 def _assignments(args):
@@ -105,7 +133,11 @@ def _assignments(args):
   for flag, path in ALIASES.items():
     value = getattr(args, flag)
     if value is not None:
-      out.append((path, tuple(int(s) for s in value.split(',')) if flag == 'mesh' else value))
+      if flag == 'mesh':
+        value = tuple(int(s) for s in value.split(','))
+      elif flag == 'evaluator':
+        value = tuple(value)
+      out.append((path, value))
   return out
 
 
@@ -156,6 +188,10 @@ def load_config(args):
       import torch  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
       raise ValueError("--export-torch needs torch: pip install -e '.[torch]'") from None
+  specs = [evaluators.parse_evaluator(text) for text in run.evaluators]
+  evaluators.require_evaluators(run.eval_every, specs)
+  if specs and not run.eval_every:
+    raise ValueError(f'--evaluator {run.evaluators[0]!r} runs every --eval-every N steps: give N')
   if run.data != 'synthetic' and run.eval_examples and args.eval_examples is None:
     print('run.eval_examples 0: the built-in evaluation says nothing about a model of real data')
     run = dataclasses.replace(run, eval_examples=0)
@@ -196,25 +232,36 @@ def make_data(config, cfg, tcfg, data_state):
   return iter(pipeline), pipeline
 
 
+def checkpoint_dir(workdir, run):
+  """Where the run's checkpoints go: `run.checkpoint_dir` (any path orbax takes: a local folder,
+  gs://...) or the workdir's `checkpoints/`."""
+  return run.checkpoint_dir or os.path.join(workdir, workdirs.CHECKPOINTS)
+
+
 def restore(workdir, config, setup):
-  """(state, step, data position): the newest checkpoint's where the workdir has one (checked to
-  continue the same run: `resume.check_resume`, `resume.check_processing`), else the fresh
-  state's, at step 0 with no position."""
-  ckpt_dir = os.path.join(workdir, workdirs.CHECKPOINTS)
+  """(state, step, data position): the newest checkpoint's where the run has one (checked to
+  continue the same run: `resume.check_model`, `resume.check_resume`, `resume.check_processing`),
+  placed on this run's mesh whatever mesh or process count wrote it; else the fresh state's, at
+  step 0 with no position."""
+  ckpt_dir = checkpoint_dir(workdir, config.run)
   if not state_store.steps(ckpt_dir):
     return setup.state, 0, None
-  state, meta = state_store.restore(ckpt_dir, jax.eval_shape(lambda: setup.state),
-                                    setup.shardings)
-  resume.check_resume(meta, config.run, config.train, ckpt_dir)
   resume.check_processing(workdir, config.model)
+  meta = state_store.meta(ckpt_dir)
+  resume.check_model(meta, config.model, ckpt_dir)
+  resume.check_resume(meta, config.run, config.train, ckpt_dir)
+  state, meta = state_store.restore(ckpt_dir, jax.eval_shape(lambda: setup.state),
+                                    setup.shardings, step=meta['step'])
   print(f'resumed from {ckpt_dir} at step {meta["step"]}')
-  return state, meta['step'], meta['data']
+  return state, meta['step'], resume.process_position(meta)
 
 
-def hooks(config, workdir, start, data_state, pipeline):
-  """The main job's hooks: its progress bar; a metrics.jsonl line (and the bar's loss and
-  throughput) every run.log_every steps; a checkpoint holding the data position every
-  run.checkpoint_every steps; each after the last step too."""
+def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, evals=()):
+  """(hooks, metrics log): the main job's hooks: its progress bar; a metrics.jsonl line and
+  TensorBoard scalars (and the bar's loss and throughput) every run.log_every steps; a checkpoint
+  holding the data position every run.checkpoint_every steps, written while the next steps run;
+  each after the last step too; the evaluators `evals` every run.eval_every steps (and after the
+  last); a profiler trace of `profile_steps` (START, STOP) if given."""
   tcfg, run = config.train, config.run
   bar = tqdm.tqdm(initial=start, total=tcfg.total_steps, desc='train', unit='step',
                   disable=jax.process_index() != 0)
@@ -227,10 +274,48 @@ def hooks(config, workdir, start, data_state, pipeline):
 
   def meta(step):
     position = resume.data_position(pipeline, start_example, step - start, tcfg.batch_size)
-    return resume.checkpoint_meta(position, run, tcfg)
-  return [loop.progress(bar), loop.log_metrics(write, run.log_every, tcfg.batch_size, start),
-          loop.save_state(os.path.join(workdir, workdirs.CHECKPOINTS), run.checkpoint_every, meta,
-                          keep=run.keep_checkpoints)]
+    return resume.checkpoint_meta(position, run, tcfg, config.model)
+  out = [loop.progress(bar), loop.log_metrics(write, run.log_every, tcfg.batch_size, start)]
+  if evals:
+    out.append(evaluation(evals, log, workdir, run.eval_every))
+  out.append(loop.save_state(checkpoint_dir(workdir, run), run.checkpoint_every, meta,
+                             keep=run.keep_checkpoints))
+  if profile_steps:
+    out.append(loop.profile(profile_dir(workdir), *profile_steps))
+  return out, log
+
+
+def evaluation(evals, log, workdir, every):
+  """A hook running the evaluators on the run's weights (`weights`: the EMA where kept) on every
+  process; process 0 logs their metrics (metrics.jsonl, TensorBoard: eval/<evaluator>/<metric>)
+  and keeps the last and the best of each in eval_best.json."""
+  path = os.path.join(workdir, EVAL_BEST)
+  tracker = evaluators.BestAndLast.load(path)
+
+  def run(step, state, metrics):
+    del metrics
+    results = evaluators.run_evaluators(
+        evals, model.update_batch_stats(weights(state), state['batch_stats']))
+    if jax.process_index() == 0:
+      for e in evals:
+        log.write_eval(step, e.name, {k[len(e.name) + 1:]: v for k, v in results.items()
+                                      if k.startswith(e.name + '/')})
+      tracker.update(step, results)
+      tracker.write(path)
+  return loop.Hook(run, every)
+
+
+def profile_dir(workdir):
+  """Where --profile's trace goes: <workdir>/profile, one folder per process in a run of several
+  (jax names its file after the host, which the processes of one host share)."""
+  if jax.process_count() == 1:
+    return os.path.join(workdir, 'profile')
+  return os.path.join(workdir, 'profile', f'process_{jax.process_index()}')
+
+
+def weights(state):
+  """The weights a run evaluates and exports: the EMA of the parameters where it keeps one."""
+  return state['ema'] if 'ema' in state else state['params']
 
 
 def report(args, config, workdir, params):
@@ -256,6 +341,7 @@ def main(argv=None):
   logging.getLogger('data').setLevel(logging.INFO)  # epoch lines: samples, skips per source
   init_distributed(args)
   config = load_config(args)
+  profile_steps = loop.parse_profile_steps(args.profile) if args.profile else None
   cfg, tcfg, run = config.model, config.train, config.run
   workdir = args.workdir or os.path.join('results', 'train', args.config)
   os.makedirs(workdir, exist_ok=True)
@@ -273,18 +359,20 @@ def main(argv=None):
   data_iter, pipeline = make_data(config, cfg, tcfg, data_state)
   if run.eval_examples:  # its tokenizer errors now, not after training
     synthetic_eval.model_tokenizer(cfg)
+  evals = evaluators.make_evaluators(run.evaluators, cfg, mesh, tcfg.batch_size)  # data read now
   if start < tcfg.total_steps:
+    run_hooks, log = hooks(config, workdir, start, data_state, pipeline, profile_steps, evals)
     with logging_redirect_tqdm():  # the data pipeline's epoch lines, above the bar
       state = loop.train(state, setup.train_step,
                          (training.global_batch(mesh, batch) for batch in data_iter),
-                         steps=tcfg.total_steps, start_step=start,
-                         hooks=hooks(config, workdir, start, data_state, pipeline))
+                         steps=tcfg.total_steps, start_step=start, hooks=run_hooks)
+    log.close()
   else:
     print(f'{workdir} holds step {start} of {tcfg.total_steps}: nothing to train')
   if pipeline:
     print(f'data: {pipeline.stats.summary()}')
 
-  params = model.update_batch_stats(state_store.to_host(state['params']),
+  params = model.update_batch_stats(state_store.to_host(weights(state)),
                                     state_store.to_host(state['batch_stats']))
   if jax.process_index() == 0:
     report(args, config, workdir, params)

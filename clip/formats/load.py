@@ -59,10 +59,24 @@ def load(path, config=None, dtype=np.float32, image_resolution=None, tokenizer=N
   file) and `preprocess=` (a `clip.PreprocessConfig`) state them instead, e.g. for a big_vision
   `.npz`, which ships no tokenizer.
 
+  A training workdir (a folder holding `checkpoints/`, as `experiments/train.py` writes it) loads
+  its newest checkpoint's weights with the architecture, tokenizer and preprocessing of its
+  `model_config.json` (`clip.formats.workdirs.load_model`); `config=` may only restate that
+  architecture (its dtype, remat and scan are taken), and `tokenizer=`, `preprocess=` and
+  `image_resolution` are refused there (the workdir states its own).
+
   Raises CheckpointError for an unsupported family (naming its keys), missing, unexpected or
   misshapen keys, a `config=` that contradicts the files, or processing files this package
   cannot run exactly.
   """
+  from clip.formats import workdirs  # pylint: disable=g-import-not-at-top  # cycle: it loads files
+  if workdirs.is_workdir(path):
+    if tokenizer is not None or preprocess is not None or image_resolution is not None:
+      raise ValueError(f'{path} is a training workdir, whose model_config.json states its '
+                       'tokenizer, preprocessing and resolution: leave out tokenizer=, '
+                       'preprocess= and image_resolution=')
+    return workdirs.load_model(path, config=_named_config(config) if isinstance(config, str)
+                               else config, dtype=dtype)
   raw, info = read_checkpoint(path)
   try:
     family = families.detect(raw)

@@ -11,6 +11,7 @@ import os
 import shutil
 
 import jax
+import numpy as np
 
 from clip import configs
 from clip import model
@@ -24,7 +25,7 @@ TOKENIZER_FILE = 'tokenizer.model'  # a SentencePiece tokenizer's copy inside a 
 CHECKPOINTS = 'checkpoints'  # the train-state checkpoints' folder inside a workdir
 # How a model is run, how it starts training, and (set apart) how its inputs are made: not what
 # its weights compute.
-_NOT_ARCHITECTURE = configs.NON_ARCHITECTURE_FIELDS + ('init_logit_scale', 'init_logit_bias')
+NOT_ARCHITECTURE = configs.NON_ARCHITECTURE_FIELDS + ('init_logit_scale', 'init_logit_bias')
 
 
 def save_model_config(workdir, cfg):
@@ -71,11 +72,18 @@ def is_workdir(path):
 
 
 def read_params(workdir):
-  """The newest checkpoint of a training workdir -> flat `{torch key: array}` of its params and
-  BatchNorm buffers, stacked (scan-layout) blocks under their per-layer keys. FileNotFoundError
-  when it holds no checkpoint."""
-  state, _ = state_store.read(os.path.join(workdir, CHECKPOINTS), ('params', 'batch_stats'))
-  flat = {**files.flatten(state['params']), **files.flatten(state.get('batch_stats', {}))}
+  """The newest checkpoint of a training workdir -> flat `{torch key: array}` of its weights (the
+  EMA of its parameters where the run kept one, as the run evaluated and exported, said; else its
+  parameters) and BatchNorm buffers, stacked (scan-layout) blocks under their per-layer keys.
+  FileNotFoundError when it holds no checkpoint."""
+  directory = os.path.join(workdir, CHECKPOINTS)
+  decay = state_store.meta(directory).get('train_config', {}).get('ema_decay')
+  weights = 'params' if decay is None else 'ema'
+  state, _ = state_store.read(directory, (weights, 'batch_stats'))
+  if decay is not None:
+    print(f'{workdir}: the EMA of its parameters (decay {decay}), as its run evaluated and '
+          'exported them')
+  flat = {**files.flatten(state[weights]), **files.flatten(state.get('batch_stats', {}))}
   return files.flatten(model.unstack_layers(files.nest(flat)))
 
 
@@ -84,7 +92,7 @@ def architecture_differences(given, saved):
   two configs that changes what the weights compute (every field of the towers and decoder; not
   the dtype, remat, scan, logit inits, tokenizer or preprocessing)."""
   return load.config_differences(given, saved, '--config', "the workdir's model_config.json",
-                                 skip=_NOT_ARCHITECTURE)
+                                 skip=NOT_ARCHITECTURE)
 
 
 def workdir_config(workdir, config=None, has_bias=False, config_name=None):
@@ -110,13 +118,14 @@ def workdir_config(workdir, config=None, has_bias=False, config_name=None):
   return dataclasses.replace(saved, dtype=config.dtype, remat=config.remat, scan=config.scan)
 
 
-def load_model(spec, config=None, tokenizer=None, config_name=None):
+def load_model(spec, config=None, tokenizer=None, config_name=None, dtype=np.float32):
   """`(params, cfg)` from a training workdir (its newest checkpoint, `workdir_config`), a
   checkpoint file or folder (`clip.load`) or an official name (`clip.load_model_vars`); `cfg`
   carries the model's tokenizer and preprocessing (a workdir's from its `model_config.json`, a
   file's from what `clip.load` reads beside it, or `tokenizer`: a SentencePiece `.model` for a
   checkpoint file that ships none). `config` (a CLIPConfig; `config_name` names it in messages)
-  is the architecture where the files do not state it. ValueError for a `tokenizer` given with a
+  is the architecture where the files do not state it; floating weights are cast to `dtype`.
+  ValueError for a `tokenizer` given with a
   workdir or an official name, a `config` that contradicts a workdir's saved architecture, or a
   `spec` that names no model; FileNotFoundError for a workdir without checkpoints."""
   workdir = is_workdir(spec)
@@ -127,7 +136,7 @@ def load_model(spec, config=None, tokenizer=None, config_name=None):
   if workdir:
     flat = read_params(spec)
     return openai.from_state_dict(
-        flat, workdir_config(spec, config, 'logit_bias' in flat, config_name))
+        flat, workdir_config(spec, config, 'logit_bias' in flat, config_name), dtype)
   if os.path.exists(spec):
     return load.load(spec, config=config, tokenizer=tokenizer)
   if spec in configs.MODELS:

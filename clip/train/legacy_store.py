@@ -1,38 +1,18 @@
-"""The train-state store: checkpoints of a run's state, atomic, pickle-free, the last K kept,
-restored into their shardings.
-
-A checkpoint is a folder `step_00001234/` holding `state.npz` (every leaf under its pytree path,
-saved with `allow_pickle=False`) and `meta.json` (the step and whatever the caller adds, e.g. the
-data position). It is written under a temporary name and renamed into place, so a run killed
-mid-write leaves the previous checkpoint intact. In a multi-process run every process joins the
-gather and process 0 writes.
+"""Checkpoints as this project wrote them before orbax (read only): a folder `step_00001234/`
+holding `state.npz` (every leaf under its pytree path, pickle-free) and `meta.json` (the step, the
+data position). `clip.train.state_store` reads them through this module where a checkpoint folder
+holds no orbax checkpoint, so old workdirs resume, evaluate and export as they did; the next save
+writes orbax's format beside them.
 """
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 _NAME = re.compile(r'step_(\d{8})')
 _DICT_KEY = re.compile(r"\['([^'\\]*)'\]")  # one level of jax.tree_util.keystr of a dict path
-
-
-def to_host(tree):
-  """numpy copies of every leaf, gathered from all processes where a leaf spans several."""
-  def fetch(leaf):
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      leaf = multihost_utils.process_allgather(leaf, tiled=True)
-    return np.asarray(leaf)
-  return jax.tree.map(fetch, tree)
-
-
-def _host_leaves(state):
-  flat, _ = jax.tree_util.tree_flatten_with_path(to_host(state))
-  return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
 
 
 def steps(directory):
@@ -43,39 +23,29 @@ def steps(directory):
                 if (m := _NAME.fullmatch(name)))
 
 
-def save(directory, step, state, meta=None, keep=3):
-  """Writes `state` (a pytree of arrays) at `step`; keeps the newest `keep` checkpoints."""
-  leaves = _host_leaves(state)
-  if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=directory, prefix='.tmp-')
-    with open(os.path.join(tmp, 'state.npz'), 'wb') as f:
-      np.savez(f, **leaves)
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-      json.dump({'step': int(step), **(meta or {})}, f)
-    final = os.path.join(directory, f'step_{int(step):08d}')
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.rename(tmp, final)
-    for old in steps(directory)[:-keep]:
-      shutil.rmtree(os.path.join(directory, f'step_{old:08d}'))
-  multihost_utils.sync_global_devices(f'checkpoint {step}')
-
-
-def _read(directory, step):
-  """(folder, {keystr: numpy leaf}, meta) of checkpoint `step` (default: the newest)."""
+def _folder(directory, step):
+  """The folder of checkpoint `step` (default: the newest)."""
   available = steps(directory)
   if not available:
     raise FileNotFoundError(f'no checkpoints (step_XXXXXXXX folders) in {directory!r}')
   step = available[-1] if step is None else step
   if step not in available:
     raise FileNotFoundError(f'no checkpoint for step {step} in {directory!r}; have {available}')
-  folder = os.path.join(directory, f'step_{step:08d}')
+  return os.path.join(directory, f'step_{step:08d}')
+
+
+def meta(directory, step=None):
+  """The meta.json of checkpoint `step` (default: the newest)."""
+  with open(os.path.join(_folder(directory, step), 'meta.json')) as f:
+    return json.load(f)
+
+
+def _read(directory, step):
+  """(folder, {keystr: numpy leaf}, meta) of checkpoint `step` (default: the newest)."""
+  folder = _folder(directory, step)
   with np.load(os.path.join(folder, 'state.npz'), allow_pickle=False) as data:
     stored = {k: data[k] for k in data.files}
-  with open(os.path.join(folder, 'meta.json')) as f:
-    meta = json.load(f)
-  return folder, stored, meta
+  return folder, stored, meta(directory, step)
 
 
 def read(directory, keys, step=None):

@@ -1,21 +1,79 @@
-"""Resuming a run from its workdir: what a checkpoint's meta.json says about the run (its data
-position, data source and settings), and the checks that a resumed run continues the same run.
+"""Resuming a run from its workdir: what a checkpoint's meta says about the run (its data
+position on every process, data source, settings and model), and the checks that a resumed run
+continues the same run.
 
 A workdir resumes on the data it was trained on, read as it was (the same source, resampling,
 tokenizer and preprocessing); its data position is the next unseen example, so a resume at
 another batch size sees each example once. Another length of run is allowed (to extend one)."""
 import dataclasses
 import filecmp
+import json
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from clip import configs
+from clip.formats import load
 from clip.formats import workdirs
 
 
-def checkpoint_meta(data_state, run, tcfg):
-  """What a checkpoint stores besides the state for `check_resume`: the data position
-  `data_state` (`data_position`), the run's data source and resampling (`run.data`,
-  `run.data_resampled`), its global batch size and length (`tcfg`)."""
-  return {'data': data_state, 'data_source': run.data, 'data_resampled': run.data_resampled,
-          'batch_size': tcfg.batch_size, 'total_steps': tcfg.total_steps}
+def checkpoint_meta(data_state, run, tcfg, cfg):
+  """What a checkpoint stores besides the state: every process's data position (`data_state`
+  here, `data_position`; gathered, so every process calls this), the run's data source and
+  resampling (`run.data`, `run.data_resampled`), its train config `tcfg` and model `cfg`."""
+  positions = all_processes(data_state)
+  return {'data': positions[0], 'data_per_process': positions, 'data_source': run.data,
+          'data_resampled': run.data_resampled, 'batch_size': tcfg.batch_size,
+          'total_steps': tcfg.total_steps, 'train_config': dataclasses.asdict(tcfg),
+          'model_config': configs.to_dict(cfg)}
+
+
+def all_processes(value):
+  """[value of process 0, value of process 1, ...] of a JSON-able `value` every process gives
+  (two small all-gathers of its bytes; [value] in a one-process run)."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.ravel(multihost_utils.process_allgather(np.array([data.size], np.int32)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, sizes)]
+
+
+def process_position(meta):
+  """This process's data position in checkpoint `meta`: its own where the checkpoint holds one
+  per process and the process count is the same, the common one where all are equal (the
+  synthetic set's global example, any process count), else ValueError (shard readers' record
+  positions belong to the shards each process read). A checkpoint holding process 0's only
+  (written before positions were gathered) gives it to every process, said."""
+  positions = meta.get('data_per_process')
+  if positions is None:
+    if jax.process_count() > 1 and meta.get('data_source', 'synthetic') != 'synthetic':
+      print('the checkpoint holds process 0\'s data position only: assumed for every process')
+    return meta['data']
+  if all(p == positions[0] for p in positions):
+    return positions[0]
+  if len(positions) != jax.process_count():
+    raise ValueError(f'the checkpoint was written by {len(positions)} processes, each at its own '
+                     f'position in its share of the shards; {jax.process_count()} processes '
+                     'cannot continue those: resume with the process count that wrote it')
+  return positions[jax.process_index()]
+
+
+def check_model(meta, cfg, ckpt_dir):
+  """A checkpoint whose meta names its model (`model_config`) resumes only into that
+  architecture: ValueError naming every field that differs (not the dtype, remat or scan)."""
+  if 'model_config' not in meta:
+    return
+  values = {k: v for k, v in meta['model_config'].items() if k not in ('tokenizer', 'preprocess')}
+  saved = configs.from_dict(values)  # inputs are checked by check_processing
+  differences = load.config_differences(cfg, saved, 'this run\'s model', 'the checkpoint\'s',
+                                        skip=workdirs.NOT_ARCHITECTURE)
+  if differences:
+    raise ValueError(f'{ckpt_dir} holds another model: ' + '; '.join(differences)
+                     + ': use another --workdir (or the same model)')
 
 
 def check_resume(meta, run, tcfg, ckpt_dir):
@@ -41,9 +99,21 @@ def check_resume(meta, run, tcfg, ckpt_dir):
   elif batch is None and run.data == 'synthetic' and 'example' not in meta['data']:
     print(f'{ckpt_dir} holds its data position as a step ({meta["data"]["step"]}), not an '
           f'example: assumed trained at this batch size, {tcfg.batch_size}')
+  _check_ema(meta.get('train_config', {}).get('ema_decay'), tcfg.ema_decay, ckpt_dir)
   if meta.get('total_steps', tcfg.total_steps) != tcfg.total_steps:
     print(f'resuming a run of {meta["total_steps"]} steps as one of {tcfg.total_steps}: the '
           'learning-rate schedule follows the new length from here')
+
+
+def _check_ema(saved, given, ckpt_dir):
+  """A run keeps an EMA of its parameters from its start or not at all (ValueError otherwise);
+  another decay is allowed and said."""
+  if (saved is None) != (given is None):
+    kept = 'kept no EMA' if saved is None else f'kept an EMA (ema_decay={saved})'
+    raise ValueError(f'{ckpt_dir} {kept}; this run has ema_decay={given}: resume with the same '
+                     'setting, or use another --workdir')
+  if saved != given:
+    print(f'resuming an EMA of decay {saved} with decay {given}')
 
 
 def check_processing(workdir, cfg):

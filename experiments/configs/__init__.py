@@ -22,15 +22,21 @@ class RunConfig:
   log_every: int = 25             # steps between metrics.jsonl lines
   checkpoint_every: int = 500     # steps between checkpoints (and at the end)
   keep_checkpoints: int = 2
+  checkpoint_dir: str | None = None  # any path orbax takes (gs://...); None: <workdir>/checkpoints
   eval_examples: int = 0          # built-in zero-shot evaluation at the end (0: none)
+  eval_every: int = 0             # steps between runs of the evaluators (0: none), and at the end
+  evaluators: tuple[str, ...] = ()  # clip.eval.evaluators specs, e.g. 'zero_shot:tfds=cifar10'
   keep: object = None             # a data.filters.MetadataFilter for the shards
 
   def __post_init__(self):
     for name in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f'run.{name} must be an int >= 1, got {getattr(self, name)!r}')
-    if not isinstance(self.eval_examples, int) or self.eval_examples < 0:
-      raise ValueError(f'run.eval_examples must be an int >= 0, got {self.eval_examples!r}')
+    for name in ('eval_examples', 'eval_every'):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        raise ValueError(f'run.{name} must be an int >= 0, got {getattr(self, name)!r}')
+    if isinstance(self.evaluators, str):
+      raise ValueError(f'run.evaluators is a tuple of specs, got the string {self.evaluators!r}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ import tensorflow as tf
 import clip
 from clip.formats import files
 from clip.eval import retrieval
+from clip.train import state_store
 from data import filters
 from data import shards
 from experiments import evaluate
@@ -501,7 +502,7 @@ def test_training_on_unusable_shards_stops_with_empty_epoch_error(unusable, tmp_
   run = train(unusable['garbage-tar'], tmp_path)  # a loop of empty epochs: TimeoutExpired
   assert run.returncode != 0
   assert 'EmptyEpochError' in run.stdout and 'yielded no batch' in run.stdout, run.stdout[-3000:]
-  assert not os.path.exists(tmp_path / 'checkpoints' / 'step_00000001')
+  assert state_store.steps(tmp_path / 'checkpoints') == []
 
 
 @pytest.fixture(scope='module')

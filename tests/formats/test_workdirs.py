@@ -7,6 +7,7 @@ import json
 
 import chex
 import jax
+import numpy as np
 import pytest
 
 import clip
@@ -91,6 +92,13 @@ def test_a_workdirs_model_config_is_its_model(params, tmp_path):
   for named in (str(tmp_path), 'ViT-B/32'):  # each names its own tokenizer
     with pytest.raises(ValueError, match='is a training workdir or an official model'):
       workdirs.load_model(named, tokenizer='spiece.model')
+  # clip.load takes a workdir as one public call, floating weights in the dtype asked for.
+  by_clip_load, loaded = clip.load(str(tmp_path), dtype=np.float16)
+  assert loaded == cfg
+  chex.assert_trees_all_equal(by_clip_load, jax.tree.map(lambda x: np.asarray(x, np.float16),
+                                                         jax.device_get(params)))
+  with pytest.raises(ValueError, match='is a training workdir, whose model_config.json states'):
+    clip.load(str(tmp_path), preprocess=clip.PreprocessConfig())
 
 
 def test_architecture_differences_leave_out_how_a_model_runs_and_reads():

@@ -1,7 +1,11 @@
 """The training loop (`clip/train/loop.py`): hooks run after the steps their `every` divides and
 after the last, in order, then close; a resumed loop starts after its start step; the progress
 bar counts completed steps; the real train step run by the loop, straight or resumed from a
-checkpoint its hook saved, equals a hand-rolled loop bit for bit."""
+checkpoint its hook saved, equals a hand-rolled loop bit for bit; a profile hook traces exactly
+the steps it names."""
+import glob
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +115,64 @@ def test_the_train_step_in_the_loop_equals_a_hand_rolled_loop_straight_and_resum
   resumed = loop.train(halfway, run.train_step, iter(data[2:]), steps=4, start_step=2)
   for state in (looped, resumed):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(by_hand))
+
+
+@jax.jit
+def matmul_step(state_NxN, batch):
+  """A step with device work: XLA's CPU client runs it on its own thread, after dispatch."""
+  state_NxN = jnp.tanh(state_NxN @ state_NxN) + batch
+  return state_NxN, {'loss': state_NxN.sum()}
+
+
+def profiled(logdir, start, stop, start_step, steps):
+  loop.train(jnp.eye(256) / 2, matmul_step, iter(range(steps)), steps=steps,
+             start_step=start_step, hooks=[loop.profile(logdir, start, stop)])
+
+
+def trace_of(logdir):
+  """The one trace under `logdir`, read back by `jax.profiler.ProfileData`: the step numbers
+  marked `train`, and the number of executions XLA's CPU runtime ran while it recorded (its
+  `ThunkExecutor::Execute` events; a newer runtime may rename them: this test then fails)."""
+  [path] = glob.glob(os.path.join(logdir, 'plugins', 'profile', '*', '*.xplane.pb'))
+  events = [event for plane in jax.profiler.ProfileData.from_file(path).planes
+            for line in plane.lines for event in line.events]
+  steps = sorted(dict(event.stats)['step_num'] for event in events if event.name == 'train')
+  return steps, sum(event.name.startswith('ThunkExecutor::Execute') for event in events)
+
+
+@pytest.mark.parametrize('start_step, steps, start, stop, traced', [
+    (0, 6, 2, 4, [2, 3, 4]),  # inside the run
+    (0, 3, 1, 1, [1]),  # the first step, from before the loop
+    (0, 4, 2, 10, [2, 3, 4]),  # the run ends first: stopped at close
+    (1, 4, 2, 3, [2, 3]),  # resumed just before START
+])
+def test_a_profile_traces_exactly_its_steps_and_their_work(tmp_path, start_step, steps, start,
+                                                           stop, traced):
+  """The trace marks its steps and holds one execution each: it waited for the steps before it
+  to finish before it started and for its last to finish before it stopped."""
+  profiled(str(tmp_path), start, stop, start_step, steps)
+  assert trace_of(str(tmp_path)) == (traced, len(traced))
+
+
+def test_a_profile_of_a_loop_resumed_past_its_start_warns(tmp_path):
+  with pytest.warns(UserWarning, match=r'profile of steps 2..5: the loop starts after step 3, '
+                                       r'steps 4..5 are traced'):
+    profiled(str(tmp_path / 'inside'), 2, 5, start_step=3, steps=6)
+  assert trace_of(str(tmp_path / 'inside')) == ([4, 5], 2)
+  with pytest.warns(UserWarning, match=r'after step 4, nothing is traced'):
+    profiled(str(tmp_path / 'past'), 2, 4, start_step=4, steps=6)
+  assert not os.path.exists(tmp_path / 'past')
+
+
+def test_profile_steps_are_checked_and_parsed():
+  assert loop.parse_profile_steps('10,15') == (10, 15)
+  assert loop.parse_profile_steps('7,7') == (7, 7)
+  for text in ('10', '10,15,20', 'a,b', '1.5,3', ''):
+    with pytest.raises(ValueError, match=f'--profile takes START,STOP, .* got {text!r}'):
+      loop.parse_profile_steps(text)
+  with pytest.raises(ValueError, match=r"--profile '15,10': .* got START=15, STOP=10"):
+    loop.parse_profile_steps('15,10')
+  for start, stop in ((0, 3), (4, 3), ('1', 2), (1.0, 2)):
+    with pytest.raises(ValueError, match=rf'1 <= START <= STOP, got START={start!r}, '
+                                         rf'STOP={stop!r}'):
+      loop.profile('unused', start, stop)
