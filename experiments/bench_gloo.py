@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
 
 import matplotlib
 import numpy as np
 
+from experiments import local_processes
 from experiments import simulated_devices
 
 matplotlib.use('Agg')  # files only, no display; set before pyplot is imported
@@ -114,38 +113,16 @@ def run_worker(args):
     json.dump(rows, f)
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def run_workers(args):
   """Both workers' rows: the timings of process 0, `correct` only where both processes agree."""
-  port = free_port()
+  port = local_processes.free_port()
   os.makedirs(args.out, exist_ok=True)
   outs = [os.path.join(args.out, f'worker{i}.json') for i in range(2)]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  env.pop('XLA_FLAGS', None)  # each worker sets its own device count
   cmd = [sys.executable, '-m', 'experiments.bench_gloo', '--port', str(port),
          '--local-devices', str(args.local_devices), '--repeats', str(args.repeats),
          '--sizes', ','.join(map(str, args.sizes)), '--scatter-size', str(args.scatter_size)]
-  procs = [subprocess.Popen(cmd + ['--worker', str(i), '--worker-out', outs[i]], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
-  try:
-    for i, p in enumerate(procs):
-      _, err = p.communicate(timeout=args.timeout)
-      if p.returncode:
-        raise RuntimeError(f'worker {i} failed (exit {p.returncode}):\n{err.decode()[-3000:]}')
-  finally:
-    for p in procs:
-      p.kill()
-  rows = []
-  for path in outs:
-    with open(path) as f:
-      rows.append(json.load(f))
-    os.remove(path)
+  rows = local_processes.run_workers(
+      [cmd + ['--worker', str(i), '--worker-out', outs[i]] for i in range(2)], outs, args.timeout)
   for row, other in zip(*rows):
     row['correct'] = row['correct'] and other['correct']
   return rows[0]
