@@ -347,6 +347,9 @@ def main(argv=None):
   os.makedirs(workdir, exist_ok=True)
 
   mesh = sharding.make_mesh(*tcfg.mesh)
+  tcfg.check_mesh(mesh)
+  # The evaluators' data is read and checked now, before anything compiles.
+  evals = evaluators.make_evaluators(run.evaluators, cfg, mesh, tcfg.batch_size)
   setup = training.setup(cfg, tcfg, mesh)
   state, start, data_state = restore(workdir, config, setup)
   workdirs.save_model_config(workdir, cfg)  # the workdir names its tokenizer and preprocessing
@@ -359,7 +362,6 @@ def main(argv=None):
   data_iter, pipeline = make_data(config, cfg, tcfg, data_state)
   if run.eval_examples:  # its tokenizer errors now, not after training
     synthetic_eval.model_tokenizer(cfg)
-  evals = evaluators.make_evaluators(run.evaluators, cfg, mesh, tcfg.batch_size)  # data read now
   if start < tcfg.total_steps:
     run_hooks, log = hooks(config, workdir, start, data_state, pipeline, profile_steps, evals)
     with logging_redirect_tqdm():  # the data pipeline's epoch lines, above the bar

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from clip.formats import workdirs
 from clip.train import resume
 from clip.train import state_store
 from data import synthetic
+from experiments import local_processes
 from experiments import train
 from experiments.configs import tiny
 from tests.data.test_tfrecords import siglip_cfg  # pylint: disable=unused-import
@@ -123,15 +123,9 @@ def test_a_run_killed_during_an_async_save_resumes_bit_identically(tmp_path, dat
   chex.assert_trees_all_equal(files.flatten(loaded), files.flatten(trained['ema']))
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def launch(workdir, processes, devices, *extra, steps):
   """The main job as `processes` localhost processes of `devices` CPU devices each."""
-  port = free_port()
+  port = local_processes.free_port()
   procs = [subprocess.Popen(
       train_cmd(workdir, *extra, '--num-processes', str(processes), '--process-id', str(i),
                 '--coordinator', f'127.0.0.1:{port}', steps=steps),
@@ -278,3 +272,34 @@ def test_resampled_shards_are_a_run_setting(tmp_path):
       resume.check_resume(meta, config.run, config.train, 'w/checkpoints')
   with pytest.raises(ValueError, match='--data-resampled draws img2dataset shards'):
     train.load_config(train.parse_args(['--config', 'tiny', '--data-resampled']))
+
+
+@pytest.mark.parametrize('flags, error', [
+    (['--eval-every', '10'], '--eval-every 10 needs at least one --evaluator'),
+    (['--evaluator', 'synthetic'], 'runs every --eval-every N steps: give N'),
+    (['--eval-every', '10', '--evaluator', 'zero_shot:folder=/nonexistent/val'],
+     '/nonexistent/val'),
+    (['--eval-every', '10', '--evaluator', 'zero_shot:kind=x'], 'zero_shot:tfds=NAME'),
+    (['--ema-decay', '1.0'], r'ema_decay must be a number in \(0, 1\).*got 1.0'),
+    (['--ema-decay', '0'], r'ema_decay must be a number in \(0, 1\).*got 0.0'),
+])
+def test_bad_run_settings_are_refused_before_training(tmp_path, flags, error):
+  """Evaluation without an evaluator or its data, an EMA decay outside (0, 1): errors naming
+  them before anything compiles or trains (no checkpoint, no metrics)."""
+  with pytest.raises((ValueError, FileNotFoundError), match=error):
+    train.main(['--config', 'tiny', '--steps', '4', '--workdir', str(tmp_path), *flags])
+  assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.jsonl').exists()
+
+
+def test_a_checkpoint_folder_of_another_model_is_refused_before_training(tmp_path):
+  """A workdir whose checkpoint holds another model: the fields that differ are named before
+  anything trains; the checkpoint is left as it was."""
+  config = train.load_config(train.parse_args(['--config', 'tiny']))
+  wider = dataclasses.replace(config.model, embed_dim=2 * config.model.embed_dim)
+  meta = resume.checkpoint_meta({'example': 0}, config.run, config.train, wider)
+  state_store.save(tmp_path / 'checkpoints', 4, {'step': np.zeros((), np.int32)}, meta)
+  with pytest.raises(ValueError, match=r"holds another model: embed_dim: this run's model says "
+                     r"32, the checkpoint's says 64"):
+    train.main(['--config', 'tiny', '--steps', '8', '--workdir', str(tmp_path)])
+  assert state_store.steps(tmp_path / 'checkpoints') == [4]
+  assert not (tmp_path / 'metrics.jsonl').exists()
