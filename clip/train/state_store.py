@@ -22,6 +22,7 @@ Checkpoint folders written before orbax (`step_00001234/state.npz`, `clip.train.
 are read where a folder holds no orbax checkpoint: old workdirs resume, evaluate and export as
 they did, and their next checkpoint is orbax's.
 """
+import contextlib
 import logging
 
 import jax
@@ -165,6 +166,16 @@ def _check_structure(stored, abstract_state, where):
                          len(missing), len(unexpected), len(bad)) > 8 else ''))
 
 
+@contextlib.contextmanager
+def _opened(directory):
+  """A `Store` of `directory` for one read, its manager closed after."""
+  store = Store(directory)
+  try:
+    yield store
+  finally:
+    store.close()
+
+
 def _is_legacy(directory):
   return not _orbax_steps(directory) and bool(legacy_store.steps(directory))
 
@@ -183,7 +194,8 @@ def steps(directory):
     return legacy_store.steps(directory)
   if not epath.Path(str(directory)).exists():
     return []
-  return Store(directory).steps()
+  with _opened(directory) as store:
+    return store.steps()
 
 
 def meta(directory, step=None):
@@ -191,14 +203,16 @@ def meta(directory, step=None):
   the state."""
   if _is_legacy(directory):
     return legacy_store.meta(directory, step)
-  return Store(directory).meta(step)
+  with _opened(directory) as store:
+    return store.meta(step)
 
 
 def read(directory, keys, step=None):
   """`Store.read` of `directory` (a legacy folder's by `legacy_store.read`)."""
   if _is_legacy(directory):
     return legacy_store.read(directory, keys, step)
-  return Store(directory).read(keys, step)
+  with _opened(directory) as store:
+    return store.read(keys, step)
 
 
 def restore(directory, abstract_state, shardings=None, step=None):
@@ -208,7 +222,8 @@ def restore(directory, abstract_state, shardings=None, step=None):
         '%s holds checkpoints of the pre-orbax format (step_XXXXXXXX/state.npz): read as such; '
         'the next checkpoint is written in orbax\'s format beside them', directory)
     return legacy_store.restore(directory, abstract_state, shardings, step)
-  return Store(directory).restore(abstract_state, shardings, step)
+  with _opened(directory) as store:
+    return store.restore(abstract_state, shardings, step)
 
 
 def save(directory, step, state, meta=None, keep=3):
