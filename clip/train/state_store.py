@@ -24,6 +24,7 @@ they did, and their next checkpoint is orbax's.
 """
 import contextlib
 import logging
+import os
 
 import jax
 import numpy as np
@@ -51,7 +52,7 @@ class Store:
   `async_save=False`. Every process of a run makes one and calls `save` at the same steps."""
 
   def __init__(self, directory, keep=3, async_save=True):
-    self.directory = str(directory)
+    self.directory = _absolute(directory)
     self._manager = ocp.CheckpointManager(
         epath.Path(self.directory),
         options=ocp.CheckpointManagerOptions(
@@ -135,6 +136,13 @@ class Store:
   def _stored_leaves(self, step):
     tree = self._manager.item_metadata(step)['state'].tree
     return _leaf_types(tree)
+
+
+def _absolute(directory):
+  """`directory` as orbax takes it: a local path made absolute (orbax refuses relative ones), a
+  URL (gs://...) as it is."""
+  directory = str(directory)
+  return directory if '://' in directory else os.path.abspath(directory)
 
 
 def _path(path):

@@ -90,6 +90,21 @@ def test_read_takes_entries_without_an_abstract_state(tmp_path, trained):
     state_store.read(tmp_path, ('ema',))
 
 
+def test_a_relative_directory_is_the_one_below_the_working_directory(tmp_path, trained,
+                                                                    monkeypatch):
+  """The main job's default workdir is relative (results/train/<config>): orbax, which takes
+  absolute paths only, gets it made absolute."""
+  state, abstract = trained
+  monkeypatch.chdir(tmp_path)
+  store = state_store.Store('run/checkpoints', keep=2)
+  store.save(3, state)
+  store.close()
+  assert store.directory == str(tmp_path / 'run' / 'checkpoints')
+  assert state_store.steps('run/checkpoints') == [3] and (tmp_path / 'run/checkpoints/3').is_dir()
+  restored, _ = state_store.restore('run/checkpoints', abstract)
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+
+
 def test_an_unfinished_save_is_not_a_checkpoint(tmp_path, trained):
   """What a process killed mid-save leaves (orbax's temporary folder) is neither listed nor
   restored, and is removed when the next run opens the folder."""
