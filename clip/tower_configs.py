@@ -146,6 +146,11 @@ class VisionConfig(BlockOptions):
   learned tokens after the class token, without positions, kept in the 'gap'/'map' pooling only
   when `pool_registers`; `ln_pre=False` drops the norm before the blocks (SigLIP) and
   `patch_bias=True` gives the patch embedding a bias `conv1.bias` (SigLIP, timm).
+  The patch grid is `image_resolution // patch_size` a side: a resolution that is no multiple of
+  the patch floors as torch's stride-`patch_size` conv does, dropping the last
+  `image_resolution % patch_size` pixel rows and columns (SigLIP So400m/14 at 384 px: a 27 x 27
+  grid over the first 378 pixels, as timm and transformers run it). The input image is still the
+  full `image_resolution` square.
   `patch_dropout` is FLIP's patch dropout (Li et al. 2023, "Scaling Language-Image Pre-training
   via Masking"; open_clip's `patch_dropout`): in training, that fraction of the patch tokens of
   each image (a random subset per image, after the position embedding; the class token and the
@@ -175,8 +180,8 @@ class VisionConfig(BlockOptions):
               f'a ViT needs an int number of layers > 0, got {self.layers!r}')
       require(self.patch_size is not None and self.patch_size > 0,
               f'a ViT needs patch_size > 0, got {self.patch_size!r}')
-      require(self.image_resolution % self.patch_size == 0,
-              f'image_resolution {self.image_resolution} is not a multiple of patch_size '
+      require(self.image_resolution >= self.patch_size,
+              f'image_resolution {self.image_resolution} is smaller than patch_size '
               f'{self.patch_size}')
       require(self.width % self.heads == 0,
               f'ViT width {self.width} is not divisible by heads {self.heads}')

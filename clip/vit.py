@@ -67,8 +67,10 @@ def tokens(params, images_NxHxWx3, cfg, execution=configs.Execution(), dropout_k
   keeps `cfg.kept_patches` random patches (`drop_patches`); without a key, all of them."""
   images_NxHxWx3 = images_NxHxWx3.astype(execution.dtype)
   dtype = images_NxHxWx3.dtype
-  p = cfg.patch_size
-  # The stride-p conv with an OIHW kernel, as one einsum over non-overlapping patches.
+  p, covered = cfg.patch_size, cfg.grid_size * cfg.patch_size
+  # The stride-p conv with an OIHW kernel, as one einsum over non-overlapping patches; like the
+  # conv, the grid floors: pixels past the last whole patch (image_resolution % p) are unused.
+  images_NxHxWx3 = images_NxHxWx3[:, :covered, :covered]
   patches = einops.rearrange(images_NxHxWx3, 'n (h p) (w q) c -> n (h w) c p q', p=p, q=p)
   x_NxLxD = jnp.einsum('nlcpq,ocpq->nlo', patches, params['conv1']['weight'].astype(dtype))
   if 'bias' in params['conv1']:

@@ -200,9 +200,9 @@ def open_clip_training_checkpoint(oc, tmp):
   return measure_load(path, _open_clip_ref(m))
 
 
-def timm_siglip(oc):
+def timm_siglip(oc, image_size=32):
   """open_clip's ViT-B-16-SigLIP classes (a timm MAP-pooled ViT trunk, the custom text tower),
-  small."""
+  small: 8 px patches over `image_size` px images."""
   # Local: timm is optional (open-clip-torch brings it), and only this row needs it.
   import timm  # pylint: disable=g-import-not-at-top
   model_cfg = oc.get_model_config('ViT-B-16-SigLIP')
@@ -213,7 +213,7 @@ def timm_siglip(oc):
   torch.manual_seed(3)
   m = oc.model.CustomTextCLIP(**model_cfg)
   m.visual.trunk = timm.models.vision_transformer.VisionTransformer(
-      img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=1.75,
+      img_size=image_size, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=1.75,
       class_token=False, global_pool='map', num_classes=0)
   return _perturb(m, 3)
 
@@ -260,13 +260,14 @@ def _hf_clip(seed=0):
   return _perturb(transformers.CLIPModel(config), seed)
 
 
-def hf_siglip(seed=0):
-  """A small transformers SiglipModel, every parameter perturbed (also used by the tests)."""
+def hf_siglip(seed=0, image_size=32):
+  """A small transformers SiglipModel (8 px patches over `image_size` px images), every
+  parameter perturbed (also used by the tests)."""
   config = transformers.SiglipConfig(
       text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
       vision_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                         num_attention_heads=2, image_size=32, patch_size=8))
+                         num_attention_heads=2, image_size=image_size, patch_size=8))
   torch.manual_seed(seed)
   m = transformers.SiglipModel(config).eval()
   with torch.no_grad():

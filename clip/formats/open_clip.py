@@ -87,8 +87,9 @@ _TEXT_POOLS = {'argmax': 'eot', 'eos': 'eot', 'last': 'last', 'first': 'first'}
 # (vision_transformer.py): width, depth, heads, mlp_ratio, patch, resolution (the input_size of
 # their pretrained cfg), MLP activation (timm's default nn.GELU unless act_layer='gelu_tanh').
 # All have a patch bias, no class token, no pre-norm, LayerNorm eps 1e-6 and a MAP head with
-# the tower's heads, MLP ratio and activation. vit_so400m_patch14_siglip_384 is absent: 384 is no
-# multiple of 14 and timm's conv drops the last 6 pixel rows and columns.
+# the tower's heads, MLP ratio and activation. vit_so400m_patch14_siglip_384's 384 px is no
+# multiple of 14: timm's conv floors to a 27 x 27 grid, dropping the last 6 pixel rows and
+# columns, as VisionConfig's grid does.
 _TIMM_TRUNKS = {
     'vit_base_patch32_siglip_256': (768, 12, 12, 4.0, 32, 256, 'gelu_tanh'),
     'vit_base_patch16_siglip_224': (768, 12, 12, 4.0, 16, 224, 'gelu'),
@@ -100,6 +101,7 @@ _TIMM_TRUNKS = {
     'vit_large_patch16_siglip_512': (1024, 24, 16, 4.0, 16, 512, 'gelu_tanh'),
     'vit_so400m_patch14_siglip_224': (1152, 27, 16, 3.7362, 14, 224, 'gelu'),
     'vit_so400m_patch14_siglip_378': (1152, 27, 16, 3.7362, 14, 378, 'gelu'),
+    'vit_so400m_patch14_siglip_384': (1152, 27, 16, 3.7362, 14, 384, 'gelu'),
     'vit_so400m_patch16_siglip_256': (1152, 27, 16, 3.7362, 16, 256, 'gelu_tanh'),
     'vit_so400m_patch16_siglip_384': (1152, 27, 16, 3.7362, 16, 384, 'gelu_tanh'),
     'vit_so400m_patch16_siglip_512': (1152, 27, 16, 3.7362, 16, 512, 'gelu_tanh'),

@@ -88,6 +88,8 @@ _SIGLIP_NAMES = {
         _siglip_text('SO400M', 32000, 'ViT-B-16-SigLIP', context_length=16)),
     'ViT-SO400M-14-SigLIP-378': _siglip(1152, 378, 'vit_so400m_patch14_siglip_378',
                                         _SIGLIP_SO400M),
+    'ViT-SO400M-14-SigLIP-384': _siglip(1152, 384, 'vit_so400m_patch14_siglip_384',
+                                        _SIGLIP_SO400M),
     'ViT-SO400M-16-SigLIP-i18n-256': _siglip(1152, 256, 'vit_so400m_patch16_siglip_256',
                                              _SO400M_I18N),
     'ViT-B-32-SigLIP2-256': _siglip(768, 256, 'vit_base_patch32_siglip_256',

@@ -27,7 +27,8 @@ OWN_NAMES = sorted(set(names.MODEL_CFGS) - set(TIMM_NAMES))
 SIGLIP_BUILDS = ('ViT-B-32-SigLIP2-256', 'ViT-B-16-SigLIP', 'ViT-B-16-SigLIP2-256',
                  'ViT-B-16-SigLIP-i18n-256', 'ViT-B-16-SigLIP-384', 'ViT-B-16-SigLIP2-512',
                  'ViT-L-16-SigLIP-256', 'ViT-L-16-SigLIP2-384', 'ViT-L-16-SigLIP2-512',
-                 'ViT-SO400M-14-SigLIP', 'ViT-SO400M-14-SigLIP-378', 'ViT-SO400M-14-SigLIP2-378',
+                 'ViT-SO400M-14-SigLIP', 'ViT-SO400M-14-SigLIP-378', 'ViT-SO400M-14-SigLIP-384',
+                 'ViT-SO400M-14-SigLIP2-378',
                  'ViT-SO400M-16-SigLIP-i18n-256', 'ViT-SO400M-16-SigLIP2-384',
                  'ViT-SO400M-16-SigLIP2-512', 'ViT-gopt-16-SigLIP2-256', 'ViT-gopt-16-SigLIP2-384')
 OPENAI_NAMES = {'RN50': 'RN50', 'RN101': 'RN101', 'RN50x4': 'RN50x4', 'RN50x16': 'RN50x16',
