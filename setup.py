@@ -42,6 +42,7 @@ setuptools.setup(
         'matplotlib>=3.8',
         'scipy>=1.11',  # Student-t intervals of the loss ablation (jax needs it too)
         'sentencepiece>=0.2',  # SigLIP's tokenizers
+        'huggingface_hub>=0.26',  # clip.load by Hub name: its cache, offline mode, revisions
         'tensorboardX>=2.6',  # TensorBoard event files without torch or TensorFlow (metrics_log)
         # Train-state checkpoints: each process writes its shards, asynchronously, to any path
         # (local, gs://), restored onto any mesh (clip/train/state_store.py).

@@ -39,6 +39,7 @@ from clip.tokenizer import decode
 from clip.tokenizer import tokenize
 from clip.formats.load import CheckpointError
 from clip.formats.load import CheckpointWarning
+from clip.formats.hub import HubError
 from clip.formats.load import load
 from clip.formats.load import load_model_vars
 from clip.formats.openai import to_torch_state_dict

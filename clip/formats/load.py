@@ -32,7 +32,7 @@ class CheckpointWarning(UserWarning):
 
 
 def load(path, config=None, dtype=np.float32, image_resolution=None, tokenizer=None,
-         preprocess=None):
+         preprocess=None, pretrained=None, revision=None):
   """A checkpoint file or model folder -> `(params, cfg)`, with outputs equal to the library
   that defines the family, or an error.
 
@@ -65,10 +65,35 @@ def load(path, config=None, dtype=np.float32, image_resolution=None, tokenizer=N
   architecture (its dtype, remat and scan are taken), and `tokenizer=`, `preprocess=` and
   `image_resolution` are refused there (the workdir states its own).
 
+  An OpenAI name ('ViT-B/32', `clip.MODELS`) that is no local path is `load_model_vars(name)`,
+  as OpenAI's own `clip.load` takes it. By name, through huggingface_hub (its cache, `HF_HUB_OFFLINE=1` to use only the cache,
+  `revision=` a branch, tag or commit to pin; `clip.formats.hub`): `'hf-hub:ORG/NAME'` an open_clip
+  Hub repository (`open_clip_config.json` and its weights), `'ORG/NAME'` a transformers one
+  (`config.json`, `model.safetensors` or its shards, processor and tokenizer files) unless a local
+  path of that name exists (a local path wins, as in `from_pretrained`), and an open_clip model
+  name with `pretrained=` one of its tags (`clip.load('ViT-B-32', pretrained='laion2b_s34b_b79k')`:
+  open_clip's config, weights repository and preprocessing for that tag,
+  `clip.formats.open_clip_pretrained`). Only the files the loader reads are downloaded, all at one
+  commit; then they load as a local folder, tokenizer and preprocessing included.
+
   Raises CheckpointError for an unsupported family (naming its keys), missing, unexpected or
   misshapen keys, a `config=` that contradicts the files, or processing files this package
-  cannot run exactly.
+  cannot run exactly; `clip.HubError` (a FileNotFoundError) for a Hub repository, revision or
+  file that does not exist, or is not cached while offline, naming it.
   """
+  if (isinstance(path, str) and path in configs.MODELS and pretrained is None
+      and not os.path.exists(path)):  # OpenAI's names, as OpenAI's own clip.load takes them
+    if config is not None or revision is not None:
+      raise ValueError(f'{path!r} is an OpenAI model name, which states its config and has no '
+                       'revisions: pass neither config= nor revision=')
+    return load_model_vars(path, dtype=dtype, image_resolution=image_resolution,
+                           tokenizer=tokenizer, preprocess=preprocess)
+  from clip.formats import hub  # pylint: disable=g-import-not-at-top  # cycle: it calls load
+  if hub.is_hub_name(path, pretrained):
+    return hub.load(path, pretrained=pretrained, revision=revision, config=config, dtype=dtype,
+                    image_resolution=image_resolution, tokenizer=tokenizer, preprocess=preprocess)
+  if revision is not None:
+    raise ValueError(f'revision= pins a Hub name; {path} is a local path')
   from clip.formats import workdirs  # pylint: disable=g-import-not-at-top  # cycle: it loads files
   if workdirs.is_workdir(path):
     if tokenizer is not None or preprocess is not None or image_resolution is not None:

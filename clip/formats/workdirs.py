@@ -16,6 +16,7 @@ import numpy as np
 from clip import configs
 from clip import model
 from clip.formats import files
+from clip.formats import hub
 from clip.formats import load
 from clip.formats import openai
 from clip.train import state_store
@@ -141,5 +142,8 @@ def load_model(spec, config=None, tokenizer=None, config_name=None, dtype=np.flo
     return load.load(spec, config=config, tokenizer=tokenizer)
   if spec in configs.MODELS:
     return load.load_model_vars(spec)
+  if hub.is_hub_name(spec):
+    return load.load(spec, config=config)
   raise ValueError(f'--model must be an official model ({", ".join(configs.MODELS)}), a '
-                   f'checkpoint file or a training workdir, got {spec!r}')
+                   'Hub name (hf-hub:ORG/NAME, ORG/NAME), a checkpoint file or a training '
+                   f'workdir, got {spec!r}')

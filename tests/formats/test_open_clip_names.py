@@ -5,6 +5,7 @@ import pytest
 import clip
 from clip.formats import open_clip as occ
 from clip.formats import open_clip_names as names
+from clip.formats import open_clip_pretrained as pretrained
 from tests.formats.test_open_clip import OPENAI_NAMES
 from tests.formats.test_open_clip import STANDARD
 from tests.formats.test_open_clip import oc  # pylint: disable=unused-import
@@ -52,3 +53,15 @@ def test_openai_tags_give_our_openai_configs(openai_name):
   name = OPENAI_NAMES[openai_name]
   assert names.open_clip_config(name, 'openai') == clip.MODELS[openai_name]
   assert names.open_clip_config(f'{name}-quickgelu') == clip.MODELS[openai_name]
+
+
+@pytest.mark.parametrize('name', sorted(names.PRETRAINED_TAGS))
+def test_pretrained_repos_and_preprocessing_are_open_clips(oc, name):
+  """Where clip.load(name, pretrained=tag) downloads from, and the preprocessing it pairs with the
+  weights: open_clip's `get_pretrained_cfg` (its URL kept only for weights with no Hub repo)."""
+  assert set(pretrained.HF_HUB[name]) == set(names.PRETRAINED_TAGS[name])
+  for tag in names.PRETRAINED_TAGS[name]:
+    theirs = dict(oc.get_pretrained_cfg(name, tag))
+    if theirs['hf_hub']:
+      theirs['url'] = ''
+    assert pretrained.pretrained_cfg(name, tag) == theirs, (name, tag)

@@ -100,6 +100,12 @@ def test_load_model_vars_from_cache(tmp_path, monkeypatch, state_dict):
   monkeypatch.setenv(openai.CACHE_ENV, str(tmp_path))
   loaded, loaded_cfg = clip.load_model_vars('ViT-B/32', download=False)
   assert loaded_cfg == cfg and loaded['visual']['proj'].dtype == np.float32
+  # clip.load takes OpenAI's names as OpenAI's clip.load does (from the same cache)
+  by_name, by_name_cfg = clip.load('ViT-B/32')
+  assert by_name_cfg == cfg
+  chex.assert_trees_all_equal(by_name, loaded)
+  with pytest.raises(ValueError, match='OpenAI model name'):
+    clip.load('ViT-B/32', config=cfg)
   # a file whose hash differs from the one in OpenAI's URL is refused
   openai.OFFICIAL_FILES['ViT-B/32'] = ('0' * 64, 'ViT-B-32.pt')
   with pytest.raises(clip.CheckpointError, match='SHA256'):
