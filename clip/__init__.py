@@ -25,6 +25,8 @@ from clip.model import stack_layers
 from clip.model import training_image_features
 from clip.model import unstack_layers
 from clip.model import update_batch_stats
+from clip.naflex import encode_image_naflex
+from clip.naflex import naflex_preprocess
 from clip.formats.open_clip import config_from_open_clip
 from clip.processing import TokenizerError
 from clip.processing import get_tokenizer

@@ -84,7 +84,10 @@ class PreprocessConfig:
   white (their `do_convert_rgb`); OpenAI and open_clip resize in the image's own mode and convert
   after, dropping the alpha. `crop_rounding='floor'` places the centre crop at `(side - n) // 2`
   (transformers' `center_crop`) instead of torchvision's `round((side - n) / 2)`: the two are a
-  pixel apart when the overhang is 3 modulo 4. `clip.load` sets both for Hugging Face folders."""
+  pixel apart when the overhang is 3 modulo 4. `clip.load` sets both for Hugging Face folders.
+
+  `max_num_patches` is SigLIP 2 NaFlex's patch budget per image (`Siglip2ImageProcessor`'s
+  setting, which `clip.naflex_preprocess` takes when given none); None: not a NaFlex model's."""
   mean: tuple[float, float, float] = IMAGE_MEAN
   std: tuple[float, float, float] = IMAGE_STD
   resize_mode: str = 'shortest'
@@ -92,6 +95,7 @@ class PreprocessConfig:
   fill_color: int = 0
   convert_first: bool = False
   crop_rounding: str = 'round'
+  max_num_patches: int | None = None
 
   def __post_init__(self):
     for name in ('mean', 'std'):
@@ -107,6 +111,10 @@ class PreprocessConfig:
     require(isinstance(self.convert_first, bool),
             f'PreprocessConfig.convert_first must be a bool, got {self.convert_first!r}')
     one_of(self.crop_rounding, CROP_ROUNDINGS, 'PreprocessConfig.crop_rounding')
+    require(self.max_num_patches is None or (
+        isinstance(self.max_num_patches, int) and self.max_num_patches > 0),
+            'PreprocessConfig.max_num_patches must be None or an int > 0, got '
+            f'{self.max_num_patches!r}')
 
 
 def normalize_image(images):

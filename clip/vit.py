@@ -91,10 +91,11 @@ def tokens(params, images_NxHxWx3, cfg, execution=configs.Execution(), dropout_k
   return transformer.apply(params['transformer'], x_NxLxD, cfg, execution=execution)
 
 
-def pool(params, x_NxLxD, cfg, execution=configs.Execution()):
+def pool(params, x_NxLxD, cfg, execution=configs.Execution(), mask_NxL=None):
   """The last block's tokens -> (N, embed_dim): ln_post per token, then the class token, the
   mean of the patches (and registers if pooled) or the MAP head (its attention as
-  `execution.attention`); then the projection."""
+  `execution.attention`; `mask_NxL`, True = a real token, hides padding from it: NaFlex's);
+  then the projection."""
   if cfg.pool == 'cls':
     x_NxD = layers.norm(params['ln_post'], x_NxLxD[:, 0], cfg.norm, cfg.norm_eps)
   else:
@@ -103,7 +104,7 @@ def pool(params, x_NxLxD, cfg, execution=configs.Execution()):
     if cfg.pool == 'gap':
       x_NxD = tokens_NxTxD.mean(axis=1)
     else:
-      x_NxD = pooling.apply(params['attn_pool'], tokens_NxTxD, cfg,
+      x_NxD = pooling.apply(params['attn_pool'], tokens_NxTxD, cfg, mask_NxL,
                             implementation=execution.attention)
   return x_NxD @ params['proj'].astype(x_NxD.dtype) if 'proj' in params else x_NxD
 

@@ -1,5 +1,6 @@
-"""Hugging Face transformers' `CLIPModel`, `SiglipModel` and `Siglip2Model` (NaFlex, at its
-position table's own grid): their keys (transformers' `modeling_clip.py` / `modeling_siglip.py` /
+"""Hugging Face transformers' `CLIPModel`, `SiglipModel` and `Siglip2Model` (NaFlex: at any
+shape through `clip.naflex`, at its position table's own grid through `clip.encode_image`): their
+keys (transformers' `modeling_clip.py` / `modeling_siglip.py` /
 `modeling_siglip2.py` names, one table per model read in both directions), their `config.json` in
 both directions (one activation table, its inverse computed) and `save_hf`. Their tokenizer and
 image-processor files are `hf_processing`'s.
@@ -91,8 +92,8 @@ SIGLIP_TABLE = tuple(
     + rows(f'{MAP_HEAD}.mlp.c_fc', ['vision_model.head.mlp.fc1'])
     + rows(f'{MAP_HEAD}.mlp.c_proj', ['vision_model.head.mlp.fc2']))
 # Siglip2Model (NaFlex): SigLIP's keys, the patch embedding a Linear over flattened patches. Its
-# position table is resized to each image's patch grid; at the table's own grid that is the
-# identity, and that grid is the one resolution our model runs it at.
+# position table is resized to each image's patch grid (`clip.naflex.encode_image_naflex`); at
+# the table's own grid that is the identity, the one resolution `clip.encode_image` runs it at.
 SIGLIP2_TABLE = tuple(
     (ours, theirs, NAFLEX_PATCH if ours == 'visual.conv1.weight' else transform)
     for ours, theirs, transform in SIGLIP_TABLE)

@@ -3,12 +3,12 @@ model folder (`tokenizer_config.json`, `preprocessor_config.json` or transformer
 `processor_config.json`, the SentencePiece or BPE vocabulary files) into our TokenizerConfig and
 PreprocessConfig, and written for `AutoTokenizer` / `AutoImageProcessor` by `save_hf`.
 """
-import dataclasses
 import gzip
 import json
 import os
 
 from clip import configs
+from clip import naflex
 from clip import tokenizer as openai_tokenizer
 from clip.formats import export
 from clip.formats import siglip
@@ -88,11 +88,7 @@ def _hf_preprocess(info, image_size, default):
   pp, where = _hf_image_processor(info)
   if pp is None:
     return default
-  for key, ok in (('do_resize', True), ('do_rescale', True), ('do_normalize', True)):
-    if pp.get(key, ok) is not ok:
-      raise ValueError(f'{where}: {key}={pp[key]} is not a transform this package runs')
-  if abs(pp.get('rescale_factor', 1 / 255) - 1 / 255) > 1e-12:
-    raise ValueError(f'{where}: rescale_factor {pp["rescale_factor"]} is not 1/255')
+  interpolation = _check_transforms(pp, where, 3)
   size = pp.get('size', {})
   size = size if isinstance(size, dict) else {'shortest_edge': size}
   if 'shortest_edge' in size:
@@ -108,16 +104,52 @@ def _hf_preprocess(info, image_size, default):
     mode = 'squash'
   else:
     raise ValueError(f'{where}: size {size} is not the model\'s {image_size} x {image_size}')
-  resample = pp.get('resample', 3)
-  if resample not in _RESAMPLE:
-    raise ValueError(f'{where}: resample {resample} is not bilinear (2) or bicubic (3)')
   # transformers' processors convert to RGB first (transparency on white; `do_convert_rgb`,
   # True by default in transformers 5's CLIP and SigLIP processors; a stored null converts
   # nothing) and crop at the floor of the overhang.
   return configs.PreprocessConfig(
       mean=tuple(pp.get('image_mean', default.mean)), std=tuple(pp.get('image_std', default.std)),
-      resize_mode=mode, interpolation=_RESAMPLE[resample],
+      resize_mode=mode, interpolation=interpolation,
       convert_first=pp.get('do_convert_rgb', True) is True, crop_rounding='floor')
+
+
+def _check_transforms(pp, where, default_resample):
+  """An image processor's resize filter as ours, after checking that its rescale and
+  normalisation are the ones this package runs (ValueError naming the setting otherwise)."""
+  for key, ok in (('do_resize', True), ('do_rescale', True), ('do_normalize', True)):
+    if pp.get(key, ok) is not ok:
+      raise ValueError(f'{where}: {key}={pp[key]} is not a transform this package runs')
+  if abs(pp.get('rescale_factor', 1 / 255) - 1 / 255) > 1e-12:
+    raise ValueError(f'{where}: rescale_factor {pp["rescale_factor"]} is not 1/255')
+  resample = pp.get('resample', default_resample)
+  if resample not in _RESAMPLE:
+    raise ValueError(f'{where}: resample {resample} is not bilinear (2) or bicubic (3)')
+  return _RESAMPLE[resample]
+
+
+def _hf_naflex(info, image_size):
+  """`Siglip2ImageProcessor`'s settings -> (PreprocessConfig, assumptions): its mean, std, filter
+  and RGB conversion (none unless `do_convert_rgb`), which `clip.naflex_preprocess(images, P, S,
+  cfg)` uses to cut each image into patches at its own aspect ratio, and `clip.preprocess_images`
+  to squash it to the position table's square grid. Its `patch_size` must be the model's
+  (`vision_config.patch_size`): ValueError otherwise."""
+  default = naflex.NAFLEX_PREPROCESS
+  assumed = [('preprocess', f'the NaFlex model\'s images squashed to its square grid '
+              f'({image_size} px, bilinear as Siglip2ImageProcessor resizes) by '
+              'clip.preprocess_images; clip.naflex_preprocess keeps their aspect ratio')]
+  pp, where = _hf_image_processor(info)
+  if pp is None:
+    return default, assumed
+  interpolation = _check_transforms(pp, where, 2)
+  patch = ((info.get('hf_config') or {}).get('vision_config') or {}).get('patch_size', 16)
+  if pp.get('patch_size', 16) != patch:
+    raise ValueError(f'{where}: patch_size {pp.get("patch_size", 16)} is not the model\'s '
+                     f'{patch} (config.json vision_config.patch_size)')
+  return configs.PreprocessConfig(
+      mean=tuple(pp.get('image_mean', default.mean)), std=tuple(pp.get('image_std', default.std)),
+      resize_mode='squash', interpolation=interpolation,
+      convert_first=pp.get('do_convert_rgb') is True,
+      max_num_patches=pp.get('max_num_patches', default.max_num_patches)), assumed
 
 
 def processing(info, model_type, image_size, vocab_size):
@@ -125,11 +157,8 @@ def processing(info, model_type, image_size, vocab_size):
   ('clip', 'siglip', 'siglip2') described by `info` (`files.read_checkpoint`'s): what its files
   state, else the model's known settings; `assumptions` lists what the files did not say, as
   ('tokenizer' | 'preprocess', text). A setting this package cannot run is a ValueError."""
-  if model_type == 'siglip2':  # NaFlex, run at its position table's square grid
-    return (_hf_tokenizer(info, model_type, vocab_size),
-            dataclasses.replace(siglip.SIGLIP_PREPROCESS, interpolation='bilinear'),
-            [('preprocess', f'the NaFlex model\'s images squashed to its square grid '
-              f'({image_size} px, bilinear as Siglip2ImageProcessor resizes)')])
+  if model_type == 'siglip2':  # NaFlex: clip.naflex, or its position table's square grid
+    return (_hf_tokenizer(info, model_type, vocab_size), *_hf_naflex(info, image_size))
   clip_like = model_type == 'clip'
   default = configs.PreprocessConfig() if clip_like else siglip.SIGLIP_PREPROCESS
   assumed = [] if _hf_image_processor(info)[0] is not None else [
