@@ -16,7 +16,7 @@ from tests.numpy_reference import VISION
 
 @pytest.mark.parametrize('make, message', [
     (lambda: tower_configs.VisionConfig('vit', 64, 2, 3, 224, 32), 'not divisible by heads'),
-    (lambda: tower_configs.VisionConfig('vit', 64, 2, 2, 224, 30), 'not a multiple of patch_size'),
+    (lambda: tower_configs.VisionConfig('vit', 64, 2, 2, 16, 32), 'smaller than patch_size'),
     (lambda: tower_configs.VisionConfig('vit', 64, 2, 2, 224), 'patch_size'),
     (lambda: tower_configs.VisionConfig('resnet', 64, (3, 4, 6), 32, 224),
      '4 positive block counts'),

@@ -266,8 +266,8 @@ def test_hugging_face_siglip2_naflex_at_its_grid(tmp_path):
   hf.save_pretrained(tmp_path)
   with pytest.warns(clip.CheckpointWarning, match='NaFlex model.s images squashed to its square'):
     params, cfg = clip.load(tmp_path)
-  assert cfg == _siglip_cfg(preprocess=dataclasses.replace(SIGLIP_PREPROCESS,
-                                                          interpolation='bilinear'))
+  assert cfg == _siglip_cfg(preprocess=dataclasses.replace(
+      SIGLIP_PREPROCESS, interpolation='bilinear', max_num_patches=256))  # the processor's default
   images, _ = _inputs(cfg)
   tokens = np.random.default_rng(10).integers(0, 100, (3, 16), np.int32)
   n, p, grid = len(images), 8, 4

@@ -258,7 +258,6 @@ REFUSED = {
     'mlp text projection': (_set('text_cfg', 'proj_type', 'mlp'), 'proj_type'),
     'bidirectional eot pool': (_set('text_cfg', 'no_causal_mask', True), 'no_causal_mask'),
     'causal first pool': (_set('text_cfg', 'pool_type', 'first'), 'pool_type'),
-    'indivisible patches': (_set('vision_cfg', 'image_size', 230), 'vision_cfg'),
     'HF text tower': (_set('text_cfg', 'hf_model_name', 'roberta-base'), 'hf_model_name'),
     'CoCa class token': (_set('text_cfg', 'embed_cls', True), 'embed_cls'),
     'CoCa': (_set(None, 'multimodal_cfg', {'width': 512}), 'multimodal_cfg'),
