@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clip import rope2d
 from clip.config_checks import one_of
 from clip.tower_configs import ATTENTIONS
 
@@ -291,16 +292,23 @@ def attention(q_NxQxD, k_NxKxD, v_NxKxD, heads, mask=None, implementation='xla')
 
 
 def init_multi_head_attention(key, d, attn_std, proj_std, bias=True, heads=None, qk_norm=None,
-                              head_scale=False):
+                              head_scale=False, k_bias=True, inner_norm=None):
   """nn.MultiheadAttention with OpenAI's re-initialisation (biases start at zero, as torch).
   `qk_norm` ('layernorm' / 'rmsnorm') adds `q_norm`, `k_norm` over the head dimension;
-  `head_scale` NormFormer's per-head output gain (heads,)."""
+  `head_scale` NormFormer's per-head output gain (heads,); `k_bias=False` biases the queries and
+  values only, `q_bias`, `v_bias` (d,) (EVA's); `inner_norm` (a norm kind) adds sub-LN's
+  `ln_inner` over the heads' concatenated output."""
   k_in, k_out = jax.random.split(key)
   p = {'in_proj_weight': normal(k_in, (3 * d, d), attn_std),
        'out_proj': {'weight': normal(k_out, (d, d), proj_std)}}
   if bias:
-    p['in_proj_bias'] = jnp.zeros((3 * d,), jnp.float32)
+    if k_bias:
+      p['in_proj_bias'] = jnp.zeros((3 * d,), jnp.float32)
+    else:
+      p['q_bias'], p['v_bias'] = jnp.zeros((d,), jnp.float32), jnp.zeros((d,), jnp.float32)
     p['out_proj']['bias'] = jnp.zeros((d,), jnp.float32)
+  if inner_norm:
+    p['ln_inner'] = init_norm(d, inner_norm, bias)
   if qk_norm:
     p['q_norm'] = init_norm(d // heads, qk_norm, bias)
     p['k_norm'] = init_norm(d // heads, qk_norm, bias)
@@ -313,9 +321,12 @@ def attention_projections(p, x_NxQxD, heads, norm_kind='layernorm', norm_eps=Non
                           kv_NxKxD=None):
   """Per-head queries (N, Q, H, d), keys and values (N, K, H, d) of nn.MultiheadAttention's packed
   `in_proj_weight (3D, D)`: from `x`, or the queries from `x` and keys/values from `kv`; with
-  query-key normalisation when `q_norm` / `k_norm` are present."""
+  query-key normalisation when `q_norm` / `k_norm` are present; with `q_bias`, `v_bias` in
+  place of `in_proj_bias`, the keys unbiased."""
   d = x_NxQxD.shape[-1]
   w, b = p['in_proj_weight'], p.get('in_proj_bias')
+  if 'q_bias' in p:
+    b = jnp.concatenate([p['q_bias'], jnp.zeros_like(p['q_bias']), p['v_bias']])
   if kv_NxKxD is None:
     q, k, v = jnp.split(linear({'weight': w, **({'bias': b} if b is not None else {})}, x_NxQxD),
                         3, axis=-1)
@@ -329,22 +340,29 @@ def attention_projections(p, x_NxQxD, heads, norm_kind='layernorm', norm_eps=Non
   return q, k, v
 
 
-def attention_output(p, out_NxQxHxd):
-  """The attention's per-head output -> (N, Q, D): NormFormer's `head_scale` if present, then
-  `out_proj`."""
+def attention_output(p, out_NxQxHxd, norm_kind='layernorm', norm_eps=None):
+  """The attention's per-head output -> (N, Q, D): NormFormer's `head_scale` if present, sub-LN's
+  `ln_inner` over the concatenated heads if present, then `out_proj`."""
   if 'head_scale' in p:
     out_NxQxHxd = out_NxQxHxd * p['head_scale'].astype(out_NxQxHxd.dtype)[:, None]
-  return linear(p['out_proj'], out_NxQxHxd.reshape(*out_NxQxHxd.shape[:2], -1))
+  out_NxQxD = out_NxQxHxd.reshape(*out_NxQxHxd.shape[:2], -1)
+  if 'ln_inner' in p:
+    out_NxQxD = norm(p['ln_inner'], out_NxQxD, norm_kind, norm_eps)
+  return linear(p['out_proj'], out_NxQxD)
 
 
 def multi_head_attention(p, x_NxQxD, heads, mask=None, kv_NxKxD=None, norm_kind='layernorm',
                          q_pos=None, k_pos=None, rope_theta=10000.0, norm_eps=None,
-                         implementation='xla'):
+                         implementation='xla', rope_angles=None):
   """nn.MultiheadAttention with the packed `in_proj_weight (3D, D)`: self-attention, or queries
   from `x` and keys/values from `kv`. Optional parts, present by their parameters: query-key
-  normalisation (`q_norm`, `k_norm`), NormFormer's `head_scale`; RoPE when positions are given.
+  normalisation (`q_norm`, `k_norm`), NormFormer's `head_scale`, EVA's `q_bias`/`v_bias` and
+  sub-LN's `ln_inner`; RoPE when positions are given; `rope_angles` (Q, d/2), for
+  self-attention, turns queries and keys as `clip.rope2d.rotate` (EVA's 2-D RoPE).
   `mask` and `implementation` as `attention_heads`'."""
   q, k, v = attention_projections(p, x_NxQxD, heads, norm_kind, norm_eps, kv_NxKxD)
   if q_pos is not None:
     q, k = rope(q, q_pos, rope_theta), rope(k, k_pos, rope_theta)
-  return attention_output(p, attention_heads(q, k, v, mask, implementation))
+  if rope_angles is not None:
+    q, k = rope2d.rotate(q, rope_angles), rope2d.rotate(k, rope_angles)
+  return attention_output(p, attention_heads(q, k, v, mask, implementation), norm_kind, norm_eps)

@@ -17,7 +17,10 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 REMATS = ('none', 'block', 'dots')
 ATTENTIONS = ('xla', 'cudnn', 'einsum')
 NORMS = ('layernorm', 'rmsnorm')
-NORM_PLACEMENTS = ('pre', 'normformer')
+NORM_PLACEMENTS = ('pre', 'normformer', 'subln', 'res_post')
+# Placements and biases the image tower alone runs (EVA's): the text tower's and the decoder's
+# single-position paths (`causal_block_at`, the KV-cache step) apply only pre-norm blocks.
+VISION_ONLY_PLACEMENTS = ('subln', 'res_post')
 MLPS = ('quick_gelu', 'gelu', 'gelu_tanh', 'geglu', 'swiglu')
 VISION_POOLS = ('cls', 'gap', 'map')
 TEXT_POOLS = ('eot', 'first', 'last', 'map')
@@ -42,14 +45,21 @@ class BlockOptions:
   """Transformer options shared by the ViT and the text tower (keyword-only; OpenAI's choices by
   default). `norm`: LayerNorm or RMSNorm for every norm of the tower; `norm_placement`: pre-LN, or
   NormFormer (pre-LN plus a norm after attention, a norm after the MLP activation and a learned
-  per-head scale); `norm_eps` every norm's epsilon (None: 1e-5 for LayerNorm as torch and
-  OpenAI, 1e-6 for RMSNorm; SigLIP and timm use 1e-6); `mlp`: activation ('gelu' exact,
-  'gelu_tanh' the tanh approximation), gated ones (GeGLU, SwiGLU) with a second input matrix
-  `c_gate`; `mlp_dim` the hidden width (4 x width by default); `qk_norm` normalises queries and
-  keys per head; `bias=False` drops every linear and norm bias; `projection=False` drops the
-  final projection, allowed when the width already equals `embed_dim`; `pool_heads` the heads of
-  a `map` pooling head (the tower's by default). The options hold no width or heads:
-  `hidden_dim` and `map_heads` read the tower config's `width` and `heads`."""
+  per-head scale), or, in image towers only, 'subln' (sub-LN, Wang et al. 2022 "Foundation
+  Transformers", EVA02's `scale_attn_inner` + `scale_mlp`: pre-LN plus a norm of the heads'
+  concatenated output before `out_proj`, `attn.ln_inner`, and one of the MLP's hidden activations
+  before `c_proj`, `mlp.ln`) or 'res_post' (EVA02-E's residual post-norm, Liu et al. 2022 "Swin
+  Transformer V2": `x + ln_1(attn(x))`, `x + ln_2(mlp(x))`); `norm_eps` every norm's epsilon
+  (None: 1e-5 for LayerNorm as torch and OpenAI, 1e-6 for RMSNorm; SigLIP and timm use 1e-6);
+  `mlp`: activation ('gelu' exact, 'gelu_tanh' the tanh approximation), gated ones (GeGLU,
+  SwiGLU) with a second input matrix `c_gate`; `mlp_dim` the hidden width (4 x width by
+  default); `qk_norm` normalises queries and keys per head; `bias=False` drops every linear and
+  norm bias; `k_bias=False` (image towers: EVA's attention) gives the blocks' queries and values
+  a bias but not their keys, `attn.{q_bias, v_bias}` (D,) in place of `attn.in_proj_bias`;
+  `projection=False` drops the final projection, allowed when the width already equals
+  `embed_dim`; `pool_heads` the heads of a `map` pooling head (the tower's by default). The
+  options hold no width or heads: `hidden_dim` and `map_heads` read the tower config's `width`
+  and `heads`."""
   norm: str = 'layernorm'
   norm_placement: str = 'pre'
   norm_eps: float | None = None
@@ -57,6 +67,7 @@ class BlockOptions:
   mlp_dim: int | None = None
   qk_norm: bool = False
   bias: bool = True
+  k_bias: bool = True
   projection: bool = True
   pool_heads: int | None = None
 
@@ -69,6 +80,12 @@ class BlockOptions:
             f'{owner}.norm_eps must be None (the norm\'s default) or > 0, got {self.norm_eps}')
     require(self.mlp_dim is None or self.mlp_dim > 0,
             f'{owner}.mlp_dim must be None or > 0, got {self.mlp_dim}')
+    require(owner == 'VisionConfig' or (self.norm_placement not in VISION_ONLY_PLACEMENTS
+                                         and self.k_bias),
+            f'{owner}: norm_placement {self.norm_placement!r} and k_bias=False are image-tower '
+            f'options, got norm_placement={self.norm_placement!r}, k_bias={self.k_bias}')
+    require(self.bias or self.k_bias, f'{owner}.k_bias=False needs bias=True (without biases '
+            'there is no key bias to drop)')
     require(self.pool_heads is None or self.pool_heads > 0,
             f'{owner}.pool_heads must be None (the tower\'s heads) or > 0, got {self.pool_heads}')
     if pool == 'map':
@@ -151,6 +168,15 @@ class VisionConfig(BlockOptions):
   `image_resolution % patch_size` pixel rows and columns (SigLIP So400m/14 at 384 px: a 27 x 27
   grid over the first 378 pixels, as timm and transformers run it). The input image is still the
   full `image_resolution` square.
+  `rope_2d=True` adds EVA's 2-D rotary position embedding (Heo et al. 2024, "Rotary Position
+  Embedding for Vision Transformer"; timm's `RotaryEmbeddingCat` as its `Eva` applies it) to the
+  blocks' queries and keys: of each head's pairs (2i, 2i+1) the first half turn with the patch's
+  row (with `rope_xy`, timm's 'xy' indexing: its column), the second with the other, at
+  frequencies `rope_theta^(-k / (head_dim/4))`, row and column taken as `(index +
+  rope_grid_offset) * rope_ref_grid / grid_size` (timm's `grid_offset`, `ref_feat_shape`; None:
+  unscaled); the class token and registers are not rotated (`clip.rope2d`). `class_token=True`
+  gives a 'map' pooled tower a class token, which its MAP head attends to (Perception Encoder).
+  `projection_bias=True` makes the projection nn.Linear's `proj.{weight (embed_dim, width), bias}`.
   `patch_dropout` is FLIP's patch dropout (Li et al. 2023, "Scaling Language-Image Pre-training
   via Masking"; open_clip's `patch_dropout`): in training, that fraction of the patch tokens of
   each image (a random subset per image, after the position embedding; the class token and the
@@ -169,6 +195,13 @@ class VisionConfig(BlockOptions):
   ln_pre: bool = True
   patch_bias: bool = False
   patch_dropout: float = 0.0
+  rope_2d: bool = False
+  rope_theta: float = 10000.0
+  rope_ref_grid: int | None = None
+  rope_grid_offset: float = 0.0
+  rope_xy: bool = False
+  class_token: bool = False
+  projection_bias: bool = False
 
   def __post_init__(self):
     require(self.arch in ARCHS, f'VisionConfig.arch must be one of {ARCHS}, got {self.arch!r}')
@@ -197,6 +230,12 @@ class VisionConfig(BlockOptions):
               'pool_registers=True needs registers > 0 and pool "gap" or "map" (the class '
               f'token alone is pooled with "cls"); got registers={self.registers}, '
               f'pool={self.pool!r}')
+      self._check_rope_2d()
+      require(not self.class_token or (self.pool == 'map' and not self.registers),
+              'class_token=True is for a "map" pooled tower without registers ("cls" pooling '
+              f'always has one), got pool={self.pool!r}, registers={self.registers}')
+      require(self.projection or not self.projection_bias,
+              'projection_bias=True needs projection=True')
       self._check_block_options('VisionConfig', self.pool)
     else:
       object.__setattr__(self, 'layers', tuple(self.layers))
@@ -213,9 +252,26 @@ class VisionConfig(BlockOptions):
       vit_only += [f'{name}={getattr(self, name)!r}' for name, default in
                    (('pool', 'cls'), ('pos_embedding', 'learned'), ('registers', 0),
                     ('pool_registers', False), ('ln_pre', True), ('patch_bias', False),
-                    ('patch_dropout', 0.0))
+                    ('patch_dropout', 0.0), ('rope_2d', False), ('rope_ref_grid', None),
+                    ('rope_grid_offset', 0.0), ('rope_xy', False), ('class_token', False),
+                    ('projection_bias', False))
                    if getattr(self, name) != default]
       require(not vit_only, f'transformer options apply to ViTs, not to a ResNet: {vit_only}')
+
+  def _check_rope_2d(self):
+    head_dim = self.width // self.heads
+    require(not self.rope_2d or (head_dim % 4 == 0 and not self.patch_dropout),
+            '2-D RoPE needs a head dimension (width / heads) divisible by 4 and no patch_dropout, '
+            f'got {head_dim} and {self.patch_dropout}')
+    require(self.rope_2d or (self.rope_ref_grid, self.rope_grid_offset, self.rope_xy) == (
+        None, 0.0, False), 'rope_ref_grid, rope_grid_offset and rope_xy need rope_2d=True')
+    require(self.rope_ref_grid is None or self.rope_ref_grid > 0,
+            f'rope_ref_grid must be None or > 0, got {self.rope_ref_grid}')
+
+  @property
+  def has_class_token(self):
+    """Whether the tokens start with a class token ('cls' pooling, or `class_token`)."""
+    return self.pool == 'cls' or self.class_token
 
   @property
   def grid_size(self):

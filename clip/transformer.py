@@ -3,7 +3,8 @@ with the tower config's `BlockOptions` (norm kind and placement, MLP kind, qk-no
 
 Params, per-layer (torch keys): `{'resblocks': {'0': block, '1': block, ...}}`, each block with
 `ln_1, attn.{in_proj_weight, in_proj_bias, out_proj}, ln_2, mlp.{c_fc, c_proj}` (plus `ln_attn`,
-`attn.head_scale`, `mlp.ln` for NormFormer, `attn.{q,k}_norm`, `mlp.c_gate` when configured).
+`attn.head_scale`, `mlp.ln` for NormFormer, `attn.ln_inner`, `mlp.ln` for sub-LN, `attn.{q,k}_norm`,
+`attn.{q_bias, v_bias}` for k_bias=False, `mlp.c_gate` when configured).
 Stacked: `{'resblocks': block}` whose leaves carry a leading layer axis, run by `lax.scan`.
 """
 import jax
@@ -24,15 +25,17 @@ def init_block(key, cfg, depth):
   proj_std = width ** -0.5 * (2 * depth) ** -0.5
   fc_std = (2 * width) ** -0.5
   normformer = cfg.norm_placement == 'normformer'
+  subln = cfg.norm_placement == 'subln'
   k_attn, k_fc, k_proj = jax.random.split(key, 3)
   p = {
       'ln_1': layers.init_norm(width, cfg.norm, cfg.bias),
       'attn': layers.init_multi_head_attention(
           k_attn, width, attn_std, proj_std, cfg.bias, cfg.heads,
-          qk_norm=cfg.norm if cfg.qk_norm else None, head_scale=normformer),
+          qk_norm=cfg.norm if cfg.qk_norm else None, head_scale=normformer, k_bias=cfg.k_bias,
+          inner_norm=cfg.norm if subln else None),
       'ln_2': layers.init_norm(width, cfg.norm, cfg.bias),
       'mlp': layers.init_mlp(k_fc, k_proj, width, cfg.hidden_dim, cfg.mlp, cfg.bias, fc_std,
-                             proj_std, norm_kind=cfg.norm if normformer else None),
+                             proj_std, norm_kind=cfg.norm if normformer or subln else None),
   }
   if normformer:
     p['ln_attn'] = layers.init_norm(width, cfg.norm, cfg.bias)
@@ -77,13 +80,15 @@ def layer(p, i):
 
 # ---------------------------------------------------------------- apply
 
-def attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None, implementation='xla'):
+def attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None, implementation='xla',
+              rope_angles=None):
   """A block's attention (`layers.multi_head_attention`: `mask` a `layers.Mask` or booleans,
-  True = attend), then NormFormer's norm when the block has one."""
+  True = attend; `rope_angles` EVA's 2-D RoPE), then NormFormer's norm when the block has one."""
   # Positions come only from a tower with `pos_embedding='rope'` (the text tower's option).
   rope_theta = None if q_pos is None else cfg.rope_theta
   out = layers.multi_head_attention(p['attn'], h_NxQxD, cfg.heads, mask, kv_NxKxD, cfg.norm,
-                                    q_pos, k_pos, rope_theta, cfg.norm_eps, implementation)
+                                    q_pos, k_pos, rope_theta, cfg.norm_eps, implementation,
+                                    rope_angles)
   return layers.norm(p['ln_attn'], out, cfg.norm, cfg.norm_eps) if 'ln_attn' in p else out
 
 
@@ -92,12 +97,17 @@ def mlp(p, x, cfg):
                     cfg.norm_eps)
 
 
-def block(p, x_NxLxD, cfg, mask=None, positions=None, implementation='xla'):
-  """Pre-norm residual block; `positions` (L,) turn on RoPE; `mask` (a `layers.Mask` or booleans,
-  True = attend) and the attention's `implementation` as `layers.attention_heads`'."""
-  h_NxLxD = layers.norm(p['ln_1'], x_NxLxD, cfg.norm, cfg.norm_eps)
-  x_NxLxD = x_NxLxD + attention(p, h_NxLxD, cfg, mask, q_pos=positions, k_pos=positions,
-                                implementation=implementation)
+def block(p, x_NxLxD, cfg, mask=None, positions=None, implementation='xla', rope_angles=None):
+  """Pre-norm residual block (`res_post`: the norms after each branch instead); `positions` (L,)
+  turn on RoPE, `rope_angles` (L, head_dim/2) EVA's 2-D RoPE; `mask` (a `layers.Mask` or
+  booleans, True = attend) and the attention's `implementation` as `layers.attention_heads`'."""
+  attend = lambda h: attention(p, h, cfg, mask, q_pos=positions, k_pos=positions,
+                               implementation=implementation, rope_angles=rope_angles)
+  if cfg.norm_placement == 'res_post':
+    x_NxLxD = x_NxLxD + layers.norm(p['ln_1'], attend(x_NxLxD), cfg.norm, cfg.norm_eps)
+    out = layers.mlp(p['mlp'], x_NxLxD, cfg.mlp, cfg.norm, cfg.norm_eps)
+    return x_NxLxD + layers.norm(p['ln_2'], out, cfg.norm, cfg.norm_eps)
+  x_NxLxD = x_NxLxD + attend(layers.norm(p['ln_1'], x_NxLxD, cfg.norm, cfg.norm_eps))
   return x_NxLxD + mlp(p, x_NxLxD, cfg)
 
 
@@ -117,12 +127,13 @@ def causal_block_at(p, x_NxLxD, pos_N, cfg, positions=None, implementation='xla'
   return x_NxD + mlp(p, x_NxD, cfg)
 
 
-def apply(p, x_NxLxD, cfg, mask=None, depth=None, execution=configs.Execution(), positions=None):
+def apply(p, x_NxLxD, cfg, mask=None, depth=None, execution=configs.Execution(), positions=None,
+          rope_angles=None):
   """The first `depth` blocks (all by default); see `run_blocks` for `execution.remat` and
   `execution.scan`; the attention runs as `execution.attention` says. `execution.dtype` is the
   caller's to apply (the tower casts `x` and the weights)."""
   run = lambda bp, x: sharding.constrain_batch(block(bp, x, cfg, mask, positions,
-                                                     execution.attention))
+                                                     execution.attention, rope_angles))
   return run_blocks(p, x_NxLxD, run, execution, depth)
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from clip import configs
 from clip import layers
 from clip import pooling
+from clip import rope2d
 from clip import transformer
 
 
@@ -19,10 +20,10 @@ def init(key, cfg, embed_dim, stacked=False):
   params = {'conv1': layers.init_conv(k(0), 3, w, p)}
   if cfg.patch_bias:
     params['conv1']['bias'] = layers.uniform(k(7), (w,), (3 * p * p) ** -0.5)
-  if cfg.pool == 'cls':
+  if cfg.has_class_token:
     params['class_embedding'] = layers.normal(k(1), (w,), scale)
   if cfg.pos_embedding == 'learned':
-    rows = cfg.grid_size ** 2 + int(cfg.pool == 'cls')
+    rows = cfg.grid_size ** 2 + int(cfg.has_class_token)
     params['positional_embedding'] = layers.normal(k(2), (rows, w), scale)
   if cfg.registers:
     params['registers'] = layers.normal(k(5), (cfg.registers, w), scale)
@@ -32,7 +33,9 @@ def init(key, cfg, embed_dim, stacked=False):
   params['ln_post'] = layers.init_norm(w, cfg.norm, cfg.bias)
   if cfg.pool == 'map':
     params['attn_pool'] = pooling.init(k(6), cfg)
-  if cfg.projection:
+  if cfg.projection_bias:  # nn.Linear (embed_dim, w), as timm's head
+    params['proj'] = layers.init_linear(k(4), w, embed_dim)
+  elif cfg.projection:
     params['proj'] = layers.normal(k(4), (w, embed_dim), scale)
   return params
 
@@ -43,7 +46,7 @@ def position_table(params, cfg, dtype):
   if cfg.pos_embedding == 'learned':
     return params['positional_embedding'].astype(dtype)
   table = jnp.asarray(layers.sincos_2d(cfg.grid_size, cfg.width), dtype)
-  if cfg.pool == 'cls':
+  if cfg.has_class_token:
     table = jnp.concatenate([jnp.zeros((1, cfg.width), dtype), table])
   return table
 
@@ -52,7 +55,7 @@ def drop_patches(x_NxLxD, cfg, key):
   """FLIP's patch dropout: each row keeps `cfg.kept_patches` of its patch tokens (the first
   `prefix` tokens, the class token, always), a uniformly random subset per row from `key`, in
   their original order: (N, prefix + kept, D)."""
-  prefix = int(cfg.pool == 'cls')
+  prefix = int(cfg.has_class_token)
   n, length, _ = x_NxLxD.shape
   scores_NxP = jax.random.uniform(key, (n, length - prefix))
   keep_NxK = jnp.sort(jnp.argsort(scores_NxP, axis=1)[:, :cfg.kept_patches], axis=1) + prefix
@@ -76,19 +79,21 @@ def tokens(params, images_NxHxWx3, cfg, execution=configs.Execution(), dropout_k
   if 'bias' in params['conv1']:
     x_NxLxD = x_NxLxD + params['conv1']['bias'].astype(dtype)
   n, _, d = x_NxLxD.shape
-  if cfg.pool == 'cls':
+  if cfg.has_class_token:
     cls_Nx1xD = jnp.broadcast_to(params['class_embedding'].astype(dtype), (n, 1, d))
     x_NxLxD = jnp.concatenate([cls_Nx1xD, x_NxLxD], axis=1)
   x_NxLxD = x_NxLxD + position_table(params, cfg, dtype)
   if dropout_key is not None and cfg.patch_dropout > 0:
     x_NxLxD = drop_patches(x_NxLxD, cfg, dropout_key)
   if cfg.registers:
-    c = int(cfg.pool == 'cls')
+    c = int(cfg.has_class_token)
     regs_NxRxD = jnp.broadcast_to(params['registers'].astype(dtype), (n, cfg.registers, d))
     x_NxLxD = jnp.concatenate([x_NxLxD[:, :c], regs_NxRxD, x_NxLxD[:, c:]], axis=1)
   if 'ln_pre' in params:
     x_NxLxD = layers.norm(params['ln_pre'], x_NxLxD, cfg.norm, cfg.norm_eps)
-  return transformer.apply(params['transformer'], x_NxLxD, cfg, execution=execution)
+  angles = jnp.asarray(rope2d.angles(cfg)) if cfg.rope_2d else None
+  return transformer.apply(params['transformer'], x_NxLxD, cfg, execution=execution,
+                           rope_angles=angles)
 
 
 def pool(params, x_NxLxD, cfg, execution=configs.Execution(), mask_NxL=None):
@@ -106,14 +111,17 @@ def pool(params, x_NxLxD, cfg, execution=configs.Execution(), mask_NxL=None):
     else:
       x_NxD = pooling.apply(params['attn_pool'], tokens_NxTxD, cfg, mask_NxL,
                             implementation=execution.attention)
-  return x_NxD @ params['proj'].astype(x_NxD.dtype) if 'proj' in params else x_NxD
+  projection = params.get('proj')
+  if isinstance(projection, dict):
+    return layers.linear(projection, x_NxD)
+  return x_NxD if projection is None else x_NxD @ projection.astype(x_NxD.dtype)
 
 
 def decoder_tokens(params, x_NxLxD, cfg):
   """The last block's tokens as a captioning decoder reads them (N, T, D): ln_post per token, the
   registers dropped (scratch tokens, Darcet et al. 2024), so the class token (with 'cls'
   pooling) and then the patches in raster order."""
-  c = int(cfg.pool == 'cls')
+  c = int(cfg.has_class_token)
   if cfg.registers:
     x_NxLxD = jnp.concatenate([x_NxLxD[:, :c], x_NxLxD[:, c + cfg.registers:]], axis=1)
   return layers.norm(params['ln_post'], x_NxLxD, cfg.norm, cfg.norm_eps)

@@ -13,6 +13,8 @@ its first line in the note), 'WRONG' (loaded silently with a larger error: a bug
 checkpoint_families.md into --out.
 """
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -235,12 +237,39 @@ def open_clip_timm_siglip(oc, tmp, with_config):
   return measure_load(path, _open_clip_ref(m), config, siglip=True)
 
 
-def open_clip_convnext(oc, tmp):
-  vision_cfg = {'timm_model_name': 'convnext_atto', 'timm_model_pretrained': False,
+def timm_eva(oc, name, seed=0):
+  """open_clip's `name` (an EVA or PE-Core config), its timm trunk built by its own model function
+  cut to 2 blocks of 128 (64-wide heads) over 32 px images, a small text tower; every parameter
+  perturbed. Returns (model, our config of it)."""
+  import timm  # pylint: disable=g-import-not-at-top
+  model_cfg = {**copy.deepcopy(oc.get_model_config(name)), 'embed_dim': 48}
+  model_cfg['text_cfg'].update(width=64, heads=1, layers=2, context_length=16, vocab_size=100)
+  cfg, vision_cfg = open_clip.config_from_open_clip(model_cfg), model_cfg['vision_cfg']
+  hidden = clip.configs.mlp_dim_field(128, int(128 * cfg.vision.hidden_dim / cfg.vision.width))
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
+      cfg.vision, width=128, layers=2, heads=2, image_resolution=32, patch_size=8, mlp_dim=hidden))
+  torch.manual_seed(seed)
+  m = oc.model.CustomTextCLIP(48, {**vision_cfg, 'timm_model_name': 'eva02_tiny_patch14_224'},
+                              model_cfg['text_cfg'])  # a small trunk, replaced:
+  # As TimmModel builds it (timm_proj null): num_classes=embed_dim, global_pool=timm_pool.
+  m.visual.trunk = timm.create_model(vision_cfg['timm_model_name'], num_classes=48,
+                                     global_pool=vision_cfg['timm_pool'], img_size=32,
+                                     patch_size=8, embed_dim=128, depth=2, num_heads=2)
+  return _perturb(m, seed), cfg
+
+
+def open_clip_eva(oc, tmp, name):
+  (m, cfg), path = timm_eva(oc, name), os.path.join(_save_dir(tmp, name), 'eva.pt')
+  torch.save(m.state_dict(), path)
+  return measure_load(path, _open_clip_ref(m), cfg)
+
+
+def open_clip_refused_trunk(oc, tmp, trunk):
+  vision_cfg = {'timm_model_name': trunk, 'timm_model_pretrained': False,
                 'timm_pool': '', 'timm_proj': 'linear', 'image_size': 32}
   text_cfg = {'context_length': 12, 'vocab_size': 300, 'width': 64, 'heads': 1, 'layers': 1}
   m = oc.model.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
-  path = os.path.join(_save_dir(tmp, 'convnext'), 'convnext.pt')
+  path = os.path.join(_save_dir(tmp, trunk), 'trunk.pt')
   torch.save(m.state_dict(), path)
   return measure_load(path, _open_clip_ref(m))
 
@@ -402,7 +431,16 @@ def rows():
       ('open_clip timm-trunk SigLIP', 'state dict .pt', 'no', 'warns',
        lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=False)),
       ('big_vision SigLIP', '.npz', 'no', 'warns', lambda oc, tmp: big_vision(tmp)),
-      ('open_clip ConvNeXt trunk', 'state dict .pt', 'no', 'refused', open_clip_convnext),
+      ('open_clip EVA02 (timm Eva trunk: 2-D RoPE, SwiGLU, sub-LN)', 'state dict .pt', 'yes',
+       'exact', lambda oc, tmp: open_clip_eva(oc, tmp, 'EVA02-B-16')),
+      ('open_clip EVA02-E / EVA01-g (timm Eva trunk: q/v biases, post-norm)', 'state dict .pt',
+       'yes', 'exact', lambda oc, tmp: open_clip_eva(oc, tmp, 'EVA02-E-14')),
+      ('open_clip PE-Core T/S/B/L (timm Eva trunk: 2-D RoPE, class token + MAP head)',
+       'state dict .pt', 'yes', 'warns', lambda oc, tmp: open_clip_eva(oc, tmp, 'PE-Core-B-16')),
+      ('open_clip ConvNeXt trunk', 'state dict .pt', 'no', 'refused',
+       lambda oc, tmp: open_clip_refused_trunk(oc, tmp, 'convnext_atto')),
+      ('open_clip MobileCLIP2 (MCi / FastViT trunk)', 'state dict .pt', 'no', 'refused',
+       lambda oc, tmp: open_clip_refused_trunk(oc, tmp, 'fastvit_mci0')),
       ('export: clip.save_open_clip', "open_clip create_model('local-dir:...')", '-',
        'exact', export_open_clip),
       ('export: clip.save_hf (CLIP)', 'CLIPModel.from_pretrained, strict', '-', 'exact',

@@ -1,9 +1,10 @@
 """Which CLIP family a checkpoint belongs to, and each family's own module for its keys and its
 processing files (`hf`, `open_clip_folder`, `big_vision`; OpenAI's keys are ours).
 
-A family is recognised by its keys; keys of a family we cannot run exactly (ConvNeXt or other
-timm trunks, EVA's towers, CoCa's decoder, Hugging Face text encoders in open_clip) are refused
-by name, never dropped.
+A family is recognised by its keys; keys of a family we cannot run exactly (ConvNeXt, MCi or other
+non-ViT timm trunks, EVA's own towers, CoCa's decoder, Hugging Face text encoders in open_clip)
+are refused by name, never dropped. open_clip's timm EVA and PE-Core trunks (`timm_trunks`)
+load.
 """
 import os
 import re
@@ -16,23 +17,30 @@ from clip.formats import big_vision
 from clip.formats import hf
 from clip.formats import hf_processing
 from clip.formats import open_clip_folder
+from clip.formats import timm_trunks
 
 OPENAI = 'OpenAI / open_clip (OpenAI keys)'
 HF_CLIP = 'Hugging Face CLIPModel'
 HF_SIGLIP = 'Hugging Face SiglipModel'
 HF_SIGLIP2 = 'Hugging Face Siglip2Model (NaFlex)'
 HUGGING_FACE = (HF_CLIP, HF_SIGLIP, HF_SIGLIP2)
-OPEN_CLIP_TIMM = 'open_clip with a timm ViT trunk'
+OPEN_CLIP_TIMM = 'open_clip with a timm ViT, EVA or PE-Core trunk'
 BIG_VISION = 'big_vision SigLIP (.npz)'
 
-_UNSUPPORTED = (  # (pattern on a key, what it is)
+_UNSUPPORTED = (  # (pattern on a key, what it is[, a test on the keys that exempts them])
     (r'text_decoder\..*|visual\.attn_pool\.(query|ln_q\..*|ln_k\..*)',
-     "CoCa's captioning decoder"),
+     "CoCa's captioning decoder (open_clip's CoCa loads with clip.coca.load)"),
     (r'visual\.(blocks|patch_embed|rope)\..*', "an EVA / timm-style image tower outside `trunk`"),
-    (r'visual\.trunk\.(stem|stages|head)\..*', 'a timm ConvNeXt (or other non-ViT) trunk'),
+    (r'visual\.trunk\.(stem\.\d+\.conv_kxk|final_conv)\..*', "MobileCLIP's MCi trunk (FastViT: "
+     'reparameterisable convolutional stages)'),
+    (r'visual\.trunk\.stages\.\d+\.blocks\.\d+\.conv_dw\..*', 'a timm ConvNeXt trunk'),
+    (r'visual\.trunk\.(stem|stages|head\.fc|final_conv)\..*', 'a timm convolutional or hybrid '
+     "trunk (ConvNeXt, MobileCLIP's MCi / FastViT, ViTamin, ...)"),
+    (r'visual\.trunk\.norm_pre\..*', 'a timm ViT trunk with a pre-norm but no class token and '
+     'attention pool (PE-Core G, ...; supported: PE-Core T/S/B/L)', timm_trunks.is_pe),
     (r'visual\.trunk\.(cls_token|reg_token|fc_norm\.weight|head\.weight)', 'a timm ViT trunk '
-     'with a class or register token or a classifier head (only SigLIP-style MAP trunks are '
-     'supported)'),
+     'with a class or register token or a classifier head (supported: SigLIP-style MAP trunks, '
+     'EVA and PE-Core trunks)', lambda flat: timm_trunks.is_eva(flat) or timm_trunks.is_pe(flat)),
     (r'visual\.head\..*', "an open_clip timm trunk projection head"),
     (r'text\.transformer\.(embeddings|encoder)\..*|text\.proj\..*',
      'a Hugging Face text encoder inside open_clip (hf_model_name)'),
@@ -44,9 +52,9 @@ def detect(flat):
   """The family of a flat state dict (wrappers already stripped); a ValueError naming the keys
   when it is a family we refuse or no CLIP at all."""
   keys = list(flat)
-  for pattern, what in _UNSUPPORTED:
+  for pattern, what, *exempt in _UNSUPPORTED:
     hits = [k for k in keys if re.fullmatch(pattern, k)]
-    if hits:
+    if hits and not (exempt and exempt[0](flat)):
       raise ValueError(f'unsupported checkpoint family: {what} (keys such as {hits[:5]})')
   if any(k.startswith(('img/', 'txt/')) for k in keys):
     return BIG_VISION
@@ -73,7 +81,10 @@ def to_ours(flat, family):
     return big_vision.to_ours(flat)
   if family in HUGGING_FACE:
     return hf.to_ours(flat, HF_MODEL_TYPES[family])
-  return open_clip_folder.to_ours(flat, timm_trunk=family == OPEN_CLIP_TIMM)
+  if family == OPEN_CLIP_TIMM:  # an EVA trunk all placed, a PE trunk's extra keys
+    return open_clip_folder.to_ours(timm_trunks.to_ours(flat),
+                                    timm_trunk=not timm_trunks.is_eva(flat))
+  return open_clip_folder.to_ours(flat, timm_trunk=False)
 
 
 def processing(family, info, cfg):
@@ -84,8 +95,13 @@ def processing(family, info, cfg):
   this package cannot run is a ValueError naming it."""
   vocab = (cfg.text or cfg.decoder).vocab_size
   if family in (OPENAI, OPEN_CLIP_TIMM):
-    return open_clip_folder.processing(info, family == OPEN_CLIP_TIMM, cfg.image_resolution,
-                                       vocab)
+    # Its timm SigLIP trunks are MAP-pooled without a class token; its EVA and PE-Core trunks
+    # have one and take OpenAI's tokenizer, as its own towers.
+    siglip = family == OPEN_CLIP_TIMM and not cfg.vision.has_class_token
+    if family == OPEN_CLIP_TIMM and cfg.vision.class_token and 'open_clip_config' not in info:
+      return configs.TokenizerConfig(), timm_trunks.PE_PREPROCESS, [
+          ('preprocess', "open_clip's PE-Core preprocessing (squash, bilinear, mean and std 0.5)")]
+    return open_clip_folder.processing(info, siglip, cfg.image_resolution, vocab)
   if family in HUGGING_FACE:
     return hf_processing.processing(info, HF_MODEL_TYPES[family], cfg.image_resolution, vocab)
   return big_vision.processing(vocab)

@@ -15,6 +15,7 @@ import numpy as np
 
 from clip import configs
 from clip.formats import export
+from clip.formats import timm_trunks
 from clip.formats.export import require
 
 # ------------------------------------------------------------------ what each key does
@@ -176,23 +177,27 @@ def _resolution(where, image_size):
 
 
 def _timm_vision(cfg, embed_dim):
-  """A timm SigLIP trunk: `TimmModel(timm_model_name, pool=timm_pool, proj=timm_proj)`."""
+  """A timm SigLIP, EVA or PE-Core trunk: `TimmModel(timm_model_name, pool=timm_pool,
+  proj=timm_proj)`."""
   where = 'vision_cfg'
   name = cfg['timm_model_name']
-  if name not in _TIMM_TRUNKS:
-    _refuse(where, 'timm_model_name', name,
-            f'unknown timm trunk; supported: {sorted(_TIMM_TRUNKS)}')
+  if name not in _TIMM_TRUNKS and name not in timm_trunks.TRUNKS:
+    _refuse(where, 'timm_model_name', name, f'{timm_trunks.refusal(name)}; supported: '
+            f'{sorted(_TIMM_TRUNKS) + sorted(timm_trunks.TRUNKS)}')
   _check_unsupported(where, cfg, _UNSUPPORTED_TIMM)
-  width, depth, heads, mlp_ratio, patch, resolution, act = _TIMM_TRUNKS[name]
   get = lambda key: cfg.get(key, _VISION_DEFAULTS[key])
+  # TimmModel does not pass image_size to timm: the trunk keeps its own resolution.
+  resolution = (_TIMM_TRUNKS.get(name) or timm_trunks.TRUNKS[name])[5]
+  if _resolution(where, get('image_size')) != resolution:
+    _refuse(where, 'image_size', get('image_size'), f'{name} takes {resolution}px images')
+  if name in timm_trunks.TRUNKS:
+    return timm_trunks.vision(name, get, embed_dim, lambda *a: _refuse(where, *a))
+  width, depth, heads, mlp_ratio, patch, _, act = _TIMM_TRUNKS[name]
   if get('timm_pool') != 'map':
     _refuse(where, 'timm_pool', get('timm_pool'),
             f"{name} is supported with its MAP head only ('map')")
   if get('timm_proj') not in ('none', 'linear'):
     _refuse(where, 'timm_proj', get('timm_proj'), "expected 'none' or 'linear'")
-  # TimmModel does not pass image_size to timm: the trunk keeps its own resolution.
-  if _resolution(where, get('image_size')) != resolution:
-    _refuse(where, 'image_size', get('image_size'), f'{name} takes {resolution}px images')
   projection = get('timm_proj') == 'linear'
   if not projection and embed_dim != width:
     _refuse(where, 'timm_proj', 'none', f'embed_dim {embed_dim} must equal the width {width} '
@@ -291,14 +296,16 @@ def config_from_open_clip(model_cfg):
   scale then starts at ln 10, as open_clip's training script sets it for a sigmoid loss; the
   model class alone would start it at ln(1/0.07)), and timm's SigLIP ViTs that open_clip uses
   (vit_{base,large,so400m,giantopt}_patch{14,16,32}_siglip_<resolution>, not the patch-14
-  384px one) with timm_pool 'map' and timm_proj 'none' (no vision projection) or 'linear'. Like
-  open_clip,
+  384px one) with timm_pool 'map' and timm_proj 'none' (no vision projection) or 'linear', and
+  timm's Eva trunks (EVA01-g, EVA02-B/L/E with timm_pool 'token', Perception Encoder PE-Core
+  T/S/B/L with 'map': `timm_trunks.TRUNKS`) with timm_proj null (the trunk's biased head) or
+  'none'. Like open_clip,
   `quick_gelu` does not reach a timm trunk and a ResNet reads only layers, width, head_width
   and image_size. `custom_text` only moves the text keys under `text.`: the forward is the same.
 
   Raises TypeError for a non-dict, ValueError naming the key and value of anything not
   represented exactly (layer scale, custom blocks, attentional / average pooling, CoCa, HF text
-  towers, unknown timm trunks, training-only dropout, unknown keys, ...).
+  towers, other timm trunks, named by what they are, training-only dropout, unknown keys, ...).
   """
   if isinstance(model_cfg, dict):
     model_cfg = model_cfg.get('model_cfg', model_cfg)
@@ -347,7 +354,8 @@ def open_clip_model_cfg(cfg):
   if v.arch == 'vit':
     export.default_block(v, target, (t.mlp,))
     require(v.pool == 'cls' and v.pos_embedding == 'learned' and not v.registers and v.ln_pre
-            and not v.patch_bias and v.projection and v.norm_eps is None,
+            and not v.patch_bias and v.projection and v.norm_eps is None and not v.rope_2d
+            and v.k_bias and not v.projection_bias,
             'ViT options outside OpenAI\'s architecture', target)
     vision_cfg.update(patch_size=v.patch_size, head_width=v.width // v.heads,
                       mlp_ratio=_mlp_ratio(v.width, v.hidden_dim))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import clip
+from clip.formats import families
 from clip.formats import open_clip as occ
 from clip.formats import open_clip_names as names
 from clip.formats import openai
@@ -31,6 +32,10 @@ SIGLIP_BUILDS = ('ViT-B-32-SigLIP2-256', 'ViT-B-16-SigLIP', 'ViT-B-16-SigLIP2-25
                  'ViT-SO400M-14-SigLIP2-378',
                  'ViT-SO400M-16-SigLIP-i18n-256', 'ViT-SO400M-16-SigLIP2-384',
                  'ViT-SO400M-16-SigLIP2-512', 'ViT-gopt-16-SigLIP2-256', 'ViT-gopt-16-SigLIP2-384')
+# open_clip's configs with a timm Eva trunk that we run, one per trunk (full size, on the meta
+# device; the '-plus' configs differ only in their text towers, open_clip's own).
+EVA_BUILDS = ('EVA01-g-14', 'EVA02-B-16', 'EVA02-L-14', 'EVA02-L-14-336', 'EVA02-E-14',
+              'PE-Core-T-16-384', 'PE-Core-S-16-384', 'PE-Core-B-16', 'PE-Core-L-14-336')
 OPENAI_NAMES = {'RN50': 'RN50', 'RN101': 'RN101', 'RN50x4': 'RN50x4', 'RN50x16': 'RN50x16',
                 'RN50x64': 'RN50x64', 'ViT-B/32': 'ViT-B-32', 'ViT-B/16': 'ViT-B-16',
                 'ViT-L/14': 'ViT-L-14', 'ViT-L/14@336px': 'ViT-L-14-336'}
@@ -231,6 +236,53 @@ def test_open_clips_siglip_model_has_our_numbers(oc, name):
   assert (model.logit_bias is not None) == cfg.logit_bias
 
 
+def eva_numbers(model):
+  """Our VisionConfig's fields as open_clip's TimmModel and its timm Eva trunk hold them."""
+  trunk, block = model.visual.trunk, model.visual.trunk.blocks[0]
+  attn, mlp, rope, identity = block.attn, block.mlp, trunk.rope, torch.nn.Identity
+  swiglu, pool = hasattr(mlp, 'fc1_g'), trunk.attn_pool
+  assert isinstance(trunk.fc_norm, identity) and trunk.global_pool in ('token', 'map')
+  assert not len(model.visual.head) and block.norm1.eps == block.norm2.eps == trunk.norm.eps
+  assert isinstance(getattr(attn, 'norm', identity()), identity) == isinstance(mlp.norm, identity)
+  assert rope is None or (not rope.rotate_half and len(set(rope.ref_feat_shape)) == 1)
+  assert pool is None or (pool.mlp.fc1.out_features == mlp.fc1.out_features
+                          and activation(pool.mlp.act) == activation(mlp.act))
+  names_ = set(dict(block.named_parameters()))
+  post = type(block).__name__ == 'EvaBlockPostNorm'
+  inner = not isinstance(getattr(attn, 'norm', identity()), identity)
+  return dict(
+      pool='map' if pool else 'cls', class_token=pool is not None,
+      pool_heads=pool.num_heads if pool else None,
+      rope_grid_offset=rope.grid_offset if rope else 0.0,
+      rope_xy=bool(rope) and rope.grid_indexing == 'xy',
+      width=trunk.embed_dim, layers=len(trunk.blocks), heads=attn.num_heads,
+      hidden_dim=(mlp.fc1_g if swiglu else mlp.fc1).out_features,
+      mlp='swiglu' if swiglu else activation(mlp.act), norm_eps=trunk.norm.eps,
+      patch_size=trunk.patch_embed.patch_size[0], image_resolution=trunk.patch_embed.img_size[0],
+      patch_bias=trunk.patch_embed.proj.bias is not None,
+      ln_pre=not isinstance(trunk.norm_pre, identity),
+      norm_placement='res_post' if post else 'subln' if inner else 'pre',
+      k_bias=bool({'attn.k_proj.bias', 'attn.qkv.bias'} & names_), rope_2d=rope is not None,
+      rope_ref_grid=rope.ref_feat_shape[0] if rope else None,
+      rope_theta=rope.temperature if rope else 10000.0,
+      projection_bias=trunk.head.bias is not None)
+
+
+@pytest.mark.parametrize('name', EVA_BUILDS)
+def test_open_clips_eva_model_has_our_parameters_and_numbers(oc, name):
+  model_cfg = oc.get_model_config(name)
+  cfg = occ.config_from_open_clip(model_cfg)
+  model = build(oc, model_cfg)
+  numbers = eva_numbers(model)
+  want = {k: getattr(cfg.vision, k) for k in numbers}
+  assert numbers == {**want, 'norm_eps': want['norm_eps'] or 1e-5}  # None: torch's LayerNorm
+  # Their keys through our key table, shapes only (zero-stride arrays: no memory).
+  theirs = {k: np.broadcast_to(np.bool_(0), v.shape) for k, v in model.state_dict().items()}
+  assert families.detect(theirs) == families.OPEN_CLIP_TIMM
+  assert shapes(families.to_ours(theirs, families.OPEN_CLIP_TIMM)) == expected(cfg)
+  assert open_clip_blocks(model.text.transformer, model.text.ln_final) == ours(cfg.text)
+
+
 # ------------------------------------------------------------------ refusals
 
 def _set(section, key, value, base='ViT-B-32'):
@@ -265,8 +317,11 @@ REFUSED = {
     'unknown vision key': (_set('vision_cfg', 'frobnicate', 1), 'frobnicate'),
     'unknown key': (_set(None, 'frobnicate', 1), 'frobnicate'),
     'ConvNeXt': (_set('vision_cfg', 'timm_model_name', 'convnext_base'), 'timm_model_name'),
-    'EVA': (_set('vision_cfg', 'timm_model_name', 'eva02_base_patch16_clip_224'),
-            'timm_model_name'),
+    'PE-Core G': (_set('vision_cfg', 'timm_model_name', 'vit_pe_core_gigantic_patch14_448'),
+                  'timm_model_name'),
+    'MCi': (_set('vision_cfg', 'timm_model_name', 'fastvit_mci2'), 'timm_model_name'),
+    'EVA average pool': (_set('vision_cfg', 'timm_model_name', 'eva02_base_patch16_clip_224'),
+                         'timm_pool'),
     'timm avg pool': (_set('vision_cfg', 'timm_pool', 'avg', 'ViT-B-16-SigLIP'), 'timm_pool'),
     'timm mlp head': (_set('vision_cfg', 'timm_proj', 'mlp', 'ViT-B-16-SigLIP'), 'timm_proj'),
     'timm projection bias': (_set('vision_cfg', 'timm_proj_bias', True, 'ViT-B-16-SigLIP'),

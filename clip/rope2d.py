@@ -1,0 +1,39 @@
+"""EVA's 2-D rotary position embedding of a ViT's patch tokens (Heo et al. 2024, "Rotary Position
+Embedding for Vision Transformer"; EVA-02, Fang et al. 2023), as timm 1.0.31's `Eva` builds it
+with `RotaryEmbeddingCat(in_pixels=False)` and applies it with `apply_rot_embed_cat` (interleaved
+pairs): each head's dimensions pair up as (2i, 2i+1), the first half of the pairs turning with the
+patch's row and the second half with its column, pair k of a half at the frequency
+`theta^(-k / (head_dim/4))`. The tokens before the patches (class token, registers) get angle 0:
+they are left as they are, exactly, as timm leaves its prefix tokens out.
+"""
+import jax.numpy as jnp
+import numpy as np
+
+
+def angles(cfg):
+  """(prefix + grid_size^2, head_dim/2) float32 rotation angles of the tokens of a ViT config
+  with `rope_2d` (`clip.VisionConfig`): zero rows for the class token and the registers, then the
+  patches in raster order, at row / column `(index + rope_grid_offset) * rope_ref_grid /
+  grid_size` (timm's `grid_offset` and `ref_feat_shape` rescaling; unscaled when `rope_ref_grid`
+  is None), the rows' angles first (timm's 'ij' indexing) or, with `rope_xy`, the columns'.
+  Computed in float64 and rounded once."""
+  grid, quarter = cfg.grid_size, cfg.width // cfg.heads // 4
+  scale = 1.0 if cfg.rope_ref_grid is None else cfg.rope_ref_grid / grid
+  coords = (np.arange(grid, dtype=np.float64) + cfg.rope_grid_offset) * scale
+  freqs = cfg.rope_theta ** (-np.arange(quarter, dtype=np.float64) / quarter)
+  row_Gxq, col_Gxq = np.meshgrid(coords, coords, indexing='ij')  # (G, G) each
+  axes = (col_Gxq, row_Gxq) if cfg.rope_xy else (row_Gxq, col_Gxq)
+  patches = np.concatenate([a.reshape(-1, 1) * freqs for a in axes], 1)
+  prefix = int(cfg.has_class_token) + cfg.registers
+  return np.concatenate([np.zeros((prefix, 2 * quarter)), patches]).astype(np.float32)
+
+
+def rotate(x_NxLxHxd, angles_Lxh):
+  """Turns each pair (x[2i], x[2i+1]) of every head by `angles_Lxh[:, i]`, in fp32, back in
+  x's dtype: (x0 cos - x1 sin, x1 cos + x0 sin), timm's `apply_rot_embed(half=False)`."""
+  x = x_NxLxHxd.astype(jnp.float32)
+  cos_1xLx1xh = jnp.cos(angles_Lxh)[None, :, None]
+  sin_1xLx1xh = jnp.sin(angles_Lxh)[None, :, None]
+  x0, x1 = x[..., 0::2], x[..., 1::2]
+  out = jnp.stack([x0 * cos_1xLx1xh - x1 * sin_1xLx1xh, x1 * cos_1xLx1xh + x0 * sin_1xLx1xh], -1)
+  return out.reshape(x.shape).astype(x_NxLxHxd.dtype)
