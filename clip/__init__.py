@@ -28,6 +28,7 @@ from clip.model import update_batch_stats
 from clip.naflex import encode_image_naflex
 from clip.naflex import naflex_preprocess
 from clip.formats.open_clip import config_from_open_clip
+from clip import coca  # open_clip's CoCa: clip.coca.load, encode_*, caption
 from clip.processing import TokenizerError
 from clip.processing import get_tokenizer
 from clip.processing import preprocess_images

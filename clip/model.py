@@ -187,7 +187,10 @@ def _row(index, start):
 @functools.partial(jax.jit, static_argnames=('cfg',))
 def encode_image(params, images, cfg):
   """(N, R, R, 3) normalised images -> (N, embed_dim) fp32 features, not L2-normalised; a ResNet's
-  BatchNorm uses its running statistics (`training_image_features` trains them)."""
+  BatchNorm uses its running statistics (`training_image_features` trains them). A CoCa
+  config (`clip.coca.CoCaConfig`) runs `clip.coca.encode_image`."""
+  if _is_coca(cfg):
+    return _coca().encode_image(params, images, cfg)
   check_images(images, cfg)
   tower = resnet.apply if cfg.vision.arch == 'resnet' else vit.apply
   return tower(params['visual'], images, cfg.vision, cfg.execution).astype(jnp.float32)
@@ -226,9 +229,21 @@ def encode_text_jit(params, tokens, cfg):
 def encode_text(params, tokens, cfg):
   """(N, L) int tokens -> (N, embed_dim) fp32 features pooled at the first end-of-text token
   (`cfg.text.eot_id`). Concrete tokens are checked first (ids in the vocabulary, an end-of-text
-  token in every row); traced ones, inside another jit, are not."""
+  token in every row); traced ones, inside another jit, are not. A CoCa config
+  (`clip.coca.CoCaConfig`) runs `clip.coca.encode_text`."""
+  if _is_coca(cfg):
+    return _coca().encode_text(params, tokens, cfg)
   check_tokens(tokens, cfg)
   return encode_text_jit(params, tokens, cfg)
+
+
+def _coca():
+  from clip import coca  # pylint: disable=g-import-not-at-top  # cycle: coca uses this module
+  return coca
+
+
+def _is_coca(cfg):
+  return type(cfg).__name__ == 'CoCaConfig' and isinstance(cfg, _coca().CoCaConfig)
 
 
 def l2_normalize(x):

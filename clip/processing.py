@@ -56,10 +56,17 @@ class ModelTokenizer:
     return f'ModelTokenizer({self.config}, context_length={self.context_length})'
 
 
-def _tower(cfg):
-  if not isinstance(cfg, configs.CLIPConfig):
+def _check_model_config(cfg):
+  """TypeError unless `cfg` is a model's config: a CLIPConfig or a clip.coca.CoCaConfig."""
+  from clip import coca  # pylint: disable=g-import-not-at-top  # a model module, loaded on use
+  if not isinstance(cfg, (configs.CLIPConfig, coca.CoCaConfig)):
     raise TypeError(f'expected a clip.CLIPConfig, got {type(cfg).__name__}')
-  return cfg.text or cfg.decoder
+
+
+def _tower(cfg):
+  """The tower that reads the tokens: the text tower (a CLIPConfig without one: its decoder)."""
+  _check_model_config(cfg)
+  return cfg.text or getattr(cfg, 'decoder', None)
 
 
 def _how_to_give(kind):
@@ -153,14 +160,12 @@ def preprocess_images(images, cfg):
   (compositing transparency on white) before resizing, where OpenAI and open_clip resize in the
   image's own mode and drop alpha after, and `CLIPImageProcessor` rounds its centre-crop offset
   down (one pixel off torchvision's for some sizes). `tests/test_processing.py` pins both down."""
-  if not isinstance(cfg, configs.CLIPConfig):
-    raise TypeError(f'expected a clip.CLIPConfig, got {type(cfg).__name__}')
+  _check_model_config(cfg)
   return preprocess.preprocess(images, cfg.image_resolution, cfg.preprocess)
 
 
 def normalize(images, cfg):
   """NHWC float images with values in [0, 1] -> normalised with the model's mean and std
   (`cfg.preprocess`); `clip.normalize_image` is OpenAI's constants alone."""
-  if not isinstance(cfg, configs.CLIPConfig):
-    raise TypeError(f'expected a clip.CLIPConfig, got {type(cfg).__name__}')
+  _check_model_config(cfg)
   return configs.normalize_with(images, cfg.preprocess.mean, cfg.preprocess.std)

@@ -18,6 +18,7 @@ from clip.formats import big_vision
 from clip.formats import families
 from clip.formats import hf
 from clip.formats import open_clip
+from clip.formats import open_clip_folder
 from clip.formats import open_clip_names
 from clip.formats import openai
 from clip.formats import siglip
@@ -103,6 +104,8 @@ def load(path, config=None, dtype=np.float32, image_resolution=None, tokenizer=N
     return workdirs.load_model(path, config=_named_config(config) if isinstance(config, str)
                                else config, dtype=dtype)
   raw, info = read_checkpoint(path)
+  if any(k.startswith('text_decoder.cross_attn.') for k in raw):  # open_clip's CoCa
+    return _load_coca(raw, info, config, dtype, tokenizer, preprocess, image_resolution)
   try:
     family = families.detect(raw)
     if family == families.BIG_VISION:
@@ -272,6 +275,25 @@ def _infer_siglip(flat, family):
   return cfg, [f'{cfg.vision.heads} vision and {cfg.text.heads} text heads',
                f'{vision_act} in the image tower and {cfg.text.mlp} in the text tower '
                f'(open_clip\'s models with these shapes: {names[:8]}, text activations {kinds})']
+
+
+def _load_coca(raw, info, config, dtype, tokenizer, preprocess, image_resolution):
+  """open_clip's CoCa (`clip.coca`): `config` None (its `open_clip_config.json`), an open_clip
+  model_cfg dict or a CoCaConfig."""
+  from clip import coca  # pylint: disable=g-import-not-at-top  # cycle: coca uses the model
+  if tokenizer is not None or preprocess is not None or image_resolution is not None:
+    raise ValueError(f'{info["path"]} is an open_clip CoCa checkpoint: tokenizer=, preprocess= '
+                     'and image_resolution= are not supported for it')
+  if isinstance(config, str):
+    raise ValueError(f'{info["path"]} is an open_clip CoCa checkpoint: config= must be its '
+                     f'open_clip model_cfg dict or a clip.coca.CoCaConfig, got {config!r}')
+  try:
+    params, cfg = coca.from_checkpoint(raw, info, config, dtype)
+    tokenizer, preprocess, _ = open_clip_folder.processing(
+        info, False, cfg.image_resolution, cfg.text.vocab_size)
+  except ValueError as e:
+    raise CheckpointError(f'{info["path"]}: {e}') from None
+  return params, dataclasses.replace(cfg, tokenizer=tokenizer, preprocess=preprocess)
 
 
 def load_model_vars(name, cache=None, download=True, **load_kwargs):

@@ -19,7 +19,8 @@ def test_unsupported_family_is_refused_naming_its_keys(tmp_path):
            'visual.trunk.stages.0.blocks.0.conv_dw.weight': torch.zeros(8, 1, 7, 7),
            'visual.head.proj.weight': torch.zeros(4, 8), 'logit_scale': torch.zeros(())}
   torch.save(state, tmp_path / 'convnext.pt')
-  with pytest.raises(clip.CheckpointError, match=r'ConvNeXt.*visual\.trunk\.stem\.0\.weight'):
+  with pytest.raises(clip.CheckpointError,
+                     match=r'ConvNeXt.*visual\.trunk\.stages\.0\.blocks\.0\.conv_dw'):
     clip.load(tmp_path / 'convnext.pt')
 
 
