@@ -11,6 +11,9 @@ DATA = ['tensorflow-cpu>=2.16', 'tensorflow-datasets>=4.9', 'importlib_resources
 TEST = TORCH + DATA + [
     'pytest>=8',
     'pytest-xdist>=3.5',
+    # A test whose xdist worker crashed runs once more in a fresh worker (pytest.ini); failures
+    # are never rerun.
+    'pytest-rerunfailures>=16',
     'scikit-learn>=1.3',  # clip_benchmark's metrics (experiments/references/clip_benchmark.py)
     'transformers>=4.40',
     # The real img2dataset writes the shards the data tests read (tests/data/test_img2dataset.py);
