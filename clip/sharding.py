@@ -39,6 +39,7 @@ DEFAULT_RULES = (
     # vocabulary split over tensor, as the token embedding it may share).
     (r'text_decoder\.(image_proj|head)\.weight', P('tensor', 'fsdp')),
     (r'text_decoder\.head\.bias', P('tensor')),
+    (r'visual\.proj\.weight', P(None, 'fsdp')),  # a biased projection (timm's head), (out, in)
     (r'visual\.proj|text_projection', P('fsdp', None)),
     (r'text_projection\.weight', P(None, 'fsdp')),  # a biased projection, nn.Linear (out, in)
     (r'head\.weight', P(None, 'fsdp')),  # a fine-tuning classifier (classes, embed_dim)
@@ -46,6 +47,7 @@ DEFAULT_RULES = (
     # NormFormer's head scale, the logit scale/bias.
     (r'(.*\.)?(ln_\w+|bn\d|downsample\.1|mlp\.ln|(cross_)?attn\.[qk]_norm)\.\w+', P()),
     (r'.*\.bias|visual\.(class_embedding|registers)|(.*\.)?(probe|head_scale)', P()),
+    (r'(.*\.)?attn\.[qv]_bias', P()),  # EVA's q and v biases (no k bias)
     (r'text_decoder\.mask_embedding', P()),
     (r'logit_scale|logit_bias', P()),
 )

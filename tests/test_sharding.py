@@ -11,6 +11,9 @@ from jax.sharding import PartitionSpec as P
 import clip
 from clip import sharding
 from clip.formats import files
+from clip.formats import open_clip as occ
+from clip.formats import timm_trunks
+from clip.train import finetune
 from tests.test_model import SCAN_CASE
 
 TINY = clip.CLIPConfig(32, clip.VisionConfig('vit', 64, 2, 2, 32, 8),
@@ -28,6 +31,21 @@ def test_rules_cover_every_official_model(name):
   assert specs['logit_scale'] == P()
   sharding.check_divisible(sharding.make_mesh(2, 2, 2), abstract(clip.MODELS[name]),
                            sharding.param_specs(abstract(clip.MODELS[name])))
+
+
+@pytest.mark.parametrize('trunk', ['eva02_base_patch16_clip_224', 'vit_pe_core_base_patch16_224'])
+def test_rules_cover_eva_and_perception_encoder_towers(trunk):
+  """EVA02's q/v biases and sub-LN norms, PE's class token under the MAP head, both biased
+  projections (timm's head, nn.Linear layout)."""
+  cfg = occ.config_from_open_clip({
+      'embed_dim': 512, 'vision_cfg': {'timm_model_name': trunk, 'timm_pool': timm_trunks.TRUNKS[
+          trunk][6], 'timm_proj': None, 'image_size': timm_trunks.TRUNKS[trunk][5]},
+      'text_cfg': {'width': 512, 'heads': 8, 'layers': 2}})
+  params = abstract(cfg)
+  specs = files.flatten(sharding.param_specs(params))
+  assert specs['visual.proj.weight'] == P(None, 'fsdp')
+  assert finetune.image_feature_dim(params['visual']) == 512
+  sharding.check_divisible(sharding.make_mesh(2, 2, 2), params, sharding.param_specs(params))
 
 
 def test_uncovered_parameter_is_an_error_naming_it():

@@ -44,6 +44,8 @@ def text_tower(clip_params):
 def image_feature_dim(visual):
   """Width of the image tower's output: its projection's, the ResNet attention pool's, or (a ViT
   without projection) its width."""
+  if isinstance(visual.get('proj'), dict):  # a biased projection, nn.Linear (out, in)
+    return visual['proj']['weight'].shape[0]
   if 'proj' in visual:
     return visual['proj'].shape[1]
   if 'attnpool' in visual:
