@@ -426,7 +426,8 @@ def rows():
        lambda oc, tmp: hf_folder(tmp, siglip=True, lone=True)),
       ('HF Siglip2Model (NaFlex), at its grid', 'save_pretrained folder', 'no', 'warns',
        lambda oc, tmp: hf_siglip2(tmp)),
-      ('open_clip timm-trunk SigLIP', 'state dict .pt', 'yes', 'exact',
+      # A bare .pt states no preprocessing: config= gives the architecture, not the transform.
+      ('open_clip timm-trunk SigLIP', 'state dict .pt', 'yes', 'warns',
        lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=True)),
       ('open_clip timm-trunk SigLIP', 'state dict .pt', 'no', 'warns',
        lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=False)),
