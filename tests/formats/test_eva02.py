@@ -9,6 +9,7 @@ import copy
 import dataclasses
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -155,3 +156,26 @@ def test_eva_options_we_do_not_run_are_refused_naming_the_key(oc, key, value):
 def test_eva_options_are_checked(build, message):
   with pytest.raises(ValueError, match=message):
     build()
+
+
+@pytest.mark.parametrize('name', ['EVA02-B-16', 'PE-Core-B-16'])
+def test_tokenizer_and_preprocessing_equal_open_clips(oc, name):
+  """What a loaded EVA02 / PE checkpoint carries (OpenAI's BPE at the config's context length;
+  OpenAI's transform for EVA, PE's squash-bilinear-0.5 for PE) equals open_clip's tokenizer for
+  that model name and the transform of its released tag's pretrained cfg."""
+  model_cfg = oc.get_model_config(name)
+  cfg = dataclasses.replace(
+      config_from_open_clip(model_cfg),
+      preprocess=timm_trunks.PE_PREPROCESS if name.startswith('PE-') else clip.PreprocessConfig())
+  texts = ['a photo of a cat', 'Two dogs, playing  in the snow!', '']
+  np.testing.assert_array_equal(clip.get_tokenizer(cfg)(texts),
+                                oc.get_tokenizer(name)(texts).numpy())
+  tag, = oc.pretrained.list_pretrained_tags_by_model(name)
+  pp = oc.get_pretrained_cfg(name, tag)
+  transform = oc.image_transform(cfg.image_resolution, is_train=False, **{
+      k: pp[k] for k in ('mean', 'std', 'interpolation', 'resize_mode')})
+  rng = np.random.default_rng(0)
+  for h, w in ((300, 260), (200, 410)):
+    image = PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
+    np.testing.assert_allclose(clip.preprocess_images([image], cfg)[0],
+                               transform(image).permute(1, 2, 0).numpy(), atol=1e-6)
