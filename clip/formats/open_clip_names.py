@@ -114,11 +114,43 @@ _SIGLIP_NAMES = {
        for r in (256, 384)},
 }
 
+
+
+def _eva(embed_dim, image_size, trunk, pool, text_width, text_heads, text_layers, context=77):
+  """open_clip's EVA and PE-Core configs: a timm Eva trunk with its own biased head, open_clip's
+  own text tower (OpenAI's vocabulary)."""
+  return {'embed_dim': embed_dim,
+          'vision_cfg': {'image_size': image_size, 'timm_model_name': trunk,
+                         'timm_model_pretrained': False, 'timm_pool': pool, 'timm_proj': None},
+          'text_cfg': {'context_length': context, 'vocab_size': 49408, 'width': text_width,
+                       'heads': text_heads, 'layers': text_layers},
+          'custom_text': True}
+
+
+# EVA-CLIP and Perception Encoder (clip/formats/timm_trunks.py runs their trunks).
+_EVA_NAMES = {
+    'EVA01-g-14': _eva(1024, 224, 'eva_giant_patch14_224', 'token', 768, 12, 12),
+    'EVA01-g-14-plus': _eva(1024, 224, 'eva_giant_patch14_224', 'token', 1024, 16, 24),
+    'EVA02-B-16': _eva(512, 224, 'eva02_base_patch16_clip_224', 'token', 512, 8, 12),
+    'EVA02-L-14': _eva(768, 224, 'eva02_large_patch14_clip_224', 'token', 768, 12, 12),
+    'EVA02-L-14-336': _eva(768, 336, 'eva02_large_patch14_clip_336', 'token', 768, 12, 12),
+    'EVA02-E-14': _eva(1024, 224, 'eva02_enormous_patch14_clip_224', 'token', 1024, 16, 24),
+    'EVA02-E-14-plus': _eva(1024, 224, 'eva02_enormous_patch14_clip_224', 'token', 1280, 20, 32),
+}
+_PE_NAMES = {
+    'PE-Core-T-16-384': _eva(512, 384, 'vit_pe_core_tiny_patch16_384', 'map', 512, 8, 12, 32),
+    'PE-Core-S-16-384': _eva(512, 384, 'vit_pe_core_small_patch16_384', 'map', 512, 8, 12, 32),
+    'PE-Core-B-16': _eva(1024, 224, 'vit_pe_core_base_patch16_224', 'map', 1024, 16, 24, 32),
+    'PE-Core-L-14-336': _eva(1024, 336, 'vit_pe_core_large_patch14_336', 'map', 1024, 16, 24, 32),
+}
+
 # {name: open_clip model_cfg}, equal to open-clip-torch 3.3.0's model_configs/<name>.json.
 MODEL_CFGS = {
     **_OPENAI_NAMES,
     **{f'{n}-quickgelu': {**_OPENAI_NAMES[n], 'quick_gelu': True} for n in _QUICKGELU_NAMES},
     **_SIGLIP_NAMES,
+    **_EVA_NAMES,
+    **_PE_NAMES,
 }
 
 # The pretrained tags open_clip lists for the names above, split by the activation their weights
@@ -154,6 +186,11 @@ _GELU_TAGS = {
     'ViT-g-14': ('laion2b_s12b_b42k', 'laion2b_s34b_b88k'),
     'ViT-bigG-14': ('laion2b_s39b_b160k',),
     **{name: ('webli',) for name in _SIGLIP_NAMES},
+    'EVA01-g-14': ('laion400m_s11b_b41k',), 'EVA01-g-14-plus': ('merged2b_s11b_b114k',),
+    'EVA02-B-16': ('merged2b_s8b_b131k',), 'EVA02-L-14': ('merged2b_s4b_b131k',),
+    'EVA02-L-14-336': ('merged2b_s6b_b61k',), 'EVA02-E-14': ('laion2b_s4b_b115k',),
+    'EVA02-E-14-plus': ('laion2b_s9b_b144k',),
+    **{name: ('meta',) for name in _PE_NAMES},
 }
 
 # {name: {tag: trained with QuickGELU}}; as open_clip, a `-quickgelu` name lists the QuickGELU
@@ -161,7 +198,7 @@ _GELU_TAGS = {
 PRETRAINED_TAGS = {
     **{name: {**{t: False for t in _GELU_TAGS.get(name, ())},
               **{t: True for t in _QUICKGELU_TAGS.get(name, ())}}
-       for name in (*_OPENAI_NAMES, *_SIGLIP_NAMES)},
+       for name in (*_OPENAI_NAMES, *_SIGLIP_NAMES, *_EVA_NAMES, *_PE_NAMES)},
     **{f'{n}-quickgelu': {t: True for t in _QUICKGELU_TAGS[n]} for n in _QUICKGELU_NAMES},
 }
 

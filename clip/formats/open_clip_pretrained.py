@@ -14,6 +14,8 @@ _OPENAI_PP = {'mean': configs.IMAGE_MEAN, 'std': configs.IMAGE_STD, 'interpolati
               'resize_mode': 'shortest'}
 _SIGLIP_PP = {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5), 'interpolation': 'bicubic',
               'resize_mode': 'squash'}
+# open_clip's `_pecfg` (Perception Encoder).
+_PE_PP = {**_SIGLIP_PP, 'interpolation': 'bilinear'}
 # The tags whose preprocessing differs from their family's.
 _PP_OVERRIDES = {
     ('ViT-L-14', 'laion2b_s32b_b82k'): {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)},
@@ -94,6 +96,15 @@ _BASE_HUB = {
     **{name: {'webli': f'timm/{name}/'} for name in open_clip_names.PRETRAINED_TAGS
        if 'SigLIP' in name},
     'ViT-SO400M-14-SigLIP-378': {'webli': 'timm/ViT-SO400M-14-SigLIP-384/'},
+    'EVA01-g-14': _timm('eva_giant_patch14_clip_224', 'laion400m_s11b_b41k'),
+    'EVA01-g-14-plus': _timm('eva_giant_patch14_plus_clip_224', 'merged2b_s11b_b114k'),
+    'EVA02-B-16': _timm('eva02_base_patch16_clip_224', 'merged2b_s8b_b131k'),
+    'EVA02-L-14': _timm('eva02_large_patch14_clip_224', 'merged2b_s4b_b131k'),
+    'EVA02-L-14-336': _timm('eva02_large_patch14_clip_336', 'merged2b_s6b_b61k'),
+    'EVA02-E-14': _timm('eva02_enormous_patch14_clip_224', 'laion2b_s4b_b115k'),
+    'EVA02-E-14-plus': _timm('eva02_enormous_patch14_plus_clip_224', 'laion2b_s9b_b144k'),
+    **{name: {'meta': f'timm/{name}/'} for name in open_clip_names.PRETRAINED_TAGS
+       if name.startswith('PE-Core-')},
 }
 
 # {name: {tag: where its weights are}}: 'org/repo/' (open_clip's default file in it), 'org/repo/file',
@@ -106,8 +117,11 @@ HF_HUB = {
 }
 
 
-def _is_siglip(name):
-  return 'SigLIP' in name
+def _family_pp(name):
+  """The preprocessing open_clip pairs with a family's weights (`_slpcfg`, `_pecfg`, `_pcfg`)."""
+  if 'SigLIP' in name:
+    return _SIGLIP_PP
+  return _PE_PP if name.startswith('PE-Core-') else _OPENAI_PP
 
 
 def pretrained_cfg(name, tag):
@@ -125,7 +139,7 @@ def pretrained_cfg(name, tag):
   where = HF_HUB[name][cleaned]
   is_url = where.startswith(('https://', 'http://'))
   out = {'url': where if is_url else '', 'hf_hub': '' if is_url else where,
-         **(_SIGLIP_PP if _is_siglip(name) else _OPENAI_PP),
+         **_family_pp(name),
          **_PP_OVERRIDES.get((name.removesuffix('-quickgelu'), cleaned), {})}
   if open_clip_names.PRETRAINED_TAGS.get(name, {}).get(cleaned):
     out['quick_gelu'] = True

@@ -23,6 +23,7 @@ from experiments.references import open_clip as open_clip_reference
 STANDARD = ('RN50', 'RN101', 'RN50x4', 'RN50x16', 'RN50x64', 'ViT-B-32', 'ViT-B-16', 'ViT-L-14',
             'ViT-L-14-336', 'ViT-H-14', 'ViT-g-14', 'ViT-bigG-14')
 TIMM_NAMES = sorted(n for n, c in names.MODEL_CFGS.items() if 'timm_model_name' in c['vision_cfg'])
+SIGLIP_NAMES = [n for n in TIMM_NAMES if 'SigLIP' in n]
 OWN_NAMES = sorted(set(names.MODEL_CFGS) - set(TIMM_NAMES))
 # One SigLIP name per timm trunk, these also covering every text tower of the table.
 SIGLIP_BUILDS = ('ViT-B-32-SigLIP2-256', 'ViT-B-16-SigLIP', 'ViT-B-16-SigLIP2-256',
@@ -211,9 +212,11 @@ def timm_numbers(model):
 
 def test_siglip_builds_cover_every_trunk_and_text_tower():
   trunk = lambda n: names.MODEL_CFGS[n]['vision_cfg']['timm_model_name']
-  assert {trunk(n) for n in SIGLIP_BUILDS} == {trunk(n) for n in TIMM_NAMES}
+  assert {trunk(n) for n in SIGLIP_BUILDS} == {trunk(n) for n in SIGLIP_NAMES}
   text = lambda n: names.open_clip_config(n).text
-  assert {text(n) for n in SIGLIP_BUILDS} == {text(n) for n in TIMM_NAMES}
+  assert {text(n) for n in SIGLIP_BUILDS} == {text(n) for n in SIGLIP_NAMES}
+  # The EVA builds cover every Eva trunk of the table (the '-plus' names: other text towers).
+  assert {trunk(n) for n in EVA_BUILDS} == {trunk(n) for n in TIMM_NAMES if n not in SIGLIP_NAMES}
 
 
 @pytest.mark.parametrize('name', SIGLIP_BUILDS)
