@@ -139,11 +139,14 @@ def launch(workdir, processes, devices, *extra, steps):
 
 
 @pytest.mark.slow
-def test_a_run_of_two_processes_resumes_on_one_and_on_four(tmp_path):
+def test_a_run_of_two_processes_resumes_on_one(tmp_path):
   """A run of 2 processes x 4 devices on an FSDP mesh (data 2 x fsdp 4), resumed from its step-4
-  checkpoint (each process wrote its own shards) on 1 process x 8 devices and on 4 processes x 2
-  devices, each on another mesh, logs the losses of the uninterrupted run (to float32 reduction
-  order) and the evaluator's metrics of the uninterrupted run: processes train and evaluate as one.
+  checkpoint (each process wrote its own shards) on 1 process x 8 devices on another mesh, logs
+  the losses of the uninterrupted run (to float32 reduction order) and the evaluator's metrics of
+  the uninterrupted run: processes train and evaluate as one. (A resume on 4 processes x 2
+  devices passed the same checks when it was added (issue 33); it left this test to keep CI
+  under 30 minutes on 2 cores: 4 processes there cost ~70 s. `process_position` maps data
+  positions to any count: tests/train/test_resume.py.)
 
   The ring loss, whose collectives are ppermutes: the all-gather loss's small reduce-scatter makes
   gloo's later large all-reduces ~100x slower (experiments/bench_gloo.py); ring and all-gather
@@ -154,7 +157,7 @@ def test_a_run_of_two_processes_resumes_on_one_and_on_four(tmp_path):
   launch(two, 2, 4, '--mesh=2,4,1', *common, steps=8)
   straight = losses(two)
   assert [s for s, _ in straight] == [2, 4, 6, 8]
-  for name, processes, devices, mesh in (('on_one', 1, 8, '8,1,1'), ('on_four', 4, 2, '4,2,1')):
+  for name, processes, devices, mesh in (('on_one', 1, 8, '8,1,1'),):
     resumed = tmp_path / name
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / 'checkpoints' / '8')  # as if stopped after the step-4 checkpoint

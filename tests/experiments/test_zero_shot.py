@@ -95,8 +95,8 @@ def test_cli_errors(cli_case, tmp_path):
       (['--model', model, '--images', str(tmp_path / 'empty')], 'no images in'),
       (['--model', model, '--images', str(tmp_path / 'text_only')], 'no images in'),
       (['--model', model, '--images', str(tmp_path / 'nowhere')], 'is not a folder'),
-      (['--model', 'ViT-Z/99', '--images', str(folder / 'images')],
-       "--model must be an official model .* got 'ViT-Z/99'"),
+      (['--model', 'ViT-Z-99', '--images', str(folder / 'images')],  # ORG/NAME: a Hub name
+       "--model must be an official model .* got 'ViT-Z-99'"),
       (['--model', model, '--images', str(tmp_path / 'broken')], "bad.png' as an image"),
   ]
   for args, message in cases:

@@ -48,7 +48,11 @@ def test_strategies_follow_the_single_device_trajectory(loss):
   data = batches(cfg, 16, STEPS)
   state, reference = run(cfg, tcfg, single_device_mesh(), data)
   assert set(state) == {'params', 'batch_stats', 'opt', 'step', 'rng'}  # no 'ema' unless asked
-  for sizes in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
+  # Pure FSDP over 8 devices once (the contrastive loss); the sigmoid ring on the meshes whose
+  # collectives differ from it (CI time).
+  meshes = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)] if loss == 'contrastive' else [
+      (8, 1, 1), (2, 2, 2), (1, 2, 4)]
+  for sizes in meshes:
     _, history = run(cfg, tcfg, sharding.make_mesh(*sizes), data)
     for key in ('loss', 'grad_norm', 'logit_scale'):
       np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference],
