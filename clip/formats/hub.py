@@ -7,7 +7,10 @@
 import os
 import re
 
+from clip import configs
+from clip import xlmr_tokenizer
 from clip.formats import load as loader
+from clip.formats import open_clip_folder
 from clip.formats import open_clip_names
 from clip.formats import open_clip_pretrained
 from clip.formats import siglip
@@ -16,6 +19,8 @@ from clip.formats.files import read_json
 HF_HUB_PREFIX = 'hf-hub:'
 # A Hub repository id: 'org/name' (letters, digits, '-', '_', '.').
 _REPO_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')
+# What `clip.load` reads as a file (clip/formats/files.py): a missing one is not a Hub name.
+_WEIGHT_FILE_EXTENSIONS = ('.pt', '.pth', '.bin', '.safetensors', '.npz', '.npy', '.json')
 # What each kind of repository's loader reads: its config, its weights (the first present, as
 # `files.FOLDER_FILES` orders them), and its processing files where present.
 OPEN_CLIP_CONFIG = 'open_clip_config.json'
@@ -42,6 +47,8 @@ def is_hub_name(path, pretrained=None):
     return False
   if path.startswith(HF_HUB_PREFIX):
     return True
+  if os.path.splitext(path)[1].lower() in _WEIGHT_FILE_EXTENSIONS:
+    return False  # 'dir/model.pt' names a missing file, not a repository
   return not os.path.exists(path) and _REPO_ID.fullmatch(path) is not None
 
 
@@ -98,8 +105,8 @@ def _transformers_repo(repo, revision):
       _download(repo, shard, commit, repo, f'{os.path.basename(weights)} names it')
   for filename in HF_PROCESSING:
     _optional(repo, (filename,), commit)
-  _optional(repo, HF_CLIP_VOCABULARY if model_type == 'clip' else siglip.SENTENCEPIECE_FILES,
-            commit)
+  _optional(repo, {'clip': HF_CLIP_VOCABULARY, 'metaclip_2': (xlmr_tokenizer.TOKENIZER_FILE,)}.get(
+      model_type, siglip.SENTENCEPIECE_FILES), commit)
   return weights
 
 
@@ -142,19 +149,24 @@ def _weight_candidates(filename):
 
 
 def _open_clip_tokenizer(repo, commit, text_cfg):
-  """(path, whether it is `repo`'s own) of the SentencePiece file of an open_clip `text_cfg` that
-  names `hf_tokenizer_name`: in `repo`, else in the repository it names (where open_clip's
-  `HFTokenizer` reads it). (None, False) for OpenAI's BPE (bundled), for a cleaning other than
-  open_clip's SigLIP one (the loader names that tokenizer as one it cannot run), or where neither
-  repository holds one."""
+  """(tokenizer, whether it is `repo`'s own) of an open_clip `text_cfg` that names
+  `hf_tokenizer_name`, from `repo`, else from the repository it names (where open_clip's
+  `HFTokenizer` reads it): the path of a SentencePiece file (SigLIP's, cleaned 'canonicalize'), or
+  the TokenizerConfig of an XLM-RoBERTa-style `tokenizer.json` (MetaCLIP 2's XLM-V, cleaned
+  'whitespace'). (None, False) for OpenAI's BPE (bundled), for a cleaning it cannot run (the
+  loader names that tokenizer), or where neither repository holds one."""
   name = text_cfg.get('hf_tokenizer_name')
   clean = (text_cfg.get('tokenizer_kwargs') or {}).get('clean', 'whitespace')
-  if not name or clean != 'canonicalize' or text_cfg.get('tokenizer_mode'):
+  xlmr = open_clip_folder.is_xlmr(text_cfg)
+  if not name or (clean != 'canonicalize' and not xlmr) or text_cfg.get('tokenizer_mode'):
     return None, False
-  found = _optional(repo, siglip.SENTENCEPIECE_FILES, commit)
+  filenames = (xlmr_tokenizer.TOKENIZER_FILE,) if xlmr else siglip.SENTENCEPIECE_FILES
+  found, own = _optional(repo, filenames, commit), True
   if found is None and name != repo and _REPO_ID.fullmatch(name):
-    return _optional(name, siglip.SENTENCEPIECE_FILES, None), False
-  return found, found is not None
+    found, own = _optional(name, filenames, None), False
+  if found is None:
+    return None, False
+  return (configs.TokenizerConfig('xlmr', found, clean) if xlmr else found), own
 
 
 # ---------------------------------------------------------------- downloads

@@ -256,6 +256,11 @@ def test_a_local_path_wins_over_a_repo_id(oc, fake_hub, tmp_path, monkeypatch): 
   fake_hub.add('org/same-name', hub_folder)
   monkeypatch.chdir(tmp_path / 'cwd')
   assert hub.is_hub_name('org/same-name') is False
+  assert hub.is_hub_name('org/other-name') is True
+  # A missing weights file is a missing file, not a repository: no Hub request.
+  assert hub.is_hub_name('org/missing.pt') is False
+  with pytest.raises(FileNotFoundError):
+    clip.load('org/missing.pt')
   assert_same_model(clip.load('org/same-name'), clip.load(str(local)))
   assert_same_model(clip.load('hf-hub:org/same-name'), clip.load(str(hub_folder)))
   with pytest.raises(ValueError, match='revision= pins a Hub name'):
