@@ -37,6 +37,7 @@ from clip.formats.hf import save_hf
 from clip.formats.open_clip_folder import save_open_clip
 from clip.siglip_tokenizer import SentencePieceTokenizer
 from clip.siglip_tokenizer import tokenize_siglip
+from clip.xlmr_tokenizer import XLMRTokenizer
 from clip.tokenizer import Tokenizer
 from clip.tokenizer import decode
 from clip.tokenizer import tokenize

@@ -18,6 +18,7 @@ from clip import configs
 from clip import preprocess
 from clip import siglip_tokenizer
 from clip import tokenizer as openai_tokenizer
+from clip import xlmr_tokenizer
 
 
 class TokenizerError(ValueError):
@@ -29,8 +30,9 @@ class ModelTokenizer:
   `(N, context_length)`. A text too long for the context raises ValueError unless `truncate`
   (which keeps the end-of-text token last, as each family's own tokenizer does).
 
-  `eot_id` is the id that ends each row; `sot_id` the start-of-text id (OpenAI's 49406; None for
-  SentencePiece, which starts rows with the text); `pad_id` what fills the rest."""
+  `eot_id` is the id that ends each row; `sot_id` the start-of-text id (OpenAI's 49406, XLM-R's
+  `<s>`; None for SigLIP's SentencePiece, which starts rows with the text); `pad_id` what fills
+  the rest."""
 
   def __init__(self, config, context_length, backend):
     self.config = config
@@ -39,7 +41,8 @@ class ModelTokenizer:
     if config.kind == 'openai':
       self.sot_id, self.eot_id, self.pad_id = openai_tokenizer.SOT, openai_tokenizer.EOT, 0
     else:
-      self.sot_id, self.eot_id, self.pad_id = None, backend.eos_id, backend.pad_id
+      self.sot_id = getattr(backend, 'bos_id', None)
+      self.eot_id, self.pad_id = backend.eos_id, backend.pad_id
 
   @property
   def vocab_size(self):
@@ -97,6 +100,18 @@ def _check_fits(tok, cfg):
         + _how_to_give('siglip'))
 
 
+def _xlmr(config):
+  if config.model_file is None:
+    raise TokenizerError(
+        'this model reads XLM-RoBERTa-style tokens (open_clip\'s HFTokenizer, e.g. MetaCLIP 2\'s '
+        'XLM-V), but its tokenizer.json is not known (it did not come with the checkpoint: Hugging '
+        'Face folders and open_clip hub repositories ship it, or the repository its '
+        'hf_tokenizer_name names). Pass it when loading, clip.load(path, tokenizer='
+        'clip.TokenizerConfig(\'xlmr\', model_file=\'.../tokenizer.json\')), or set cfg = '
+        'dataclasses.replace(cfg, tokenizer=clip.TokenizerConfig(...))')
+  return xlmr_tokenizer.cached_tokenizer(config.model_file, config.clean)
+
+
 def _sentencepiece(config):
   if config.model_file is None:
     raise TokenizerError(
@@ -121,11 +136,12 @@ def _backend(config):
   if config.kind == 'unknown':
     raise TokenizerError(
         f'this model\'s tokenizer is {config.name}, which this package does not run (it runs '
-        'OpenAI\'s BPE and SigLIP / SigLIP 2 SentencePiece models): tokenise with that library '
+        'OpenAI\'s BPE, SigLIP / SigLIP 2 SentencePiece models and XLM-RoBERTa-style '
+        'tokenizer.json files): tokenise with that library '
         'and pass the ids, or, if it is one of those, ' + _how_to_give('siglip'))
   if config.kind == 'openai':
     return openai_tokenizer.default_tokenizer()
-  return _sentencepiece(config)
+  return _xlmr(config) if config.kind == 'xlmr' else _sentencepiece(config)
 
 
 def get_tokenizer(cfg):
@@ -133,7 +149,7 @@ def get_tokenizer(cfg):
   `texts -> np.int32 (N, cfg.context_length)`, token for token the family's own (OpenAI's
   `clip.tokenize`; transformers' `SiglipTokenizer` / `Siglip2Tokenizer` called with
   `padding='max_length', truncation=True`; open_clip's SigLIP pipelines with
-  `clean='canonicalize'`).
+  `clean='canonicalize'`; open_clip's `HFTokenizer` over XLM-V for MetaCLIP 2).
 
   Raises TokenizerError when the tokenizer is not known (a SentencePiece model without its file)
   or its ids are not the model's (OpenAI's BPE, the default, for a model whose vocabulary is

@@ -14,11 +14,15 @@ from clip.config_checks import require
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-TOKENIZER_KINDS = ('openai', 'siglip', 'siglip2', 'unknown')
-# Text cleaning before SentencePiece: transformers' `SiglipTokenizer` ('siglip'), its
-# `Siglip2Tokenizer` ('lower'), open_clip's `clean='canonicalize'` ('canonicalize').
-TEXT_CLEANS = ('siglip', 'lower', 'canonicalize')
-_DEFAULT_CLEAN = {'siglip': 'siglip', 'siglip2': 'lower'}
+TOKENIZER_KINDS = ('openai', 'siglip', 'siglip2', 'xlmr', 'unknown')
+# Text cleaning before the tokenizer, per kind: transformers' `SiglipTokenizer` ('siglip'), its
+# `Siglip2Tokenizer` ('lower'), open_clip's `clean='canonicalize'` ('canonicalize') and
+# `clean='whitespace'` ('whitespace', its HFTokenizer's default), none at all ('none':
+# transformers' XLMRobertaTokenizer).
+_SENTENCEPIECE_CLEANS = ('siglip', 'lower', 'canonicalize')
+TEXT_CLEANS = {'siglip': _SENTENCEPIECE_CLEANS, 'siglip2': _SENTENCEPIECE_CLEANS,
+               'xlmr': ('whitespace', 'canonicalize', 'none')}
+_DEFAULT_CLEAN = {'siglip': 'siglip', 'siglip2': 'lower', 'xlmr': 'whitespace'}
 
 
 @jax.tree_util.register_static
@@ -34,9 +38,15 @@ class TokenizerConfig:
   cleaning before SentencePiece: 'siglip' (transformers' `SiglipTokenizer`: lower case, ASCII
   punctuation removed), 'lower' (transformers' `Siglip2Tokenizer`: lower case only) or
   'canonicalize' (open_clip's `clean='canonicalize'`: ftfy, HTML unescaping, then big_vision's
-  `canonicalize_text`); None takes transformers' rule for the kind. `kind='unknown'` is a
-  tokenizer this package does not run (`name` says what the checkpoint calls it, e.g. open_clip's
-  `hf_tokenizer_name`): the weights load, and `get_tokenizer` raises naming it."""
+  `canonicalize_text`); None takes transformers' rule for the kind.
+
+  `kind='xlmr'`: open_clip's `HFTokenizer` over an XLM-RoBERTa-style `tokenizer.json`
+  (`model_file`; MetaCLIP 2 worldwide's XLM-V: `<s>` text `</s>`, `<pad>` 1), cleaned
+  'whitespace' (open_clip's default, and None's: ftfy, HTML unescaping, single spaces),
+  'canonicalize', or not at all ('none': transformers' `XLMRobertaTokenizer`), in
+  `clip/xlmr_tokenizer.py`. `kind='unknown'` is a tokenizer this package does not run (`name`
+  says what the checkpoint calls it, e.g. open_clip's `hf_tokenizer_name`): the weights load, and
+  `get_tokenizer` raises naming it."""
   kind: str = 'openai'
   model_file: str | None = None
   clean: str | None = None
@@ -59,7 +69,9 @@ class TokenizerConfig:
       object.__setattr__(self, 'model_file', os.fspath(self.model_file))
     if self.clean is None:
       object.__setattr__(self, 'clean', _DEFAULT_CLEAN[self.kind])
-    one_of(self.clean, TEXT_CLEANS, 'TokenizerConfig.clean')
+    allowed = TEXT_CLEANS[self.kind]
+    require(self.clean in allowed, f'TokenizerConfig.clean must be one of {allowed} for kind '
+            f'{self.kind!r}, got {self.clean!r}')
 
 
 RESIZE_MODES = ('shortest', 'squash', 'longest')

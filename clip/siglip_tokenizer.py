@@ -89,11 +89,12 @@ CLEANS = {'siglip': canonicalize_siglip, 'lower': lower_siglip2,
 _DEFAULT_CLEAN = {'siglip': 'siglip', 'siglip2': 'lower'}
 
 
-def _check_context_length(context_length):
+def check_context_length(context_length, minimum=1, room='the end of sequence token'):
+  """`context_length` as an int >= `minimum` (`room`: what must fit); TypeError or ValueError."""
   if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)):
     raise TypeError(f'context_length must be an int, got {type(context_length).__name__}')
-  if context_length < 1:
-    raise ValueError(f'context_length must be >= 1 (room for the end of sequence token), got '
+  if context_length < minimum:
+    raise ValueError(f'context_length must be >= {minimum} (room for {room}), got '
                      f'{context_length}')
   return int(context_length)
 
@@ -123,7 +124,7 @@ class SentencePieceTokenizer:
     clean = clean or _DEFAULT_CLEAN[kind]
     if clean not in CLEANS:
       raise ValueError(f'clean must be one of {tuple(CLEANS)}, got {clean!r}')
-    self.context_length = _check_context_length(context_length)
+    self.context_length = check_context_length(context_length)
     self.kind = kind
     self.clean = clean
     self._sp = _load(model_file)
@@ -154,7 +155,7 @@ class SentencePieceTokenizer:
     texts = check_texts(texts)
     if context_length is None:
       context_length = self.context_length
-    length = _check_context_length(context_length)
+    length = check_context_length(context_length)
     tokens_NxL = np.full((len(texts), length), self.pad_id, np.int32)
     for i, ids in enumerate(self._encode(texts)):
       if len(ids) >= length:
@@ -172,16 +173,22 @@ class SentencePieceTokenizer:
   def decode(self, tokens):
     """The text of one row of ids up to its first EOS (a list of texts for a 2-D array): the
     cleaned text, where every piece was known (SentencePiece writes ' ⁇ ' for `<unk>`)."""
-    tokens = check_id_rows(tokens)
-    if tokens.ndim == 2:
-      return [self.decode(row) for row in tokens]
-    ids = tokens.tolist()
-    if self.eos_id in ids:
-      ids = ids[:ids.index(self.eos_id)]
-    bad = [i for i in ids if not 0 <= i < self.vocab_size]
-    if bad:
-      raise ValueError(f'token ids must be in [0, {self.vocab_size}), got {bad[:5]}')
-    return self._sp.decode(ids)
+    return decode_rows(tokens, self.eos_id, self.vocab_size, self._sp.decode)
+
+
+def decode_rows(tokens, eos_id, vocab_size, decode_ids):
+  """`decode_ids(ids)` of the ids of one row before its first `eos_id` (a list for a 2-D array of
+  rows); ValueError for an id outside `[0, vocab_size)`."""
+  tokens = check_id_rows(tokens)
+  if tokens.ndim == 2:
+    return [decode_rows(row, eos_id, vocab_size, decode_ids) for row in tokens]
+  ids = tokens.tolist()
+  if eos_id in ids:
+    ids = ids[:ids.index(eos_id)]
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(f'token ids must be in [0, {vocab_size}), got {bad[:5]}')
+  return decode_ids(ids)
 
 
 _EOS_PIECES = {'</s>': 'siglip', '<eos>': 'siglip2'}
@@ -198,18 +205,24 @@ def kind_of(model_file):
   return _EOS_PIECES[piece]
 
 
-@functools.lru_cache(maxsize=8)
-def _cached(path, mtime_ns, kind, clean):
+@functools.lru_cache(maxsize=16)
+def _cached(cls, path, mtime_ns, options):
   del mtime_ns  # in the key only: a rewritten file is loaded again
-  return SentencePieceTokenizer(path, kind=kind, clean=clean)
+  return cls(path, **dict(options))
+
+
+def load_once(cls, path, **options):
+  """`cls(path, **options)`, a tokenizer over the vocabulary file at `path`, built once per
+  version of the file."""
+  if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+    path = os.path.abspath(path)
+    return _cached(cls, path, os.stat(path).st_mtime_ns, tuple(sorted(options.items())))
+  return cls(path, **options)  # raises, saying what is wrong
 
 
 def cached_tokenizer(model_file, kind, clean=None):
   """The `SentencePieceTokenizer` of `model_file`, loaded once per file version."""
-  if isinstance(model_file, (str, os.PathLike)) and os.path.isfile(model_file):
-    path = os.path.abspath(model_file)
-    return _cached(path, os.stat(path).st_mtime_ns, kind, clean)
-  return SentencePieceTokenizer(model_file, kind=kind, clean=clean)  # raises, saying what is wrong
+  return load_once(SentencePieceTokenizer, model_file, kind=kind, clean=clean)
 
 
 def tokenize_siglip(texts, model_file, context_length=CONTEXT_LENGTH, truncate=False, *,

@@ -130,12 +130,15 @@ def _hf_block_options(tower, cfg, default_eps):
 
 
 def config_from_hf(hf):
-  """A Hugging Face `CLIPConfig` / `SiglipConfig` dict (`config.json`) -> our CLIPConfig."""
+  """A Hugging Face `CLIPConfig` / `MetaClip2Config` / `SiglipConfig` dict (`config.json`) ->
+  our CLIPConfig."""
   model_type = hf.get('model_type', 'clip')
-  if model_type not in ('clip', 'siglip', 'siglip2'):
-    raise ValueError(f'config.json is a {model_type!r} model; supported: clip, siglip (SigLIP 2 '
-                     'fixed-resolution releases are siglip models), siglip2 (NaFlex)')
+  if model_type not in ('clip', 'metaclip_2', 'siglip', 'siglip2'):
+    raise ValueError(f'config.json is a {model_type!r} model; supported: clip, metaclip_2, siglip '
+                     '(SigLIP 2 fixed-resolution releases are siglip models), siglip2 (NaFlex)')
   t, v = hf['text_config'], hf['vision_config']
+  if model_type == 'metaclip_2':  # CLIP's towers, pooled at the first eos_token_id (no legacy)
+    return _clip_from_hf(hf, t, v, eot=t.get('eos_token_id', configs.OPENAI_VOCAB_SIZE - 1))
   if model_type == 'clip':
     return _clip_from_hf(hf, t, v)
   if model_type == 'siglip2':  # NaFlex: run at the position table's own square grid
@@ -146,14 +149,15 @@ def config_from_hf(hf):
   return _siglip_from_hf(t, v)
 
 
-def _clip_from_hf(hf, t, v):
+def _clip_from_hf(hf, t, v, eot=None):
   vocab = t.get('vocab_size', 49408)
   eos = t.get('eos_token_id', 2)
   # eos 2 is transformers' legacy rule: pool at the largest id of each row. That is our default
   # (the first vocab - 1) only when a row holds vocab - 1, as OpenAI's tokenizer's rows do; a
   # legacy model fed added tokens (ids > its EOT) pooled at them, which we do not copy. Any other
-  # eos pools at its first occurrence, as ours does.
-  eot = None if eos in (2, vocab - 1) else eos
+  # eos pools at its first occurrence, as ours does. (`eot`: stated by the caller.)
+  if eot is None:
+    eot = None if eos in (2, vocab - 1) else eos
   if eot is None and vocab != configs.OPENAI_VOCAB_SIZE:
     eot = vocab - 1  # the same rule, stated for a vocabulary other than OpenAI's
   vision = configs.VisionConfig(

@@ -10,6 +10,7 @@ import os
 from clip import configs
 from clip import naflex
 from clip import tokenizer as openai_tokenizer
+from clip import xlmr_tokenizer
 from clip.formats import export
 from clip.formats import siglip
 
@@ -28,6 +29,10 @@ def _hf_tokenizer(info, model_type, vocab_size):
   folder = info.get('folder')
   tok_cfg = info.get('tokenizer_config') or {}
   cls = tok_cfg.get('tokenizer_class')
+  if cls and cls.startswith('XLMRobertaTokenizer'):  # MetaClip2Model's, uncleaned
+    tokenizer_file = xlmr_tokenizer.tokenizer_in(folder) if folder else None
+    return configs.TokenizerConfig('xlmr', tokenizer_file and os.path.abspath(tokenizer_file),
+                                   'none')
   if model_type == 'clip':
     if cls and not cls.startswith('CLIPTokenizer'):
       return configs.TokenizerConfig('unknown', name=f'transformers {cls}')

@@ -6,6 +6,7 @@ ours; the tokenizer and preprocessing an `open_clip_config.json` states, read an
 import os
 
 from clip import configs
+from clip import xlmr_tokenizer
 from clip.formats import export
 from clip.formats import keys
 from clip.formats import siglip
@@ -56,14 +57,30 @@ def to_ours(flat, timm_trunk):
 
 # ---------------------------------------------------------------- open_clip_config.json -> ours
 
+def is_xlmr(text_cfg):
+  """Whether an open_clip `text_cfg` reads XLM-RoBERTa-style tokens through its `HFTokenizer`
+  (MetaCLIP 2 worldwide's XLM-V): a `hf_tokenizer_name` cleaned 'whitespace' (its default), no
+  `tokenizer_mode`."""
+  clean = (text_cfg.get('tokenizer_kwargs') or {}).get('clean', 'whitespace')
+  return bool(text_cfg.get('hf_tokenizer_name')) and clean == 'whitespace' and not text_cfg.get(
+      'tokenizer_mode')
+
+
 def _open_clip_tokenizer(text_cfg, folder, vocab_size):
   """open_clip's `get_tokenizer` rule: `hf_tokenizer_name` -> its `HFTokenizer` over the files in
-  the folder with `tokenizer_kwargs` (clean 'whitespace' by default), else OpenAI's BPE."""
+  the folder with `tokenizer_kwargs` (clean 'whitespace' by default), else OpenAI's BPE. Cleaned
+  'whitespace', the folder's `tokenizer.json` (or, with none there, a name of XLM-V or XLM-R) is
+  taken as XLM-RoBERTa-style (`clip.get_tokenizer` checks its `<s>` ... `</s>` template)."""
   name = text_cfg.get('hf_tokenizer_name')
   if not name:
     return configs.TokenizerConfig()
   clean = (text_cfg.get('tokenizer_kwargs') or {}).get('clean', 'whitespace')
   model_file = siglip.sentencepiece_in(folder) if folder else None
+  if is_xlmr(text_cfg):
+    tokenizer_file = xlmr_tokenizer.tokenizer_in(folder) if folder else None
+    if tokenizer_file or 'xlm-v' in name.lower() or 'xlm-roberta' in name.lower():
+      return configs.TokenizerConfig(
+          'xlmr', tokenizer_file and os.path.abspath(tokenizer_file), clean)
   if clean != 'canonicalize' or text_cfg.get('tokenizer_mode'):
     return configs.TokenizerConfig('unknown', name=f'open_clip HFTokenizer({name!r}, '
                                    f'clean={clean!r}, mode={text_cfg.get("tokenizer_mode")!r})')
@@ -131,6 +148,25 @@ def open_clip_preprocess_cfg(cfg):
           'fill_color': pp.fill_color}
 
 
+def _xlmr_files(tok, text_cfg, hf_tokenizer_name):
+  """MetaCLIP 2's XLM-R-style tokenizer as its open_clip folders hold it: `tokenizer.json` and
+  transformers' `tokenizer_config.json`, named by `text_cfg.hf_tokenizer_name` (updated), cleaned
+  as open_clip cleans ('whitespace', its default, or 'canonicalize'; not 'none')."""
+  if tok.config.clean == 'none':
+    raise export.ExportError(
+        'open_clip cannot tokenise as this model does: its tokenizer cleans nothing '
+        '(transformers\' XLMRobertaTokenizer), and open_clip\'s HFTokenizer cleans text '
+        '(clean=\'whitespace\' or \'canonicalize\'). Export with that cleaning: cfg = '
+        'dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, '
+        'clean=\'whitespace\')), if the model was trained with it')
+  text_cfg.update(hf_tokenizer_name=hf_tokenizer_name)
+  if tok.config.clean != 'whitespace':
+    text_cfg['tokenizer_kwargs'] = {'clean': tok.config.clean}
+  return {xlmr_tokenizer.TOKENIZER_FILE: ('copy', tok.config.model_file),
+          'tokenizer_config.json': {'tokenizer_class': 'XLMRobertaTokenizer',
+                                    'model_max_length': tok.context_length}}
+
+
 def save_open_clip(params, cfg, folder, hf_tokenizer_name=None):
   """Writes `open_clip_config.json` and `open_clip_model.safetensors` into `folder`, the layout
   of open_clip's hub folders: `open_clip.create_model_and_transforms('local-dir:<folder>')` loads
@@ -148,12 +184,17 @@ def save_open_clip(params, cfg, folder, hf_tokenizer_name=None):
   (`spiece.model` / `tokenizer.model`) and transformers' `tokenizer_config.json` (T5 / Gemma, set
   up as open_clip's `SigLipTokenizer`). open_clip cleans SentencePiece text only its own way, so a
   tokenizer with another `clean` raises ExportError, as does one that is unknown or has no file.
+  MetaCLIP 2's XLM-R-style tokenizer is written as its folders hold it: `hf_tokenizer_name`,
+  `tokenizer.json` and a `tokenizer_config.json` naming `XLMRobertaTokenizer`.
   Tokenizer files another tokenizer left in the folder are removed.
   """
   model_cfg = open_clip_model_cfg(cfg)
   tok = export.model_tokenizer(cfg, 'open_clip')
   contents = {}
-  if tok is not None and tok.config.kind != 'openai':
+  if tok is not None and tok.config.kind == 'xlmr':
+    contents = _xlmr_files(tok, model_cfg['text_cfg'], hf_tokenizer_name or os.path.abspath(
+        os.fspath(folder)))
+  elif tok is not None and tok.config.kind != 'openai':
     export.require_clean(tok, 'canonicalize', 'open_clip\'s HFTokenizer', 'open_clip')
     name, tokenizer_config = _OPEN_CLIP_SENTENCEPIECE[tok.config.kind]
     contents = export.sentencepiece_files(tok, name, tokenizer_config)

@@ -144,6 +144,32 @@ _PE_NAMES = {
     'PE-Core-L-14-336': _eva(1024, 336, 'vit_pe_core_large_patch14_336', 'map', 1024, 16, 24, 32),
 }
 
+
+def _worldwide_text(width, heads, layers):
+  """MetaCLIP 2 worldwide's text tower: XLM-V's vocabulary, pooled at the first `</s>` (2)."""
+  return {'hf_tokenizer_name': 'facebook/xlm-v-base', 'pool_type': 'eos', 'eos_id': 2,
+          'context_length': 77, 'vocab_size': 901629, 'width': width, 'heads': heads,
+          'layers': layers}
+
+
+_H14 = {'layers': 32, 'width': 1280, 'head_width': 80, 'patch_size': 14}
+_BIGG14 = {'layers': 48, 'width': 1664, 'head_width': 104, 'mlp_ratio': 4.9231, 'patch_size': 14}
+# MetaCLIP 2 worldwide (its ViT-L-14 reads mT5's SentencePiece tokens, pooled at `</s>`, 1).
+_WORLDWIDE_NAMES = {
+    **{f'ViT-H-14-worldwide{suffix}': {
+        'embed_dim': 1024, 'vision_cfg': {'image_size': size, **_H14},
+        'text_cfg': _worldwide_text(1024, 16, 24)} for suffix, size in (('', 224), ('-378', 378))},
+    **{f'ViT-bigG-14-worldwide{suffix}': {
+        'embed_dim': 1280, 'vision_cfg': {'image_size': size, **_BIGG14},
+        'text_cfg': _worldwide_text(1280, 20, 32)} for suffix, size in (('', 224), ('-378', 378))},
+    'ViT-L-14-worldwide': {
+        'embed_dim': 768, 'vision_cfg': _vit(224, 24, 1024, 14),
+        'text_cfg': {'hf_tokenizer_name': 'google/mt5-base', 'pool_type': 'eos', 'eos_id': 1,
+                     'tokenizer_kwargs': {'clean': 'canonicalize'}, 'context_length': 77,
+                     'vocab_size': 250100, 'width': 768, 'heads': 12, 'layers': 12}},
+}
+_WORLDWIDE_QUICKGELU_NAMES = ('ViT-H-14-worldwide', 'ViT-L-14-worldwide')
+
 # {name: open_clip model_cfg}, equal to open-clip-torch 3.3.0's model_configs/<name>.json.
 MODEL_CFGS = {
     **_OPENAI_NAMES,
@@ -151,6 +177,9 @@ MODEL_CFGS = {
     **_SIGLIP_NAMES,
     **_EVA_NAMES,
     **_PE_NAMES,
+    **_WORLDWIDE_NAMES,
+    **{f'{n}-quickgelu': {**_WORLDWIDE_NAMES[n], 'quick_gelu': True}
+       for n in _WORLDWIDE_QUICKGELU_NAMES},
 }
 
 # The pretrained tags open_clip lists for the names above, split by the activation their weights
@@ -165,6 +194,7 @@ _QUICKGELU_TAGS = {
     'ViT-L-14-336': ('openai',),
     'ViT-H-14': ('metaclip_fullcc', 'dfn5b'),
     'ViT-bigG-14': ('metaclip_fullcc',),
+    'ViT-H-14-worldwide': ('metaclip2_worldwide',),
 }
 _GELU_TAGS = {
     'ViT-B-32': ('laion2b_e16', 'laion2b_s34b_b79k', 'datacomp_xl_s13b_b90k',
@@ -191,6 +221,8 @@ _GELU_TAGS = {
     'EVA02-L-14-336': ('merged2b_s6b_b61k',), 'EVA02-E-14': ('laion2b_s4b_b115k',),
     'EVA02-E-14-plus': ('laion2b_s9b_b144k',),
     **{name: ('meta',) for name in _PE_NAMES},
+    **{f'ViT-{size}-14-worldwide{suffix}': ('metaclip2_worldwide',)
+       for size, suffix in (('H', '-378'), ('bigG', ''), ('bigG', '-378'))},
 }
 
 # {name: {tag: trained with QuickGELU}}; as open_clip, a `-quickgelu` name lists the QuickGELU
@@ -198,8 +230,9 @@ _GELU_TAGS = {
 PRETRAINED_TAGS = {
     **{name: {**{t: False for t in _GELU_TAGS.get(name, ())},
               **{t: True for t in _QUICKGELU_TAGS.get(name, ())}}
-       for name in (*_OPENAI_NAMES, *_SIGLIP_NAMES, *_EVA_NAMES, *_PE_NAMES)},
-    **{f'{n}-quickgelu': {t: True for t in _QUICKGELU_TAGS[n]} for n in _QUICKGELU_NAMES},
+       for name in (*_OPENAI_NAMES, *_SIGLIP_NAMES, *_EVA_NAMES, *_PE_NAMES, *_WORLDWIDE_NAMES)},
+    **{f'{n}-quickgelu': {t: True for t in _QUICKGELU_TAGS.get(n, ())}
+       for n in (*_QUICKGELU_NAMES, *_WORLDWIDE_QUICKGELU_NAMES)},
 }
 
 

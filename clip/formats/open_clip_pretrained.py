@@ -20,6 +20,8 @@ _PE_PP = {**_SIGLIP_PP, 'interpolation': 'bilinear'}
 _PP_OVERRIDES = {
     ('ViT-L-14', 'laion2b_s32b_b82k'): {'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)},
     ('ViT-H-14', 'dfn5b'): {'resize_mode': 'squash'},
+    ('ViT-H-14-worldwide-378', 'metaclip2_worldwide'): {'resize_mode': 'squash'},
+    ('ViT-bigG-14-worldwide-378', 'metaclip2_worldwide'): {'resize_mode': 'squash'},
 }
 
 
@@ -105,6 +107,12 @@ _BASE_HUB = {
     'EVA02-E-14-plus': _timm('eva02_enormous_patch14_plus_clip_224', 'laion2b_s9b_b144k'),
     **{name: {'meta': f'timm/{name}/'} for name in open_clip_names.PRETRAINED_TAGS
        if name.startswith('PE-Core-')},
+    # MetaCLIP 2 worldwide (its ViT-L-14 has no released weights in open_clip).
+    'ViT-H-14-worldwide': _timm('vit_huge_patch14_clip_224', 'metaclip2_worldwide'),
+    'ViT-H-14-worldwide-378': _timm('vit_huge_patch14_clip_378', 'metaclip2_worldwide'),
+    'ViT-bigG-14-worldwide': _timm('vit_gigantic_patch14_clip_224', 'metaclip2_worldwide'),
+    'ViT-bigG-14-worldwide-378': _timm('vit_gigantic_patch14_clip_378', 'metaclip2_worldwide'),
+    'ViT-L-14-worldwide': {},
 }
 
 # {name: {tag: where its weights are}}: 'org/repo/' (open_clip's default file in it), 'org/repo/file',
