@@ -45,6 +45,7 @@ setuptools.setup(
         'matplotlib>=3.8',
         'scipy>=1.11',  # Student-t intervals of the loss ablation (jax needs it too)
         'sentencepiece>=0.2',  # SigLIP's tokenizers
+        'tokenizers>=0.20',  # MetaCLIP 2's XLM-V tokenizer (its tokenizer.json)
         'huggingface_hub>=0.26',  # clip.load by Hub name: its cache, offline mode, revisions
         'tensorboardX>=2.6',  # TensorBoard event files without torch or TensorFlow (metrics_log)
         # Train-state checkpoints: each process writes its shards, asynchronously, to any path
