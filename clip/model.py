@@ -243,7 +243,7 @@ def _coca():
 
 
 def _is_coca(cfg):
-  return type(cfg).__name__ == 'CoCaConfig' and isinstance(cfg, _coca().CoCaConfig)
+  return isinstance(cfg, _coca().CoCaConfig)
 
 
 def l2_normalize(x):

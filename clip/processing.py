@@ -69,7 +69,7 @@ def _check_model_config(cfg):
 def _tower(cfg):
   """The tower that reads the tokens: the text tower (a CLIPConfig without one: its decoder)."""
   _check_model_config(cfg)
-  return cfg.text or getattr(cfg, 'decoder', None)
+  return cfg.text or cfg.decoder
 
 
 def _how_to_give(kind):

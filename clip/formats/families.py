@@ -29,7 +29,8 @@ BIG_VISION = 'big_vision SigLIP (.npz)'
 
 _UNSUPPORTED = (  # (pattern on a key, what it is[, a test on the keys that exempts them])
     (r'text_decoder\..*|visual\.attn_pool\.(query|ln_q\..*|ln_k\..*)',
-     "CoCa's captioning decoder outside open_clip's CoCa layout (which clip.load reads: clip.coca)"),
+     "CoCa's captioning decoder outside open_clip's CoCa layout (which clip.load reads: "
+     'clip.coca)'),
     (r'visual\.(blocks|patch_embed|rope)\..*', "an EVA / timm-style image tower outside `trunk`"),
     (r'visual\.trunk\.(stem\.\d+\.conv_kxk|final_conv)\..*', "MobileCLIP's MCi trunk (FastViT: "
      'reparameterisable convolutional stages)'),

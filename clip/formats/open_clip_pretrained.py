@@ -115,9 +115,9 @@ _BASE_HUB = {
     'ViT-L-14-worldwide': {},
 }
 
-# {name: {tag: where its weights are}}: 'org/repo/' (open_clip's default file in it), 'org/repo/file',
-# or, for weights only released at a URL, the URL ('https://...'). A `-quickgelu` name shares its
-# base name's QuickGELU tags, as in open_clip.
+# {name: {tag: where its weights are}}: 'org/repo/' (open_clip's default file in it),
+# 'org/repo/file', or, for weights only released at a URL, the URL ('https://...'). A
+# `-quickgelu` name shares its base name's QuickGELU tags, as in open_clip.
 HF_HUB = {
     **_BASE_HUB,
     **{name: {t: _BASE_HUB[name.removesuffix('-quickgelu')][t] for t in tags}
