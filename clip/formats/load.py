@@ -71,8 +71,8 @@ def load(path, config=None, dtype=np.float32, image_resolution=None, tokenizer=N
   `HF_HUB_OFFLINE=1` to use only the cache, `revision=` a branch, tag or commit to pin;
   `clip.formats.hub`): `'hf-hub:ORG/NAME'` an open_clip Hub repository (`open_clip_config.json`
   and its weights), `'ORG/NAME'` a transformers one (`config.json`, `model.safetensors` or its
-  shards, processor and tokenizer files) unless a local path of that name exists (a local path wins, as in `from_pretrained`), and an open_clip model
-  name with `pretrained=` one of its tags (`clip.load('ViT-B-32', pretrained='laion2b_s34b_b79k')`:
+  shards, processor and tokenizer files) unless a local path of that name exists (a local path
+  wins, as in `from_pretrained`), and an open_clip model name with `pretrained=` one of its tags (`clip.load('ViT-B-32', pretrained='laion2b_s34b_b79k')`:
   open_clip's config, weights repository and preprocessing for that tag,
   `clip.formats.open_clip_pretrained`). Only the files the loader reads are downloaded, all at one
   commit; then they load as a local folder, tokenizer and preprocessing included.
