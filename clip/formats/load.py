@@ -66,16 +66,17 @@ def load(path, config=None, dtype=np.float32, image_resolution=None, tokenizer=N
   architecture (its dtype, remat and scan are taken), and `tokenizer=`, `preprocess=` and
   `image_resolution` are refused there (the workdir states its own).
 
-  An OpenAI name ('ViT-B/32', `clip.MODELS`) that is no local path is `load_model_vars(name)`,
-  as OpenAI's own `clip.load` takes it. By name, through huggingface_hub (its cache,
-  `HF_HUB_OFFLINE=1` to use only the cache, `revision=` a branch, tag or commit to pin;
-  `clip.formats.hub`): `'hf-hub:ORG/NAME'` an open_clip Hub repository (`open_clip_config.json`
-  and its weights), `'ORG/NAME'` a transformers one (`config.json`, `model.safetensors` or its
-  shards, processor and tokenizer files) unless a local path of that name exists (a local path
-  wins, as in `from_pretrained`), and an open_clip model name with `pretrained=` one of its tags (`clip.load('ViT-B-32', pretrained='laion2b_s34b_b79k')`:
-  open_clip's config, weights repository and preprocessing for that tag,
-  `clip.formats.open_clip_pretrained`). Only the files the loader reads are downloaded, all at one
-  commit; then they load as a local folder, tokenizer and preprocessing included.
+  An OpenAI name ('ViT-B/32', `clip.MODELS`) that is no local path is `load_model_vars(name)`, as
+  OpenAI's own `clip.load` takes it. By name, through huggingface_hub (its cache, `HF_HUB_OFFLINE=1`
+  to use only the cache, `revision=` a branch, tag or commit to pin; `clip.formats.hub`):
+  `'hf-hub:ORG/NAME'` an open_clip Hub repository (`open_clip_config.json` and its weights),
+  `'ORG/NAME'` a transformers one (`config.json`, `model.safetensors` or its shards, processor and
+  tokenizer files) unless a local path of that name exists (a local path wins, as in
+  `from_pretrained`), and an open_clip model name with `pretrained=` one of its tags
+  (`clip.load('ViT-B-32', pretrained='laion2b_s34b_b79k')`: open_clip's config, weights repository
+  and preprocessing for that tag, `clip.formats.open_clip_pretrained`). Only the files the loader
+  reads are downloaded, all at one commit; then they load as a local folder, tokenizer and
+  preprocessing included.
 
   Raises CheckpointError for an unsupported family (naming its keys), missing, unexpected or
   misshapen keys, a `config=` that contradicts the files, or processing files this package
