@@ -20,8 +20,9 @@ CoCa is a two-tower CLIP whose towers also hand tokens to a multimodal decoder:
 Params are open_clip's state-dict keys nested on '.', as a CoCa model's `state_dict()` holds
 them (`visual.*`, `text.*`, `text_decoder.{resblocks, cross_attn}.<i>.*`, `logit_scale`).
 Tested against open_clip 3.3 (tests/formats/test_coca.py): features and decoder scores within
-1e-4 relative error, greedy captions token for token. Beam search is not compared: open_clip's
-beam path needs transformers' `BeamSearchScorer`, which transformers 5 removed.
+1e-4 relative error, greedy captions token for token. KV-cached decoding and beam search:
+`clip/coca_decoding.py` (open_clip's beam path needs transformers' `BeamSearchScorer`, which
+transformers 5 removed: ours is tested against an exhaustive search instead).
 """
 import dataclasses
 import functools
@@ -330,46 +331,31 @@ def _apply(params, images_NxHxWx3, tokens_NxL, cfg):
   return image_NxE, text_NxE, decode(params, image_NxTxD, text_NxLxD, cfg)
 
 
-def caption(params, images_NxHxWx3, cfg, sot_id, eos_id, seq_len=30, min_seq_len=5):
+def caption(params, images_NxHxWx3, cfg, sot_id, eos_id, seq_len=30, min_seq_len=5,
+            use_cache=True):
   """Greedy captions (N, seq_len) int32, token for token open_clip's
   `generate(image, generation_type='top_k', top_k=1, seq_len=seq_len, min_seq_len=min_seq_len,
   sot_token_id=sot_id, eos_token_id=eos_id, fixed_output_length=True)` (temperature 1, no
   repetition penalty): row = sot_id, then at each position the best-scoring token, `eos_id`
   forbidden before `min_seq_len` tokens and forced at the last position; a row ends at `eos_id`
   or at a generated `cfg.pad_id` (open_clip treats both as the end) and is padded with
-  `cfg.pad_id` after. Raises ValueError unless min_seq_len < seq_len <= decoder context + 1."""
-  limit = min(cfg.decoder.context_length, cfg.text.context_length) + 1
-  if not 0 <= min_seq_len < seq_len <= limit:
-    raise ValueError(f'need 0 <= min_seq_len < seq_len <= {limit} (the context + 1); got '
-                     f'min_seq_len {min_seq_len}, seq_len {seq_len}')
-  for name, value in (('sot_id', sot_id), ('eos_id', eos_id)):
-    if not 0 <= value < cfg.text.vocab_size:
-      raise ValueError(f'{name} {value} is outside the vocabulary [0, {cfg.text.vocab_size})')
-  model.check_images(images_NxHxWx3, cfg)
-  return _caption(params, images_NxHxWx3, cfg, jnp.int32(sot_id), jnp.int32(eos_id), seq_len,
-                  min_seq_len)
+  `cfg.pad_id` after. Decoded with a KV cache (`clip.coca_decoding`); `use_cache=False` re-runs
+  both towers over the whole buffer every step (the reference). Beam search:
+  `clip.coca_decoding.beam_caption`. Raises ValueError unless min_seq_len < seq_len <= decoder
+  context + 1 and the ids are in the vocabulary."""
+  from clip import coca_decoding  # pylint: disable=g-import-not-at-top  # cycle: it uses coca
+  return coca_decoding.caption(params, images_NxHxWx3, cfg, sot_id, eos_id, seq_len, min_seq_len,
+                               use_cache)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'seq_len', 'min_seq_len'))
-def _caption(params, images_NxHxWx3, cfg, sot_id, eos_id, seq_len, min_seq_len):
-  image_NxTxD = image_features_and_tokens(params, images_NxHxWx3, cfg)[1]
-  n = images_NxHxWx3.shape[0]
-  tokens_NxL = jnp.full((n, seq_len), cfg.pad_id, jnp.int32).at[:, 0].set(sot_id)
-
-  def body(i, carry):
-    # Causal attention keeps positions after i (not yet written) out of position i's scores.
-    tokens_NxL, done_N = carry
-    text_NxLxD = text_features_and_tokens(params, tokens_NxL[:, :-1], cfg)[1]
-    scores_NxV = jax.lax.dynamic_index_in_dim(decode(params, image_NxTxD, text_NxLxD, cfg), i,
-                                              axis=1, keepdims=False)
-    scores_NxV = jnp.where((i + 1 < min_seq_len) & (jnp.arange(scores_NxV.shape[1]) == eos_id),
-                           -jnp.inf, scores_NxV)
-    best_N = jnp.where(i + 2 == seq_len, eos_id, jnp.argmax(scores_NxV, axis=1).astype(jnp.int32))
-    new_N = jnp.where(done_N, cfg.pad_id, best_N)
-    tokens_NxL = jax.lax.dynamic_update_index_in_dim(tokens_NxL, new_N, i + 1, axis=1)
-    return tokens_NxL, done_N | (new_N == eos_id) | (new_N == cfg.pad_id)
-
-  return jax.lax.fori_loop(0, seq_len - 1, body, (tokens_NxL, jnp.zeros((n,), bool)))[0]
+def beam_caption(params, images_NxHxWx3, cfg, sot_id, eos_id, seq_len=30, beam_size=4,
+                 length_penalty=0.0, use_cache=True):
+  """Beam-search captions `(tokens (N, seq_len) int32, scores (N,) fp32)`: the best beam per
+  image by log-likelihood (GNMT's length normaliser); `clip.coca_decoding.beam_caption` says the
+  rows, the score, the errors, and how it differs from open_clip's group beam search."""
+  from clip import coca_decoding  # pylint: disable=g-import-not-at-top  # cycle: it uses coca
+  return coca_decoding.beam_caption(params, images_NxHxWx3, cfg, sot_id, eos_id, seq_len,
+                                    beam_size, length_penalty, use_cache)
 
 
 # ---------------------------------------------------------------- files

@@ -8,9 +8,14 @@ Every row is loaded and run, not typed: 'exact' (no CheckpointWarning and the la
 error of image features, text features and logits below 1e-4), 'warns' (a CheckpointWarning: its
 text in the note, the error of what loaded in the error column), 'refused' (CheckpointError:
 its first line in the note), 'WRONG' (loaded silently with a larger error: a bug to fix) or
-'error: ...' (the measurement itself failed). Export rows save with `clip.save_open_clip` /
-`clip.save_hf` and load into the peer library. Writes checkpoint_families.json and
-checkpoint_families.md into --out.
+'error: ...' (the measurement itself failed). Rows with a tokenizer (MetaCLIP 2) tokenize the
+same texts with ours and the peer's; CoCa's 'logits' are its decoder's next-token scores, and
+its greedy captions must equal open_clip's token for token; the NaFlex any-shape row measures
+`clip.naflex_preprocess` + `clip.encode_image_naflex` (the load's warning is about
+`clip.encode_image`'s square grid, the row before it). Export rows save with
+`clip.save_open_clip` / `clip.save_hf` and load into the peer library. The measuring is in
+`checkpoint_families_measure.py`, the 2026 families' models in `checkpoint_families_recent.py`.
+Writes checkpoint_families.json and checkpoint_families.md into --out.
 """
 import argparse
 import copy
@@ -19,25 +24,28 @@ import json
 import os
 import tempfile
 import time
-import warnings
 
-import numpy as np
 import sentencepiece
 import torch
 import transformers
 from safetensors.torch import save_file
 
 import clip
-from clip import model
 from clip.formats import open_clip
 from clip.formats import open_clip_folder
 from clip.formats import openai
 from clip.formats.hf import save_hf
+from experiments import checkpoint_families_recent as recent
+from experiments.checkpoint_families_measure import TOL
+from experiments.checkpoint_families_measure import compare
+from experiments.checkpoint_families_measure import hf_ref
+from experiments.checkpoint_families_measure import measure_load
+from experiments.checkpoint_families_measure import open_clip_ref
+from experiments.checkpoint_families_measure import perturb
+from experiments.checkpoint_families_measure import save_dir
+from experiments.checkpoint_families_measure import save_image_processor
 from experiments.references import open_clip as open_clip_reference
-from experiments.references import openai as openai_reference
 from experiments.siglip_to_big_vision import big_vision_npz
-
-TOL = 1e-4  # fp32: relative error of features and logits
 
 
 def parse_args(argv):
@@ -49,108 +57,7 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def _rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-
-
-def _normalize(x):
-  x = np.asarray(x, np.float64)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _inputs(cfg, siglip, n=3, seed=0):
-  rng = np.random.default_rng(seed)
-  r = cfg.image_resolution
-  images = rng.normal(size=(n, r, r, 3)).astype(np.float32)
-  if siglip:  # SigLIP pools the last position: every position is a real token
-    return images, rng.integers(0, cfg.text.vocab_size, (n, cfg.text.context_length), np.int32)
-  return images, openai_reference.random_tokens(rng, n, cfg)
-
-
-def _ours(params, cfg, images, tokens, normalized):
-  img, txt = clip.encode_image(params, images, cfg), clip.encode_text(params, tokens, cfg)
-  logits = model.logits(params, img, txt)[0]  # not clip.apply: that compiles both towers again
-  if normalized:
-    img, txt = _normalize(img), _normalize(txt)
-  return {'image': img, 'text': txt, 'logits': logits}
-
-
-# ---------------------------------------------------------------- references
-
-def _open_clip_ref(m):
-  """open_clip's outputs: unnormalised features, logits with its scale (and bias)."""
-  def ref(images, tokens):
-    with torch.no_grad():
-      x, t = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long()
-      logits = m.get_logits(x, t)[0]
-      return {'image': m.encode_image(x).numpy(), 'text': m.encode_text(t).numpy(),
-              'logits': logits.numpy()}
-  return ref
-
-
-def _hf_ref(hf):
-  """transformers' outputs: normalised embeddings and logits_per_image."""
-  def ref(images, tokens):
-    with torch.no_grad():
-      out = hf(input_ids=torch.from_numpy(tokens).long(),
-               pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
-    return {'image': out.image_embeds.numpy(), 'text': out.text_embeds.numpy(),
-            'logits': out.logits_per_image.numpy()}
-  return ref
-
-
-def _hf_naflex_ref(hf, patch):
-  """transformers' Siglip2Model outputs at its table's grid: pixels patchified in the
-  processor's (row, col, channel) order, every patch real."""
-  def ref(images, tokens):
-    n, r = images.shape[:2]
-    grid = r // patch
-    patches = images.reshape(n, grid, patch, grid, patch, 3).transpose(0, 1, 3, 2, 4, 5)
-    with torch.no_grad():
-      out = hf(input_ids=torch.from_numpy(tokens).long(),
-               pixel_values=torch.from_numpy(patches.reshape(n, grid * grid, -1)),
-               pixel_attention_mask=torch.ones(n, grid * grid, dtype=torch.long),
-               spatial_shapes=torch.tensor([[grid, grid]] * n))
-    return {'image': out.image_embeds.numpy(), 'text': out.text_embeds.numpy(),
-            'logits': out.logits_per_image.numpy()}
-  return ref
-
-
-def compare(params, cfg, ref, siglip=False, normalized=False):
-  """The largest relative error of our image features, text features and logits vs `ref`."""
-  images, tokens = _inputs(cfg, siglip)
-  ours, theirs = _ours(params, cfg, images, tokens, normalized), ref(images, tokens)
-  return max(_rel_err(ours[k], theirs[k]) for k in ('image', 'text', 'logits'))
-
-
-def _without_path(message, path):
-  """The message without the leading '<weights file>: ' (a temporary path)."""
-  return message.split(': ', 1)[-1] if message.startswith(os.fspath(path)) else message
-
-
-def measure_load(path, ref, config=None, siglip=False, normalized=False):
-  """clip.load(path, config) classified by the rules of the module docstring."""
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    try:
-      params, cfg = clip.load(path, config=config)
-    except clip.CheckpointError as e:
-      return {'result': 'refused', 'error': None,
-              'note': _without_path(str(e), path).split('\n')[0]}
-  warned = [_without_path(str(w.message), path) for w in caught
-            if issubclass(w.category, clip.CheckpointWarning)]
-  err = compare(params, cfg, ref, siglip, normalized)
-  if warned:
-    return {'result': 'warns', 'error': err, 'note': warned[0][:120]}
-  return {'result': 'exact' if err < TOL else 'WRONG', 'error': err, 'note': ''}
-
-
 # ---------------------------------------------------------------- open_clip models
-
-def _perturb(m, seed):
-  return openai_reference.perturb(m.eval(), seed)
-
 
 def _open_clip_vit(oc, quick_gelu, seed=0):
   """A small open_clip ViT CLIP (ViT-g-14's MLP ratio; 64-wide heads, which the shapes imply,
@@ -161,21 +68,15 @@ def _open_clip_vit(oc, quick_gelu, seed=0):
                'text_cfg': {'context_length': 12, 'vocab_size': 300, 'width': 64, 'heads': 1,
                             'layers': 2}}
   torch.manual_seed(seed)
-  return _perturb(oc.model.CLIP(**model_cfg), seed), model_cfg
-
-
-def _save_dir(tmp, name):
-  folder = os.path.join(tmp, name)
-  os.makedirs(folder, exist_ok=True)
-  return folder
+  return perturb(oc.model.CLIP(**model_cfg), seed), model_cfg
 
 
 def open_clip_gelu(oc, tmp, with_config):
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False)
-  path = os.path.join(_save_dir(tmp, f'gelu_{with_config}'), 'model.pt')
+  path = os.path.join(save_dir(tmp, f'gelu_{with_config}'), 'model.pt')
   torch.save(m.state_dict(), path)
   config = open_clip.config_from_open_clip(model_cfg) if with_config else None
-  return measure_load(path, _open_clip_ref(m), config)
+  return measure_load(path, open_clip_ref(m), config)
 
 
 def _write_open_clip_config(folder, model_cfg):
@@ -185,21 +86,21 @@ def _write_open_clip_config(folder, model_cfg):
 
 def open_clip_hub_folder(oc, tmp):
   m, model_cfg = _open_clip_vit(oc, quick_gelu=True, seed=1)
-  folder = _save_dir(tmp, 'hub')
+  folder = save_dir(tmp, 'hub')
   save_file({k: v.contiguous() for k, v in m.state_dict().items()},
             os.path.join(folder, 'open_clip_model.safetensors'))
   _write_open_clip_config(folder, model_cfg)
-  return measure_load(folder, _open_clip_ref(m))
+  return measure_load(folder, open_clip_ref(m))
 
 
 def open_clip_training_checkpoint(oc, tmp):
   m, model_cfg = _open_clip_vit(oc, quick_gelu=True, seed=2)
-  folder = _save_dir(tmp, 'ddp_compiled')
+  folder = save_dir(tmp, 'ddp_compiled')
   state = {'module._orig_mod.' + k: v for k, v in m.state_dict().items()}
   path = os.path.join(folder, 'epoch_3.pt')
   torch.save({'epoch': 3, 'state_dict': state}, path)
   _write_open_clip_config(folder, model_cfg)
-  return measure_load(path, _open_clip_ref(m))
+  return measure_load(path, open_clip_ref(m))
 
 
 def timm_siglip(oc, image_size=32):
@@ -217,24 +118,25 @@ def timm_siglip(oc, image_size=32):
   m.visual.trunk = timm.models.vision_transformer.VisionTransformer(
       img_size=image_size, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=1.75,
       class_token=False, global_pool='map', num_classes=0)
-  return _perturb(m, 3)
+  return perturb(m, 3)
 
 
-def _siglip_cfg(act):
+def _siglip_cfg(act, image_size=32):
   """The small SigLIP's config, stated by hand (as a user reading the model card would)."""
-  vision = clip.VisionConfig('vit', 64, 2, 2, 32, 8, pool='map', ln_pre=False, patch_bias=True,
-                             projection=False, mlp=act, norm_eps=1e-6, mlp_dim=112)
+  vision = clip.VisionConfig('vit', 64, 2, 2, image_size, 8, pool='map', ln_pre=False,
+                             patch_bias=True, projection=False, mlp=act, norm_eps=1e-6,
+                             mlp_dim=112)
   text = clip.TextConfig(64, 2, 4, 16, 100, pool='last', causal=False, mask_padding=False,
                          projection_bias=True, mlp=act, norm_eps=1e-6, mlp_dim=96)
   return clip.CLIPConfig(64, vision, text, logit_bias=True)
 
 
-def open_clip_timm_siglip(oc, tmp, with_config):
-  m = timm_siglip(oc)
-  path = os.path.join(_save_dir(tmp, f'timm_siglip_{with_config}'), 'siglip.pt')
+def open_clip_timm_siglip(oc, tmp, with_config, image_size=32):
+  m = timm_siglip(oc, image_size)
+  path = os.path.join(save_dir(tmp, f'timm_siglip_{with_config}_{image_size}'), 'siglip.pt')
   torch.save(m.state_dict(), path)
-  config = _siglip_cfg('gelu') if with_config else None
-  return measure_load(path, _open_clip_ref(m), config, siglip=True)
+  config = _siglip_cfg('gelu', image_size) if with_config else None
+  return measure_load(path, open_clip_ref(m), config, siglip=True)
 
 
 def timm_eva(oc, name, seed=0):
@@ -255,13 +157,13 @@ def timm_eva(oc, name, seed=0):
   m.visual.trunk = timm.create_model(vision_cfg['timm_model_name'], num_classes=48,
                                      global_pool=vision_cfg['timm_pool'], img_size=32,
                                      patch_size=8, embed_dim=128, depth=2, num_heads=2)
-  return _perturb(m, seed), cfg
+  return perturb(m, seed), cfg
 
 
 def open_clip_eva(oc, tmp, name):
-  (m, cfg), path = timm_eva(oc, name), os.path.join(_save_dir(tmp, name), 'eva.pt')
+  (m, cfg), path = timm_eva(oc, name), os.path.join(save_dir(tmp, name), 'eva.pt')
   torch.save(m.state_dict(), path)
-  return measure_load(path, _open_clip_ref(m), cfg)
+  return measure_load(path, open_clip_ref(m), cfg)
 
 
 def open_clip_refused_trunk(oc, tmp, trunk):
@@ -269,9 +171,9 @@ def open_clip_refused_trunk(oc, tmp, trunk):
                 'timm_pool': '', 'timm_proj': 'linear', 'image_size': 32}
   text_cfg = {'context_length': 12, 'vocab_size': 300, 'width': 64, 'heads': 1, 'layers': 1}
   m = oc.model.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
-  path = os.path.join(_save_dir(tmp, trunk), 'trunk.pt')
+  path = os.path.join(save_dir(tmp, trunk), 'trunk.pt')
   torch.save(m.state_dict(), path)
-  return measure_load(path, _open_clip_ref(m))
+  return measure_load(path, open_clip_ref(m))
 
 
 # ---------------------------------------------------------------- Hugging Face models
@@ -286,7 +188,7 @@ def _hf_clip(seed=0):
                          num_attention_heads=1, image_size=32, patch_size=8, hidden_act='gelu'),
       projection_dim=24)
   torch.manual_seed(seed)
-  return _perturb(transformers.CLIPModel(config), seed)
+  return perturb(transformers.CLIPModel(config), seed)
 
 
 def hf_siglip(seed=0, image_size=32):
@@ -302,58 +204,28 @@ def hf_siglip(seed=0, image_size=32):
   with torch.no_grad():
     m.logit_scale.fill_(2.3)
     m.logit_bias.fill_(-4.0)
-  return _perturb(m, seed)
+  return perturb(m, seed)
 
 
-def save_image_processor(folder, siglip, size):
-  """The `preprocessor_config.json` a hub folder holds beside the weights (transformers'
-  `CLIPImageProcessor` / `SiglipImageProcessor` at the model's size)."""
-  if siglip:
-    processor = transformers.SiglipImageProcessor(size={'height': size, 'width': size})
-  else:
-    processor = transformers.CLIPImageProcessor(size={'shortest_edge': size},
-                                                crop_size={'height': size, 'width': size})
-  processor.save_pretrained(folder)
-
-
-def hf_folder(tmp, siglip, lone):
+def hf_folder(tmp, siglip, lone, image_size=32):
   """save_pretrained's folder, or its model.safetensors alone (no config.json beside it)."""
-  hf = hf_siglip(seed=4) if siglip else _hf_clip(seed=4)
-  folder = _save_dir(tmp, f'hf_{siglip}')
+  hf = hf_siglip(seed=4, image_size=image_size) if siglip else _hf_clip(seed=4)
+  folder = save_dir(tmp, f'hf_{siglip}_{image_size}')
   hf.save_pretrained(folder)
   save_image_processor(folder, siglip, hf.config.vision_config.image_size)
   path = folder
   if lone:
-    path = os.path.join(_save_dir(tmp, f'hf_{siglip}_lone'), 'model.safetensors')
+    path = os.path.join(save_dir(tmp, f'hf_{siglip}_lone'), 'model.safetensors')
     with open(os.path.join(folder, 'model.safetensors'), 'rb') as src, open(path, 'wb') as dst:
       dst.write(src.read())
-  return measure_load(path, _hf_ref(hf), siglip=siglip, normalized=True)
+  return measure_load(path, hf_ref(hf), siglip=siglip, normalized=True)
 
 
 def big_vision(tmp):
   hf = hf_siglip(seed=5)
-  path = os.path.join(_save_dir(tmp, 'big_vision'), 'siglip.npz')
+  path = os.path.join(save_dir(tmp, 'big_vision'), 'siglip.npz')
   big_vision_npz(hf, path)
-  return measure_load(path, _hf_ref(hf), siglip=True, normalized=True)
-
-
-def hf_siglip2_model(seed=0):
-  """A small transformers Siglip2Model (NaFlex, a 4 x 4 grid of 8 px patches), every parameter
-  perturbed (also used by the tests)."""
-  config = transformers.Siglip2Config(
-      text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, vocab_size=100, max_position_embeddings=16),
-      vision_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                         num_attention_heads=2, num_patches=16, patch_size=8))
-  torch.manual_seed(seed)
-  return _perturb(transformers.Siglip2Model(config).eval(), seed)
-
-
-def hf_siglip2(tmp):
-  hf = hf_siglip2_model(seed=8)
-  folder = _save_dir(tmp, 'hf_siglip2')
-  hf.save_pretrained(folder)
-  return measure_load(folder, _hf_naflex_ref(hf, 8), siglip=True, normalized=True)
+  return measure_load(path, hf_ref(hf), siglip=True, normalized=True)
 
 
 # ---------------------------------------------------------------- exports
@@ -369,10 +241,10 @@ def export_open_clip(oc, tmp):
   m, model_cfg = _open_clip_vit(oc, quick_gelu=False, seed=6)
   cfg = open_clip.config_from_open_clip(model_cfg)
   params = openai.from_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, cfg)[0]
-  folder = _save_dir(tmp, 'export_open_clip')
+  folder = save_dir(tmp, 'export_open_clip')
   open_clip_folder.save_open_clip(params, cfg, folder)
   theirs = oc.create_model(f'local-dir:{folder}').eval()  # open_clip loads strictly
-  return _peer_row((), (), compare(params, cfg, _open_clip_ref(theirs)))
+  return _peer_row((), (), compare(params, cfg, open_clip_ref(theirs)))
 
 
 def tiny_sentencepiece(folder, vocab_size=43):
@@ -390,16 +262,16 @@ def tiny_sentencepiece(folder, vocab_size=43):
 
 def export_hf(tmp, siglip):
   hf = hf_siglip(seed=7) if siglip else _hf_clip(seed=7)
-  source, out = _save_dir(tmp, f'export_hf_src_{siglip}'), _save_dir(tmp, f'export_hf_{siglip}')
+  source, out = save_dir(tmp, f'export_hf_src_{siglip}'), save_dir(tmp, f'export_hf_{siglip}')
   hf.save_pretrained(source)
   save_image_processor(source, siglip, hf.config.vision_config.image_size)
   # A SigLIP export writes its tokenizer's files: the source folder needs one.
-  tokenizer = tiny_sentencepiece(_save_dir(tmp, 'export_hf_spm')) if siglip else None
+  tokenizer = tiny_sentencepiece(save_dir(tmp, 'export_hf_spm')) if siglip else None
   params, cfg = clip.load(source, tokenizer=tokenizer)
   save_hf(params, cfg, out)
   cls = transformers.SiglipModel if siglip else transformers.CLIPModel
   theirs, info = cls.from_pretrained(out, output_loading_info=True)
-  err = compare(params, cfg, _hf_ref(theirs.eval()), siglip, normalized=True)
+  err = compare(params, cfg, hf_ref(theirs.eval()), siglip, normalized=True)
   return _peer_row(info['missing_keys'], info['unexpected_keys'], err)
 
 
@@ -425,12 +297,22 @@ def rows():
       ('HF SiglipModel', 'lone model.safetensors', 'no', 'warns',
        lambda oc, tmp: hf_folder(tmp, siglip=True, lone=True)),
       ('HF Siglip2Model (NaFlex), at its grid', 'save_pretrained folder', 'no', 'warns',
-       lambda oc, tmp: hf_siglip2(tmp)),
+       lambda oc, tmp: recent.hf_siglip2(tmp)),
+      ('HF Siglip2Model (NaFlex), any shape: clip.naflex_preprocess + encode_image_naflex',
+       'save_pretrained folder + Siglip2ImageProcessor', 'no', 'exact',
+       lambda oc, tmp: recent.hf_siglip2_any_shape(tmp)),
       # A bare .pt states no preprocessing: config= gives the architecture, not the transform.
       ('open_clip timm-trunk SigLIP', 'state dict .pt', 'yes', 'warns',
        lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=True)),
       ('open_clip timm-trunk SigLIP', 'state dict .pt', 'no', 'warns',
        lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=False)),
+      # So400m/14 at 384 px covers 27 x 27 patches, 6 px short: 38 px over 8 px patches, the same.
+      ('SigLIP So400m/14 at 384 px (grid floors as the conv; 38 px / 8 px here), HF '
+       '(SiglipModel)', 'save_pretrained folder', 'no', 'exact',
+       lambda oc, tmp: hf_folder(tmp, siglip=True, lone=False, image_size=38)),
+      ('SigLIP So400m/14 at 384 px (grid floors as the conv; 38 px / 8 px here), open_clip '
+       'timm trunk', 'state dict .pt', 'yes', 'warns',
+       lambda oc, tmp: open_clip_timm_siglip(oc, tmp, with_config=True, image_size=38)),
       ('big_vision SigLIP', '.npz', 'no', 'warns', lambda oc, tmp: big_vision(tmp)),
       ('open_clip EVA02 (timm Eva trunk: 2-D RoPE, SwiGLU, sub-LN)', 'state dict .pt', 'yes',
        'exact', lambda oc, tmp: open_clip_eva(oc, tmp, 'EVA02-B-16')),
@@ -438,6 +320,13 @@ def rows():
        'yes', 'exact', lambda oc, tmp: open_clip_eva(oc, tmp, 'EVA02-E-14')),
       ('open_clip PE-Core T/S/B/L (timm Eva trunk: 2-D RoPE, class token + MAP head)',
        'state dict .pt', 'yes', 'warns', lambda oc, tmp: open_clip_eva(oc, tmp, 'PE-Core-B-16')),
+      ('open_clip CoCa (coca_ViT-B-32: attentional pooler, captioning decoder)',
+       'hub folder (open_clip_config.json + .bin)', 'no', 'exact', recent.open_clip_coca),
+      ('MetaCLIP 2 worldwide, open_clip (XLM-V tokenizer, pooled at the first </s>)',
+       'hub folder (save_for_hf: config, weights, tokenizer.json)', 'no', 'exact',
+       recent.open_clip_metaclip2),
+      ('MetaCLIP 2 worldwide, HF (MetaClip2Model)', 'save_pretrained folder + tokenizer', 'no',
+       'exact', lambda oc, tmp: recent.hf_metaclip2(tmp)),
       ('open_clip ConvNeXt trunk', 'state dict .pt', 'no', 'refused',
        lambda oc, tmp: open_clip_refused_trunk(oc, tmp, 'convnext_atto')),
       ('open_clip MobileCLIP2 (MCi / FastViT trunk)', 'state dict .pt', 'no', 'refused',

@@ -20,17 +20,12 @@ import clip
 from clip import naflex
 from clip.formats import files
 from clip.formats import hf
-from experiments import checkpoint_families
+from experiments import checkpoint_families_recent
+from experiments.checkpoint_families_recent import NAFLEX_PATCH as PATCH
+from experiments.checkpoint_families_recent import NAFLEX_SIZES as SIZES
+from experiments.checkpoint_families_recent import naflex_images as _images
 
 RTOL = 1e-4  # fp32 features, relative to their largest magnitude
-PATCH = 8  # checkpoint_families.hf_siglip2_model's: a 4 x 4 table of 8 px patches
-# (height, width): tall, wide, square, and one larger than any budget here.
-SIZES = ((40, 20), (20, 40), (33, 33), (200, 120))
-
-
-def _images(seed, sizes=SIZES):
-  rng = np.random.default_rng(seed)
-  return [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in sizes]
 
 
 def _rel_err(a, b):
@@ -103,7 +98,7 @@ def test_resized_positions_equal_torch_antialiased_bilinear():
 @pytest.fixture(scope='module')
 def model():
   """(transformers Siglip2Model, our params, our config) with the same weights."""
-  m = checkpoint_families.hf_siglip2_model(seed=3)
+  m = checkpoint_families_recent.hf_siglip2_model(seed=3)
   flat = {k: v.detach().numpy() for k, v in m.state_dict().items()}
   params = jax.tree.map(jnp.asarray, files.nest(hf.to_ours(flat, 'siglip2')))
   return m, params, hf.config_from_hf(m.config.to_dict())

@@ -28,19 +28,11 @@ every step re-runs `decoder.apply` over the whole (N, max_length) buffer; causal
 the positions not yet written from reaching the scores read, so both give the same tokens (up to
 exact ties of fp32 scores that differ in rounding).
 
-Beam search is the alive/finished formulation of flax's `examples/wmt/decode.py` and T5X's
-`decoding.beam_search`: per row, `beam_size` alive beams ranked by their summed log-probability,
-and finished captions ranked by the length-normalised score `log p / lp(length)`, GNMT's
-`lp = ((5 + length) / 6) ** length_penalty` (Wu et al. 2016, eq. 14; 0 = plain log-likelihood),
-`length` the generated tokens including the end-of-text one. Each step extends the alive beams by
-every token, takes the best 2 x beam_size candidates, finishes those ending in the end-of-text
-token and keeps the best others alive (the beam dimension is folded into the cache's batch; each
-new beam's rows are gathered from its parent's). A candidate finishes only when it ranks within
-the best beam_size of the step (Hugging Face's `BeamSearchScorer`), which makes beam_size 1
-greedy decoding exactly; beams alive at `max_length` compete with the finished ones at the end.
-Only the best finished caption of a row is kept (flax and T5X keep beam_size of them to return
-them all), so the search stops as soon as no alive beam, scored as if it grew to `max_length`
-(log-probabilities only fall, the normaliser only grows), can beat it.
+Beam search (`clip.eval.search`, which also holds the loops for CoCa's decoder) is the
+alive/finished formulation of flax's and T5X's, with GNMT's length normaliser
+`length_normalizer(length, length_penalty) = ((5 + length) / 6) ** length_penalty`; a candidate
+finishes only within the best beam_size of its step (Hugging Face's `BeamSearchScorer`), so
+beam_size 1 is greedy decoding exactly.
 
 Scoring (CapPa's generative zero-shot protocol, Tschannen et al. 2023, sec. 4; big_vision's
 `evaluators/proj/cappa/scoring_classifier.py`): every class prompt is scored by its
@@ -49,7 +41,6 @@ image is classified by the highest; classes run in chunks so memory stays bounde
 """
 import collections.abc
 import functools
-import typing
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +51,9 @@ from clip import configs
 from clip import decoder
 from clip import model
 from clip import processing
+from clip.eval import search
+
+length_normalizer = search.length_normalizer
 
 
 # ---------------------------------------------------------------- the start token
@@ -160,16 +154,16 @@ def _check_scorable(values_NxL, cfg, what):
 # ---------------------------------------------------------------- the next token's scores
 
 def _scorer(params, image_RxTxW, cfg, execution, use_cache):
-  """`(state, scores_at)`, `scores_at(tokens_RxL, i, state) -> (scores (R, S) of position i + 1,
-  state)`: from the KV cache (the state), or by re-running `decoder.apply` over the whole token
-  buffer (state `()`), whose causal mask keeps positions after i out of the scores read."""
+  """The `search.Scorer` of `decoder`: from the KV cache (the state), or by re-running
+  `decoder.apply` over the whole token buffer (state `()`), whose causal mask keeps positions
+  after i out of the scores read."""
   if use_cache:
     cache = decoder.init_cache(params, image_RxTxW, cfg, execution)
-    return cache, lambda tokens_RxL, i, cache: decoder.step(params, cache, tokens_RxL[:, i], i, cfg,
-                                                            execution)
+    return search.Scorer(cache, lambda tokens_RxL, i, cache: decoder.step(
+        params, cache, tokens_RxL[:, i], i, cfg, execution), _take_rows)
   scores_at = lambda tokens_RxL, i, state: (
       decoder.apply(params, image_RxTxW, tokens_RxL, cfg, execution)[:, i], state)
-  return (), scores_at
+  return search.Scorer((), scores_at, _take_rows)
 
 
 def _take_rows(state, rows_R):
@@ -182,13 +176,6 @@ def _take_rows(state, rows_R):
 
 
 # ---------------------------------------------------------------- greedy
-
-class _Greedy(typing.NamedTuple):
-  position: jax.Array  # the last position written
-  tokens_NxL: jax.Array
-  done_N: jax.Array
-  state: typing.Any  # the cache, or ()
-
 
 def greedy(params, image_NxTxW, cfg, start_id, max_length, execution=configs.Execution(),
            use_cache=True):
@@ -209,36 +196,12 @@ def _greedy(params, image_NxTxW, cfg, start_id, max_length, execution, use_cache
   are done, which the position shows."""
   n = image_NxTxW.shape[0]
   tokens_NxL = jnp.zeros((n, max_length), jnp.int32).at[:, 0].set(start_id)
-  state, scores_at = _scorer(params, image_NxTxW, cfg, execution, use_cache)
-
-  def body(s):
-    scores_NxS, state = scores_at(s.tokens_NxL, s.position, s.state)
-    best_N = decoder.output_token(jnp.argmax(scores_NxS, axis=-1), cfg).astype(jnp.int32)
-    new_N = jnp.where(s.done_N, 0, best_N)
-    tokens = jax.lax.dynamic_update_index_in_dim(s.tokens_NxL, new_N, s.position + 1, axis=1)
-    return _Greedy(s.position + 1, tokens, s.done_N | (new_N == cfg.eot_id), state)
-
-  running = lambda s: (s.position < max_length - 1) & ~jnp.all(s.done_N)
-  init = _Greedy(jnp.int32(0), tokens_NxL, jnp.zeros((n,), bool), state)
-  final = jax.lax.while_loop(running, body, init)
-  return final.tokens_NxL, final.position
+  scorer = _scorer(params, image_NxTxW, cfg, execution, use_cache)
+  return search.greedy_loop(scorer, tokens_NxL, cfg.eot_id, 0,
+                            lambda columns: decoder.output_token(columns, cfg))
 
 
 # ---------------------------------------------------------------- beam search
-
-class _Beams(typing.NamedTuple):
-  position: jax.Array  # the last position written
-  alive_NxKxL: jax.Array
-  alive_logp_NxK: jax.Array
-  best_NxL: jax.Array  # the best finished caption so far
-  best_score_N: jax.Array  # its score; -inf: none yet
-  state: typing.Any  # the cache (rows n * K + beam), or ()
-
-
-def length_normalizer(length, length_penalty):
-  """GNMT's `((5 + length) / 6) ** length_penalty` (Wu et al. 2016, eq. 14); 1 at penalty 0."""
-  return ((5.0 + length) / 6.0) ** length_penalty
-
 
 def beam_search(params, image_NxTxW, cfg, start_id, max_length, beam_size, length_penalty=0.0,
                 execution=configs.Execution(), use_cache=True):
@@ -265,60 +228,11 @@ def beam_search(params, image_NxTxW, cfg, start_id, max_length, beam_size, lengt
 def _beam_search(params, image_NxTxW, cfg, start_id, max_length, beam_size, length_penalty,
                  execution, use_cache=True):
   """`(tokens (N, max_length), scores (N,), the last position decoded)`."""
-  n, k = image_NxTxW.shape[0], beam_size
-  seqs_NxKxL = jnp.zeros((n, k, max_length), jnp.int32).at[:, :, 0].set(start_id)
-  # One live beam per row at first: the copies would only repeat its candidates.
-  alive_logp_NxK = jnp.full((n, k), -jnp.inf).at[:, 0].set(0.0)
-  state, scores_at = _scorer(params, jnp.repeat(image_NxTxW, k, axis=0), cfg, execution,
-                             use_cache)
-  init = _Beams(jnp.int32(0), seqs_NxKxL, alive_logp_NxK, seqs_NxKxL[:, 0],
-                jnp.full((n,), -jnp.inf), state)
-  # What an alive beam could still score: log-probabilities only fall, the normaliser only grows.
-  bound_NxK = lambda s: s.alive_logp_NxK / length_normalizer(max_length - 1, length_penalty)
-  running = lambda s: ((s.position < max_length - 1)
-                       & jnp.any(bound_NxK(s).max(1) > s.best_score_N))
-  step = functools.partial(_beam_step, scores_at, cfg=cfg, length_penalty=length_penalty)
-  final = jax.lax.while_loop(running, step, init)
-  # Beams alive at max_length are captions cut there; after an early stop they cannot win.
-  alive_score_NxK = jnp.where(final.position == max_length - 1, bound_NxK(final), -jnp.inf)
-  tokens_NxL, score_N = _best(final.best_NxL, final.best_score_N, final.alive_NxKxL,
-                              alive_score_NxK)
-  return tokens_NxL, score_N, final.position
-
-
-def _best(best_NxL, best_score_N, seqs_NxAxL, score_NxA):
-  """The best of a row's current best and A candidates; the current one among ties."""
-  score_NxB = jnp.concatenate([best_score_N[:, None], score_NxA], axis=1)
-  index_N = jnp.argmax(score_NxB, axis=1)
-  seqs_NxBxL = jnp.concatenate([best_NxL[:, None], seqs_NxAxL], axis=1)
-  return (jnp.take_along_axis(seqs_NxBxL, index_N[:, None, None], axis=1)[:, 0],
-          jnp.take_along_axis(score_NxB, index_N[:, None], axis=1)[:, 0])
-
-
-def _beam_step(scores_at, s, cfg, length_penalty):
-  """Extends every alive beam by one token: the best finished caption and the new alive beams,
-  their cache rows gathered from each one's parent."""
-  n, k, length = s.alive_NxKxL.shape
-  i = s.position
-  scores_RxS, state = scores_at(s.alive_NxKxL.reshape(n * k, length), i, s.state)
-  width = scores_RxS.shape[-1]
-  logp_NxKxS = s.alive_logp_NxK[..., None] + jax.nn.log_softmax(scores_RxS).reshape(n, k, width)
-  logp_NxC, flat_NxC = jax.lax.top_k(logp_NxKxS.reshape(n, k * width), 2 * k)
-  parent_NxC = flat_NxC // width
-  token_NxC = decoder.output_token(flat_NxC % width, cfg).astype(jnp.int32)
-  seqs_NxCxL = jnp.take_along_axis(s.alive_NxKxL, parent_NxC[..., None], axis=1)
-  seqs_NxCxL = jax.lax.dynamic_update_index_in_dim(seqs_NxCxL, token_NxC[..., None], i + 1, 2)
-  is_eot_NxC = token_NxC == cfg.eot_id
-  finishing_NxC = is_eot_NxC & (jnp.arange(2 * k) < k)
-  finished_score_NxC = jnp.where(
-      finishing_NxC, logp_NxC / length_normalizer(i + 1, length_penalty), -jnp.inf)
-  best_NxL, best_score_N = _best(s.best_NxL, s.best_score_N, seqs_NxCxL, finished_score_NxC)
-  alive_logp_NxK, pick_NxK = jax.lax.top_k(jnp.where(is_eot_NxC, -jnp.inf, logp_NxC), k)
-  alive_NxKxL = jnp.take_along_axis(seqs_NxCxL, pick_NxK[..., None], axis=1)
-  parent_NxK = jnp.take_along_axis(parent_NxC, pick_NxK, axis=1)
-  rows_R = (jnp.arange(n)[:, None] * k + parent_NxK).reshape(n * k)
-  return _Beams(i + 1, alive_NxKxL, alive_logp_NxK, best_NxL, best_score_N,
-                _take_rows(state, rows_R))
+  n = image_NxTxW.shape[0]
+  scorer = _scorer(params, jnp.repeat(image_NxTxW, beam_size, axis=0), cfg, execution,
+                   use_cache)
+  return search.beam_loop(scorer, n, beam_size, start_id, max_length, length_penalty, cfg.eot_id,
+                          0, lambda columns: decoder.output_token(columns, cfg))
 
 
 # ---------------------------------------------------------------- scoring

@@ -2,7 +2,9 @@
 timm-trunk SigLIP towers), transformers (`CLIPModel`, `SiglipModel`) and big_vision's `.npz`
 naming, random weights with every parameter perturbed, small widths with the families' real
 head widths, MLP ratios and options; saved as each library ships them, loaded with and without
-`config=`; ambiguous files warn; exports load back into the peer libraries."""
+`config=`; ambiguous files warn; exports load back into the peer libraries. The 2026 families'
+rows of the checkpoint-families table (SigLIP So400m off the patch grid, NaFlex at any shape,
+CoCa, MetaCLIP 2) are run here as the table runs them; their own files test them in depth."""
 import dataclasses
 import json
 import warnings
@@ -18,7 +20,8 @@ from clip.formats import export
 from clip.formats.open_clip import config_from_open_clip
 from clip.formats.siglip import SIGLIP_PREPROCESS
 from experiments import checkpoint_families
-from experiments.checkpoint_families import save_image_processor
+from experiments import checkpoint_families_recent
+from experiments.checkpoint_families_measure import save_image_processor
 from experiments.references import open_clip as open_clip_reference
 from experiments.references import openai as reference
 
@@ -262,7 +265,7 @@ def test_siglip_user_flow_load_tokenize_zero_shot(tmp_path):
 def test_hugging_face_siglip2_naflex_at_its_grid(tmp_path):
   """Siglip2Model takes patchified pixels (row, col, channel order) and resizes its position
   table to each image's grid; at the table's own grid it is our SigLIP tower."""
-  hf = checkpoint_families.hf_siglip2_model(seed=9)
+  hf = checkpoint_families_recent.hf_siglip2_model(seed=9)
   hf.save_pretrained(tmp_path)
   with pytest.warns(clip.CheckpointWarning, match='NaFlex model.s images squashed to its square'):
     params, cfg = clip.load(tmp_path)
@@ -306,3 +309,18 @@ def test_shapes_say_no_ln_pre_and_a_biased_text_projection(oc, tmp_path):
   assert not cfg.vision.ln_pre and cfg.text.projection_bias
   params, cfg = clip.load(tmp_path / 'model.pt', config=clip.config_from_open_clip(model_cfg))
   _assert_open_clip_equal(m, params, cfg)
+
+
+# ---------------------------------------------------------------- the 2026 families' rows
+
+_RECENT = ('So400m', 'any shape', 'CoCa', 'MetaCLIP 2')
+
+
+@pytest.mark.parametrize('row', [
+    pytest.param(r, id=f'{w}: {r[1].split(" (")[0]}') for r in checkpoint_families.rows()
+    for w in _RECENT if w in r[0]])
+def test_recent_family_row_gives_its_expected_result(oc, tmp_path, row):
+  """The table's row as the script measures it: the expected result, within RTOL of the peer."""
+  got = checkpoint_families.run_row(*row, oc, str(tmp_path))
+  assert got['result'] == got['expected'], got
+  assert got['error'] is not None and got['error'] < RTOL, got

@@ -1,12 +1,12 @@
 """CoCa (clip/coca.py) against open_clip 3.3's `coca_model.CoCa` on the same random weights (every
 parameter perturbed): contrastive features and the decoder's scores within 1e-4 relative error,
-greedy captions token for token; the full-size coca_* configs convert to the parameter shapes of
-open_clip's models, built on the meta device. Beam search is not compared: open_clip's needs
-transformers' BeamSearchScorer, which transformers 5 removed."""
+greedy captions token for token, with the KV cache and without; the full-size coca_* configs
+convert to the parameter shapes of open_clip's models, built on the meta device. Beam search is
+not compared: open_clip's needs transformers' BeamSearchScorer, which transformers 5 removed
+(tests/test_coca_decoding.py compares it with an exhaustive search; here beam size 1 with greedy
+captions)."""
 import copy
 import functools
-import json
-import os
 import tempfile
 
 import numpy as np
@@ -16,23 +16,15 @@ import torch
 
 import clip
 from clip import coca
+from experiments.checkpoint_families_recent import COCA_EOS as EOS
+from experiments.checkpoint_families_recent import COCA_SOT as SOT
+from experiments.checkpoint_families_recent import COCA_TINY as TINY
+from experiments.checkpoint_families_recent import COCA_VOCAB as VOCAB
+from experiments.checkpoint_families_recent import coca_inputs as _inputs
+from experiments.checkpoint_families_recent import open_clip_coca_model
+from experiments.checkpoint_families_recent import save_open_clip_folder
 from experiments.references import open_clip as open_clip_reference
-from experiments.references import openai as openai_reference
 
-VOCAB, SOT, EOS = 100, 98, 99
-# coca_ViT-B-32 shrunk: its keys and options, small widths (the pooler's embed_dim 32 differs
-# from the ViT width 48, as B-32's 512 / 768, so its q/k/v weights are separate).
-TINY = {
-    'embed_dim': 32,
-    'vision_cfg': {'image_size': 32, 'layers': 1, 'width': 48, 'head_width': 16, 'patch_size': 8,
-                   'attentional_pool': True, 'attn_pooler_heads': 4, 'attn_pooler_queries': 6,
-                   'output_tokens': True},
-    'text_cfg': {'context_length': 12, 'vocab_size': VOCAB, 'width': 32, 'heads': 4, 'layers': 1,
-                 'embed_cls': True, 'output_tokens': True},
-    'multimodal_cfg': {'context_length': 12, 'vocab_size': VOCAB, 'width': 32, 'heads': 4,
-                       'layers': 2, 'attn_pooler_heads': 4},
-    'custom_text': True,
-}
 # coca_base's layout: no attentional pooler, the decoder reads the ViT's patches.
 TINY_BASE = copy.deepcopy(TINY)
 TINY_BASE['vision_cfg'] = {'image_size': 32, 'layers': 1, 'width': 32, 'head_width': 16,
@@ -49,18 +41,6 @@ def oc():
   return open_clip_reference.import_open_clip()
 
 
-def _build(oc, model_cfg):
-  kwargs = {k: v for k, v in model_cfg.items() if k != 'custom_text'}
-  torch.manual_seed(0)
-  model = oc.coca_model.CoCa(**kwargs).eval()
-  # open_clip leaves the decoder's vocabulary head as torch.empty (its init_parameters is not
-  # called): give it its intended init before the perturbation.
-  with torch.no_grad():
-    head = model.text_decoder.text_projection
-    head.normal_(std=head.shape[0] ** -0.5)
-  return openai_reference.perturb(model, seed=1)
-
-
 MODELS = {'attn_pool': TINY, 'base': TINY_BASE}
 
 
@@ -68,23 +48,11 @@ MODELS = {'attn_pool': TINY, 'base': TINY_BASE}
 def _pair(name):
   """(open_clip's CoCa, our params, our config) of MODELS[name], built once per session: saved
   as open_clip ships a model (its state dict `.pt` beside `open_clip_config.json`) and loaded."""
-  model = _build(open_clip_reference.import_open_clip(), MODELS[name])
+  model = open_clip_coca_model(open_clip_reference.import_open_clip(), MODELS[name])
   with tempfile.TemporaryDirectory() as folder:
-    torch.save(model.state_dict(), os.path.join(folder, 'open_clip_pytorch_model.bin'))
-    with open(os.path.join(folder, 'open_clip_config.json'), 'w') as f:
-      json.dump({'model_cfg': MODELS[name]}, f)
+    save_open_clip_folder(model, MODELS[name], folder)
     params, cfg = clip.load(folder)
   return model, params, cfg
-
-
-def _inputs(n=3, seed=0):
-  rng = np.random.default_rng(seed)
-  images = rng.standard_normal((n, 32, 32, 3)).astype(np.float32)
-  tokens = rng.integers(1, SOT, (n, 12))
-  tokens[:, 0] = SOT
-  for row, end in enumerate((5, 9, 11)[:n]):  # EOS, then padding (0), as the tokenizer pads
-    tokens[row, end], tokens[row, end + 1:] = EOS, 0
-  return images, tokens
 
 
 def _torch_images(images):
@@ -147,10 +115,33 @@ def test_greedy_captions(oc, monkeypatch):
     ref = model.generate(_torch_images(images), generation_type='top_k', top_k=1, seq_len=10,
                          min_seq_len=3, sot_token_id=SOT, eos_token_id=EOS,
                          fixed_output_length=True).numpy()
-  ours = np.asarray(coca.caption(params, images, cfg, SOT, EOS, seq_len=10, min_seq_len=3))
-  np.testing.assert_array_equal(ours, ref)
+  for use_cache in (True, False):
+    ours = coca.caption(params, images, cfg, SOT, EOS, seq_len=10, min_seq_len=3,
+                        use_cache=use_cache)
+    np.testing.assert_array_equal(ours, ref)
   # Not a trivial agreement: the captions differ between images and run past min_seq_len.
   assert len({tuple(r) for r in ref}) > 1
+
+
+def test_beam_size_one_is_greedy():
+  """Beam size 1 picks greedy's tokens: `caption` without its minimum length, up to the last
+  position, where `caption` forces eos_id and a beam is cut; both give one log-likelihood."""
+  _, params, cfg = _pair('attn_pool')
+  images = _inputs(seed=1)[0]
+  greedy = np.asarray(coca.caption(params, images, cfg, SOT, EOS, seq_len=10, min_seq_len=0))
+  tokens, scores = coca.beam_caption(params, images, cfg, SOT, EOS, seq_len=10, beam_size=1)
+  tokens = np.asarray(tokens)
+  assert not (greedy[:, 1:-1] == cfg.pad_id).any()  # no row ended by a generated pad id
+  np.testing.assert_array_equal(tokens[:, :-1], greedy[:, :-1])
+  ended = (greedy[:, 1:-1] == EOS).any(axis=1)
+  np.testing.assert_array_equal(tokens[ended, -1], greedy[ended, -1])
+  # Scored at test_features_and_logits' shape (3, 12), causal: the padding after changes nothing.
+  logits = coca.apply(params, images, np.pad(tokens, ((0, 0), (0, 2))), cfg)[2][:, :9]
+  logp = torch.log_softmax(torch.from_numpy(np.asarray(logits, np.float64)), -1).numpy()
+  target = np.take_along_axis(logp, tokens[:, 1:, None], axis=2)[..., 0]
+  first_end = np.where(ended, np.argmax(tokens[:, 1:] == EOS, axis=1), 8)
+  counted = np.arange(9) <= first_end[:, None]
+  np.testing.assert_allclose(scores, np.where(counted, target, 0).sum(1), rtol=1e-5)
 
 
 def test_caption_refuses_bad_lengths():

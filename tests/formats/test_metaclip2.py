@@ -4,14 +4,13 @@ open_clip's hub folders hold it (config, weights, tokenizer files) against open_
 and the same by Hub name, its tokenizer from the repository `hf_tokenizer_name` names."""
 # pylint: disable=redefined-outer-name
 import dataclasses
-import importlib
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
 import pytest
-import sentencepiece
 import tokenizers
 import torch
 
@@ -22,7 +21,12 @@ from clip.formats import files
 from clip.formats import open_clip_names
 from clip.formats import open_clip_pretrained
 from clip.formats.open_clip import config_from_open_clip
-from experiments.references import openai as reference
+from experiments.checkpoint_families_measure import save_image_processor
+from experiments.checkpoint_families_recent import METACLIP2_CONTEXT as CONTEXT
+from experiments.checkpoint_families_recent import hf_metaclip2_model
+from experiments.checkpoint_families_recent import metaclip2_hub_folder
+from experiments.checkpoint_families_recent import multilingual_texts
+from experiments.checkpoint_families_recent import xlmr_tokenizer_folders
 from tests.formats.test_checkpoint_families import RTOL
 from tests.formats.test_checkpoint_families import _assert_open_clip_equal
 from tests.formats.test_checkpoint_families import _rel_err
@@ -31,72 +35,11 @@ from tests.formats.test_hub import fake_hub  # pylint: disable=unused-import
 from tests.formats.test_hub import server  # pylint: disable=unused-import
 from tests.test_processing import oc  # pylint: disable=unused-import
 
-CONTEXT = 16  # short, so that long texts are cut
-_WORDS = ('a', 'photo', 'of', 'the', 'cat', 'dog', 'Haus', 'café', 'naïve', 'über', '東京',
-          '猫の写真', 'Σίσυφος', 'ΟΔΥΣΣΕΥΣ', 'кошка', 'صورة', '🙂', '«quoted»', 'don’t', 'ﬁne',
-          'Ｆｕｌｌ', 'x²', 'A.B,C!', 'snake_case', '12:30')
-_SEPARATORS = (' ', ' ', ' ', '  ', '\t', '\n', ' \u3000 ', '&amp;', ' &lt;b&gt; ', '\u00a0')
-# Texts that hit edges: empty, blank, special tokens' strings in the text (an inner '</s>' gives
-# a row two end ids: the model pools at the first), characters never trained (<unk>).
-_EDGES = ('', '   ', '\n\t', '<mask>', 'a cat </s> a dog', '<s>', 'ＡＢＣ ｱｲｳ', 'Ω≈ç√∫', 'ß ẞ',
-          'émoji 🐈‍⬛ zwj', 'mojibake cafÃ©', 'x' * 200)
-
-
-def _texts(n=200, seed=0):
-  rng = np.random.default_rng(seed)
-  out = list(_EDGES)
-  while len(out) < n:
-    k = int(rng.integers(1, 40 if len(out) % 5 == 0 else 8))  # every fifth one long
-    parts = [_WORDS[i] for i in rng.integers(0, len(_WORDS), k)]
-    seps = [_SEPARATORS[i] for i in rng.integers(0, len(_SEPARATORS), k)]
-    out.append(''.join(p + s for p, s in zip(parts, seps)))
-  return out
-
-
-def _train_sentencepiece(folder):
-  """A tiny unigram model with XLM-R's conventions (`<unk>` 0, `<s>` 1, `</s>` 2, no pad; the
-  fairseq offset transformers applies makes them `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3)."""
-  corpus = [t for t in _texts(400, seed=1)[len(_EDGES):] if t.strip()] * 3  # no edge texts
-  prefix = os.path.join(folder, 'spm')
-  sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus), model_prefix=prefix, model_type='unigram', vocab_size=300,
-      hard_vocab_limit=False, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      minloglevel=2)
-  return prefix + '.model'
-
-
-def _old_converter_layout(path):
-  """`tokenizer.json` as transformers' older converter wrote XLM-R's (and Hub repositories hold):
-  the charsmap then runs of spaces to one; a Metaspace pre-tokenizer alone."""
-  with open(path, encoding='utf-8') as f:
-    data = json.load(f)
-  norm = data['normalizer']
-  precompiled = [n for n in norm.get('normalizers', [norm]) if n['type'] == 'Precompiled']
-  assert len(precompiled) == 1, norm
-  data['normalizer'] = {'type': 'Sequence', 'normalizers': [
-      precompiled[0], {'type': 'Replace', 'pattern': {'Regex': ' {2,}'}, 'content': ' '}]}
-  data['pre_tokenizer'] = {'type': 'Metaspace', 'replacement': '▁', 'prepend_scheme': 'always',
-                           'split': True}
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(data, f)
-
-
 @pytest.fixture(scope='module')
 def xlmr_folders(tmp_path_factory):
-  """{'transformers5': folder, 'old_converter': folder} of a tiny XLM-R-style tokenizer saved by
-  transformers' `XLMRobertaTokenizer.save_pretrained` (tokenizer.json, tokenizer_config.json), as
-  `facebook/xlm-v-base` ships XLM-V's; the second with the older converter's `tokenizer.json`."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('xlmr')
-  source = root / 'source'
-  os.makedirs(source)
-  shutil.move(_train_sentencepiece(str(root)), source / 'sentencepiece.bpe.model')
-  tok = transformers.XLMRobertaTokenizer.from_pretrained(str(source))
-  folders = {'transformers5': root / 'transformers5', 'old_converter': root / 'old_converter'}
-  for folder in folders.values():
-    tok.save_pretrained(str(folder))
-  _old_converter_layout(folders['old_converter'] / 'tokenizer.json')
-  return folders
+  """experiments.checkpoint_families_recent.xlmr_tokenizer_folders, as Paths."""
+  folders = xlmr_tokenizer_folders(str(tmp_path_factory.mktemp('xlmr')))
+  return {name: pathlib.Path(folder) for name, folder in folders.items()}
 
 
 @pytest.mark.parametrize('layout', ['transformers5', 'old_converter'])
@@ -104,7 +47,7 @@ def test_tokenizer_equals_open_clips_hftokenizer(oc, xlmr_folders, layout):
   folder = xlmr_folders[layout]
   theirs = oc.tokenizer.HFTokenizer(str(folder), context_length=CONTEXT)
   ours = xlmr_tokenizer.XLMRTokenizer(folder / 'tokenizer.json', context_length=CONTEXT)
-  texts = _texts()
+  texts = multilingual_texts()
   tokens = ours(texts, truncate=True)
   want = theirs(texts).numpy()
   assert tokens.dtype == np.int32
@@ -146,42 +89,15 @@ def test_tokenizer_errors(xlmr_folders, tmp_path):
     clip.TokenizerConfig('xlmr', str(path), 'siglip')
 
 
-def _metaclip2_model(oc, tokenizer_name, vocab_size, seed=0):
-  """open_clip's ViT-H-14-worldwide, small: its head width (80 image, 64 text), QuickGELU (its
-  metaclip2_worldwide tag), a causal text tower pooled at the first `</s>` (eos_id 2)."""
-  model_cfg = {
-      'embed_dim': 32, 'quick_gelu': True,
-      'vision_cfg': {'image_size': 28, 'layers': 1, 'width': 160, 'head_width': 80,
-                     'patch_size': 14},
-      'text_cfg': {'hf_tokenizer_name': tokenizer_name, 'pool_type': 'eos', 'eos_id': 2,
-                   'context_length': CONTEXT, 'vocab_size': vocab_size, 'width': 64,
-                   'heads': 1, 'layers': 2}}
-  torch.manual_seed(seed)
-  m = oc.model.CLIP(**{k: v for k, v in model_cfg.items() if k != 'quick_gelu'},
-                    quick_gelu=True)
-  m = reference.perturb(m.eval(), seed)
-  m.visual.image_mean, m.visual.image_std = clip.IMAGE_MEAN, clip.IMAGE_STD
-  return m, model_cfg
-
-
-def _hub_folder(oc, xlmr_folder, folder, seed=0):
-  """A small MetaCLIP 2 model saved by open_clip's own `save_for_hf` with its tokenizer."""
-  tok = oc.tokenizer.HFTokenizer(str(xlmr_folder), context_length=CONTEXT)
-  m, model_cfg = _metaclip2_model(oc, str(xlmr_folder), len(tok.tokenizer), seed)
-  save_for_hf = importlib.import_module('open_clip.push_to_hf_hub').save_for_hf
-  save_for_hf(m, tok, model_cfg, str(folder), safe_serialization=True)
-  return m, model_cfg
-
-
 def _assert_equal_to_open_clip(m, params, cfg, theirs_tokenizer):
-  texts = _texts(24, seed=2) + ['a cat </s> a dog']
+  texts = multilingual_texts(24, seed=2) + ['a cat </s> a dog']
   tokens = clip.get_tokenizer(cfg)(texts, truncate=True)
   np.testing.assert_array_equal(tokens, theirs_tokenizer(texts).numpy())
   _assert_open_clip_equal(m, params, cfg, tokens)
 
 
 def test_open_clip_folder_loads_equal_to_open_clip(oc, xlmr_folders, tmp_path):
-  m, model_cfg = _hub_folder(oc, xlmr_folders['transformers5'], tmp_path)
+  m, model_cfg = metaclip2_hub_folder(oc, xlmr_folders['transformers5'], tmp_path)
   params, cfg = clip.load(tmp_path)
   assert cfg.tokenizer == clip.TokenizerConfig('xlmr', str(tmp_path / 'tokenizer.json'),
                                                'whitespace')
@@ -220,7 +136,7 @@ def test_hub_repo_and_name_read_the_tokenizer_repo_the_config_names(oc, xlmr_fol
   """As open_clip's MetaCLIP 2 repositories: `hf_tokenizer_name` names the tokenizer's own
   repository (`facebook/xlm-v-base`); `clip.load` by repository and by name and tag."""
   folder = tmp_path / 'mc2'
-  m, model_cfg = _hub_folder(oc, xlmr_folders['old_converter'], folder, seed=1)
+  m, model_cfg = metaclip2_hub_folder(oc, xlmr_folders['old_converter'], folder, seed=1)
   model_cfg['text_cfg']['hf_tokenizer_name'] = 'org/xlm-tiny'
   config_path = str(folder / 'open_clip_config.json')
   export.write_json(config_path, {**files.read_json(config_path), 'model_cfg': model_cfg})
@@ -261,24 +177,13 @@ def test_transformers_metaclip2_folder_equals_transformers(xlmr_folders, fake_hu
   """transformers' `MetaClip2Model` (model_type 'metaclip_2': CLIP's towers pooled at the first
   `eos_token_id`) with its `XLMRobertaTokenizer`, which cleans nothing."""
   import transformers  # pylint: disable=g-import-not-at-top
-  from experiments import checkpoint_families  # pylint: disable=g-import-not-at-top
   # the older converter's tokenizer.json, which transformers 5 runs in its own pipeline
   for name in ('tokenizer.json', 'tokenizer_config.json'):
     shutil.copy(xlmr_folders['old_converter'] / name, tmp_path / name)
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-  config = transformers.MetaClip2Config(
-      text_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=1, vocab_size=len(hf_tok),
-                       max_position_embeddings=CONTEXT, hidden_act='quick_gelu', eos_token_id=2,
-                       bos_token_id=0, pad_token_id=1),
-      vision_config=dict(hidden_size=160, intermediate_size=640, num_hidden_layers=1,
-                         num_attention_heads=2, image_size=28, patch_size=14,
-                         hidden_act='quick_gelu'),
-      projection_dim=32)
-  torch.manual_seed(0)
-  hf = reference.perturb(transformers.MetaClip2Model(config).eval(), 0)
+  hf = hf_metaclip2_model(len(hf_tok))
   hf.save_pretrained(tmp_path)
-  checkpoint_families.save_image_processor(tmp_path, False, 28)
+  save_image_processor(tmp_path, False, 28)
   params, cfg = clip.load(tmp_path)
   fake_hub.add('org/metaclip2-hf', tmp_path)  # by repository id: its tokenizer.json comes along
   by_id = clip.load('org/metaclip2-hf')
@@ -288,7 +193,7 @@ def test_transformers_metaclip2_folder_equals_transformers(xlmr_folders, fake_hu
       cfg.tokenizer, model_file=None)
   assert (cfg.tokenizer.kind, cfg.tokenizer.clean) == ('xlmr', 'none')
   assert (cfg.text.pool, cfg.text.eot_id, cfg.text.causal) == ('eot', 2, True)
-  texts = _texts(24, seed=3) + ['a cat </s> a dog', ' trailing space ', 'a  b\t']
+  texts = multilingual_texts(24, seed=3) + ['a cat </s> a dog', ' trailing space ', 'a  b\t']
   tokens = clip.get_tokenizer(cfg)(texts, truncate=True)
   want = hf_tok(texts, padding='max_length', max_length=CONTEXT, truncation=True,
                 return_tensors='np').input_ids

@@ -2,21 +2,17 @@
 floors as the reference conv does (timm's and transformers' stride-`patch` conv drop the last
 `resolution % patch` pixel rows and columns), the image is still the model's full square. Small
 models with the same remainder structure (38 px over 8 px patches: a 4 x 4 grid, 6 pixels
-dropped), every parameter perturbed."""
+dropped), every parameter perturbed. Loading them from transformers' and open_clip's files, equal to
+the peers, is the So400m rows of the checkpoint-families table
+(tests/formats/test_checkpoint_families.py)."""
 import dataclasses
-import warnings
 
 import jax
 import numpy as np
 import pytest
-import torch
 
 import clip
-from experiments import checkpoint_families
-from tests.formats.test_checkpoint_families import _assert_hf_equal
-from tests.formats.test_checkpoint_families import _assert_open_clip_equal
 from tests.formats.test_checkpoint_families import _siglip_cfg
-from tests.test_processing import oc  # pylint: disable=unused-import
 
 RESOLUTION, PATCH = 38, 8
 
@@ -40,22 +36,3 @@ def test_the_grid_floors_and_the_unused_pixels_change_nothing():
   with pytest.raises(ValueError, match=r'\(N, 38, 38, 3\)'):
     clip.encode_image(params, images[:, :32, :32], cfg)  # the covered square is not the input
 
-
-def test_hugging_face_siglip_at_a_resolution_off_the_patch_grid(tmp_path):
-  hf = checkpoint_families.hf_siglip(image_size=RESOLUTION)
-  assert hf.vision_model.embeddings.num_patches == 16
-  hf.save_pretrained(tmp_path)
-  checkpoint_families.save_image_processor(tmp_path, siglip=True, size=RESOLUTION)
-  with warnings.catch_warnings():
-    warnings.simplefilter('error')
-    params, cfg = clip.load(tmp_path)  # config.json's 38 px over 8 px patches
-  assert cfg.vision == _cfg('gelu_tanh').vision
-  _assert_hf_equal(hf, params, cfg, siglip=True)
-
-
-def test_open_clip_timm_trunk_at_a_resolution_off_the_patch_grid(oc, tmp_path):
-  m = checkpoint_families.timm_siglip(oc, image_size=RESOLUTION)
-  torch.save(m.state_dict(), tmp_path / 'siglip.pt')
-  params, cfg = clip.load(tmp_path / 'siglip.pt', config=_cfg('gelu'))
-  tokens = np.random.default_rng(4).integers(0, 100, (3, 16), np.int32)
-  _assert_open_clip_equal(m, params, cfg, tokens)
