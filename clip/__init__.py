@@ -28,7 +28,8 @@ from clip.model import update_batch_stats
 from clip.naflex import encode_image_naflex
 from clip.naflex import naflex_preprocess
 from clip.formats.open_clip import config_from_open_clip
-from clip import coca  # open_clip's CoCa: clip.coca.load, encode_*, caption
+from clip import coca  # open_clip's CoCa: clip.coca.load, encode_*, caption, beam_caption
+from clip import flops  # model FLOPs and device peaks: clip.flops.train_step_flops, for MFU
 from clip.processing import TokenizerError
 from clip.processing import get_tokenizer
 from clip.processing import preprocess_images
