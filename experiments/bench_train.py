@@ -21,8 +21,10 @@ than these model FLOPs at `small`, whose 3-block text tower is half its work, an
 ViT-B/32.) `auto` (the default) runs it on a CPU when open_clip imports, `none` never. On the
 CPU the devices are simulated (1 by default), so a larger mesh measures the program and its
 collectives on shared cores, not accelerator speed.
-`--models` takes `name@batch` to give a model its own batch size (default: small at 128,
-ViT-B/32 at 16); a name without one runs every `--batch-sizes`.
+Run as a script it re-executes itself with the training entry points' malloc setting
+(`experiments/malloc_tuning.py`), so ours and open_clip's steps run as `python -m
+experiments.train` would. `--models` takes `name@batch` to give a model its own batch size
+(default: small at 128, ViT-B/32 at 16); a name without one runs every `--batch-sizes`.
 
   python -m experiments.bench_train                    # small@128, ViT-B/32@16, open_clip beside
   python -m experiments.bench_train --quick
@@ -48,6 +50,7 @@ import warnings
 
 import numpy as np
 
+from experiments import malloc_tuning
 from experiments import simulated_devices
 from experiments.references import openai as openai_reference
 
@@ -343,4 +346,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  malloc_tuning.reexec_if_untuned()  # as the training entry points do; before main imports jax
   main()

@@ -41,7 +41,12 @@ import json
 import os
 import re
 
-import numpy as np
+from experiments import malloc_tuning
+
+if __name__ == '__main__':  # before jax is imported: the setting needs a fresh process
+  malloc_tuning.reexec_if_untuned()
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import clip
 from clip import batching

@@ -27,7 +27,12 @@ import dataclasses
 import json
 import os
 
-import jax
+from experiments import malloc_tuning
+
+if __name__ == '__main__':  # before jax is imported: the setting needs a fresh process
+  malloc_tuning.reexec_if_untuned()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 import tqdm
 

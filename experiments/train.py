@@ -37,7 +37,12 @@ import json
 import logging
 import os
 
-import jax
+from experiments import malloc_tuning
+
+if __name__ == '__main__':  # before jax is imported: the setting needs a fresh process
+  malloc_tuning.reexec_if_untuned()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 

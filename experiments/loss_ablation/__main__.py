@@ -1,4 +1,5 @@
 """`python -m experiments.loss_ablation [flags]`: the study (`--help` lists its stages and flags)."""
+from experiments import malloc_tuning
 from experiments import simulated_devices
 from experiments.loss_ablation import settings
 
@@ -12,4 +13,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  malloc_tuning.reexec_if_untuned()  # before the study imports jax
   main()

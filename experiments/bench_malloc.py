@@ -1,0 +1,163 @@
+"""A/B of the main job's malloc settings: wall time, kernel share of CPU time, page faults.
+
+Runs `python -m experiments.train` (the `small` config on the built-in data, shortened to
+--steps) once per setting per round, the settings alternating (A B C A B C ...), each in a fresh
+workdir, and measures every run from outside with `os.wait4`: wall seconds, user and kernel CPU
+seconds, minor page faults and peak RSS, plus the job's own last logged images/s.
+
+  python -m experiments.bench_malloc                       # 150 steps, 2 rounds
+  python -m experiments.bench_malloc --steps 60 --rounds 1 --settings off,auto,heap,both
+
+Settings (the baseline is `off`, the opt-out):
+  off      CLIP_NO_MALLOC_TUNING=1: glibc's defaults, what the job did before the fix.
+  auto     nothing set: the entry point re-executes itself with `malloc_tuning.TUNABLES`
+           (what a user who knows no trick gets; the re-exec is inside the measured time).
+  hugetlb  CLIP_NO_MALLOC_TUNING=1 GLIBC_TUNABLES=glibc.malloc.hugetlb=1, from outside: the
+           trick the issue found (transparent huge pages for malloc), today's `auto`.
+  heap     the step's buffer kept in the heap (one arena, no mmap, no trim): no faults.
+  both     heap and hugetlb.
+  sbrk     no mmap and no trim, every arena kept: glibc retries the big request in the main
+           arena, yet it still faults (60 steps: 4.9M faults, as `off`).
+  sbrk_hugetlb  sbrk and hugetlb.
+
+Prints a table (medians over the rounds, speed-up against `off`) and writes
+--out/bench_malloc.json with every run.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from experiments import malloc_tuning
+
+HEAP = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776'
+# No mmap, no trim, every arena: a request too big for a thread's arena (over 64 MB) fails there
+# and glibc retries it in the main arena, whose sbrk heap keeps it after the free.
+SBRK = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776'
+SETTINGS = {
+    'off': {malloc_tuning.OPT_OUT: '1'},
+    'auto': {},
+    'hugetlb': {malloc_tuning.OPT_OUT: '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'},
+    'heap': {malloc_tuning.OPT_OUT: '1', 'GLIBC_TUNABLES': HEAP},
+    'both': {malloc_tuning.OPT_OUT: '1', 'GLIBC_TUNABLES': f'glibc.malloc.hugetlb=1:{HEAP}'},
+    'sbrk': {malloc_tuning.OPT_OUT: '1', 'GLIBC_TUNABLES': SBRK},
+    'sbrk_hugetlb': {malloc_tuning.OPT_OUT: '1',
+                     'GLIBC_TUNABLES': f'glibc.malloc.hugetlb=1:{SBRK}'},
+}
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--steps', type=int, default=150, help='training steps per run')
+  parser.add_argument('--rounds', type=int, default=2, help='runs per setting, alternating')
+  parser.add_argument('--settings', default='off,auto,heap',
+                      help=f'comma-separated, from {sorted(SETTINGS)}; the first is the baseline')
+  parser.add_argument('--config', default='small', help='the --config passed to the job')
+  parser.add_argument('--eval-examples', type=int, default=None,
+                      help="the job's final evaluation size (default: the config's)")
+  parser.add_argument('--out', default='results/bench_malloc')
+  args = parser.parse_args(argv)
+  args.settings = args.settings.split(',')
+  unknown = [s for s in args.settings if s not in SETTINGS]
+  if unknown or args.steps < 1 or args.rounds < 1:
+    parser.error(f'settings must be from {sorted(SETTINGS)} (got {unknown}), steps and rounds '
+                 f'>= 1 (got {args.steps}, {args.rounds})')
+  return args
+
+
+def job_env(setting):
+  """os.environ without any malloc setting of ours or the user's, plus the setting's own."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', malloc_tuning.OPT_OUT)}
+  env.update(SETTINGS[setting])
+  return env
+
+
+def last_images_per_s(workdir):
+  """The job's last logged training throughput (metrics.jsonl), or None if it logged none."""
+  rates = []
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      rates.append(json.loads(line).get('images_per_s'))
+  rates = [r for r in rates if r is not None]
+  return rates[-1] if rates else None
+
+
+def run_job(args, setting, workdir):
+  """Runs the job once; returns its measurements. Raises CalledProcessError if it fails."""
+  cmd = [sys.executable, '-m', 'experiments.train', '--config', args.config,
+         '--steps', str(args.steps), '--workdir', workdir, '--checkpoint-every', str(10**9)]
+  if args.eval_examples is not None:
+    cmd += ['--eval-examples', str(args.eval_examples)]
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, env=job_env(setting), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  stderr = proc.stderr.read()
+  _, status, usage = os.wait4(proc.pid, 0)
+  wall = time.perf_counter() - start
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  if proc.returncode:
+    raise subprocess.CalledProcessError(proc.returncode, cmd, stderr=stderr.decode()[-2000:])
+  cpu = usage.ru_utime + usage.ru_stime
+  return {'setting': setting, 'wall_s': wall, 'user_s': usage.ru_utime,
+          'sys_s': usage.ru_stime, 'kernel_share': usage.ru_stime / cpu,
+          'minor_faults': usage.ru_minflt, 'max_rss_mb': usage.ru_maxrss / 1024,
+          'images_per_s': last_images_per_s(workdir),
+          'reexec_line': next((l for l in stderr.decode().splitlines()
+                               if l.startswith('malloc tuning')), None)}
+
+
+def summarize(runs, settings):
+  """Median of each measurement per setting, and the wall-time speed-up against the first."""
+  keys = ('wall_s', 'user_s', 'sys_s', 'kernel_share', 'minor_faults', 'max_rss_mb',
+          'images_per_s')
+  rows = []
+  for s in settings:
+    mine = [r for r in runs if r['setting'] == s]
+    rows.append({'setting': s, 'runs': len(mine), **{
+        k: statistics.median(r[k] for r in mine if r[k] is not None) for k in keys}})
+  for row in rows:
+    row['speedup'] = rows[0]['wall_s'] / row['wall_s']
+  return rows
+
+
+def print_table(rows):
+  print(f'{"setting":>8} {"runs":>4} {"wall s":>7} {"speed-up":>8} {"user s":>7} '
+        f'{"sys s":>6} {"kernel":>6} {"faults":>8} {"RSS MB":>7} {"img/s":>6}')
+  for r in rows:
+    print(f'{r["setting"]:>8} {r["runs"]:>4} {r["wall_s"]:7.1f} {r["speedup"]:7.2f}x '
+          f'{r["user_s"]:7.1f} {r["sys_s"]:6.1f} {r["kernel_share"]:6.1%} '
+          f'{r["minor_faults"] / 1e6:7.2f}M {r["max_rss_mb"]:7.0f} {r["images_per_s"]:6.0f}')
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  print(f'{args.config}, {args.steps} steps, {args.rounds} round(s) of {args.settings}; '
+        f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
+  runs = []
+  with tempfile.TemporaryDirectory(prefix='bench_malloc_') as tmp:
+    for i in range(args.rounds):
+      for setting in args.settings:
+        run = run_job(args, setting, os.path.join(tmp, f'{setting}_{i}'))
+        runs.append(run)
+        print(f'  round {i + 1} {setting}: {run["wall_s"]:.1f} s wall, {run["sys_s"]:.1f} s '
+              f'kernel ({run["kernel_share"]:.1%}), {run["minor_faults"] / 1e6:.2f}M faults')
+  rows = summarize(runs, args.settings)
+  print_table(rows)
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, 'bench_malloc.json')
+  with open(path, 'w') as f:
+    json.dump({'rows': rows, 'runs': runs, 'steps': args.steps, 'config': args.config,
+               'tunables': dict(malloc_tuning.TUNABLES), 'glibc': malloc_tuning.glibc_version(),
+               'cpus': os.cpu_count(), 'machine': platform.platform(),
+               'load_average_end': os.getloadavg()}, f, indent=2)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  main()
