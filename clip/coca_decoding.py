@@ -233,9 +233,10 @@ def beam_caption(params, images_NxHxWx3, cfg, sot_id, eos_id, seq_len=30, beam_s
   forcing); no minimum length. Beam search as `clip.eval.search.beam_loop`; not open_clip's group
   beam search (see the module docstring). Raises ValueError / TypeError for beam_size not an
   int >= 1, a negative length_penalty, and as `caption`."""
+  if not 2 <= seq_len <= max_positions(cfg) + 1:
+    raise ValueError(f'seq_len must be in [2, {max_positions(cfg) + 1}] (the start token and at '
+                     f'least one generated, at most the context + 1), got {seq_len}')
   _check_arguments(cfg, sot_id, eos_id, seq_len)
-  if seq_len < 2:
-    raise ValueError(f'seq_len must be >= 2 (the start token and one generated), got {seq_len}')
   if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
     raise ValueError(f'beam_size must be an int >= 1, got {beam_size!r}')
   if not length_penalty >= 0:

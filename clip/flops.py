@@ -229,9 +229,10 @@ def model_flops_per_example(cfg, batch_size=None, training=True):
 
 
 def train_step_flops(cfg, batch_size):
-  """Model FLOPs of one training step at global batch `batch_size`: 3 x the forward (PaLM
-  appendix B; no rematerialisation recompute, no optimizer update). Raises ValueError for a
-  batch size that is not a positive int."""
-  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+  """Model FLOPs of one training step at global batch `batch_size` (an int, in FLOPs): 3 x the
+  forward (PaLM appendix B; no rematerialisation recompute, no optimizer update). Raises
+  ValueError for a batch size that is not a positive int (a bool is not one)."""
+  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+      or batch_size < 1):
     raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
   return 3 * batch_size * model_flops_per_example(cfg, batch_size, training=True)

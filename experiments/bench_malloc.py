@@ -52,7 +52,8 @@ SETTINGS = {
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('--steps', type=int, default=150, help='training steps per run')
   parser.add_argument('--rounds', type=int, default=2, help='runs per setting, alternating')
   parser.add_argument('--settings', default='off,auto,heap',

@@ -58,7 +58,8 @@ PEERS = ('auto', 'open_clip', 'none')
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('--models', default='small@128,ViT-B/32@16',
                       help='"tiny", "small" (experiments/configs) or an OpenAI model name, each '
                            'with an optional @batch')

@@ -142,7 +142,7 @@ def test_refusals():
   with pytest.raises(ValueError, match='length_penalty'):
     beam(4, 2, -1.0)
   for bad in (1, 10):
-    with pytest.raises(ValueError, match='seq_len'):
+    with pytest.raises(ValueError, match=rf'seq_len must be in \[2, .*got {bad}'):
       beam(bad, 2)
   with pytest.raises(ValueError, match='eos_id'):
     coca_decoding.beam_caption(params, images, cfg, SOT, VOCAB, 4, 2)

@@ -148,6 +148,8 @@ def test_counting_refuses_what_it_does_not_count():
     flops.model_flops_per_example(TINY.vision)
   with pytest.raises(ValueError, match='positive int, got 0'):
     flops.train_step_flops(TINY, 0)
+  with pytest.raises(ValueError, match='positive int, got True'):
+    flops.train_step_flops(TINY, True)
 
 
 def test_matmul_probe_measures_a_positive_rate():
