@@ -81,14 +81,8 @@ def _causal_block_step(p, x_Nx1xD, keys, values, position, mask, tower, impl):
   """`transformer.block` (pre-norm) at one position: its keys and values written at `position`
   of the cached `keys`, `values` (N, P, H, d) -> (x (N, 1, D), keys, values)."""
   h_Nx1xD = layers.norm(p['ln_1'], x_Nx1xD, tower.norm, tower.norm_eps)
-  q, k, v = layers.attention_projections(p['attn'], h_Nx1xD, tower.heads, tower.norm,
-                                         tower.norm_eps)
-  keys = jax.lax.dynamic_update_slice_in_dim(keys, k, position, axis=1)
-  values = jax.lax.dynamic_update_slice_in_dim(values, v, position, axis=1)
-  out = layers.attention_output(p['attn'], layers.attention_heads(q, keys, values, mask, impl),
-                                tower.norm, tower.norm_eps)
-  if 'ln_attn' in p:
-    out = layers.norm(p['ln_attn'], out, tower.norm, tower.norm_eps)
+  out, keys, values = transformer.cached_self_attention(p, h_Nx1xD, keys, values, position, mask,
+                                                        tower, impl)
   x_Nx1xD = x_Nx1xD + out
   return x_Nx1xD + transformer.mlp(p, x_Nx1xD, tower), keys, values
 

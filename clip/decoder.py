@@ -214,13 +214,10 @@ def step(params, cache, tokens_N, position, cfg, execution=configs.Execution()):
   for i in range(cfg.layers):
     p = transformer.layer(params['transformer'], i)
     h_Nx1xD = layers.norm(p['ln_1'], x_Nx1xD, cfg.norm, cfg.norm_eps)
-    q, k, v = layers.attention_projections(p['attn'], h_Nx1xD, cfg.heads, cfg.norm, cfg.norm_eps)
-    keys.append(jax.lax.dynamic_update_slice_in_dim(cache.keys[i], k, position, axis=1))
-    values.append(jax.lax.dynamic_update_slice_in_dim(cache.values[i], v, position, axis=1))
-    out = layers.attention_output(p['attn'],
-                                  layers.attention_heads(q, keys[i], values[i], visible, impl))
-    if 'ln_attn' in p:
-      out = layers.norm(p['ln_attn'], out, cfg.norm, cfg.norm_eps)
+    out, k, v = transformer.cached_self_attention(p, h_Nx1xD, cache.keys[i], cache.values[i],
+                                                  position, visible, cfg, impl)
+    keys.append(k)
+    values.append(v)
     x_Nx1xD = x_Nx1xD + out
     h_Nx1xD = layers.norm(p['ln_cross'], x_Nx1xD, cfg.norm, cfg.norm_eps)
     q = layers.attention_projections(p['cross_attn'], h_Nx1xD, cfg.heads, cfg.norm, cfg.norm_eps,

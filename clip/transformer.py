@@ -92,6 +92,23 @@ def attention(p, h_NxQxD, cfg, mask, kv_NxKxD=None, q_pos=None, k_pos=None, impl
   return layers.norm(p['ln_attn'], out, cfg.norm, cfg.norm_eps) if 'ln_attn' in p else out
 
 
+def cached_self_attention(p, h_Nx1xD, keys, values, position, mask, cfg, implementation='xla'):
+  """A block's self-attention at one position, for decoding with a KV cache: the (normed) input
+  `h_Nx1xD` (N, 1, D)'s keys and values written at `position` of the cached `keys`, `values`
+  (N, P, heads, head_dim), its query attending to them under `mask` (`layers.attention_heads`'),
+  then NormFormer's norm when the block has one -> (out (N, 1, D), keys, values). The cached
+  steps of `clip/decoder.py` and `clip/coca_decoding.py` run it."""
+  q, k, v = layers.attention_projections(p['attn'], h_Nx1xD, cfg.heads, cfg.norm, cfg.norm_eps)
+  keys = jax.lax.dynamic_update_slice_in_dim(keys, k, position, axis=1)
+  values = jax.lax.dynamic_update_slice_in_dim(values, v, position, axis=1)
+  out = layers.attention_output(
+      p['attn'], layers.attention_heads(q, keys, values, mask, implementation), cfg.norm,
+      cfg.norm_eps)
+  if 'ln_attn' in p:
+    out = layers.norm(p['ln_attn'], out, cfg.norm, cfg.norm_eps)
+  return out, keys, values
+
+
 def mlp(p, x, cfg):
   return layers.mlp(p['mlp'], layers.norm(p['ln_2'], x, cfg.norm, cfg.norm_eps), cfg.mlp, cfg.norm,
                     cfg.norm_eps)
