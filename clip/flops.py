@@ -25,6 +25,11 @@ SwiGLU, else 1), K keys per query and E = embed_dim:
   block:      qkv 6TD^2, QK^T 2TKD, AV 2TKD, out 2TD^2, MLP 2TDF(g + 1)   (self-attention: K=T)
   patch embed 2 P (3 p^2) D over all P = grid^2 patches (patch dropout drops after it)
   ViT tokens  T = class token + registers + patches (training: `kept_patches` with dropout)
+  NaFlex ViT  at sequence length S (`num_patches`, `clip.vit_naflex`): the patch embedding over
+              all S slots and T = prefix + S (padding is computed; training with dropout:
+              `vit_naflex.kept_patches(v, S)` slots), plus a learned table's resize to each
+              grid, 2 S G^2 D (G = grid_size); its backward has one matmul, not two (no gradient
+              for the interpolation weights)
   MAP pool    one query over the pooled tokens T': 2D^2 (q) + 4T'D^2 (k, v) + 4T'D + 2D^2 (out)
               + 2DF(g + 1)
   projection  2DE (each tower)
@@ -50,6 +55,7 @@ import warnings
 import numpy as np
 
 from clip import configs
+from clip import vit_naflex
 
 # Dense (no sparsity) peak TFLOP/s of the matrix units in bf16 (= fp16 on these chips), by
 # `jax.devices()[0].device_kind`: TPU kinds exactly (JAX's names, in its `tpu_info.py`: v5e is
@@ -138,17 +144,27 @@ def _map_pool(t, tokens):
   return _attention(1, tokens, t.width) + _mlp(1, t.width, t.hidden_dim, t.mlp)
 
 
-def vit_tokens(v, training=False):
-  """Tokens through a ViT's blocks: class token + registers + patches (kept ones in training)."""
-  patches = v.kept_patches if training else v.grid_size ** 2
+def vit_tokens(v, training=False, num_patches=None):
+  """Tokens through a ViT's blocks: class token + registers + patches (kept ones in training);
+  `num_patches` S: NaFlex's patch slots per image, padding included (`clip.vit_naflex`, which
+  keeps `kept_patches(v, S)` slots under patch dropout)."""
+  if num_patches is None:
+    patches = v.kept_patches if training else v.grid_size ** 2
+  else:
+    patches = vit_naflex.kept_patches(v, num_patches) if training else num_patches
   return int(v.has_class_token) + v.registers + patches
 
 
-def vit_flops(v, embed_dim, training=False, head=True):
+def vit_flops(v, embed_dim, training=False, head=True, num_patches=None):
   """Forward FLOPs per image of ViT config `v` (with patch dropout when `training`); without
-  the `head` (pooling, projection) for a captioner's tokens."""
-  tokens = vit_tokens(v, training)
-  flops = 2 * v.grid_size ** 2 * 3 * v.patch_size ** 2 * v.width  # patch embedding
+  the `head` (pooling, projection) for a captioner's tokens. `num_patches` S counts the NaFlex
+  tower (`clip.vit_naflex`) at sequence length S: every slot computed, padding included, and a
+  learned position table's resize to each grid (one matmul, 2 S G^2 D)."""
+  tokens = vit_tokens(v, training, num_patches)
+  patches = v.grid_size ** 2 if num_patches is None else num_patches
+  flops = 2 * patches * 3 * v.patch_size ** 2 * v.width  # patch embedding
+  if num_patches is not None and v.pos_embedding == 'learned':
+    flops += 2 * num_patches * v.grid_size ** 2 * v.width  # positions resized per grid
   flops += v.layers * block_flops(v, tokens)
   if not head:
     return flops
@@ -200,39 +216,49 @@ def decoder_flops(d, image_tokens, image_width):
   return flops + 2 * length * d.width * d.num_outputs
 
 
-def image_flops(cfg, training=False):
-  """Forward FLOPs per image of `cfg`'s image tower."""
+def image_flops(cfg, training=False, num_patches=None):
+  """Forward FLOPs per image of `cfg`'s image tower (NaFlex's at `num_patches` S: `vit_flops`)."""
   v = cfg.vision
   if v.arch == 'resnet':
+    if num_patches is not None:
+      raise ValueError(f'num_patches={num_patches} counts a NaFlex ViT; this tower is a ResNet')
     return resnet_flops(v, cfg.embed_dim)
   # A captioner (no text tower) reads the tokens only: no pooling, no projection.
-  return vit_flops(v, cfg.embed_dim, training, head=cfg.text is not None)
+  return vit_flops(v, cfg.embed_dim, training, head=cfg.text is not None,
+                   num_patches=num_patches)
 
 
-def model_flops_per_example(cfg, batch_size=None, training=True):
+def model_flops_per_example(cfg, batch_size=None, training=True, num_patches=None):
   """Forward FLOPs per image-caption pair of CLIPConfig `cfg`: image tower, text tower, the
   captioning decoder when there is one, and, given the global `batch_size`, the image-text
   logits of the contrastive or sigmoid loss (2 x batch_size x embed_dim). `training` counts the
-  patches a ViT keeps under `patch_dropout`. Raises TypeError for anything but a CLIPConfig
-  (e.g. `clip.coca.CoCaConfig`, not counted here)."""
+  patches a ViT keeps under `patch_dropout`; `num_patches` S the NaFlex image tower at sequence
+  length S (`vit_flops`). Raises TypeError for anything but a CLIPConfig (e.g.
+  `clip.coca.CoCaConfig`, not counted here); ValueError for `num_patches` with a ResNet."""
   if not isinstance(cfg, configs.CLIPConfig):
     raise TypeError(f'model_flops_per_example takes a clip.CLIPConfig, got {type(cfg).__name__}')
-  flops = image_flops(cfg, training)
+  flops = image_flops(cfg, training, num_patches)
   if cfg.text is not None:
     flops += text_flops(cfg.text, cfg.embed_dim)
     if batch_size:
       flops += 2 * batch_size * cfg.embed_dim
   if cfg.decoder is not None:
     v = cfg.vision
-    flops += decoder_flops(cfg.decoder, vit_tokens(v, training) - v.registers, v.width)
+    flops += decoder_flops(cfg.decoder, vit_tokens(v, training, num_patches) - v.registers,
+                           v.width)
   return flops
 
 
-def train_step_flops(cfg, batch_size):
+def train_step_flops(cfg, batch_size, num_patches=None):
   """Model FLOPs of one training step at global batch `batch_size` (an int, in FLOPs): 3 x the
-  forward (PaLM appendix B; no rematerialisation recompute, no optimizer update). Raises
-  ValueError for a batch size that is not a positive int (a bool is not one)."""
+  forward (PaLM appendix B; no rematerialisation recompute, no optimizer update); a NaFlex step
+  at sequence length `num_patches` S (`vit_flops`). Raises ValueError for a batch size or S that
+  is not a positive int (a bool is not one)."""
   if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
       or batch_size < 1):
     raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
-  return 3 * batch_size * model_flops_per_example(cfg, batch_size, training=True)
+  if num_patches is not None and (isinstance(num_patches, bool) or not isinstance(
+      num_patches, (int, np.integer)) or num_patches < 1):
+    raise ValueError(f'num_patches must be a positive int or None, got {num_patches!r}')
+  return 3 * batch_size * model_flops_per_example(cfg, batch_size, training=True,
+                                                  num_patches=num_patches)

@@ -8,9 +8,10 @@ each image's (h, w) patch grid (bilinear, antialiased: `F.interpolate(mode='bili
 align_corners=False, antialias=True)`), masks the padding in its attention and in its MAP head.
 
 `naflex_preprocess` is that processor (its PIL backend) and `encode_image_naflex` that image
-tower, over our parameters (a SigLIP ViT: `visual.conv1.weight (D, 3, P, P)`, the square
-`visual.positional_embedding (G*G, D)`, the MAP head): `clip.load` of a `Siglip2Model` folder
-gives them. The sizes travel as traced values: one compile per (batch size, max_num_patches).
+tower (`clip.vit_naflex`, any of our ViT options; a SigLIP ViT with `visual.conv1.weight (D, 3,
+P, P)`, the square `visual.positional_embedding (G*G, D)` and the MAP head is Siglip2Model's):
+`clip.load` of a `Siglip2Model` folder gives it. The sizes travel as traced values: one compile
+per (batch size, max_num_patches).
 """
 import dataclasses
 import functools
@@ -23,10 +24,8 @@ import numpy as np
 from PIL import Image
 
 from clip import configs
-from clip import layers
 from clip import preprocess
-from clip import transformer
-from clip import vit
+from clip import vit_naflex
 from clip.formats import siglip
 
 # Siglip2ImageProcessor's settings: SigLIP's mean and std (0.5), PIL's bilinear filter; it does
@@ -147,82 +146,34 @@ def naflex_preprocess(images, patch_size, max_num_patches, preprocess_or_cfg=Non
 
 # ---------------------------------------------------------------- the image tower
 
-def _axis_weights(index_NxS, size_N, grid):
-  """(N, S, grid) weights of the antialiased bilinear resize of `grid` samples to `size_N`,
-  for output sample `index_NxS` of each row: F.interpolate(mode='bilinear', align_corners=False,
-  antialias=True) along one axis, a triangle filter widened by the scale when it shrinks."""
-  scale_Nx1 = (grid / size_N.astype(jnp.float32))[:, None]
-  support_Nx1 = jnp.maximum(scale_Nx1, 1.0)
-  center_NxS = (index_NxS.astype(jnp.float32) + 0.5) * scale_Nx1 - 0.5
-  source_G = jnp.arange(grid, dtype=jnp.float32)
-  distance_NxSxG = jnp.abs(source_G - center_NxS[..., None]) / support_Nx1[..., None]
-  weights_NxSxG = jnp.maximum(1 - distance_NxSxG, 0.0)
-  return weights_NxSxG / weights_NxSxG.sum(-1, keepdims=True)
-
-
-def resized_positions(table_GGxD, shapes_Nx2, length):
-  """The square position table (G*G, D) resized to each image's (h, w) grid and laid out as its
-  patches: (N, length, D), rows past h*w (padding) holding the grid's first position, as
-  `Siglip2VisionEmbeddings.resize_positional_embeddings`. `shapes_Nx2` may be traced: the resize
-  is a per-image pair of interpolation matrices, computed in fp32."""
-  grid = math.isqrt(table_GGxD.shape[0])
-  h_N, w_N = shapes_Nx2[:, 0], shapes_Nx2[:, 1]
-  position_S = jnp.arange(length)
-  real_NxS = position_S < (h_N * w_N)[:, None]
-  rows_NxS = jnp.where(real_NxS, position_S // w_N[:, None], 0)
-  cols_NxS = jnp.where(real_NxS, position_S % w_N[:, None], 0)
-  table_GxGxD = table_GGxD.reshape(grid, grid, -1).astype(jnp.float32)
-  return jnp.einsum('nsg,nsk,gkd->nsd', _axis_weights(rows_NxS, h_N, grid),
-                    _axis_weights(cols_NxS, w_N, grid), table_GxGxD)
-
-
-def tokens(params, pixels_NxSxK, lengths_N, shapes_Nx2, cfg, execution=configs.Execution()):
-  """NaFlex patches -> the last block's tokens (N, S, D) in `execution.dtype`: the patch
-  embedding (`conv1` as a Linear over (row, col, channel) patches), the resized positions, the
-  blocks with each row attending to its first `lengths_N` tokens. `cfg` a VisionConfig."""
-  dtype = jnp.dtype(execution.dtype)
-  # conv1's OIHW kernel read as a Linear over patches flattened (row, col, channel).
-  patches_NxSxPxQxC = pixels_NxSxK.reshape(*pixels_NxSxK.shape[:2], cfg.patch_size,
-                                           cfg.patch_size, 3).astype(dtype)
-  x_NxSxD = jnp.einsum('nspqc,ocpq->nso', patches_NxSxPxQxC,
-                       params['conv1']['weight'].astype(dtype))
-  if 'bias' in params['conv1']:
-    x_NxSxD = x_NxSxD + params['conv1']['bias'].astype(dtype)
-  positions = resized_positions(params['positional_embedding'], shapes_Nx2, x_NxSxD.shape[1])
-  x_NxSxD = x_NxSxD + positions.astype(dtype)
-  if 'ln_pre' in params:
-    x_NxSxD = layers.norm(params['ln_pre'], x_NxSxD, cfg.norm, cfg.norm_eps)
-  mask = layers.Mask(kv_lengths_N=lengths_N)
-  return transformer.apply(params['transformer'], x_NxSxD, cfg, mask, execution=execution)
-
-
 @functools.partial(jax.jit, static_argnames=('cfg',))
-def _features(params, pixels_NxSxK, lengths_N, shapes_Nx2, cfg):
-  visual, v = params['visual'], cfg.vision
-  x_NxSxD = tokens(visual, pixels_NxSxK, lengths_N, shapes_Nx2, v, cfg.execution)
-  real_NxS = jnp.arange(x_NxSxD.shape[1]) < lengths_N[:, None]
-  return vit.pool(visual, x_NxSxD, v, cfg.execution, real_NxS).astype(jnp.float32)
+def _features(params, pixels_NxSxK, shapes_Nx2, cfg):
+  return vit_naflex.features(params['visual'], pixels_NxSxK, shapes_Nx2, cfg.vision,
+                             cfg.execution).astype(jnp.float32)
 
 
-# The image tower NaFlex runs: these settings, any block options (the blocks are
-# `transformer.apply`'s), and other VisionConfig options only at their defaults (a new option is
-# refused here until `tokens` runs it).
-_NAFLEX_TOWER = dict(arch='vit', pool='map', pos_embedding='learned', registers=0)
-_FREE = ('width', 'layers', 'heads', 'image_resolution', 'patch_size', 'ln_pre', 'patch_bias',
-         'patch_dropout', 'projection_bias', 'pool_registers')
+# The VisionConfig fields `clip.vit_naflex` runs at any value: a field added later is refused
+# at a non-default value until the NaFlex tower runs it.
+_KNOWN = ('arch', 'width', 'layers', 'heads', 'image_resolution', 'patch_size', 'pool',
+          'pos_embedding', 'registers', 'pool_registers', 'ln_pre', 'patch_bias',
+          'patch_dropout', 'rope_2d', 'rope_theta', 'rope_ref_grid', 'rope_grid_offset',
+          'rope_xy', 'class_token', 'projection_bias')
 
 
 def _check_model(cfg):
   if not isinstance(cfg, configs.CLIPConfig):
     raise TypeError(f'expected a clip.CLIPConfig, got {type(cfg).__name__}')
   v = cfg.vision
-  other = {k: getattr(v, k) for k, want in _NAFLEX_TOWER.items() if getattr(v, k) != want}
-  free = set(_FREE) | {f.name for f in dataclasses.fields(configs.BlockOptions)}
-  other.update({f.name: getattr(v, f.name) for f in dataclasses.fields(v)
-                if f.name not in free | set(_NAFLEX_TOWER) and getattr(v, f.name) != f.default})
+  if v.arch != 'vit':
+    raise ValueError(f'NaFlex runs a ViT image tower (patches of their own grids); this model\'s '
+                     f'is a {v.arch!r} (arch={v.arch!r}), which takes square images: use '
+                     'clip.encode_image')
+  known = set(_KNOWN) | {f.name for f in dataclasses.fields(configs.BlockOptions)}
+  other = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)
+           if f.name not in known and getattr(v, f.name) != f.default}
   if other:
-    raise ValueError(f'NaFlex runs a SigLIP image tower ({_NAFLEX_TOWER}, other ViT options at '
-                     f'their defaults); this one has {other}')
+    raise ValueError(f'NaFlex runs the ViT options of clip.vit_naflex, the others only at their '
+                     f'defaults; this tower has {other}')
 
 
 def _check_inputs(pixels_NxSxK, mask_NxS, shapes_Nx2, cfg):
@@ -264,25 +215,26 @@ def encode_image_naflex(params, pixel_values, pixel_attention_mask, spatial_shap
   .pooler_output`.
 
   Args:
-    params: a SigLIP model's parameters (`clip.load` of a `Siglip2Model` folder); the position
-      table `visual.positional_embedding` is a square G x G grid.
+    params: a ViT model's parameters (e.g. `clip.load` of a `Siglip2Model` folder); a learned
+      position table `visual.positional_embedding` is a square G x G grid (after a class
+      token's row).
     pixel_values: float (N, S, P*P*3) normalised patches, each flattened (row, column, channel).
-    pixel_attention_mask: (N, S) ints or bools, nonzero for the real patches, which come first.
+    pixel_attention_mask: (N, S) ints or bools, nonzero for the real patches, which come first;
+      checked against spatial_shapes, which alone then say which patches are real (h*w).
     spatial_shapes: ints (N, 2), each image's (h, w) patch grid, h*w real patches.
-    cfg: the model's CLIPConfig; its vision tower a SigLIP ViT with patch size P.
+    cfg: the model's CLIPConfig; its vision tower a ViT with patch size P, any of its options
+      (`clip.vit_naflex`).
 
-  Each image sees the position table resized to its (h, w) grid (`resized_positions`); its
-  padding is hidden from the blocks' attention and from the MAP head. Compiled once per shape
-  of the inputs (batch size and S): the grids are traced values.
+  Each image sees its own grid's positions (a learned table resized to (h, w), sin-cos or 2-D
+  RoPE per grid); its padding is hidden from the blocks' attention and from the pooling. Compiled
+  once per shape of the inputs (batch size and S): the grids are traced values.
 
   Raises:
-    TypeError / ValueError: a cfg that is not a SigLIP ViT tower, pixel_values whose last axis is
-      not the model's P*P*3, masks or spatial_shapes of another batch or length; with concrete
-      (not traced) values: a mask that is not 1s then 0s per row, grids with h*w > S or h*w not
-      the mask's count of real patches.
+    TypeError / ValueError: a cfg that is not a ViT tower (a ResNet) or has an option NaFlex does
+      not run, pixel_values whose last axis is not the model's P*P*3, masks or spatial_shapes of
+      another batch or length; with concrete (not traced) values: a mask that is not 1s then 0s
+      per row, grids with h*w > S or h*w not the mask's count of real patches.
   """
   _check_model(cfg)
   _check_inputs(pixel_values, pixel_attention_mask, spatial_shapes, cfg)
-  lengths_N = (jnp.asarray(pixel_attention_mask) != 0).sum(1).astype(jnp.int32)
-  return _features(params, jnp.asarray(pixel_values), lengths_N,
-                   jnp.asarray(spatial_shapes, jnp.int32), cfg)
+  return _features(params, jnp.asarray(pixel_values), jnp.asarray(spatial_shapes, jnp.int32), cfg)

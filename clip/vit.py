@@ -40,6 +40,15 @@ def init(key, cfg, embed_dim, stacked=False):
   return params
 
 
+def embed_patches(params, patches, spec, dtype):
+  """The patch embedding: `conv1`'s OIHW kernel contracted with the patches by the einsum `spec`
+  (which says how they are laid out), plus `conv1.bias` when the tower has one."""
+  x = jnp.einsum(spec, patches, params['conv1']['weight'].astype(dtype))
+  if 'bias' in params['conv1']:
+    x = x + params['conv1']['bias'].astype(dtype)
+  return x
+
+
 def position_table(params, cfg, dtype):
   """(tokens before the registers, D) positions: learned, or the fixed sin-cos grid (with a zero
   row for the class token)."""
@@ -49,6 +58,30 @@ def position_table(params, cfg, dtype):
   if cfg.has_class_token:
     table = jnp.concatenate([jnp.zeros((1, cfg.width), dtype), table])
   return table
+
+
+def with_class_token(params, x_NxPxD, cfg):
+  """The patch tokens (N, P, D) with the class token before them when the tower has one."""
+  if not cfg.has_class_token:
+    return x_NxPxD
+  n, _, d = x_NxPxD.shape
+  cls_Nx1xD = jnp.broadcast_to(params['class_embedding'].astype(x_NxPxD.dtype), (n, 1, d))
+  return jnp.concatenate([cls_Nx1xD, x_NxPxD], axis=1)
+
+
+def with_registers(params, x_NxLxD, cfg):
+  """The tokens with the registers (no positions) inserted after the class token, if any."""
+  if not cfg.registers:
+    return x_NxLxD
+  n, _, d = x_NxLxD.shape
+  c = int(cfg.has_class_token)
+  regs_NxRxD = jnp.broadcast_to(params['registers'].astype(x_NxLxD.dtype), (n, cfg.registers, d))
+  return jnp.concatenate([x_NxLxD[:, :c], regs_NxRxD, x_NxLxD[:, c:]], axis=1)
+
+
+def prefix_length(cfg):
+  """Tokens before the patches: the class token and the registers."""
+  return int(cfg.has_class_token) + cfg.registers
 
 
 def drop_patches(x_NxLxD, cfg, key):
@@ -75,41 +108,41 @@ def tokens(params, images_NxHxWx3, cfg, execution=configs.Execution(), dropout_k
   # conv, the grid floors: pixels past the last whole patch (image_resolution % p) are unused.
   images_NxHxWx3 = images_NxHxWx3[:, :covered, :covered]
   patches = einops.rearrange(images_NxHxWx3, 'n (h p) (w q) c -> n (h w) c p q', p=p, q=p)
-  x_NxLxD = jnp.einsum('nlcpq,ocpq->nlo', patches, params['conv1']['weight'].astype(dtype))
-  if 'bias' in params['conv1']:
-    x_NxLxD = x_NxLxD + params['conv1']['bias'].astype(dtype)
-  n, _, d = x_NxLxD.shape
-  if cfg.has_class_token:
-    cls_Nx1xD = jnp.broadcast_to(params['class_embedding'].astype(dtype), (n, 1, d))
-    x_NxLxD = jnp.concatenate([cls_Nx1xD, x_NxLxD], axis=1)
-  x_NxLxD = x_NxLxD + position_table(params, cfg, dtype)
+  x_NxLxD = embed_patches(params, patches, 'nlcpq,ocpq->nlo', dtype)
+  x_NxLxD = with_class_token(params, x_NxLxD, cfg) + position_table(params, cfg, dtype)
   if dropout_key is not None and cfg.patch_dropout > 0:
     x_NxLxD = drop_patches(x_NxLxD, cfg, dropout_key)
-  if cfg.registers:
-    c = int(cfg.has_class_token)
-    regs_NxRxD = jnp.broadcast_to(params['registers'].astype(dtype), (n, cfg.registers, d))
-    x_NxLxD = jnp.concatenate([x_NxLxD[:, :c], regs_NxRxD, x_NxLxD[:, c:]], axis=1)
+  x_NxLxD = with_registers(params, x_NxLxD, cfg)
+  angles = jnp.asarray(rope2d.angles(cfg)) if cfg.rope_2d else None
+  return blocks(params, x_NxLxD, cfg, execution, rope_angles=angles)
+
+
+def blocks(params, x_NxLxD, cfg, execution=configs.Execution(), mask=None, rope_angles=None):
+  """The embedded tokens -> the last block's: `ln_pre` when the tower has it, then the blocks
+  (`transformer.apply`; `mask` a `layers.Mask`, `rope_angles` EVA's 2-D RoPE angles)."""
   if 'ln_pre' in params:
     x_NxLxD = layers.norm(params['ln_pre'], x_NxLxD, cfg.norm, cfg.norm_eps)
-  angles = jnp.asarray(rope2d.angles(cfg)) if cfg.rope_2d else None
-  return transformer.apply(params['transformer'], x_NxLxD, cfg, execution=execution,
-                           rope_angles=angles)
+  return transformer.apply(params['transformer'], x_NxLxD, cfg, mask, execution=execution,
+                           rope_angles=rope_angles)
 
 
 def pool(params, x_NxLxD, cfg, execution=configs.Execution(), mask_NxL=None):
   """The last block's tokens -> (N, embed_dim): ln_post per token, then the class token, the
   mean of the patches (and registers if pooled) or the MAP head (its attention as
-  `execution.attention`; `mask_NxL`, True = a real token, hides padding from it: NaFlex's);
-  then the projection."""
+  `execution.attention`); then the projection. `mask_NxL` (booleans over the L tokens, True = a
+  real one: NaFlex's padding False) hides padding from the mean and from the MAP head."""
   if cfg.pool == 'cls':
     x_NxD = layers.norm(params['ln_post'], x_NxLxD[:, 0], cfg.norm, cfg.norm_eps)
   else:
-    tokens_NxTxD = x_NxLxD if cfg.pool_registers else x_NxLxD[:, cfg.registers:]
-    tokens_NxTxD = layers.norm(params['ln_post'], tokens_NxTxD, cfg.norm, cfg.norm_eps)
-    if cfg.pool == 'gap':
+    pooled = slice(None) if cfg.pool_registers else slice(cfg.registers, None)
+    tokens_NxTxD = layers.norm(params['ln_post'], x_NxLxD[:, pooled], cfg.norm, cfg.norm_eps)
+    mask_NxT = None if mask_NxL is None else mask_NxL[:, pooled]
+    if cfg.pool == 'gap' and mask_NxT is None:
       x_NxD = tokens_NxTxD.mean(axis=1)
+    elif cfg.pool == 'gap':
+      x_NxD = tokens_NxTxD.mean(axis=1, where=mask_NxT[..., None])
     else:
-      x_NxD = pooling.apply(params['attn_pool'], tokens_NxTxD, cfg, mask_NxL,
+      x_NxD = pooling.apply(params['attn_pool'], tokens_NxTxD, cfg, mask_NxT,
                             implementation=execution.attention)
   projection = params.get('proj')
   if isinstance(projection, dict):

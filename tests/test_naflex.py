@@ -1,4 +1,4 @@
-"""SigLIP 2 NaFlex (`clip/naflex.py`) against transformers: `naflex_preprocess` against
+"""SigLIP 2 NaFlex (`clip/naflex.py`, `clip/vit_naflex.py`) against transformers: `naflex_preprocess` against
 `Siglip2ImageProcessorPil` (pixels, masks and grids, images of three aspect ratios and one larger
 than the patch budget, two `max_num_patches`), the per-image position resize against torch's
 antialiased bilinear `F.interpolate`, and `encode_image_naflex` against
@@ -18,6 +18,7 @@ from transformers.models.siglip2 import image_processing_pil_siglip2 as hf_nafle
 
 import clip
 from clip import naflex
+from clip import vit_naflex
 from clip.formats import files
 from clip.formats import hf
 from experiments import checkpoint_families_recent
@@ -82,7 +83,7 @@ def test_resized_positions_equal_torch_antialiased_bilinear():
   grid, length, width = 5, 40, 6
   table = np.random.default_rng(2).normal(size=(grid * grid, width)).astype(np.float32)
   shapes = np.array([[1, 1], [2, 9], [9, 2], [5, 5], [3, 7], [6, 6], [10, 4]], np.int32)
-  ours = np.asarray(jax.jit(naflex.resized_positions, static_argnums=2)(table, shapes, length))
+  ours = np.asarray(jax.jit(vit_naflex.resized_positions, static_argnums=2)(table, shapes, length))
   image = torch.from_numpy(table.reshape(1, grid, grid, width)).permute(0, 3, 1, 2)
   for (h, w), got in zip(shapes.tolist(), ours):
     want = torch.nn.functional.interpolate(image, size=(h, w), mode='bilinear',
@@ -146,12 +147,12 @@ def test_encode_refuses_bad_inputs(model):
     clip.encode_image_naflex(params, pixels, mask, other, cfg)
   with pytest.raises(ValueError, match=r'spatial_shapes must be \(4, 2\)'):
     clip.encode_image_naflex(params, pixels, mask, shapes[:2], cfg)
-  gap = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pool='gap'))
-  with pytest.raises(ValueError, match="NaFlex runs a SigLIP image tower.*'pool': 'gap'"):
-    clip.encode_image_naflex(params, pixels, mask, shapes, gap)
+  resnet = dataclasses.replace(cfg, vision=clip.VisionConfig('resnet', 8, (1, 1, 1, 1), 4, 32))
+  with pytest.raises(ValueError, match="NaFlex runs a ViT image tower.*'resnet'"):
+    clip.encode_image_naflex(params, pixels, mask, shapes, resnet)
   fields = {f.name: getattr(cfg.vision, f.name) for f in dataclasses.fields(cfg.vision)}
   newer = dataclasses.replace(cfg, vision=_WithNewOption(**fields, new_option=True))
-  with pytest.raises(ValueError, match="other ViT options at their defaults.*'new_option'"):
+  with pytest.raises(ValueError, match="others only at their defaults.*'new_option'"):
     clip.encode_image_naflex(params, pixels, mask, shapes, newer)
 
 
