@@ -10,6 +10,7 @@ step) the tokens are tracers and go unchecked, so no step waits on the host. Che
 are concrete: the public entry points, or the data pipeline.
 """
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from clip import resnet
 from clip import text
 from clip import transformer
 from clip import vit
+from clip import vit_naflex
 
 BATCH_STAT_KEYS = ('running_mean', 'running_var', 'num_batches_tracked')
 
@@ -256,8 +258,11 @@ def training_image_features(params, batch_stats, images, cfg, update_bn=True, dr
   batch_stats)`. A ResNet with `update_bn` normalises with batch statistics and returns its
   updated running buffers (`resnet.apply_train`); otherwise (a ViT, or a locked tower) the tower
   runs as `encode_image` and `batch_stats` come back as given. A ViT with `patch_dropout` drops
-  patches when given a `dropout_key` (FLIP)."""
+  patches when given a `dropout_key` (FLIP). `images` may be `NaFlexImages` (a ViT's
+  `clip.vit_naflex` runs them, patch dropout over the real patches only)."""
   full = update_batch_stats(params, batch_stats)
+  if isinstance(images, NaFlexImages):
+    return _naflex_training_features(full, images, cfg, dropout_key), batch_stats
   if cfg.vision.arch == 'vit' and dropout_key is not None and cfg.vision.patch_dropout > 0:
     check_images(images, cfg)
     features = vit.apply(full['visual'], images, cfg.vision, cfg.execution, dropout_key)
@@ -267,6 +272,44 @@ def training_image_features(params, batch_stats, images, cfg, update_bn=True, dr
   check_images(images, cfg)
   features, stats = resnet.apply_train(full['visual'], images, cfg.vision, cfg.execution)
   return features.astype(jnp.float32), {'visual': stats}
+
+
+class NaFlexImages(typing.NamedTuple):
+  """A NaFlex image batch (SigLIP 2's native aspect ratio, `clip.naflex_preprocess`): `patches`
+  float (N, S, P*P*3) normalised, each image's h*w real patches first in raster order, flattened
+  (row, column, channel), then padding; `spatial_shapes` int (N, 2) each image's (h, w) grid."""
+  patches: jax.Array
+  spatial_shapes: jax.Array
+
+
+def check_naflex_model(cfg):
+  """Raises ValueError unless the image tower runs NaFlex patches (a ViT)."""
+  if cfg.vision.arch != 'vit':
+    raise ValueError(f'NaFlex images need a ViT image tower, this model has a {cfg.vision.arch}')
+
+
+def check_naflex_images(images, cfg):
+  """Raises unless `images` (NaFlexImages) has the shapes the model's patch size says."""
+  check_naflex_model(cfg)
+  p = cfg.vision.patch_size
+  shape, grids = getattr(images.patches, 'shape', None), getattr(images.spatial_shapes, 'shape',
+                                                                 None)
+  if shape is None or len(shape) != 3 or shape[2] != p * p * 3:
+    raise ValueError(f'NaFlex patches must be (N, S, {p * p * 3}) ({p} x {p} x 3 pixels, the '
+                     f'model\'s patch_size {p}), got shape {shape}')
+  if not jnp.issubdtype(images.patches.dtype, jnp.floating):
+    raise TypeError(f'NaFlex patches must be floating point (normalised), got dtype '
+                    f'{images.patches.dtype}')
+  if grids != (shape[0], 2) or not jnp.issubdtype(images.spatial_shapes.dtype, jnp.integer):
+    raise ValueError(f'spatial_shapes must be int ({shape[0]}, 2) for patches {tuple(shape)}, '
+                     f'got {getattr(images.spatial_shapes, "dtype", None)} {grids}')
+
+
+def _naflex_training_features(params, images, cfg, dropout_key):
+  check_naflex_images(images, cfg)
+  features = vit_naflex.features(params['visual'], images.patches, images.spatial_shapes,
+                                 cfg.vision, cfg.execution, dropout_key)
+  return features.astype(jnp.float32)
 
 
 def logits(params, image_features, text_features):

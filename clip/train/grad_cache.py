@@ -58,8 +58,8 @@ def value_and_grad(cfg, tcfg, mesh):
   accuracy = objectives.local_accuracy(mesh)
 
   def embed(params, batch_stats, micro, key):
-    img, _, batch_stats = objectives.image_outputs(params, batch_stats, micro['image'], cfg,
-                                                   tcfg, key)
+    images = objectives.batch_images(micro)
+    img, _, batch_stats = objectives.image_outputs(params, batch_stats, images, cfg, tcfg, key)
     return objectives.normalised_pair(params, img, micro['tokens'], cfg), batch_stats
 
   def f(params, batch_stats, batch, key):

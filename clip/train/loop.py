@@ -102,17 +102,20 @@ def progress(bar, lag=2):
 
 def log_metrics(write, every, batch_size=None, start_step=0):
   """A hook calling `write(step, metrics)` every `every` steps and after the last, with the
-  step's metrics fetched as floats; given the global `batch_size`, plus `images_per_s`: the images
-  of the steps since the previous call (or since `start_step`, when this hook was made) over the
-  seconds they took."""
+  step's metrics fetched as floats; given the global `batch_size` (an int, or for batches whose
+  size varies, a function `images_before(step)` of the images all steps before `step` hold), plus
+  `images_per_s`: the images of the steps since the previous call (or since `start_step`, when
+  this hook was made) over the seconds they took."""
   last = {'time': time.perf_counter(), 'step': start_step}
+  images_before = batch_size if callable(batch_size) else lambda step: step * batch_size
 
   def run(step, state, metrics):
     del state
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if batch_size is not None:
       now = time.perf_counter()
-      metrics['images_per_s'] = (step - last['step']) * batch_size / (now - last['time'])
+      images = images_before(step) - images_before(last['step'])
+      metrics['images_per_s'] = images / (now - last['time'])
       last.update(time=now, step=step)
     write(step, metrics)
   return Hook(run, every)

@@ -16,8 +16,8 @@ PATCH_DROPOUT_STREAM = 7  # fold_in of the step's key that draws FLIP's kept pat
 
 def check_objective(cfg, tcfg):
   """The model config and the losses agree: `check_logit_bias`, a contrastive loss needs a text
-  tower, and a decoder is there exactly when the captioning loss has a weight. Raises
-  ValueError naming both sides."""
+  tower, a decoder is there exactly when the captioning loss has a weight, and NaFlex training
+  has a ViT image tower and no decoder. Raises ValueError naming both sides."""
   check_logit_bias(cfg, tcfg)
   if tcfg.loss != NO_CONTRASTIVE and cfg.text is None:
     raise ValueError(f'loss {tcfg.loss!r} compares images with a text tower, and the model has '
@@ -26,6 +26,12 @@ def check_objective(cfg, tcfg):
     raise ValueError(f'caption_weight {tcfg.caption_weight} with '
                      f'{"no decoder" if cfg.decoder is None else "a decoder"} in the model '
                      'config: a decoder is trained by a caption_weight > 0, and only a decoder is')
+  if tcfg.naflex:
+    model.check_naflex_model(cfg)
+    if cfg.decoder is not None:
+      raise ValueError('NaFlex batches train a two-tower model; a captioning decoder reading '
+                       'padded NaFlex image tokens is not supported (train it at fixed '
+                       'resolution)')
 
 
 def check_logit_bias(cfg, tcfg):
@@ -37,6 +43,20 @@ def check_logit_bias(cfg, tcfg):
     raise ValueError(f'loss {tcfg.loss!r} {"takes" if takes else "takes no"} logit_bias, but the '
                      f'model config has logit_bias={cfg.logit_bias}: use '
                      f'dataclasses.replace(cfg, logit_bias={takes})')
+
+
+def batch_keys(tcfg):
+  """What a CLIP training batch holds: `('image', 'tokens')`, or with NaFlex (`tcfg.naflex`)
+  `('patches', 'spatial_shapes', 'tokens')` (`clip.model.NaFlexImages`)."""
+  return ('patches', 'spatial_shapes', 'tokens') if tcfg.naflex else ('image', 'tokens')
+
+
+def batch_images(batch):
+  """A batch's images as the image tower takes them: its 'image' array, or NaFlex's
+  `model.NaFlexImages(patches, spatial_shapes)`."""
+  if 'patches' in batch:
+    return model.NaFlexImages(batch['patches'], batch['spatial_shapes'])
+  return batch['image']
 
 
 def local_accuracy(mesh):
@@ -81,7 +101,7 @@ def loss_scalars(params, loss):
 
 def clip_objective(cfg, tcfg, mesh):
   """The image-text objective: `(params, batch_stats, batch, key) -> (loss, (batch_stats,
-  metrics))` with `batch = {'image', 'tokens'}`: the contrastive loss `tcfg.loss` as a shard_map
+  metrics))` with `batch = {'image', 'tokens'}` (or NaFlex's, `batch_keys`): the contrastive loss `tcfg.loss` as a shard_map
   program, plus `tcfg.caption_weight` times the captioning loss of a model with a decoder
   (`clip.train.captioning`; `key` draws its parallel-prediction masks, and a fold of it the
   patches a ViT with `patch_dropout` keeps). The image tower runs once for both
@@ -92,7 +112,7 @@ def clip_objective(cfg, tcfg, mesh):
   accuracy = local_accuracy(mesh)
 
   def objective(params, batch_stats, batch, key):
-    img, image_tokens, batch_stats = image_outputs(params, batch_stats, batch['image'], cfg,
+    img, image_tokens, batch_stats = image_outputs(params, batch_stats, batch_images(batch), cfg,
                                                    tcfg, key)
     total, metrics = 0.0, {}
     if contrastive:

@@ -64,6 +64,13 @@ class TrainConfig:
   # e.g. 0.9999); ema_warmup: the power of timm's decay warmup (2/3 or 3/4), None for none.
   ema_decay: float | None = None
   ema_warmup: float | None = None
+  # NaFlex (SigLIP 2's native aspect ratio, `clip.vit_naflex`): a non-empty tuple of sequence
+  # lengths (patches per image) turns it on, batches are then {'patches', 'spatial_shapes',
+  # 'tokens'} and each step's length is drawn from these (`data.naflex_batching`); with
+  # naflex_tokens_per_batch, each step's batch holds about that many patches (token-budget
+  # batching) instead of batch_size images.
+  naflex_seq_lengths: tuple[int, ...] = ()
+  naflex_tokens_per_batch: int | None = None
 
   def __post_init__(self):
     none = objectives.NO_CONTRASTIVE
@@ -102,6 +109,30 @@ class TrainConfig:
     if not 0 < self.layer_decay <= 1:
       raise ValueError(f'layer_decay must be in (0, 1], got {self.layer_decay}')
     ema.check(self.ema_decay, self.ema_warmup)
+    self._check_naflex()
+
+  def _check_naflex(self):
+    lengths = self.naflex_seq_lengths
+    if not isinstance(lengths, tuple) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in lengths):
+      raise ValueError('naflex_seq_lengths must be a tuple of ints >= 1 (patches per image, at '
+                       f'least one), got {lengths!r}')
+    budget = self.naflex_tokens_per_batch
+    if budget is not None and not lengths:
+      raise ValueError(f'naflex_tokens_per_batch={budget} batches NaFlex steps by patches, but '
+                       'naflex_seq_lengths is empty (no NaFlex): give the lengths too')
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or budget < max(lengths)):
+      raise ValueError(f'naflex_tokens_per_batch must be an int of at least the longest length '
+                       f'{max(lengths)} (one image per step), got {budget!r}')
+    if lengths and self.accumulation_steps > 1:
+      raise ValueError('NaFlex steps change shape with their sequence length; gradient '
+                       'accumulation (accumulation_steps > 1) is not supported with them')
+
+  @property
+  def naflex(self):
+    """Whether images come as NaFlex patches (`naflex_seq_lengths` given)."""
+    return bool(self.naflex_seq_lengths)
 
   @property
   def frozen(self):
@@ -128,6 +159,8 @@ class TrainConfig:
 
   def check_mesh(self, mesh):
     ways = mesh.shape['data'] * mesh.shape['fsdp']
+    if self.naflex_tokens_per_batch is not None:
+      return  # each step's batch size is a multiple of the shards (data.naflex_batching)
     if self.micro_batch_size % ways:
       what = (f'the grad_cache micro-batch {self.micro_batch_size} (batch_size {self.batch_size} '
               f'/ {self.accumulation_steps})' if self.grad_cache else
@@ -145,15 +178,17 @@ class TrainSetup(typing.NamedTuple):
   optimizer: optax.GradientTransformation
 
 
-def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=('image', 'tokens'),
+def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=None,
           rules=sharding.DEFAULT_RULES):
   """The one way to set up a run: validates (mesh, loss vs model), builds the optimizer, the
   sharded state and the jitted step. Returns a `TrainSetup`.
 
   `init_params(key) -> params` replaces the random init (pretrained or fine-tuning weights);
   `objective(params, batch_stats, batch, key) -> (loss, (batch_stats, metrics))` replaces the
-  CLIP objective (fine-tuning), with the `batch_keys` it reads."""
+  CLIP objective (fine-tuning), with the `batch_keys` it reads (default: the CLIP objective's,
+  `objectives.batch_keys(tcfg)`)."""
   tcfg.check_mesh(mesh)
+  batch_keys = objectives.batch_keys(tcfg) if batch_keys is None else batch_keys
   if objective is None:
     objectives.check_objective(cfg, tcfg)
   if init_params is None:
@@ -199,7 +234,7 @@ def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULE
 
 
 def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=None,
-                    batch_keys=('image', 'tokens')):
+                    batch_keys=None):
   """`train_step(state, batch) -> (state, metrics)`, jitted with the state's shardings, the batch
   split over `('data', 'fsdp')`, and the state donated.
 
@@ -217,6 +252,7 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
   With `tcfg.ema_decay`, the state's `'ema'` moves towards the updated parameters after each
   optimizer update (`clip.train.ema.after_step`; not on MultiSteps' accumulating calls)."""
   tcfg.check_mesh(mesh)
+  batch_keys = objectives.batch_keys(tcfg) if batch_keys is None else batch_keys
   if tcfg.grad_cache:
     if objective is not None:
       raise ValueError('grad_cache accumulation runs the CLIP objective; a custom objective '
