@@ -58,12 +58,19 @@ from clip.train import objectives
 from clip.train import resume
 from clip.train import state_store
 from clip.train import training
+from data import naflex_batching as naflex_batching_lib
 from data import synthetic
 from data import synthetic_eval
+from data import synthetic_layout
+from data import synthetic_layout_eval
 from experiments import configs
 
 
 EVAL_BEST = 'eval_best.json'  # the evaluators' last and best metrics, in the workdir
+# The built-in data sets (`run.data`): square scenes, and scenes of several aspect ratios whose
+# captions say their layout (for NaFlex).
+SYNTHETIC = {'synthetic': synthetic.SyntheticCaptions,
+             'synthetic_layout': synthetic_layout.LayoutCaptions}
 
 
 def parse_args(argv):
@@ -178,11 +185,11 @@ def load_config(args):
   if not run.data:
     raise ValueError(f'config {name!r} has no default data: pass --data with a glob of '
                      'img2dataset shards (output_format "webdataset" or "tfrecord")')
-  if run.data == 'synthetic' and run.data_resampled:
+  if run.data in SYNTHETIC and run.data_resampled:
     raise ValueError('--data-resampled draws img2dataset shards with replacement; the built-in '
                      'synthetic data has no files (every process reads its own samples)')
   if args.keep_uids or args.min_image_size:
-    if run.data == 'synthetic':
+    if run.data in SYNTHETIC:
       raise ValueError('--keep-uids / --min-image-size filter img2dataset shards, not the '
                        'built-in synthetic data')
     from data import filters  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
@@ -215,25 +222,49 @@ def init_distributed(args):
             'runs are for testing, not speed')
 
 
-def make_data(config, cfg, tcfg, data_state):
+def naflex_batching(cfg, tcfg, mesh):
+  """The NaFlex run's plan of step shapes (`data.naflex_batching`), None without NaFlex: the
+  config's lengths, fixed batch_size or token budget, batches a multiple of the mesh's batch
+  shards, lengths drawn by the run's seed."""
+  if not tcfg.naflex:
+    return None
+  budget = tcfg.naflex_tokens_per_batch
+  return naflex_batching_lib.NaFlexBatching(
+      patch_size=cfg.vision.patch_size, seq_lengths=tcfg.naflex_seq_lengths,
+      batch_size=None if budget else tcfg.batch_size, tokens_per_batch=budget,
+      batch_multiple=mesh.shape['data'] * mesh.shape['fsdp'], seed=tcfg.seed)
+
+
+def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0):
   """(iterator of this process's share of each global batch, pipeline or None), tokenised and
   preprocessed as the model says (`clip.get_tokenizer(cfg)`, `cfg.preprocess`). `data_state` is
-  where a resumed run's data continues (None: from the start): for the synthetic set the next
+  where a resumed run's data continues (None: from the start): for the synthetic sets the next
   unseen example (`resume_example`; its samples are functions of their index, so any batch size
-  continues exactly), the shard pipeline's (or mixture's) own record state otherwise."""
+  continues exactly), the shard pipeline's (or mixture's) own record state otherwise. With a
+  NaFlex `batching`, batches are NaFlex patches, step `start_step` on."""
   tokenize = functools.partial(clip.get_tokenizer(cfg), truncate=True)
-  if config.run.data == 'synthetic':
-    ds = synthetic.SyntheticCaptions(seed=tcfg.seed, resolution=cfg.image_resolution)
+  share = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if config.run.data in SYNTHETIC:
+    ds = SYNTHETIC[config.run.data](seed=tcfg.seed, resolution=cfg.image_resolution)
+    if batching is not None:
+      start = resume.resume_example(data_state, tcfg.batch_size)
+      if start != batching.examples_before(start_step):
+        raise ValueError(f'the checkpoint\'s data position (example {start}) is not where the '
+                         f'NaFlex plan puts step {start_step} (example '
+                         f'{batching.examples_before(start_step)}): the lengths, batch size or '
+                         'token budget changed since it was written')
+      return ds.batches_naflex(batching, tokenize=tokenize, preprocess=cfg.preprocess,
+                               start_step=start_step, **share), None
     return ds.batches(tcfg.batch_size, tokenize=tokenize, preprocess=cfg.preprocess,
                       start_example=resume.resume_example(data_state, tcfg.batch_size),
-                      process_index=jax.process_index(),
-                      process_count=jax.process_count()), None
+                      **share), None
   from data import mixture  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
+  naflex = {} if batching is None else {'naflex': batching}
   pipeline = mixture.make_pipeline(config.run.data, global_batch_size=tcfg.batch_size,
                                    resolution=cfg.image_resolution, train=True, seed=tcfg.seed,
                                    tokenize=tokenize, preprocess=cfg.preprocess,
                                    keep=config.run.keep, resampled=config.run.data_resampled,
-                                   resume=data_state)
+                                   resume=data_state, **naflex)
   return iter(pipeline), pipeline
 
 
@@ -261,13 +292,16 @@ def restore(workdir, config, setup):
   return state, meta['step'], resume.process_position(meta)
 
 
-def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, evals=()):
+def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, evals=(),
+          batching=None):
   """(hooks, metrics log): the main job's hooks: its progress bar; a metrics.jsonl line and
   TensorBoard scalars (and the bar's loss and throughput) every run.log_every steps; a checkpoint
   holding the data position every run.checkpoint_every steps, written while the next steps run;
   each after the last step too; the evaluators `evals` every run.eval_every steps (and after the
-  last); a profiler trace of `profile_steps` (START, STOP) if given."""
+  last); a profiler trace of `profile_steps` (START, STOP) if given. A NaFlex `batching`'s steps
+  hold its varying batch sizes."""
   tcfg, run = config.train, config.run
+  images_before = tcfg.batch_size if batching is None else batching.examples_before
   bar = tqdm.tqdm(initial=start, total=tcfg.total_steps, desc='train', unit='step',
                   disable=jax.process_index() != 0)
   log = metrics_log.MetricsLog(os.path.join(workdir, 'metrics.jsonl'), start)
@@ -278,9 +312,12 @@ def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, eval
   start_example = None if pipeline else resume.resume_example(data_state, tcfg.batch_size)
 
   def meta(step):
-    position = resume.data_position(pipeline, start_example, step - start, tcfg.batch_size)
+    if batching is not None and pipeline is None:
+      position = {'example': batching.examples_before(step)}
+    else:
+      position = resume.data_position(pipeline, start_example, step - start, tcfg.batch_size)
     return resume.checkpoint_meta(position, run, tcfg, config.model)
-  out = [loop.progress(bar), loop.log_metrics(write, run.log_every, tcfg.batch_size, start)]
+  out = [loop.progress(bar), loop.log_metrics(write, run.log_every, images_before, start)]
   if evals:
     out.append(evaluation(evals, log, workdir, run.eval_every))
   out.append(loop.save_state(checkpoint_dir(workdir, run), run.checkpoint_every, meta,
@@ -333,8 +370,12 @@ def report(args, config, workdir, params):
     import torch  # pylint: disable=g-import-not-at-top  # optional: the [torch] extra
     state_dict = clip.to_torch_state_dict(params)
     files.atomic_write(args.export_torch, lambda tmp: torch.save(state_dict, tmp))
-  if run.eval_examples:
+  if run.eval_examples and run.data == 'synthetic_layout':
+    results = synthetic_layout_eval.evaluate(params, cfg, run.eval_examples, tcfg.seed + 1,
+                                             tcfg.naflex_seq_lengths or None)
+  elif run.eval_examples:
     results = synthetic_eval.evaluate(params, cfg, run.eval_examples, tcfg.seed + 1)
+  if run.eval_examples:
     print(json.dumps(results, indent=2))
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(results, f, indent=2)
@@ -353,6 +394,7 @@ def main(argv=None):
 
   mesh = sharding.make_mesh(*tcfg.mesh)
   tcfg.check_mesh(mesh)
+  batching = naflex_batching(cfg, tcfg, mesh)  # NaFlex's lengths and budget checked here
   # The evaluators' data is read and checked now, before anything compiles.
   evals = evaluators.make_evaluators(run.evaluators, cfg, mesh, tcfg.batch_size)
   setup = training.setup(cfg, tcfg, mesh)
@@ -360,15 +402,18 @@ def main(argv=None):
   workdirs.save_model_config(workdir, cfg)  # the workdir names its tokenizer and preprocessing
   accumulation = (f' ({tcfg.accumulation}: {tcfg.accumulation_steps} x '
                   f'{tcfg.micro_batch_size} per update)' if tcfg.accumulation_steps > 1 else '')
+  batches = (f'global batch {tcfg.batch_size}{accumulation}' if batching is None else
+             f'NaFlex steps (images, patches per image) {batching.shapes()}')
   print(f'{args.config}: {training.param_count(state["params"]) / 1e6:.2f}M parameters, '
-        f'loss {tcfg.loss}, global batch {tcfg.batch_size}{accumulation}, '
-        f'mesh {dict(mesh.shape)}, {jax.process_count()} process(es)')
+        f'loss {tcfg.loss}, {batches}, mesh {dict(mesh.shape)}, '
+        f'{jax.process_count()} process(es)')
 
-  data_iter, pipeline = make_data(config, cfg, tcfg, data_state)
+  data_iter, pipeline = make_data(config, cfg, tcfg, data_state, batching, start)
   if run.eval_examples:  # its tokenizer errors now, not after training
     synthetic_eval.model_tokenizer(cfg)
   if start < tcfg.total_steps:
-    run_hooks, log = hooks(config, workdir, start, data_state, pipeline, profile_steps, evals)
+    run_hooks, log = hooks(config, workdir, start, data_state, pipeline, profile_steps, evals,
+                           batching)
     with logging_redirect_tqdm():  # the data pipeline's epoch lines, above the bar
       state = loop.train(state, setup.train_step,
                          (training.global_batch(mesh, batch) for batch in data_iter),
