@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 
+from data import naflex_transforms
 from data import processes
 from data import shards
 
@@ -86,6 +87,9 @@ class Mixture:
       `shards.Pipeline` takes them (required: every source is read as the model reads).
     seed: each source's pipeline gets its own seed from it; the in-batch shuffle uses it too.
     resume: a `state()` dict to continue from exactly.
+    naflex: a `data.naflex_batching.NaFlexBatching` (then no global_batch_size): NaFlex batches,
+      each step's images (this process's share of `naflex.batch_size_for(S)`) split by
+      `batch_counts` among the sources, every source at the step's length S.
     **pipeline_kwargs: passed to every source's `shards.Pipeline` (resolution, fields,
       `resampled` for sources whose file count the process count does not divide, ...);
       `train` must be True (a mixture has no single epoch to evaluate on); with `num_epochs`,
@@ -95,36 +99,44 @@ class Mixture:
     ValueError: a weight too small to give its source one sample per batch, or train=False.
   """
 
-  def __init__(self, sources, *, global_batch_size, tokenize, preprocess, seed=0,
-               process_index=None, process_count=None, resume=None, **pipeline_kwargs):
+  def __init__(self, sources, *, global_batch_size=None, tokenize, preprocess, seed=0,
+               process_index=None, process_count=None, resume=None, naflex=None,
+               **pipeline_kwargs):
     if isinstance(sources, str):
       sources = parse_sources(sources)
     if not pipeline_kwargs.get('train', True):
       raise ValueError('a mixture is for training (train=True); evaluate each source on its own')
     pipeline_kwargs['train'] = True
     process_index, process_count = processes.process_share(process_index, process_count)
-    self.batch_size = processes.local_batch_size(global_batch_size, process_count)
+    plan = naflex_transforms.plan_for(naflex, process_count, global_batch_size,
+                                      pipeline_kwargs.get('resolution'), 'float32')
     self.seed = seed
     weights = [w for _, w in sources]
-    self.counts = batch_counts(weights, self.batch_size)
-    empty = [files for (files, _), n in zip(sources, self.counts) if n == 0]
+    sizes = plan.sizes_K.tolist() if plan else [processes.local_batch_size(global_batch_size,
+                                                                           process_count)]
+    self.batch_size = None if plan else sizes[0]
+    counts_KxN = [batch_counts(weights, size) for size in sizes]  # per length, per source
+    self.counts = None if plan else counts_KxN[0]
+    empty = [files for (files, _), *n in zip(sources, *counts_KxN) if min(n) == 0]
     if empty:
       raise ValueError(f'sources {empty} get no sample in a per-process batch of '
-                       f'{self.batch_size} with weights {weights}: raise their weight or the batch')
+                       f'{min(sizes)} with weights {weights}: raise their weight or the batch')
+    parts = [dict(naflex=naflex_transforms.StepPlan(naflex, dict(zip(plan.seq_lengths, n))))
+             if plan else dict(global_batch_size=n[0] * process_count) for n in zip(*counts_KxN)]
     if resume is not None and len(resume.get('sources', ())) != len(sources):
       raise ValueError(f'resume state holds {len(resume.get("sources", ()))} sources, the '
                        f'mixture has {len(sources)}')
     self.pipelines = [
-        shards.Pipeline(files, global_batch_size=n * process_count, seed=seed + 10_007 * k,
-                        process_index=process_index, process_count=process_count,
+        shards.Pipeline(files, seed=seed + 10_007 * k, process_index=process_index,
+                        process_count=process_count, **part,
                         resume=resume['sources'][k] if resume else None, name=str(files),
                         tokenize=tokenize, preprocess=preprocess, **pipeline_kwargs)
-        for k, ((files, _), n) in enumerate(zip(sources, self.counts))]
+        for k, ((files, _), part) in enumerate(zip(sources, parts))]
     self._step = resume['step'] if resume else 0
     self.stats = MixtureStats(self)
-    log.info('mixture, per batch of %d: %s', self.batch_size, ', '.join(
-        f'{p.name} {n} (weight {w / sum(weights):.3f})'
-        for p, n, w in zip(self.pipelines, self.counts, weights)))
+    log.info('mixture, per batch of %s: %s', '/'.join(map(str, sizes)), ', '.join(
+        f'{p.name} {"/".join(map(str, n))} (weight {w / sum(weights):.3f})'
+        for p, *n, w in zip(self.pipelines, *counts_KxN, weights)))
 
   def state(self):
     """{'step', 'sources': [each source's `state()`]}; JSON-serialisable."""
@@ -137,7 +149,8 @@ class Mixture:
         parts = [next(it) for it in iterators]
       except StopIteration:  # a source with `num_epochs` ended
         return
-      order = np.random.default_rng([self.seed, self._step]).permutation(self.batch_size)
+      size = sum(len(part['tokens']) for part in parts)
+      order = np.random.default_rng([self.seed, self._step]).permutation(size)
       self._step += 1
       yield {key: np.concatenate([part[key] for part in parts])[order] for key in parts[0]}
 

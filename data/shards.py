@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import model_inputs
+from data import naflex_transforms
 from data import pipeline_stats
 from data import processes
 from data import shard_files
@@ -37,11 +38,11 @@ from data import transforms
 ON_ERROR = ('skip', 'raise')
 # Why a record was not used; the status a record carries through the pipeline is its index.
 REASONS = ('ok', 'missing_image', 'several_images', 'empty_caption', 'invalid_utf8_caption',
-           'undecodable_image', 'unparseable_record', 'filtered')
+           'undecodable_image', 'unparseable_record', 'filtered', 'image_smaller_than_a_patch')
 (OK, MISSING_IMAGE, SEVERAL_IMAGES, EMPTY_CAPTION, INVALID_CAPTION, UNDECODABLE, UNPARSEABLE,
- FILTERED) = range(len(REASONS))
+ FILTERED, TOO_SMALL) = range(len(REASONS))
 # The pipeline's own outputs: metadata of these names come back as 'metadata_<name>'.
-OUTPUTS = ('image', 'tokens')
+OUTPUTS = ('image', 'tokens', 'patches', 'spatial_shapes')
 METADATA_PREFIX = 'metadata_'
 
 log = logging.getLogger(__name__)
@@ -107,23 +108,33 @@ class Pipeline:
     resume: a `state()` dict to continue from exactly; start_step: continue after that many
       batches (exact when no record was skipped before it; else use `resume`; not resampled).
     name: how the epoch log names this source (default: the files argument).
+    naflex: a `data.naflex_batching.NaFlexBatching` (no global_batch_size, resolution, 'uint8'):
+      `{'patches': float32 (B, S, P*P*3), 'spatial_shapes': int32 (B, 2), 'tokens'}` instead, by
+      `data.naflex_transforms` (`ratio` relative to each image's own); an image with a side below
+      one patch is a counted skip.
 
   Raises:
     EmptyEpochError: an epoch yielded no batch (every record bad or filtered, or fewer good
       samples than one batch in training): the message names the files and the skip counts.
   """
 
-  def __init__(self, files, *, global_batch_size, resolution, train, tokenize, preprocess,
-               seed=0, fields=(), image_dtype='float32', on_error='skip', keep=None,
+  def __init__(self, files, *, global_batch_size=None, resolution=None, train, tokenize,
+               preprocess, seed=0, fields=(), image_dtype='float32', on_error='skip', keep=None,
                shuffle_buffer=10_000, process_index=None, process_count=None, resampled=False,
                num_epochs=None, resume=None, start_step=0, num_parallel_reads=8,
-               scale=transforms.TRAIN_SCALE, ratio=transforms.TRAIN_RATIO, name=None):
+               scale=transforms.TRAIN_SCALE, ratio=transforms.TRAIN_RATIO, name=None,
+               naflex=None):
     process_index, process_count = processes.process_share(process_index, process_count)
-    self.batch_size = processes.local_batch_size(global_batch_size, process_count)
     model_inputs.check_image_dtype(image_dtype)
+    self.plan = naflex_transforms.plan_for(naflex, process_count, global_batch_size, resolution,
+                                           image_dtype)
+    self.batch_size = (None if self.plan else
+                       processes.local_batch_size(global_batch_size, process_count))
     if on_error not in ON_ERROR:
       raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+    if self.plan:
+      scale, ratio = naflex_transforms.check_crop(scale, ratio)
+    elif isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
       raise ValueError(f'resolution must be a positive int, got {resolution!r}')
     if resampled and not train:
       raise ValueError('resampled=True draws training files with replacement; an evaluation '
@@ -195,23 +206,29 @@ class Pipeline:
     out.update({output_name(name): ex[name] for name in self.metadata})
     return out
 
-  def _blank(self):
-    return tf.zeros([self.resolution, self.resolution, 3], self.image_dtype)
-
-  def _output(self, image_u8):
-    # Per image, in the parallel map: a whole batch at once runs out of cache (2x slower).
-    if self.image_dtype != tf.float32:
-      return image_u8
-    return transforms.normalize_image(image_u8, self.preprocess.mean, self.preprocess.std)
+  def _blank(self):  # NaFlex: a uint8 image of any size, patchified after the filter
+    return (tf.zeros([0, 0, 3], tf.uint8) if self.plan else
+            tf.zeros([self.resolution, self.resolution, 3], self.image_dtype))
 
   def _transform(self, image_bytes, index, epoch):
+    """-> (image, status): OK, or TOO_SMALL for a NaFlex image with a side below one patch."""
+    seed = tf.random.experimental.stateless_fold_in(
+        tf.constant([self.seed, epoch], tf.int64), index) if self.train else None
+    convert = self.preprocess.convert_first
+    if self.plan:
+      image, small = naflex_transforms.decode_and_crop(image_bytes, self.plan.patch_size, seed,
+                                                       self.scale, self.ratio, convert)
+      return image, tf.where(small, TOO_SMALL, OK)
     if self.train:
-      seed = tf.random.experimental.stateless_fold_in(
-          tf.constant([self.seed, epoch], tf.int64), index)
-      return transforms.random_resized_crop(image_bytes, self.resolution, seed, self.scale,
-                                            self.ratio, self.preprocess.convert_first)
-    image = transforms.decode(image_bytes, self.preprocess.convert_first)
-    return transforms.eval_transform(image, self.resolution, self.preprocess)
+      image = transforms.random_resized_crop(image_bytes, self.resolution, seed, self.scale,
+                                             self.ratio, convert)
+    else:
+      image = transforms.eval_transform(transforms.decode(image_bytes, convert), self.resolution,
+                                        self.preprocess)
+    # Normalised per image, in the parallel map: a whole batch at once runs out of cache (2x slower)
+    if self.image_dtype == tf.float32:
+      image = transforms.normalize_image(image, self.preprocess.mean, self.preprocess.std)
+    return image, tf.constant(OK)
 
   def _kept(self, key, path):
     if self.kept is None:
@@ -232,8 +249,9 @@ class Pipeline:
         (tf.greater(num_images, 1), lambda: SEVERAL_IMAGES),
         (tf.equal(tf.strings.length(tf.strings.strip(caption)), 0), lambda: EMPTY_CAPTION),
         (tf.not_equal(utf8, caption), lambda: INVALID_CAPTION)], default=lambda: OK)
-    image = tf.cond(tf.equal(status, OK),
-                    lambda: self._output(self._transform(image_bytes, index, epoch)), self._blank)
+    image, status = tf.cond(tf.equal(status, OK),
+                            lambda: self._transform(image_bytes, index, epoch),
+                            lambda: (self._blank(), status))
     return self._sample(ex, image, status, index, path)
 
   def _guarded(self, epoch, index, record, path):
@@ -279,7 +297,9 @@ class Pipeline:
   def _finish(self, batch):
     tokens = tf.numpy_function(self._tokenize, [batch['caption']], tf.int32, stateful=False)
     tokens.set_shape([None, self.context_length])
-    out = {'image': batch['image'], 'tokens': tokens, '_index': batch['_index']}
+    out = {'tokens': tokens, '_index': batch['_index']}
+    out.update({k: batch[k] for k in (('patches', 'spatial_shapes', '_size') if self.plan
+                                      else ('image',))})
     out.update({name: batch[name] for name in self.extra})
     out.update({output_name(name): batch[output_name(name)] for name in self.metadata})
     return out
@@ -295,8 +315,9 @@ class Pipeline:
       files = [files[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(files))]
     return files
 
-  def dataset(self, epoch, start_record=0):
-    """The tf.data pipeline of one epoch, from record `start_record` of its (shuffled) order."""
+  def dataset(self, epoch, start_record=0, start_step=0):
+    """The tf.data pipeline of one epoch, from record `start_record` of its (shuffled) order
+    (NaFlex: its first batch is step `start_step`'s)."""
     files = self.epoch_files(epoch)
     if self.resampled:
       for stats in (self.stats, self.epoch_stats):
@@ -311,7 +332,9 @@ class Pipeline:
     ds = ds.enumerate().skip(start_record)
     ds = ds.interleave(lambda i, x: self._guarded(epoch, i, *x), cycle_length=16,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(self._keep_sample).batch(self.batch_size, drop_remainder=False)
+    ds = ds.filter(self._keep_sample)
+    ds = (naflex_transforms.batches(ds, self.plan, start_step, self.preprocess) if self.plan
+          else ds.batch(self.batch_size, drop_remainder=False))
     ds = ds.map(self._finish, num_parallel_calls=2, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
@@ -341,6 +364,9 @@ class Pipeline:
     if self.resampled:
       raise ValueError('start_step with resampled=True: its epochs differ in length; resume from '
                        'state() instead')
+    if self.plan and self.train:
+      epoch, record = self.plan.start_of(step, self.records_per_epoch)
+      return {'epoch': epoch, 'record': record, 'step': step}
     per_epoch = self.records_per_epoch // self.batch_size if self.train else None
     if not per_epoch:
       raise ValueError('start_step needs training mode with at least one full batch per epoch')
@@ -349,10 +375,10 @@ class Pipeline:
   def __iter__(self):
     while self.num_epochs is None or self._state['epoch'] < self.num_epochs:
       epoch, start_record = self._state['epoch'], self._state['record']
-      for batch in self.dataset(epoch, start_record).as_numpy_iterator():
+      for batch in self.dataset(epoch, start_record, self._state['step']).as_numpy_iterator():
         self._check_errors()
         n = len(batch['_index'])
-        if n < self.batch_size and self.train:
+        if n < (int(batch.pop('_size')[0]) if self.plan else self.batch_size) and self.train:
           for stats in (self.stats, self.epoch_stats):
             stats.add(remainder_dropped=n)
           continue
@@ -377,7 +403,8 @@ class Pipeline:
     if whole and not stats.batches:
       files = ', '.join(self.files[:3]) + (f' and {len(self.files) - 3} more'
                                            if len(self.files) > 3 else '')
-      need = (f'; training needs {self.batch_size} good samples per batch in this process'
+      size = self.batch_size or 'a step\'s'
+      need = (f'; training needs {size} good samples per batch in this process'
               if self.train else '')
       raise EmptyEpochError(f'epoch {epoch} of {self.name!r} yielded no batch ({files}): '
                             f'{stats.summary()}{need}')

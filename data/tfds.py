@@ -21,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds_lib
 
 from data import model_inputs
+from data import naflex_transforms
 from data import processes
 from data import transforms
 
@@ -84,15 +85,23 @@ class TFDSClassification:
     self.classnames = list(classnames)
     self.num_classes = len(names)
     self.process_split = tfds_lib.even_splits(split, n=process_count)[process_index]
+    self.process_count = process_count
     self.num_examples = info.splits[self.process_split].num_examples
 
   def dataset(self, batch_size, resolution, *, preprocess, train=False, seed=0, num_epochs=None,
-              image_dtype='float32', shuffle_buffer=10_000):
+              image_dtype='float32', shuffle_buffer=10_000, naflex=None):
     """The tf.data pipeline: {'image': (B, n, n, 3), 'label': int32 (B,)}; eval keeps a smaller
     last batch, training drops it (and repeats `num_epochs` times, None = endless). `preprocess`
     is the model's `clip.PreprocessConfig`: its eval resize and interpolation (training uses the
-    random resized crop), and the mean and std of a float32 image."""
+    random resized crop), and the mean and std of a float32 image.
+
+    `naflex`, a `data.naflex_batching.NaFlexBatching` (batch_size and resolution None): NaFlex
+    batches {'patches': float32 (B, S, P*P*3), 'spatial_shapes': int32 (B, 2), 'label'} as
+    `data.shards.Pipeline` makes them, from step 0 (`data.naflex_transforms`); an image with a
+    side below one patch raises InvalidArgumentError (nothing here counts skips)."""
     model_inputs.check_preprocess(preprocess)
+    plan = naflex_transforms.plan_for(naflex, self.process_count, batch_size, resolution,
+                                      image_dtype)
     if not self.num_examples:
       raise ValueError(f'{self.name} {self.split}: this process\'s share holds no example '
                        '(more processes than examples)')
@@ -105,11 +114,14 @@ class TFDSClassification:
     if train:
       ds = ds.repeat(num_epochs).shuffle(shuffle_buffer, seed=seed)
 
+    def crop_seed(index):
+      return tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), index)
+
     def example(index, image_bytes, label):
+      if plan:
+        return naflex_example(index, image_bytes, label)
       if train:
-        crop_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64),
-                                                             index)
-        image = transforms.random_resized_crop(image_bytes, resolution, crop_seed,
+        image = transforms.random_resized_crop(image_bytes, resolution, crop_seed(index),
                                                on_white=preprocess.convert_first)
       else:
         image = transforms.eval_transform(
@@ -118,18 +130,34 @@ class TFDSClassification:
         image = transforms.normalize_image(image, preprocess.mean, preprocess.std)
       return {'image': image, 'label': tf.cast(label, tf.int32)}
 
+    def naflex_example(index, image_bytes, label):
+      image, small = naflex_transforms.decode_and_crop(
+          image_bytes, plan.patch_size, crop_seed(index) if train else None,
+          on_white=preprocess.convert_first)
+      check = tf.debugging.assert_equal(small, False, message=(
+          f'{self.name}: an image has a side below one patch ({plan.patch_size} px)'))
+      with tf.control_dependencies([check]):
+        return {'image': tf.identity(image), 'label': tf.cast(label, tf.int32)}
+
     ds = ds.enumerate().map(lambda i, x: example(i, *x), num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=True)
+    if plan:
+      ds = naflex_transforms.batches(ds, plan, 0, preprocess)
+      if train:  # a last step with fewer images than its batch is dropped
+        ds = ds.filter(lambda b: tf.size(b['label'], tf.int64) == b['_size'][0])
+      ds = ds.map(lambda b: {k: b[k] for k in ('patches', 'spatial_shapes', 'label')})
+    else:
+      ds = ds.batch(batch_size, drop_remainder=train)
     options = tf.data.Options()
     options.deterministic = True
-    return ds.batch(batch_size, drop_remainder=train).with_options(options).prefetch(2)
+    return ds.with_options(options).prefetch(2)
 
   def batches(self, batch_size, resolution, *, preprocess, train=False, seed=0, num_epochs=None,
-              image_dtype='float32', shuffle_buffer=10_000):
+              image_dtype='float32', shuffle_buffer=10_000, naflex=None):
     """Numpy batches of `dataset(...)`."""
     return self.dataset(batch_size, resolution, preprocess=preprocess, train=train, seed=seed,
                         num_epochs=num_epochs, image_dtype=image_dtype,
-                        shuffle_buffer=shuffle_buffer).as_numpy_iterator()
+                        shuffle_buffer=shuffle_buffer, naflex=naflex).as_numpy_iterator()
 
   def arrays(self, batch_size, resolution, *, preprocess):
     """This process's share in evaluation order as whole arrays: (images float32 (N, R, R, 3),

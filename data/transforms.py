@@ -61,7 +61,8 @@ def _on_white(rgba_u8):
 
 def _resize_pass(image_HxWx3, size_hw, method):
   x = tf.image.resize(image_HxWx3, size_hw, method=method, antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+  # PIL rounds half up (its fixed point adds 0.5, then shifts): ties are common when upscaling.
+  return tf.cast(tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0), tf.uint8)
 
 
 def _resize_to_uint8(image_HxWx3, size_hw, method):
