@@ -259,12 +259,13 @@ def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0):
                       start_example=resume.resume_example(data_state, tcfg.batch_size),
                       **share), None
   from data import mixture  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
-  naflex = {} if batching is None else {'naflex': batching}
-  pipeline = mixture.make_pipeline(config.run.data, global_batch_size=tcfg.batch_size,
-                                   resolution=cfg.image_resolution, train=True, seed=tcfg.seed,
+  # NaFlex: the plan gives each step's batch size and length, no square resolution.
+  images = (dict(global_batch_size=tcfg.batch_size, resolution=cfg.image_resolution)
+            if batching is None else dict(naflex=batching))
+  pipeline = mixture.make_pipeline(config.run.data, train=True, seed=tcfg.seed,
                                    tokenize=tokenize, preprocess=cfg.preprocess,
                                    keep=config.run.keep, resampled=config.run.data_resampled,
-                                   resume=data_state, **naflex)
+                                   resume=data_state, **images)
   return iter(pipeline), pipeline
 
 
