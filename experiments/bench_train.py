@@ -39,6 +39,7 @@ experiments.train` would. `--models` takes `name@batch` to give a model its own 
       --patch-dropout 0,0.5,0.75          # FLIP: step time and memory
   python -m experiments.bench_train --models small --batch-sizes 512 --meshes=1,1,1 \
       --grad-cache 1,2,4,8                # two-pass accumulation at one global batch
+  python -m experiments.bench_train --naflex  # NaFlex per length and batching mode
 """
 import argparse
 import dataclasses
@@ -84,8 +85,20 @@ def parse_args(argv):
   parser.add_argument('--probe-size', type=int, default=2048, help="the CPU matmul probe's side")
   parser.add_argument('--peer', default='auto', choices=PEERS,
                       help="open_clip's training step beside ours (auto: on a CPU, if it imports)")
+  parser.add_argument('--naflex', action='store_true',
+                      help='NaFlex rows instead (experiments/bench_naflex.py): per sequence '
+                           'length and batching mode, beside fixed resolution; --models '
+                           'defaults to siglip2_naflex_small')
+  parser.add_argument('--naflex-lengths', default='32,64,96', help='sequence lengths (patches)')
+  parser.add_argument('--naflex-batch', type=int, default=64,
+                      help='images per step (fixed batching); x mean length: the token budget')
+  parser.add_argument('--naflex-modes', default='fixed,budget', help='batching modes')
+  parser.add_argument('--naflex-steps', type=int, default=12,
+                      help='steps of each plan timed end to end')
   parser.add_argument('--out', default='results/bench_train')
   args = parser.parse_args(argv)
+  if args.naflex and args.models == parser.get_default('models'):
+    args.models = 'siglip2_naflex_small'
   if args.quick:
     args.models, args.batch_sizes, args.repeats = 'tiny,small', '32', 2
   return args
@@ -326,16 +339,29 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   peer = peer_enabled(args, device.platform)
+  if args.naflex:
+    peer = False  # open_clip's NaFlex step is not ours to time here
   peak = Peak(args, device, peer)
-  rows = run_rows(args, peak, peer)
+  if args.naflex:
+    from experiments import bench_naflex  # pylint: disable=g-import-not-at-top
+    rows = []
+    for name in dict.fromkeys(name for name, _ in model_batches(args)):  # batch: --naflex-batch
+      cfg = model_config(name, args.dtype, args.remat, args.scan == 'on')
+      rows += bench_naflex.run(args, cfg, name)
+  else:
+    rows = run_rows(args, peak, peer)
   for row in rows:  # against the final peak: the best probe of the run
     total = peak.total(row.get('devices', 1))
     row['mfu'] = None if total is None else row['achieved_tflops'] / total
   if peak.note:
     print(peak.note)
-  print_table(rows)
+  if args.naflex:
+    from experiments import bench_naflex  # pylint: disable=g-import-not-at-top
+    bench_naflex.print_table(rows)
+  else:
+    print_table(rows)
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, 'bench_train.json')
+  path = os.path.join(args.out, 'bench_train_naflex.json' if args.naflex else 'bench_train.json')
   with open(path, 'w') as f:
     json.dump({'rows': rows, 'devices': [str(d) for d in jax.devices()],
                'device_kind': device.device_kind, 'peak_tflops': peak.tflops,

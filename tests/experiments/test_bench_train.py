@@ -37,3 +37,23 @@ def test_tiny_beside_open_clip(tmp_path, capsys):
   assert 'CPU peak measured: fp32 256x256 matmul' in out
   assert [line.split()[:2] for line in out.splitlines() if line.startswith('tiny ')] == [
       ['tiny', 'ours'], ['tiny', 'open_clip']]
+
+
+def test_naflex_rows_per_length_and_mode(tmp_path):
+  """`--naflex` (token-budget batching, the mode whose batch changes with the length): a row per
+  length, the plan's steps compiled once per length, padding fractions of the drawn grids, and
+  the fixed-resolution row."""
+  rows = bench_train.main(['--naflex', '--models', 'tiny', '--naflex-lengths', '4,8',
+                           '--naflex-batch', '4', '--naflex-modes', 'budget', '--naflex-steps',
+                           '4', '--repeats', '1', '--probe-size', '256', '--scan', 'on',
+                           '--out', str(tmp_path)])
+  assert [(r['mode'], r['seq_len'], r['batch']) for r in rows] == [
+      ('budget S', 4, 6), ('budget S', 8, 3), ('budget plan', None, rows[2]['batch']),
+      ('fixed res', 16, 4)]
+  for row in rows:
+    assert 0 <= row['padding'] < 1 and row['images_per_s'] > 0 and row['mfu'] > 0
+  assert rows[2]['compiles'] == 2 and 3 <= rows[2]['batch'] <= 6
+  assert rows[3]['padding'] == 0
+  model = tiny.get_config().model
+  assert rows[0]['model_tflop_per_step'] == flops.train_step_flops(model, 6, num_patches=4) / 1e12
+  assert (tmp_path / 'bench_train_naflex.json').exists()

@@ -16,7 +16,7 @@ from experiments.configs import tiny
 
 
 @pytest.mark.parametrize('name', ['tiny', 'small', 'siglip_small', 'registers_small',
-                                  'vit_b32_datacomp', 'vit_b16_datacomp'])
+                                  'siglip2_naflex_small', 'vit_b32_datacomp', 'vit_b16_datacomp'])
 def test_experiment_configs_build_and_every_parameter_has_a_sharding_rule(name):
   config = importlib.import_module(f'experiments.configs.{name}').get_config()
   cfg, tcfg = config.model, config.train

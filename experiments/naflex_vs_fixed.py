@@ -1,0 +1,159 @@
+"""Fixed resolution vs NaFlex at matched training compute, on the built-in layout captions.
+
+For each seed, the main job trains `siglip2_naflex_small` twice: at fixed resolution (every
+scene squashed to 64 x 64: 64 patches of 8 px) for `--steps` steps, and NaFlex (each scene at its
+own aspect ratio, sequence lengths `--lengths` drawn per step) for as many steps as fit in the
+same model FLOPs (`clip.flops.train_step_flops`, padding included: what the device computes).
+Each is evaluated on held-out scenes (`data.synthetic_layout_eval`: the fixed model on squashed
+scenes, the NaFlex one at each of `--eval-lengths`), per aspect-ratio bucket.
+
+  python -m experiments.naflex_vs_fixed                        # 3 seeds, about 25 min on 2 cores
+  python -m experiments.naflex_vs_fixed --seeds 0 --steps 100  # a quick look
+
+Writes results/naflex_vs_fixed/{table.md, results.json, buckets.png}: the mean over seeds and a
+95% t-interval, and the runs' workdirs under runs/.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+from scipy import stats
+
+TASKS = (('patterns_top1', 'pattern'), ('layout_top1', 'layout'),
+         ('image_to_text_R@1', 'image→text R@1'))
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--steps', type=int, default=400, help='the fixed-resolution run\'s steps')
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--lengths', default='32/64/96', help='NaFlex training lengths')
+  parser.add_argument('--eval-lengths', default='32,64,96')
+  parser.add_argument('--eval-examples', type=int, default=1000)
+  parser.add_argument('--out', default='results/naflex_vs_fixed')
+  return parser.parse_args(argv)
+
+
+def matched_steps(fixed_steps, batch, lengths, seed):
+  """(NaFlex steps, fixed TFLOP, NaFlex TFLOP): the most NaFlex steps of the plan (its lengths
+  drawn by `seed`) whose model FLOPs do not exceed `fixed_steps` fixed-resolution steps'."""
+  from clip import flops  # pylint: disable=g-import-not-at-top
+  from data import naflex_batching  # pylint: disable=g-import-not-at-top
+  from experiments.configs import siglip2_naflex_small  # pylint: disable=g-import-not-at-top
+  cfg = siglip2_naflex_small.get_config().model
+  budget = fixed_steps * flops.train_step_flops(cfg, batch)
+  plan = naflex_batching.NaFlexBatching(cfg.vision.patch_size, lengths, batch_size=batch,
+                                        seed=seed)
+  per_length = {s: flops.train_step_flops(cfg, batch, num_patches=s) for s in plan.seq_lengths}
+  total, steps = 0.0, 0
+  while total + per_length[plan.seq_len(steps)] <= budget:
+    total += per_length[plan.seq_len(steps)]
+    steps += 1
+  return steps, budget / 1e12, total / 1e12
+
+
+def train(out, name, seed, steps, batch, naflex, lengths, eval_examples):
+  """Runs the main job (in this process) unless its eval.json exists; returns the eval."""
+  from experiments import train as train_job  # pylint: disable=g-import-not-at-top
+  workdir = os.path.join(out, 'runs', f'{name}_seed{seed}')
+  path = os.path.join(workdir, 'eval.json')
+  if not os.path.exists(path):
+    arg = f'naflex={naflex},steps={steps},batch={batch},lengths={lengths}'
+    train_job.main(['--config', f'siglip2_naflex_small:{arg}', '--workdir', workdir,
+                    '--set', f'train.seed={seed}', '--eval-examples', str(eval_examples)])
+  with open(path) as f:
+    return json.load(f)
+
+
+def interval(values):
+  """(mean, half-width of the 95% t-interval; 0 for one value)."""
+  values = np.asarray(values, np.float64)
+  if len(values) < 2:
+    return float(values.mean()), 0.0
+  half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+  return float(values.mean()), float(half)
+
+
+def summary(evals, buckets):
+  """{(mode, task, bucket or 'all'): (mean, half-width)} over seeds, held-out split."""
+  out = {}
+  for mode, runs in evals.items():
+    prefix = 'heldout' if mode == 'fixed' else f'heldout/len{mode[len("naflex@"):]}'
+    for task, _ in TASKS:
+      for bucket in ('all',) + buckets:
+        key = f'{prefix}/{task}' if bucket == 'all' else f'{prefix}/{bucket}/{task}'
+        out[(mode, task, bucket)] = interval([r[key] for r in runs])
+  return out
+
+
+def table(rows, buckets, compute):
+  lines = [f'| model | {" | ".join(f"pattern {b}" for b in buckets)} | pattern (all) | '
+           'layout (all) | image→text R@1 |',
+           '|---|' + '---:|' * (len(buckets) + 3)]
+  for mode in sorted({m for m, _, _ in rows}, key=lambda m: (m != 'fixed', m)):
+    cell = lambda task, b: '{:.1%} ± {:.1%}'.format(*rows[(mode, task, b)])  # pylint: disable=cell-var-from-loop
+    name = 'fixed 64 x 64 (squashed)' if mode == 'fixed' else f'NaFlex, evaluated at S={mode[7:]}'
+    lines.append(f'| {name} | ' + ' | '.join(cell('patterns_top1', b) for b in buckets)
+                 + f' | {cell("patterns_top1", "all")} | {cell("layout_top1", "all")} | '
+                 f'{cell("image_to_text_R@1", "all")} |')
+  lines.append('')
+  lines.append(compute)
+  return '\n'.join(lines)
+
+
+def plot(rows, buckets, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  modes = sorted({m for m, _, _ in rows}, key=lambda m: (m != 'fixed', m))
+  fig, ax = plt.subplots(figsize=(8, 4))
+  width = 0.8 / len(modes)
+  for i, mode in enumerate(modes):
+    mean = [rows[(mode, 'patterns_top1', b)][0] for b in buckets]
+    err = [rows[(mode, 'patterns_top1', b)][1] for b in buckets]
+    ax.bar(np.arange(len(buckets)) + i * width, mean, width, yerr=err, capsize=3,
+           label='fixed (squashed)' if mode == 'fixed' else f'NaFlex S={mode[7:]}')
+  ax.set_xticks(np.arange(len(buckets)) + width * (len(modes) - 1) / 2, buckets)
+  ax.set_xlabel('aspect-ratio bucket (width x height)')
+  ax.set_ylabel('held-out pattern accuracy')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from data import synthetic_layout  # pylint: disable=g-import-not-at-top
+  seeds = [int(s) for s in args.seeds.split(',')]
+  lengths = tuple(int(s) for s in args.lengths.split('/'))
+  evals, compute = {'fixed': []}, []
+  for seed in seeds:
+    steps, fixed_tflop, naflex_tflop = matched_steps(args.steps, args.batch, lengths, seed)
+    compute.append((seed, steps, fixed_tflop, naflex_tflop))
+    evals['fixed'].append(train(args.out, 'fixed', seed, args.steps, args.batch, False,
+                                args.lengths, args.eval_examples))
+    run = train(args.out, 'naflex', seed, steps, args.batch, True, args.lengths,
+                args.eval_examples)
+    for s in args.eval_lengths.split(','):
+      evals.setdefault(f'naflex@{s}', []).append(run)
+  buckets = synthetic_layout.BUCKET_NAMES
+  rows = summary(evals, buckets)
+  note = (f'Held-out scenes ({args.eval_examples} per split), mean and 95% t-interval over seeds '
+          f'{args.seeds}. Compute per seed (model TFLOP, padding included): '
+          + '; '.join(f'seed {s}: fixed {args.steps} steps {f:.2f}, NaFlex {n} steps {t:.2f}'
+                      for s, n, f, t in compute))
+  text = table(rows, buckets, note)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'table.md'), 'w') as f:
+    f.write(text + '\n')
+  with open(os.path.join(args.out, 'results.json'), 'w') as f:
+    json.dump({'args': vars(args), 'compute': compute,
+               'rows': {'/'.join(k): v for k, v in rows.items()}}, f, indent=2)
+  plot(rows, buckets, os.path.join(args.out, 'buckets.png'))
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
