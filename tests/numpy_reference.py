@@ -2,8 +2,9 @@
 reference the layer, block, pooling, tower and model tests compare against (norms, NormFormer,
 gated MLPs, qk-norm, biases, RoPE, sin-cos positions, registers, cls / gap / map pooling,
 bidirectional text with padding; SigLIP's and open_clip's options too: tanh GELU, norm epsilon,
-patch bias, no ln_pre, last-position text pooling, a biased text projection). Also the tolerances,
-helpers and small configs those tests share."""
+patch bias, no ln_pre, last-position text pooling, a biased text projection), and the
+knowledge-distillation loss (`np_distillation`). Also the tolerances, helpers and small configs
+those tests share."""
 import math
 
 import jax
@@ -289,3 +290,22 @@ def caption_valid(tokens, eot_id):
     ends = np.flatnonzero(row == eot_id)
     valid[i, :ends[0] + 1 if len(ends) else len(row)] = True
   return valid
+
+
+# ---------------------------------------------------------------- knowledge distillation
+
+def np_distillation(img, txt, log_scale, teacher_img, teacher_txt, teacher_scale):
+  """open_clip's `DistillClipLoss` KD term in float64: the mean over rows of
+  `-sum_j softmax(T_i)_j log_softmax(S_i)_j`, for the logits per image and per text, averaged;
+  `S = exp(log_scale) img . txt^T`, `T = teacher_scale t_img . t_txt^T` (a linear scale: the
+  teacher's exp(logit_scale), or MobileCLIP's 1 / tau)."""
+  f64 = lambda x: np.asarray(x, np.float64)
+  s = np.exp(f64(log_scale)) * f64(img) @ f64(txt).T
+  t = f64(teacher_scale) * f64(teacher_img) @ f64(teacher_txt).T
+
+  def log_softmax(x):
+    shifted = x - x.max(1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+  cross_entropy = lambda t, s: -(np.exp(log_softmax(t)) * log_softmax(s)).sum(1).mean()
+  return (cross_entropy(t, s) + cross_entropy(t.T, s.T)) / 2
