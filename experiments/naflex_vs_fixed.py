@@ -1,21 +1,26 @@
 """Fixed resolution vs NaFlex at matched training compute, on the built-in layout captions.
 
-For each seed, the main job trains `siglip2_naflex_small` twice: at fixed resolution (every
-scene squashed to 64 x 64: 64 patches of 8 px) for `--steps` steps, and NaFlex (each scene at its
-own aspect ratio, sequence lengths `--lengths` drawn per step) for as many steps as fit in the
-same model FLOPs (`clip.flops.train_step_flops`, padding included: what the device computes).
-Each is evaluated on held-out scenes (`data.synthetic_layout_eval`: the fixed model on squashed
-scenes, the NaFlex one at each of `--eval-lengths`), per aspect-ratio bucket.
+For each seed, the main job trains `siglip2_naflex_small` at fixed resolution (every scene
+squashed to 64 x 64: 64 patches of 8 px) for `--pretrain-steps` + `--steps` steps, keeping its
+checkpoint after the pre-training steps. From that checkpoint a second run continues NaFlex
+(each scene at its own aspect ratio, sequence lengths `--lengths` drawn per step) for as many
+steps as fit in the model FLOPs of the fixed run's last `--steps` (`clip.flops.train_step_flops`,
+padding included: what the device computes): the two arms share their start and spend the same
+compute after it. (From scratch, NaFlex learned much slower than the squashed baseline on this
+data: see docs/naflex.md; `--pretrain-steps 0` runs that protocol.) Each arm is evaluated on
+held-out scenes (`data.synthetic_layout_eval`: the fixed model on squashed scenes, the NaFlex one
+at each of `--eval-lengths`), per aspect-ratio bucket.
 
   python -m experiments.naflex_vs_fixed                        # 3 seeds, about 25 min on 2 cores
-  python -m experiments.naflex_vs_fixed --seeds 0 --steps 100  # a quick look
+  python -m experiments.naflex_vs_fixed --seeds 0 --steps 50 --pretrain-steps 50   # a quick look
 
-Writes results/naflex_vs_fixed/{table.md, results.json, buckets.png}: the mean over seeds and a
-95% t-interval, and the runs' workdirs under runs/.
+Writes <out>/{table.md, results.json, buckets.png}: the mean over seeds and a 95% t-interval, and
+the runs' workdirs under runs/.
 """
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 from scipy import stats
@@ -27,7 +32,10 @@ TASKS = (('patterns_top1', 'pattern'), ('layout_top1', 'layout'),
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--steps', type=int, default=400, help='the fixed-resolution run\'s steps')
+  parser.add_argument('--pretrain-steps', type=int, default=400,
+                      help='fixed-resolution steps both arms share')
+  parser.add_argument('--steps', type=int, default=300,
+                      help='the fixed arm\'s steps after them (NaFlex: as many FLOPs)')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--lengths', default='32/64/96', help='NaFlex training lengths')
   parser.add_argument('--eval-lengths', default='32,64,96')
@@ -36,9 +44,10 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def matched_steps(fixed_steps, batch, lengths, seed):
-  """(NaFlex steps, fixed TFLOP, NaFlex TFLOP): the most NaFlex steps of the plan (its lengths
-  drawn by `seed`) whose model FLOPs do not exceed `fixed_steps` fixed-resolution steps'."""
+def matched_steps(fixed_steps, batch, lengths, seed, start=0):
+  """(NaFlex steps, fixed TFLOP, NaFlex TFLOP): the most NaFlex steps from step `start` of the
+  plan (its lengths drawn by `seed`) whose model FLOPs do not exceed `fixed_steps`
+  fixed-resolution steps'."""
   from clip import flops  # pylint: disable=g-import-not-at-top
   from data import naflex_batching  # pylint: disable=g-import-not-at-top
   from experiments.configs import siglip2_naflex_small  # pylint: disable=g-import-not-at-top
@@ -48,23 +57,40 @@ def matched_steps(fixed_steps, batch, lengths, seed):
                                         seed=seed)
   per_length = {s: flops.train_step_flops(cfg, batch, num_patches=s) for s in plan.seq_lengths}
   total, steps = 0.0, 0
-  while total + per_length[plan.seq_len(steps)] <= budget:
-    total += per_length[plan.seq_len(steps)]
+  while total + per_length[plan.seq_len(start + steps)] <= budget:
+    total += per_length[plan.seq_len(start + steps)]
     steps += 1
   return steps, budget / 1e12, total / 1e12
 
 
-def train(out, name, seed, steps, batch, naflex, lengths, eval_examples):
+def train(out, name, seed, steps, batch, naflex, lengths, eval_examples, extra=()):
   """Runs the main job (in this process) unless its eval.json exists; returns the eval."""
   from experiments import train as train_job  # pylint: disable=g-import-not-at-top
-  workdir = os.path.join(out, 'runs', f'{name}_seed{seed}')
+  workdir = run_dir(out, name, seed)
   path = os.path.join(workdir, 'eval.json')
   if not os.path.exists(path):
     arg = f'naflex={naflex},steps={steps},batch={batch},lengths={lengths}'
     train_job.main(['--config', f'siglip2_naflex_small:{arg}', '--workdir', workdir,
-                    '--set', f'train.seed={seed}', '--eval-examples', str(eval_examples)])
+                    '--set', f'train.seed={seed}', '--eval-examples', str(eval_examples),
+                    *extra])
   with open(path) as f:
     return json.load(f)
+
+
+def run_dir(out, name, seed):
+  return os.path.join(out, 'runs', f'{name}_seed{seed}')
+
+
+def start_from(source, step, workdir):
+  """`workdir` starts as `source` did at checkpoint `step`: that checkpoint and the model's
+  files (a resumed main job continues from it)."""
+  if os.path.exists(os.path.join(workdir, 'checkpoints')):
+    return
+  shutil.copytree(os.path.join(source, 'checkpoints', str(step)),
+                  os.path.join(workdir, 'checkpoints', str(step)))
+  for name in os.listdir(source):
+    if name.endswith('.json') and name not in ('eval.json', 'eval_best.json'):
+      shutil.copy(os.path.join(source, name), workdir)
 
 
 def interval(values):
@@ -129,19 +155,24 @@ def main(argv=None):
   seeds = [int(s) for s in args.seeds.split(',')]
   lengths = tuple(int(s) for s in args.lengths.split('/'))
   evals, compute = {'fixed': []}, []
+  pre = args.pretrain_steps
   for seed in seeds:
-    steps, fixed_tflop, naflex_tflop = matched_steps(args.steps, args.batch, lengths, seed)
+    steps, fixed_tflop, naflex_tflop = matched_steps(args.steps, args.batch, lengths, seed, pre)
     compute.append((seed, steps, fixed_tflop, naflex_tflop))
-    evals['fixed'].append(train(args.out, 'fixed', seed, args.steps, args.batch, False,
-                                args.lengths, args.eval_examples))
-    run = train(args.out, 'naflex', seed, steps, args.batch, True, args.lengths,
+    keep = ['--checkpoint-every', str(pre)] if pre else []
+    evals['fixed'].append(train(args.out, 'fixed', seed, pre + args.steps, args.batch, False,
+                                args.lengths, args.eval_examples, keep))
+    if pre:
+      start_from(run_dir(args.out, 'fixed', seed), pre, run_dir(args.out, 'naflex', seed))
+    run = train(args.out, 'naflex', seed, pre + steps, args.batch, True, args.lengths,
                 args.eval_examples)
     for s in args.eval_lengths.split(','):
       evals.setdefault(f'naflex@{s}', []).append(run)
   buckets = synthetic_layout.BUCKET_NAMES
   rows = summary(evals, buckets)
   note = (f'Held-out scenes ({args.eval_examples} per split), mean and 95% t-interval over seeds '
-          f'{args.seeds}. Compute per seed (model TFLOP, padding included): '
+          f'{args.seeds}; both arms from the same {pre} fixed-resolution steps. Compute after '
+          'them per seed (model TFLOP, padding included): '
           + '; '.join(f'seed {s}: fixed {args.steps} steps {f:.2f}, NaFlex {n} steps {t:.2f}'
                       for s, n, f, t in compute))
   text = table(rows, buckets, note)

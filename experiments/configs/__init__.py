@@ -64,6 +64,8 @@ def _checked(name, value, default):
     return value
   if isinstance(default, float) and isinstance(value, int):
     return float(value)
+  if isinstance(default, str) and isinstance(value, (int, float)):
+    return str(value)  # 'lengths=64' where the field is text such as '32/64/96'
   if isinstance(default, tuple) and isinstance(value, (list, tuple)):
     return tuple(value)
   if not isinstance(value, type(default)):
