@@ -25,8 +25,11 @@ import shutil
 import numpy as np
 from scipy import stats
 
-TASKS = (('patterns_top1', 'pattern'), ('layout_top1', 'layout'),
-         ('image_to_text_R@1', 'image→text R@1'))
+# Per bucket: the colours (which a model at this scale learns) and the stripes (what a squash
+# averages away); overall: those and the layout, the order and retrieval.
+BUCKET_TASKS = (('colours_top1', 'colours'), ('patterns_top1', 'patterns'))
+TASKS = BUCKET_TASKS + (('layout_top1', 'layout'), ('order_top1', 'order'),
+                        ('image_to_text_R@1', 'image→text R@1'))
 
 
 def parse_args(argv):
@@ -114,37 +117,49 @@ def summary(evals, buckets):
   return out
 
 
+def _modes(rows):
+  return sorted({m for m, _, _ in rows}, key=lambda m: (m != 'fixed', m))
+
+
+def _name(mode):
+  return 'fixed 64 x 64 (squashed)' if mode == 'fixed' else f'NaFlex, evaluated at S={mode[7:]}'
+
+
 def table(rows, buckets, compute):
-  lines = [f'| model | {" | ".join(f"pattern {b}" for b in buckets)} | pattern (all) | '
-           'layout (all) | image→text R@1 |',
-           '|---|' + '---:|' * (len(buckets) + 3)]
-  for mode in sorted({m for m, _, _ in rows}, key=lambda m: (m != 'fixed', m)):
-    cell = lambda task, b: '{:.1%} ± {:.1%}'.format(*rows[(mode, task, b)])  # pylint: disable=cell-var-from-loop
-    name = 'fixed 64 x 64 (squashed)' if mode == 'fixed' else f'NaFlex, evaluated at S={mode[7:]}'
-    lines.append(f'| {name} | ' + ' | '.join(cell('patterns_top1', b) for b in buckets)
-                 + f' | {cell("patterns_top1", "all")} | {cell("layout_top1", "all")} | '
-                 f'{cell("image_to_text_R@1", "all")} |')
-  lines.append('')
-  lines.append(compute)
-  return '\n'.join(lines)
+  """Markdown: one table per bucket task (its accuracy per aspect-ratio bucket), one overall."""
+  cell = lambda mode, task, b: '{:.1%} ± {:.1%}'.format(*rows[(mode, task, b)])
+  lines = []
+  for task, title in BUCKET_TASKS:
+    lines += [f'Held-out `{task}` ({title}) per bucket (width x height):', '',
+              f'| model | {" | ".join(buckets)} | all |', '|---|' + '---:|' * (len(buckets) + 1)]
+    lines += [f'| {_name(m)} | ' + ' | '.join(cell(m, task, b) for b in buckets + ('all',))
+              + ' |' for m in _modes(rows)]
+    lines.append('')
+  lines += ['Held-out, all buckets:', '', '| model | ' + ' | '.join(t for _, t in TASKS) + ' |',
+            '|---|' + '---:|' * len(TASKS)]
+  lines += [f'| {_name(m)} | ' + ' | '.join(cell(m, task, 'all') for task, _ in TASKS) + ' |'
+            for m in _modes(rows)]
+  return '\n'.join(lines + ['', compute])
 
 
 def plot(rows, buckets, path):
+  """Per-bucket accuracy of each bucket task, one panel each, the arms side by side."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  modes = sorted({m for m, _, _ in rows}, key=lambda m: (m != 'fixed', m))
-  fig, ax = plt.subplots(figsize=(8, 4))
+  modes = _modes(rows)
+  fig, axes = plt.subplots(1, len(BUCKET_TASKS), figsize=(11, 4))
   width = 0.8 / len(modes)
-  for i, mode in enumerate(modes):
-    mean = [rows[(mode, 'patterns_top1', b)][0] for b in buckets]
-    err = [rows[(mode, 'patterns_top1', b)][1] for b in buckets]
-    ax.bar(np.arange(len(buckets)) + i * width, mean, width, yerr=err, capsize=3,
-           label='fixed (squashed)' if mode == 'fixed' else f'NaFlex S={mode[7:]}')
-  ax.set_xticks(np.arange(len(buckets)) + width * (len(modes) - 1) / 2, buckets)
-  ax.set_xlabel('aspect-ratio bucket (width x height)')
-  ax.set_ylabel('held-out pattern accuracy')
-  ax.legend(fontsize=8)
+  for ax, (task, title) in zip(axes, BUCKET_TASKS):
+    for i, mode in enumerate(modes):
+      mean = [rows[(mode, task, b)][0] for b in buckets]
+      err = [rows[(mode, task, b)][1] for b in buckets]
+      ax.bar(np.arange(len(buckets)) + i * width, mean, width, yerr=err, capsize=3,
+             label='fixed (squashed)' if mode == 'fixed' else f'NaFlex S={mode[7:]}')
+    ax.set_xticks(np.arange(len(buckets)) + width * (len(modes) - 1) / 2, buckets)
+    ax.set_xlabel('aspect-ratio bucket (width x height)')
+    ax.set_ylabel(f'held-out {title} accuracy')
+  axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
