@@ -86,10 +86,11 @@ class NaFlexBatching:
       _positive_int(self.tokens_per_batch, 'tokens_per_batch')
       longest = self.seq_lengths[-1]
       if self.tokens_per_batch // longest < self.batch_multiple:
-        raise ValueError(f'tokens_per_batch {self.tokens_per_batch} holds '
-                         f'{self.tokens_per_batch // longest} images of the longest length '
-                         f'{longest}, fewer than batch_multiple {self.batch_multiple} (the batch '
-                         f'shards): need at least {longest * self.batch_multiple}')
+        raise ValueError(f'tokens_per_batch {self.tokens_per_batch} fits '
+                         f'{self.tokens_per_batch // longest} image(s) of the longest length '
+                         f'{longest}; every step needs at least batch_multiple '
+                         f'{self.batch_multiple} (the batch shards): give at least '
+                         f'{longest * self.batch_multiple}')
 
   @property
   def batching(self):

@@ -115,6 +115,9 @@ def clip_objective(cfg, tcfg, mesh):
     img, image_tokens, batch_stats = image_outputs(params, batch_stats, batch_images(batch), cfg,
                                                    tcfg, key)
     total, metrics = 0.0, {}
+    if 'patches' in batch:  # which of the plan's shapes this step had
+      metrics['naflex_seq_len'] = jnp.asarray(batch['patches'].shape[1], jnp.float32)
+      metrics['naflex_images'] = jnp.asarray(batch['patches'].shape[0], jnp.float32)
     if contrastive:
       img, txt = normalised_pair(params, img, batch['tokens'], cfg)
       total = loss_fn(img, txt, *loss_scalars(params, tcfg.loss))

@@ -112,6 +112,8 @@ class TrainConfig:
     self._check_naflex()
 
   def _check_naflex(self):
+    if isinstance(self.naflex_seq_lengths, list):  # a list from a config file: a tuple here
+      object.__setattr__(self, 'naflex_seq_lengths', tuple(self.naflex_seq_lengths))
     lengths = self.naflex_seq_lengths
     if not isinstance(lengths, tuple) or not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in lengths):
@@ -126,8 +128,8 @@ class TrainConfig:
       raise ValueError(f'naflex_tokens_per_batch must be an int of at least the longest length '
                        f'{max(lengths)} (one image per step), got {budget!r}')
     if lengths and self.accumulation_steps > 1:
-      raise ValueError('NaFlex steps change shape with their sequence length; gradient '
-                       'accumulation (accumulation_steps > 1) is not supported with them')
+      raise ValueError('gradient accumulation (accumulation_steps > 1) is not supported with '
+                       f'NaFlex batches (naflex_seq_lengths={lengths}): use accumulation_steps=1')
 
   @property
   def naflex(self):

@@ -158,7 +158,8 @@ def test_bad_naflex_settings_fail_before_compiling():
     naflex_batching.NaFlexBatching(PATCH, (), batch_size=4)
   with pytest.raises(ValueError, match='at least one patch per image'):
     naflex_batching.NaFlexBatching(PATCH, (0,), batch_size=4)
-  with pytest.raises(ValueError, match='fewer than batch_multiple 8'):
+  with pytest.raises(ValueError, match='fits 4 image.s. of the longest length 16; every step '
+                                       'needs at least batch_multiple 8'):
     naflex_batching.NaFlexBatching(PATCH, (8, 16), tokens_per_batch=64, batch_multiple=8)
   with pytest.raises(ValueError, match='exactly one of'):
     naflex_batching.NaFlexBatching(PATCH, (8,), batch_size=4, tokens_per_batch=64)
