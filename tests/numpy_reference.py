@@ -190,6 +190,18 @@ def rel_err(actual, expected):
   return float(np.abs(np.asarray(actual, np.float64) - expected).max() / np.abs(expected).max())
 
 
+def worst_relative_error(actual_tree, expected_tree):
+  """(dotted path, error) of the leaf with the largest max |a - b| / max |b| between two
+  trees of the same structure (e.g. two runs' gradients)."""
+  def one(path, a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    name = '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    return name, float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+  errors = jax.tree_util.tree_map_with_path(one, actual_tree, expected_tree)
+  return max(jax.tree.leaves(errors, is_leaf=lambda x: isinstance(x, tuple)),
+             key=lambda item: item[1])
+
+
 def text_tokens(rng, n, length, vocab):
   """Rows of SOT, words, EOT (the largest id), then zero padding; various lengths."""
   tokens = np.zeros((n, length), np.int32)
