@@ -1,5 +1,5 @@
-"""Test session set-up: 8 simulated CPU devices and a compilation cache for the subprocesses
-(both before jax is imported), and OpenAI's reference."""
+"""Test session set-up: 8 simulated CPU devices and a compilation cache (both before jax is
+imported), and OpenAI's reference."""
 import os
 import tempfile
 
@@ -14,15 +14,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
       prefix=f'clip-test-jax-cache-{os.environ.get("PYTEST_XDIST_WORKER", "main")}-')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax
 import pytest
-
-# This process (an xdist worker) compiles without the persistent cache; its subprocesses keep it.
-# The rare worker crashes of long CI runs (SIGABRT / SIGSEGV, inside XLA) were, the last two
-# times, in the cache's write of an executable (jax's compilation_cache.put_executable_and_time,
-# tests of test_optim and test_freezing), never in a test's own code; within one process jit's
-# in-memory cache serves most repeats anyway.
-jax.config.update('jax_compilation_cache_dir', None)
 
 from experiments.references import openai as reference
 
