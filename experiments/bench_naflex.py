@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from experiments import bench_train
 from experiments.references import openai as openai_reference
 
 RATIO_RANGE = (0.25, 4.0)  # width / height of the drawn images
@@ -51,15 +52,6 @@ def naflex_batch(cfg, batch_size, seq_len, seed=0):
           'tokens': openai_reference.random_tokens(rng, batch_size, cfg)}
 
 
-def _time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def _setup(cfg, tcfg):
   import jax  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
@@ -76,9 +68,7 @@ def _run(mesh, setup, holder, batch):
   jax.block_until_ready(metrics)
 
 
-def _row(cfg, kind, batch_size, seq_len, step_s, compile_s, padding, grids_real):
-  from clip import flops  # pylint: disable=g-import-not-at-top
-  model_flops = flops.train_step_flops(cfg, batch_size, num_patches=seq_len)
+def _row(kind, batch_size, seq_len, step_s, compile_s, padding, grids_real, model_flops):
   return {'mode': kind, 'seq_len': seq_len, 'batch': batch_size, 'step_s': step_s,
           'images_per_s': batch_size / step_s, 'real_patches_per_s': grids_real / step_s,
           'padding': padding, 'compile_s': compile_s,
@@ -88,6 +78,7 @@ def _row(cfg, kind, batch_size, seq_len, step_s, compile_s, padding, grids_real)
 
 def bench_mode(cfg, plan, repeats, steps, loss):
   """Rows for one batching mode: each length, then the plan's mix of `steps` steps."""
+  from clip import flops  # pylint: disable=g-import-not-at-top
   from clip.train import training  # pylint: disable=g-import-not-at-top
   tcfg = training.TrainConfig(
       batch_size=plan.batch_size or 1, total_steps=1000, warmup_steps=10, loss=loss,
@@ -99,10 +90,12 @@ def bench_mode(cfg, plan, repeats, steps, loss):
     start = time.perf_counter()
     _run(mesh, setup, holder, batch)
     compile_s = time.perf_counter() - start
-    step_s = _time(lambda: _run(mesh, setup, holder, batch), repeats)  # pylint: disable=cell-var-from-loop
+    run_once = lambda: _run(mesh, setup, holder, batch)  # pylint: disable=cell-var-from-loop
+    step_s = bench_train.time_steps(run_once, repeats)
     real = int(batch['spatial_shapes'].prod(1).sum())
-    rows.append(_row(cfg, f'{plan.batching} S', b, s, step_s, compile_s,
-                     plan.padding_fraction(batch['spatial_shapes'], s), real))
+    rows.append(_row(f'{plan.batching} S', b, s, step_s, compile_s,
+                     plan.padding_fraction(batch['spatial_shapes'], s), real,
+                     flops.train_step_flops(cfg, b, num_patches=s)))
     print(f'  {plan.batching} S={s} batch {b}: {step_s:.3f} s/step, padding '
           f'{rows[-1]["padding"]:.1%}, compiled in {compile_s:.1f} s', flush=True)
   shapes = [plan.step_shape(g) for g in range(steps)]
@@ -114,7 +107,6 @@ def bench_mode(cfg, plan, repeats, steps, loss):
   images = sum(b for b, _ in shapes)
   real = sum(int(x['spatial_shapes'].prod(1).sum()) for x in batches)
   slots = sum(b * s for b, s in shapes)
-  from clip import flops  # pylint: disable=g-import-not-at-top
   model_flops = sum(flops.train_step_flops(cfg, b, num_patches=s) for b, s in shapes)
   rows.append({'mode': f'{plan.batching} plan', 'seq_len': None, 'batch': images / steps,
                'step_s': total_s / steps, 'images_per_s': images / total_s,
@@ -129,28 +121,19 @@ def bench_mode(cfg, plan, repeats, steps, loss):
 
 def bench_fixed_resolution(cfg, batch_size, repeats, loss):
   """The same model at image_resolution (square images): the reference row."""
+  from clip import flops  # pylint: disable=g-import-not-at-top
   from clip.train import training  # pylint: disable=g-import-not-at-top
   tcfg = training.TrainConfig(batch_size=batch_size, total_steps=1000, warmup_steps=10,
                               loss=loss)
   mesh, setup, holder = _setup(cfg, tcfg)
-  rng = np.random.default_rng(0)
-  r = cfg.image_resolution
-  batch = {'image': rng.standard_normal((batch_size, r, r, 3)).astype(np.float32),
-           'tokens': openai_reference.random_tokens(rng, batch_size, cfg)}
+  batch = bench_train.random_batch(cfg, batch_size)
   start = time.perf_counter()
   _run(mesh, setup, holder, batch)
   compile_s = time.perf_counter() - start
-  step_s = _time(lambda: _run(mesh, setup, holder, batch), repeats)
+  step_s = bench_train.time_steps(lambda: _run(mesh, setup, holder, batch), repeats)
   patches = cfg.vision.grid_size ** 2
-  row = _row(cfg, 'fixed res', batch_size, patches, step_s, compile_s, 0.0, batch_size * patches)
-  row['model_tflop_per_step'] = _fixed_flops(cfg, batch_size) / 1e12
-  row['achieved_tflops'] = row['model_tflop_per_step'] / step_s
-  return row
-
-
-def _fixed_flops(cfg, batch_size):
-  from clip import flops  # pylint: disable=g-import-not-at-top
-  return flops.train_step_flops(cfg, batch_size)
+  return _row('fixed res', batch_size, patches, step_s, compile_s, 0.0, batch_size * patches,
+              flops.train_step_flops(cfg, batch_size))
 
 
 def run(args, cfg, name):
