@@ -1,6 +1,9 @@
 """The model's own input processing as every pipeline takes it: its tokenizer (`tokenize=`) and
 its `clip.PreprocessConfig` (`preprocess=`), checked where they are given, so that a wrong one
 fails there and not inside tf.data (numpy only)."""
+import functools
+import typing
+
 import numpy as np
 
 from clip import processing_configs
@@ -52,3 +55,32 @@ def check_image_dtype(image_dtype):
   if image_dtype not in IMAGE_DTYPES:
     raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
   return image_dtype
+
+
+class TeacherInputs(typing.NamedTuple):
+  """What a distillation teacher reads beside the student (`clip.train.distillation`): its own
+  tokenizer (texts -> int (N, L_teacher), e.g. `functools.partial(clip.get_tokenizer(tcfg),
+  truncate=True)`), its `clip.PreprocessConfig` and its image resolution. A pipeline given one
+  adds `'teacher_image'` (the teacher's view of the student's sample: the same crop, at this
+  resolution, normalised with this preprocessing's mean and std) and `'teacher_tokens'`."""
+  tokenize: typing.Callable
+  preprocess: processing_configs.PreprocessConfig
+  resolution: int
+
+  @classmethod
+  def of(cls, cfg):
+    """The teacher inputs of a loaded model config: `clip.get_tokenizer(cfg)` (truncating, as the
+    student's in training), `cfg.preprocess`, `cfg.image_resolution`. Raises what
+    `clip.get_tokenizer` raises for a tokenizer it cannot build."""
+    from clip import processing  # pylint: disable=g-import-not-at-top
+    return cls(functools.partial(processing.get_tokenizer(cfg), truncate=True), cfg.preprocess,
+               cfg.image_resolution)
+
+  def checked(self):
+    """Self, its tokenizer, preprocessing and resolution checked (TypeError / ValueError)."""
+    check_tokenize(self.tokenize)
+    check_preprocess(self.preprocess)
+    if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or (
+        self.resolution < 1):
+      raise ValueError(f'the teacher resolution must be a positive int, got {self.resolution!r}')
+    return self

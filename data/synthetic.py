@@ -240,7 +240,8 @@ class SyntheticCaptions:
     return self.get(np.arange(step * batch_size, (step + 1) * batch_size))
 
   def batches(self, global_batch_size, *, tokenize, preprocess, start_step=0, start_example=None,
-              num_steps=None, process_index=0, process_count=1, image_dtype='float32'):
+              num_steps=None, process_index=0, process_count=1, image_dtype='float32',
+              teacher=None):
     """Model-ready batches, this process's share of each global batch:
     {'image': float32 normalised (or uint8) (B, H, W, 3), 'tokens': int32 (B, L)}. Endless unless
     `num_steps`. The k-th batch yielded holds samples [first + k * global_batch_size,
@@ -252,25 +253,33 @@ class SyntheticCaptions:
     `functools.partial(clip.get_tokenizer(cfg), truncate=True)`), `preprocess` its
     `clip.PreprocessConfig` (`cfg.preprocess`). The images are drawn at the set's resolution,
     the model's, so only its mean and std apply: its resize mode and interpolation do not (every
-    mode leaves an image already at the model's size as it is)."""
+    mode leaves an image already at the model's size as it is).
+
+    `teacher`: a distillation teacher's `data.model_inputs.TeacherInputs`; batches then add
+    `'teacher_image'` (the same samples drawn at the teacher's resolution, normalised with its
+    mean and std, or uint8) and `'teacher_tokens'` (the captions through its tokenizer)."""
     model_inputs.check_tokenize(tokenize)
     model_inputs.check_preprocess(preprocess)
+    if teacher is not None:
+      teacher_set = SyntheticCaptions(self.seed, teacher.checked().resolution, self.split)
     local = processes.local_batch_size(global_batch_size, process_count)
     model_inputs.check_image_dtype(image_dtype)
     if start_step < 0 or (start_example is not None and (start_step or start_example < 0)):
       raise ValueError('give start_step >= 0 or start_example >= 0 (not both), got start_step='
                        f'{start_step}, start_example={start_example}')
-    mean = np.asarray(preprocess.mean, np.float32)
-    std = np.asarray(preprocess.std, np.float32)
     first = start_step * global_batch_size if start_example is None else start_example
     step = 0
     while num_steps is None or step < num_steps:
       start = first + step * global_batch_size + process_index * local
-      sample = self.get(np.arange(start, start + local))
-      image = sample['image']
-      if image_dtype == 'float32':
-        image = (image.astype(np.float32) / np.float32(255) - mean) / std
-      yield {'image': image, 'tokens': np.asarray(tokenize(sample['caption']), np.int32)}
+      indices = np.arange(start, start + local)
+      sample = self.get(indices)
+      out = {'image': _model_pixels(sample['image'], preprocess, image_dtype),
+             'tokens': np.asarray(tokenize(sample['caption']), np.int32)}
+      if teacher is not None:
+        out['teacher_image'] = _model_pixels(teacher_set.get(indices)['image'],
+                                             teacher.preprocess, image_dtype)
+        out['teacher_tokens'] = np.asarray(teacher.tokenize(sample['caption']), np.int32)
+      yield out
       step += 1
 
   # ------------------------------------------------------------------ classification views
@@ -373,3 +382,13 @@ def caption_token_ids(tokenize, eot_id):
     raise ValueError(f'tokenized row {row} has no end-of-text id {eot_id}: {rows[row].tolist()}')
   caption = np.cumsum(is_eot, axis=1) - is_eot == 0  # up to and including the first eot_id
   return tuple(sorted(int(t) for t in np.unique(rows[caption])))
+
+
+def _model_pixels(image_u8, preprocess, image_dtype):
+  """uint8 images as a model reads them: normalised float32 with its mean and std, or as they
+  are (`image_dtype='uint8'`)."""
+  if image_dtype != 'float32':
+    return image_u8
+  mean = np.asarray(preprocess.mean, np.float32)
+  std = np.asarray(preprocess.std, np.float32)
+  return (image_u8.astype(np.float32) / np.float32(255) - mean) / std

@@ -54,10 +54,12 @@ from clip.formats import files
 from clip.formats import workdirs
 from clip.train import loop
 from clip.train import metrics_log
+from clip.train import distillation
 from clip.train import objectives
 from clip.train import resume
 from clip.train import state_store
 from clip.train import training
+from data import model_inputs
 from data import naflex_batching as naflex_batching_lib
 from data import synthetic
 from data import synthetic_eval
@@ -99,6 +101,14 @@ def parse_args(argv):
                       help='keep images whose shorter original side is at least this (parquet)')
   parser.add_argument('--loss', default=None, help='contrastive | sigmoid | ring_contrastive | '
                       'ring_sigmoid')
+  parser.add_argument('--teacher', default=None,
+                      help='distil from this frozen teacher (what clip.load takes: a file, a '
+                           'training workdir, a name), run inside each step with its own '
+                           'tokenizer and preprocessing; with --distill-weight')
+  parser.add_argument('--distill-weight', type=float, default=None,
+                      help='loss = contrastive + this x KD from the teacher (open_clip\'s '
+                           'DistillClipLoss); on reinforced shards (experiments/reinforce.py) '
+                           'without --teacher, from their stored teacher embeddings')
   parser.add_argument('--optimizer', default=None, help='adamw | lion | adafactor | muon')
   parser.add_argument('--schedule', default=None, help='after the warmup: cosine | linear | '
                       'constant')
@@ -136,7 +146,8 @@ ALIASES = {'loss': 'train.loss', 'optimizer': 'train.optimizer', 'schedule': 'tr
            'data': 'run.data', 'data_resampled': 'run.data_resampled',
            'checkpoint_every': 'run.checkpoint_every', 'checkpoint_dir': 'run.checkpoint_dir',
            'eval_examples': 'run.eval_examples', 'ema_decay': 'train.ema_decay',
-           'eval_every': 'run.eval_every', 'evaluator': 'run.evaluators'}
+           'eval_every': 'run.eval_every', 'evaluator': 'run.evaluators',
+           'teacher': 'train.teacher', 'distill_weight': 'train.distill_weight'}
 
 
 def _assignments(args):
@@ -200,6 +211,9 @@ def load_config(args):
       import torch  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
       raise ValueError("--export-torch needs torch: pip install -e '.[torch]'") from None
+  if experiment.train.distills and run.data == 'synthetic_layout':
+    raise ValueError('distillation reads fixed-resolution batches: use --data synthetic or '
+                     'img2dataset shards, not synthetic_layout')
   specs = [evaluators.parse_evaluator(text) for text in run.evaluators]
   evaluators.require_evaluators(run.eval_every, specs)
   if specs and not run.eval_every:
@@ -235,15 +249,42 @@ def naflex_batching(cfg, tcfg, mesh):
       batch_multiple=mesh.shape['data'] * mesh.shape['fsdp'], seed=tcfg.seed)
 
 
-def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0):
+def load_teacher(config):
+  """The run's distillation teacher (`clip.train.distillation.Teacher`), None when it does not
+  distil: `train.teacher` loaded in `train.teacher_dtype` (online), or, with no teacher named,
+  the stored embeddings of reinforced shards (offline, their `reinforced.json` giving the
+  teacher's logit scale). Errors (an unknown tokenizer, shards that are not reinforced) come
+  before anything compiles."""
+  tcfg, run = config.train, config.run
+  if not tcfg.distills:
+    return None
+  if tcfg.teacher is not None:
+    return distillation.Teacher.load(tcfg.teacher, tcfg.teacher_dtype)
+  if run.data in SYNTHETIC:
+    raise ValueError(f'distill_weight={tcfg.distill_weight} without a teacher reads stored '
+                     'teacher embeddings from reinforced shards (python -m '
+                     'experiments.reinforce); the built-in data has none: give --teacher')
+  from data import reinforced  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
+  return distillation.Teacher.offline(reinforced.read_spec(run.data).teacher_logit_scale)
+
+
+def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teacher=None):
   """(iterator of this process's share of each global batch, pipeline or None), tokenised and
   preprocessed as the model says (`clip.get_tokenizer(cfg)`, `cfg.preprocess`). `data_state` is
   where a resumed run's data continues (None: from the start): for the synthetic sets the next
   unseen example (`resume_example`; its samples are functions of their index, so any batch size
   continues exactly), the shard pipeline's (or mixture's) own record state otherwise. With a
-  NaFlex `batching`, batches are NaFlex patches, step `start_step` on."""
+  NaFlex `batching`, batches are NaFlex patches, step `start_step` on. A distillation `teacher`
+  adds what it reads (`distillation.batch_keys`): its own view of each sample, or the stored
+  embeddings of reinforced shards."""
   tokenize = functools.partial(clip.get_tokenizer(cfg), truncate=True)
   share = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  keys = distillation.batch_keys(cfg, teacher) if teacher is not None else ()
+  if keys == distillation.ONLINE_KEYS:
+    share['teacher'] = model_inputs.TeacherInputs.of(teacher.cfg)
+  elif keys == distillation.OFFLINE_KEYS:
+    from data import reinforced  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
+    share['reinforced'] = reinforced.expected_spec(config.run.data, tcfg)
   if config.run.data in SYNTHETIC:
     ds = SYNTHETIC[config.run.data](seed=tcfg.seed, resolution=cfg.image_resolution)
     if batching is not None:
@@ -398,7 +439,8 @@ def main(argv=None):
   batching = naflex_batching(cfg, tcfg, mesh)  # NaFlex's lengths and budget checked here
   # The evaluators' data is read and checked now, before anything compiles.
   evals = evaluators.make_evaluators(run.evaluators, cfg, mesh, tcfg.batch_size)
-  setup = training.setup(cfg, tcfg, mesh)
+  teacher = load_teacher(config)
+  setup = training.setup(cfg, tcfg, mesh, teacher=teacher)
   state, start, data_state = restore(workdir, config, setup)
   workdirs.save_model_config(workdir, cfg)  # the workdir names its tokenizer and preprocessing
   accumulation = (f' ({tcfg.accumulation}: {tcfg.accumulation_steps} x '
@@ -409,7 +451,7 @@ def main(argv=None):
         f'loss {tcfg.loss}, {batches}, mesh {dict(mesh.shape)}, '
         f'{jax.process_count()} process(es)')
 
-  data_iter, pipeline = make_data(config, cfg, tcfg, data_state, batching, start)
+  data_iter, pipeline = make_data(config, cfg, tcfg, data_state, batching, start, teacher)
   if run.eval_examples:  # its tokenizer errors now, not after training
     synthetic_eval.model_tokenizer(cfg)
   if start < tcfg.total_steps:

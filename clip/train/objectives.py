@@ -7,6 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 import losses
 from clip.train import captioning
+from clip.train import distillation
 from clip import model
 from clip import sharding
 
@@ -99,19 +100,21 @@ def loss_scalars(params, loss):
   return (params['logit_scale'],) + ((params['logit_bias'],) if losses.takes_bias(loss) else ())
 
 
-def clip_objective(cfg, tcfg, mesh):
+def clip_objective(cfg, tcfg, mesh, teacher=None):
   """The image-text objective: `(params, batch_stats, batch, key) -> (loss, (batch_stats,
   metrics))` with `batch = {'image', 'tokens'}` (or NaFlex's, `batch_keys`): the contrastive loss `tcfg.loss` as a shard_map
   program, plus `tcfg.caption_weight` times the captioning loss of a model with a decoder
   (`clip.train.captioning`; `key` draws its parallel-prediction masks, and a fold of it the
   patches a ViT with `patch_dropout` keeps). The image tower runs once for both
-  (`image_outputs`)."""
+  (`image_outputs`). With a distillation `teacher` (`clip.train.distillation`) the objective
+  takes the teacher's parameters last (None offline) and adds `tcfg.distill_weight` times KD."""
   check_objective(cfg, tcfg)
   contrastive = tcfg.loss != NO_CONTRASTIVE
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES) if contrastive else None
   accuracy = local_accuracy(mesh)
+  kd = None if teacher is None else distillation.kd_term(cfg, tcfg, mesh, teacher)
 
-  def objective(params, batch_stats, batch, key):
+  def objective(params, batch_stats, batch, key, teacher_params=None):
     img, image_tokens, batch_stats = image_outputs(params, batch_stats, batch_images(batch), cfg,
                                                    tcfg, key)
     total, metrics = 0.0, {}
@@ -122,12 +125,15 @@ def clip_objective(cfg, tcfg, mesh):
       img, txt = normalised_pair(params, img, batch['tokens'], cfg)
       total = loss_fn(img, txt, *loss_scalars(params, tcfg.loss))
       metrics['accuracy'] = accuracy(img, txt)
+      if kd is not None or cfg.decoder is not None:
+        metrics['contrastive_loss'] = total
+      if kd is not None:
+        metrics['distill_loss'] = kd(img, txt, params['logit_scale'], batch, teacher_params)
+        total = total + tcfg.distill_weight * metrics['distill_loss']
     if cfg.decoder is not None:
       caption_loss, caption_metrics = captioning.loss(
           params['text_decoder'], image_tokens, batch['tokens'], cfg.decoder, key,
           tcfg.caption_parallel, tcfg.caption_mask_ratio, cfg.execution)
-      if contrastive:
-        metrics['contrastive_loss'] = total
       total = total + tcfg.caption_weight * caption_loss
       metrics.update(caption_loss=caption_loss, **caption_metrics)
     return total, (batch_stats, metrics)

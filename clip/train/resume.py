@@ -100,9 +100,24 @@ def check_resume(meta, run, tcfg, ckpt_dir):
     print(f'{ckpt_dir} holds its data position as a step ({meta["data"]["step"]}), not an '
           f'example: assumed trained at this batch size, {tcfg.batch_size}')
   _check_ema(meta.get('train_config', {}).get('ema_decay'), tcfg.ema_decay, ckpt_dir)
+  _note_distillation(meta.get('train_config', {}), tcfg)
   if meta.get('total_steps', tcfg.total_steps) != tcfg.total_steps:
     print(f'resuming a run of {meta["total_steps"]} steps as one of {tcfg.total_steps}: the '
           'learning-rate schedule follows the new length from here')
+
+
+DISTILLATION_FIELDS = ('distill_weight', 'distill_loss', 'distill_temperature', 'teacher',
+                       'teacher_dtype')
+
+
+def _note_distillation(saved, tcfg):
+  """Says which distillation settings (teacher, weight, ...) differ from the checkpoint's: a
+  resumed run may change its teacher on purpose, never unsaid."""
+  changed = {f: (saved[f], getattr(tcfg, f)) for f in DISTILLATION_FIELDS
+             if f in saved and saved[f] != getattr(tcfg, f)}
+  if changed:
+    print('resuming with other distillation settings than the checkpoint\'s: ' + ', '.join(
+        f'{f} {old!r} -> {new!r}' for f, (old, new) in changed.items()))
 
 
 def _check_ema(saved, given, ckpt_dir):

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 
 import losses
 from clip.train import captioning
+from clip.train import distillation
 from clip.train import ema
 from clip.train import freezing
 from clip.train import grad_cache
@@ -71,6 +72,17 @@ class TrainConfig:
   # batching) instead of batch_size images.
   naflex_seq_lengths: tuple[int, ...] = ()
   naflex_tokens_per_batch: int | None = None
+  # Distillation (`clip.train.distillation`): loss + distill_weight * KD from a frozen teacher
+  # (`setup(teacher=...)`), KD by `distill_loss` ('distillation' all-gathers the logits,
+  # 'ring_distillation' rings them), the teacher's logits scaled by its own logit scale or by
+  # 1 / distill_temperature (MobileCLIP). `teacher`: what clip.load takes for an online teacher
+  # (the main job loads it, in teacher_dtype); None with distill_weight > 0: offline, the
+  # batches carry its stored embeddings (`data.reinforced`).
+  distill_weight: float = 0.0
+  distill_loss: str = 'distillation'
+  distill_temperature: float | None = None
+  teacher: str | None = None
+  teacher_dtype: str = 'float32'
 
   def __post_init__(self):
     none = objectives.NO_CONTRASTIVE
@@ -110,6 +122,7 @@ class TrainConfig:
       raise ValueError(f'layer_decay must be in (0, 1], got {self.layer_decay}')
     ema.check(self.ema_decay, self.ema_warmup)
     self._check_naflex()
+    distillation.check_config(self)
 
   def _check_naflex(self):
     if isinstance(self.naflex_seq_lengths, list):  # a list from a config file: a tuple here
@@ -130,6 +143,11 @@ class TrainConfig:
     if lengths and self.accumulation_steps > 1:
       raise ValueError('gradient accumulation (accumulation_steps > 1) is not supported with '
                        f'NaFlex batches (naflex_seq_lengths={lengths}): use accumulation_steps=1')
+
+  @property
+  def distills(self):
+    """Whether the run adds a distillation term (`distill_weight > 0`)."""
+    return self.distill_weight > 0
 
   @property
   def naflex(self):
@@ -181,25 +199,44 @@ class TrainSetup(typing.NamedTuple):
 
 
 def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=None,
-          rules=sharding.DEFAULT_RULES):
+          rules=sharding.DEFAULT_RULES, teacher=None):
   """The one way to set up a run: validates (mesh, loss vs model), builds the optimizer, the
   sharded state and the jitted step. Returns a `TrainSetup`.
 
   `init_params(key) -> params` replaces the random init (pretrained or fine-tuning weights);
   `objective(params, batch_stats, batch, key) -> (loss, (batch_stats, metrics))` replaces the
   CLIP objective (fine-tuning), with the `batch_keys` it reads (default: the CLIP objective's,
-  `objectives.batch_keys(tcfg)`)."""
+  `objectives.batch_keys(tcfg)`). `teacher`: a `clip.train.distillation.Teacher`, given exactly
+  when `tcfg.distill_weight > 0`; an online one's parameters are placed on the mesh by `rules`
+  and passed to every step (`TrainSetup.train_step` binds them)."""
   tcfg.check_mesh(mesh)
-  batch_keys = objectives.batch_keys(tcfg) if batch_keys is None else batch_keys
+  distillation.check_teacher(cfg, tcfg, teacher)
+  if batch_keys is None:
+    batch_keys = objectives.batch_keys(tcfg) + (
+        distillation.batch_keys(cfg, teacher) if teacher else ())
   if objective is None:
     objectives.check_objective(cfg, tcfg)
+  elif teacher is not None:
+    raise ValueError('distillation adds its term to the CLIP objective; a custom objective '
+                     'takes no teacher')
   if init_params is None:
     check_init_logit_scale(cfg)
   optimizer, schedule = optim.make_optimizer(tcfg)
   state, shardings = create_state(cfg, tcfg, mesh, optimizer, rules, init_params)
   train_step = make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective,
-                               batch_keys)
+                               batch_keys, teacher)
+  if teacher is not None:
+    train_step = _bound(train_step, distillation.place(teacher, mesh, rules))
   return TrainSetup(state, train_step, shardings, schedule, optimizer)
+
+
+def _bound(train_step, teacher_params):
+  """`train_step(state, batch)` of a distilling step `(state, batch, teacher_params)`; the
+  jitted step stays reachable as `.jitted` and the placed teacher as `.teacher_params`."""
+  def step(state, batch):
+    return train_step(state, batch, teacher_params)
+  step.jitted, step.teacher_params = train_step, teacher_params
+  return step
 
 
 def check_init_logit_scale(cfg):
@@ -236,7 +273,7 @@ def state_shardings(mesh, abstract_state, optimizer, rules=sharding.DEFAULT_RULE
 
 
 def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=None,
-                    batch_keys=None):
+                    batch_keys=None, teacher=None):
   """`train_step(state, batch) -> (state, metrics)`, jitted with the state's shardings, the batch
   split over `('data', 'fsdp')`, and the state donated.
 
@@ -252,24 +289,35 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
   the BatchNorm statistics (a frozen ResNet layer's running buffers stay as they were).
 
   With `tcfg.ema_decay`, the state's `'ema'` moves towards the updated parameters after each
-  optimizer update (`clip.train.ema.after_step`; not on MultiSteps' accumulating calls)."""
+  optimizer update (`clip.train.ema.after_step`; not on MultiSteps' accumulating calls).
+
+  With a distillation `teacher` the step is `train_step(state, batch, teacher_params)` (None
+  offline): the objective adds `tcfg.distill_weight` times KD, and is differentiated with respect
+  to the teacher's parameters too, so that the metrics' `teacher_grad_norm` shows, from the
+  compiled step, that the teacher gets no gradient (its path is stopped: XLA folds it to 0)."""
   tcfg.check_mesh(mesh)
   batch_keys = objectives.batch_keys(tcfg) if batch_keys is None else batch_keys
+  distilling, online = teacher is not None, teacher is not None and teacher.online
   if tcfg.grad_cache:
     if objective is not None:
       raise ValueError('grad_cache accumulation runs the CLIP objective; a custom objective '
                        'accumulates with accumulation="multisteps"')
     value_and_grad = grad_cache.value_and_grad(cfg, tcfg, mesh)
   else:
-    objective = objective or objectives.clip_objective(cfg, tcfg, mesh)
-    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+    objective = objective or objectives.clip_objective(cfg, tcfg, mesh, teacher)
+    value_and_grad = jax.value_and_grad(objective, argnums=(0, 4) if online else 0,
+                                        has_aux=True)
 
-  def train_step(state, batch):
+  def train_step(state, batch, teacher_params=None):
     frozen_params, frozen_stats = freezing.masks(tcfg.frozen, state['params'],
                                                  state['batch_stats'])
+    extra = (teacher_params,) if distilling else ()
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see sharding.constrain_batch
       (loss, (new_stats, aux)), grads = value_and_grad(
-          state['params'], state['batch_stats'], batch, state['rng'])
+          state['params'], state['batch_stats'], batch, state['rng'], *extra)
+    if online:
+      grads, teacher_grads = grads
+      aux['teacher_grad_norm'] = optax.tree.norm(teacher_grads)
     updates, opt = optimizer.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     if 'logit_scale' in params and cfg.logit_scale_range is not None:
@@ -290,7 +338,10 @@ def make_train_step(cfg, tcfg, mesh, optimizer, schedule, shardings, objective=N
     return new_state, metrics
 
   batch_sh = sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(shardings, {k: batch_sh for k in batch_keys}),
+  in_shardings = (shardings, {k: batch_sh for k in batch_keys})
+  if distilling:  # the teacher's parameters stay where `distillation.place` put them
+    in_shardings += (None,)
+  return jax.jit(train_step, in_shardings=in_shardings,
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
