@@ -8,7 +8,8 @@
     -> shuffle (training) -> decode, crop, resize, normalise (the model's eval resize and mean /
        std, `preprocess`): each record guarded so that a bad one becomes a counted skip instead of
        an error -> batch -> tokenise (the model's tokenizer, `tokenize`) -> prefetch
-    -> numpy {'image': float32 (B, n, n, 3), 'tokens': int32 (B, L)}
+    -> numpy {'image': float32 (B, n, n, 3), 'tokens': int32 (B, L)} (distillation: plus a
+       teacher's view and tokens, or stored teacher outputs: `data.teacher_views`)
 
 It is deterministic given the seed (file order, shuffle and crops are all seeded; the crop of a
 sample depends only on the seed, the epoch and its position, never on thread timing), and it
@@ -32,6 +33,7 @@ from data import naflex_transforms
 from data import pipeline_stats
 from data import processes
 from data import shard_files
+from data import teacher_views
 from data import tfrecords
 from data import transforms
 
@@ -42,7 +44,7 @@ REASONS = ('ok', 'missing_image', 'several_images', 'empty_caption', 'invalid_ut
 (OK, MISSING_IMAGE, SEVERAL_IMAGES, EMPTY_CAPTION, INVALID_CAPTION, UNDECODABLE, UNPARSEABLE,
  FILTERED, TOO_SMALL) = range(len(REASONS))
 # The pipeline's own outputs: metadata of these names come back as 'metadata_<name>'.
-OUTPUTS = ('image', 'tokens', 'patches', 'spatial_shapes')
+OUTPUTS = ('image', 'tokens', 'patches', 'spatial_shapes', *teacher_views.OUTPUTS)
 METADATA_PREFIX = 'metadata_'
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,10 @@ class Pipeline:
       `{'patches': float32 (B, S, P*P*3), 'spatial_shapes': int32 (B, 2), 'tokens'}` instead, by
       `data.naflex_transforms` (`ratio` relative to each image's own); an image with a side below
       one patch is a counted skip.
+    teacher, reinforced: distillation (`data.teacher_views`; not with naflex): a
+      `data.model_inputs.TeacherInputs` adds 'teacher_image' and 'teacher_tokens'; a
+      `data.reinforced.ReinforcedSpec` reads reinforced shards (ValueError here for another
+      width or augmentation count) and adds 'teacher_image_embedding', 'teacher_text_embedding'.
 
   Raises:
     EmptyEpochError: an epoch yielded no batch (every record bad or filtered, or fewer good
@@ -123,9 +129,10 @@ class Pipeline:
                shuffle_buffer=10_000, process_index=None, process_count=None, resampled=False,
                num_epochs=None, resume=None, start_step=0, num_parallel_reads=8,
                scale=transforms.TRAIN_SCALE, ratio=transforms.TRAIN_RATIO, name=None,
-               naflex=None):
+               naflex=None, teacher=None, reinforced=None):
     process_index, process_count = processes.process_share(process_index, process_count)
     model_inputs.check_image_dtype(image_dtype)
+    teacher_views.check_options(naflex, teacher, reinforced)
     self.plan = naflex_transforms.plan_for(naflex, process_count, global_batch_size, resolution,
                                            image_dtype)
     self.batch_size = (None if self.plan else
@@ -143,7 +150,6 @@ class Pipeline:
     all_files = shard_files.expand_files(files)
     self.name = name or (os.fspath(files) if isinstance(files, (str, os.PathLike))
                          else f'{len(files)} file patterns')
-    self.reader = shard_files.reader_for(all_files[0])
     self.resampled = resampled
     self.process_index, self.process_count = process_index, process_count
     self.files = all_files if resampled else processes.process_files(all_files, process_index,
@@ -162,6 +168,10 @@ class Pipeline:
     self.context_length, self._padding = model_inputs.tokenizer_layout(tokenize)
     self.stats, self.epoch_stats = pipeline_stats.Stats(), pipeline_stats.Stats()
     self.last_epoch_stats = None
+    self.views = None if self.plan else teacher_views.Views(
+        all_files, resolution, self.preprocess, self.image_dtype, train, seed, scale, ratio,
+        teacher, reinforced)
+    self.reader = (self.views and self.views.reader) or shard_files.reader_for(all_files[0])
     self._state = dict(resume) if resume else self._state_at_step(start_step)
 
   # ------------------------------------------------------------------ the tf.data graph
@@ -198,37 +208,27 @@ class Pipeline:
     defaults = {tf.int64: 0, tf.float32: float('nan'), tf.string: ''}
     spec.update({name: tf.io.FixedLenFeature([], dtype, default_value=defaults[dtype])
                  for name, dtype in self.metadata.items()})
+    spec.update(self.views.features() if self.views else {})
     return tf.io.parse_single_example(record, spec)
 
-  def _sample(self, ex, image, status, index, path):
-    out = {'image': image, '_status': tf.cast(status, tf.int32), '_index': index, '_path': path,
+  def _sample(self, ex, views, status, index, path):
+    out = {**views, '_status': tf.cast(status, tf.int32), '_index': index, '_path': path,
            'key': ex['key'], 'caption': ex['txt']}
     out.update({output_name(name): ex[name] for name in self.metadata})
     return out
 
   def _blank(self):  # NaFlex: a uint8 image of any size, patchified after the filter
-    return (tf.zeros([0, 0, 3], tf.uint8) if self.plan else
-            tf.zeros([self.resolution, self.resolution, 3], self.image_dtype))
+    return {'image': tf.zeros([0, 0, 3], tf.uint8)} if self.plan else self.views.blank()
 
-  def _transform(self, image_bytes, index, epoch):
-    """-> (image, status): OK, or TOO_SMALL for a NaFlex image with a side below one patch."""
-    seed = tf.random.experimental.stateless_fold_in(
-        tf.constant([self.seed, epoch], tf.int64), index) if self.train else None
-    convert = self.preprocess.convert_first
-    if self.plan:
-      image, small = naflex_transforms.decode_and_crop(image_bytes, self.plan.patch_size, seed,
-                                                       self.scale, self.ratio, convert)
-      return image, tf.where(small, TOO_SMALL, OK)
-    if self.train:
-      image = transforms.random_resized_crop(image_bytes, self.resolution, seed, self.scale,
-                                             self.ratio, convert)
-    else:
-      image = transforms.eval_transform(transforms.decode(image_bytes, convert), self.resolution,
-                                        self.preprocess)
-    # Normalised per image, in the parallel map: a whole batch at once runs out of cache (2x slower)
-    if self.image_dtype == tf.float32:
-      image = transforms.normalize_image(image, self.preprocess.mean, self.preprocess.std)
-    return image, tf.constant(OK)
+  def _transform(self, ex, image_bytes, index, epoch):
+    """-> (outputs, status): OK, or TOO_SMALL for a NaFlex image with a side below one patch."""
+    if not self.plan:
+      return self.views(ex, image_bytes, index, epoch), tf.constant(OK)
+    seed = teacher_views.crop_seed(self.seed, epoch, index) if self.train else None
+    image, small = naflex_transforms.decode_and_crop(image_bytes, self.plan.patch_size, seed,
+                                                     self.scale, self.ratio,
+                                                     self.preprocess.convert_first)
+    return {'image': image}, tf.where(small, TOO_SMALL, OK)
 
   def _kept(self, key, path):
     if self.kept is None:
@@ -249,10 +249,10 @@ class Pipeline:
         (tf.greater(num_images, 1), lambda: SEVERAL_IMAGES),
         (tf.equal(tf.strings.length(tf.strings.strip(caption)), 0), lambda: EMPTY_CAPTION),
         (tf.not_equal(utf8, caption), lambda: INVALID_CAPTION)], default=lambda: OK)
-    image, status = tf.cond(tf.equal(status, OK),
-                            lambda: self._transform(image_bytes, index, epoch),
+    views, status = tf.cond(tf.equal(status, OK),
+                            lambda: self._transform(ex, image_bytes, index, epoch),
                             lambda: (self._blank(), status))
-    return self._sample(ex, image, status, index, path)
+    return self._sample(ex, views, status, index, path)
 
   def _guarded(self, epoch, index, record, path):
     """`_decoded`, with every failure turned into a status: a dataset of exactly one sample.
@@ -299,7 +299,8 @@ class Pipeline:
     tokens.set_shape([None, self.context_length])
     out = {'tokens': tokens, '_index': batch['_index']}
     out.update({k: batch[k] for k in (('patches', 'spatial_shapes', '_size') if self.plan
-                                      else ('image',))})
+                                      else self.views.outputs)})
+    out.update(self.views.batch_outputs(batch['caption']) if self.views else {})
     out.update({name: batch[name] for name in self.extra})
     out.update({output_name(name): batch[output_name(name)] for name in self.metadata})
     return out

@@ -156,17 +156,21 @@ def eval_transform(image_u8, n_px, preprocess):
   return resize_longest_and_pad(image_u8, n_px, interpolation, preprocess.fill_color, rounding)
 
 
-def _crop_window(image_shape, seed, scale, ratio):
+def sample_window(image_shape, seed, scale=TRAIN_SCALE, ratio=TRAIN_RATIO):
+  """A random crop window of an image of `image_shape` (H, W, ...) covering `scale` of its area
+  with aspect ratio in `ratio`: int32 (4,) `(top, left, height, width)` in its pixels. `seed` is
+  a stateless seed, int (2,): same seed and shape, same window."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       image_shape, bounding_boxes=tf.zeros([1, 0, 4], tf.float32), seed=seed,
       min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
       use_image_if_no_bounding_boxes=True)
-  return begin[:2], size[:2]
+  return tf.concat([begin[:2], size[:2]], 0)
 
 
-def _resize_crop(crop_u8, n_px):
-  """A crop -> (n_px, n_px). Shrinking by up to 1.5x uses plain bicubic (4x cheaper than the
-  antialiased kernel; the aliasing of so small a step is negligible), more uses antialiasing."""
+def resize_crop(crop_u8, n_px):
+  """A crop -> uint8 (n_px, n_px, 3). Shrinking by up to 1.5x uses plain bicubic (4x cheaper than
+  the antialiased kernel; the aliasing of so small a step is negligible), more uses
+  antialiasing."""
   side = tf.cast(tf.reduce_max(tf.shape(crop_u8)[:2]), tf.float32)
   resize = lambda aa: tf.image.resize(crop_u8, [n_px, n_px], method='bicubic', antialias=aa)
   x = tf.cond(side > 1.5 * n_px, lambda: resize(True), lambda: resize(False))
@@ -175,26 +179,50 @@ def _resize_crop(crop_u8, n_px):
   return out
 
 
+def _decode_window(image_bytes, window_fn, on_white):
+  """`window_fn(image shape) -> window` applied to an encoded image -> (uint8 crop (h, w, 3),
+  window int32 (4,)). A JPEG is decoded inside the window only (`decode_and_crop_jpeg`), other
+  formats whole; a window outside the image raises `tf.errors.InvalidArgumentError`."""
+  def jpeg():
+    window = window_fn(tf.image.extract_jpeg_shape(image_bytes))
+    return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3,
+                                      dct_method=JPEG_DCT), window
+
+  def other():
+    image = decode(image_bytes, on_white)
+    window = window_fn(tf.shape(image))
+    return tf.slice(image, tf.concat([window[:2], [0]], 0),
+                    tf.concat([window[2:], [3]], 0)), window
+
+  crop, window = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+  crop.set_shape([None, None, 3])
+  return crop, window
+
+
+def random_crop(image_bytes, seed, scale=TRAIN_SCALE, ratio=TRAIN_RATIO, on_white=False):
+  """Encoded image -> (uint8 crop (h, w, 3), its window int32 (4,) `(top, left, height, width)`):
+  `sample_window`'s window, once, to be resized to any resolution (`resize_crop`; a student's and
+  a teacher's view of one crop) or stored and replayed (`crop_at`). `on_white` as `decode`'s."""
+  return _decode_window(image_bytes, lambda shape: sample_window(shape, seed, scale, ratio),
+                        on_white)
+
+
+def crop_at(image_bytes, window, on_white=False):
+  """Encoded image -> uint8 crop (height, width, 3) of a given window, int (4,)
+  `(top, left, height, width)` in its pixels (a stored `random_crop` window: the same pixels).
+  A window outside the image raises `tf.errors.InvalidArgumentError`."""
+  window = tf.cast(window, tf.int32)
+  return _decode_window(image_bytes, lambda shape: window, on_white)[0]
+
+
 def random_resized_crop(image_bytes, n_px, seed, scale=TRAIN_SCALE, ratio=TRAIN_RATIO,
                         on_white=False):
   """Encoded image -> a random crop covering `scale` of its area with aspect ratio in `ratio`,
   resized to (n_px, n_px, 3) uint8. `seed` is a stateless seed, int (2,): same seed, same crop.
-  `on_white` as `decode`'s.
+  `on_white` as `decode`'s. `random_crop` then `resize_crop`.
 
   A JPEG is decoded inside the crop window only (`decode_and_crop_jpeg`), other formats whole."""
-  def jpeg():
-    begin, size = _crop_window(tf.image.extract_jpeg_shape(image_bytes), seed, scale, ratio)
-    window = tf.concat([begin, size], 0)
-    return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3, dct_method=JPEG_DCT)
-
-  def other():
-    image = decode(image_bytes, on_white)
-    begin, size = _crop_window(tf.shape(image), seed, scale, ratio)
-    return tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([size, [3]], 0))
-
-  crop = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
-  crop.set_shape([None, None, 3])
-  return _resize_crop(crop, n_px)
+  return resize_crop(random_crop(image_bytes, seed, scale, ratio, on_white)[0], n_px)
 
 
 def normalize_image(image_u8, mean, std):

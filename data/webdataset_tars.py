@@ -49,16 +49,17 @@ def shard_path(out_dir, shard_id, digits=5):
   return os.path.join(out_dir, f'{shard_id:0{digits}d}.tar')
 
 
-def write_tar(path, samples):
+def write_tar(path, samples, encoder=True):
   """Writes samples to one tar with webdataset's own `TarWriter` (what img2dataset uses): each
-  a dict `{'__key__': str, 'jpg' | 'png' | 'webp': bytes, 'txt': str, 'json': dict}`. Returns
-  how many were written. The file appears complete or not at all (written beside, then renamed)."""
+  a dict `{'__key__': str, 'jpg' | 'png' | 'webp': bytes, 'txt': str, 'json': dict}` (with
+  `encoder=False`, bytes only, written as they are: a copy of read members). Returns how many
+  were written. The file appears complete or not at all (written beside, then renamed)."""
   tmp = f'{path}.tmp'
   n = 0
   with tf.io.gfile.GFile(tmp, 'wb') as stream:
     # An integer mtime: plain ustar headers (a float one adds a PAX header, ~3 KB, per member)
     # and the same bytes on every write.
-    writer = webdataset.TarWriter(stream, mtime=0)
+    writer = webdataset.TarWriter(stream, mtime=0, encoder=encoder)
     for sample in samples:
       writer.write(sample)
       n += 1
@@ -148,9 +149,10 @@ def sample_record(sample, path, report):
     return None
 
 
-def samples(path, report):
-  """Yields `(record, is_end, bytes_read, problem)`: each sample of one tar as a record, then
-  the end marker (`bytes_read` the file size when the archive was whole, `problem` else)."""
+def samples(path, report, to_record=sample_record):
+  """Yields `(record, is_end, bytes_read, problem)`: each sample of one tar as a record
+  (`to_record(sample, path, report)`, None to leave it out), then the end marker (`bytes_read`
+  the file size when the archive was whole, `problem` else)."""
   size = tf.io.gfile.stat(path).length
   problem, bytes_read = b'', size
   with _open(path) as stream:
@@ -158,7 +160,7 @@ def samples(path, report):
       with tarfile.open(fileobj=stream, mode='r:') as tar:
         for sample in tariterators.group_by_keys(_members(tar, path, report),
                                                  handler=_duplicate_handler(path, report)):
-          record = sample_record(sample, path, report)
+          record = to_record(sample, path, report)
           if record is not None:
             yield record, False, np.int64(0), b''
         _check_end(tar, stream, size)
@@ -186,12 +188,12 @@ def _columns(rows):
           np.array(problems, object))
 
 
-def file_records(path, report):
+def file_records(path, report, to_record=sample_record):
   """One tar -> a dataset of `(record, is_end, bytes_read, problem)` (see `samples`); `report`
   (reason, example) counts a skipped member or sample. The Python reader hands them to tf.data
   in chunks (then unbatched, in order): one generator call per record cost more than reading."""
   return tf.data.Dataset.from_generator(
-      lambda p: _chunks(samples(p.decode(), report)), args=(path,),
+      lambda p: _chunks(samples(p.decode(), report, to_record)), args=(path,),
       output_signature=SIGNATURE).unbatch()
 
 
