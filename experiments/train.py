@@ -265,7 +265,7 @@ def load_teacher(config):
                      'teacher embeddings from reinforced shards (python -m '
                      'experiments.reinforce); the built-in data has none: give --teacher')
   from data import reinforced  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
-  return distillation.Teacher.offline(reinforced.read_spec(run.data).teacher_logit_scale)
+  return distillation.Teacher.offline(reinforced.run_spec(run.data)[1])
 
 
 def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teacher=None):
@@ -280,11 +280,12 @@ def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teache
   tokenize = functools.partial(clip.get_tokenizer(cfg), truncate=True)
   share = dict(process_index=jax.process_index(), process_count=jax.process_count())
   keys = distillation.batch_keys(cfg, teacher) if teacher is not None else ()
+  extra = {}  # what a distillation teacher reads
   if keys == distillation.ONLINE_KEYS:
-    share['teacher'] = model_inputs.TeacherInputs.of(teacher.cfg)
+    extra['teacher'] = model_inputs.TeacherInputs.of(teacher.cfg)
   elif keys == distillation.OFFLINE_KEYS:
     from data import reinforced  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
-    share['reinforced'] = reinforced.expected_spec(config.run.data, tcfg)
+    extra['reinforced'] = reinforced.run_spec(config.run.data)[0]
   if config.run.data in SYNTHETIC:
     ds = SYNTHETIC[config.run.data](seed=tcfg.seed, resolution=cfg.image_resolution)
     if batching is not None:
@@ -298,7 +299,7 @@ def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teache
                                start_step=start_step, **share), None
     return ds.batches(tcfg.batch_size, tokenize=tokenize, preprocess=cfg.preprocess,
                       start_example=resume.resume_example(data_state, tcfg.batch_size),
-                      **share), None
+                      **share, **extra), None
   from data import mixture  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
   # NaFlex: the plan gives each step's batch size and length, no square resolution.
   images = (dict(global_batch_size=tcfg.batch_size, resolution=cfg.image_resolution)
@@ -306,7 +307,7 @@ def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teache
   pipeline = mixture.make_pipeline(config.run.data, train=True, seed=tcfg.seed,
                                    tokenize=tokenize, preprocess=cfg.preprocess,
                                    keep=config.run.keep, resampled=config.run.data_resampled,
-                                   resume=data_state, **images)
+                                   resume=data_state, **images, **extra)
   return iter(pipeline), pipeline
 
 
