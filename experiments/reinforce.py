@@ -17,7 +17,6 @@ left out. Writes each shard under its own name into --out, its `.parquet` beside
 crop scale and ratio, the seed, the sources and the record counts).
 """
 import argparse
-import dataclasses
 import functools
 import time
 
@@ -27,6 +26,7 @@ import numpy as np
 
 import clip
 from clip import model
+from clip.train import distillation
 from data import reinforced_writer
 from data import shard_files
 from data import transforms
@@ -103,9 +103,8 @@ def main(argv=None):
   args = parse_args(argv)
   try:
     reinforced_writer.targets(shard_files.expand_files(args.data), args.out)  # before loading
-    params, cfg = clip.load(args.teacher)
-    cfg = dataclasses.replace(cfg, dtype=args.teacher_dtype)
-    params = jax.tree.map(jnp.asarray, params)
+    teacher = distillation.Teacher.load(args.teacher, args.teacher_dtype)
+    params, cfg = teacher.params, teacher.cfg
     start = time.perf_counter()
     sidecar, stats = reinforce(params, cfg, args.data, args.out,
                                augmentations=args.augmentations, teacher=args.teacher,

@@ -75,7 +75,6 @@ class Teacher(typing.NamedTuple):
     except (ValueError, TypeError, OSError) as e:
       raise ValueError(f'{name}: its tokenizer is unknown, so it cannot read the captions: '
                        f'{e}') from None
-    params, _ = model.split_batch_stats(params)  # a ResNet teacher runs its running statistics
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return cls(params, dataclasses.replace(cfg, dtype=dtype))
 

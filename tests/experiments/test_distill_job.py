@@ -1,8 +1,9 @@
-"""The main job distilling online (in this process): a `tiny` student at another resolution and
+"""The main job distilling (in this process). Online: a `tiny` student at another resolution and
 context length than its teacher (a `tiny` workdir) logs the KD term and a zero teacher gradient,
-and a run resumed from its step-2 checkpoint ends bit-identical to the uninterrupted one; a
-teacher is refused before compiling when it cannot read the captions or when the built-in data
-is asked for stored embeddings."""
+and a run resumed from its step-2 checkpoint ends bit-identical to the uninterrupted one. Offline:
+the same teacher's reinforced shards (`experiments.reinforce`) train the student without it, and
+shards of two teachers in one run are refused. A teacher is refused before compiling when it
+cannot read the captions, or when the built-in data is asked for stored embeddings."""
 import json
 import os
 import shutil
@@ -11,8 +12,11 @@ import chex
 import numpy as np
 import pytest
 
-from tests.experiments.test_naflex_job import _state
+from data import synthetic
+from data import synthetic_shards
+from experiments import reinforce
 from experiments import train
+from tests.experiments.test_naflex_job import _state
 
 SMALL = ['--eval-examples', '0', '--set', 'model.vision.layers=1', '--set', 'model.text.layers=1',
          '--set', 'model.vision.width=32', '--set', 'model.text.width=32']
@@ -65,3 +69,27 @@ def test_bad_teachers_are_refused_before_compiling(tmp_path, teacher_dir):
   with pytest.raises(ValueError, match='distill_weight must be a finite number >= 0'):
     train.main(STUDENT + ['--teacher', teacher_dir, '--distill-weight', '-1', '--workdir',
                           str(tmp_path / 'c')])
+
+
+def test_an_offline_run_reads_the_teachers_reinforced_shards(tmp_path, teacher_dir):
+  shards = str(tmp_path / 'shards')
+  synthetic_shards.write_tfrecords(synthetic.SyntheticCaptions(seed=5, resolution=32), shards,
+                                   num_examples=32, num_shards=2)
+  reinforce.main(['--data', os.path.join(shards, '*.tfrecord'), '--teacher', teacher_dir,
+                  '--augmentations', '2', '--out', str(tmp_path / 'k2'), '--batch-size', '16'])
+  workdir = str(tmp_path / 'student')
+  args = STUDENT[:1] + ['tiny:batch=8,steps=2'] + STUDENT[2:]
+  train.main(args + ['--data', str(tmp_path / 'k2' / '*.tfrecord'), '--workdir', workdir])
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f if '"loss"' in line]
+  assert lines and all(line['distill_loss'] > 0 and 'teacher_grad_norm' not in line
+                       for line in lines)
+  # Another teacher's shards (a copy whose sidecar says K=3) beside them in a mixture.
+  shutil.copytree(tmp_path / 'k2', tmp_path / 'k3')
+  with open(tmp_path / 'k3' / 'reinforced.json') as f:
+    sidecar = json.load(f)
+  with open(tmp_path / 'k3' / 'reinforced.json', 'w') as f:
+    json.dump({**sidecar, 'augmentations': 3}, f)
+  mixed = f'{tmp_path / "k2" / "*.tfrecord"}:0.5,{tmp_path / "k3" / "*.tfrecord"}:0.5'
+  with pytest.raises(ValueError, match='reinforced shards of two teachers in one run'):
+    train.main(args + ['--data', mixed, '--workdir', str(tmp_path / 'mixed')])
