@@ -49,7 +49,7 @@ def test_gradients_flow_in_train_mode():
     features, _ = clip.training_image_features(trainable, stats, images, CFG)
     return (features ** 2).mean()
 
-  grads = jax.grad(loss)(trainable)
+  grads = jax.jit(jax.grad(loss))(trainable)  # one compiled program, not the ResNet op by op
   chex.assert_tree_all_finite(grads)
   # bn3 scales start at zero (OpenAI's init), so the residual branch learns through them first
   assert np.abs(grads['visual']['layer1']['0']['bn3']['weight']).sum() > 0

@@ -2,10 +2,10 @@
 SigLIP's bias / temperature initialisation, and ring vs all-gather.
 
 Every run trains one fixed small ViT CLIP (the `tiny` config's 2x64 towers, 64-d embeddings,
-32px images) on the built-in captioned shapes for the same number of optimizer steps, and is
-evaluated on images training never showed: zero-shot accuracy (48-way colour+shape) and
-image->text recall@1 on the (shape, colour) pairs training never showed, zero-shot on the seen
-pairs. Stages (each run is one JSON under --out/runs; a rerun reuses every run whose settings
+32px images; --layers blocks per tower, 1 in --smoke) on the built-in captioned shapes for the
+same number of optimizer steps, and is evaluated on images training never showed: zero-shot
+accuracy (48-way colour+shape) and image->text recall@1 on the (shape, colour) pairs training
+never showed, zero-shot on the seen pairs. Stages (each run is one JSON under --out/runs; a rerun reuses every run whose settings
 are unchanged, so an interrupted study resumes):
 
   grid      loss x batch (32..1024) x seed on one device, learning rate by the square-root rule

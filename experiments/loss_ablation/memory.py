@@ -36,7 +36,8 @@ def memory_stage(args, runs_dir):
     for b in args.memory_batches:
       for impl in settings.IMPLEMENTATIONS:
         stored = {'loss': loss, 'implementation': impl, 'per_device_batch': b,
-                  'devices': args.devices, 'timed_steps': args.memory_steps}
+                  'devices': args.devices, 'timed_steps': args.memory_steps,
+                  **({'layers': args.layers} if args.layers != 2 else {})}
         path = os.path.join(runs_dir, f'memory-{loss}-{impl}-pd{b}-d{args.devices}.json')
         m = runs_lib.load_record(path, 'settings', stored)
         if m is None:

@@ -167,6 +167,8 @@ def study_table(args, runs, results):
   r = results
   caveat = (['One seed: no spread and no intervals (nan). `--quick` is a smoke test of the '
              'pipeline; its numbers mean nothing.', ''] if args.seeds == 1 else [])
+  if args.layers != 2:
+    caveat += [f'Towers of {args.layers} block(s) each, not the study\'s 2.', '']
   return '\n'.join(
       caveat + loss_table(r['grid'], args.seeds)
       + ['', reach_line(args)]

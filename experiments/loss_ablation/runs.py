@@ -24,17 +24,22 @@ from experiments.loss_ablation import settings
 TIMING = ('step_s', 'compile_s', 'wall_s')  # run fields a repeated run may change
 
 
-def model_config(loss='contrastive', init_logit_bias=None, init_logit_scale=None):
+def model_config(loss='contrastive', init_logit_bias=None, init_logit_scale=None, layers=2):
   """The fixed model of the study: the `tiny` config's towers (ViT 2x64 on 32px images, 8px
-  patches; text 2x64) with 64-wide embeddings, SigLIP's bias where the loss takes one."""
-  return dataclasses.replace(tiny.get_config(f'loss={loss}').model, embed_dim=64,
-                             init_logit_bias=init_logit_bias, init_logit_scale=init_logit_scale)
+  patches; text 2x64; `layers` blocks each, 1 in the --smoke study) with 64-wide embeddings,
+  SigLIP's bias where the loss takes one."""
+  cfg = tiny.get_config(f'loss={loss}').model
+  return dataclasses.replace(cfg, embed_dim=64, init_logit_bias=init_logit_bias,
+                             init_logit_scale=init_logit_scale,
+                             vision=dataclasses.replace(cfg.vision, layers=layers),
+                             text=dataclasses.replace(cfg.text, layers=layers))
 
 
 def setup_run(s, devices_available):
   """Spec `s`'s model config, mesh, initial state, its built-in data (seeded by the run's
   seed), the first global batch and the train step compiled for it (with its compile time)."""
-  cfg = model_config(s['loss'], s['init_logit_bias'], s['init_logit_scale'])
+  cfg = model_config(s['loss'], s['init_logit_bias'], s['init_logit_scale'],
+                     s.get('layers', 2))
   steps = s['steps']
   tcfg = training.TrainConfig(batch_size=s['batch'], total_steps=steps,
                               warmup_steps=steps // 10,

@@ -18,10 +18,12 @@ QUICK = dict(batch_sizes=[32, 64], seeds=1, steps=40, eval_examples=256, init_ba
              long_batches=[32, 64], memory_batches=[8, 32], memory_steps=2, log_points=8)
 # The smallest study that takes every code path: the ring stage's batch is the grid's smallest
 # (its 1-device noise floor is a grid run), the long grid's run is the horizon's, and the memory
-# stage measures the ring stage's programs, so few programs are compiled (the CI test).
+# stage measures the ring stage's programs, so few programs are compiled, each of one block per
+# tower (the CI test).
 SMOKE = dict(batch_sizes=[8, 16], seeds=1, steps=10, eval_examples=64, init_batch=8,
              ring_batch=8, lr_sweep_batches=[8], lr_factors='2', horizon_factors=[2],
-             long_factor=2, long_batches=[8], memory_batches=[1], memory_steps=1, log_points=5)
+             long_factor=2, long_batches=[8], memory_batches=[1], memory_steps=1, log_points=5,
+             layers=1)
 
 
 def _ints(text):
@@ -57,6 +59,7 @@ def _parser():
   add('--eval-examples', type=int, default=1024, help='images per split')
   add('--log-points', type=int, default=20, help='logged intervals per run')
   add('--devices', type=int, default=8, help='simulated CPU devices')
+  add('--layers', type=int, default=2, help='transformer blocks of each tower')
   add('--trajectory-rtol', type=float, default=1e-3,
       help='ring vs all-gather: a relative loss difference that always passes')
   add('--noise-multiple', type=float, default=2.0,
@@ -103,6 +106,8 @@ def _check(parser, args):
   if bad or any(not f > 0 for f in args.lr_factors):
     parser.error(f'--horizon-factors and --long-factor must be >= 1, --lr-factors > 0, got '
                  f'{args.horizon_factors}, {args.long_factor}, {args.lr_factors}')
+  if args.layers < 1:
+    parser.error(f'--layers must be >= 1, got {args.layers}')
   if args.steps < 2 * args.log_points or args.steps % args.log_points or args.seeds < 1:
     parser.error(f'need --steps a multiple of --log-points, at least twice it, and --seeds >= 1 '
                  f'(else the last logged interval would not end at the last step), got '
@@ -118,7 +123,8 @@ def spec(args, loss, batch, seed, impl='all-gather', devices=1, lr_factor=1.0,
          init_logit_bias=None, init_logit_scale=None, steps_factor=1):
   """Everything that decides a training run's result; runs with equal specs are one run."""
   longer = {'steps_factor': steps_factor} if steps_factor != 1 else {}  # the horizon stage's
-  return {**longer, 'loss': loss, 'implementation': impl, 'batch': batch, 'seed': seed,
+  smaller = {'layers': args.layers} if args.layers != 2 else {}  # the --smoke study's
+  return {**longer, **smaller, 'loss': loss, 'implementation': impl, 'batch': batch, 'seed': seed,
           'devices': devices,
           'learning_rate': rule_lr(batch, args) * lr_factor, 'lr_factor': lr_factor,
           'init_logit_bias': init_logit_bias, 'init_logit_scale': init_logit_scale,
@@ -133,6 +139,8 @@ def run_name(s):
     name += f'-lrx{s["lr_factor"]:g}'
   if 'steps_factor' in s:
     name += f'-steps{s["steps"]}'
+  if 'layers' in s:
+    name += f'-layers{s["layers"]}'
   if s['init_logit_bias'] is not None or s['init_logit_scale'] is not None:
     name += f'-bias{s["init_logit_bias"]:g}-t{s["init_logit_scale"]:.3g}'
   return name

@@ -1,7 +1,7 @@
 """clip/train/grad_cache.py: two-pass accumulation equals one step on the whole batch (loss and
-every parameter gradient, every loss, meshes (8,), (2,4) and (2,2,2)), its temporary memory is
-that of a micro-batch step plus the embeddings, and bad settings are errors before anything
-compiles."""
+every parameter gradient; every loss and the meshes (8,), (2,4) and (2,2,2) in a covering
+design), its temporary memory is that of a micro-batch step plus the embeddings, and bad
+settings are errors before anything compiles."""
 import dataclasses
 
 import chex
@@ -39,9 +39,24 @@ def _relative(a, b):
   return float(np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(b)).max() + 1e-30))
 
 
-@pytest.mark.parametrize('mesh_sizes', [(8, 1, 1), (2, 4, 1), (2, 2, 2)],
-                         ids=['8', '2x4', '2x2x2'])
-@pytest.mark.parametrize('loss', sorted(losses.LOSSES))
+# A covering design, not the 4 x 3 cross-product (CI time): every mesh takes a softmax and a
+# sigmoid loss, one all-gather and one ring, and every loss runs on a multi-axis mesh.
+COVERING = [('contrastive', (8, 1, 1)), ('ring_sigmoid', (8, 1, 1)),
+            ('sigmoid', (2, 4, 1)), ('ring_contrastive', (2, 4, 1)),
+            ('contrastive', (2, 2, 2)), ('ring_sigmoid', (2, 2, 2))]
+
+
+def test_the_covering_design_covers_every_loss_and_mesh():
+  assert {loss for loss, _ in COVERING} == set(losses.LOSSES)
+  for sizes in {m for _, m in COVERING}:
+    on_mesh = {loss for loss, m in COVERING if m == sizes}
+    assert {'sigmoid' in l for l in on_mesh} == {True, False}, sizes
+    assert {l.startswith('ring_') for l in on_mesh} == {True, False}, sizes
+  assert {loss for loss, m in COVERING if sum(v > 1 for v in m) > 1} == set(losses.LOSSES)
+
+
+@pytest.mark.parametrize('loss,mesh_sizes', COVERING,
+                         ids=[f'{l}-{"x".join(str(v) for v in m if v > 1)}' for l, m in COVERING])
 def test_two_passes_equal_one_step_on_the_whole_batch(loss, mesh_sizes):
   cfg, tcfg, mesh, params, stats, batch = _setup(loss, mesh_sizes)
   key = jax.random.PRNGKey(5)
