@@ -195,7 +195,7 @@ def test_a_teacher_whose_tokenizer_is_unknown_is_refused_before_any_work(written
   with pytest.raises(clip.TokenizerError, match='mystery-bpe'):
     reinforce.reinforce(params, unknown, str(root / 'tar'), str(out), augmentations=K,
                         teacher='mystery')
-  monkeypatch.setattr(clip, 'load', lambda spec: (params, unknown))
+  monkeypatch.setattr(clip.formats.load, 'load', lambda spec: (params, unknown))
   with pytest.raises(SystemExit, match='reinforce: error: .*mystery-bpe'):
     reinforce.main(['--data', str(root / 'tar'), '--teacher', 'mystery', '--augmentations', '2',
                     '--out', str(out)])
