@@ -23,3 +23,12 @@ from experiments.references import openai as reference
 def openai_model():
   """OpenAI's `clip/model.py` from clip-anytorch 2.6.0 (installed on first use, test-only)."""
   return reference.load_module('model')
+
+
+def pytest_collection_modifyitems(config, items):
+  """The modules holding a slow test run first, each module's tests kept together and in order:
+  under xdist a long test handed out last leaves the other worker idle until it ends (the CI
+  run's tail), and a module's shared fixtures are built once per worker as before."""
+  del config
+  slow_modules = {item.module.__name__ for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.module.__name__ not in slow_modules)

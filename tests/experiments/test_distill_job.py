@@ -33,6 +33,7 @@ def teacher_dir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_a_resumed_distilling_run_is_bit_identical(tmp_path, teacher_dir):
   whole, part = str(tmp_path / 'whole'), str(tmp_path / 'part')
   args = STUDENT + ['--teacher', teacher_dir]

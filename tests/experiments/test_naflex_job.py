@@ -26,6 +26,7 @@ def _state(workdir, step):
   return jax.device_get(tree), meta
 
 
+@pytest.mark.slow
 def test_a_resumed_naflex_run_is_bit_identical(tmp_path):
   whole, part = str(tmp_path / 'whole'), str(tmp_path / 'part')
   train.main(ARGS + ['--workdir', whole])

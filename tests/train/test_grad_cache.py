@@ -126,6 +126,7 @@ def test_grad_cache_refuses_what_it_cannot_cache():
                               dataclasses.replace(tcfg, caption_weight=1.0), mesh)
 
 
+@pytest.mark.slow
 def test_a_resnet_normalises_each_micro_batch_and_updates_its_buffers_in_order():
   """BatchNorm under grad_cache: the loss is the whole batch's loss on features each computed
   with its own micro-batch's statistics, and the running buffers are updated once per

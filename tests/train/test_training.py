@@ -41,6 +41,7 @@ def single_device_mesh():
   return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss', ['contrastive', 'ring_sigmoid'])
 def test_strategies_follow_the_single_device_trajectory(loss):
   tcfg = training.TrainConfig(batch_size=16, total_steps=STEPS, warmup_steps=1, loss=loss)
@@ -146,6 +147,7 @@ def test_other_optimizers_train_and_shard(optimizer):
   assert history[-1]['loss'] != history[0]['loss']
 
 
+@pytest.mark.slow
 def test_custom_architecture_trains_the_same_on_every_strategy():
   """Stacked blocks, MAP heads, RoPE, NormFormer, SwiGLU, qk-norm, registers and FLIP's patch
   dropout under data, FSDP and tensor parallelism follow the single-device trajectory."""
