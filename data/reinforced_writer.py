@@ -38,9 +38,13 @@ def view(image_bytes, window, resolution, preprocess):
                                     preprocess.std)
 
 
-def targets(sources, out_dir):
+def targets(sources, out_dir, overwrite=False):
   """The output path of each source: `out_dir/<its name>`. ValueError when one would be written
-  over a source or two sources share a name."""
+  over a source, two sources share a name, or `out_dir` holds reinforced shards already (unless
+  `overwrite`)."""
+  if not overwrite and tf.io.gfile.exists(os.path.join(out_dir, reinforced.SIDECAR)):
+    raise ValueError(f'--out {out_dir} holds reinforced shards already ({reinforced.SIDECAR}): '
+                     'write into another folder, or pass --overwrite to replace them')
   outs = [os.path.join(out_dir, os.path.basename(s)) for s in sources]
   real = {os.path.realpath(s) for s in sources}
   over = [o for o in outs if os.path.realpath(o) in real]
@@ -117,12 +121,18 @@ class _Shard:
     self.path, self.embed_images, self.embed_texts = path, embed_images, embed_texts
     self.embed_dim, self.options, self.stats, self.bar = embed_dim, options, stats, bar
     self.pending = {}  # position -> (original, key, caption), until its views come back
+    self.error = None  # what stopped reading the source: raised after tf.data ends
 
   def _inputs(self):
-    for i, (original, key, caption, image_bytes) in enumerate(
-        source_records(self.path, self.stats)):
-      self.pending[i] = (original, key, caption)
-      yield i, image_bytes, key.encode() or b'#%d' % i
+    # An exception raised here would end the dataset inside `ignore_errors` (meant for images
+    # that do not decode) unsaid: it is kept and raised by `outputs`.
+    try:
+      for i, (original, key, caption, image_bytes) in enumerate(
+          source_records(self.path, self.stats)):
+        self.pending[i] = (original, key, caption)
+        yield i, image_bytes, key.encode() or b'#%d' % i
+    except Exception as e:  # pylint: disable=broad-except
+      self.error = e
 
   def _views(self, i, image_bytes, identity):
     o = self.options
@@ -166,6 +176,8 @@ class _Shard:
                          reinforced.TEXT_EMBEDDING: text_BxE[b],
                          reinforced.WINDOWS: windows_BxKx4[b]}
       self.bar.update(n)
+    if self.error is not None:
+      raise self.error
     self._undecodable(float('inf'))
 
 
@@ -195,7 +207,7 @@ def _copy(src, dst):
 
 def write(files, out_dir, embed_images, embed_texts, *, embed_dim, resolution, preprocess,
           augmentations, seed=0, batch_size=64, scale=transforms.TRAIN_SCALE,
-          ratio=transforms.TRAIN_RATIO, info=None, progress=True):
+          ratio=transforms.TRAIN_RATIO, info=None, progress=True, overwrite=False):
   """Writes the reinforced copy of each shard of `files` (a glob, folder or list, tfrecord or tar)
   into `out_dir` under its own name, its `.parquet` copied beside, then `reinforced.json`.
 
@@ -210,14 +222,15 @@ def write(files, out_dir, embed_images, embed_texts, *, embed_dim, resolution, p
     info: more sidecar entries (the teacher, its logit scale).
 
   Returns the sidecar (a dict) and the `pipeline_stats.Stats` of what was skipped. Raises
-  ValueError, before writing, when an output would replace a source or two share a name, and
-  while reading, when a source is reinforced already.
+  ValueError, before writing, when an output would replace a source, two share a name, or
+  `out_dir` holds reinforced shards (unless `overwrite`); while reading, when a source is
+  reinforced already; after, when no record was usable (no sidecar is written then).
   """
   if augmentations < 1 or batch_size < 1:
     raise ValueError(f'augmentations and batch_size must be >= 1, got {augmentations}, '
                      f'{batch_size}')
   sources = shard_files.expand_files(files)
-  outs = targets(sources, out_dir)
+  outs = targets(sources, out_dir, overwrite)
   tf.io.gfile.makedirs(out_dir)
   options = dict(seed=seed, scale=tuple(scale), ratio=tuple(ratio), preprocess=preprocess,
                  resolution=resolution, augmentations=augmentations, batch_size=batch_size)
@@ -228,6 +241,9 @@ def write(files, out_dir, embed_images, embed_texts, *, embed_dim, resolution, p
       shards[os.path.basename(out)] = {'source': source, 'records': _write_shard(shard, out)}
       if tf.io.gfile.exists(filters.parquet_path(source)):
         _copy(filters.parquet_path(source), filters.parquet_path(out))
+  if not sum(s['records'] for s in shards.values()):
+    raise ValueError(f'no usable record in {files} (skipped: {stats.summary()}): nothing '
+                     'reinforced, no reinforced.json written')
   sidecar = {'format': reinforced.FORMAT, **(info or {}), 'embed_dim': embed_dim,
              'augmentations': augmentations, 'scale': list(scale), 'ratio': list(ratio),
              'seed': seed, 'teacher_resolution': resolution,

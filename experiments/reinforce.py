@@ -42,6 +42,8 @@ def parse_args(argv=None):
   parser.add_argument('--augmentations', type=int, required=True, help='K views per image')
   parser.add_argument('--out', required=True, help='folder of the reinforced shards (not the '
                       "sources')")
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace the reinforced shards --out holds (refused otherwise)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--batch-size', type=int, default=64, help='records per teacher call')
   parser.add_argument('--teacher-dtype', default='float32', choices=('float32', 'bfloat16'),
@@ -85,7 +87,8 @@ def embedding_functions(params, cfg, batch_size, augmentations):
 
 
 def reinforce(params, cfg, data, out, *, augmentations, teacher, seed=0, batch_size=64,
-              scale=transforms.TRAIN_SCALE, ratio=transforms.TRAIN_RATIO, progress=True):
+              scale=transforms.TRAIN_SCALE, ratio=transforms.TRAIN_RATIO, progress=True,
+              overwrite=False):
   """Writes the reinforced shards of `data` into `out` with the loaded teacher `(params, cfg)`
   (`teacher`: how it was named, for the sidecar). Returns the sidecar dict and the skip stats."""
   embed_images, embed_texts = embedding_functions(params, cfg, batch_size, augmentations)
@@ -96,20 +99,22 @@ def reinforce(params, cfg, data, out, *, augmentations, teacher, seed=0, batch_s
   return reinforced_writer.write(
       data, out, embed_images, embed_texts, embed_dim=cfg.embed_dim,
       resolution=cfg.image_resolution, preprocess=cfg.preprocess, augmentations=augmentations,
-      seed=seed, batch_size=batch_size, scale=scale, ratio=ratio, info=info, progress=progress)
+      seed=seed, batch_size=batch_size, scale=scale, ratio=ratio, info=info, progress=progress,
+      overwrite=overwrite)
 
 
 def main(argv=None):
   args = parse_args(argv)
   try:
-    reinforced_writer.targets(shard_files.expand_files(args.data), args.out)  # before loading
+    reinforced_writer.targets(shard_files.expand_files(args.data), args.out,  # before loading
+                              args.overwrite)
     teacher = distillation.Teacher.load(args.teacher, args.teacher_dtype)
     params, cfg = teacher.params, teacher.cfg
     start = time.perf_counter()
     sidecar, stats = reinforce(params, cfg, args.data, args.out,
                                augmentations=args.augmentations, teacher=args.teacher,
                                seed=args.seed, batch_size=args.batch_size, scale=args.scale,
-                               ratio=args.ratio)
+                               ratio=args.ratio, overwrite=args.overwrite)
   except (ValueError, OSError) as e:
     raise SystemExit(f'reinforce: error: {e}') from e
   seconds = time.perf_counter() - start

@@ -264,8 +264,19 @@ def load_teacher(config):
     raise ValueError(f'distill_weight={tcfg.distill_weight} without a teacher reads stored '
                      'teacher embeddings from reinforced shards (python -m '
                      'experiments.reinforce); the built-in data has none: give --teacher')
+  return distillation.Teacher.offline(reinforced_spec(run.data)[2])
+
+
+def reinforced_spec(data):
+  """`[embed_dim, augmentations, teacher logit_scale]` of the reinforced shards `data` (their
+  sidecars, `data.reinforced.run_spec`), with the main job's way out when they are not."""
   from data import reinforced  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
-  return distillation.Teacher.offline(reinforced.run_spec(run.data)[1])
+  try:
+    spec, logit_scale = reinforced.run_spec(data)
+  except ValueError as e:
+    raise ValueError(f'{e}. In the main job: give --teacher to distil online from these shards, '
+                     'or leave out --distill-weight') from None
+  return [spec.embed_dim, spec.augmentations, logit_scale]
 
 
 def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teacher=None):
@@ -285,7 +296,7 @@ def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teache
     extra['teacher'] = model_inputs.TeacherInputs.of(teacher.cfg)
   elif keys == distillation.OFFLINE_KEYS:
     from data import reinforced  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
-    extra['reinforced'] = reinforced.run_spec(config.run.data)[0]
+    extra['reinforced'] = reinforced.ReinforcedSpec(*reinforced_spec(config.run.data)[:2])
   if config.run.data in SYNTHETIC:
     ds = SYNTHETIC[config.run.data](seed=tcfg.seed, resolution=cfg.image_resolution)
     if batching is not None:
@@ -329,10 +340,31 @@ def restore(workdir, config, setup):
   meta = state_store.meta(ckpt_dir)
   resume.check_model(meta, config.model, ckpt_dir)
   resume.check_resume(meta, config.run, config.train, ckpt_dir)
+  check_reinforced(meta, config, ckpt_dir)
   state, meta = state_store.restore(ckpt_dir, jax.eval_shape(lambda: setup.state),
                                     setup.shardings, step=meta['step'])
   print(f'resumed from {ckpt_dir} at step {meta["step"]}')
   return state, meta['step'], resume.process_position(meta)
+
+
+def stored_teacher(config):
+  """What an offline distillation run's checkpoints record of its reinforced shards
+  (`reinforced_spec`), None for other runs."""
+  tcfg = config.train
+  if not tcfg.distills or tcfg.teacher is not None or config.run.data in SYNTHETIC:
+    return None
+  return reinforced_spec(config.run.data)
+
+
+def check_reinforced(meta, config, ckpt_dir):
+  """A run resumed on reinforced shards reads those of the same teacher and augmentation count
+  (`[embed_dim, augmentations, logit_scale]`, recorded in each checkpoint): ValueError naming
+  both otherwise (the `--data` glob may name rewritten shards)."""
+  saved, now = meta.get('reinforced'), stored_teacher(config)
+  if saved is not None and now is not None and saved != now:
+    raise ValueError(f'{ckpt_dir} was trained on reinforced shards of [embed_dim, augmentations, '
+                     f'teacher logit_scale] {saved}; {config.run.data} now holds {now}: use '
+                     'another --workdir (or the same shards)')
 
 
 def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, evals=(),
@@ -353,13 +385,15 @@ def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, eval
     log.write(step, metrics)
     bar.set_postfix(loss=f'{metrics["loss"]:.3f}', images_per_s=f'{metrics["images_per_s"]:.0f}')
   start_example = None if pipeline else resume.resume_example(data_state, tcfg.batch_size)
+  stored = stored_teacher(config)
 
   def meta(step):
     if batching is not None and pipeline is None:
       position = {'example': batching.examples_before(step)}
     else:
       position = resume.data_position(pipeline, start_example, step - start, tcfg.batch_size)
-    return resume.checkpoint_meta(position, run, tcfg, config.model)
+    return {**resume.checkpoint_meta(position, run, tcfg, config.model),
+            **({'reinforced': stored} if stored is not None else {})}
   out = [loop.progress(bar), loop.log_metrics(write, run.log_every, images_before, start)]
   if evals:
     out.append(evaluation(evals, log, workdir, run.eval_every))
@@ -448,8 +482,11 @@ def main(argv=None):
                   f'{tcfg.micro_batch_size} per update)' if tcfg.accumulation_steps > 1 else '')
   batches = (f'global batch {tcfg.batch_size}{accumulation}' if batching is None else
              f'NaFlex steps (images, patches per image) {batching.shapes()}')
+  distils = ('' if teacher is None else f' + {tcfg.distill_weight} x KD from ' + (
+      f'{tcfg.teacher} (online, {tcfg.teacher_dtype})' if teacher.online else
+      'the reinforced shards\' stored teacher'))
   print(f'{args.config}: {training.param_count(state["params"]) / 1e6:.2f}M parameters, '
-        f'loss {tcfg.loss}, {batches}, mesh {dict(mesh.shape)}, '
+        f'loss {tcfg.loss}{distils}, {batches}, mesh {dict(mesh.shape)}, '
         f'{jax.process_count()} process(es)')
 
   data_iter, pipeline = make_data(config, cfg, tcfg, data_state, batching, start, teacher)

@@ -33,6 +33,9 @@ from clip import sharding
 from clip.tower_configs import DTYPES
 
 ONLINE_KEYS = ('teacher_image', 'teacher_tokens')
+# TrainConfig's distillation settings and their defaults: set without a weight, an error.
+UNUSED_WITHOUT_WEIGHT = {'teacher': None, 'distill_loss': 'distillation',
+                         'distill_temperature': None, 'teacher_dtype': 'float32'}
 OFFLINE_KEYS = ('teacher_image_embedding', 'teacher_text_embedding')
 
 
@@ -118,9 +121,11 @@ def check_config(tcfg):
   if tcfg.teacher_dtype not in DTYPES[:2]:
     raise ValueError(f'teacher_dtype must be float32 or bfloat16, got {tcfg.teacher_dtype!r}')
   if not tcfg.distill_weight:
-    if tcfg.teacher is not None:
-      raise ValueError(f'teacher={tcfg.teacher!r} is given but distill_weight is 0: set a '
-                       'distill_weight > 0 to distil from it')
+    unused = {name: getattr(tcfg, name) for name, default in UNUSED_WITHOUT_WEIGHT.items()
+              if getattr(tcfg, name) != default}
+    if unused:
+      raise ValueError(f'{unused} set but distill_weight is 0, so nothing distils: set a '
+                       'distill_weight > 0, or leave them unset')
     return
   for what, bad in (('a contrastive loss (loss="none")', tcfg.loss == 'none'),
                     ('grad_cache accumulation', tcfg.grad_cache),

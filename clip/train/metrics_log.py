@@ -124,23 +124,25 @@ def read_metrics(path, upto):
 
 
 def plot_losses(records, path, title):
-  """The training losses (total, contrastive, captioning: those logged) and accuracies of
-  `records` (their training lines; evaluation lines are skipped) against the step, written as a
-  PNG to `path`."""
+  """The training losses (total, contrastive, captioning, distillation: those logged) and
+  accuracies of `records` (their training lines; evaluation lines are skipped) against the step,
+  written as a PNG to `path`. A metric is drawn where it was logged (a resumed run may have
+  started or stopped logging one)."""
   import matplotlib  # pylint: disable=g-import-not-at-top  # heavy, and its backend set first
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   records = [r for r in records if 'loss' in r]
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
-  steps = [r['step'] for r in records]
-  losses_shown = [k for k in ('loss', 'contrastive_loss', 'caption_loss') if k in records[0]]
-  for key in losses_shown:
-    ax_loss.plot(steps, [r[key] for r in records], label=key)
+  def curve(ax, key, label):
+    logged = [r for r in records if key in r]
+    if logged:
+      ax.plot([r['step'] for r in logged], [r[key] for r in logged], label=label)
+  for key in ('loss', 'contrastive_loss', 'caption_loss', 'distill_loss'):
+    curve(ax_loss, key, key)
   ax_loss.set(xlabel='step', ylabel='training loss', title=title)
   for key, label in (('accuracy', 'in-batch image-text matching'),
                      ('token_accuracy', 'caption next-token (scored positions)')):
-    if key in records[0]:
-      ax_acc.plot(steps, [r[key] for r in records], label=label)
+    curve(ax_acc, key, label)
   ax_acc.set(xlabel='step', ylabel='training accuracy', ylim=(0, 1))
   for ax in (ax_loss, ax_acc):
     ax.legend(fontsize=8)

@@ -185,6 +185,16 @@ def test_reinforced_shards_that_do_not_match_the_run_fail_before_training(writte
   with pytest.raises(SystemExit, match='would write over the source shards'):
     reinforce.main(['--data', str(root / 'tar'), '--teacher', 'unused', '--augmentations', '1',
                     '--out', str(root / 'tar')])
+  with pytest.raises(SystemExit, match='holds reinforced shards already.*--overwrite'):
+    reinforce.main(['--data', str(root / 'tar'), '--teacher', 'unused', '--augmentations', '1',
+                    '--out', str(root / 'tfrecord-r')])
+  # Reinforced shards reinforced again: refused, not written as empty shards.
+  params = written[1]
+  for fmt in FORMATS:
+    with pytest.raises(ValueError, match='is reinforced already: give the original shards'):
+      reinforce.reinforce(params, TEACHER, str(root / f'{fmt}-r'), str(tmp_path / f'{fmt}-rr'),
+                          augmentations=1, teacher='t', progress=False)
+    assert not (tmp_path / f'{fmt}-rr' / reinforced.SIDECAR).exists()
 
 
 def test_a_teacher_whose_tokenizer_is_unknown_is_refused_before_any_work(written, monkeypatch):

@@ -89,8 +89,19 @@ def test_an_offline_run_reads_the_teachers_reinforced_shards(tmp_path, teacher_d
   shutil.copytree(tmp_path / 'k2', tmp_path / 'k3')
   with open(tmp_path / 'k3' / 'reinforced.json') as f:
     sidecar = json.load(f)
-  with open(tmp_path / 'k3' / 'reinforced.json', 'w') as f:
-    json.dump({**sidecar, 'augmentations': 3}, f)
+  _write_json(tmp_path / 'k3' / 'reinforced.json', {**sidecar, 'augmentations': 3})
   mixed = f'{tmp_path / "k2" / "*.tfrecord"}:0.5,{tmp_path / "k3" / "*.tfrecord"}:0.5'
   with pytest.raises(ValueError, match='reinforced shards of two teachers in one run'):
     train.main(args + ['--data', mixed, '--workdir', str(tmp_path / 'mixed')])
+  # The run's shards rewritten by another teacher: its resume is refused.
+  _write_json(tmp_path / 'k2' / 'reinforced.json', {**sidecar, 'logit_scale': 1.5})
+  with pytest.raises(ValueError, match='was trained on reinforced shards of .embed_dim'):
+    train.main(STUDENT + ['--data', str(tmp_path / 'k2' / '*.tfrecord'), '--workdir', workdir])
+  with pytest.raises(ValueError, match='holds no reinforced.json.*give --teacher to distil'):
+    train.main(args + ['--data', os.path.join(shards, '*.tfrecord'), '--workdir',
+                       str(tmp_path / 'plain')])
+
+
+def _write_json(path, value):
+  with open(path, 'w') as f:
+    json.dump(value, f)

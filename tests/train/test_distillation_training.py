@@ -155,8 +155,10 @@ def test_a_teacher_reading_the_students_inputs_needs_no_teacher_keys():
 def test_bad_distillation_settings_fail_before_compiling(teacher):
   with pytest.raises(ValueError, match='distill_weight must be a finite number >= 0, got -0.5'):
     _tcfg(distill_weight=-0.5)
-  with pytest.raises(ValueError, match='is given but distill_weight is 0'):
+  with pytest.raises(ValueError, match="'teacher': 'teacher.pt'} set but distill_weight is 0"):
     _tcfg(distill_weight=0.0, teacher='teacher.pt')
+  with pytest.raises(ValueError, match="'distill_temperature': 0.01} set but distill_weight is"):
+    _tcfg(distill_weight=0.0, distill_temperature=0.01)
   with pytest.raises(ValueError, match='distill_loss must be one of'):
     _tcfg(distill_loss='kl')
   with pytest.raises(ValueError, match='distill_temperature must be None'):
