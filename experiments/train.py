@@ -54,18 +54,17 @@ from clip.formats import files
 from clip.formats import workdirs
 from clip.train import loop
 from clip.train import metrics_log
-from clip.train import distillation
 from clip.train import objectives
 from clip.train import resume
 from clip.train import state_store
 from clip.train import training
-from data import model_inputs
 from data import naflex_batching as naflex_batching_lib
 from data import synthetic
 from data import synthetic_eval
 from data import synthetic_layout
 from data import synthetic_layout_eval
 from experiments import configs
+from experiments import train_distillation
 
 
 EVAL_BEST = 'eval_best.json'  # the evaluators' last and best metrics, in the workdir
@@ -249,36 +248,6 @@ def naflex_batching(cfg, tcfg, mesh):
       batch_multiple=mesh.shape['data'] * mesh.shape['fsdp'], seed=tcfg.seed)
 
 
-def load_teacher(config):
-  """The run's distillation teacher (`clip.train.distillation.Teacher`), None when it does not
-  distil: `train.teacher` loaded in `train.teacher_dtype` (online), or, with no teacher named,
-  the stored embeddings of reinforced shards (offline, their `reinforced.json` giving the
-  teacher's logit scale). Errors (an unknown tokenizer, shards that are not reinforced) come
-  before anything compiles."""
-  tcfg, run = config.train, config.run
-  if not tcfg.distills:
-    return None
-  if tcfg.teacher is not None:
-    return distillation.Teacher.load(tcfg.teacher, tcfg.teacher_dtype)
-  if run.data in SYNTHETIC:
-    raise ValueError(f'distill_weight={tcfg.distill_weight} without a teacher reads stored '
-                     'teacher embeddings from reinforced shards (python -m '
-                     'experiments.reinforce); the built-in data has none: give --teacher')
-  return distillation.Teacher.offline(reinforced_spec(run.data)[2])
-
-
-def reinforced_spec(data):
-  """`[embed_dim, augmentations, teacher logit_scale]` of the reinforced shards `data` (their
-  sidecars, `data.reinforced.run_spec`), with the main job's way out when they are not."""
-  from data import reinforced  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
-  try:
-    spec, logit_scale = reinforced.run_spec(data)
-  except ValueError as e:
-    raise ValueError(f'{e}. In the main job: give --teacher to distil online from these shards, '
-                     'or leave out --distill-weight') from None
-  return [spec.embed_dim, spec.augmentations, logit_scale]
-
-
 def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teacher=None):
   """(iterator of this process's share of each global batch, pipeline or None), tokenised and
   preprocessed as the model says (`clip.get_tokenizer(cfg)`, `cfg.preprocess`). `data_state` is
@@ -286,17 +255,11 @@ def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teache
   unseen example (`resume_example`; its samples are functions of their index, so any batch size
   continues exactly), the shard pipeline's (or mixture's) own record state otherwise. With a
   NaFlex `batching`, batches are NaFlex patches, step `start_step` on. A distillation `teacher`
-  adds what it reads (`distillation.batch_keys`): its own view of each sample, or the stored
+  adds what it reads (`clip.train.distillation.batch_keys`): its own view of each sample, or the stored
   embeddings of reinforced shards."""
   tokenize = functools.partial(clip.get_tokenizer(cfg), truncate=True)
   share = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  keys = distillation.batch_keys(cfg, teacher) if teacher is not None else ()
-  extra = {}  # what a distillation teacher reads
-  if keys == distillation.ONLINE_KEYS:
-    extra['teacher'] = model_inputs.TeacherInputs.of(teacher.cfg)
-  elif keys == distillation.OFFLINE_KEYS:
-    from data import reinforced  # pylint: disable=g-import-not-at-top  # TensorFlow: shards only
-    extra['reinforced'] = reinforced.ReinforcedSpec(*reinforced_spec(config.run.data)[:2])
+  extra = train_distillation.pipeline_options(config, cfg, teacher)
   if config.run.data in SYNTHETIC:
     ds = SYNTHETIC[config.run.data](seed=tcfg.seed, resolution=cfg.image_resolution)
     if batching is not None:
@@ -340,31 +303,11 @@ def restore(workdir, config, setup):
   meta = state_store.meta(ckpt_dir)
   resume.check_model(meta, config.model, ckpt_dir)
   resume.check_resume(meta, config.run, config.train, ckpt_dir)
-  check_reinforced(meta, config, ckpt_dir)
+  train_distillation.check_reinforced(meta, config, ckpt_dir)
   state, meta = state_store.restore(ckpt_dir, jax.eval_shape(lambda: setup.state),
                                     setup.shardings, step=meta['step'])
   print(f'resumed from {ckpt_dir} at step {meta["step"]}')
   return state, meta['step'], resume.process_position(meta)
-
-
-def stored_teacher(config):
-  """What an offline distillation run's checkpoints record of its reinforced shards
-  (`reinforced_spec`), None for other runs."""
-  tcfg = config.train
-  if not tcfg.distills or tcfg.teacher is not None or config.run.data in SYNTHETIC:
-    return None
-  return reinforced_spec(config.run.data)
-
-
-def check_reinforced(meta, config, ckpt_dir):
-  """A run resumed on reinforced shards reads those of the same teacher and augmentation count
-  (`[embed_dim, augmentations, logit_scale]`, recorded in each checkpoint): ValueError naming
-  both otherwise (the `--data` glob may name rewritten shards)."""
-  saved, now = meta.get('reinforced'), stored_teacher(config)
-  if saved is not None and now is not None and saved != now:
-    raise ValueError(f'{ckpt_dir} was trained on reinforced shards of [embed_dim, augmentations, '
-                     f'teacher logit_scale] {saved}; {config.run.data} now holds {now}: use '
-                     'another --workdir (or the same shards)')
 
 
 def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, evals=(),
@@ -385,7 +328,7 @@ def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, eval
     log.write(step, metrics)
     bar.set_postfix(loss=f'{metrics["loss"]:.3f}', images_per_s=f'{metrics["images_per_s"]:.0f}')
   start_example = None if pipeline else resume.resume_example(data_state, tcfg.batch_size)
-  stored = stored_teacher(config)
+  stored = train_distillation.stored_teacher(config)
 
   def meta(step):
     if batching is not None and pipeline is None:
@@ -474,7 +417,7 @@ def main(argv=None):
   batching = naflex_batching(cfg, tcfg, mesh)  # NaFlex's lengths and budget checked here
   # The evaluators' data is read and checked now, before anything compiles.
   evals = evaluators.make_evaluators(run.evaluators, cfg, mesh, tcfg.batch_size)
-  teacher = load_teacher(config)
+  teacher = train_distillation.load_teacher(config, SYNTHETIC)
   setup = training.setup(cfg, tcfg, mesh, teacher=teacher)
   state, start, data_state = restore(workdir, config, setup)
   workdirs.save_model_config(workdir, cfg)  # the workdir names its tokenizer and preprocessing

@@ -103,9 +103,9 @@ def loss_scalars(params, loss):
 def clip_objective(cfg, tcfg, mesh, teacher=None):
   """The image-text objective: `(params, batch_stats, batch, key) -> (loss, (batch_stats,
   metrics))` with `batch = {'image', 'tokens'}` (or NaFlex's, `batch_keys`): the contrastive
-  loss `tcfg.loss` as a shard_map program, plus `tcfg.caption_weight` times the captioning loss of a model with a decoder
-  (`clip.train.captioning`; `key` draws its parallel-prediction masks, and a fold of it the
-  patches a ViT with `patch_dropout` keeps). The image tower runs once for both
+  loss `tcfg.loss` as a shard_map program, plus `tcfg.caption_weight` times the captioning loss
+  of a model with a decoder (`clip.train.captioning`; `key` draws its parallel-prediction
+  masks, and a fold of it the patches a ViT with `patch_dropout` keeps). The image tower runs once for both
   (`image_outputs`). With a distillation `teacher` (`clip.train.distillation`) the objective
   takes the teacher's parameters last (None offline) and adds `tcfg.distill_weight` times KD."""
   check_objective(cfg, tcfg)
