@@ -255,8 +255,8 @@ def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teache
   unseen example (`resume_example`; its samples are functions of their index, so any batch size
   continues exactly), the shard pipeline's (or mixture's) own record state otherwise. With a
   NaFlex `batching`, batches are NaFlex patches, step `start_step` on. A distillation `teacher`
-  adds what it reads (`clip.train.distillation.batch_keys`): its own view of each sample, or the stored
-  embeddings of reinforced shards."""
+  adds what it reads (`train_distillation.pipeline_options`): its own view of each sample, or
+  the stored embeddings of reinforced shards."""
   tokenize = functools.partial(clip.get_tokenizer(cfg), truncate=True)
   share = dict(process_index=jax.process_index(), process_count=jax.process_count())
   extra = train_distillation.pipeline_options(config, cfg, teacher)

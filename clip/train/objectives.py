@@ -105,9 +105,10 @@ def clip_objective(cfg, tcfg, mesh, teacher=None):
   metrics))` with `batch = {'image', 'tokens'}` (or NaFlex's, `batch_keys`): the contrastive
   loss `tcfg.loss` as a shard_map program, plus `tcfg.caption_weight` times the captioning loss
   of a model with a decoder (`clip.train.captioning`; `key` draws its parallel-prediction
-  masks, and a fold of it the patches a ViT with `patch_dropout` keeps). The image tower runs once for both
-  (`image_outputs`). With a distillation `teacher` (`clip.train.distillation`) the objective
-  takes the teacher's parameters last (None offline) and adds `tcfg.distill_weight` times KD."""
+  masks, and a fold of it the patches a ViT with `patch_dropout` keeps). The image tower runs
+  once for both (`image_outputs`). With a distillation `teacher` (`clip.train.distillation`)
+  the objective takes the teacher's parameters last (None offline) and adds
+  `tcfg.distill_weight` times KD."""
   check_objective(cfg, tcfg)
   contrastive = tcfg.loss != NO_CONTRASTIVE
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES) if contrastive else None
