@@ -248,18 +248,19 @@ def naflex_batching(cfg, tcfg, mesh):
       batch_multiple=mesh.shape['data'] * mesh.shape['fsdp'], seed=tcfg.seed)
 
 
-def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0, teacher=None):
+def make_data(config, cfg, tcfg, data_state, batching=None, start_step=0,
+              distill=train_distillation.Distillation()):
   """(iterator of this process's share of each global batch, pipeline or None), tokenised and
   preprocessed as the model says (`clip.get_tokenizer(cfg)`, `cfg.preprocess`). `data_state` is
   where a resumed run's data continues (None: from the start): for the synthetic sets the next
   unseen example (`resume_example`; its samples are functions of their index, so any batch size
   continues exactly), the shard pipeline's (or mixture's) own record state otherwise. With a
-  NaFlex `batching`, batches are NaFlex patches, step `start_step` on. A distillation `teacher`
-  adds what it reads (`train_distillation.pipeline_options`): its own view of each sample, or
-  the stored embeddings of reinforced shards."""
+  NaFlex `batching`, batches are NaFlex patches, step `start_step` on. A `distill`ing run's
+  teacher adds what it reads (`train_distillation.pipeline_options`): its own view of each
+  sample, or the stored embeddings of reinforced shards."""
   tokenize = functools.partial(clip.get_tokenizer(cfg), truncate=True)
   share = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  extra = train_distillation.pipeline_options(config, cfg, teacher)
+  extra = train_distillation.pipeline_options(cfg, distill)
   if config.run.data in SYNTHETIC:
     ds = SYNTHETIC[config.run.data](seed=tcfg.seed, resolution=cfg.image_resolution)
     if batching is not None:
@@ -291,11 +292,12 @@ def checkpoint_dir(workdir, run):
   return run.checkpoint_dir or os.path.join(workdir, workdirs.CHECKPOINTS)
 
 
-def restore(workdir, config, setup):
+def restore(workdir, config, setup, reinforced=None):
   """(state, step, data position): the newest checkpoint's where the run has one (checked to
-  continue the same run: `resume.check_model`, `resume.check_resume`, `resume.check_processing`),
-  placed on this run's mesh whatever mesh or process count wrote it; else the fresh state's, at
-  step 0 with no position."""
+  continue the same run: `resume.check_model`, `resume.check_resume`, `resume.check_processing`,
+  and on the same `reinforced` shards' teacher: `train_distillation.check_reinforced`), placed on
+  this run's mesh whatever mesh or process count wrote it; else the fresh state's, at step 0
+  with no position."""
   ckpt_dir = checkpoint_dir(workdir, config.run)
   if not state_store.steps(ckpt_dir):
     return setup.state, 0, None
@@ -303,7 +305,7 @@ def restore(workdir, config, setup):
   meta = state_store.meta(ckpt_dir)
   resume.check_model(meta, config.model, ckpt_dir)
   resume.check_resume(meta, config.run, config.train, ckpt_dir)
-  train_distillation.check_reinforced(meta, config, ckpt_dir)
+  train_distillation.check_reinforced(meta, reinforced, config.run.data, ckpt_dir)
   state, meta = state_store.restore(ckpt_dir, jax.eval_shape(lambda: setup.state),
                                     setup.shardings, step=meta['step'])
   print(f'resumed from {ckpt_dir} at step {meta["step"]}')
@@ -311,13 +313,14 @@ def restore(workdir, config, setup):
 
 
 def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, evals=(),
-          batching=None):
+          batching=None, reinforced=None):
   """(hooks, metrics log): the main job's hooks: its progress bar; a metrics.jsonl line and
   TensorBoard scalars (and the bar's loss and throughput) every run.log_every steps; a checkpoint
   holding the data position every run.checkpoint_every steps, written while the next steps run;
   each after the last step too; the evaluators `evals` every run.eval_every steps (and after the
   last); a profiler trace of `profile_steps` (START, STOP) if given. A NaFlex `batching`'s steps
-  hold its varying batch sizes."""
+  hold its varying batch sizes. Checkpoints record the `reinforced` shards' teacher where given
+  (`train_distillation.Distillation.reinforced`)."""
   tcfg, run = config.train, config.run
   images_before = tcfg.batch_size if batching is None else batching.examples_before
   bar = tqdm.tqdm(initial=start, total=tcfg.total_steps, desc='train', unit='step',
@@ -328,7 +331,6 @@ def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, eval
     log.write(step, metrics)
     bar.set_postfix(loss=f'{metrics["loss"]:.3f}', images_per_s=f'{metrics["images_per_s"]:.0f}')
   start_example = None if pipeline else resume.resume_example(data_state, tcfg.batch_size)
-  stored = train_distillation.stored_teacher(config)
 
   def meta(step):
     if batching is not None and pipeline is None:
@@ -336,7 +338,7 @@ def hooks(config, workdir, start, data_state, pipeline, profile_steps=None, eval
     else:
       position = resume.data_position(pipeline, start_example, step - start, tcfg.batch_size)
     return {**resume.checkpoint_meta(position, run, tcfg, config.model),
-            **({'reinforced': stored} if stored is not None else {})}
+            **({'reinforced': reinforced} if reinforced is not None else {})}
   out = [loop.progress(bar), loop.log_metrics(write, run.log_every, images_before, start)]
   if evals:
     out.append(evaluation(evals, log, workdir, run.eval_every))
@@ -417,9 +419,10 @@ def main(argv=None):
   batching = naflex_batching(cfg, tcfg, mesh)  # NaFlex's lengths and budget checked here
   # The evaluators' data is read and checked now, before anything compiles.
   evals = evaluators.make_evaluators(run.evaluators, cfg, mesh, tcfg.batch_size)
-  teacher = train_distillation.load_teacher(config, SYNTHETIC)
+  distill = train_distillation.load(config, SYNTHETIC)
+  teacher = distill.teacher
   setup = training.setup(cfg, tcfg, mesh, teacher=teacher)
-  state, start, data_state = restore(workdir, config, setup)
+  state, start, data_state = restore(workdir, config, setup, distill.reinforced)
   workdirs.save_model_config(workdir, cfg)  # the workdir names its tokenizer and preprocessing
   accumulation = (f' ({tcfg.accumulation}: {tcfg.accumulation_steps} x '
                   f'{tcfg.micro_batch_size} per update)' if tcfg.accumulation_steps > 1 else '')
@@ -432,12 +435,12 @@ def main(argv=None):
         f'loss {tcfg.loss}{distils}, {batches}, mesh {dict(mesh.shape)}, '
         f'{jax.process_count()} process(es)')
 
-  data_iter, pipeline = make_data(config, cfg, tcfg, data_state, batching, start, teacher)
+  data_iter, pipeline = make_data(config, cfg, tcfg, data_state, batching, start, distill)
   if run.eval_examples:  # its tokenizer errors now, not after training
     synthetic_eval.model_tokenizer(cfg)
   if start < tcfg.total_steps:
     run_hooks, log = hooks(config, workdir, start, data_state, pipeline, profile_steps, evals,
-                           batching)
+                           batching, distill.reinforced)
     with logging_redirect_tqdm():  # the data pipeline's epoch lines, above the bar
       state = loop.train(state, setup.train_step,
                          (training.global_batch(mesh, batch) for batch in data_iter),

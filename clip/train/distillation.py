@@ -68,8 +68,7 @@ class Teacher(typing.NamedTuple):
   @classmethod
   def of(cls, params, cfg, dtype='float32', name='the teacher'):
     """A teacher from loaded `params` and `cfg` (see `load`)."""
-    if dtype not in DTYPES[:2]:
-      raise ValueError(f'teacher dtype must be float32 or bfloat16, got {dtype!r}')
+    check_dtype(dtype)
     if getattr(cfg, 'text', None) is None or 'logit_scale' not in params:
       raise ValueError(f'{name}: a distillation teacher compares images with texts, and this '
                        'model has no text tower or no logit_scale')
@@ -106,6 +105,12 @@ def batch_keys(cfg, teacher):
   return () if shares_inputs(cfg, teacher.cfg) else ONLINE_KEYS
 
 
+def check_dtype(dtype):
+  """A teacher's dtype (`TrainConfig.teacher_dtype`): 'float32' or 'bfloat16', else ValueError."""
+  if dtype not in DTYPES[:2]:
+    raise ValueError(f'teacher_dtype must be float32 or bfloat16, got {dtype!r}')
+
+
 def check_config(tcfg):
   """TrainConfig's distillation fields: a weight >= 0, a known loss, a temperature > 0 or None,
   a teacher dtype, and what distillation does not run with. Raises ValueError naming them."""
@@ -118,8 +123,7 @@ def check_config(tcfg):
   if tau is not None and not (np.isfinite(tau) and tau > 0):
     raise ValueError(f'distill_temperature must be None (the teacher\'s own logit scale) or a '
                      f'finite number > 0, got {tau}')
-  if tcfg.teacher_dtype not in DTYPES[:2]:
-    raise ValueError(f'teacher_dtype must be float32 or bfloat16, got {tcfg.teacher_dtype!r}')
+  check_dtype(tcfg.teacher_dtype)
   if not tcfg.distill_weight:
     unused = {name: getattr(tcfg, name) for name, default in UNUSED_WITHOUT_WEIGHT.items()
               if getattr(tcfg, name) != default}
@@ -127,7 +131,7 @@ def check_config(tcfg):
       raise ValueError(f'{unused} set but distill_weight is 0, so nothing distils: set a '
                        'distill_weight > 0, or leave them unset')
     return
-  for what, bad in (('a contrastive loss (loss="none")', tcfg.loss == 'none'),
+  for what, bad in (('a contrastive loss (loss="none")', not tcfg.contrastive),
                     ('grad_cache accumulation', tcfg.grad_cache),
                     ('NaFlex batches', tcfg.naflex)):
     if bad:
@@ -136,7 +140,7 @@ def check_config(tcfg):
                        f'{what}')
 
 
-def check_teacher(cfg, tcfg, teacher):
+def check_teacher(tcfg, teacher):
   """A teacher exactly when the run distils (`tcfg.distill_weight > 0`); an offline one needs a
   scale (its stored logit scale or `tcfg.distill_temperature`). Raises ValueError."""
   if bool(tcfg.distill_weight) != (teacher is not None):
@@ -150,8 +154,6 @@ def check_teacher(cfg, tcfg, teacher):
   if not teacher.online and teacher.logit_scale is None and tcfg.distill_temperature is None:
     raise ValueError('an offline teacher (embeddings from reinforced shards) needs its stored '
                      'logit_scale or TrainConfig.distill_temperature to scale its logits')
-  if teacher.online and cfg.image_resolution is None:
-    raise ValueError('online distillation reads fixed-resolution images')
 
 
 def place(teacher, mesh, rules=sharding.DEFAULT_RULES):

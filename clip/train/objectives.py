@@ -20,7 +20,7 @@ def check_objective(cfg, tcfg):
   tower, a decoder is there exactly when the captioning loss has a weight, and NaFlex training
   has a ViT image tower and no decoder. Raises ValueError naming both sides."""
   check_logit_bias(cfg, tcfg)
-  if tcfg.loss != NO_CONTRASTIVE and cfg.text is None:
+  if tcfg.contrastive and cfg.text is None:
     raise ValueError(f'loss {tcfg.loss!r} compares images with a text tower, and the model has '
                      f'none (text=None): use loss={NO_CONTRASTIVE!r} with a caption_weight')
   if (cfg.decoder is None) != (tcfg.caption_weight == 0):
@@ -110,7 +110,7 @@ def clip_objective(cfg, tcfg, mesh, teacher=None):
   the objective takes the teacher's parameters last (None offline) and adds
   `tcfg.distill_weight` times KD."""
   check_objective(cfg, tcfg)
-  contrastive = tcfg.loss != NO_CONTRASTIVE
+  contrastive = tcfg.contrastive
   loss_fn = losses.make_loss(tcfg.loss, mesh, sharding.BATCH_AXES) if contrastive else None
   accuracy = local_accuracy(mesh)
   kd = None if teacher is None else distillation.kd_term(cfg, tcfg, mesh, teacher)

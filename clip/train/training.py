@@ -145,6 +145,12 @@ class TrainConfig:
                        f'NaFlex batches (naflex_seq_lengths={lengths}): use accumulation_steps=1')
 
   @property
+  def contrastive(self):
+    """Whether the run has a contrastive loss (`loss` is not `objectives.NO_CONTRASTIVE`, the
+    captioning-only run)."""
+    return self.loss != objectives.NO_CONTRASTIVE
+
+  @property
   def distills(self):
     """Whether the run adds a distillation term (`distill_weight > 0`)."""
     return self.distill_weight > 0
@@ -165,7 +171,7 @@ class TrainConfig:
   def trains_logit_bias(self):
     """Whether the loss trains SigLIP's `logit_bias` (`losses.takes_bias`; no contrastive loss,
     `loss='none'`, trains none): the model config carries one exactly then."""
-    return self.loss != objectives.NO_CONTRASTIVE and losses.takes_bias(self.loss)
+    return self.contrastive and losses.takes_bias(self.loss)
 
   @property
   def grad_cache(self):
@@ -210,7 +216,7 @@ def setup(cfg, tcfg, mesh, *, init_params=None, objective=None, batch_keys=None,
   when `tcfg.distill_weight > 0`; an online one's parameters are placed on the mesh by `rules`
   and passed to every step (`TrainSetup.train_step` binds them)."""
   tcfg.check_mesh(mesh)
-  distillation.check_teacher(cfg, tcfg, teacher)
+  distillation.check_teacher(tcfg, teacher)
   if batch_keys is None:
     batch_keys = objectives.batch_keys(tcfg) + (
         distillation.batch_keys(cfg, teacher) if teacher else ())

@@ -165,6 +165,11 @@ def test_bad_distillation_settings_fail_before_compiling(teacher):
     _tcfg(distill_temperature=0.0)
   with pytest.raises(ValueError, match='does not run with grad_cache'):
     _tcfg(accumulation='grad_cache', accumulation_steps=2)
+  dtype_error = "teacher_dtype must be float32 or bfloat16, got 'float16'"
+  for bad_dtype in (lambda: _tcfg(teacher_dtype='float16'),
+                    lambda: distillation.Teacher.of(teacher.params, TEACHER, 'float16')):
+    with pytest.raises(ValueError, match=dtype_error):
+      bad_dtype()
   unknown = dataclasses.replace(TEACHER, tokenizer=clip.TokenizerConfig(kind='unknown',
                                                                         name='bert-base'))
   with pytest.raises(ValueError, match='the teacher: its tokenizer is unknown.*bert-base'):
