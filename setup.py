@@ -51,6 +51,9 @@ setuptools.setup(
         # Train-state checkpoints: each process writes its shards, asynchronously, to any path
         # (local, gs://), restored onto any mesh (clip/train/state_store.py).
         'orbax-checkpoint>=0.11',
+        # mimalloc's libmimalloc.so, which the training entry points preload: XLA:CPU's per-step
+        # buffer is then reused, not faulted in afresh each step (experiments/malloc_tuning.py).
+        'cmeel-mimalloc>=3.4; sys_platform == "linux"',
     ],
     extras_require={
         'torch': TORCH,

@@ -10,10 +10,13 @@ seconds, minor page faults and peak RSS, plus the job's own last logged images/s
 
 Settings (the baseline is `off`, the opt-out):
   off      CLIP_NO_MALLOC_TUNING=1: glibc's defaults, what the job did before the fix.
-  auto     nothing set: the entry point re-executes itself with `malloc_tuning.TUNABLES`
-           (what a user who knows no trick gets; the re-exec is inside the measured time).
+  auto     nothing set: the entry point re-executes itself under mimalloc
+           (`malloc_tuning.MIMALLOC`; glibc's `TUNABLES` where mimalloc is not installed): what
+           a user who knows no trick gets; the re-exec is inside the measured time.
+  mimalloc the same from outside: LD_PRELOAD of the installed libmimalloc.so, freed memory kept.
+  mimalloc_purge1s  mimalloc giving freed memory back after 1 s (MIMALLOC_PURGE_DELAY=1000).
   hugetlb  CLIP_NO_MALLOC_TUNING=1 GLIBC_TUNABLES=glibc.malloc.hugetlb=1, from outside: the
-           trick the issue found (transparent huge pages for malloc), today's `auto`.
+           trick the issue found (transparent huge pages for malloc), glibc's fallback.
   heap     the step's buffer kept in the heap (one arena, no mmap, no trim): no faults.
   both     heap and hugetlb.
   sbrk     no mmap and no trim, every arena kept: glibc retries the big request in the main
@@ -39,9 +42,12 @@ HEAP = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_thres
 # No mmap, no trim, every arena: a request too big for a thread's arena (over 64 MB) fails there
 # and glibc retries it in the main arena, whose sbrk heap keeps it after the free.
 SBRK = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776'
+_MIMALLOC = {malloc_tuning.OPT_OUT: '1', 'LD_PRELOAD': malloc_tuning.mimalloc_library() or ''}
 SETTINGS = {
     'off': {malloc_tuning.OPT_OUT: '1'},
     'auto': {},
+    'mimalloc': {**_MIMALLOC, **dict(malloc_tuning.MIMALLOC)},
+    'mimalloc_purge1s': {**_MIMALLOC, 'MIMALLOC_PURGE_DELAY': '1000'},
     'hugetlb': {malloc_tuning.OPT_OUT: '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'},
     'heap': {malloc_tuning.OPT_OUT: '1', 'GLIBC_TUNABLES': HEAP},
     'both': {malloc_tuning.OPT_OUT: '1', 'GLIBC_TUNABLES': f'glibc.malloc.hugetlb=1:{HEAP}'},
@@ -56,7 +62,7 @@ def parse_args(argv):
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('--steps', type=int, default=150, help='training steps per run')
   parser.add_argument('--rounds', type=int, default=2, help='runs per setting, alternating')
-  parser.add_argument('--settings', default='off,auto,heap',
+  parser.add_argument('--settings', default='off,auto,hugetlb',
                       help=f'comma-separated, from {sorted(SETTINGS)}; the first is the baseline')
   parser.add_argument('--config', default='small', help='the --config passed to the job')
   parser.add_argument('--eval-examples', type=int, default=None,
@@ -68,13 +74,16 @@ def parse_args(argv):
   if unknown or args.steps < 1 or args.rounds < 1:
     parser.error(f'settings must be from {sorted(SETTINGS)} (got {unknown}), steps and rounds '
                  f'>= 1 (got {args.steps}, {args.rounds})')
+  if malloc_tuning.mimalloc_library() is None and any('mimalloc' in s for s in args.settings):
+    parser.error('the mimalloc settings need the cmeel-mimalloc wheel: pip install cmeel-mimalloc')
   return args
 
 
 def job_env(setting):
   """os.environ without any malloc setting of ours or the user's, plus the setting's own."""
   env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', malloc_tuning.OPT_OUT)}
+         if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', malloc_tuning.OPT_OUT)
+         and not k.startswith('MIMALLOC_')}
   env.update(SETTINGS[setting])
   return env
 
@@ -154,7 +163,9 @@ def main(argv=None):
   path = os.path.join(args.out, 'bench_malloc.json')
   with open(path, 'w') as f:
     json.dump({'rows': rows, 'runs': runs, 'steps': args.steps, 'config': args.config,
-               'tunables': dict(malloc_tuning.TUNABLES), 'glibc': malloc_tuning.glibc_version(),
+               'tunables': dict(malloc_tuning.TUNABLES), 'mimalloc': dict(malloc_tuning.MIMALLOC),
+               'mimalloc_library': malloc_tuning.mimalloc_library(),
+               'glibc': malloc_tuning.glibc_version(),
                'cpus': os.cpu_count(), 'machine': platform.platform(),
                'load_average_end': os.getloadavg()}, f, indent=2)
   print(f'wrote {path}')

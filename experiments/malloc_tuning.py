@@ -1,34 +1,42 @@
-"""Cuts the page-fault tax of XLA:CPU training: the entry points re-execute themselves with
-glibc's malloc backing large allocations with transparent huge pages.
+"""Cuts the page-fault tax of XLA:CPU training: the entry points re-execute themselves under
+mimalloc (Microsoft's allocator, from the `cmeel-mimalloc` wheel) told to keep freed memory, or,
+where it is not installed, with glibc's malloc backing large allocations with transparent huge
+pages.
 
 Why: XLA:CPU allocates each step's temporary buffer (~272 MB for the `small` main job) with
 malloc on a worker thread; glibc serves a request that large with a fresh `mmap` and `munmap`s
 it when the step ends, so every step faults in and zeroes ~70k fresh 4 KiB pages: 11.5M minor
-faults and 18-19% of the CPU time in the kernel over 150 steps (`perf record`:
-`clear_page_erms`, `exc_page_fault`). `glibc.malloc.hugetlb=1` (glibc >= 2.35, kernels whose
-transparent huge pages are in `madvise` mode) has malloc `madvise(MADV_HUGEPAGE)` its mappings:
-faults come 2 MiB at a time (0.3M in all) and the step's kernels take fewer TLB misses (less
-user time too). The kernel still zeroes the buffer every step (8-9% kernel time remain).
+faults and 17-19% of the CPU time in the kernel over 150 steps (`perf record`:
+`clear_page_erms`, `exc_page_fault`). glibc cannot keep a request over 32 MB mapped between
+frees (its mmap threshold's ceiling).
 
-Measured alternative (`python -m experiments.bench_malloc --settings off,auto,heap,both`):
-keeping the buffer in the heap (`arena_max=1`, `mmap_max=0`, a high `trim_threshold`: glibc
-cannot keep a request over 32 MB any other way) removes the faults (kernel 4%), but one arena
-costs as much user time in `_int_malloc` as it saves, and peak RSS grows by ~0.6 GB.
+`MIMALLOC`: mimalloc preloaded (`LD_PRELOAD`) with `MIMALLOC_PURGE_DELAY=-1` keeps the freed
+buffer and hands it back at the next step: no faults (0.06M in all), kernel time 2-3%. The
+price is memory: what the job once freed stays mapped (peak RSS +0.45 GB at `small`). A shorter
+purge delay gives memory back and the faults with it (1 s: as many as glibc's huge pages).
+`TUNABLES` (the fallback): `glibc.malloc.hugetlb=1` (glibc >= 2.35, transparent huge pages in
+`madvise` mode) has malloc `madvise(MADV_HUGEPAGE)` its mappings: faults come 2 MiB at a time
+(0.3M in all), but the kernel still zeroes the buffer every step (6-9% kernel time).
+`python -m experiments.bench_malloc` measures the settings side by side (docs/performance.md).
 
-GLIBC_TUNABLES is read once, when a process starts, so the setting needs a re-exec: an entry
-point calls `reexec_if_untuned()` before it imports jax. It does nothing when the user opted
-out (CLIP_NO_MALLOC_TUNING=1), already sets any glibc.malloc tunable, the C library is not
-glibc (macOS), transparent huge pages are not in `madvise` mode (the setting would change
-nothing), or jax would run on an accelerator (an accelerator plugin is installed and
-JAX_PLATFORMS does not start with cpu): only the CPU backend was measured. Its setting is
-inherited by the processes the job starts.
+The settings are read once, when a process starts, so they need a re-exec: an entry point calls
+`reexec_if_untuned()` before it imports jax. It does nothing when the user opted out
+(CLIP_NO_MALLOC_TUNING=1), already preloads an allocator or sets any glibc.malloc tunable, the C
+library is not glibc (macOS), or jax would run on an accelerator (an accelerator plugin is
+installed and JAX_PLATFORMS does not start with cpu): only the CPU backend was measured; the
+glibc fallback also not when transparent huge pages are not in `madvise` mode (it would change
+nothing). The user's own `MIMALLOC_*` settings are kept. The processes the job starts inherit
+the setting.
 """
+import importlib.metadata
 import os
 import pkgutil
 import sys
 
 OPT_OUT = 'CLIP_NO_MALLOC_TUNING'
 TUNABLES = (('glibc.malloc.hugetlb', '1'),)  # transparent huge pages for malloc's mappings
+MIMALLOC = (('MIMALLOC_PURGE_DELAY', '-1'),)  # keep freed memory: no fresh pages per step
+_ALLOCATOR = 'malloc'  # in the file name of an LD_PRELOAD entry that is an allocator (je/tc/mi)
 _ACCELERATOR_PLUGINS = ('jax_cuda', 'jax_rocm', 'libtpu')  # module name prefixes
 
 
@@ -47,6 +55,19 @@ def accelerator_plugins():
                 if m.name.startswith(_ACCELERATOR_PLUGINS))
 
 
+def mimalloc_library(distribution='cmeel-mimalloc'):
+  """The path of the installed `cmeel-mimalloc` wheel's libmimalloc.so, None if not installed."""
+  try:
+    files = importlib.metadata.distribution(distribution).files or ()
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for f in files:
+    if f.name == 'libmimalloc.so':
+      path = str(f.locate())
+      return path if os.path.exists(path) else None
+  return None
+
+
 def thp_mode(path='/sys/kernel/mm/transparent_hugepage/enabled'):
   """The kernel's transparent huge page mode ('always', 'madvise', 'never'), None if unknown."""
   try:
@@ -57,7 +78,7 @@ def thp_mode(path='/sys/kernel/mm/transparent_hugepage/enabled'):
   return text[text.index('[') + 1:text.index(']')] if '[' in text and ']' in text else None
 
 
-def tuned_environ(environ, libc_version, plugins, thp='madvise'):
+def tuned_environ(environ, libc_version, plugins, thp='madvise', mimalloc=None):
   """The environment to re-execute with, or None and why not.
 
   Args:
@@ -66,11 +87,13 @@ def tuned_environ(environ, libc_version, plugins, thp='madvise'):
     plugins: `accelerator_plugins()`: names of installed accelerator backends.
     thp: `thp_mode()`: glibc's hugetlb=1 acts only in 'madvise' mode ('always' already gives
       malloc huge pages, 'never' none).
+    mimalloc: `mimalloc_library()`: the libmimalloc.so to preload, None for glibc's fallback.
 
   Returns:
-    (env, reason): env is a new dict, `environ` with TUNABLES appended to GLIBC_TUNABLES after
-    the user's own entries, or None when nothing should change; reason says what and why in
-    one line.
+    (env, reason): env is a new dict, `environ` with the library first in LD_PRELOAD (the user's
+    entries after it) and `MIMALLOC` added where the user set none of them, or, without a
+    library, TUNABLES appended to GLIBC_TUNABLES after the user's own entries; None when
+    nothing should change. reason says what and why in one line.
   """
   if environ.get(OPT_OUT, '') not in ('', '0'):
     return None, f'malloc tuning off ({OPT_OUT} is set)'
@@ -82,15 +105,27 @@ def tuned_environ(environ, libc_version, plugins, thp='madvise'):
   if plugins and first_platform != 'cpu':
     return None, (f'malloc tuning off: jax may run on an accelerator ({", ".join(plugins)}; '
                   'JAX_PLATFORMS=cpu turns it on)')
-  if thp != 'madvise':
-    return None, f'malloc tuning off: transparent huge pages are {thp!r}, not madvise'
+  preload = [e for e in environ.get('LD_PRELOAD', '').replace(' ', ':').split(':') if e]
+  allocators = [e for e in preload if _ALLOCATOR in os.path.basename(e)]
+  if allocators:
+    return None, f'malloc tuning off: LD_PRELOAD already loads {", ".join(allocators)}'
   current = environ.get('GLIBC_TUNABLES', '')
   entries = [e for e in current.split(':') if e]
   users = [e.split('=', 1)[0] for e in entries if e.startswith('glibc.malloc.')]
   if users:
     return None, f'malloc tuning off: GLIBC_TUNABLES already sets {", ".join(users)}'
-  added = ':'.join(f'{k}={v}' for k, v in TUNABLES)
   env = dict(environ)
+  if mimalloc is not None:
+    env['LD_PRELOAD'] = ':'.join([mimalloc] + preload)
+    options = {k: v for k, v in MIMALLOC if k not in environ}
+    env.update(options)
+    added = ' '.join(f'{k}={v}' for k, v in options.items())
+    return env, (f'malloc tuning: re-executing under mimalloc ({mimalloc}{", " if added else ""}'
+                 f'{added}: freed memory kept, no fresh pages per training step; {OPT_OUT}=1 '
+                 'turns this off)')
+  if thp != 'madvise':
+    return None, f'malloc tuning off: transparent huge pages are {thp!r}, not madvise'
+  added = ':'.join(f'{k}={v}' for k, v in TUNABLES)
   env['GLIBC_TUNABLES'] = ':'.join(entries + [added])
   return env, (f'malloc tuning: re-executing with GLIBC_TUNABLES={added} (huge pages: fewer page '
                f'faults per training step; {OPT_OUT}=1 turns this off)')
@@ -102,7 +137,8 @@ def command_line():
 
 
 def reexec_if_untuned(environ=None, execve=os.execve, log=None):
-  """Replaces this process by itself with TUNABLES set, unless `tuned_environ` says not to.
+  """Replaces this process by itself under mimalloc (or with TUNABLES set), unless
+  `tuned_environ` says not to.
 
   Call it first thing in a script's `if __name__ == '__main__'` path, before jax is imported
   (an import before it is only wasted time: the new process imports again). Returns the reason
@@ -115,7 +151,8 @@ def reexec_if_untuned(environ=None, execve=os.execve, log=None):
   """
   environ = os.environ if environ is None else environ
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-  env, reason = tuned_environ(environ, glibc_version(), accelerator_plugins(), thp_mode())
+  env, reason = tuned_environ(environ, glibc_version(), accelerator_plugins(), thp_mode(),
+                              mimalloc_library())
   if env is None:
     return reason
   log(reason)
