@@ -66,8 +66,8 @@ def parse_args(argv):
                       help=f'comma-separated, from {sorted(SETTINGS)}; the first is the baseline')
   parser.add_argument('--config', default='small', help='the --config passed to the job')
   parser.add_argument('--eval-examples', type=int, default=None,
-                      help="the job's final evaluation size (default: the config's)")
-  parser.add_argument('--out', default='results/bench_malloc')
+                      help="the job's final evaluation size (None: the config's)")
+  parser.add_argument('--out', default='results/bench_malloc', help='where bench_malloc.json goes')
   args = parser.parse_args(argv)
   args.settings = args.settings.split(',')
   unknown = [s for s in args.settings if s not in SETTINGS]
@@ -81,9 +81,8 @@ def parse_args(argv):
 
 def job_env(setting):
   """os.environ without any malloc setting of ours or the user's, plus the setting's own."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', malloc_tuning.OPT_OUT)
-         and not k.startswith('MIMALLOC_')}
+  ours = ('GLIBC_TUNABLES', 'LD_PRELOAD', malloc_tuning.OPT_OUT, malloc_tuning.TUNED)
+  env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith('MIMALLOC_')}
   env.update(SETTINGS[setting])
   return env
 
@@ -137,10 +136,10 @@ def summarize(runs, settings):
 
 
 def print_table(rows):
-  print(f'{"setting":>8} {"runs":>4} {"wall s":>7} {"speed-up":>8} {"user s":>7} '
+  print(f'{"setting":>16} {"runs":>4} {"wall s":>7} {"speed-up":>8} {"user s":>7} '
         f'{"sys s":>6} {"kernel":>6} {"faults":>8} {"RSS MB":>7} {"img/s":>6}')
   for r in rows:
-    print(f'{r["setting"]:>8} {r["runs"]:>4} {r["wall_s"]:7.1f} {r["speedup"]:7.2f}x '
+    print(f'{r["setting"]:>16} {r["runs"]:>4} {r["wall_s"]:7.1f} {r["speedup"]:7.2f}x '
           f'{r["user_s"]:7.1f} {r["sys_s"]:6.1f} {r["kernel_share"]:6.1%} '
           f'{r["minor_faults"] / 1e6:7.2f}M {r["max_rss_mb"]:7.0f} {r["images_per_s"]:6.0f}')
 

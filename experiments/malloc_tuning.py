@@ -6,27 +6,30 @@ pages.
 Why: XLA:CPU allocates each step's temporary buffer (~272 MB for the `small` main job) with
 malloc on a worker thread; glibc serves a request that large with a fresh `mmap` and `munmap`s
 it when the step ends, so every step faults in and zeroes ~70k fresh 4 KiB pages: 11.5M minor
-faults and 17-19% of the CPU time in the kernel over 150 steps (`perf record`:
+faults and 17-19% of the CPU time in the kernel over 150 steps of the main job (`perf record`:
 `clear_page_erms`, `exc_page_fault`). glibc cannot keep a request over 32 MB mapped between
 frees (its mmap threshold's ceiling).
 
 `MIMALLOC`: mimalloc preloaded (`LD_PRELOAD`) with `MIMALLOC_PURGE_DELAY=-1` keeps the freed
 buffer and hands it back at the next step: no faults (0.06M in all), kernel time 2-3%. The
-price is memory: what the job once freed stays mapped (peak RSS +0.45 GB at `small`). A shorter
-purge delay gives memory back and the faults with it (1 s: as many as glibc's huge pages).
+price is memory: what the job once freed stays mapped (peak RSS +0.47 GB at `small`; it grows
+with the step's temporary buffers, which `bench_train` reports). A purge delay (milliseconds)
+gives memory back and the faults with it: set `MIMALLOC_PURGE_DELAY=1000` yourself before
+starting an entry point (1 s: about as many faults as glibc's huge pages, +0.05 GB).
 `TUNABLES` (the fallback): `glibc.malloc.hugetlb=1` (glibc >= 2.35, transparent huge pages in
 `madvise` mode) has malloc `madvise(MADV_HUGEPAGE)` its mappings: faults come 2 MiB at a time
 (0.3M in all), but the kernel still zeroes the buffer every step (6-9% kernel time).
 `python -m experiments.bench_malloc` measures the settings side by side (docs/performance.md).
 
 The settings are read once, when a process starts, so they need a re-exec: an entry point calls
-`reexec_if_untuned()` before it imports jax. It does nothing when the user opted out
-(CLIP_NO_MALLOC_TUNING=1), already preloads an allocator or sets any glibc.malloc tunable, the C
-library is not glibc (macOS), or jax would run on an accelerator (an accelerator plugin is
-installed and JAX_PLATFORMS does not start with cpu): only the CPU backend was measured; the
-glibc fallback also not when transparent huge pages are not in `madvise` mode (it would change
-nothing). The user's own `MIMALLOC_*` settings are kept. The processes the job starts inherit
-the setting.
+`reexec_if_untuned()` before it imports jax, which prints one line to stderr saying what it did
+or why not. It does nothing for `--help`, in the process it re-executed (`TUNED` set), and when
+the user opted out (CLIP_NO_MALLOC_TUNING set to anything but empty or 0), already preloads an
+allocator or sets any glibc.malloc tunable, the C library is not glibc (macOS), or jax would
+run on an accelerator (an accelerator plugin is installed and JAX_PLATFORMS does not start with
+cpu): only the CPU backend was measured; the glibc fallback also not when transparent huge
+pages are not in `madvise` mode (it would change nothing). The user's own `MIMALLOC_*`
+settings are kept. The processes the job starts inherit the setting.
 """
 import importlib.metadata
 import os
@@ -34,6 +37,7 @@ import pkgutil
 import sys
 
 OPT_OUT = 'CLIP_NO_MALLOC_TUNING'
+TUNED = 'CLIP_MALLOC_TUNED'  # set by the re-exec: the new process (and its children) is tuned
 TUNABLES = (('glibc.malloc.hugetlb', '1'),)  # transparent huge pages for malloc's mappings
 MIMALLOC = (('MIMALLOC_PURGE_DELAY', '-1'),)  # keep freed memory: no fresh pages per step
 _ALLOCATOR = 'malloc'  # in the file name of an LD_PRELOAD entry that is an allocator (je/tc/mi)
@@ -91,10 +95,13 @@ def tuned_environ(environ, libc_version, plugins, thp='madvise', mimalloc=None):
 
   Returns:
     (env, reason): env is a new dict, `environ` with the library first in LD_PRELOAD (the user's
-    entries after it) and `MIMALLOC` added where the user set none of them, or, without a
-    library, TUNABLES appended to GLIBC_TUNABLES after the user's own entries; None when
-    nothing should change. reason says what and why in one line.
+    entries after it) and `MIMALLOC` where the user did not set them, or, without a library,
+    TUNABLES appended to GLIBC_TUNABLES after the user's own entries, and TUNED set; None when
+    nothing should change. reason says what and why in one line (None in the re-executed
+    process, whose parent said it).
   """
+  if environ.get(TUNED):
+    return None, None  # the process the re-exec started: nothing to say twice
   if environ.get(OPT_OUT, '') not in ('', '0'):
     return None, f'malloc tuning off ({OPT_OUT} is set)'
   if libc_version is None:
@@ -117,16 +124,19 @@ def tuned_environ(environ, libc_version, plugins, thp='madvise', mimalloc=None):
   env = dict(environ)
   if mimalloc is not None:
     env['LD_PRELOAD'] = ':'.join([mimalloc] + preload)
-    options = {k: v for k, v in MIMALLOC if k not in environ}
-    env.update(options)
-    added = ' '.join(f'{k}={v}' for k, v in options.items())
-    return env, (f'malloc tuning: re-executing under mimalloc ({mimalloc}{", " if added else ""}'
-                 f'{added}: freed memory kept, no fresh pages per training step; {OPT_OUT}=1 '
+    env.update({k: v for k, v in MIMALLOC if k not in environ})
+    env[TUNED] = 'mimalloc'
+    if all(environ.get(k, v) == v for k, v in MIMALLOC):
+      what = ', '.join(f'{k}={v}' for k, v in MIMALLOC) + ': freed memory kept, no fresh pages'
+    else:
+      what = ', '.join(f'your {k}={environ[k]}' for k, _ in MIMALLOC if k in environ)
+    return env, (f'malloc tuning: re-executing under mimalloc ({mimalloc}, {what}; {OPT_OUT}=1 '
                  'turns this off)')
   if thp != 'madvise':
     return None, f'malloc tuning off: transparent huge pages are {thp!r}, not madvise'
   added = ':'.join(f'{k}={v}' for k, v in TUNABLES)
   env['GLIBC_TUNABLES'] = ':'.join(entries + [added])
+  env[TUNED] = 'glibc'
   return env, (f'malloc tuning: re-executing with GLIBC_TUNABLES={added} (huge pages: fewer page '
                f'faults per training step; {OPT_OUT}=1 turns this off)')
 
@@ -141,8 +151,9 @@ def reexec_if_untuned(environ=None, execve=os.execve, log=None):
   `tuned_environ` says not to.
 
   Call it first thing in a script's `if __name__ == '__main__'` path, before jax is imported
-  (an import before it is only wasted time: the new process imports again). Returns the reason
-  when nothing was done; on success it does not return.
+  (an import before it is only wasted time: the new process imports again). Logs what it does
+  or why it does nothing (not for `--help`, nor in the re-executed process) and returns that
+  reason when nothing was done; on success it does not return.
 
   Args:
     environ: the environment to read (default os.environ).
@@ -151,11 +162,14 @@ def reexec_if_untuned(environ=None, execve=os.execve, log=None):
   """
   environ = os.environ if environ is None else environ
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+  if {'-h', '--help'} & set(command_line()[1:]):
+    return 'malloc tuning off: --help'
   env, reason = tuned_environ(environ, glibc_version(), accelerator_plugins(), thp_mode(),
                               mimalloc_library())
+  if reason is not None:
+    log(reason)
   if env is None:
     return reason
-  log(reason)
   sys.stdout.flush()
   sys.stderr.flush()
   return execve(sys.executable, command_line(), env)

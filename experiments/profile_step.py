@@ -46,15 +46,25 @@ _NOT_COUNTED = ('while', 'call', 'conditional')  # their bodies' operations are 
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--model', default='ViT-B/32', help='a clip.MODELS name or a config')
-  parser.add_argument('--batch-size', type=int, default=16)
-  parser.add_argument('--remat', default='block', choices=('none', 'block', 'dots'))
-  parser.add_argument('--scan', default='off', choices=('off', 'on'))
-  parser.add_argument('--steps', type=int, default=2, help='traced steps (after 2 untraced)')
-  parser.add_argument('--top', type=int, default=12, help='slowest operations listed')
-  parser.add_argument('--out', default='results/profile_step')
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--model', default='ViT-B/32',
+                      help='a clip.MODELS name or an experiments/configs one (default: '
+                           '%(default)s)')
+  parser.add_argument('--batch-size', type=int, default=16, help='(default: %(default)s)')
+  parser.add_argument('--remat', default='block', choices=('none', 'block', 'dots'),
+                      help='the remat policy; any but none runs the blocks as a lax.scan over '
+                           'weights stacked every step (default: %(default)s)')
+  parser.add_argument('--scan', default='off', choices=('off', 'on'),
+                      help='on: the weights are stored stacked and scanned (no stacking per '
+                           'step); off: per-layer weights, unrolled unless --remat (default: '
+                           '%(default)s)')
+  parser.add_argument('--steps', type=int, default=2,
+                      help='traced steps, after a warm-up and 2 timed ones (default: %(default)s)')
+  parser.add_argument('--top', type=int, default=12,
+                      help='slowest operations listed (default: %(default)s)')
+  parser.add_argument('--out', default='results/profile_step',
+                      help='the JSON and, under trace/, the trace (default: %(default)s)')
   args = parser.parse_args(argv)
   if args.steps < 1 or args.batch_size < 1:
     parser.error(f'--steps and --batch-size must be >= 1, got {args.steps}, {args.batch_size}')

@@ -18,12 +18,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_tunables_appended_after_the_users_own_entries():
   environ = {'PATH': '/bin', 'GLIBC_TUNABLES': 'glibc.rtld.optional_static_tls=2048'}
   env, reason = malloc_tuning.tuned_environ(environ, '2.36', [])
-  assert env == {'PATH': '/bin',
+  assert env == {'PATH': '/bin', malloc_tuning.TUNED: 'glibc',
                  'GLIBC_TUNABLES': f'glibc.rtld.optional_static_tls=2048:{ADDED}'}
   assert environ['GLIBC_TUNABLES'] == 'glibc.rtld.optional_static_tls=2048'  # not modified
   assert malloc_tuning.OPT_OUT in reason and ADDED in reason
   env, _ = malloc_tuning.tuned_environ({}, '2.36', [])
-  assert env == {'GLIBC_TUNABLES': ADDED}
+  assert env == {'GLIBC_TUNABLES': ADDED, malloc_tuning.TUNED: 'glibc'}
+  # The re-executed process (and what it starts) says nothing more and changes nothing.
+  assert malloc_tuning.tuned_environ(env, '2.36', []) == (None, None)
 
 
 @pytest.mark.parametrize('environ, libc, plugins, why', [
@@ -66,12 +68,15 @@ def test_reexec_calls_execve_with_the_same_command(monkeypatch):
   malloc_tuning.reexec_if_untuned({'HOME': '/h'}, lambda *a: calls.append(a), lines.append)
   assert calls == [(sys.executable, malloc_tuning.command_line(),
                     {'HOME': '/h', 'LD_PRELOAD': '/lib/libmimalloc.so',
-                     **dict(malloc_tuning.MIMALLOC)})]
+                     malloc_tuning.TUNED: 'mimalloc', **dict(malloc_tuning.MIMALLOC)})]
   assert len(lines) == 1 and lines[0].startswith('malloc tuning: re-executing')
   calls.clear()
   reason = malloc_tuning.reexec_if_untuned({malloc_tuning.OPT_OUT: '1'},
                                            lambda *a: calls.append(a), lines.append)
-  assert not calls and malloc_tuning.OPT_OUT in reason and len(lines) == 1
+  assert not calls and malloc_tuning.OPT_OUT in reason and lines[1:] == [reason]  # said why
+  monkeypatch.setattr(malloc_tuning, 'command_line', lambda: ['python', 'job.py', '--help'])
+  assert malloc_tuning.reexec_if_untuned({}, lambda *a: calls.append(a), lines.append)
+  assert not calls and len(lines) == 2  # --help: neither a re-exec nor a line
 
 
 def test_mimalloc_preloaded_first_and_told_to_keep_freed_memory():
@@ -79,10 +84,13 @@ def test_mimalloc_preloaded_first_and_told_to_keep_freed_memory():
   environ = {'LD_PRELOAD': '/opt/libprofiler.so', 'GLIBC_TUNABLES': 'glibc.rtld.x=1'}
   env, reason = malloc_tuning.tuned_environ(environ, '2.36', [], 'never', mimalloc=lib)
   assert env == {'LD_PRELOAD': f'{lib}:/opt/libprofiler.so', 'GLIBC_TUNABLES': 'glibc.rtld.x=1',
-                 **dict(malloc_tuning.MIMALLOC)}  # whatever the huge page mode
-  assert 'mimalloc' in reason and malloc_tuning.OPT_OUT in reason
-  env, _ = malloc_tuning.tuned_environ({'MIMALLOC_PURGE_DELAY': '500'}, '2.36', [], mimalloc=lib)
-  assert env == {'LD_PRELOAD': lib, 'MIMALLOC_PURGE_DELAY': '500'}  # the user's setting kept
+                 malloc_tuning.TUNED: 'mimalloc', **dict(malloc_tuning.MIMALLOC)}  # any THP mode
+  assert 'mimalloc' in reason and 'freed memory kept' in reason and malloc_tuning.OPT_OUT in reason
+  env, reason = malloc_tuning.tuned_environ({'MIMALLOC_PURGE_DELAY': '500'}, '2.36', [],
+                                            mimalloc=lib)
+  assert env == {'LD_PRELOAD': lib, 'MIMALLOC_PURGE_DELAY': '500',  # the user's setting kept
+                 malloc_tuning.TUNED: 'mimalloc'}
+  assert 'your MIMALLOC_PURGE_DELAY=500' in reason and 'freed memory kept' not in reason
 
 
 @pytest.mark.parametrize('mimalloc', [None, '/lib/libmimalloc.so'])
@@ -142,7 +150,8 @@ def run_script(tmp_path, allocator, **env):
   script = tmp_path / 'job.py'
   script.write_text(SCRIPT)
   base = {k: v for k, v in os.environ.items()
-          if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', malloc_tuning.OPT_OUT)
+          if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', malloc_tuning.OPT_OUT,
+                       malloc_tuning.TUNED)
           and not k.startswith('MIMALLOC_')}
   out = subprocess.run([sys.executable, str(script), REPO, allocator, '--b=c'],
                        capture_output=True, text=True, check=True,
@@ -169,4 +178,5 @@ def test_reexec_keeps_the_freed_buffer_mapped(tmp_path):
   assert stderr.count('malloc tuning: re-executing with GLIBC_TUNABLES') == 1
   untouched, stderr = run_script(tmp_path, 'mimalloc', **{malloc_tuning.OPT_OUT: '1'})
   assert untouched['tunables'] is None and not untouched['mimalloc'] and not untouched['huge']
-  assert untouched['second_faults'] > pages // 2 and not stderr
+  assert untouched['second_faults'] > pages // 2
+  assert stderr == f'malloc tuning off ({malloc_tuning.OPT_OUT} is set)\n'
