@@ -42,7 +42,9 @@ HEAP = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_thres
 # No mmap, no trim, every arena: a request too big for a thread's arena (over 64 MB) fails there
 # and glibc retries it in the main arena, whose sbrk heap keeps it after the free.
 SBRK = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776'
-_MIMALLOC = {malloc_tuning.OPT_OUT: '1', 'LD_PRELOAD': malloc_tuning.mimalloc_library() or ''}
+# The mimalloc settings' LD_PRELOAD is filled in by `setting_env` (finding the library reads the
+# wheel's file list: only when such a setting is run).
+_MIMALLOC = {malloc_tuning.OPT_OUT: '1', 'LD_PRELOAD': None}
 SETTINGS = {
     'off': {malloc_tuning.OPT_OUT: '1'},
     'auto': {},
@@ -55,6 +57,14 @@ SETTINGS = {
     'sbrk_hugetlb': {malloc_tuning.OPT_OUT: '1',
                      'GLIBC_TUNABLES': f'glibc.malloc.hugetlb=1:{SBRK}'},
 }
+
+
+def setting_env(name):
+  """The environment variables of SETTINGS[name], with the mimalloc library's path resolved."""
+  env = dict(SETTINGS[name])
+  if 'LD_PRELOAD' in env and env['LD_PRELOAD'] is None:
+    env['LD_PRELOAD'] = malloc_tuning.mimalloc_library()
+  return env
 
 
 def parse_args(argv):
@@ -74,7 +84,7 @@ def parse_args(argv):
   if unknown or args.steps < 1 or args.rounds < 1:
     parser.error(f'settings must be from {sorted(SETTINGS)} (got {unknown}), steps and rounds '
                  f'>= 1 (got {args.steps}, {args.rounds})')
-  if malloc_tuning.mimalloc_library() is None and any('mimalloc' in s for s in args.settings):
+  if any('mimalloc' in s for s in args.settings) and malloc_tuning.mimalloc_library() is None:
     parser.error('the mimalloc settings need the cmeel-mimalloc wheel: pip install cmeel-mimalloc')
   return args
 
@@ -83,7 +93,7 @@ def job_env(setting):
   """os.environ without any malloc setting of ours or the user's, plus the setting's own."""
   ours = ('GLIBC_TUNABLES', 'LD_PRELOAD', malloc_tuning.OPT_OUT, malloc_tuning.TUNED)
   env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith('MIMALLOC_')}
-  env.update(SETTINGS[setting])
+  env.update(setting_env(setting))
   return env
 
 

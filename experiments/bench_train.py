@@ -47,6 +47,7 @@ import importlib
 import json
 import os
 import time
+from typing import Callable, NamedTuple
 import warnings
 
 import numpy as np
@@ -141,7 +142,18 @@ def time_steps(run, repeats):
   return float(np.median(times))
 
 
-def bench_one(cfg, tcfg, repeats):
+class CompiledStep(NamedTuple):
+  """A compiled train step on its own state and one fixed batch (`compiled_step`)."""
+  compiled: object     # jax.stages.Compiled: (state, batch) -> (state, metrics)
+  run: Callable[[], None]  # one step, blocking until done; the state is carried between calls
+  compile_s: float     # seconds of lower + compile
+  mesh: object         # the jax.sharding.Mesh it runs on
+  holder: dict         # {'state': the current train state}
+
+
+def compiled_step(cfg, tcfg):
+  """`training.setup`'s step for `cfg` and `tcfg` on `tcfg.mesh` (the first devices when the mesh
+  has no -1), compiled for a random batch of `tcfg.batch_size` (`random_batch`); not yet run."""
   # Local: jax (and what imports it) only after main sets XLA_FLAGS.
   import jax  # pylint: disable=g-import-not-at-top
   from clip import sharding  # pylint: disable=g-import-not-at-top
@@ -155,21 +167,28 @@ def bench_one(cfg, tcfg, repeats):
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  xla_flops = float(cost.get('flops', float('nan'))) * len(mesh.devices.flat)  # all devices
   holder = {'state': state}
 
   def run():
     holder['state'], metrics = compiled(holder['state'], batch)
     jax.block_until_ready(metrics)
-  run()
-  step_s = time_steps(run, repeats)
-  return {'step_s': step_s, 'images_per_s': tcfg.batch_size / step_s, 'compile_s': compile_s,
-          'xla_tflop_per_step': xla_flops / 1e12, 'temp_mib': temp_mib,
-          'devices': len(mesh.devices.flat),
-          'params_m': training.param_count(holder['state']['params']) / 1e6}
+  return CompiledStep(compiled, run, compile_s, mesh, holder)
+
+
+def bench_one(cfg, tcfg, repeats):
+  from clip.train import training  # pylint: disable=g-import-not-at-top
+  step = compiled_step(cfg, tcfg)
+  temp_mib = step.compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+  cost = step.compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  devices = len(step.mesh.devices.flat)
+  xla_flops = float(cost.get('flops', float('nan'))) * devices  # all devices
+  step.run()
+  step_s = time_steps(step.run, repeats)
+  return {'step_s': step_s, 'images_per_s': tcfg.batch_size / step_s,
+          'compile_s': step.compile_s, 'xla_tflop_per_step': xla_flops / 1e12,
+          'temp_mib': temp_mib, 'devices': devices,
+          'params_m': training.param_count(step.holder['state']['params']) / 1e6}
 
 
 def peer_enabled(args, platform):

@@ -1,6 +1,7 @@
 """experiments/profile_step.py: a real trace of the tiny config's train step, its operations
 found in the compiled program and sorted by kind and pass; the sorting rules on XLA's names."""
 import json
+import warnings
 
 import pytest
 
@@ -26,6 +27,13 @@ def test_operations_sorted_by_kind_and_pass():
                          ('layer stack', 'forward'): 1.0,
                          ('element-wise', 'optimizer & other'): 1.0}  # the while not counted
   assert set(ops) == set(hlo) - {'while.1'}
+
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    profile_step.warn_if_no_matmul(table, 'trace')  # silent: a matmul was found
+  no_matmul = profile_step.breakdown(events[1:], hlo, steps=2)[0]
+  with pytest.warns(UserWarning, match='no operation of trace was sorted as a matmul'):
+    profile_step.warn_if_no_matmul(no_matmul, 'trace')
 
 
 @pytest.mark.filterwarnings('ignore:No pretrained weights')
