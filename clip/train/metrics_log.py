@@ -4,6 +4,7 @@ torch nor TensorFlow needed), read back and plotted."""
 import json
 import os
 import re
+import sys
 import time
 import warnings
 
@@ -81,12 +82,27 @@ class MetricsLog:
     return _TAG_BAD_CHARS.sub('_', name)
 
 
+def _import_tensorboardx_without_torch():
+  """Imports tensorboardX with torch hidden where nothing loaded torch yet: its package import
+  loads torch where installed (its `SummaryWriter` accepts torch tensors; 1-4 s of a job's
+  start-up on a 2-core CPU), though the event writer and protos used here need none. Hidden,
+  tensorboardX's `import torch` raises ImportError and it takes its no-torch path; torch imports
+  as usual afterwards."""
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    return
+  sys.modules['torch'] = None  # Python's marker of a module that cannot be imported
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    del sys.modules['torch']
+
+
 def _event_file(folder, start_step):
   """A new event file in `folder` whose first event tells TensorBoard to hide the events of
   earlier files at steps after `start_step`. It writes synchronously (tensorboardX's
   `SummaryWriter` queues events to a thread that reaches the disk every 120 s: a killed run would
   lose what it logged before its last checkpoint)."""
-  # Process 0's only: tensorboardX imports torch where installed (about 1 s).
+  _import_tensorboardx_without_torch()  # process 0's only
   from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   os.makedirs(folder, exist_ok=True)

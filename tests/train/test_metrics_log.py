@@ -4,6 +4,8 @@ values in TensorBoard event files, read back by TensorFlow's reader, from proces
 plot is a PNG."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -115,3 +117,20 @@ def test_bad_metrics_and_tags_are_named(tmp_path):
   assert purge == (1, 'purge') and event == (5, {'eval/retrieval/R_1': 0.5})
   assert metrics_log.read_metrics(str(tmp_path / 'metrics.jsonl'), 5) == [
       {'step': 5, 'eval/retrieval/R@1': 0.5}]
+
+
+def test_the_event_file_is_written_without_loading_torch(tmp_path):
+  """tensorboardX loads torch where installed; the log hides it (a job's start-up saves 1-4 s)
+  and leaves it importable. A fresh process: this one may hold torch already."""
+  code = ('import sys\n'
+          'from clip.train import metrics_log\n'
+          f'log = metrics_log.MetricsLog({str(tmp_path / "metrics.jsonl")!r})\n'
+          'log.write(1, {"loss": 0.5})\n'
+          'log.close()\n'
+          # Not loaded, nor left marked unimportable (a None entry is in sys.modules).
+          'assert "tensorboardX" in sys.modules and "torch" not in sys.modules, "torch loaded"\n'
+          'print("ok")\n')
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split() == ['ok']
+  assert len(os.listdir(tmp_path / metrics_log.TENSORBOARD)) == 1
