@@ -61,8 +61,9 @@ def model_tokenizer(cfg):
 def _contrastive(params, cfg, tokenizer, ds, sample, images, split):
   """Zero-shot top-1 per task and retrieval. The images go through the image tower once for all
   tasks and retrieval, and every task's prompts through the text tower in one pass: a task's top-1
-  is the class of highest cosine, which is `zero_shot.classify`'s (its softmax, or SigLIP's
-  sigmoid, keeps the order)."""
+  is the class of highest cosine (`metrics.classification_metrics`, as the sharded
+  `evaluators.Synthetic`), which is `zero_shot.classify`'s up to float32 ties (its softmax, or
+  SigLIP's sigmoid, keeps the order but may round two close classes to one probability)."""
   results = {}
   image_NxD = metrics.check_finite(np.asarray(clip.encode_image(params, images, cfg)),
                                    'image features')
@@ -73,9 +74,10 @@ def _contrastive(params, cfg, tokenizer, ds, sample, images, split):
   start = 0
   for task in TASKS:
     stop = start + len(prompts[task])
-    top1_N = np.argmax(unit_NxD @ weights_DxC[:, start:stop], axis=1)
+    scores_NxC = unit_NxD @ weights_DxC[:, start:stop]
     start = stop
-    results[f'{split}/{task}_top1'] = float(np.mean(top1_N == ds.labels(sample, task)))
+    results[f'{split}/{task}_top1'] = float(
+        metrics.classification_metrics(scores_NxC, ds.labels(sample, task))['acc1'])
     results[f'{split}/{task}_chance'] = 1 / len(ds.classnames(task))
   recall = retrieval.retrieval_metrics(
       image_NxD, clip.encode_text(params, tokenizer(sample['caption']), cfg))

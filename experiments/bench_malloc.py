@@ -64,6 +64,9 @@ def setting_env(name):
   env = dict(SETTINGS[name])
   if 'LD_PRELOAD' in env and env['LD_PRELOAD'] is None:
     env['LD_PRELOAD'] = malloc_tuning.mimalloc_library()
+    if env['LD_PRELOAD'] is None:
+      raise FileNotFoundError(f'setting {name!r} preloads mimalloc, and no libmimalloc.so is '
+                              'installed: pip install cmeel-mimalloc')
   return env
 
 

@@ -341,7 +341,7 @@ def test_synthetic_eval(params, cfg, own_tokens, seen):
   ds, sample = _sample('heldout', 8)
   # Every task's prompts in one pass, the images once for every task and retrieval.
   every_prompt = [p for task in synthetic_eval.TASKS for p in ds.prompts(task)]
-  assert len(seen['class_tokens']) == 2  # a pass per split
+  assert len(seen['class_tokens']) == len(seen['encoded']) == 2  # a pass of each per split
   np.testing.assert_array_equal(seen['class_tokens'][-1][:, 0], own_tokens(every_prompt))
   np.testing.assert_allclose(seen['encoded'][-1], own_pixels(sample['image']), atol=PIXEL_ATOL)
   np.testing.assert_array_equal(seen['text_tokens'][-1], own_tokens(sample['caption']))

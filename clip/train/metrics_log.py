@@ -84,17 +84,22 @@ class MetricsLog:
 
 def _import_tensorboardx_without_torch():
   """Imports tensorboardX with torch hidden where nothing loaded torch yet: its package import
-  loads torch where installed (its `SummaryWriter` accepts torch tensors; 1-4 s of a job's
-  start-up on a 2-core CPU), though the event writer and protos used here need none. Hidden,
-  tensorboardX's `import torch` raises ImportError and it takes its no-torch path; torch imports
-  as usual afterwards."""
+  loads torch where installed (tensorboardX 2.6's `writer` imports it, guarded, for type hints;
+  1-4 s of a job's start-up on a 2-core CPU), though the event writer and protos used here need
+  none. Hidden, tensorboardX's `import torch` raises ImportError and it takes its no-torch path;
+  torch imports as usual afterwards. A tensorboardX that fails without torch is imported again
+  with it visible. Called from the main thread (another thread importing torch meanwhile would
+  get the ImportError)."""
   if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
     return
   sys.modules['torch'] = None  # Python's marker of a module that cannot be imported
   try:
     import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:  # a later tensorboardX whose import needs torch: pay for it
+    for name in [n for n in sys.modules if n == 'tensorboardX' or n.startswith('tensorboardX.')]:
+      del sys.modules[name]
   finally:
-    del sys.modules['torch']
+    sys.modules.pop('torch', None)
 
 
 def _event_file(folder, start_step):
