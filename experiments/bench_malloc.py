@@ -23,7 +23,12 @@ Settings (the baseline is `off`, the opt-out):
            arena, yet it still faults (60 steps: 4.9M faults, as `off`).
   sbrk_hugetlb  sbrk and hugetlb.
 
-Prints a table (medians over the rounds, speed-up against `off`) and writes
+A setting written `NAME@REV` runs the job as the repository held it at git revision REV (a
+`git archive` of it, extracted once, run from its folder: its own clip/, data/ and experiments/)
+with NAME's environment: `--settings off@ad91aca,off,auto` compares the job before a change,
+under glibc's defaults, with the job after it, in one alternating run.
+
+Prints a table (medians over the rounds, speed-up against the first setting) and writes
 --out/bench_malloc.json with every run.
 """
 import argparse
@@ -83,7 +88,7 @@ def parse_args(argv):
   parser.add_argument('--out', default='results/bench_malloc', help='where bench_malloc.json goes')
   args = parser.parse_args(argv)
   args.settings = args.settings.split(',')
-  unknown = [s for s in args.settings if s not in SETTINGS]
+  unknown = [s for s in args.settings if s.partition('@')[0] not in SETTINGS]
   if unknown or args.steps < 1 or args.rounds < 1:
     parser.error(f'settings must be from {sorted(SETTINGS)} (got {unknown}), steps and rounds '
                  f'>= 1 (got {args.steps}, {args.rounds})')
@@ -93,11 +98,22 @@ def parse_args(argv):
 
 
 def job_env(setting):
-  """os.environ without any malloc setting of ours or the user's, plus the setting's own."""
+  """os.environ without any malloc setting of ours or the user's, plus the setting's own (a
+  `NAME@REV` setting: NAME's)."""
   ours = ('GLIBC_TUNABLES', 'LD_PRELOAD', malloc_tuning.OPT_OUT, malloc_tuning.TUNED)
   env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith('MIMALLOC_')}
-  env.update(setting_env(setting))
+  env.update(setting_env(setting.partition('@')[0]))
   return env
+
+
+def source_tree(rev, dest):
+  """Extracts the repository's files at git revision `rev` into `dest` (created); returns `dest`.
+  CalledProcessError (git's message) for a revision git does not know."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  os.makedirs(dest)
+  archive = subprocess.run(['git', '-C', root, 'archive', rev], capture_output=True, check=True)
+  subprocess.run(['tar', '-x', '-C', dest], input=archive.stdout, check=True)
+  return dest
 
 
 def last_images_per_s(workdir):
@@ -110,15 +126,16 @@ def last_images_per_s(workdir):
   return rates[-1] if rates else None
 
 
-def run_job(args, setting, workdir):
-  """Runs the job once; returns its measurements. Raises CalledProcessError if it fails."""
+def run_job(args, setting, workdir, cwd=None):
+  """Runs the job once, from `cwd` (None: this one); returns its measurements. Raises
+  CalledProcessError if it fails."""
   cmd = [sys.executable, '-m', 'experiments.train', '--config', args.config,
          '--steps', str(args.steps), '--workdir', workdir, '--checkpoint-every', str(10**9)]
   if args.eval_examples is not None:
     cmd += ['--eval-examples', str(args.eval_examples)]
   start = time.perf_counter()
   proc = subprocess.Popen(cmd, env=job_env(setting), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+                          stderr=subprocess.PIPE, cwd=cwd)
   stderr = proc.stderr.read()
   _, status, usage = os.wait4(proc.pid, 0)
   wall = time.perf_counter() - start
@@ -163,9 +180,12 @@ def main(argv=None):
         f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
   runs = []
   with tempfile.TemporaryDirectory(prefix='bench_malloc_') as tmp:
+    trees = {rev: source_tree(rev, os.path.join(tmp, f'source_{n}')) for n, rev in enumerate(
+        dict.fromkeys(s.partition('@')[2] for s in args.settings if '@' in s))}
     for i in range(args.rounds):
-      for setting in args.settings:
-        run = run_job(args, setting, os.path.join(tmp, f'{setting}_{i}'))
+      for n, setting in enumerate(args.settings):
+        rev = setting.partition('@')[2]
+        run = run_job(args, setting, os.path.join(tmp, f'run_{n}_{i}'), trees.get(rev))
         runs.append(run)
         print(f'  round {i + 1} {setting}: {run["wall_s"]:.1f} s wall, {run["sys_s"]:.1f} s '
               f'kernel ({run["kernel_share"]:.1%}), {run["minor_faults"] / 1e6:.2f}M faults')

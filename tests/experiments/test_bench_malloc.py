@@ -1,5 +1,8 @@
 """experiments/bench_malloc.py: each setting's environment, mimalloc's library found only when a
 setting preloads it, and a clear error where it is not installed."""
+import os
+import subprocess
+
 import pytest
 
 from experiments import bench_malloc
@@ -26,3 +29,20 @@ def test_a_mimalloc_setting_without_the_library_is_an_error(monkeypatch):
     bench_malloc.setting_env('mimalloc')
   with pytest.raises(SystemExit):  # argparse's error, before any run
     bench_malloc.parse_args(['--settings', 'off,mimalloc'])
+
+
+def test_a_setting_at_a_revision_runs_that_revision_s_job(tmp_path):
+  args = bench_malloc.parse_args(['--settings', 'off@HEAD,auto'])
+  assert args.settings == ['off@HEAD', 'auto']
+  assert bench_malloc.job_env('off@HEAD') == bench_malloc.job_env('off')
+  with pytest.raises(SystemExit):
+    bench_malloc.parse_args(['--settings', 'fast@HEAD'])
+  tree = bench_malloc.source_tree('HEAD', str(tmp_path / 'src'))
+  root = os.path.dirname(os.path.dirname(bench_malloc.__file__))
+  committed = subprocess.run(['git', '-C', root, 'show', 'HEAD:experiments/train.py'],
+                             capture_output=True, check=True).stdout
+  with open(os.path.join(tree, 'experiments', 'train.py'), 'rb') as f:
+    assert f.read() == committed
+  assert (tmp_path / 'src' / 'clip' / '__init__.py').is_file()
+  with pytest.raises(subprocess.CalledProcessError):
+    bench_malloc.source_tree('no-such-revision', str(tmp_path / 'bad'))
