@@ -67,7 +67,7 @@ def _contrastive(params, cfg, tokenizer, ds, sample, images, split):
   results = {}
   image_NxD = metrics.check_finite(np.asarray(clip.encode_image(params, images, cfg)),
                                    'image features')
-  unit_NxD = image_NxD / np.linalg.norm(image_NxD, axis=1, keepdims=True)
+  unit_NxD = np.asarray(model.l2_normalize(image_NxD))
   prompts = {task: ds.prompts(task) for task in TASKS}
   tokens = tokenizer([p for task in TASKS for p in prompts[task]])[:, None]
   weights_DxC = zero_shot.classifier_weights_from_tokens(params, tokens, cfg)  # unit columns

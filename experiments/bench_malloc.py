@@ -92,8 +92,11 @@ def parse_args(argv):
   if unknown or args.steps < 1 or args.rounds < 1:
     parser.error(f'settings must be from {sorted(SETTINGS)} (got {unknown}), steps and rounds '
                  f'>= 1 (got {args.steps}, {args.rounds})')
-  if any('mimalloc' in s for s in args.settings) and malloc_tuning.mimalloc_library() is None:
-    parser.error('the mimalloc settings need the cmeel-mimalloc wheel: pip install cmeel-mimalloc')
+  for setting in dict.fromkeys(s.partition('@')[0] for s in args.settings):
+    try:
+      setting_env(setting)  # before any run: a setting that preloads a missing library
+    except FileNotFoundError as e:
+      parser.error(str(e))
   return args
 
 
