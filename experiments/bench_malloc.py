@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 from experiments import malloc_tuning
 
@@ -75,6 +76,20 @@ def setting_env(name):
   return env
 
 
+class Setting(NamedTuple):
+  """One --settings entry: `label` as written, the SETTINGS `name` whose environment the job
+  gets, and the git revision `rev` whose job runs (None: this working tree's)."""
+  label: str
+  name: str
+  rev: str | None
+
+
+def parse_setting(label):
+  """`NAME` or `NAME@REV` as a Setting (the name not yet checked)."""
+  name, at, rev = label.partition('@')
+  return Setting(label, name, rev if at else None)
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -87,25 +102,24 @@ def parse_args(argv):
                       help="the job's final evaluation size (None: the config's)")
   parser.add_argument('--out', default='results/bench_malloc', help='where bench_malloc.json goes')
   args = parser.parse_args(argv)
-  args.settings = args.settings.split(',')
-  unknown = [s for s in args.settings if s.partition('@')[0] not in SETTINGS]
+  args.settings = [parse_setting(label) for label in args.settings.split(',')]
+  unknown = [s.label for s in args.settings if s.name not in SETTINGS]
   if unknown or args.steps < 1 or args.rounds < 1:
     parser.error(f'settings must be from {sorted(SETTINGS)} (got {unknown}), steps and rounds '
                  f'>= 1 (got {args.steps}, {args.rounds})')
-  for setting in dict.fromkeys(s.partition('@')[0] for s in args.settings):
+  for name in dict.fromkeys(s.name for s in args.settings):
     try:
-      setting_env(setting)  # before any run: a setting that preloads a missing library
+      setting_env(name)  # before any run: a setting that preloads a missing library
     except FileNotFoundError as e:
       parser.error(str(e))
   return args
 
 
-def job_env(setting):
-  """os.environ without any malloc setting of ours or the user's, plus the setting's own (a
-  `NAME@REV` setting: NAME's)."""
+def job_env(name):
+  """os.environ without any malloc setting of ours or the user's, plus SETTINGS[name]'s."""
   ours = ('GLIBC_TUNABLES', 'LD_PRELOAD', malloc_tuning.OPT_OUT, malloc_tuning.TUNED)
   env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith('MIMALLOC_')}
-  env.update(setting_env(setting.partition('@')[0]))
+  env.update(setting_env(name))
   return env
 
 
@@ -130,14 +144,14 @@ def last_images_per_s(workdir):
 
 
 def run_job(args, setting, workdir, cwd=None):
-  """Runs the job once, from `cwd` (None: this one); returns its measurements. Raises
-  CalledProcessError if it fails."""
+  """Runs the job once under Setting `setting`, from `cwd` (None: this one); returns its
+  measurements. Raises CalledProcessError if it fails."""
   cmd = [sys.executable, '-m', 'experiments.train', '--config', args.config,
          '--steps', str(args.steps), '--workdir', workdir, '--checkpoint-every', str(10**9)]
   if args.eval_examples is not None:
     cmd += ['--eval-examples', str(args.eval_examples)]
   start = time.perf_counter()
-  proc = subprocess.Popen(cmd, env=job_env(setting), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(cmd, env=job_env(setting.name), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, cwd=cwd)
   stderr = proc.stderr.read()
   _, status, usage = os.wait4(proc.pid, 0)
@@ -146,7 +160,7 @@ def run_job(args, setting, workdir, cwd=None):
   if proc.returncode:
     raise subprocess.CalledProcessError(proc.returncode, cmd, stderr=stderr.decode()[-2000:])
   cpu = usage.ru_utime + usage.ru_stime
-  return {'setting': setting, 'wall_s': wall, 'user_s': usage.ru_utime,
+  return {'setting': setting.label, 'wall_s': wall, 'user_s': usage.ru_utime,
           'sys_s': usage.ru_stime, 'kernel_share': usage.ru_stime / cpu,
           'minor_faults': usage.ru_minflt, 'max_rss_mb': usage.ru_maxrss / 1024,
           'images_per_s': last_images_per_s(workdir),
@@ -154,14 +168,15 @@ def run_job(args, setting, workdir, cwd=None):
                                if l.startswith('malloc tuning')), None)}
 
 
-def summarize(runs, settings):
-  """Median of each measurement per setting, and the wall-time speed-up against the first."""
+def summarize(runs, labels):
+  """Median of each measurement per setting (by label), and the wall-time speed-up against the
+  first."""
   keys = ('wall_s', 'user_s', 'sys_s', 'kernel_share', 'minor_faults', 'max_rss_mb',
           'images_per_s')
   rows = []
-  for s in settings:
-    mine = [r for r in runs if r['setting'] == s]
-    rows.append({'setting': s, 'runs': len(mine), **{
+  for label in labels:
+    mine = [r for r in runs if r['setting'] == label]
+    rows.append({'setting': label, 'runs': len(mine), **{
         k: statistics.median(r[k] for r in mine if r[k] is not None) for k in keys}})
   for row in rows:
     row['speedup'] = rows[0]['wall_s'] / row['wall_s']
@@ -179,20 +194,21 @@ def print_table(rows):
 
 def main(argv=None):
   args = parse_args(argv)
-  print(f'{args.config}, {args.steps} steps, {args.rounds} round(s) of {args.settings}; '
+  labels = [s.label for s in args.settings]
+  print(f'{args.config}, {args.steps} steps, {args.rounds} round(s) of {labels}; '
         f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
   runs = []
   with tempfile.TemporaryDirectory(prefix='bench_malloc_') as tmp:
     trees = {rev: source_tree(rev, os.path.join(tmp, f'source_{n}')) for n, rev in enumerate(
-        dict.fromkeys(s.partition('@')[2] for s in args.settings if '@' in s))}
+        dict.fromkeys(s.rev for s in args.settings if s.rev is not None))}
     for i in range(args.rounds):
       for n, setting in enumerate(args.settings):
-        rev = setting.partition('@')[2]
-        run = run_job(args, setting, os.path.join(tmp, f'run_{n}_{i}'), trees.get(rev))
+        cwd = trees[setting.rev] if setting.rev is not None else None
+        run = run_job(args, setting, os.path.join(tmp, f'run_{n}_{i}'), cwd)
         runs.append(run)
-        print(f'  round {i + 1} {setting}: {run["wall_s"]:.1f} s wall, {run["sys_s"]:.1f} s '
+        print(f'  round {i + 1} {setting.label}: {run["wall_s"]:.1f} s wall, {run["sys_s"]:.1f} s '
               f'kernel ({run["kernel_share"]:.1%}), {run["minor_faults"] / 1e6:.2f}M faults')
-  rows = summarize(runs, args.settings)
+  rows = summarize(runs, labels)
   print_table(rows)
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, 'bench_malloc.json')

@@ -147,8 +147,8 @@ class CompiledStep(NamedTuple):
   compiled: object     # jax.stages.Compiled: (state, batch) -> (state, metrics)
   run: Callable[[], None]  # one step, blocking until done; the state is carried between calls
   compile_s: float     # seconds of lower + compile
-  mesh: object         # the jax.sharding.Mesh it runs on
-  holder: dict         # {'state': the current train state}
+  devices: int         # devices of the mesh it runs on
+  params: int          # trained parameters (training.param_count)
 
 
 def compiled_step(cfg, tcfg):
@@ -167,28 +167,28 @@ def compiled_step(cfg, tcfg):
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
+  params = training.param_count(state['params'])
   holder = {'state': state}
 
   def run():
     holder['state'], metrics = compiled(holder['state'], batch)
     jax.block_until_ready(metrics)
-  return CompiledStep(compiled, run, compile_s, mesh, holder)
+  return CompiledStep(compiled, run, compile_s, mesh.devices.size, params)
 
 
 def bench_one(cfg, tcfg, repeats):
-  from clip.train import training  # pylint: disable=g-import-not-at-top
   step = compiled_step(cfg, tcfg)
   temp_mib = step.compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
   cost = step.compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  devices = len(step.mesh.devices.flat)
+  devices = step.devices
   xla_flops = float(cost.get('flops', float('nan'))) * devices  # all devices
   step.run()
   step_s = time_steps(step.run, repeats)
   return {'step_s': step_s, 'images_per_s': tcfg.batch_size / step_s,
           'compile_s': step.compile_s, 'xla_tflop_per_step': xla_flops / 1e12,
           'temp_mib': temp_mib, 'devices': devices,
-          'params_m': training.param_count(step.holder['state']['params']) / 1e6}
+          'params_m': step.params / 1e6}
 
 
 def peer_enabled(args, platform):

@@ -33,8 +33,8 @@ def test_a_mimalloc_setting_without_the_library_is_an_error(monkeypatch):
 
 def test_a_setting_at_a_revision_runs_that_revision_s_job(tmp_path):
   args = bench_malloc.parse_args(['--settings', 'off@HEAD,auto'])
-  assert args.settings == ['off@HEAD', 'auto']
-  assert bench_malloc.job_env('off@HEAD') == bench_malloc.job_env('off')
+  assert args.settings == [bench_malloc.Setting('off@HEAD', 'off', 'HEAD'),
+                           bench_malloc.Setting('auto', 'auto', None)]
   with pytest.raises(SystemExit):
     bench_malloc.parse_args(['--settings', 'fast@HEAD'])
   tree = bench_malloc.source_tree('HEAD', str(tmp_path / 'src'))
