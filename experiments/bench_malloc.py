@@ -90,13 +90,19 @@ def parse_setting(label):
   return Setting(label, name, rev if at else None)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                     argparse.RawDescriptionHelpFormatter):
+  """--help prints the module docstring as written, and each flag's default."""
+
+
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = argparse.ArgumentParser(prog='python -m experiments.bench_malloc', description=__doc__,
+                                   formatter_class=_HelpFormatter)
   parser.add_argument('--steps', type=int, default=150, help='training steps per run')
   parser.add_argument('--rounds', type=int, default=2, help='runs per setting, alternating')
   parser.add_argument('--settings', default='off,auto,hugetlb',
-                      help=f'comma-separated, from {sorted(SETTINGS)}; the first is the baseline')
+                      help=f'comma-separated, each NAME or NAME@REV (the job as git revision REV '
+                      f'held it), NAME from {sorted(SETTINGS)}; the first is the baseline')
   parser.add_argument('--config', default='small', help='the --config passed to the job')
   parser.add_argument('--eval-examples', type=int, default=None,
                       help="the job's final evaluation size (None: the config's)")
@@ -112,6 +118,11 @@ def parse_args(argv):
       setting_env(name)  # before any run: a setting that preloads a missing library
     except FileNotFoundError as e:
       parser.error(str(e))
+  for label, rev in {s.label: s.rev for s in args.settings if s.rev is not None}.items():
+    try:
+      commit(rev)
+    except ValueError as e:
+      parser.error(f'--settings {label}: {e}')
   return args
 
 
@@ -123,13 +134,28 @@ def job_env(name):
   return env
 
 
+def _git(*args):
+  """Runs git in this repository; its stdout, or ValueError with git's own message."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(['git', '-C', root, *args], capture_output=True, check=False)
+  if proc.returncode:
+    raise ValueError(f'git {" ".join(args)} in {root} failed: '
+                     f'{proc.stderr.decode(errors="replace").strip()}')
+  return proc.stdout
+
+
+def commit(rev):
+  """The full commit hash git revision `rev` names in this repository; ValueError (git's
+  message) if it names none."""
+  return _git('rev-parse', '--verify', '--end-of-options', f'{rev}^{{commit}}').decode().strip()
+
+
 def source_tree(rev, dest):
   """Extracts the repository's files at git revision `rev` into `dest` (created); returns `dest`.
-  CalledProcessError (git's message) for a revision git does not know."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  ValueError (git's message) for a revision git does not know."""
+  archive = _git('archive', commit(rev))
   os.makedirs(dest)
-  archive = subprocess.run(['git', '-C', root, 'archive', rev], capture_output=True, check=True)
-  subprocess.run(['tar', '-x', '-C', dest], input=archive.stdout, check=True)
+  subprocess.run(['tar', '-x', '-C', dest], input=archive, check=True)
   return dest
 
 

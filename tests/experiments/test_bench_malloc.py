@@ -44,5 +44,13 @@ def test_a_setting_at_a_revision_runs_that_revision_s_job(tmp_path):
   with open(os.path.join(tree, 'experiments', 'train.py'), 'rb') as f:
     assert f.read() == committed
   assert (tmp_path / 'src' / 'clip' / '__init__.py').is_file()
-  with pytest.raises(subprocess.CalledProcessError):
+  with pytest.raises(ValueError, match='no-such-revision'):
     bench_malloc.source_tree('no-such-revision', str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad').exists()
+
+
+def test_an_unknown_revision_is_an_error_before_any_run(capsys):
+  with pytest.raises(SystemExit):
+    bench_malloc.parse_args(['--settings', 'off@no-such-revision,auto'])
+  err = capsys.readouterr().err
+  assert 'off@no-such-revision' in err and 'git rev-parse' in err
