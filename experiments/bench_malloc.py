@@ -23,10 +23,11 @@ Settings (the baseline is `off`, the opt-out):
            arena, yet it still faults (60 steps: 4.9M faults, as `off`).
   sbrk_hugetlb  sbrk and hugetlb.
 
-A setting written `NAME@REV` runs the job as the repository held it at git revision REV (a
-`git archive` of it, extracted once, run from its folder: its own clip/, data/ and experiments/)
-with NAME's environment: `--settings off@ad91aca,off,auto` compares the job before a change,
-under glibc's defaults, with the job after it, in one alternating run.
+A setting written `NAME@REV` runs the job as the repository held it at the commit git revision
+REV names (a `git archive` of it, extracted once per commit, run from its folder: its own clip/,
+data/ and experiments/) with NAME's environment: `--settings off@ad91aca,off,auto` compares the
+job before a change, under glibc's defaults, with the job after it, in one alternating run. Each
+run's record in the JSON names its commit.
 
 Prints a table (medians over the rounds, speed-up against the first setting) and writes
 --out/bench_malloc.json with every run.
@@ -78,14 +79,17 @@ def setting_env(name):
 
 class Setting(NamedTuple):
   """One --settings entry: `label` as written, the SETTINGS `name` whose environment the job
-  gets, and the git revision `rev` whose job runs (None: this working tree's)."""
+  gets, the git revision `rev` whose job runs (None: this working tree's) and the full hash of
+  the commit it names (filled in by `parse_args`)."""
   label: str
   name: str
   rev: str | None
+  commit: str | None = None
 
 
 def parse_setting(label):
-  """`NAME` or `NAME@REV` as a Setting (the name not yet checked)."""
+  """`NAME` or `NAME@REV` as a Setting, split at the first '@' (a revision such as `HEAD@{1}`
+  keeps its own); neither the name nor the revision checked yet."""
   name, at, rev = label.partition('@')
   return Setting(label, name, rev if at else None)
 
@@ -101,8 +105,9 @@ def parse_args(argv):
   parser.add_argument('--steps', type=int, default=150, help='training steps per run')
   parser.add_argument('--rounds', type=int, default=2, help='runs per setting, alternating')
   parser.add_argument('--settings', default='off,auto,hugetlb',
-                      help=f'comma-separated, each NAME or NAME@REV (the job as git revision REV '
-                      f'held it), NAME from {sorted(SETTINGS)}; the first is the baseline')
+                      help=f'comma-separated, each NAME or NAME@REV (the job as the git commit '
+                      f'REV names held it), NAME from {sorted(SETTINGS)}; the first is the '
+                      'baseline')
   parser.add_argument('--config', default='small', help='the --config passed to the job')
   parser.add_argument('--eval-examples', type=int, default=None,
                       help="the job's final evaluation size (None: the config's)")
@@ -118,11 +123,12 @@ def parse_args(argv):
       setting_env(name)  # before any run: a setting that preloads a missing library
     except FileNotFoundError as e:
       parser.error(str(e))
-  for label, rev in {s.label: s.rev for s in args.settings if s.rev is not None}.items():
-    try:
-      commit(rev)
-    except ValueError as e:
-      parser.error(f'--settings {label}: {e}')
+  for i, s in enumerate(args.settings):
+    if s.rev is not None:
+      try:
+        args.settings[i] = s._replace(commit=resolve_commit(s.rev))
+      except ValueError as e:
+        parser.error(f'--settings {s.label}: {e}')
   return args
 
 
@@ -144,16 +150,21 @@ def _git(*args):
   return proc.stdout
 
 
-def commit(rev):
-  """The full commit hash git revision `rev` names in this repository; ValueError (git's
-  message) if it names none."""
-  return _git('rev-parse', '--verify', '--end-of-options', f'{rev}^{{commit}}').decode().strip()
+def resolve_commit(rev):
+  """The full hash of the commit git revision `rev` names in this repository (a tag is peeled
+  to its commit); ValueError if it names none."""
+  if not rev or rev.startswith('-'):
+    raise ValueError(f'{rev!r} is not a git revision')
+  try:
+    return _git('rev-parse', '--verify', '--quiet', f'{rev}^{{commit}}').decode().strip()
+  except ValueError:
+    raise ValueError(f'git revision {rev!r} names no commit in this repository') from None
 
 
 def source_tree(rev, dest):
-  """Extracts the repository's files at git revision `rev` into `dest` (created); returns `dest`.
-  ValueError (git's message) for a revision git does not know."""
-  archive = _git('archive', commit(rev))
+  """Extracts the repository's files at the commit git revision `rev` names into `dest`
+  (created); returns `dest`. ValueError if `rev` names no commit."""
+  archive = _git('archive', resolve_commit(rev))
   os.makedirs(dest)
   subprocess.run(['tar', '-x', '-C', dest], input=archive, check=True)
   return dest
@@ -186,8 +197,8 @@ def run_job(args, setting, workdir, cwd=None):
   if proc.returncode:
     raise subprocess.CalledProcessError(proc.returncode, cmd, stderr=stderr.decode()[-2000:])
   cpu = usage.ru_utime + usage.ru_stime
-  return {'setting': setting.label, 'wall_s': wall, 'user_s': usage.ru_utime,
-          'sys_s': usage.ru_stime, 'kernel_share': usage.ru_stime / cpu,
+  return {'setting': setting.label, 'commit': setting.commit, 'wall_s': wall,
+          'user_s': usage.ru_utime, 'sys_s': usage.ru_stime, 'kernel_share': usage.ru_stime / cpu,
           'minor_faults': usage.ru_minflt, 'max_rss_mb': usage.ru_maxrss / 1024,
           'images_per_s': last_images_per_s(workdir),
           'reexec_line': next((l for l in stderr.decode().splitlines()
@@ -225,11 +236,11 @@ def main(argv=None):
         f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
   runs = []
   with tempfile.TemporaryDirectory(prefix='bench_malloc_') as tmp:
-    trees = {rev: source_tree(rev, os.path.join(tmp, f'source_{n}')) for n, rev in enumerate(
-        dict.fromkeys(s.rev for s in args.settings if s.rev is not None))}
+    trees = {c: source_tree(c, os.path.join(tmp, f'source_{n}')) for n, c in enumerate(
+        dict.fromkeys(s.commit for s in args.settings if s.commit is not None))}
     for i in range(args.rounds):
       for n, setting in enumerate(args.settings):
-        cwd = trees[setting.rev] if setting.rev is not None else None
+        cwd = trees[setting.commit] if setting.commit is not None else None
         run = run_job(args, setting, os.path.join(tmp, f'run_{n}_{i}'), cwd)
         runs.append(run)
         print(f'  round {i + 1} {setting.label}: {run["wall_s"]:.1f} s wall, {run["sys_s"]:.1f} s '

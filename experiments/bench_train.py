@@ -181,14 +181,12 @@ def bench_one(cfg, tcfg, repeats):
   temp_mib = step.compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
   cost = step.compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  devices = step.devices
-  xla_flops = float(cost.get('flops', float('nan'))) * devices  # all devices
+  xla_flops = float(cost.get('flops', float('nan'))) * step.devices  # all devices
   step.run()
   step_s = time_steps(step.run, repeats)
   return {'step_s': step_s, 'images_per_s': tcfg.batch_size / step_s,
           'compile_s': step.compile_s, 'xla_tflop_per_step': xla_flops / 1e12,
-          'temp_mib': temp_mib, 'devices': devices,
-          'params_m': step.params / 1e6}
+          'temp_mib': temp_mib, 'devices': step.devices, 'params_m': step.params / 1e6}
 
 
 def peer_enabled(args, platform):

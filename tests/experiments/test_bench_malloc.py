@@ -32,13 +32,16 @@ def test_a_mimalloc_setting_without_the_library_is_an_error(monkeypatch):
 
 
 def test_a_setting_at_a_revision_runs_that_revision_s_job(tmp_path):
-  args = bench_malloc.parse_args(['--settings', 'off@HEAD,auto'])
-  assert args.settings == [bench_malloc.Setting('off@HEAD', 'off', 'HEAD'),
-                           bench_malloc.Setting('auto', 'auto', None)]
+  root = os.path.dirname(os.path.dirname(bench_malloc.__file__))
+  head = subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'], capture_output=True,
+                        check=True).stdout.decode().strip()
+  args = bench_malloc.parse_args(['--settings', 'off@HEAD,auto,auto@HEAD@{0}'])
+  assert args.settings == [bench_malloc.Setting('off@HEAD', 'off', 'HEAD', head),
+                           bench_malloc.Setting('auto', 'auto', None, None),
+                           bench_malloc.Setting('auto@HEAD@{0}', 'auto', 'HEAD@{0}', head)]
   with pytest.raises(SystemExit):
     bench_malloc.parse_args(['--settings', 'fast@HEAD'])
   tree = bench_malloc.source_tree('HEAD', str(tmp_path / 'src'))
-  root = os.path.dirname(os.path.dirname(bench_malloc.__file__))
   committed = subprocess.run(['git', '-C', root, 'show', 'HEAD:experiments/train.py'],
                              capture_output=True, check=True).stdout
   with open(os.path.join(tree, 'experiments', 'train.py'), 'rb') as f:
@@ -49,8 +52,19 @@ def test_a_setting_at_a_revision_runs_that_revision_s_job(tmp_path):
   assert not (tmp_path / 'bad').exists()
 
 
-def test_an_unknown_revision_is_an_error_before_any_run(capsys):
+@pytest.mark.parametrize('label, message', [
+    ('off@no-such-revision', "'no-such-revision' names no commit"),
+    ('off@', "'' is not a git revision"),
+    ('off@--all', "'--all' is not a git revision"),
+    ('off@HEAD^{tree}', 'names no commit')])
+def test_a_revision_naming_no_commit_is_an_error_before_any_run(label, message, capsys):
   with pytest.raises(SystemExit):
-    bench_malloc.parse_args(['--settings', 'off@no-such-revision,auto'])
-  err = capsys.readouterr().err
-  assert 'off@no-such-revision' in err and 'git rev-parse' in err
+    bench_malloc.parse_args(['--settings', f'{label},auto'])
+  assert message in capsys.readouterr().err
+
+
+def test_help_shows_the_setting_forms(capsys):
+  with pytest.raises(SystemExit):
+    bench_malloc.parse_args(['--help'])
+  out = capsys.readouterr().out
+  assert 'NAME@REV' in out and 'mimalloc_purge1s' in out and 'sbrk_hugetlb' in out
