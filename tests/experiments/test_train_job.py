@@ -139,9 +139,10 @@ def launch(workdir, processes, devices, *extra, steps):
       env=env(devices), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
       for i in range(processes)]
   try:
-    for p in procs:
-      _, err = p.communicate(timeout=2 * TIMEOUT_S)
-      assert p.returncode == 0, err.decode()[-3000:]
+    errs = [p.communicate(timeout=2 * TIMEOUT_S)[1] for p in procs]
+    failed = [f'process {i} exited {p.returncode}: {err.decode()[-3000:]}'
+              for i, (p, err) in enumerate(zip(procs, errs)) if p.returncode]
+    assert not failed, '\n\n'.join(failed)  # every process's log: one's failure may be another's
   finally:
     for p in procs:
       p.kill()
